@@ -1,0 +1,30 @@
+"""The public op surface: ``torch.ops.dgp.*`` schemas, fake kernels and wrappers."""
+
+from . import reference
+from ._checks import DEFAULT_KEEP, DEFAULT_TOP, SUPPORTED_DTYPES, band_counts
+from .select import (
+    prune,
+    prune_,
+    register_reference,
+    select,
+    select_ef,
+    select_ef_multi,
+    select_multi,
+    split_multi,
+)
+
+__all__ = [
+    "DEFAULT_KEEP",
+    "DEFAULT_TOP",
+    "SUPPORTED_DTYPES",
+    "band_counts",
+    "prune",
+    "prune_",
+    "reference",
+    "register_reference",
+    "select",
+    "select_ef",
+    "select_ef_multi",
+    "select_multi",
+    "split_multi",
+]

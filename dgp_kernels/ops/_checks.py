@@ -1,0 +1,79 @@
+"""Argument checks and band counts shared by the wrappers, the reference and fake kernels.
+
+Checks run once, at the boundary, and raise ``ValueError``/``TypeError`` naming the argument,
+its value and what is allowed. The C++ kernels repeat them with ``TORCH_CHECK`` (same
+wording) because ``torch.ops.dgp.*`` can be called directly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DEFAULT_TOP = 0.05
+DEFAULT_KEEP = 0.20
+# Tolerance on top + keep <= 1 (so 0.7 + 0.3, stored as 1.0000000000000002, passes).
+FRACTION_SUM_TOL = 1e-9
+# Absorbs binary representation error in the counts: floor(0.3 * 10) would be 2.
+COUNT_EPS = 1e-6
+
+
+def band_counts(n: int, top: float, keep: float) -> Tuple[int, int]:
+    """``(k_top, k_keep)`` for a tensor of ``n`` entries (DESIGN.md §2.1), in double."""
+    k_top = int(math.floor(float(top) * n + COUNT_EPS))
+    k_top = min(k_top, n)
+    k_keep = int(math.floor(float(keep) * n + COUNT_EPS))
+    k_keep = max(0, min(k_keep, n - k_top))
+    return k_top, k_keep
+
+
+def check_fractions(top: float, keep: float) -> None:
+    for name, val in (("top", top), ("keep", keep)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise TypeError(f"{name} must be a float in [0, 1], got {type(val).__name__} {val!r}")
+        if not math.isfinite(val) or val < 0.0 or val > 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {val!r}")
+    if top + keep > 1.0 + FRACTION_SUM_TOL:
+        raise ValueError(
+            f"top + keep must be <= 1 (they are fractions of the same tensor), "
+            f"got top={top!r} + keep={keep!r} = {top + keep!r}"
+        )
+
+
+def check_grad(g: object, name: str) -> None:
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(g).__name__}")
+    if g.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {g.dtype}; DGP supports float32, float64, float16 and bfloat16"
+        )
+
+
+def check_residual(g: torch.Tensor, e: object, name: str) -> None:
+    if not isinstance(e, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(e).__name__}")
+    if e.shape != g.shape or e.dtype != g.dtype or e.device != g.device:
+        raise ValueError(
+            f"{name} must match its gradient in shape, dtype and device: gradient is "
+            f"{tuple(g.shape)} {g.dtype} on {g.device}, {name} is "
+            f"{tuple(e.shape)} {e.dtype} on {e.device}"
+        )
+
+
+def check_grads(gs: Sequence[torch.Tensor], name: str) -> None:
+    if isinstance(gs, torch.Tensor) or not isinstance(gs, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(gs).__name__}")
+    for i, g in enumerate(gs):
+        check_grad(g, f"{name}[{i}]")
+    if gs:
+        d0, dev0 = gs[0].dtype, gs[0].device
+        for i, g in enumerate(gs):
+            if g.dtype != d0 or g.device != dev0:
+                raise ValueError(
+                    f"all tensors of {name} must share one dtype and device (values are "
+                    f"returned in one flat tensor): {name}[0] is {d0} on {dev0}, "
+                    f"{name}[{i}] is {g.dtype} on {g.device}"
+                )

@@ -1,0 +1,284 @@
+"""DGP band selection ops: schemas (defined once, here), fake kernels and public wrappers.
+
+Backends implement these schemas and register themselves for a dispatch key:
+
+* ``csrc/cpu/select.cpp`` -> ``CPU`` (C++/OpenMP radix select), when ``dgp_kernels._C`` is built;
+* ``dgp_kernels/kernels/triton/select.py`` -> ``CUDA`` (when triton and a GPU are present);
+* :mod:`dgp_kernels.ops.reference` -> every key no native backend covers (the fallback).
+
+Semantics shared by all of them (../shared/DESIGN.md §2):
+
+* shapes: ``g`` any shape and strides, ``n = g.numel()``; ``k_top = floor(top*n + 1e-6)``,
+  ``k_keep = min(floor(keep*n + 1e-6), n - k_top)``; outputs have exactly ``k_keep`` entries;
+* dtypes: float32, float64, float16, bfloat16; indices are int64 flat (row-major) indices,
+  values have the dtype of ``g``;
+* tie rule: entries are ranked by ``|x|`` descending, ties by ascending flat index;
+  ``+0.0`` and ``-0.0`` tie; ``±inf`` ranks highest; the band is ranks
+  ``[k_top, k_top + k_keep)``, returned sorted by index;
+* NaN rule: a NaN anywhere (in ``g``, in the residual, or produced by ``g + residual``)
+  raises ``ValueError`` naming the tensor, and nothing is modified.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._checks import (
+    DEFAULT_KEEP,
+    DEFAULT_TOP,
+    band_counts,
+    check_fractions,
+    check_grad,
+    check_grads,
+    check_residual,
+)
+
+__all__ = [
+    "select",
+    "select_ef",
+    "prune",
+    "prune_",
+    "select_multi",
+    "select_ef_multi",
+    "band_counts",
+]
+
+# --------------------------------------------------------------------------------------
+# Schemas: the single definition of every dgp:: op. C++/Triton files only implement them.
+# --------------------------------------------------------------------------------------
+_lib = torch.library.Library("dgp", "DEF")
+_lib.define("select(Tensor g, float top, float keep) -> (Tensor indices, Tensor values)")
+_lib.define(
+    "select_ef(Tensor g, Tensor(a!) residual, float top, float keep) "
+    "-> (Tensor indices, Tensor values)"
+)
+_lib.define("prune(Tensor g, float top, float keep) -> Tensor")
+_lib.define("prune_(Tensor(a!) g, float top, float keep) -> ()")
+_lib.define(
+    "select_multi(Tensor[] gs, float top, float keep) "
+    "-> (Tensor indices, Tensor values, Tensor offsets)"
+)
+_lib.define(
+    "select_ef_multi(Tensor[] gs, Tensor(a!)[] residuals, float top, float keep) "
+    "-> (Tensor indices, Tensor values, Tensor offsets)"
+)
+
+OP_NAMES = ("select", "select_ef", "prune", "prune_", "select_multi", "select_ef_multi")
+
+
+# --------------------------------------------------------------------------------------
+# Fake kernels: shapes only (k_keep depends on numel alone), never data.
+# --------------------------------------------------------------------------------------
+def _fake_k_keep(n, top: float, keep: float):
+    if isinstance(n, int):
+        return band_counts(n, top, keep)[1]
+    # Symbolic numel (dynamic shapes): the count is a function of n the tracer cannot
+    # evaluate with floor(); expose it as an unbacked size.
+    return torch.library.get_ctx().new_dynamic_size()
+
+
+@torch.library.register_fake("dgp::select")
+def _select_fake(g: Tensor, top: float, keep: float) -> Tuple[Tensor, Tensor]:
+    k = _fake_k_keep(g.numel(), top, keep)
+    return g.new_empty((k,), dtype=torch.int64), g.new_empty((k,))
+
+
+@torch.library.register_fake("dgp::select_ef")
+def _select_ef_fake(g: Tensor, residual: Tensor, top: float, keep: float):
+    return _select_fake(g, top, keep)
+
+
+@torch.library.register_fake("dgp::prune")
+def _prune_fake(g: Tensor, top: float, keep: float) -> Tensor:
+    return torch.empty_like(g, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dgp::prune_")
+def _prune_inplace_fake(g: Tensor, top: float, keep: float) -> None:
+    return None
+
+
+def _multi_fake(gs: List[Tensor], top: float, keep: float):
+    total = 0
+    for g in gs:
+        total = total + _fake_k_keep(g.numel(), top, keep)
+    if gs:
+        like = gs[0]
+        idx = like.new_empty((total,), dtype=torch.int64)
+        val = like.new_empty((total,))
+        off = like.new_empty((len(gs) + 1,), dtype=torch.int64)
+    else:
+        idx = torch.empty((0,), dtype=torch.int64)
+        val = torch.empty((0,), dtype=torch.float32)
+        off = torch.empty((1,), dtype=torch.int64)
+    return idx, val, off
+
+
+@torch.library.register_fake("dgp::select_multi")
+def _select_multi_fake(gs: List[Tensor], top: float, keep: float):
+    return _multi_fake(gs, top, keep)
+
+
+@torch.library.register_fake("dgp::select_ef_multi")
+def _select_ef_multi_fake(gs: List[Tensor], residuals: List[Tensor], top: float, keep: float):
+    return _multi_fake(gs, top, keep)
+
+
+# --------------------------------------------------------------------------------------
+# Reference kernels, registered for the dispatch keys no native backend covers.
+# --------------------------------------------------------------------------------------
+def _ref_select(g, top, keep):
+    return reference.select(g, top, keep)
+
+
+def _ref_select_ef(g, residual, top, keep):
+    return reference.select_ef(g, residual, top, keep)
+
+
+def _ref_prune(g, top, keep):
+    return reference.prune(g, top, keep)
+
+
+def _ref_prune_(g, top, keep):
+    reference.prune_(g, top, keep)
+
+
+def _ref_select_multi(gs, top, keep):
+    return reference.select_multi(gs, top, keep)
+
+
+def _ref_select_ef_multi(gs, residuals, top, keep):
+    return reference.select_ef_multi(gs, residuals, top, keep)
+
+
+_REFERENCE_IMPLS = {
+    "select": _ref_select,
+    "select_ef": _ref_select_ef,
+    "prune": _ref_prune,
+    "prune_": _ref_prune_,
+    "select_multi": _ref_select_multi,
+    "select_ef_multi": _ref_select_ef_multi,
+}
+
+
+def register_reference(dispatch_key: str) -> None:
+    """Serve every dgp op from the pure-torch reference for ``dispatch_key`` ("CPU", "CUDA")."""
+    for op, fn in _REFERENCE_IMPLS.items():
+        _lib.impl(op, fn, dispatch_key)
+
+
+# --------------------------------------------------------------------------------------
+# Public wrappers.
+# --------------------------------------------------------------------------------------
+def select(g: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP) -> Tuple[Tensor, Tensor]:
+    """Select the DGP band of one gradient tensor (sparse form).
+
+    Args:
+        g: float32/float64/float16/bfloat16 tensor of any shape and strides (not modified).
+        top: fraction of entries dropped from the top of ``|g|`` (default 0.05).
+        keep: fraction of entries kept (default 0.20); ``top + keep <= 1``.
+
+    Returns:
+        ``(indices, values)``: ``indices`` int64 ``[k_keep]`` flat row-major indices sorted
+        ascending; ``values`` ``g.dtype`` ``[k_keep]`` = ``g.flatten()[indices]``, unchanged.
+        ``k_keep = min(floor(keep*n + 1e-6), n - floor(top*n + 1e-6))``.
+
+    Ranking is by ``|g|`` descending with ties broken by ascending flat index (``±0`` tie,
+    ``±inf`` is largest); the band is ranks ``[k_top, k_top + k_keep)``. A NaN in ``g``
+    raises ``ValueError``.
+    """
+    check_fractions(top, keep)
+    check_grad(g, "g")
+    return torch.ops.dgp.select(g, float(top), float(keep))
+
+
+def select_ef(
+    g: Tensor, residual: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+) -> Tuple[Tensor, Tensor]:
+    """Band selection with fused error feedback; mutates ``residual`` in place.
+
+    Computes ``v = g + residual`` (in ``g.dtype``), selects the band of ``v`` exactly as
+    :func:`select`, returns ``(indices, values)`` of ``v``, and sets
+    ``residual <- v`` with the kept positions zeroed, so ``dense(kept) + residual_new ==
+    g + residual_old``. ``residual`` must match ``g`` in shape, dtype and device. No
+    temporary of size ``n`` is allocated (for contiguous inputs). On a NaN in ``g + residual``
+    a ``ValueError`` is raised and ``residual`` is left unchanged.
+    """
+    check_fractions(top, keep)
+    check_grad(g, "g")
+    check_residual(g, residual, "residual")
+    return torch.ops.dgp.select_ef(g, residual, float(top), float(keep))
+
+
+def prune(g: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP) -> Tensor:
+    """Dense form of :func:`select`: a new contiguous tensor shaped like ``g`` holding the
+    band's values and zeros elsewhere. ``g`` is not modified. Same tie and NaN rules."""
+    check_fractions(top, keep)
+    check_grad(g, "g")
+    return torch.ops.dgp.prune(g, float(top), float(keep))
+
+
+def prune_(g: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP) -> Tensor:
+    """In-place :func:`prune`: zeroes every entry of ``g`` outside the band; returns ``g``.
+    On a NaN, ``ValueError`` is raised and ``g`` is unchanged."""
+    check_fractions(top, keep)
+    check_grad(g, "g")
+    torch.ops.dgp.prune_(g, float(top), float(keep))
+    return g
+
+
+def select_multi(
+    gs: Sequence[Tensor], top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`select` for every tensor of a list in one call (each tensor is its own layer).
+
+    Args:
+        gs: list of tensors sharing one dtype and device (any shapes).
+
+    Returns:
+        ``(indices, values, offsets)``: layer ``i``'s entries are
+        ``indices[offsets[i]:offsets[i+1]]`` (int64 flat indices local to ``gs[i]``, sorted)
+        and ``values[offsets[i]:offsets[i+1]]`` (dtype of ``gs``); ``offsets`` is int64
+        ``[len(gs) + 1]``. A NaN raises ``ValueError`` naming ``gs[i]``.
+    """
+    check_fractions(top, keep)
+    check_grads(gs, "gs")
+    return torch.ops.dgp.select_multi(list(gs), float(top), float(keep))
+
+
+def select_ef_multi(
+    gs: Sequence[Tensor],
+    residuals: Sequence[Tensor],
+    top: float = DEFAULT_TOP,
+    keep: float = DEFAULT_KEEP,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`select_ef` for every layer of a model in one call.
+
+    ``residuals[i]`` pairs with ``gs[i]`` (same shape, dtype, device) and is mutated in
+    place. Returns ``(indices, values, offsets)`` as :func:`select_multi`. Every layer is
+    checked for NaN before any residual is written, so on error nothing is modified.
+    """
+    check_fractions(top, keep)
+    check_grads(gs, "gs")
+    if isinstance(residuals, Tensor) or not isinstance(residuals, (list, tuple)):
+        raise TypeError(f"residuals must be a list or tuple of tensors, got {type(residuals).__name__}")
+    if len(residuals) != len(gs):
+        raise ValueError(
+            f"residuals has {len(residuals)} tensors but gs has {len(gs)}; "
+            "they must pair up one residual per gradient"
+        )
+    for i, (g, e) in enumerate(zip(gs, residuals)):
+        check_residual(g, e, f"residuals[{i}]")
+    return torch.ops.dgp.select_ef_multi(list(gs), list(residuals), float(top), float(keep))
+
+
+def split_multi(
+    indices: Tensor, values: Tensor, offsets: Tensor
+) -> List[Tuple[Tensor, Tensor]]:
+    """Split the flat output of the multi-tensor ops into per-layer ``(indices, values)``."""
+    off = offsets.tolist()
+    return [(indices[a:b], values[a:b]) for a, b in zip(off[:-1], off[1:])]
