@@ -1,0 +1,14 @@
+"""Print the comparison table of issue 2 item 6 (the same as ``dgp bench``).
+
+    python bench/select_table.py --quick --size 2000000 --threads 1
+
+The logic lives in :mod:`dgp_kernels.benchmarks` so the installed ``dgp`` command can use it;
+this script only forwards its arguments.
+"""
+
+import sys
+
+from dgp_kernels.benchmarks import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Thin collaborative-learning simulator (FedSGD / FedAvg) and the models it trains."""
