@@ -295,13 +295,14 @@ def run_case(case: str, description: str, gs: List[torch.Tensor], threads: int,
     )
 
 
-def _say(msg: str, stream: Optional[TextIO]) -> None:
-    if stream is not None:
-        print(msg, file=stream, flush=True)
+def _say(msg: str, stream: TextIO) -> None:
+    print(msg, file=stream, flush=True)
 
 
-def run(config: BenchConfig, progress: Optional[TextIO] = sys.stderr) -> BenchReport:
-    """Run every case at every thread count; progress lines go to ``progress`` (or nowhere)."""
+def run(config: BenchConfig, progress: Optional[TextIO] = None) -> BenchReport:
+    """Run every case at every thread count; progress lines go to ``progress`` (default: the
+    current ``sys.stderr``), flushed as each case finishes."""
+    progress = progress if progress is not None else sys.stderr
     header = machine_header(config)
     inputs = []
     gs, desc = model_gradients(config.model, config.grads, config.batch, config.seed)

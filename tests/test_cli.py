@@ -1,0 +1,99 @@
+"""`dgp` command line: `dgp bench` runs end to end on tiny inputs; bad options fail clearly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dgp_kernels import benchmarks
+from dgp_kernels.cli import main
+
+TINY = ["bench", "--quick", "--size", "2000", "--model", "lenet_sigmoid", "--threads", "1",
+        "--repeats", "2"]
+
+
+def test_bench_prints_table(capsys, tmp_path):
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    assert main(TINY + ["--threads", "1,2", "--json", str(js), "--markdown", str(md)]) == 0
+    out = capsys.readouterr()
+    text = out.out
+    for needle in ("machine", "torch", "backend", "OMP_WAIT_POLICY",
+                   "lenet_sigmoid gradients: real", "one float32 tensor of 2,000 elements",
+                   "ours select_ef_multi", "ours select_multi", "authors 2x topk+scatter, EF",
+                   "single topk per layer", "clone", "ours_ef / clone", "authors_ef / ours_ef",
+                   "bar <= 4", "bar >= 40"):
+        assert needle in text, needle
+    assert "[dgp bench]" in out.err  # progress lines go to stderr
+    data = json.loads(js.read_text())
+    assert len(data["cases"]) == 4  # 2 inputs x 2 thread counts
+    assert {c["threads"] for c in data["cases"]} == {1, 2}
+    for c in data["cases"]:
+        keys = [t["key"] for t in c["timings"]]
+        assert keys == ["ours_ef", "ours", "ours_layer", "authors_ef", "topk", "clone"]
+        assert all(len(t["times_ms"]) == 2 for t in c["timings"])
+    assert "| threads | method |" in md.read_text()
+
+
+def test_bench_random_grads_and_no_big_tensor(capsys):
+    assert main(["bench", "--repeats", "1", "--warmup", "0", "--size", "0", "--threads", "1",
+                 "--model", "convnet_small", "--grads", "random"]) == 0
+    text = capsys.readouterr().out
+    assert "convnet_small gradients: random" in text
+    assert "float32 tensor of" not in text
+
+
+def test_residual_state_is_reset_between_repeats():
+    """Every repetition of the EF methods starts from a zero residual (same work each time)."""
+    import torch
+
+    gs = [torch.randn(50), torch.randn(7, 3)]
+    methods = benchmarks._methods(gs, 0.05, 0.2)
+    ef = next(m for m in methods if m.key == "ours_ef")
+    outs = []
+    for _ in range(3):
+        ef.reset()
+        outs.append(ef.fn())
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(o, outs[0]))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["bench", "--threads", "0"], "positive thread counts"),
+        (["bench", "--threads", "one"], "positive thread counts"),
+        (["bench", "--size", "-5"], "integer >= 0"),
+        (["bench", "--repeats", "0"], "integer >= 1"),
+        (["bench", "--model", "vgg"], "invalid choice: 'vgg'"),
+        (["bench", "--grads", "fake"], "invalid choice: 'fake'"),
+        (["bench", "--bogus"], "unrecognized arguments: --bogus"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_options(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_output_directory_fails_before_running(capsys, tmp_path):
+    bad = str(tmp_path / "no" / "such" / "r.json")
+    assert main(TINY + ["--json", bad]) == 2
+    err = capsys.readouterr().err
+    assert "--json" in err and "does not exist" in err
+
+
+def test_no_subcommand_prints_help(capsys):
+    assert main([]) == 2
+    assert "bench" in capsys.readouterr().err
+
+
+def test_module_entry_point_subprocess():
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "dgp_kernels.cli"] + TINY,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "ours_ef / clone" in proc.stdout
