@@ -1,0 +1,139 @@
+"""DGP (dual gradient pruning) and classic top-k pruning compressors.
+
+``dgp``: per tensor, send the band of ranks ``[k_top, k_top + k_keep)`` of ``|g + e|``
+(DESIGN.md §2.1-2.2) and keep everything else in the error-feedback residual ``e``. All
+layers go through one multi-tensor op call (``select_ef_multi`` with error feedback,
+``select_multi`` without).
+
+``topk``: the same operator with ``top = 0`` — keep the largest ``keep`` fraction of each
+tensor (same count rule, so at equal ``keep`` it sends exactly as many values per layer as
+``dgp``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..codec.payload import LayerPayload, SparsePayload
+from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP, check_fractions
+from .base import (
+    Compressor,
+    cast_values,
+    check_bool,
+    check_grad_list,
+    check_value_dtype,
+    dtype_name,
+    register_compressor,
+)
+
+__all__ = ["DGPCompressor", "TopKCompressor"]
+
+
+@register_compressor("dgp")
+class DGPCompressor(Compressor):
+    """Dual gradient pruning with error feedback (the paper's client-side operator).
+
+    Args:
+        top: fraction of each tensor's largest-magnitude entries not sent (default 0.05).
+        keep: fraction of each tensor's entries sent (default 0.20); ``top + keep <= 1``.
+        error_feedback: keep what is not sent (default True) and add it to the next round's
+            gradient; off gives the single-round operator the attack evaluation uses.
+        value_dtype: payload value dtype, ``float32`` (default, exact for float32
+            gradients), ``bfloat16`` or ``float16`` (lossy, smaller on the wire).
+
+    Per tensor ``i`` with residual ``e_i`` (dtype and shape of ``grads[i]``):
+    ``v = g + e``; ``(idx, kept) = band(v)``; ``e <- v`` with ``idx`` zeroed; send
+    ``cast(kept)`` at ``idx``. When the cast to ``value_dtype`` is lossy, its rounding error
+    ``kept - decoded(cast(kept))`` is written into ``e`` at ``idx``, so
+
+        ``decoded_payload + e_new == g + e_old``
+
+    holds bitwise for every entry (decoding widens bf16/fp16 exactly; the rounding error is
+    exactly representable, see :func:`~dgp_kernels.compressor.base.cast_values`; the only
+    exception is a finite value beyond the fp16 range, saturated to 65504 with the excess in
+    ``e`` up to float rounding). Without error feedback the rounding error is dropped.
+
+    All gradients must share one dtype and device (the multi-tensor op returns one flat
+    value tensor); payload tensors stay on that device.
+    """
+
+    def __init__(
+        self,
+        top: float = DEFAULT_TOP,
+        keep: float = DEFAULT_KEEP,
+        error_feedback: bool = True,
+        value_dtype: Union[str, torch.dtype] = torch.float32,
+    ) -> None:
+        super().__init__()
+        check_fractions(top, keep)
+        self.top = float(top)
+        self.keep = float(keep)
+        self.error_feedback = check_bool(error_feedback, "error_feedback")
+        self.value_dtype = check_value_dtype(value_dtype)
+
+    def params(self) -> Dict[str, Any]:
+        return {
+            "top": self.top,
+            "keep": self.keep,
+            "error_feedback": self.error_feedback,
+            "value_dtype": dtype_name(self.value_dtype),
+        }
+
+    def compress(self, grads: Sequence[Tensor]) -> SparsePayload:
+        grads = check_grad_list(grads)
+        if not grads:
+            self.rounds += 1
+            return SparsePayload(layers=())
+        if self.error_feedback:
+            residuals = self.memory.residuals(grads)
+            idx, val, off = ops.select_ef_multi(grads, residuals, self.top, self.keep)
+        else:
+            residuals = None
+            idx, val, off = ops.select_multi(grads, self.top, self.keep)
+        # One cast for all layers; the rounding error (if any) goes back per layer.
+        sent, err = cast_values(val, self.value_dtype)
+        bounds = off.tolist()
+        layers: List[LayerPayload] = []
+        for i, g in enumerate(grads):
+            a, b = bounds[i], bounds[i + 1]
+            layer_idx = idx[a:b]
+            if err is not None and residuals is not None and b > a:
+                # select_ef zeroed e at the sent positions, so e there is just the error.
+                residuals[i].view(-1)[layer_idx] = err[a:b]
+            layers.append(LayerPayload(numel=g.numel(), indices=layer_idx, values=sent[a:b]))
+        self.rounds += 1
+        return SparsePayload(layers=tuple(layers))
+
+
+@register_compressor("topk")
+class TopKCompressor(DGPCompressor):
+    """Classic gradient pruning: send the largest ``keep`` fraction of each tensor.
+
+    Exactly :class:`DGPCompressor` with ``top = 0`` (same count rule
+    ``k = floor(keep * n + 1e-6)``, same tie rule), so at equal ``keep`` it sends as many
+    values per layer as ``dgp``.
+
+    ``error_feedback`` defaults to **False**: this is the pruning defense the literature
+    compares against (Zhu et al.'s DLG defense; the DGP authors' baseline, DESIGN.md §5)
+    and it is a single-round operator there — with error feedback every coordinate is
+    eventually released through the residual, which changes both what an attacker sees in
+    a round and the accuracy. Turn it on for a communication-efficiency baseline
+    (top-k sparsification with memory, Stich et al. 2018).
+    """
+
+    def __init__(
+        self,
+        keep: float = DEFAULT_KEEP,
+        error_feedback: bool = False,
+        value_dtype: Union[str, torch.dtype] = torch.float32,
+    ) -> None:
+        super().__init__(top=0.0, keep=keep, error_feedback=error_feedback, value_dtype=value_dtype)
+
+    def params(self) -> Dict[str, Any]:
+        p = super().params()
+        del p["top"]
+        return p
