@@ -8,7 +8,8 @@ Two inputs, each a benchmark group per thread count: the gradient list of the CI
 float32 ``randn`` tensor of ``DGP_BENCH_SIZE`` elements (default 25M). Methods: ours
 (``select_ef_multi``, ``select_multi``, ``select`` per layer) against the baselines in
 :mod:`dgp_kernels.ops.baselines` (the authors' operator with error feedback, one topk per
-layer, clone). Residuals are zeroed in ``setup`` (untimed) so every round does the same work.
+layer, clone) and ``copy_`` into existing buffers. Residuals are zeroed in ``setup``
+(untimed) so every round does the same work.
 
 Environment: ``DGP_BENCH_SIZE`` (elements of the large tensor), ``DGP_BENCH_THREADS``
 (comma-separated, default ``1,2``), ``DGP_BENCH_ROUNDS`` (timed rounds, default 5).
@@ -101,3 +102,9 @@ def test_single_topk(benchmark, case, threads):
 def test_clone(benchmark, case, threads):
     gs = case[1]
     _run(benchmark, case, threads, lambda: clone_all(gs))
+
+
+def test_copy(benchmark, case, threads):
+    gs = case[1]
+    bufs = [torch.empty_like(g) for g in gs]
+    _run(benchmark, case, threads, lambda: [b.copy_(g) for b, g in zip(bufs, gs)])
