@@ -1,6 +1,37 @@
-"""Triton kernels for CUDA tensors (issue #4). Not implemented yet: CUDA uses the reference."""
+"""Triton kernels for CUDA tensors (issue #4); see README.md in this folder.
+
+``register()`` is called once by :mod:`dgp_kernels._backend` at import. It registers the
+launchers of :mod:`.select` as the ``CUDA`` implementation of every ``dgp::`` op, or
+returns False (registering nothing, so CUDA falls back to the reference) when triton is
+not importable or this torch build has no GPU backend. ``import dgp_kernels`` therefore
+never needs triton, and on a CPU-only torch it does not pay triton's import time.
+
+Route: ``Library.impl(name, fn, "CUDA")`` on the schemas defined once in
+``dgp_kernels/ops/select.py``, not ``torch.library.triton_op``: ``triton_op`` defines its own
+op (it cannot attach to a ``Library``-defined schema without a second definition), and the
+NaN rule needs a data-dependent host check between phases that Inductor could not trace
+anyway. ``torch.compile`` still compiles graphs containing the ops (``fullgraph=True``) as
+opaque custom ops through their fake kernels.
+"""
+
+from __future__ import annotations
 
 
 def register() -> bool:
-    """Register the Triton kernels for the CUDA key; False when they are not available."""
-    return False
+    """Register the Triton kernels for the CUDA key; False (nothing registered) when
+    triton is missing or torch has no CUDA/ROCm backend."""
+    import torch
+
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return False  # CPU-only torch: no CUDA tensor can ever reach the CUDA key
+    try:
+        import triton  # noqa: F401
+
+        from . import select as _select
+    except ImportError:
+        return False
+    from ...ops.select import _lib
+
+    for name, fn in _select.IMPLS.items():
+        _lib.impl(name, fn, "CUDA")
+    return True

@@ -1,0 +1,549 @@
+"""Triton kernels for DGP band selection: kernel -> launcher -> wrapper, top to bottom.
+
+Implements every ``dgp::`` op of :mod:`dgp_kernels.ops.select` for CUDA tensors (and, under
+``TRITON_INTERPRET=1``, for CPU tensors, which is how CI checks them without a GPU).
+Semantics are the contract of ../shared/DESIGN.md §2, bit for bit:
+
+* ``v = g`` or, with error feedback, ``v = g + e`` rounded once to the storage dtype exactly as
+  torch does (float16/bfloat16 add in float32 and round to nearest even once);
+* key ``bits(v) & ~sign`` (31 bits for float32, 15 for float16/bfloat16, 63 for float64)
+  orders ``|v|``; ranks by key descending, ties by ascending flat index; the band is ranks
+  ``[k_top, k_top + k_keep)``; output indices (int64) ascending, values unchanged;
+* a NaN in ``v`` raises ``ValueError`` naming the tensor before anything is written.
+
+Phases (each one launch for *all* layers, driven by a segment table of per-layer pointers
+and a block table ``block -> (layer, start)``; no grid-wide synchronisation, so the
+interpreter, which runs programs one after another, executes them as the GPU would):
+
+1. ``_hist_kernel``: ``v`` on the fly, NaN flag per layer, histogram of the first 11-bit key
+   digit per layer. Nothing is written to user memory.
+   Host: one sync reads the NaN flags (the only device->host sync of a call).
+   Torch glue (on device, tiny): locate the digit bucket holding rank ``k_top`` (upper
+   boundary) and rank ``k_top + k_keep - 1`` (lower boundary) of each layer.
+2. ``_refine_kernel`` (one launch per remaining digit: 2 for float32, 1 for 16-bit floats,
+   5 for float64): histogram of the next digit restricted to the keys whose prefix equals
+   each boundary's prefix, until both boundary keys ``T_hi``, ``T_lo`` are exact, together
+   with the boundary's ordinal among its equal keys (its rank inside the tie group, which
+   by the tie rule is its position in index order). This reads the data again instead of
+   keeping a candidate buffer, so a huge boundary bucket (all zeros, all equal) costs
+   nothing extra and needs no fallback.
+3. ``_count_kernel``: per block counts of keys strictly inside ``(T_lo, T_hi)`` and equal to
+   each boundary; torch glue turns them into per-block output offsets and tie ordinals
+   (segmented exclusive prefix sums: no per-element atomics).
+   ``_write_kernel``: ordered compaction. Within a block, ``cumsum`` of the tie flags gives
+   each tied entry its ordinal; kept = strictly inside, or tied at ``T_hi`` with ordinal
+   ``>= skip_hi``, or tied at ``T_lo`` with ordinal ``<= take_lo``. Writes indices and
+   values, the residual ``v`` with kept positions ``+0.0`` (error feedback), or the dense
+   pruned tensor.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...ops import reference
+from ...ops._checks import band_counts, check_fractions, check_grad, check_grads, check_residual
+
+__all__ = [
+    "select_triton",
+    "select_ef_triton",
+    "prune_triton",
+    "prune_inplace_triton",
+    "select_multi_triton",
+    "select_ef_multi_triton",
+    "band_multi_triton",
+]
+
+# Elements per program of the counting/compaction passes. 2048 lets one program hold a
+# block in registers with 8 warps (8 elements per thread) and keeps the per-block tables
+# small (25M elements -> 12k blocks, 300 KB of int64). Not tuned on a GPU yet.
+BLOCK = 2048
+# Histogram passes: each program loops over CHUNK elements TILE at a time and issues one
+# atomic per non-empty bin at the end (2048 bins per 64K elements instead of one atomic per
+# element), so the global atomics are ~1/32 of the traffic of a per-element scheme.
+TILE = 2048
+CHUNK = 32 * TILE
+FIRST_DIGIT_BITS = 11  # DESIGN.md §4: the first 11-bit digit covers the float exponent
+
+# dtype -> (KIND, key bits, digit widths after the first): the widths sum to the key bits.
+_KINDS = {
+    torch.float32: (0, 31, (10, 10)),
+    torch.float64: (1, 63, (11, 11, 11, 11, 8)),
+    torch.float16: (2, 15, (4,)),
+    torch.bfloat16: (3, 15, (4,)),
+}
+_TL_DTYPE = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+_INT64_MAX = (1 << 63) - 1
+_NEVER = 1 << 62  # "no upper limit" for tie ordinals; +1 cannot overflow
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _load_v(g_base, e_base, offs, m, KIND: tl.constexpr, HAS_E: tl.constexpr):
+    """``v = g`` or ``v = g + e`` rounded once to the storage dtype, as torch computes it."""
+    g = tl.load(g_base + offs, mask=m, other=0.0)
+    if HAS_E:
+        e = tl.load(e_base + offs, mask=m, other=0.0)
+        if KIND == 2:  # float16: torch adds in float32 and rounds once (to nearest even)
+            v = (g.to(tl.float32) + e.to(tl.float32)).to(tl.float16)
+        elif KIND == 3:
+            # bfloat16: round the float32 sum to nearest even by hand. The interpreter's
+            # float32 -> bfloat16 cast truncates (measured: 501 of 1000 sums differed
+            # from torch), the GPU's rounds; integer rounding is the same on both.
+            bits = (g.to(tl.float32) + e.to(tl.float32)).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            v = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:  # float32 / float64: one IEEE add
+            v = g + e
+    else:
+        v = g
+    return v
+
+
+@triton.jit
+def _key(v, KIND: tl.constexpr):
+    """Sign-cleared bit pattern of ``v``: orders ``|v|`` (int32, int64 for float64)."""
+    if KIND == 0:
+        k = v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    elif KIND == 1:
+        k = v.to(tl.int64, bitcast=True) & 0x7FFFFFFFFFFFFFFF
+    else:
+        k = v.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    return k
+
+
+@triton.jit
+def _masked_histogram(d, m, NBINS: tl.constexpr, TILE_: tl.constexpr):
+    """Histogram of ``d`` over the lanes where ``m``; masked lanes go to bin 0 and are taken
+    back out (``tl.histogram``'s own ``mask=`` is recent; this works on every triton 3.x)."""
+    h = tl.histogram(tl.where(m, d, 0), NBINS)
+    n_off = TILE_ - tl.sum(m.to(tl.int32), axis=0)
+    return h - tl.where(tl.arange(0, NBINS) == 0, n_off, 0)
+
+
+@triton.jit
+def _hist_kernel(
+    g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, hist, nan_flag,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr,
+    SHIFT: tl.constexpr, NBINS: tl.constexpr, TILE_: tl.constexpr, CHUNK_: tl.constexpr,
+):
+    """Phase 1: NaN flag and first-digit histogram of one chunk of one layer."""
+    pid = tl.program_id(0)
+    seg = tl.load(chk_seg + pid)
+    start = tl.load(chk_start + pid)
+    n = tl.load(seg_n + seg)
+    g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
+    e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
+    end = tl.minimum(start + CHUNK_, n)
+    h = tl.zeros([NBINS], dtype=tl.int32)
+    nan = tl.zeros([TILE_], dtype=tl.int32)
+    for off in range(start, end, TILE_):
+        offs = off + tl.arange(0, TILE_)
+        m = offs < end
+        v = _load_v(g_base, e_base, offs, m, KIND, HAS_E)
+        nan = nan | (m & (v != v)).to(tl.int32)
+        d = (_key(v, KIND) >> SHIFT).to(tl.int32)
+        h += _masked_histogram(d, m, NBINS, TILE_)
+    bins = tl.arange(0, NBINS)
+    tl.atomic_add(hist + seg.to(tl.int64) * NBINS + bins, h, mask=h != 0)
+    if tl.max(nan, axis=0) > 0:
+        tl.atomic_max(nan_flag + seg, 1)
+
+
+@triton.jit
+def _refine_kernel(
+    g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, prefix, hist,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr,
+    PSHIFT: tl.constexpr, DSHIFT: tl.constexpr, NBINS: tl.constexpr,
+    TILE_: tl.constexpr, CHUNK_: tl.constexpr,
+):
+    """Phase 2: histogram of the next digit of the keys whose higher bits equal the upper
+    (row ``2*seg``) or lower (row ``2*seg+1``) boundary prefix of their layer."""
+    pid = tl.program_id(0)
+    seg = tl.load(chk_seg + pid)
+    start = tl.load(chk_start + pid)
+    n = tl.load(seg_n + seg)
+    g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
+    e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
+    p_hi = tl.load(prefix + 2 * seg)
+    p_lo = tl.load(prefix + 2 * seg + 1)
+    end = tl.minimum(start + CHUNK_, n)
+    h_hi = tl.zeros([NBINS], dtype=tl.int32)
+    h_lo = tl.zeros([NBINS], dtype=tl.int32)
+    for off in range(start, end, TILE_):
+        offs = off + tl.arange(0, TILE_)
+        m = offs < end
+        key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E), KIND)
+        top = key >> PSHIFT
+        d = ((key >> DSHIFT) & (NBINS - 1)).to(tl.int32)
+        h_hi += _masked_histogram(d, m & (top == p_hi), NBINS, TILE_)
+        h_lo += _masked_histogram(d, m & (top == p_lo), NBINS, TILE_)
+    bins = tl.arange(0, NBINS)
+    row = seg.to(tl.int64) * 2
+    tl.atomic_add(hist + row * NBINS + bins, h_hi, mask=h_hi != 0)
+    tl.atomic_add(hist + (row + 1) * NBINS + bins, h_lo, mask=h_lo != 0)
+
+
+@triton.jit
+def _count_kernel(
+    g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, t_hi, t_lo, counts, num_blocks,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, BLOCK_: tl.constexpr,
+):
+    """Phase 3a: per block, #keys strictly inside (T_lo, T_hi), #keys == T_hi, #keys == T_lo."""
+    pid = tl.program_id(0)
+    seg = tl.load(blk_seg + pid)
+    start = tl.load(blk_start + pid)
+    n = tl.load(seg_n + seg)
+    g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
+    e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
+    offs = start + tl.arange(0, BLOCK_)
+    m = offs < n
+    key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E), KIND)
+    th = tl.load(t_hi + seg)
+    tlo = tl.load(t_lo + seg)
+    strict = m & (key > tlo) & (key < th)
+    eq_hi = m & (key == th)
+    eq_lo = m & (key == tlo)
+    tl.store(counts + pid, tl.sum(strict.to(tl.int32), axis=0))
+    tl.store(counts + num_blocks + pid, tl.sum(eq_hi.to(tl.int32), axis=0))
+    tl.store(counts + 2 * num_blocks + pid, tl.sum(eq_lo.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _write_kernel(
+    g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
+    t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
+    out_idx, out_val,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr,
+    WRITE_SPARSE: tl.constexpr, WRITE_E: tl.constexpr, WRITE_DENSE: tl.constexpr,
+    BLOCK_: tl.constexpr,
+):
+    """Phase 3b: ordered compaction of one block with the tie rule at both thresholds."""
+    pid = tl.program_id(0)
+    seg = tl.load(blk_seg + pid)
+    start = tl.load(blk_start + pid)
+    n = tl.load(seg_n + seg)
+    g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
+    e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
+    offs = start + tl.arange(0, BLOCK_)
+    m = offs < n
+    v = _load_v(g_base, e_base, offs, m, KIND, HAS_E)
+    key = _key(v, KIND)
+    th = tl.load(t_hi + seg)
+    tlo = tl.load(t_lo + seg)
+    strict = m & (key > tlo) & (key < th)
+    eq_hi = m & (key == th)
+    eq_lo = m & (key == tlo)
+    # Ordinal of each tied entry inside its tie group = entries of the group before it in
+    # index order (earlier blocks: blk_ord_*, this block: exclusive cumsum).
+    eh = eq_hi.to(tl.int32)
+    ord_hi = tl.load(blk_ord_hi + pid) + (tl.cumsum(eh, axis=0) - eh)
+    el = eq_lo.to(tl.int32)
+    ord_lo = tl.load(blk_ord_lo + pid) + (tl.cumsum(el, axis=0) - el)
+    kept = (
+        strict
+        | (eq_hi & (ord_hi >= tl.load(skip_hi + seg)) & (ord_hi <= tl.load(end_hi + seg)))
+        | (eq_lo & (ord_lo <= tl.load(take_lo + seg)))
+    )
+    if WRITE_SPARSE:
+        k = kept.to(tl.int32)
+        pos = tl.load(blk_out + pid) + (tl.cumsum(k, axis=0) - k)
+        tl.store(out_idx + pos, offs, mask=kept)
+        tl.store(out_val + pos, v, mask=kept)
+    zero = tl.zeros_like(v)  # +0.0
+    if WRITE_E:
+        tl.store(e_base + offs, tl.where(kept, zero, v), mask=m)
+    if WRITE_DENSE:
+        d_base = tl.load(d_ptrs + seg).to(tl.pointer_type(DT))
+        tl.store(d_base + offs, tl.where(kept, v, zero), mask=m)
+
+
+# --------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------
+def _block_table(ns: Sequence[int], size: int) -> Tuple[List[int], List[int], List[int]]:
+    """``(segment of block, start of block, first block of segment)`` for blocks of ``size``."""
+    seg, start, first = [], [], []
+    for s, n in enumerate(ns):
+        first.append(len(seg))
+        nb = -(-n // size)
+        seg.extend([s] * nb)
+        start.extend(range(0, nb * size, size))
+    return seg, start, first
+
+
+def _locate(hist: Tensor, r: Tensor) -> Tuple[Tensor, Tensor]:
+    """For each row, the digit whose bucket holds rank ``r`` (ranks count from the largest
+    digit down) and ``r`` minus the entries in larger buckets."""
+    nb = hist.shape[-1]
+    desc = hist.flip(-1).to(torch.int64)
+    cum = desc.cumsum(-1)
+    j = torch.searchsorted(cum, r.unsqueeze(-1), right=True).clamp_(max=nb - 1)
+    before = cum.gather(-1, j) - desc.gather(-1, j)
+    return (nb - 1 - j).squeeze(-1), r - before.squeeze(-1)
+
+
+def _seg_exclusive(c: Tensor, blk_seg: Tensor, first_blk: Tensor) -> Tensor:
+    """Exclusive prefix sums of per-block counts ``c[..., B]`` restarting at each segment."""
+    ex = c.cumsum(-1) - c
+    base = ex.index_select(-1, first_blk.clamp(max=max(c.shape[-1] - 1, 0)))
+    return ex - base.index_select(-1, blk_seg)
+
+
+def band_multi_triton(
+    gs: Sequence[Tensor],
+    top: float,
+    keep: float,
+    *,
+    residuals: Optional[Sequence[Tensor]] = None,
+    dense: Optional[Sequence[Tensor]] = None,
+    want_sparse: bool = True,
+    nan_message=None,
+) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """Run the three phases over the layers ``gs`` (contiguous, one dtype and device).
+
+    ``residuals`` (contiguous, like ``gs``): error feedback, ``v = g + e`` and ``e`` is
+    overwritten with ``v`` minus the band. ``dense`` (contiguous, like ``gs``; may be ``gs``
+    itself): receives ``v`` with everything outside the band zeroed. ``want_sparse``:
+    return ``(indices int64, values, offsets int64[len(gs)+1])`` concatenated over layers.
+    ``nan_message(i)``: the ``ValueError`` text when layer ``i`` holds a NaN; nothing is
+    written before that check.
+    """
+    S = len(gs)
+    dtype, device = gs[0].dtype, gs[0].device
+    kind, key_bits, widths = _KINDS[dtype]
+    dt = _TL_DTYPE[dtype]
+    has_e = residuals is not None
+    ns = [g.numel() for g in gs]
+    counts = [band_counts(n, top, keep) for n in ns]
+    out_off = [0]
+    for _, kk in counts:
+        out_off.append(out_off[-1] + kk)
+    total = out_off[-1]
+
+    # One host->device transfer carries every table of the call.
+    c_seg, c_start, _ = _block_table(ns, CHUNK)
+    b_seg, b_start, b_first = _block_table(ns, BLOCK)
+    e_list = residuals if has_e else gs
+    d_list = dense if dense is not None else gs
+    rows = []
+    for kt, kk in counts:  # ranks of the upper and lower boundary of each layer
+        rows += [kt, kt + kk - 1] if kk > 0 else [0, 0]
+    parts = [
+        [g.data_ptr() for g in gs], [e.data_ptr() for e in e_list],
+        [d.data_ptr() for d in d_list], ns, c_seg, c_start, b_seg, b_start, b_first, rows,
+        out_off,
+    ]
+    sizes = [len(p) for p in parts]
+    host = torch.tensor([x for p in parts for x in p], dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    (g_ptrs, e_ptrs, d_ptrs, seg_n, chk_seg, chk_start, blk_seg, blk_start, first_blk,
+     r, offsets) = torch.split(host, sizes)
+    n_chunks, n_blocks = len(c_seg), len(b_seg)
+    active = torch.tensor([kk > 0 for _, kk in counts], dtype=torch.bool).to(device)
+
+    # Phase 1: NaN flags + first digit. Nothing is written to user memory before the check.
+    shift = key_bits - FIRST_DIGIT_BITS
+    nb1 = 1 << FIRST_DIGIT_BITS
+    hist = torch.zeros((S, nb1), dtype=torch.int32, device=device)
+    nan_flag = torch.zeros(S, dtype=torch.int32, device=device)
+    if n_chunks:
+        _hist_kernel[(n_chunks,)](
+            g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, hist, nan_flag,
+            DT=dt, KIND=kind, HAS_E=has_e, SHIFT=shift, NBINS=nb1, TILE_=TILE, CHUNK_=CHUNK,
+            num_warps=8,
+        )
+        flags = nan_flag.tolist()  # the one device->host sync
+        for i, f in enumerate(flags):
+            if f:
+                raise ValueError(nan_message(i))
+
+    # Boundary buckets -> exact boundary keys, digit by digit (rows 2s: upper, 2s+1: lower).
+    digit, r = _locate(hist.repeat_interleave(2, dim=0), r)
+    prefix = digit
+    pshift = shift
+    for w in widths:
+        dshift = pshift - w
+        h = torch.zeros((2 * S, 1 << w), dtype=torch.int32, device=device)
+        if n_chunks:
+            pre = torch.where(active.repeat_interleave(2), prefix, -1)
+            _refine_kernel[(n_chunks,)](
+                g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, pre, h,
+                DT=dt, KIND=kind, HAS_E=has_e, PSHIFT=pshift, DSHIFT=dshift,
+                NBINS=1 << w, TILE_=TILE, CHUNK_=CHUNK, num_warps=8,
+            )
+        digit, r = _locate(h, r)
+        prefix = (prefix << w) | digit
+        pshift = dshift
+    t_hi, t_lo = prefix[0::2], prefix[1::2]
+    skip_hi, take_lo = r[0::2], r[1::2]
+    same = t_hi == t_lo  # both boundaries inside one tie group: ordinals in [skip, take]
+    end_hi = torch.where(same, take_lo, _NEVER)
+    t_lo = torch.where(same | ~active, _INT64_MAX, t_lo)  # never equal, nothing above it
+    t_hi = torch.where(active, t_hi, -1)  # keys are >= 0: nothing kept in empty bands
+    t_hi, t_lo, skip_hi, end_hi, take_lo = (
+        x.contiguous() for x in (t_hi, t_lo, skip_hi, end_hi, take_lo)
+    )
+
+    if want_sparse:
+        out_idx = torch.empty(total, dtype=torch.int64, device=device)
+        out_val = torch.empty(total, dtype=dtype, device=device)
+    else:
+        out_idx = torch.empty(1, dtype=torch.int64, device=device)
+        out_val = torch.empty(1, dtype=dtype, device=device)
+    if n_blocks == 0 or (total == 0 and not has_e and dense is None):
+        return (out_idx, out_val, offsets) if want_sparse else None
+
+    # Phase 3a: block counts -> tie ordinals and output offsets (segmented prefix sums).
+    cnt = torch.empty((3, n_blocks), dtype=torch.int32, device=device)
+    _count_kernel[(n_blocks,)](
+        g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, t_hi, t_lo, cnt, n_blocks,
+        DT=dt, KIND=kind, HAS_E=has_e, BLOCK_=BLOCK, num_warps=8,
+    )
+    cnt = cnt.to(torch.int64)
+    ex = _seg_exclusive(cnt, blk_seg, first_blk)
+    ord_hi, ord_lo = ex[1], ex[2]
+    s_skip, s_end, s_take = skip_hi[blk_seg], end_hi[blk_seg], take_lo[blk_seg]
+    kept_hi = (torch.minimum(ord_hi + cnt[1], s_end + 1) - torch.maximum(ord_hi, s_skip)).clamp_(min=0)
+    kept_lo = (torch.minimum(ord_lo + cnt[2], s_take + 1) - ord_lo).clamp_(min=0)
+    kept = cnt[0] + kept_hi + kept_lo
+    blk_out = offsets[blk_seg] + _seg_exclusive(kept, blk_seg, first_blk)
+
+    # Phase 3b: ordered compaction + residual / dense writes.
+    _write_kernel[(n_blocks,)](
+        g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
+        t_hi, t_lo, skip_hi, end_hi, take_lo, ord_hi.contiguous(), ord_lo.contiguous(),
+        blk_out, out_idx, out_val,
+        DT=dt, KIND=kind, HAS_E=has_e, WRITE_SPARSE=want_sparse and total > 0,
+        WRITE_E=has_e, WRITE_DENSE=dense is not None, BLOCK_=BLOCK, num_warps=8,
+    )
+    return (out_idx, out_val, offsets) if want_sparse else None
+
+
+# --------------------------------------------------------------------------------------
+# Wrappers: one per dgp:: op (same arguments and results as the reference).
+# --------------------------------------------------------------------------------------
+_NAN = "{} contains NaN; DGP cannot rank NaN gradients"
+_NAN_EF = (
+    "{} contains NaN (a NaN gradient or residual, or inf - inf); DGP cannot rank NaN gradients"
+)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """Contiguous flat view (a copy only for non-contiguous inputs)."""
+    return t.contiguous().view(-1)
+
+
+def select_triton(g: Tensor, top: float = 0.05, keep: float = 0.20) -> Tuple[Tensor, Tensor]:
+    """Triton ``dgp::select``: ``(indices int64[k_keep] ascending, values g.dtype[k_keep])``."""
+    check_fractions(top, keep)
+    check_grad(g, "g")
+    idx, val, _ = band_multi_triton([_flat(g)], top, keep, nan_message=lambda i: _NAN.format("g"))
+    return idx, val
+
+
+def select_ef_triton(
+    g: Tensor, residual: Tensor, top: float = 0.05, keep: float = 0.20
+) -> Tuple[Tensor, Tensor]:
+    """Triton ``dgp::select_ef``: band of ``v = g + residual``; ``residual <- v`` minus the band
+    (kept positions ``+0.0``). ``residual`` is untouched when ``v`` holds a NaN."""
+    check_fractions(top, keep)
+    check_grad(g, "g")
+    check_residual(g, residual, "residual")
+    e = _flat(residual)  # a view when contiguous: written in place
+    idx, val, _ = band_multi_triton(
+        [_flat(g)], top, keep, residuals=[e],
+        nan_message=lambda i: _NAN_EF.format("g + residual"),
+    )
+    if e.data_ptr() != residual.data_ptr() or not residual.is_contiguous():
+        residual.copy_(e.view(residual.shape))
+    return idx, val
+
+
+def prune_triton(g: Tensor, top: float = 0.05, keep: float = 0.20) -> Tensor:
+    """Triton ``dgp::prune``: new contiguous tensor like ``g`` holding only the band."""
+    check_fractions(top, keep)
+    check_grad(g, "g")
+    out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    band_multi_triton(
+        [_flat(g)], top, keep, dense=[out.view(-1)], want_sparse=False,
+        nan_message=lambda i: _NAN.format("g"),
+    )
+    return out
+
+
+def prune_inplace_triton(g: Tensor, top: float = 0.05, keep: float = 0.20) -> None:
+    """Triton ``dgp::prune_``: zero every entry of ``g`` outside the band, in place."""
+    check_fractions(top, keep)
+    check_grad(g, "g")
+    work = _flat(g)
+    band_multi_triton(
+        [work], top, keep, dense=[work], want_sparse=False,
+        nan_message=lambda i: _NAN.format("g"),
+    )
+    if not g.is_contiguous():
+        g.copy_(work.view(g.shape))
+
+
+def select_multi_triton(
+    gs: Sequence[Tensor], top: float = 0.05, keep: float = 0.20
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Triton ``dgp::select_multi``: every layer in one launch per phase; returns
+    ``(indices, values, offsets)`` as the reference (layer-local indices)."""
+    check_fractions(top, keep)
+    check_grads(gs, "gs")
+    if not gs:
+        return reference.select_multi(gs, top, keep)
+    return band_multi_triton(
+        [_flat(g) for g in gs], top, keep, nan_message=lambda i: _NAN.format(f"gs[{i}]")
+    )
+
+
+def select_ef_multi_triton(
+    gs: Sequence[Tensor], residuals: Sequence[Tensor], top: float = 0.05, keep: float = 0.20
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Triton ``dgp::select_ef_multi``: fused error feedback for every layer; all residuals
+    are untouched when any layer's ``g + residual`` holds a NaN."""
+    check_fractions(top, keep)
+    check_grads(gs, "gs")
+    if len(residuals) != len(gs):
+        raise ValueError(
+            f"residuals has {len(residuals)} tensors but gs has {len(gs)}; "
+            "they must pair up one residual per gradient"
+        )
+    for i, (g, e) in enumerate(zip(gs, residuals)):
+        check_residual(g, e, f"residuals[{i}]")
+    if not gs:
+        return reference.select_ef_multi(gs, residuals, top, keep)
+    es = [_flat(e) for e in residuals]
+    out = band_multi_triton(
+        [_flat(g) for g in gs], top, keep, residuals=es,
+        nan_message=lambda i: _NAN_EF.format(f"gs[{i}] + residuals[{i}]"),
+    )
+    for e, res in zip(es, residuals):
+        if not res.is_contiguous():
+            res.copy_(e.view(res.shape))
+    return out
+
+
+IMPLS = {
+    "select": select_triton,
+    "select_ef": select_ef_triton,
+    "prune": prune_triton,
+    "prune_": prune_inplace_triton,
+    "select_multi": select_multi_triton,
+    "select_ef_multi": select_ef_multi_triton,
+}
