@@ -6,9 +6,14 @@ The logic lives in :mod:`dgp_kernels.benchmarks` so the installed ``dgp`` comman
 this script only forwards its arguments.
 """
 
+import os
 import sys
 
-from dgp_kernels.benchmarks import main
+try:
+    from dgp_kernels.benchmarks import main
+except ImportError:  # a source checkout that is not installed: use the tree above bench/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from dgp_kernels.benchmarks import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

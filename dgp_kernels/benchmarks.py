@@ -328,8 +328,8 @@ def run(config: BenchConfig, progress: Optional[TextIO] = None) -> BenchReport:
             by = {m.key: m for m in res.timings}
             _say(
                 f"[dgp bench]   done in {time.perf_counter() - t0:.1f} s: median ours_ef "
-                f"{by['ours_ef'].median_ms:.2f} ms, clone {by['clone'].median_ms:.2f} ms, "
-                f"authors_ef {by['authors_ef'].median_ms:.2f} ms",
+                f"{_ms(by['ours_ef'].median_ms)} ms, clone {_ms(by['clone'].median_ms)} ms, "
+                f"authors_ef {_ms(by['authors_ef'].median_ms)} ms",
                 progress,
             )
             cases.append(res)
@@ -339,6 +339,11 @@ def run(config: BenchConfig, progress: Optional[TextIO] = None) -> BenchReport:
 # --------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------
+def _ms(x: float) -> str:
+    """Milliseconds with about 3-4 significant digits (0.042, 4.31, 512.3)."""
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.1f}"
+
+
 def _verdict(value: float, bar: float, at_most: bool) -> str:
     ok = value <= bar if at_most else value >= bar
     return f"bar {'<=' if at_most else '>='} {bar:g}: {'met' if ok else 'NOT met'}"
@@ -402,8 +407,8 @@ def format_table(report: BenchReport) -> str:
         for c in cases:
             clone = next(t for t in c.timings if t.key == "clone").median_ms
             for t in c.timings:
-                lines.append(f"{c.threads:>7}  {t.label:<{lw}}  {t.min_ms:>10.2f}  "
-                             f"{t.median_ms:>10.2f}  {t.median_ms / clone:>8.2f}")
+                lines.append(f"{c.threads:>7}  {t.label:<{lw}}  {_ms(t.min_ms):>10}  "
+                             f"{_ms(t.median_ms):>10}  {t.median_ms / clone:>8.2f}")
         for c in cases:
             lines.append(f"ratios, {c.threads} thread(s), medians: {_ratio_line(c)}")
     return "\n".join(lines) + "\n"
@@ -411,9 +416,10 @@ def format_table(report: BenchReport) -> str:
 
 def format_markdown(report: BenchReport) -> str:
     """The same report as Markdown (for bench/RESULTS.md)."""
-    lines = ["| | |", "|---|---|"]
+    lines = ["| field | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _header_pairs(report.header)]
-    lines += [""] + _note(report)
+    if _note(report):
+        lines += [""] + _note(report)
     for i, ((_, desc), cases) in enumerate(_groups(report)):
         c0 = cases[0]
         lines += ["", f"**({chr(ord('a') + i)}) {desc}; {c0.n_tensors} tensor(s), "
@@ -423,7 +429,7 @@ def format_markdown(report: BenchReport) -> str:
         for c in cases:
             clone = next(t for t in c.timings if t.key == "clone").median_ms
             for t in c.timings:
-                lines.append(f"| {c.threads} | {t.label} | {t.min_ms:.2f} | {t.median_ms:.2f} "
+                lines.append(f"| {c.threads} | {t.label} | {_ms(t.min_ms)} | {_ms(t.median_ms)} "
                              f"| {t.median_ms / clone:.2f} |")
         lines.append("")
         for c in cases:
