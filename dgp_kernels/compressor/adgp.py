@@ -26,9 +26,14 @@ this round's positions (``k_keep`` of ``n`` entries). Its band then consists of 
 positions minus their ``k_top`` largest, topped up with ``k_top`` *zero* entries, which
 the tie rule takes at the lowest flat indices. Positions outside the support are never
 chosen by magnitude, and the clients' residuals there only drain through that low-index
-top-up. Feeding the server's dense applied step (e.g. the optimizer's update with
-momentum) instead of the bare aggregate avoids this; :meth:`Broadcaster.observe` accepts
-any dense per-layer update.
+top-up. Measured on a toy stream (one 2000-entry layer, 5 clients, gradient = fixed mean
++ unit noise, 60 rounds, defaults): with the bare aggregate fed back only 40% of the
+coordinates are ever sent and the summed download has cosine 0.51 with the summed mean
+gradient; feeding a momentum buffer (0.9) is no better (25%, 0.53); re-choosing every
+round from the broadcaster's own fresh gradient (:meth:`Broadcaster.choose` each round)
+reaches 100% and 0.99; plain per-client DGP reaches 0.95. :meth:`Broadcaster.observe`
+accepts any dense per-layer update, and :meth:`Broadcaster.choose` may be called in any
+round.
 
 Typical round::
 

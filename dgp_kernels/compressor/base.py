@@ -377,6 +377,8 @@ class Compressor(ABC):
         if rng is not None:
             self._seed = state.get("seed")
             self._generator.set_state(rng.clone())
+            if hasattr(self, "seed"):  # params() then reports the seed the state came from
+                self.seed = theirs.get("seed")
         self._load_extra_state(state.get("extra") or {})
 
     def reset(self) -> None:

@@ -74,6 +74,7 @@ def test_checkpoint_resume_gives_identical_payloads(name, params):
     c3.load_state_dict(torch.load(buf, weights_only=True))
     for c in (c2, c3):
         assert c.rounds == 3
+        assert c.params() == c1.params()  # the seed reported is the one the state came from
         for a, b in zip(expected, _run(c, range(3, 6))):
             assert_payloads_equal(a, b)
 
