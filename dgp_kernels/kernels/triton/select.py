@@ -125,6 +125,21 @@ def _key(v, KIND: tl.constexpr):
 
 
 @triton.jit
+def _inf_key(KIND: tl.constexpr):
+    """Key of ``inf``: larger keys are NaN. (``v != v`` misses bfloat16 NaN in the
+    interpreter, which holds bfloat16 as raw 16-bit integers.)"""
+    if KIND == 0:
+        r = 0x7F800000
+    elif KIND == 1:
+        r = 0x7FF0000000000000
+    elif KIND == 2:
+        r = 0x7C00
+    else:
+        r = 0x7F80
+    return r
+
+
+@triton.jit
 def _masked_histogram(d, m, NBINS: tl.constexpr, TILE_: tl.constexpr):
     """Histogram of ``d`` over the lanes where ``m``; masked lanes go to bin 0 and are taken
     back out (``tl.histogram``'s own ``mask=`` is recent; this works on every triton 3.x)."""
@@ -153,8 +168,9 @@ def _hist_kernel(
         offs = off + tl.arange(0, TILE_)
         m = offs < end
         v = _load_v(g_base, e_base, offs, m, KIND, HAS_E)
-        nan = nan | (m & (v != v)).to(tl.int32)
-        d = (_key(v, KIND) >> SHIFT).to(tl.int32)
+        key = _key(v, KIND)
+        nan = nan | (m & (key > _inf_key(KIND))).to(tl.int32)
+        d = (key >> SHIFT).to(tl.int32)
         h += _masked_histogram(d, m, NBINS, TILE_)
     bins = tl.arange(0, NBINS)
     tl.atomic_add(hist + seg.to(tl.int64) * NBINS + bins, h, mask=h != 0)

@@ -1,0 +1,331 @@
+"""Triton band selection vs the reference (and the C++ CPU kernel), bit for bit.
+
+Without a GPU, tests/conftest.py sets ``TRITON_INTERPRET=1`` and the kernels run on CPU
+tensors in Triton's interpreter (inputs <= 1e5 elements to stay within CI time). With a
+GPU the same cases run on CUDA tensors and through the registered ``torch.ops.dgp.*``
+CUDA kernels; the device that is not available skips with its reason.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip(
+    "triton", reason="triton is not installed (pip install triton): the Triton kernels cannot run"
+)
+
+import dgp_kernels  # noqa: E402
+from dgp_kernels.ops import reference  # noqa: E402
+from dgp_kernels.kernels.triton import select as ts  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+HAS_CPP = dgp_kernels.backend_info().cpu == "cpp"
+
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not INTERPRET,
+            reason="CPU tensors run Triton kernels only under TRITON_INTERPRET=1 "
+            "(tests/conftest.py sets it when there is no GPU)",
+        ),
+    ),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not HAS_CUDA or INTERPRET,
+            reason="no CUDA device: the Triton kernels are checked on CPU tensors in the "
+            "interpreter instead",
+        ),
+    ),
+]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+_INT = {torch.float32: torch.int32, torch.float64: torch.int64,
+        torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """Bit pattern on the CPU, so ``-0.0 != +0.0`` and NaN payloads count."""
+    return x.detach().cpu().contiguous().view(_INT[x.dtype])
+
+
+def assert_same(a, b, what=""):
+    """Bitwise equality of tensors (or tuples of tensors), dtype and shape included."""
+    if isinstance(a, (tuple, list)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{what}[{i}]")
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
+    if a.is_floating_point():
+        assert torch.equal(bits(a), bits(b)), what
+    else:
+        assert torch.equal(a.cpu(), b.cpu()), what
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _perm(x, seed=0):
+    return x[torch.randperm(x.numel(), generator=_gen(seed))]
+
+
+# Each case makes a float64 CPU tensor (cast to the dtype under test) and a (top, keep).
+def _randn(n, seed=0):
+    return torch.randn(n, generator=_gen(seed), dtype=torch.float64)
+
+
+def _many_zeros(n=4000):
+    x = _randn(n, 1)
+    x[torch.rand(n, generator=_gen(2)) < 0.9] = 0.0
+    return x
+
+
+def _signed_zeros(n=500):
+    x = torch.zeros(n, dtype=torch.float64)
+    x[torch.rand(n, generator=_gen(3)) < 0.5] = -0.0
+    x[::97] = 1.5  # a few non-zeros so the band crosses the zeros
+    return x
+
+
+def _infs(n=1000):
+    x = _randn(n, 4)
+    x[::37] = float("inf")
+    x[5::41] = float("-inf")
+    return x
+
+
+def _tie_band(n=1000):
+    # 20 large, 800 equal, 180 small: ranks 50 and 249 both fall inside the 800 ties.
+    return _perm(torch.cat([torch.full((20,), 10.0), torch.full((800,), -1.0),
+                            torch.full((180,), 0.25)]).double(), 5)
+
+
+def _quantized(n=5000):
+    return torch.randint(-4, 5, (n,), generator=_gen(6)).double() * 0.5
+
+
+def _subnormal(n=2000):
+    return _randn(n, 7) * 1e-310  # subnormal in float64; flushes to 0 in narrower dtypes
+
+
+CASES = {
+    "randn": (lambda: _randn(3000), 0.05, 0.20),
+    "randn_2chunks": (lambda: _randn(100_000, 8), 0.05, 0.20),  # > CHUNK, many blocks
+    "all_equal": (lambda: torch.full((5000,), 0.75, dtype=torch.float64), 0.05, 0.20),
+    "many_zeros": (_many_zeros, 0.05, 0.20),
+    "signed_zeros": (_signed_zeros, 0.05, 0.20),
+    "infs": (_infs, 0.05, 0.20),
+    "tie_band": (_tie_band, 0.05, 0.20),
+    "quantized": (_quantized, 0.10, 0.30),
+    "subnormal": (_subnormal, 0.05, 0.20),
+    "n7": (lambda: _randn(7, 9), 0.2, 0.5),
+    "n31": (lambda: _randn(31, 10), 0.05, 0.20),
+    "n1_keep": (lambda: _randn(1, 11), 0.0, 1.0),  # top + keep = 1 on one entry
+    "n1_drop": (lambda: _randn(1, 11), 0.05, 0.20),  # k_keep = 0
+    "empty": (lambda: torch.empty(0, dtype=torch.float64), 0.05, 0.20),
+    "top0": (lambda: _randn(1000, 12), 0.0, 0.20),
+    "keep0": (lambda: _randn(1000, 13), 0.05, 0.0),
+    "sum1": (lambda: _randn(1000, 14), 0.3, 0.7),  # 0.3 + 0.7 = 1 (float error absorbed)
+    "keep_all": (lambda: _randn(1000, 15), 0.0, 1.0),
+}
+
+
+def _make(case, dtype, device):
+    fn, top, keep = CASES[case]
+    return fn().to(dtype).to(device), top, keep
+
+
+def _residual_like(g, seed):
+    return (torch.randn(g.shape, generator=_gen(seed), dtype=torch.float64) * 0.5).to(
+        g.dtype).to(g.device)
+
+
+def _check_single(g, top, keep, residual_seed):
+    """All four single-tensor ops vs the reference on the same input."""
+    g_cpu = g.cpu()
+    assert_same(ts.select_triton(g, top, keep), reference.select(g_cpu, top, keep), "select")
+    assert_same(ts.prune_triton(g, top, keep), reference.prune(g_cpu, top, keep), "prune")
+    a, b = g.clone(), g_cpu.clone()
+    ts.prune_inplace_triton(a, top, keep)
+    reference.prune_(b, top, keep)
+    assert_same(a, b, "prune_")
+    for e in (torch.zeros_like(g), _residual_like(g, residual_seed)):
+        e_ours, e_ref = e.clone(), e.cpu().clone()
+        got = ts.select_ef_triton(g, e_ours, top, keep)
+        want = reference.select_ef(g_cpu, e_ref, top, keep)
+        assert_same(got, want, "select_ef")
+        assert_same(e_ours, e_ref, "select_ef residual")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_single_ops_match_reference(device, dtype, case):
+    g, top, keep = _make(case, dtype, device)
+    if case == "randn_2chunks" and dtype != torch.float32 and device == "cpu":
+        g = g[:20_000]  # the multi-chunk path is covered by float32; keep CI time down
+    _check_single(g, top, keep, residual_seed=hash(case) % 1000)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(device, dtype):
+    base = _randn(60 * 50, 20).view(60, 50).to(dtype).to(device)
+    for g in (base.t(), base[:, ::3], base[::2].t()):
+        assert not g.is_contiguous()
+        _check_single(g, 0.05, 0.20, residual_seed=21)
+        # Non-contiguous residual: written back through its own strides.
+        e = _residual_like(base, 22).t()
+        if e.shape != g.shape:
+            continue
+        e_ref = e.cpu().clone()
+        got = ts.select_ef_triton(g, e, 0.1, 0.3)
+        want = reference.select_ef(g.cpu(), e_ref, 0.1, 0.3)
+        assert_same(got, want, "select_ef strided")
+        assert_same(e, e_ref, "strided residual")
+
+
+def _layers(dtype, device):
+    shapes = [(100,), (0,), (7, 3), (0, 5), (1,), (64, 3, 3, 3), (40, 30), (2,)]
+    out = []
+    for i, s in enumerate(shapes):
+        x = torch.randn(s, generator=_gen(30 + i), dtype=torch.float64)
+        if i == 6:
+            x = x.round()  # ties across the boundaries of one layer
+        out.append(x.to(dtype).to(device))
+    out[6] = out[6].t()  # one non-contiguous layer
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("top,keep", [(0.05, 0.20), (0.0, 1.0), (0.1, 0.0)])
+def test_multi_ops_match_reference(device, dtype, top, keep):
+    gs = _layers(dtype, device)
+    gs_cpu = [g.cpu() for g in gs]
+    assert_same(ts.select_multi_triton(gs, top, keep), reference.select_multi(gs_cpu, top, keep),
+                "select_multi")
+    es = [_residual_like(g, 40 + i) for i, g in enumerate(gs)]
+    es_ref = [e.cpu().clone() for e in es]
+    got = ts.select_ef_multi_triton(gs, es, top, keep)
+    want = reference.select_ef_multi(gs_cpu, es_ref, top, keep)
+    assert_same(got, want, "select_ef_multi")
+    assert_same(es, es_ref, "select_ef_multi residuals")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_empty_list(device):
+    assert_same(ts.select_multi_triton([], 0.05, 0.2), reference.select_multi([], 0.05, 0.2))
+    assert_same(ts.select_ef_multi_triton([], [], 0.05, 0.2),
+                reference.select_ef_multi([], [], 0.05, 0.2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_overflow_in_error_feedback(device):
+    # 60000 + 10000 rounds to inf in float16 exactly as torch's add does.
+    g = torch.full((300,), 60000.0, dtype=torch.float16, device=device)
+    g[::2] = -1.0
+    e = torch.full_like(g, 10000.0)
+    e_ref = e.cpu().clone()
+    assert_same(ts.select_ef_triton(g, e, 0.05, 0.2), reference.select_ef(g.cpu(), e_ref, 0.05, 0.2))
+    assert_same(e, e_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_raises_and_writes_nothing(device, dtype):
+    g = _randn(3000, 50).to(dtype).to(device)
+    g[1234] = float("nan")
+    with pytest.raises(ValueError, match=r"^g contains NaN"):
+        ts.select_triton(g, 0.05, 0.2)
+    g_before = g.clone()
+    with pytest.raises(ValueError, match=r"^g contains NaN"):
+        ts.prune_inplace_triton(g, 0.05, 0.2)
+    assert_same(g, g_before, "prune_ on NaN")
+
+    # inf - inf in g + residual, in the third layer: every residual is left untouched.
+    gs = [_randn(n, 51 + n).to(dtype).to(device) for n in (500, 0, 70_000 if dtype == torch.float32 else 5000)]
+    gs[2][-3] = float("inf")
+    es = [_residual_like(x, 60) for x in gs]
+    es[2][-3] = float("-inf")
+    before = [e.clone() for e in es]
+    with pytest.raises(ValueError) as exc:
+        ts.select_ef_multi_triton(gs, es, 0.05, 0.2)
+    with pytest.raises(ValueError) as exc_ref:
+        reference.select_ef_multi([x.cpu() for x in gs], [e.cpu().clone() for e in es], 0.05, 0.2)
+    assert str(exc.value) == str(exc_ref.value)
+    assert str(exc.value).startswith("gs[2] + residuals[2] contains NaN")
+    assert_same(es, before, "residuals after NaN")
+    with pytest.raises(ValueError, match=r"^g \+ residual contains NaN"):
+        ts.select_ef_triton(gs[2], es[2], 0.05, 0.2)
+    assert_same(es[2], before[2], "residual after NaN")
+    with pytest.raises(ValueError, match=r"^gs\[2\] contains NaN"):
+        ts.select_multi_triton([gs[0], gs[1], g], 0.05, 0.2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments(device):
+    g = torch.randn(10, device=device)
+    with pytest.raises(ValueError, match="top \\+ keep"):
+        ts.select_triton(g, 0.9, 0.2)
+    with pytest.raises(TypeError, match="dtype"):
+        ts.select_triton(g.to(torch.int32), 0.05, 0.2)
+    with pytest.raises(ValueError, match="residuals\\[0\\] must match"):
+        ts.select_ef_multi_triton([g], [g[:5].clone()], 0.05, 0.2)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="the C++ CPU kernel (dgp_kernels._C) is not built: "
+                    "`pip install --no-build-isolation -e .`")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["randn", "all_equal", "many_zeros", "tie_band", "infs", "n7"])
+def test_matches_cpp_kernel(device, dtype, case):
+    g, top, keep = _make(case, dtype, device)
+    g_cpu = g.cpu()
+    assert_same(ts.select_triton(g, top, keep), torch.ops.dgp.select(g_cpu, top, keep))
+    e = _residual_like(g, 70)
+    e_cpp = e.cpu().clone()
+    assert_same(ts.select_ef_triton(g, e, top, keep), torch.ops.dgp.select_ef(g_cpu, e_cpp, top, keep))
+    assert_same(e, e_cpp)
+    gs = _layers(dtype, device)
+    assert_same(ts.select_multi_triton(gs, top, keep),
+                torch.ops.dgp.select_multi([x.cpu() for x in gs], top, keep))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: the CUDA dispatch key is never hit")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_registered_cuda_ops(dtype):
+    assert dgp_kernels.backend_info().cuda == "triton"
+    g = _randn(50_000, 80).to(dtype).cuda()
+    assert_same(dgp_kernels.select(g), reference.select(g.cpu()))
+    assert_same(dgp_kernels.prune(g), reference.prune(g.cpu()))
+    e = _residual_like(g, 81)
+    e_ref = e.cpu().clone()
+    assert_same(dgp_kernels.select_ef(g, e), reference.select_ef(g.cpu(), e_ref))
+    assert_same(e, e_ref)
+    gs = _layers(dtype, "cuda")
+    assert_same(dgp_kernels.select_multi(gs), reference.select_multi([x.cpu() for x in gs]))
+
+
+def test_register_without_triton_registers_nothing(monkeypatch):
+    import importlib
+
+    pkg = importlib.import_module("dgp_kernels.kernels.triton")
+    ops_select = importlib.import_module("dgp_kernels.ops.select")
+
+    calls = []
+    monkeypatch.setattr(ops_select._lib, "impl", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    assert pkg.register() is False
+    assert calls == []
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.delitem(sys.modules, "triton")
+    assert pkg.register() is False  # CPU-only torch: nothing can reach the CUDA key
+    assert calls == []
