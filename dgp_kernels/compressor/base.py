@@ -168,6 +168,8 @@ class Memory:
     def residuals(self, grads: Sequence[Tensor]) -> List[Tensor]:
         """The residuals for ``grads`` (created as zeros on first use); mutable, not copies."""
         if self._residuals is None:
+            if not grads:  # an empty round does not fix the model's layout
+                return []
             self._residuals = [
                 torch.zeros(g.shape, dtype=g.dtype, device=g.device) for g in grads
             ]
@@ -296,7 +298,9 @@ class Compressor(ABC):
         """A CPU generator seeded with ``seed`` (a fresh OS-entropy seed when ``None``).
 
         Random draws are made on the CPU and moved to the gradients' device, so a seeded
-        compressor produces the same payload on every device.
+        compressor draws the same numbers on every device (bitwise the same payload where
+        the rest is elementwise, e.g. ``randk`` and ``dp``; ``qsgd``'s norm is a reduction
+        whose last bit may differ between devices).
         """
         self._seed = secrets.randbits(63) if seed is None else int(seed)
         gen = torch.Generator(device="cpu")

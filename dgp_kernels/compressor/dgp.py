@@ -12,7 +12,7 @@ tensor (same count rule, so at equal ``keep`` it sends exactly as many values pe
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ from .base import (
     cast_values,
     check_bool,
     check_grad_list,
+    check_no_nan,
     check_value_dtype,
     dtype_name,
     register_compressor,
@@ -57,8 +58,9 @@ class DGPCompressor(Compressor):
     exception is a finite value beyond the fp16 range, saturated to 65504 with the excess in
     ``e`` up to float rounding). Without error feedback the rounding error is dropped.
 
-    All gradients must share one dtype and device (the multi-tensor op returns one flat
-    value tensor); payload tensors stay on that device.
+    Layers are grouped by (dtype, device) and each group goes through one multi-tensor op
+    call (one call in total for the usual single-dtype model); payload tensors stay on each
+    gradient's device. A NaN in ``g + e`` raises ``ValueError`` and modifies nothing.
     """
 
     def __init__(
@@ -85,28 +87,42 @@ class DGPCompressor(Compressor):
 
     def compress(self, grads: Sequence[Tensor]) -> SparsePayload:
         grads = check_grad_list(grads)
-        if not grads:
-            self.rounds += 1
-            return SparsePayload(layers=())
-        if self.error_feedback:
-            residuals = self.memory.residuals(grads)
-            idx, val, off = ops.select_ef_multi(grads, residuals, self.top, self.keep)
-        else:
-            residuals = None
-            idx, val, off = ops.select_multi(grads, self.top, self.keep)
-        # One cast for all layers; the rounding error (if any) goes back per layer.
-        sent, err = cast_values(val, self.value_dtype)
-        bounds = off.tolist()
-        layers: List[LayerPayload] = []
+        residuals = self.memory.residuals(grads) if self.error_feedback else None
+        # The multi-tensor ops need one dtype and device per call: one call per group
+        # (a single call for the usual single-dtype model).
+        groups: Dict[Tuple[torch.dtype, torch.device], List[int]] = {}
         for i, g in enumerate(grads):
-            a, b = bounds[i], bounds[i + 1]
-            layer_idx = idx[a:b]
-            if err is not None and residuals is not None and b > a:
-                # select_ef zeroed e at the sent positions, so e there is just the error.
-                residuals[i].view(-1)[layer_idx] = err[a:b]
-            layers.append(LayerPayload(numel=g.numel(), indices=layer_idx, values=sent[a:b]))
+            groups.setdefault((g.dtype, g.device), []).append(i)
+        if len(groups) > 1:
+            # Each op call checks its own layers for NaN before writing any residual; with
+            # several calls, check them all first so an error still modifies nothing.
+            vs = [g if residuals is None else g + residuals[i] for i, g in enumerate(grads)]
+            check_no_nan(vs, "grads + residuals" if residuals is not None else "grads")
+        selected: List[Tuple[int, Tensor, Tensor]] = []  # (layer, indices, sent values)
+        results = []
+        for members in groups.values():
+            gs = [grads[i] for i in members]
+            if residuals is not None:
+                out = ops.select_ef_multi(gs, [residuals[i] for i in members], self.top, self.keep)
+            else:
+                out = ops.select_multi(gs, self.top, self.keep)
+            results.append((members, out))
+        for members, (idx, val, off) in results:
+            sent, err = cast_values(val, self.value_dtype)
+            bounds = off.tolist()
+            for j, i in enumerate(members):
+                a, b = bounds[j], bounds[j + 1]
+                layer_idx = idx[a:b]
+                if err is not None and residuals is not None and b > a:
+                    # select_ef zeroed e at the sent positions, so e there is just the error.
+                    residuals[i].view(-1)[layer_idx] = err[a:b]
+                selected.append((i, layer_idx, sent[a:b]))
+        selected.sort(key=lambda t: t[0])
+        layers = tuple(
+            LayerPayload(numel=grads[i].numel(), indices=ix, values=v) for i, ix, v in selected
+        )
         self.rounds += 1
-        return SparsePayload(layers=tuple(layers))
+        return SparsePayload(layers=layers)
 
 
 @register_compressor("topk")

@@ -182,3 +182,31 @@ def test_bad_grads_argument():
         c.compress([torch.randn(3), "x"])
     with pytest.raises(TypeError, match="int64"):
         c.compress([torch.arange(3)])
+
+
+def test_mixed_dtype_model():
+    """Layers of different dtypes go through one op call per dtype, in model order."""
+    base = make_grads(7, shapes=[(50,), (30,), (20,), (0,)])
+    grads = [base[0], base[1].to(torch.bfloat16), base[2], base[3].to(torch.float16)]
+    c = DGPCompressor(value_dtype="bfloat16")
+    for r in range(3):
+        old = clone_all(c.memory.peek()) if c.memory.initialized else [torch.zeros_like(g) for g in grads]
+        p = c.compress(grads)
+        for g, eo, e, layer, s in zip(grads, old, c.memory.peek(), p.layers, c.decompress(p, grads)):
+            assert layer.numel == g.numel()
+            assert torch.equal(layer.indices, dgp_kernels.select(g + eo, 0.05, 0.2)[0])
+            assert torch.equal(s.to(g.dtype) + e, g + eo)
+    before = clone_all(c.memory.peek())
+    bad = [grads[0], grads[1].clone(), grads[2], grads[3]]
+    bad[1][5] = float("nan")  # NaN in the bf16 group, after the float32 group ran
+    with pytest.raises(ValueError, match=r"\[1\] contains NaN"):
+        c.compress(bad)
+    for a, b in zip(before, c.memory.peek()):
+        assert torch.equal(a, b)
+
+
+def test_empty_round_does_not_fix_the_layout():
+    c = DGPCompressor()
+    c.compress([])
+    c.compress([torch.randn(4)])
+    assert len(c.memory) == 1
