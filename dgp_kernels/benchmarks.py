@@ -99,6 +99,7 @@ class BenchHeader:
     dgp_version: str
     backend: str
     omp_wait_policy: str
+    load_start: float  # 1-minute load average when the run started (-1 if unknown)
     top: float
     keep: float
     repeats: int
@@ -132,6 +133,7 @@ class CaseResult:
 class BenchReport:
     header: BenchHeader
     cases: List[CaseResult]
+    load_end: float  # 1-minute load average when the run ended (-1 if unknown)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,13 @@ def _backend_text() -> str:
     return text
 
 
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return -1.0
+
+
 def machine_header(config: BenchConfig) -> BenchHeader:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -179,6 +188,7 @@ def machine_header(config: BenchConfig) -> BenchHeader:
         dgp_version=dgp_kernels.__version__,
         backend=_backend_text(),
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
+        load_start=_load(),
         top=config.top,
         keep=config.keep,
         repeats=config.repeats,
@@ -333,7 +343,7 @@ def run(config: BenchConfig, progress: Optional[TextIO] = None) -> BenchReport:
                 progress,
             )
             cases.append(res)
-    return BenchReport(header=header, cases=cases)
+    return BenchReport(header=header, cases=cases, load_end=_load())
 
 
 # --------------------------------------------------------------------------------------
@@ -358,7 +368,8 @@ def _ratio_line(c: CaseResult) -> str:
     )
 
 
-def _header_pairs(h: BenchHeader) -> List[tuple]:
+def _header_pairs(report: BenchReport) -> List[tuple]:
+    h = report.header
     omp = h.omp_wait_policy
     if omp == "unset":
         omp = "unset (OpenMP default; PASSIVE avoids ~8 ms stalls per parallel region here)"
@@ -368,6 +379,9 @@ def _header_pairs(h: BenchHeader) -> List[tuple]:
         ("versions", f"python {h.python}; torch {h.torch_version}; dgp_kernels {h.dgp_version}"),
         ("backend", h.backend),
         ("OMP_WAIT_POLICY", omp),
+        # Other processes on a shared machine slow every method; the load says how busy it was.
+        ("load", f"1-min load average {h.load_start:.2f} at start, {report.load_end:.2f} at end "
+                 f"({h.usable_cores} usable cores)"),
         ("settings", f"top={h.top:g} keep={h.keep:g}; float32; {h.repeats} timed repeats after "
                      f"{h.warmup} warm-up, methods interleaved round-robin; "
                      "time.perf_counter, ms"),
@@ -392,7 +406,7 @@ def _note(report: BenchReport) -> List[str]:
 def format_table(report: BenchReport) -> str:
     """Plain-text report: header lines, one aligned table per input, the ratios."""
     lines = ["dgp bench: DGP band selection (ours) vs the authors' operator, topk and clone"]
-    pairs = _header_pairs(report.header)
+    pairs = _header_pairs(report)
     width = max(len(k) for k, _ in pairs)
     lines += [f"{k:<{width}}  {v}" for k, v in pairs]
     lines += _note(report)
@@ -417,7 +431,7 @@ def format_table(report: BenchReport) -> str:
 def format_markdown(report: BenchReport) -> str:
     """The same report as Markdown (for bench/RESULTS.md)."""
     lines = ["| field | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in _header_pairs(report.header)]
+    lines += [f"| {k} | {v} |" for k, v in _header_pairs(report)]
     if _note(report):
         lines += [""] + _note(report)
     for i, ((_, desc), cases) in enumerate(_groups(report)):

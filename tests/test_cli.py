@@ -20,7 +20,7 @@ def test_bench_prints_table(capsys, tmp_path):
     assert main(args + ["--json", str(js), "--markdown", str(md)]) == 0
     out = capsys.readouterr()
     text = out.out
-    for needle in ("machine", "torch", "backend", "OMP_WAIT_POLICY",
+    for needle in ("machine", "torch", "backend", "OMP_WAIT_POLICY", "load average",
                    "lenet_sigmoid gradients: real", "one float32 tensor of 2,000 elements",
                    "ours select_ef_multi", "ours select_multi", "authors 2x topk+scatter, EF",
                    "single topk per layer", "clone", "ours_ef / clone", "authors_ef / ours_ef",
