@@ -329,3 +329,30 @@ def test_register_without_triton_registers_nothing(monkeypatch):
     monkeypatch.delitem(sys.modules, "triton")
     assert pkg.register() is False  # CPU-only torch: nothing can reach the CUDA key
     assert calls == []
+
+
+@pytest.fixture(params=["candidates", "data"])
+def forced_path(request, monkeypatch):
+    """Force phase 2 onto the candidate buffer or onto the full-data refinement."""
+    if request.param == "candidates":
+        monkeypatch.setattr(ts, "CAND_MIN", 1 << 62)
+    else:
+        monkeypatch.setattr(ts, "CAND_MIN", -1)
+        monkeypatch.setattr(ts, "CAND_FRACTION", 1 << 62)
+    return request.param
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["randn", "all_equal", "many_zeros", "signed_zeros",
+                                  "tie_band", "quantized", "infs", "n7", "keep0"])
+def test_both_refinement_paths(device, dtype, case, forced_path):
+    g, top, keep = _make(case, dtype, device)
+    assert_same(ts.select_triton(g, top, keep), reference.select(g.cpu(), top, keep))
+    e = _residual_like(g, 90) if case in ("randn", "infs") else torch.zeros_like(g)
+    e_ref = e.cpu().clone()
+    assert_same(ts.select_ef_triton(g, e, top, keep), reference.select_ef(g.cpu(), e_ref, top, keep))
+    assert_same(e, e_ref)
+    gs = _layers(dtype, device)
+    assert_same(ts.select_multi_triton(gs, top, keep),
+                reference.select_multi([x.cpu() for x in gs], top, keep))

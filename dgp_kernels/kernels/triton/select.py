@@ -69,6 +69,13 @@ BLOCK = 2048
 TILE = 2048
 CHUNK = 32 * TILE
 FIRST_DIGIT_BITS = 11  # DESIGN.md §4: the first 11-bit digit covers the float exponent
+# Candidate path while the boundary buckets hold at most max(CAND_MIN, n / CAND_FRACTION)
+# entries in all: randn data puts ~3% and ~6% of n in the buckets of ranks 5% and 25%
+# (an 11-bit digit of float32 is 1/8 of an octave). Beyond that (all zeros, all equal,
+# few distinct values) the fallback refines over the data: one more read per digit but
+# no buffer.
+CAND_MIN = 1 << 16
+CAND_FRACTION = 4
 
 # dtype -> (KIND, key bits, digit widths after the first): the widths sum to the key bits.
 _KINDS = {
@@ -179,20 +186,56 @@ def _hist_kernel(
 
 
 @triton.jit
-def _refine_kernel(
-    g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, prefix, hist,
+def _gather_kernel(
+    g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, bkt_hi, bkt_lo, strict_cnt,
+    cand_off, cand_fill, cand_key, cand_idx,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr,
+    SHIFT: tl.constexpr, BLOCK_: tl.constexpr,
+):
+    """Phase 2 (candidate path): per block, count the keys whose first digit lies strictly
+    between the two boundary buckets (all kept), and append the keys and layer-local indices
+    of the entries *in* a boundary bucket to the layer's candidate slot (one atomic per
+    block reserves the space; order inside a slot does not matter)."""
+    pid = tl.program_id(0)
+    seg = tl.load(blk_seg + pid)
+    start = tl.load(blk_start + pid)
+    n = tl.load(seg_n + seg)
+    g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
+    e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
+    offs = start + tl.arange(0, BLOCK_)
+    m = offs < n
+    key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E), KIND)
+    dig = key >> SHIFT
+    b_hi = tl.load(bkt_hi + seg)
+    b_lo = tl.load(bkt_lo + seg)
+    tl.store(strict_cnt + pid, tl.sum((m & (dig > b_lo) & (dig < b_hi)).to(tl.int32), axis=0))
+    c = (m & ((dig == b_hi) | (dig == b_lo))).to(tl.int32)
+    nc = tl.sum(c, axis=0)
+    if nc > 0:
+        base = tl.load(cand_off + seg) + tl.atomic_add(cand_fill + seg, nc)
+        pos = base + (tl.cumsum(c, axis=0) - c)
+        tl.store(cand_key + pos, key, mask=c != 0)
+        tl.store(cand_idx + pos, offs, mask=c != 0)
+
+
+@triton.jit
+def _refine_kernel(
+    g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, cand_off, cand_key, prefix, hist,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, FROM_CAND: tl.constexpr,
     PSHIFT: tl.constexpr, DSHIFT: tl.constexpr, NBINS: tl.constexpr,
     TILE_: tl.constexpr, CHUNK_: tl.constexpr,
 ):
     """Phase 2: histogram of the next digit of the keys whose higher bits equal the upper
-    (row ``2*seg``) or lower (row ``2*seg+1``) boundary prefix of their layer."""
+    (row ``2*seg``) or lower (row ``2*seg+1``) boundary prefix of their layer. Keys come
+    from the layer's candidate slot (``FROM_CAND``; ``seg_n`` then holds slot sizes) or are
+    recomputed from the data (the fallback for huge boundary buckets)."""
     pid = tl.program_id(0)
     seg = tl.load(chk_seg + pid)
     start = tl.load(chk_start + pid)
     n = tl.load(seg_n + seg)
     g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
     e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
+    c_base = tl.load(cand_off + seg)
     p_hi = tl.load(prefix + 2 * seg)
     p_lo = tl.load(prefix + 2 * seg + 1)
     end = tl.minimum(start + CHUNK_, n)
@@ -201,7 +244,10 @@ def _refine_kernel(
     for off in range(start, end, TILE_):
         offs = off + tl.arange(0, TILE_)
         m = offs < end
-        key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E), KIND)
+        if FROM_CAND:
+            key = tl.load(cand_key + c_base + offs, mask=m, other=0)
+        else:
+            key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E), KIND)
         top = key >> PSHIFT
         d = ((key >> DSHIFT) & (NBINS - 1)).to(tl.int32)
         h_hi += _masked_histogram(d, m & (top == p_hi), NBINS, TILE_)
@@ -302,13 +348,14 @@ def _block_table(ns: Sequence[int], size: int) -> Tuple[List[int], List[int], Li
 
 def _locate(hist: Tensor, r: Tensor) -> Tuple[Tensor, Tensor]:
     """For each row, the digit whose bucket holds rank ``r`` (ranks count from the largest
-    digit down) and ``r`` minus the entries in larger buckets."""
+    digit down), ``r`` minus the entries in larger buckets, and the bucket's size."""
     nb = hist.shape[-1]
     desc = hist.flip(-1).to(torch.int64)
     cum = desc.cumsum(-1)
     j = torch.searchsorted(cum, r.unsqueeze(-1), right=True).clamp_(max=nb - 1)
-    before = cum.gather(-1, j) - desc.gather(-1, j)
-    return (nb - 1 - j).squeeze(-1), r - before.squeeze(-1)
+    size = desc.gather(-1, j)
+    before = cum.gather(-1, j) - size
+    return (nb - 1 - j).squeeze(-1), r - before.squeeze(-1), size.squeeze(-1)
 
 
 def _seg_exclusive(c: Tensor, blk_seg: Tensor, first_blk: Tensor) -> Tensor:
@@ -327,20 +374,23 @@ def band_multi_triton(
     dense: Optional[Sequence[Tensor]] = None,
     want_sparse: bool = True,
     nan_message=None,
+    candidates: Optional[bool] = None,
 ) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
-    """Run the three phases over the layers ``gs`` (contiguous, one dtype and device).
+    """Run the phases over the layers ``gs`` (contiguous, one dtype and device).
 
     ``residuals`` (contiguous, like ``gs``): error feedback, ``v = g + e`` and ``e`` is
     overwritten with ``v`` minus the band. ``dense`` (contiguous, like ``gs``; may be ``gs``
     itself): receives ``v`` with everything outside the band zeroed. ``want_sparse``:
     return ``(indices int64, values, offsets int64[len(gs)+1])`` concatenated over layers.
     ``nan_message(i)``: the ``ValueError`` text when layer ``i`` holds a NaN; nothing is
-    written before that check.
+    written before that check. ``candidates``: force the candidate path (True) or the
+    full-data refinement (False); None picks by the boundary buckets' size (tests use it).
     """
     S = len(gs)
     dtype, device = gs[0].dtype, gs[0].device
     kind, key_bits, widths = _KINDS[dtype]
     dt = _TL_DTYPE[dtype]
+    key_dtype = torch.int64 if kind == 1 else torch.int32
     has_e = residuals is not None
     ns = [g.numel() for g in gs]
     counts = [band_counts(n, top, keep) for n in ns]
@@ -348,6 +398,7 @@ def band_multi_triton(
     for _, kk in counts:
         out_off.append(out_off[-1] + kk)
     total = out_off[-1]
+    common = dict(DT=dt, KIND=kind, HAS_E=has_e, num_warps=8)
 
     # One host->device transfer carries every table of the call.
     c_seg, c_start, _ = _block_table(ns, CHUNK)
@@ -360,48 +411,84 @@ def band_multi_triton(
     parts = [
         [g.data_ptr() for g in gs], [e.data_ptr() for e in e_list],
         [d.data_ptr() for d in d_list], ns, c_seg, c_start, b_seg, b_start, b_first, rows,
-        out_off,
+        out_off, [int(kk > 0) for _, kk in counts],
     ]
-    sizes = [len(p) for p in parts]
-    host = torch.tensor([x for p in parts for x in p], dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory().to(device, non_blocking=True)
     (g_ptrs, e_ptrs, d_ptrs, seg_n, chk_seg, chk_start, blk_seg, blk_start, first_blk,
-     r, offsets) = torch.split(host, sizes)
+     r, offsets, active) = _to_device(parts, device)
+    active = active.bool()
     n_chunks, n_blocks = len(c_seg), len(b_seg)
-    active = torch.tensor([kk > 0 for _, kk in counts], dtype=torch.bool).to(device)
 
     # Phase 1: NaN flags + first digit. Nothing is written to user memory before the check.
     shift = key_bits - FIRST_DIGIT_BITS
     nb1 = 1 << FIRST_DIGIT_BITS
     hist = torch.zeros((S, nb1), dtype=torch.int32, device=device)
-    nan_flag = torch.zeros(S, dtype=torch.int32, device=device)
+    nan_flag = torch.zeros(S, dtype=torch.int64, device=device)
     if n_chunks:
         _hist_kernel[(n_chunks,)](
             g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, hist, nan_flag,
-            DT=dt, KIND=kind, HAS_E=has_e, SHIFT=shift, NBINS=nb1, TILE_=TILE, CHUNK_=CHUNK,
-            num_warps=8,
+            SHIFT=shift, NBINS=nb1, TILE_=TILE, CHUNK_=CHUNK, **common,
         )
-        flags = nan_flag.tolist()  # the one device->host sync
-        for i, f in enumerate(flags):
-            if f:
-                raise ValueError(nan_message(i))
+    digit, r, size = _locate(hist.repeat_interleave(2, dim=0), r)
+    b_hi, b_lo = digit[0::2], digit[1::2]
+    # Candidates of a layer: both boundary buckets (once when they coincide).
+    cand_cnt = torch.where(active, size[0::2] + torch.where(b_lo != b_hi, size[1::2], 0), 0)
+    flags = torch.cat([nan_flag, cand_cnt]).tolist()  # the one device->host sync
+    for i, f in enumerate(flags[:S]):
+        if f:
+            raise ValueError(nan_message(i))
+    cand_ns = flags[S:]
+    if candidates is None:
+        candidates = sum(cand_ns) <= max(CAND_MIN, sum(ns) // CAND_FRACTION)
 
-    # Boundary buckets -> exact boundary keys, digit by digit (rows 2s: upper, 2s+1: lower).
-    digit, r = _locate(hist.repeat_interleave(2, dim=0), r)
+    if want_sparse:
+        out_idx = torch.empty(total, dtype=torch.int64, device=device)
+        out_val = torch.empty(total, dtype=dtype, device=device)
+    else:
+        out_idx = torch.empty(1, dtype=torch.int64, device=device)
+        out_val = torch.empty(1, dtype=dtype, device=device)
+    if n_blocks == 0 or (total == 0 and not has_e and dense is None):
+        return (out_idx, out_val, offsets) if want_sparse else None
+
+    # Phase 2: exact boundary keys, one digit at a time (rows 2s: upper, 2s+1: lower),
+    # over the candidate slots or, when the boundary buckets are huge, over the data.
+    refine_src = dict(seg_n=seg_n, chk_seg=chk_seg, chk_start=chk_start)
+    cand_off = offsets  # unused unless candidates
+    cand_key = cand_idx = strict_cnt = None
+    n_refine = n_chunks
+    if candidates:
+        cc_seg, cc_start, _ = _block_table(cand_ns, CHUNK)
+        slot = [0]
+        for c in cand_ns:
+            slot.append(slot[-1] + c)
+        cand_seg_n, cc_seg_t, cc_start_t, cand_off = _to_device(
+            [cand_ns, cc_seg, cc_start, slot], device)
+        n_cand = slot[-1]
+        cand_key = torch.empty(max(n_cand, 1), dtype=key_dtype, device=device)
+        cand_idx = torch.empty(max(n_cand, 1), dtype=torch.int64, device=device)
+        strict_cnt = torch.empty(n_blocks, dtype=torch.int32, device=device)
+        fill = torch.zeros(S, dtype=torch.int32, device=device)
+        never = torch.full_like(b_hi, -1)
+        _gather_kernel[(n_blocks,)](
+            g_ptrs, e_ptrs, seg_n, blk_seg, blk_start,
+            torch.where(active, b_hi, never), torch.where(active, b_lo, never), strict_cnt,
+            cand_off, fill, cand_key, cand_idx, SHIFT=shift, BLOCK_=BLOCK, **common,
+        )
+        refine_src = dict(seg_n=cand_seg_n, chk_seg=cc_seg_t, chk_start=cc_start_t)
+        n_refine = len(cc_seg)
     prefix = digit
     pshift = shift
     for w in widths:
         dshift = pshift - w
         h = torch.zeros((2 * S, 1 << w), dtype=torch.int32, device=device)
-        if n_chunks:
+        if n_refine:
             pre = torch.where(active.repeat_interleave(2), prefix, -1)
-            _refine_kernel[(n_chunks,)](
-                g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, pre, h,
-                DT=dt, KIND=kind, HAS_E=has_e, PSHIFT=pshift, DSHIFT=dshift,
-                NBINS=1 << w, TILE_=TILE, CHUNK_=CHUNK, num_warps=8,
+            _refine_kernel[(n_refine,)](
+                g_ptrs, e_ptrs, refine_src["seg_n"], refine_src["chk_seg"],
+                refine_src["chk_start"], cand_off, cand_key if candidates else hist, pre, h,
+                FROM_CAND=candidates, PSHIFT=pshift, DSHIFT=dshift, NBINS=1 << w,
+                TILE_=TILE, CHUNK_=CHUNK, **common,
             )
-        digit, r = _locate(h, r)
+        digit, r, _ = _locate(h, r)
         prefix = (prefix << w) | digit
         pshift = dshift
     t_hi, t_lo = prefix[0::2], prefix[1::2]
@@ -414,22 +501,30 @@ def band_multi_triton(
         x.contiguous() for x in (t_hi, t_lo, skip_hi, end_hi, take_lo)
     )
 
-    if want_sparse:
-        out_idx = torch.empty(total, dtype=torch.int64, device=device)
-        out_val = torch.empty(total, dtype=dtype, device=device)
+    # Phase 3a: per block #strictly inside, #== T_hi, #== T_lo.
+    if candidates:
+        # Everything outside the boundary buckets was counted by the gather pass; the
+        # candidates (every tie of T_hi and T_lo among them) add theirs per block.
+        n_cand = slot[-1]
+        cnt = torch.zeros((3, n_blocks), dtype=torch.int64, device=device)
+        cnt[0] = strict_cnt
+        if n_cand:
+            cseg = torch.repeat_interleave(
+                torch.arange(S, device=device), cand_seg_n, output_size=n_cand)
+            k = cand_key[:n_cand]
+            th, tlo = t_hi[cseg], t_lo[cseg]
+            blk = first_blk[cseg] + cand_idx[:n_cand] // BLOCK
+            cnt[0].index_add_(0, blk, ((k > tlo) & (k < th)).long())
+            cnt[1].index_add_(0, blk, (k == th).long())
+            cnt[2].index_add_(0, blk, (k == tlo).long())
     else:
-        out_idx = torch.empty(1, dtype=torch.int64, device=device)
-        out_val = torch.empty(1, dtype=dtype, device=device)
-    if n_blocks == 0 or (total == 0 and not has_e and dense is None):
-        return (out_idx, out_val, offsets) if want_sparse else None
-
-    # Phase 3a: block counts -> tie ordinals and output offsets (segmented prefix sums).
-    cnt = torch.empty((3, n_blocks), dtype=torch.int32, device=device)
-    _count_kernel[(n_blocks,)](
-        g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, t_hi, t_lo, cnt, n_blocks,
-        DT=dt, KIND=kind, HAS_E=has_e, BLOCK_=BLOCK, num_warps=8,
-    )
-    cnt = cnt.to(torch.int64)
+        cnt = torch.empty((3, n_blocks), dtype=torch.int32, device=device)
+        _count_kernel[(n_blocks,)](
+            g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, t_hi, t_lo, cnt, n_blocks,
+            BLOCK_=BLOCK, **common,
+        )
+        cnt = cnt.to(torch.int64)
+    # Tie ordinals and output offsets of each block (segmented prefix sums).
     ex = _seg_exclusive(cnt, blk_seg, first_blk)
     ord_hi, ord_lo = ex[1], ex[2]
     s_skip, s_end, s_take = skip_hi[blk_seg], end_hi[blk_seg], take_lo[blk_seg]
@@ -443,10 +538,18 @@ def band_multi_triton(
         g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
         t_hi, t_lo, skip_hi, end_hi, take_lo, ord_hi.contiguous(), ord_lo.contiguous(),
         blk_out, out_idx, out_val,
-        DT=dt, KIND=kind, HAS_E=has_e, WRITE_SPARSE=want_sparse and total > 0,
-        WRITE_E=has_e, WRITE_DENSE=dense is not None, BLOCK_=BLOCK, num_warps=8,
+        WRITE_SPARSE=want_sparse and total > 0, WRITE_E=has_e, WRITE_DENSE=dense is not None,
+        BLOCK_=BLOCK, **common,
     )
     return (out_idx, out_val, offsets) if want_sparse else None
+
+
+def _to_device(parts: Sequence[Sequence[int]], device: torch.device) -> List[Tensor]:
+    """Int64 tensors of ``parts`` on ``device`` in one (pinned, asynchronous) transfer."""
+    host = torch.tensor([x for p in parts for x in p], dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    return list(torch.split(host, [len(p) for p in parts]))
 
 
 # --------------------------------------------------------------------------------------
