@@ -1,0 +1,33 @@
+"""Sparse wire codec: payload records, wire format v1, server-side decode-and-accumulate.
+
+See README.md in this folder for the byte layout and how to add an index coding.
+"""
+
+from .accounting import RoundBytes, TrafficLog, dense_nbytes, payload_nbytes
+from .payload import LayerPayload, PayloadError, SparsePayload
+from .wire import (
+    CODING_NAMES,
+    AccumulateReport,
+    RejectedPayload,
+    cpp_available,
+    decode,
+    decode_accumulate,
+    encode,
+)
+
+__all__ = [
+    "CODING_NAMES",
+    "AccumulateReport",
+    "LayerPayload",
+    "PayloadError",
+    "RejectedPayload",
+    "RoundBytes",
+    "SparsePayload",
+    "TrafficLog",
+    "cpp_available",
+    "decode",
+    "decode_accumulate",
+    "dense_nbytes",
+    "encode",
+    "payload_nbytes",
+]

@@ -1,0 +1,581 @@
+"""Wire format v1: encode one client's :class:`SparsePayload` to bytes, decode it back, and
+decode-and-accumulate many clients into dense float32 buffers on the server.
+
+Ops (schemas defined here, once; ``csrc/cpu/codec.cpp`` implements them for CPU)::
+
+    dgp::wire_encode(Tensor?[] indices, Tensor[] values, int[] numels, int[] codings,
+                     bool aligned, Tensor meta) -> Tensor                       # uint8 bytes
+    dgp::wire_decode(Tensor data, int[]? expected_numels, bool allow_nonfinite)
+                     -> (Tensor header, Tensor table, Tensor indices, Tensor values)
+    dgp::wire_validate(Tensor data, int[]? expected_numels, int[]? aligned_ks,
+                       bool allow_nonfinite) -> ()
+    dgp::wire_accumulate(Tensor[] payloads, float[]? weights, Tensor(a!)[] out,
+                         Tensor[] aligned_indices, bool allow_nonfinite,
+                         bool all_or_nothing) -> Tensor                         # int64 status
+
+The public functions (:func:`encode`, :func:`decode`, :func:`decode_accumulate`) take a
+``backend=`` argument: ``None`` (the C++ kernels when ``dgp_kernels._C`` is built, else the
+pure-Python fallback in ``_wire_py.py``), ``"cpp"`` or ``"python"``. Both produce identical
+bytes and identical results; the tests force each. The byte layout is in README.md.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _wire_py as _py
+from .payload import LayerPayload, PayloadError, SparsePayload
+
+__all__ = [
+    "CODING_NAMES",
+    "AccumulateReport",
+    "RejectedPayload",
+    "cpp_available",
+    "decode",
+    "decode_accumulate",
+    "encode",
+]
+
+CODING_NAMES = _py.CODING_NAMES  # ("implicit", "bitmap", "varint", "rice", "raw32", "raw64")
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+BytesLike = Union[bytes, bytearray, memoryview, Tensor]
+
+# --------------------------------------------------------------------------------------
+# Schemas (a FRAGMENT of the dgp library that ops/select.py defines).
+# --------------------------------------------------------------------------------------
+_lib = torch.library.Library("dgp", "FRAGMENT")
+_lib.define(
+    "wire_encode(Tensor?[] indices, Tensor[] values, int[] numels, int[] codings, "
+    "bool aligned, Tensor meta) -> Tensor"
+)
+_lib.define(
+    "wire_decode(Tensor data, int[]? expected_numels, bool allow_nonfinite) "
+    "-> (Tensor header, Tensor table, Tensor indices, Tensor values)"
+)
+_lib.define(
+    "wire_validate(Tensor data, int[]? expected_numels, int[]? aligned_ks, "
+    "bool allow_nonfinite) -> ()"
+)
+_lib.define(
+    "wire_accumulate(Tensor[] payloads, float[]? weights, Tensor(a!)[] out, "
+    "Tensor[] aligned_indices, bool allow_nonfinite, bool all_or_nothing) -> Tensor"
+)
+
+_OPS = ("wire_encode", "wire_decode", "wire_validate", "wire_accumulate")
+
+
+def _has_cpp() -> bool:
+    import dgp_kernels  # noqa: F401  (loads _C, which registers the C++ kernels)
+
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"dgp::{op}", "CPU") for op in _OPS
+    )
+
+
+_CPP = _has_cpp()
+
+
+def cpp_available() -> bool:
+    """True when the C++ codec kernels (dgp_kernels._C) serve the ``dgp::wire_*`` ops."""
+    return _CPP
+
+
+# --------------------------------------------------------------------------------------
+# Fake kernels: output sizes depend on the data, so they are unbacked sizes.
+# --------------------------------------------------------------------------------------
+@torch.library.register_fake("dgp::wire_encode")
+def _encode_fake(indices, values, numels, codings, aligned, meta):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return meta.new_empty((n,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("dgp::wire_decode")
+def _decode_fake(data, expected_numels, allow_nonfinite):
+    ctx = torch.library.get_ctx()
+    L = len(expected_numels) if expected_numels is not None else ctx.new_dynamic_size()
+    header = data.new_empty((4,), dtype=torch.int64)
+    table = data.new_empty((L, 7), dtype=torch.int64)
+    idx = data.new_empty((ctx.new_dynamic_size(),), dtype=torch.int64)
+    vals = data.new_empty((ctx.new_dynamic_size(),), dtype=torch.uint8)
+    return header, table, idx, vals
+
+
+@torch.library.register_fake("dgp::wire_validate")
+def _validate_fake(data, expected_numels, aligned_ks, allow_nonfinite):
+    return None
+
+
+@torch.library.register_fake("dgp::wire_accumulate")
+def _accumulate_fake(payloads, weights, out, aligned_indices, allow_nonfinite, all_or_nothing):
+    return torch.empty((len(payloads),), dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------
+# The pure-Python fallback behind the op schemas (registered only when C++ is absent).
+# --------------------------------------------------------------------------------------
+def _mv(t: Tensor) -> memoryview:
+    return memoryview(t.contiguous().numpy()) if t.numel() else memoryview(b"")
+
+
+def _np_idx(t: Optional[Tensor]):
+    return None if t is None else t.contiguous().numpy()
+
+
+def _value_stream(v: Tensor) -> bytes:
+    return v.contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b""
+
+
+def _py_wire_encode(indices, values, numels, codings, aligned, meta):
+    data = _py.encode(
+        [_np_idx(i) for i in indices],
+        [_value_stream(v) for v in values],
+        [_wire_dtype_id(v.dtype, f"values[{i}]") for i, v in enumerate(values)],
+        [int(v.numel()) for v in values],
+        [int(n) for n in numels],
+        [int(c) for c in codings],
+        bool(aligned),
+        bytes(_mv(meta)),
+    )
+    return _bytes_tensor(data)
+
+
+def _py_wire_decode(data, expected_numels, allow_nonfinite):
+    d = _mv(data)
+    P, idxs = _py.decode(d, expected_numels, allow_nonfinite)
+    return _py_decode_tensors(d, P, idxs)
+
+
+def _py_decode_tensors(d, P, idxs):
+    header = torch.tensor([P.flags, P.num_meta, P.meta_off, P.meta_len], dtype=torch.int64)
+    rows, chunks, total_k = [], [], 0
+    vbegin = P.layers[0].value_off if P.layers else 0
+    for e, ix in zip(P.layers, idxs):
+        rows.append([e.numel, e.k, e.coding, e.vdtype, e.param, -1 if ix is None else total_k,
+                     e.value_off - vbegin])
+        if ix is not None:
+            chunks.append(torch.from_numpy(ix))
+            total_k += e.k
+    table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 7)
+    idx = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64)
+    vend = P.layers[-1].value_off + P.layers[-1].k * _py.VALUE_SIZE[P.layers[-1].vdtype] if P.layers else 0
+    vals = _bytes_tensor(bytes(d[vbegin:vend]))
+    return header, table, idx, vals
+
+
+def _py_wire_validate(data, expected_numels, aligned_ks, allow_nonfinite):
+    _py.validate(_mv(data), expected_numels, aligned_ks, allow_nonfinite)
+
+
+def _py_wire_accumulate(payloads, weights, out, aligned_indices, allow_nonfinite, all_or_nothing):
+    st = _py.accumulate([_mv(p) for p in payloads], weights, out, aligned_indices,
+                        allow_nonfinite, all_or_nothing)
+    return torch.tensor(st, dtype=torch.int64)
+
+
+if not _CPP:
+    for _name, _fn in (("wire_encode", _py_wire_encode), ("wire_decode", _py_wire_decode),
+                       ("wire_validate", _py_wire_validate),
+                       ("wire_accumulate", _py_wire_accumulate)):
+        _lib.impl(_name, _fn, "CPU")
+
+
+# --------------------------------------------------------------------------------------
+# Helpers shared by the wrappers.
+# --------------------------------------------------------------------------------------
+def _bytes_tensor(data) -> Tensor:
+    if len(data) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _as_byte_tensor(data: BytesLike, name: str) -> Tensor:
+    """A uint8 CPU tensor viewing ``data`` (no copy for bytes/bytearray/memoryview)."""
+    if isinstance(data, Tensor):
+        if data.dtype != torch.uint8 or data.dim() != 1:
+            raise TypeError(f"{name} must be bytes or a 1-D uint8 tensor, got {data.dtype} {tuple(data.shape)}")
+        return data.cpu().contiguous()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name} must be bytes, bytearray, memoryview or a uint8 tensor, got {type(data).__name__}")
+    if len(data) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():  # read-only buffers: the kernels never write to them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+
+def _as_memory(data: BytesLike, name: str) -> memoryview:
+    if isinstance(data, Tensor):
+        return _mv(_as_byte_tensor(data, name))
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name} must be bytes, bytearray, memoryview or a uint8 tensor, got {type(data).__name__}")
+    return memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+
+
+def _wire_dtype_id(dtype: torch.dtype, name: str) -> int:
+    try:
+        return _py.DTYPE_IDS[dtype]
+    except KeyError:
+        raise TypeError(f"{name} has dtype {dtype}; the wire carries float32, bfloat16 or float16 values") from None
+
+
+def _resolve_backend(backend: Optional[str]) -> str:
+    if backend is None:
+        return "cpp" if _CPP else "python"
+    if backend not in ("cpp", "python"):
+        raise ValueError(f"backend must be None, 'cpp' or 'python', got {backend!r}")
+    if backend == "cpp" and not _CPP:
+        raise RuntimeError(
+            "backend='cpp' but the C++ codec kernels are not built; build dgp_kernels._C with "
+            "`pip install --no-build-isolation -e .`"
+        )
+    return backend
+
+
+def _reraise(exc: Exception) -> None:
+    """Turn the C++ kernels' "PayloadError: ..." ValueError into PayloadError."""
+    msg = str(exc)
+    if isinstance(exc, PayloadError):
+        raise exc
+    if isinstance(exc, ValueError) and msg.startswith("PayloadError: "):
+        raise PayloadError(msg[len("PayloadError: "):].split("\nException raised from")[0]) from None
+    raise exc
+
+
+def _coding_id(c, layer: int) -> int:
+    if c is None:
+        return -1
+    if isinstance(c, str):
+        if c not in CODING_NAMES:
+            raise ValueError(f"force_coding for layer {layer} must be one of {CODING_NAMES} or None, got {c!r}")
+        return CODING_NAMES.index(c)
+    if isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(CODING_NAMES):
+        return c
+    raise ValueError(f"force_coding for layer {layer} must be one of {CODING_NAMES} or None, got {c!r}")
+
+
+def _serialize_meta(meta) -> bytes:
+    out = bytearray()
+    for i, item in enumerate(meta):
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise PayloadError(f"meta[{i}] must be a (str, int) pair, got {item!r}")
+        key, val = item
+        if not isinstance(key, str) or not (1 <= len(key) <= 255) or not all(0x21 <= ord(ch) <= 0x7E for ch in key):
+            raise PayloadError(f"meta[{i}] key must be 1..255 printable ASCII characters without spaces, got {key!r}")
+        if isinstance(val, bool) or not isinstance(val, int) or not (-(1 << 63) <= val < (1 << 63)):
+            raise PayloadError(f"meta[{i}] ({key!r}) value must be an int64, got {val!r}")
+        out += bytes([len(key)]) + key.encode("ascii") + int(val).to_bytes(8, "little", signed=True)
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------
+def encode(
+    payload: SparsePayload,
+    value_dtype: Union[None, str, torch.dtype] = None,
+    *,
+    force_coding=None,
+    backend: Optional[str] = None,
+) -> bytes:
+    """Encode one client's upload to the self-describing wire format v1 (README.md).
+
+    Args:
+        payload: the layers in model order. Each layer's ``indices`` (int64 ``[k]``, strictly
+            increasing, in ``[0, numel)``; any integer dtype or device is accepted and
+            copied to int64 CPU) or ``None`` (positions implicit: ``k == numel``, or an
+            ``aligned`` payload); ``values`` ``[k]``.
+        value_dtype: ``None`` keeps each layer's values (float32 exact; bfloat16/float16 as
+            given; float64 is rounded to float32). ``"float32"``, ``"bfloat16"`` or
+            ``"float16"`` (or the torch dtype) converts every layer with round-to-nearest-even:
+            bfloat16/float16 are **lossy** (8 / 11 significant bits; float16 overflows to inf
+            above 65504).
+        force_coding: ``None`` (each layer gets the smallest exact index coding), one coding
+            name for every layer, or a per-layer sequence of names/``None``; names are
+            ``"implicit" "bitmap" "varint" "rice" "raw32" "raw64"``. For tests and studies.
+        backend: ``None``, ``"cpp"`` or ``"python"`` (identical bytes).
+
+    Returns:
+        the payload bytes. Raises :class:`PayloadError` for invalid layer contents (indices
+        unsorted, repeated or out of range, ``k > numel``, bad meta), ``TypeError`` for
+        unsupported dtypes and ``ValueError`` for an impossible ``force_coding``.
+    """
+    if not isinstance(payload, SparsePayload):
+        raise TypeError(f"payload must be a SparsePayload, got {type(payload).__name__}")
+    be = _resolve_backend(backend)
+    if value_dtype is not None:
+        if isinstance(value_dtype, str):
+            if value_dtype not in VALUE_DTYPES:
+                raise ValueError(f"value_dtype must be None or one of {tuple(VALUE_DTYPES)}, got {value_dtype!r}")
+            value_dtype = VALUE_DTYPES[value_dtype]
+        elif value_dtype not in VALUE_DTYPES.values():
+            raise ValueError(f"value_dtype must be None or one of {tuple(VALUE_DTYPES)}, got {value_dtype!r}")
+    L = len(payload.layers)
+    if force_coding is None or isinstance(force_coding, (str, int)):
+        codings = [_coding_id(force_coding, i) for i in range(L)]
+    else:
+        fc = list(force_coding)
+        if len(fc) != L:
+            raise ValueError(f"force_coding has {len(fc)} entries for {L} layers")
+        codings = [_coding_id(c, i) for i, c in enumerate(fc)]
+    indices: List[Optional[Tensor]] = []
+    values: List[Tensor] = []
+    numels: List[int] = []
+    for i, layer in enumerate(payload.layers):
+        if not isinstance(layer, LayerPayload):
+            raise TypeError(f"payload.layers[{i}] must be a LayerPayload, got {type(layer).__name__}")
+        v = layer.values
+        if not isinstance(v, Tensor):
+            raise TypeError(f"payload.layers[{i}].values must be a tensor, got {type(v).__name__}")
+        v = v.detach().reshape(-1).cpu()
+        if value_dtype is not None:
+            v = v.to(value_dtype)
+        elif v.dtype == torch.float64:
+            v = v.to(torch.float32)
+        _wire_dtype_id(v.dtype, f"payload.layers[{i}].values")
+        ix = layer.indices
+        if ix is not None:
+            if not isinstance(ix, Tensor) or ix.dtype.is_floating_point or ix.dtype.is_complex or ix.dtype == torch.bool:
+                raise TypeError(f"payload.layers[{i}].indices must be an integer tensor or None")
+            ix = ix.detach().reshape(-1).cpu().to(torch.int64).contiguous()
+            if ix.numel() != v.numel():
+                raise PayloadError(
+                    f"layer {i}: {ix.numel()} indices but {v.numel()} values")
+        n = layer.numel
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise PayloadError(f"layer {i}: numel must be a non-negative int, got {n!r}")
+        indices.append(ix)
+        values.append(v.contiguous())
+        numels.append(int(n))
+    meta = _serialize_meta(payload.meta)
+    aligned = bool(payload.aligned)
+    try:
+        if be == "cpp":
+            out = torch.ops.dgp.wire_encode(indices, values, numels, codings, aligned, _bytes_tensor(meta))
+            return out.numpy().tobytes()
+        return _py.encode(
+            [_np_idx(i) for i in indices], [_value_stream(v) for v in values],
+            [_py.DTYPE_IDS[v.dtype] for v in values], [int(v.numel()) for v in values],
+            numels, codings, aligned, meta,
+        )
+    except (ValueError, RuntimeError) as exc:
+        _reraise(exc)
+
+
+def _meta_pairs(d: memoryview, off: int, length: int, count: int) -> Tuple[Tuple[str, int], ...]:
+    return tuple(_py.parse_meta(d[off: off + length], off, count)[1])
+
+
+def decode(
+    data: BytesLike,
+    expected_numels: Optional[Sequence[int]] = None,
+    *,
+    allow_nonfinite: bool = False,
+    backend: Optional[str] = None,
+) -> SparsePayload:
+    """Decode and fully validate one payload.
+
+    Args:
+        data: the bytes (bytes-like or a 1-D uint8 tensor).
+        expected_numels: the server's model, one numel per layer; a payload with another
+            layer count or another numel for any layer is rejected.
+        allow_nonfinite: accept NaN/inf values (rejected by default: one client's NaN would
+            poison the aggregate).
+
+    Returns:
+        a :class:`SparsePayload`: indices int64 (``None`` for implicit positions: dense
+        layers and aligned payloads), values in the wire dtype (float32 / bfloat16 /
+        float16). float32 round trips are exact.
+
+    Raises:
+        PayloadError: for any malformed, truncated, corrupted or mismatched payload, with
+        what and where (layer, byte offset).
+    """
+    be = _resolve_backend(backend)
+    exp = _check_numels(expected_numels, "expected_numels")
+    try:
+        if be == "cpp":
+            t = _as_byte_tensor(data, "data")
+            header, table, idx, vals = torch.ops.dgp.wire_decode(t, exp, bool(allow_nonfinite))
+            d = _mv(t)
+        else:
+            d = _as_memory(data, "data")
+            P, idxs = _py.decode(d, exp, bool(allow_nonfinite))
+            header, table, idx, vals = _py_decode_tensors(d, P, idxs)
+    except (ValueError, RuntimeError) as exc:
+        _reraise(exc)
+    flags, num_meta, meta_off, meta_len = header.tolist()
+    meta = _meta_pairs(d, meta_off, meta_len, num_meta)
+    layers = []
+    for numel, k, coding, vdtype, _param, ioff, voff in table.tolist():
+        ix = None if ioff < 0 else idx[ioff: ioff + k]
+        size = _py.VALUE_SIZE[vdtype]
+        chunk = vals[voff: voff + k * size]
+        if voff % size:
+            chunk = chunk.clone()  # dtype views need aligned storage offsets
+        layers.append(LayerPayload(numel=numel, indices=ix, values=chunk.view(_py.ID_DTYPES[vdtype])))
+    return SparsePayload(layers=tuple(layers), aligned=bool(flags & _py.FLAG_ALIGNED), meta=meta)
+
+
+def _check_numels(numels, name) -> Optional[List[int]]:
+    if numels is None:
+        return None
+    out = []
+    for i, n in enumerate(numels):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name}[{i}] must be a non-negative int, got {n!r}")
+        out.append(int(n))
+    return out
+
+
+@dataclass(frozen=True)
+class RejectedPayload:
+    """A client whose payload contributed nothing, and why (the PayloadError message)."""
+
+    client: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class AccumulateReport:
+    """What :func:`decode_accumulate` did.
+
+    Attributes:
+        accepted: indices of the clients that were added, in the order they were added.
+        rejected: the clients that were skipped, each with the reason.
+        weight_sum: sum of the accepted clients' weights (their count when unweighted), the
+            normaliser a FedAvg server divides by.
+    """
+
+    accepted: Tuple[int, ...]
+    rejected: Tuple[RejectedPayload, ...]
+    weight_sum: float
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.accepted)
+
+    @property
+    def all_accepted(self) -> bool:
+        return not self.rejected
+
+
+def decode_accumulate(
+    payloads: Sequence[BytesLike],
+    out: Union[Tensor, Sequence[Tensor]],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    numels: Optional[Sequence[int]] = None,
+    indices: Optional[Sequence[Tensor]] = None,
+    strict: bool = False,
+    allow_nonfinite: bool = False,
+    backend: Optional[str] = None,
+) -> AccumulateReport:
+    """Sum many clients' payloads into dense float32 buffers (server-side aggregation).
+
+    For each element ``x`` of layer ``l``, in client order ``c = 0, 1, ...``:
+    ``out[l][x] = out[l][x] + v_c`` (unweighted) or ``out[l][x] + float32(w_c) * v_c``
+    (weighted), one float32 rounding per operation and no fused multiply-add, so the result
+    is deterministic and identical on both backends and for any thread count.
+
+    Args:
+        payloads: the clients' bytes (bytes-like or uint8 tensors), in a fixed order.
+        out: float32 contiguous CPU buffers, one per layer (mutated in place; their numels
+            are the model the payloads must match), or one flat float32 buffer with
+            ``numels=`` giving the layer sizes.
+        weights: optional per-client weights (finite floats), e.g. FedAvg sample counts.
+        indices: for aligned (ADGP) payloads, the broadcast positions of each layer (int64,
+            strictly increasing); an aligned payload's values are added at those positions.
+        strict: raise :class:`PayloadError` (naming the client) if any payload is rejected,
+            leaving ``out`` untouched; by default rejected clients are skipped and reported.
+        allow_nonfinite: accept NaN/inf values (rejected by default).
+
+    Every payload is validated completely before anything is added, so a rejected client
+    contributes nothing and ``out`` is never half-updated.
+    """
+    be = _resolve_backend(backend)
+    if isinstance(payloads, (bytes, bytearray, memoryview, Tensor)):
+        raise TypeError("payloads must be a sequence of payloads (one per client), not a single payload")
+    payloads = list(payloads)
+    if isinstance(out, Tensor):
+        ns = _check_numels(numels, "numels")
+        if ns is None:
+            raise ValueError("a flat out buffer needs numels= (the layer sizes)")
+        if out.dim() != 1 or sum(ns) != out.numel():
+            raise ValueError(f"flat out has {out.numel()} entries but numels sum to {sum(ns)}")
+        _check_out(out, "out")
+        outs = list(out.split(ns))
+    else:
+        if numels is not None:
+            raise ValueError("numels= is only for a flat out buffer")
+        outs = list(out)
+        for i, o in enumerate(outs):
+            _check_out(o, f"out[{i}]")
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(payloads):
+            raise ValueError(f"weights has {len(weights)} entries for {len(payloads)} payloads")
+        for i, w in enumerate(weights):
+            if not math.isfinite(w):
+                raise ValueError(f"weights[{i}] must be finite, got {w!r}")
+    aligned_idx: List[Tensor] = []
+    if indices is not None:
+        aligned_idx = [_check_positions(p, o.numel(), i) for i, (p, o) in enumerate(zip(indices, outs))]
+        if len(aligned_idx) != len(outs) or len(list(indices)) != len(outs):
+            raise ValueError(f"indices has {len(list(indices))} tensors for {len(outs)} layers")
+    try:
+        if be == "cpp":
+            ts = [_as_byte_tensor(p, f"payloads[{c}]") for c, p in enumerate(payloads)]
+            status = torch.ops.dgp.wire_accumulate(ts, weights, outs, aligned_idx, bool(allow_nonfinite),
+                                                   bool(strict)).tolist()
+        else:
+            ts = [_as_memory(p, f"payloads[{c}]") for c, p in enumerate(payloads)]
+            status = _py.accumulate(ts, weights, outs, aligned_idx, bool(allow_nonfinite), bool(strict))
+    except (ValueError, RuntimeError) as exc:
+        _reraise(exc)
+    numels_l = [int(o.numel()) for o in outs]
+    aks = [int(a.numel()) for a in aligned_idx] if aligned_idx else None
+    rejected = []
+    for c, st in enumerate(status):
+        if st:
+            rejected.append(RejectedPayload(c, _why(payloads[c], numels_l, aks, allow_nonfinite)))
+    if strict and rejected:
+        first = rejected[0]
+        raise PayloadError(f"client {first.client}: {first.reason}"
+                           + (f" (and {len(rejected) - 1} more rejected)" if len(rejected) > 1 else ""))
+    accepted = tuple(c for c, st in enumerate(status) if not st)
+    wsum = float(len(accepted)) if weights is None else math.fsum(weights[c] for c in accepted)
+    return AccumulateReport(accepted=accepted, rejected=tuple(rejected), weight_sum=wsum)
+
+
+def _why(payload, numels, aks, allow_nonfinite) -> str:
+    """The rejection message (re-validates one rejected payload; only on the failure path)."""
+    try:
+        _py.validate(_as_memory(payload, "payload"), numels, aks, allow_nonfinite)
+    except PayloadError as exc:
+        return str(exc)
+    return "rejected"  # not reached: both backends share one validity predicate
+
+
+def _check_out(o, name: str) -> None:
+    if not isinstance(o, Tensor):
+        raise TypeError(f"{name} must be a float32 tensor, got {type(o).__name__}")
+    if o.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (the accumulator is dense float32), got {o.dtype}")
+    if o.device.type != "cpu" or not o.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous CPU tensor (device {o.device}, contiguous={o.is_contiguous()})")
+
+
+def _check_positions(p, numel: int, layer: int) -> Tensor:
+    if not isinstance(p, Tensor) or p.dtype.is_floating_point or p.dtype == torch.bool:
+        raise TypeError(f"indices[{layer}] must be an integer tensor of broadcast positions")
+    p = p.detach().reshape(-1).cpu().to(torch.int64).contiguous()
+    if p.numel() and (bool((p[1:] <= p[:-1]).any()) or int(p[0]) < 0 or int(p[-1]) >= numel):
+        raise ValueError(f"indices[{layer}] must be strictly increasing in [0, {numel})")
+    return p
