@@ -149,11 +149,18 @@ class Broadcaster:
         self.positions = AlignedPositions(idx, tuple(g.numel() for g in own_grads), self.round)
         return self.positions
 
-    def observe(self, update: Sequence[Tensor]) -> AlignedPositions:
-        """Feed back the round's aggregated update (dense, one tensor per layer); returns
-        the next round's positions: its band per layer."""
+    def observe(self, update: Union[Sequence[Tensor], SparsePayload]) -> AlignedPositions:
+        """Feed back the round's aggregated update; returns the next round's positions: its
+        band per layer.
+
+        ``update`` is either dense (one tensor per layer, any shapes with the layers'
+        numels) or the aligned aggregate :class:`SparsePayload` of this round (from
+        :func:`aggregate_aligned`), which is scattered at the current positions first.
+        """
         if self.positions is None:
             raise RuntimeError("Broadcaster.observe() before choose(): round 1 needs choose(own_grads)")
+        if isinstance(update, SparsePayload):
+            update = decompress_aligned(update, self.positions, [(n,) for n in self.positions.numels])
         update = check_grad_list(update, "update")
         numels = tuple(u.numel() for u in update)
         if numels != self.positions.numels:

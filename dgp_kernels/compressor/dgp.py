@@ -53,10 +53,14 @@ class DGPCompressor(Compressor):
 
         ``decoded_payload + e_new == g + e_old``
 
-    holds bitwise for every entry (decoding widens bf16/fp16 exactly; the rounding error is
-    exactly representable, see :func:`~dgp_kernels.compressor.base.cast_values`; the only
-    exception is a finite value beyond the fp16 range, saturated to 65504 with the excess in
-    ``e`` up to float rounding). Without error feedback the rounding error is dropped.
+    holds for every entry, bitwise for float32/float64 gradients and whenever the value
+    dtype holds the gradient dtype exactly (decoding widens bf16/fp16 exactly and the
+    rounding error is exactly representable, see
+    :func:`~dgp_kernels.compressor.base.cast_values`). Exceptions: a finite value beyond
+    the fp16 range is saturated to 65504 with the excess in ``e`` up to float rounding, and
+    half-precision gradients sent as the *other* half format (bf16 <-> fp16) keep an error
+    the half-precision residual may not hold exactly. Without error feedback the rounding
+    error is dropped.
 
     Layers are grouped by (dtype, device) and each group goes through one multi-tensor op
     call (one call in total for the usual single-dtype model); payload tensors stay on each

@@ -61,7 +61,12 @@ def test_rounds_aligned_conserving_and_as_sparse_as_one_upload():
         for u, idx in zip(update, pos.indices):
             support = u.view(-1).nonzero().view(-1)
             assert bool(torch.isin(support, idx).all())  # download support within positions
+        twin = Broadcaster()
+        twin.load_state_dict(b.state_dict())
         nxt = b.observe(update)
+        # Feeding the aggregate payload itself picks the same positions.
+        for x, y in zip(twin.observe(agg).indices, nxt.indices):
+            assert torch.equal(x, y)
         # Later rounds: the band of the previous round's aggregated update.
         for u, idx in zip(update, nxt.indices):
             assert torch.equal(idx, dgp_kernels.select(u, 0.05, 0.20)[0])

@@ -10,7 +10,7 @@ from dgp_kernels.codec.payload import SparsePayload
 from dgp_kernels.compressor import DGPCompressor, TopKCompressor, get_compressor
 from dgp_kernels.ops import band_counts
 
-from ._helpers import SHAPES, clone_all, make_grads
+from ._helpers import SHAPES, _bits, clone_all, make_grads
 
 
 def _check_round(c: DGPCompressor, grads, dec_dtype):
@@ -210,3 +210,19 @@ def test_empty_round_does_not_fix_the_layout():
     c.compress([])
     c.compress([torch.randn(4)])
     assert len(c.memory) == 1
+
+
+def test_float32_conservation_is_bitwise():
+    """Sent values are bitwise ``v[idx]``; the residual is bitwise ``v`` elsewhere and +0.0
+    at the sent positions (so even the sign of zero is accounted for)."""
+    c = DGPCompressor()
+    for r in range(20):
+        g = make_grads(200 + r)
+        old = clone_all(c.memory.peek()) if c.memory.initialized else [torch.zeros_like(x) for x in g]
+        p = c.compress(g)
+        for x, eo, e, layer in zip(g, old, c.memory.peek(), p.layers):
+            v = (x + eo).view(-1)
+            expect_e = v.clone()
+            expect_e[layer.indices] = 0.0
+            assert torch.equal(_bits(layer.values), _bits(v[layer.indices]))
+            assert torch.equal(_bits(e.view(-1)), _bits(expect_e))
