@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor
 
-from ..codec.payload import LayerPayload, PayloadError, SparsePayload
+from ..codec.payload import PayloadError, SparsePayload
 from ..ops._checks import SUPPORTED_DTYPES
 
 __all__ = [

@@ -17,7 +17,7 @@ from dgp_kernels.compressor import (
 )
 from dgp_kernels.ops import band_counts
 
-from ._helpers import SHAPES, clone_all, make_grads
+from ._helpers import clone_all, make_grads
 
 N_CLIENTS = 3
 

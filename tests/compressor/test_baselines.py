@@ -10,7 +10,7 @@ import torch
 from dgp_kernels.compressor import QSGD_LEVELS_META, get_compressor
 from dgp_kernels.ops import band_counts
 
-from ._helpers import SHAPES, clone_all, make_grads
+from ._helpers import clone_all, make_grads
 
 ALL_SHAPES_WITH_EMPTY = [(0,), (3, 0), (7,)]
 

@@ -145,3 +145,11 @@ def test_broadcaster_and_adgp_positions_checkpoint():
     assert b2.observe(make_grads(2)).counts == b.observe(make_grads(2)).counts
     with pytest.raises(ValueError, match="keep"):
         Broadcaster(keep=0.2).load_state_dict(b.state_dict())
+
+
+@pytest.mark.parametrize("name,params", CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CONFIGS)])
+def test_params_rebuild_an_equivalent_compressor(name, params):
+    c = get_compressor(name, **params)
+    twin = get_compressor(c.name, **c.params())
+    assert twin.params() == c.params()
+    assert repr(twin) == repr(c)
