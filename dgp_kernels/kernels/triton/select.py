@@ -90,6 +90,13 @@ _TL_DTYPE = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
 }
+# Key of +inf: a larger key is a NaN.
+_INF_KEY = {
+    torch.float32: 0x7F800000,
+    torch.float64: 0x7FF0000000000000,
+    torch.float16: 0x7C00,
+    torch.bfloat16: 0x7F80,
+}
 _INT64_MAX = (1 << 63) - 1
 _NEVER = 1 << 62  # "no upper limit" for tie ordinals; +1 cannot overflow
 
@@ -132,21 +139,6 @@ def _key(v, KIND: tl.constexpr):
 
 
 @triton.jit
-def _inf_key(KIND: tl.constexpr):
-    """Key of ``inf``: larger keys are NaN. (``v != v`` misses bfloat16 NaN in the
-    interpreter, which holds bfloat16 as raw 16-bit integers.)"""
-    if KIND == 0:
-        r = 0x7F800000
-    elif KIND == 1:
-        r = 0x7FF0000000000000
-    elif KIND == 2:
-        r = 0x7C00
-    else:
-        r = 0x7F80
-    return r
-
-
-@triton.jit
 def _masked_histogram(d, m, NBINS: tl.constexpr, TILE_: tl.constexpr):
     """Histogram of ``d`` over the lanes where ``m``; masked lanes go to bin 0 and are taken
     back out (``tl.histogram``'s own ``mask=`` is recent; this works on every triton 3.x)."""
@@ -158,7 +150,7 @@ def _masked_histogram(d, m, NBINS: tl.constexpr, TILE_: tl.constexpr):
 @triton.jit
 def _hist_kernel(
     g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, hist, nan_flag,
-    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, INF_KEY: tl.constexpr,
     SHIFT: tl.constexpr, NBINS: tl.constexpr, TILE_: tl.constexpr, CHUNK_: tl.constexpr,
 ):
     """Phase 1: NaN flag and first-digit histogram of one chunk of one layer."""
@@ -176,7 +168,9 @@ def _hist_kernel(
         m = offs < end
         v = _load_v(g_base, e_base, offs, m, KIND, HAS_E)
         key = _key(v, KIND)
-        nan = nan | (m & (key > _inf_key(KIND))).to(tl.int32)
+        # NaN <=> key above the key of inf (`v != v` misses bfloat16 NaN in the
+        # interpreter, which holds bfloat16 as raw 16-bit integers).
+        nan = nan | (m & (key > INF_KEY)).to(tl.int32)
         d = (key >> SHIFT).to(tl.int32)
         h += _masked_histogram(d, m, NBINS, TILE_)
     bins = tl.arange(0, NBINS)
@@ -222,7 +216,7 @@ def _gather_kernel(
 def _refine_kernel(
     g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, cand_off, cand_key, prefix, hist,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, FROM_CAND: tl.constexpr,
-    PSHIFT: tl.constexpr, DSHIFT: tl.constexpr, NBINS: tl.constexpr,
+    PSHIFT: tl.constexpr, DSHIFT: tl.constexpr, DMASK: tl.constexpr, NBINS: tl.constexpr,
     TILE_: tl.constexpr, CHUNK_: tl.constexpr,
 ):
     """Phase 2: histogram of the next digit of the keys whose higher bits equal the upper
@@ -249,7 +243,7 @@ def _refine_kernel(
         else:
             key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E), KIND)
         top = key >> PSHIFT
-        d = ((key >> DSHIFT) & (NBINS - 1)).to(tl.int32)
+        d = ((key >> DSHIFT) & DMASK).to(tl.int32)
         h_hi += _masked_histogram(d, m & (top == p_hi), NBINS, TILE_)
         h_lo += _masked_histogram(d, m & (top == p_lo), NBINS, TILE_)
     bins = tl.arange(0, NBINS)
@@ -390,6 +384,7 @@ def band_multi_triton(
     dtype, device = gs[0].dtype, gs[0].device
     kind, key_bits, widths = _KINDS[dtype]
     dt = _TL_DTYPE[dtype]
+    inf_key = _INF_KEY[dtype]
     key_dtype = torch.int64 if kind == 1 else torch.int32
     has_e = residuals is not None
     ns = [g.numel() for g in gs]
@@ -426,7 +421,7 @@ def band_multi_triton(
     if n_chunks:
         _hist_kernel[(n_chunks,)](
             g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, hist, nan_flag,
-            SHIFT=shift, NBINS=nb1, TILE_=TILE, CHUNK_=CHUNK, **common,
+            INF_KEY=inf_key, SHIFT=shift, NBINS=nb1, TILE_=TILE, CHUNK_=CHUNK, **common,
         )
     digit, r, size = _locate(hist.repeat_interleave(2, dim=0), r)
     b_hi, b_lo = digit[0::2], digit[1::2]
@@ -479,16 +474,20 @@ def band_multi_triton(
     pshift = shift
     for w in widths:
         dshift = pshift - w
-        h = torch.zeros((2 * S, 1 << w), dtype=torch.int32, device=device)
+        # >= 32 bins: older triton lowers tl.histogram with a warp-ballot scheme that
+        # asserts num_bins % 32 == 0 (the 4-bit digit of 16-bit floats uses 16 of 32).
+        nbins = max(1 << w, 32)
+        h = torch.zeros((2 * S, nbins), dtype=torch.int32, device=device)
         if n_refine:
             pre = torch.where(active.repeat_interleave(2), prefix, -1)
             _refine_kernel[(n_refine,)](
                 g_ptrs, e_ptrs, refine_src["seg_n"], refine_src["chk_seg"],
                 refine_src["chk_start"], cand_off, cand_key if candidates else hist, pre, h,
-                FROM_CAND=candidates, PSHIFT=pshift, DSHIFT=dshift, NBINS=1 << w,
+                FROM_CAND=candidates, PSHIFT=pshift, DSHIFT=dshift, DMASK=(1 << w) - 1,
+                NBINS=nbins,
                 TILE_=TILE, CHUNK_=CHUNK, **common,
             )
-        digit, r, _ = _locate(h, r)
+        digit, r, _ = _locate(h[:, : 1 << w], r)
         prefix = (prefix << w) | digit
         pshift = dshift
     t_hi, t_lo = prefix[0::2], prefix[1::2]

@@ -1,0 +1,109 @@
+"""Compile every Triton kernel variant for a GPU target without a GPU.
+
+    python -m dgp_kernels.kernels.triton.compile_check            # sm_90 (H100)
+    python -m dgp_kernels.kernels.triton.compile_check --arch 80  # A100
+
+The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute, not that they
+lower to PTX: this runs Triton's real compiler (and the ptxas bundled with the triton
+wheel) on each (dtype, error feedback, output) variant the launcher can ask for, so a
+GPU-only compile error shows up in CI. Must run with ``TRITON_INTERPRET`` unset (the test
+starts it in a subprocess). Prints one line per variant; exit status 1 if any fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# dtype name -> (torch dtype, triton pointer type of the data, of the candidate keys)
+_DTYPES = {
+    "float32": ("fp32", "i32"),
+    "float64": ("fp64", "i64"),
+    "float16": ("fp16", "i32"),
+    "bfloat16": ("bf16", "i32"),
+}
+
+
+def _variants(ts, torch):
+    """(kernel, signature, constexprs, label) for every variant ``band_multi_triton`` uses."""
+    i64 = "*i64"
+    out = []
+    for dname, (vt, kt) in _DTYPES.items():
+        dtype = getattr(torch, dname)
+        kind, key_bits, widths = ts._KINDS[dtype]
+        shift = key_bits - ts.FIRST_DIGIT_BITS
+        for has_e in (True, False):
+            c = dict(DT=ts._TL_DTYPE[dtype], KIND=kind, HAS_E=has_e)
+            tag = f"{dname} ef={int(has_e)}"
+            out.append((ts._hist_kernel, dict(
+                g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64, hist="*i32",
+                nan_flag=i64), dict(c, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
+                NBINS=1 << ts.FIRST_DIGIT_BITS, TILE_=ts.TILE, CHUNK_=ts.CHUNK), f"hist {tag}"))
+            out.append((ts._gather_kernel, dict(
+                g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64, bkt_hi=i64,
+                bkt_lo=i64, strict_cnt="*i32", cand_off=i64, cand_fill="*i32",
+                cand_key="*" + kt, cand_idx=i64), dict(c, SHIFT=shift, BLOCK_=ts.BLOCK),
+                f"gather {tag}"))
+            pshift = shift
+            for w in widths:
+                for from_cand in (True, False):
+                    out.append((ts._refine_kernel, dict(
+                        g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64,
+                        cand_off=i64, cand_key="*" + kt, prefix=i64, hist="*i32"),
+                        dict(c, FROM_CAND=from_cand, PSHIFT=pshift, DSHIFT=pshift - w,
+                             DMASK=(1 << w) - 1, NBINS=max(1 << w, 32), TILE_=ts.TILE,
+                             CHUNK_=ts.CHUNK), f"refine {tag} digit={w} cand={int(from_cand)}"))
+                pshift -= w
+            out.append((ts._count_kernel, dict(
+                g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64, t_hi=i64,
+                t_lo=i64, counts="*i32", num_blocks="i32"), dict(c, BLOCK_=ts.BLOCK),
+                f"count {tag}"))
+            modes = [(True, has_e, False)] + ([] if has_e else [(False, False, True)])
+            for sparse, write_e, write_dense in modes:
+                out.append((ts._write_kernel, dict(
+                    g_ptrs=i64, e_ptrs=i64, d_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64,
+                    t_hi=i64, t_lo=i64, skip_hi=i64, end_hi=i64, take_lo=i64, blk_ord_hi=i64,
+                    blk_ord_lo=i64, blk_out=i64, out_idx=i64, out_val="*" + vt),
+                    dict(c, WRITE_SPARSE=sparse, WRITE_E=write_e, WRITE_DENSE=write_dense,
+                         BLOCK_=ts.BLOCK), f"write {tag} sparse={int(sparse)}"))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+        return 2
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import select as ts
+
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    for fn, sig, consts, label in _variants(ts, torch):
+        t0 = time.perf_counter()
+        src = ASTSource(
+            fn=fn,
+            signature={**sig, **{k: "constexpr" for k in consts}},
+            constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+        )
+        try:
+            k = triton.compile(src, target=target, options={"num_warps": 8})
+            print(f"ok   sm_{args.arch} {label:<40} shared={k.metadata.shared:>6} B "
+                  f"{time.perf_counter() - t0:.1f}s")
+        except Exception as exc:  # report every failing variant, not just the first
+            failures += 1
+            print(f"FAIL sm_{args.arch} {label}: {type(exc).__name__}: {exc}")
+    print(f"{failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
