@@ -1,0 +1,289 @@
+"""GPU benchmark of the Triton band selection (issue 4 item 4). Skips without CUDA.
+
+    python bench/bench_triton.py                 # 25M float32, ResNet-18, ResNet-50
+    python bench/bench_triton.py --reps 50 --size 25000000 --markdown out.md
+
+Inputs: one 25M-element float32 ``randn`` tensor; the 62 gradient shapes of the CIFAR
+ResNet-18 (``dgp_kernels.sim.models.resnet18_cifar``, 11.2M elements); the 161 parameter
+shapes of an ImageNet ResNet-50 (torchvision layout, 25.6M elements, generated below, no
+torchvision). Values are ``randn`` (the selection's cost does not depend on the layer
+having been produced by a backward pass, only on sizes and the value distribution).
+
+Methods, each with (``_ef``) and without error feedback, measured in the same process:
+
+* ``ours``: ``dgp_kernels.select_ef_multi`` / ``select_multi`` on CUDA tensors (the Triton
+  kernels registered for the CUDA key; the header says which backend served them);
+* ``authors``: the DGP authors' operator, two ``torch.topk`` + two ``scatter_`` masks per
+  tensor (``dgp_kernels.ops.baselines.authors_dgp``; a local copy if that is missing);
+* ``topk``: one ``torch.topk`` of ``k_keep`` per tensor (classic gradient pruning, no EF);
+* ``clone``: ``clone()`` of every tensor, the bandwidth yardstick.
+
+Timing: CUDA events around each call on the current stream, after ``--warmup`` untimed calls
+(the first compiles the kernels); residuals are zeroed before each call outside the events.
+Median and min over ``--reps``. Bandwidth = mandatory bytes / median time, where mandatory
+bytes are what any implementation must move: read ``g`` (and ``e``), write ``e`` (EF), write
+the ``k`` kept entries (int64 index + value); ``clone`` reads and writes each tensor once.
+The fraction is of the device's nominal peak HBM bandwidth from the table below (matched on
+``torch.cuda.get_device_name()``; printed in the header, "n/a" when unknown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+TOP, KEEP = 0.05, 0.20
+
+# Nominal peak HBM bandwidth (bytes/s) by device-name substring, most specific first.
+PEAK_BW = [
+    ("H200", 4.8e12),
+    ("H100 NVL", 3.9e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),  # SXM5 80 GB
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),  # 40 GB
+    ("L40S", 0.864e12),
+    ("L4", 0.3e12),
+    ("A10", 0.6e12),
+    ("V100", 0.9e12),
+]
+
+
+def peak_bandwidth(name: str) -> Optional[float]:
+    for key, bw in PEAK_BW:
+        if key in name:
+            return bw
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+# CIFAR ResNet-18 parameter shapes (62 tensors, 11,173,962 elements) in model order, used
+# only when dgp_kernels.sim.models is unavailable.
+def _resnet18_cifar_shapes_fallback() -> List[Tuple[int, ...]]:
+    shapes: List[Tuple[int, ...]] = [(64, 3, 3, 3), (64,), (64,)]
+    in_planes = 64
+    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for s in (stride, 1):
+            shapes += [(planes, in_planes, 3, 3), (planes,), (planes,),
+                       (planes, planes, 3, 3), (planes,), (planes,)]
+            if s != 1 or in_planes != planes:
+                shapes += [(planes, in_planes, 1, 1), (planes,), (planes,)]
+            in_planes = planes
+    return shapes + [(10, 512), (10,)]
+
+
+def resnet18_shapes() -> Tuple[List[Tuple[int, ...]], str]:
+    try:
+        from dgp_kernels.sim.models import resnet18_cifar
+    except ImportError:
+        return _resnet18_cifar_shapes_fallback(), "hardcoded CIFAR ResNet-18 shapes"
+    return [tuple(p.shape) for p in resnet18_cifar().parameters()], "dgp_kernels.sim.models"
+
+
+def resnet50_shapes(num_classes: int = 1000) -> List[Tuple[int, ...]]:
+    """torchvision ``resnet50()`` parameter shapes in ``parameters()`` order: 161 tensors,
+    25,557,032 elements (bottlenecks [3, 4, 6, 3], expansion 4, 7x7 stem)."""
+    shapes: List[Tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    in_planes = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            out = planes * 4
+            shapes += [(planes, in_planes, 1, 1), (planes,), (planes,),
+                       (planes, planes, 3, 3), (planes,), (planes,),
+                       (out, planes, 1, 1), (out,), (out,)]
+            if b == 0:
+                shapes += [(out, in_planes, 1, 1), (out,), (out,)]
+            in_planes = out
+    return shapes + [(num_classes, 2048), (num_classes,)]
+
+
+# --------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------
+def _authors_local(gs, residuals=None, top=TOP, keep=KEEP):
+    """Local copy of the authors' operator (used only if dgp_kernels.ops.baselines is absent)."""
+    from dgp_kernels import band_counts
+
+    outs = []
+    for i, g in enumerate(gs):
+        v = g + residuals[i] if residuals is not None else g
+        a = v.abs().flatten()
+        k_top, k_keep = band_counts(a.numel(), top, keep)
+        mask = torch.zeros_like(a)
+        mask.scatter_(0, torch.topk(a, k_top + k_keep).indices, 1)
+        mask.scatter_(0, torch.topk(a, k_top).indices, 0)
+        mask = mask.view(v.shape)
+        outs.append(v * mask)
+        if residuals is not None:
+            residuals[i].copy_(v * (1 - mask))
+    return outs
+
+
+def _methods():
+    import dgp_kernels
+
+    try:
+        from dgp_kernels.ops.baselines import authors_dgp, single_topk
+    except ImportError:
+        authors_dgp = _authors_local
+
+        def single_topk(gs, keep=KEEP):
+            out = []
+            for g in gs:
+                flat = g.flatten()
+                k = dgp_kernels.band_counts(flat.numel(), 0.0, keep)[1]
+                idx = torch.topk(flat.abs(), k).indices
+                out.append((idx, flat[idx]))
+            return out
+
+    # name -> (fn(gs, es), uses error feedback)
+    return {
+        "ours_ef": (lambda gs, es: dgp_kernels.select_ef_multi(gs, es, TOP, KEEP), True),
+        "ours": (lambda gs, es: dgp_kernels.select_multi(gs, TOP, KEEP), False),
+        "authors_ef": (lambda gs, es: authors_dgp(gs, es, TOP, KEEP), True),
+        "authors": (lambda gs, es: authors_dgp(gs, None, TOP, KEEP), False),
+        "topk": (lambda gs, es: single_topk(gs, KEEP), False),
+        "clone": (lambda gs, es: [g.clone() for g in gs], False),
+    }
+
+
+def mandatory_bytes(gs: Sequence[torch.Tensor], method: str) -> int:
+    from dgp_kernels import band_counts
+
+    s = gs[0].element_size()
+    n = sum(g.numel() for g in gs)
+    if method == "clone":
+        return 2 * n * s
+    k_keep = sum(band_counts(g.numel(), TOP, KEEP)[1] for g in gs)
+    k = k_keep if method != "topk" else sum(band_counts(g.numel(), 0.0, KEEP)[1] for g in gs)
+    ef = method.endswith("_ef")
+    return (3 if ef else 1) * n * s + k * (8 + s)
+
+
+def time_method(fn: Callable, gs, es, reps: int, warmup: int) -> List[float]:
+    """Milliseconds per call from CUDA events; residuals zeroed outside the events.
+    (On CPU tensors, for ``--cpu-smoke`` only: ``time.perf_counter``.)"""
+    import time
+
+    cuda = gs[0].is_cuda
+    times = []
+    for i in range(warmup + reps):
+        if es is not None:
+            for e in es:
+                e.zero_()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(gs, es)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn(gs, es)
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+    return times
+
+
+def run(args) -> int:
+    device = "cpu" if args.cpu_smoke else "cuda"
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("bench_triton: skipped, no CUDA device (torch.cuda.is_available() is False); "
+              "the Triton kernels are checked on CPU by tests/kernels under TRITON_INTERPRET=1")
+        return 0
+    import dgp_kernels
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    dev = torch.cuda.get_device_name() if device == "cuda" else "CPU smoke run (timings meaningless)"
+    peak = peak_bandwidth(dev)
+    info = dgp_kernels.backend_info()
+    print(f"# bench_triton: {dev} | peak {peak / 1e12 if peak else float('nan'):.2f} TB/s "
+          f"(nominal, table in bench_triton.py) | torch {torch.__version__} | triton "
+          f"{triton_version} | dgp_kernels {dgp_kernels.__version__} | CUDA backend: "
+          f"{info.cuda} | {platform.node()}")
+    print(f"# top={TOP} keep={KEEP}; reps={args.reps} warmup={args.warmup}; times are CUDA-event "
+          "medians (min) in ms; GB/s = mandatory bytes / median")
+    if device == "cuda" and info.cuda != "triton":
+        print("# WARNING: CUDA tensors are not served by the Triton kernels (is triton "
+              "installed?); 'ours' is the pure-torch reference")
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    r18, r18_src = resnet18_shapes()
+    inputs = {
+        f"tensor {args.size / 1e6:g}M": [(args.size,)],
+        f"resnet18 ({len(r18)} tensors, {r18_src})": r18,
+        "resnet50 (161 tensors)": resnet50_shapes(),
+    }
+    if args.cpu_smoke:  # exercise the script's logic only
+        inputs = {"tensor smoke": [(args.size,)], "layers smoke": [(30, 20), (7,), (0,), (5, 5)]}
+    methods = _methods()
+    rows = []
+    for label, shapes in inputs.items():
+        gs = [torch.randn(s, device=device, generator=gen) for s in shapes]
+        es = [torch.zeros_like(g) for g in gs]
+        n = sum(g.numel() for g in gs)
+        results: Dict[str, float] = {}
+        for name, (fn, uses_ef) in methods.items():
+            if name.startswith("authors") and args.skip_authors:
+                continue
+            t = time_method(fn, gs, es if uses_ef else None, args.reps, args.warmup)
+            med = sorted(t)[len(t) // 2]
+            results[name] = med
+            nbytes = mandatory_bytes(gs, name)
+            gbs = nbytes / (med * 1e-3) / 1e9
+            frac = f"{gbs * 1e9 / peak:.0%}" if peak else "n/a"
+            rows.append((label, n, name, med, min(t), gbs, frac))
+        del gs, es
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        # speed-ups against the authors, per input
+        for ours, theirs in (("ours_ef", "authors_ef"), ("ours", "authors")):
+            if ours in results and theirs in results:
+                rows.append((label, n, f"{theirs}/{ours}", results[theirs] / results[ours],
+                             math.nan, math.nan, "x"))
+
+    header = "| input | elements | method | median ms | min ms | GB/s | of peak |"
+    lines = [header, "|---|---:|---|---:|---:|---:|---:|"]
+    for label, n, name, med, mn, gbs, frac in rows:
+        if frac == "x":
+            lines.append(f"| {label} | {n:,} | **{name}** | **{med:.1f}x** | | | |")
+        else:
+            lines.append(f"| {label} | {n:,} | {name} | {med:.3f} | {mn:.3f} | {gbs:,.0f} | {frac} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"Device: {dev}; torch {torch.__version__}; triton {triton_version}\n\n")
+            f.write(table + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=25_000_000, help="elements of the big tensor")
+    p.add_argument("--reps", type=int, default=20, help="timed calls per method")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls (the first compiles)")
+    p.add_argument("--skip-authors", action="store_true", help="skip the slow two-topk baseline")
+    p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run the script's logic on small CPU tensors (no GPU; not a benchmark)")
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
