@@ -1,0 +1,426 @@
+// CPU kernels of the dgp:: band-selection ops (schemas: dgp_kernels/ops/select.py).
+//
+// This file only implements: argument checks (TORCH_CHECK_VALUE/TYPE, so Python sees
+// ValueError/TypeError with the same wording as the wrappers), the layer scheduler
+// (OpenMP across small layers, and across chunks within large ones), the run-time SIMD
+// choice, and thin ATen adapters around the torch-free core in select_core.h.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <atomic>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "select_core.h"
+#include "select_simd.h"
+
+namespace dgp {
+
+// ------------------------------------------------------------------ SIMD level (run time)
+static std::atomic<int> g_simd_level{-1};
+static int simd_best() {
+  static const int best = static_cast<int>(detect_simd());
+  return best;
+}
+static Simd simd_current() {
+  int s = g_simd_level.load(std::memory_order_relaxed);
+  if (s < 0) {
+    s = simd_best();
+    g_simd_level.store(s, std::memory_order_relaxed);
+  }
+  return static_cast<Simd>(s);
+}
+static const char* simd_name(Simd s) {
+  switch (s) {
+    case Simd::kAvx512: return "avx512";
+    case Simd::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+// ------------------------------------------------------------------ scheduler
+template <typename T>
+struct LayerIO {
+  const T* g = nullptr;
+  T* e = nullptr;      // residual (error feedback) or nullptr
+  T* dense = nullptr;  // dense output (Sink::kDense)
+  int64_t n = 0;
+  int64_t* idx = nullptr;  // sparse outputs: this layer's slice
+  T* val = nullptr;
+};
+
+// Layers at least this large are split into one chunk per thread; smaller ones are spread
+// over threads whole (ResNet-18: 8 of its 62 tensors, 10.7M of 11.2M entries, are split).
+constexpr int64_t kParMin = int64_t(1) << 18;
+// Chunk histograms are uint32: keep chunks below 2^31 entries.
+constexpr int64_t kMaxChunk = int64_t(1) << 31;
+
+template <typename T, bool EF>
+void scan_nan(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p) {
+  using K = typename KeyTraits<T>::K;
+  K kmax = 0;
+  for (int64_t i = 0; i < p.cnt.n; ++i) kmax = std::max(kmax, key_of(load_v<T, EF>(g, e, i)));
+  p.has_nan = kmax > KeyTraits<T>::kInf;
+  // Nothing is kept: a classifier with khi == klo == 0 and an empty ordinal window.
+  p.khi = p.klo = 0;
+  p.s_hi = p.t_lo = 0;
+  p.nchunks = 1;
+  p.out_off = {0, 0};
+  p.ord_hi = {0};
+  p.ord_lo = {0};
+}
+
+// Returns false when the chunk did not write exactly the entries its plan promised (an
+// internal invariant; checked by the caller outside the parallel region, since nothing may
+// throw across an OpenMP construct).
+template <typename T, bool EF, Sink S>
+bool write_chunk(const LayerIO<T>& io, const Plan<typename KeyTraits<T>::K>& p, int c) {
+  const int C = p.nchunks;
+  const int64_t lo = chunk_begin(io.n, c, C), hi = chunk_begin(io.n, c + 1, C);
+  Classifier<typename KeyTraits<T>::K> cls{p.khi, p.klo, p.s_hi, p.t_lo, p.khi == p.klo};
+  int64_t o_hi = p.ord_hi[c], o_lo = p.ord_lo[c], pos = p.out_off[c];
+  const int64_t end = p.out_off[c + 1];
+  if constexpr (std::is_same_v<T, float> && S == Sink::kSparse) {
+#if DGP_X86
+    const Simd s = simd_current();
+    if (s == Simd::kAvx512) {
+      write_f32_avx512<EF>(io.g, io.e, lo, hi, cls, o_hi, o_lo, pos, end, io.idx, io.val);
+    } else if (s == Simd::kAvx2) {
+      write_f32_avx2<EF>(io.g, io.e, lo, hi, cls, o_hi, o_lo, pos, end, io.idx, io.val);
+    } else {
+      write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, io.idx, io.val);
+    }
+#else
+    write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, io.idx, io.val);
+#endif
+  } else {
+    write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, io.idx, io.val);
+  }
+  if constexpr (S == Sink::kSparse) return pos == end;
+  return true;
+}
+
+// Runs the whole band selection for a list of layers. Every layer is analysed (and checked
+// for NaN) before anything is written. Returns the index of the first layer holding a NaN
+// (nothing written), or -1 on success.
+template <typename T, bool EF, Sink S>
+int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, int threads) {
+  using K = typename KeyTraits<T>::K;
+  const int64_t nl = static_cast<int64_t>(L.size());
+  std::vector<Plan<K>> plans(nl);
+  std::vector<int64_t> whole, split;
+  for (int64_t l = 0; l < nl; ++l) {
+    plans[l].cnt = band_counts(L[l].n, top, keep);
+    if (L[l].n == 0) continue;
+    if (threads > 1 && L[l].n >= kParMin) split.push_back(l);
+    else whole.push_back(l);
+  }
+  auto chunks_for = [&](int64_t n) {
+    int64_t C = threads;
+    while (n / C >= kMaxChunk) C *= 2;
+    return static_cast<int>(C);
+  };
+  auto seq = [](int C, auto&& f) {
+    for (int c = 0; c < C; ++c) f(c);
+  };
+  auto par = [threads](int C, auto&& f) {
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+    for (int c = 0; c < C; ++c) f(c);
+  };
+
+  // Phase 1: analysis (reads only).
+  auto analyze = [&](int64_t l, int C, bool parallel) {
+    Plan<K>& p = plans[l];
+    const LayerIO<T>& io = L[l];
+    if (p.cnt.k_keep == 0) {
+      scan_nan<T, EF>(io.g, io.e, p);
+    } else if (C == 1 && p.cnt.n <= kDirectMax) {
+      analyze_direct<T, EF>(io.g, io.e, p);
+    } else if (parallel) {
+      analyze_radix<T, EF>(io.g, io.e, p, C, [&](auto&& f) { par(C, f); });
+    } else {
+      analyze_radix<T, EF>(io.g, io.e, p, C, [&](auto&& f) { seq(C, f); });
+    }
+  };
+  const int64_t nw = static_cast<int64_t>(whole.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && nw > 1)
+  for (int64_t j = 0; j < nw; ++j) analyze(whole[j], 1, false);
+  for (int64_t l : split) analyze(l, chunks_for(L[l].n), true);
+  for (int64_t l = 0; l < nl; ++l)
+    if (plans[l].has_nan) return l;
+
+  // Phase 2: ordered compaction / writes.
+  std::atomic<bool> consistent{true};
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && nw > 1)
+  for (int64_t j = 0; j < nw; ++j)
+    if (!write_chunk<T, EF, S>(L[whole[j]], plans[whole[j]], 0)) consistent = false;
+  for (int64_t l : split) {
+    const Plan<K>& p = plans[l];
+    par(p.nchunks, [&](int c) {
+      if (!write_chunk<T, EF, S>(L[l], p, c)) consistent = false;
+    });
+  }
+  TORCH_INTERNAL_ASSERT(consistent.load(), "dgp: a compaction chunk wrote a different number "
+                        "of entries than planned (please report this input)");
+  return -1;
+}
+
+// ------------------------------------------------------------------ argument checks
+static void check_fractions(double top, double keep) {
+  TORCH_CHECK_VALUE(std::isfinite(top) && top >= 0.0 && top <= 1.0,
+                    "top must be in [0, 1], got ", top);
+  TORCH_CHECK_VALUE(std::isfinite(keep) && keep >= 0.0 && keep <= 1.0,
+                    "keep must be in [0, 1], got ", keep);
+  TORCH_CHECK_VALUE(top + keep <= 1.0 + 1e-9,
+                    "top + keep must be <= 1 (they are fractions of the same tensor), got top=",
+                    top, " + keep=", keep, " = ", top + keep);
+}
+
+static void check_grad(const at::Tensor& g, const std::string& name) {
+  const auto st = g.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                   name, " has dtype ", st,
+                   "; DGP supports float32, float64, float16 and bfloat16");
+  TORCH_CHECK_VALUE(g.device().is_cpu(), name, " must be a CPU tensor for this kernel, got ",
+                    g.device());
+}
+
+static void check_residual(const at::Tensor& g, const at::Tensor& e, const std::string& name) {
+  TORCH_CHECK_VALUE(e.sizes() == g.sizes() && e.scalar_type() == g.scalar_type() &&
+                        e.device() == g.device(),
+                    name, " must match its gradient in shape, dtype and device: gradient is ",
+                    g.sizes(), " ", g.scalar_type(), " on ", g.device(), ", ", name, " is ",
+                    e.sizes(), " ", e.scalar_type(), " on ", e.device());
+}
+
+static void check_list(at::TensorList gs, const char* name) {
+  for (size_t i = 0; i < gs.size(); ++i) {
+    check_grad(gs[i], std::string(name) + "[" + std::to_string(i) + "]");
+    TORCH_CHECK_VALUE(gs[i].scalar_type() == gs[0].scalar_type() &&
+                          gs[i].device() == gs[0].device(),
+                      "all tensors of ", name,
+                      " must share one dtype and device (values are returned in one flat "
+                      "tensor): ", name, "[0] is ", gs[0].scalar_type(), " on ", gs[0].device(),
+                      ", ", name, "[", i, "] is ", gs[i].scalar_type(), " on ", gs[i].device());
+  }
+}
+
+static std::string nan_message(const std::string& g, bool ef, const std::string& e) {
+  if (ef)
+    return g + " + " + e +
+           " contains NaN (a NaN gradient or residual, or inf - inf); DGP cannot rank NaN "
+           "gradients";
+  return g + " contains NaN; DGP cannot rank NaN gradients";
+}
+
+// ------------------------------------------------------------------ ATen adapters
+template <typename T>
+static LayerIO<T> io_of(const at::Tensor& gc) {
+  LayerIO<T> io;
+  io.g = gc.data_ptr<T>();
+  io.n = gc.numel();
+  return io;
+}
+
+std::tuple<at::Tensor, at::Tensor> select_cpu(const at::Tensor& g, double top, double keep) {
+  check_fractions(top, keep);
+  check_grad(g, "g");
+  const at::Tensor gc = g.contiguous();
+  const Counts c = band_counts(gc.numel(), top, keep);
+  at::Tensor idx = at::empty({c.k_keep}, g.options().dtype(at::kLong));
+  at::Tensor val = at::empty({c.k_keep}, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dgp_select", [&] {
+    std::vector<LayerIO<scalar_t>> L{io_of<scalar_t>(gc)};
+    L[0].idx = idx.data_ptr<int64_t>();
+    L[0].val = val.data_ptr<scalar_t>();
+    const int64_t bad = run_layers<scalar_t, false, Sink::kSparse>(L, top, keep,
+                                                                    at::get_num_threads());
+    TORCH_CHECK_VALUE(bad < 0, nan_message("g", false, ""));
+  });
+  return {idx, val};
+}
+
+std::tuple<at::Tensor, at::Tensor> select_ef_cpu(const at::Tensor& g, const at::Tensor& residual,
+                                                 double top, double keep) {
+  check_fractions(top, keep);
+  check_grad(g, "g");
+  check_residual(g, residual, "residual");
+  const at::Tensor gc = g.contiguous();
+  // A non-contiguous residual is worked on in a contiguous copy, written back on success.
+  at::Tensor ec = residual.is_contiguous() ? residual : residual.contiguous();
+  const Counts c = band_counts(gc.numel(), top, keep);
+  at::Tensor idx = at::empty({c.k_keep}, g.options().dtype(at::kLong));
+  at::Tensor val = at::empty({c.k_keep}, g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dgp_select_ef", [&] {
+    std::vector<LayerIO<scalar_t>> L{io_of<scalar_t>(gc)};
+    L[0].e = ec.data_ptr<scalar_t>();
+    L[0].idx = idx.data_ptr<int64_t>();
+    L[0].val = val.data_ptr<scalar_t>();
+    const int64_t bad = run_layers<scalar_t, true, Sink::kSparse>(L, top, keep,
+                                                                   at::get_num_threads());
+    TORCH_CHECK_VALUE(bad < 0, nan_message("g", true, "residual"));
+  });
+  if (!ec.is_same(residual)) residual.copy_(ec);
+  return {idx, val};
+}
+
+at::Tensor prune_cpu(const at::Tensor& g, double top, double keep) {
+  check_fractions(top, keep);
+  check_grad(g, "g");
+  const at::Tensor gc = g.contiguous();
+  at::Tensor out = at::empty(g.sizes(), g.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dgp_prune", [&] {
+    std::vector<LayerIO<scalar_t>> L{io_of<scalar_t>(gc)};
+    L[0].dense = out.data_ptr<scalar_t>();
+    const int64_t bad = run_layers<scalar_t, false, Sink::kDense>(L, top, keep,
+                                                                   at::get_num_threads());
+    TORCH_CHECK_VALUE(bad < 0, nan_message("g", false, ""));
+  });
+  return out;
+}
+
+void prune_inplace_cpu(const at::Tensor& g, double top, double keep) {
+  check_fractions(top, keep);
+  check_grad(g, "g");
+  at::Tensor gc = g.is_contiguous() ? g : g.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dgp_prune_", [&] {
+    std::vector<LayerIO<scalar_t>> L{io_of<scalar_t>(gc)};
+    const int64_t bad = run_layers<scalar_t, false, Sink::kInplace>(L, top, keep,
+                                                                     at::get_num_threads());
+    TORCH_CHECK_VALUE(bad < 0, nan_message("g", false, ""));
+  });
+  if (!gc.is_same(g)) g.copy_(gc);
+}
+
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_impl(at::TensorList gs,
+                                                                 const at::TensorList* res,
+                                                                 double top, double keep) {
+  check_fractions(top, keep);
+  check_list(gs, "gs");
+  const bool ef = res != nullptr;
+  if (ef) {
+    TORCH_CHECK_VALUE(res->size() == gs.size(), "residuals has ", res->size(),
+                      " tensors but gs has ", gs.size(),
+                      "; they must pair up one residual per gradient");
+    for (size_t i = 0; i < gs.size(); ++i)
+      check_residual(gs[i], (*res)[i], "residuals[" + std::to_string(i) + "]");
+  }
+  const int64_t nl = static_cast<int64_t>(gs.size());
+  at::Tensor offsets = at::empty({nl + 1}, at::TensorOptions().dtype(at::kLong));
+  int64_t* off = offsets.data_ptr<int64_t>();
+  off[0] = 0;
+  for (int64_t l = 0; l < nl; ++l)
+    off[l + 1] = off[l] + band_counts(gs[l].numel(), top, keep).k_keep;
+  const auto vopts = nl ? gs[0].options() : at::TensorOptions().dtype(at::kFloat);
+  at::Tensor idx = at::empty({off[nl]}, vopts.dtype(at::kLong));
+  at::Tensor val = at::empty({off[nl]}, vopts);
+  if (nl == 0) return {idx, val, offsets};
+
+  std::vector<at::Tensor> gcs(nl), ecs(nl);
+  for (int64_t l = 0; l < nl; ++l) {
+    gcs[l] = gs[l].contiguous();
+    if (ef) ecs[l] = (*res)[l].is_contiguous() ? (*res)[l] : (*res)[l].contiguous();
+  }
+  int64_t bad = -1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gs[0].scalar_type(), "dgp_multi", [&] {
+    std::vector<LayerIO<scalar_t>> L(nl);
+    int64_t* ip = idx.data_ptr<int64_t>();
+    scalar_t* vp = val.data_ptr<scalar_t>();
+    for (int64_t l = 0; l < nl; ++l) {
+      L[l] = io_of<scalar_t>(gcs[l]);
+      if (ef) L[l].e = ecs[l].data_ptr<scalar_t>();
+      L[l].idx = ip + off[l];
+      L[l].val = vp + off[l];
+    }
+    const int threads = at::get_num_threads();
+    bad = ef ? run_layers<scalar_t, true, Sink::kSparse>(L, top, keep, threads)
+             : run_layers<scalar_t, false, Sink::kSparse>(L, top, keep, threads);
+  });
+  if (bad >= 0) {
+    const std::string i = std::to_string(bad);
+    TORCH_CHECK_VALUE(false, nan_message("gs[" + i + "]", ef, "residuals[" + i + "]"));
+  }
+  if (ef)
+    for (int64_t l = 0; l < nl; ++l)
+      if (!ecs[l].is_same((*res)[l])) (*res)[l].copy_(ecs[l]);
+  return {idx, val, offsets};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_multi_cpu(at::TensorList gs, double top,
+                                                                double keep) {
+  return multi_impl(gs, nullptr, top, keep);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_ef_multi_cpu(at::TensorList gs,
+                                                                   at::TensorList residuals,
+                                                                   double top, double keep) {
+  return multi_impl(gs, &residuals, top, keep);
+}
+
+}  // namespace dgp
+
+TORCH_LIBRARY_IMPL(dgp, CPU, m) {
+  m.impl("select", &dgp::select_cpu);
+  m.impl("select_ef", &dgp::select_ef_cpu);
+  m.impl("prune", &dgp::prune_cpu);
+  m.impl("prune_", &dgp::prune_inplace_cpu);
+  m.impl("select_multi", &dgp::select_multi_cpu);
+  m.impl("select_ef_multi", &dgp::select_ef_multi_cpu);
+}
+
+// ------------------------------------------------------------------ Python module
+// Importing dgp_kernels._C registers the kernels above. The module also exposes the SIMD
+// level so tests can force every compaction path (clamped to what the CPU supports).
+extern "C" {
+
+static PyObject* py_simd_level(PyObject*, PyObject*) {
+  return PyUnicode_FromString(dgp::simd_name(dgp::simd_current()));
+}
+
+static PyObject* py_simd_best(PyObject*, PyObject*) {
+  return PyUnicode_FromString(dgp::simd_name(static_cast<dgp::Simd>(dgp::simd_best())));
+}
+
+static PyObject* py_set_simd_level(PyObject*, PyObject* arg) {
+  const char* s = PyUnicode_AsUTF8AndSize(arg, nullptr);
+  if (!s) return nullptr;
+  const std::string name(s);
+  int level;
+  if (name == "scalar") level = 0;
+  else if (name == "avx2") level = 1;
+  else if (name == "avx512") level = 2;
+  else if (name == "best") level = dgp::simd_best();
+  else {
+    PyErr_Format(PyExc_ValueError,
+                 "simd level must be one of 'scalar', 'avx2', 'avx512', 'best'; got '%s'", s);
+    return nullptr;
+  }
+  if (level > dgp::simd_best()) {
+    PyErr_Format(PyExc_ValueError, "this CPU supports simd levels up to '%s'; '%s' requested",
+                 dgp::simd_name(static_cast<dgp::Simd>(dgp::simd_best())), s);
+    return nullptr;
+  }
+  dgp::g_simd_level.store(level);
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef kMethods[] = {
+    {"simd_level", py_simd_level, METH_NOARGS, "Compaction path in use: scalar, avx2 or avx512."},
+    {"simd_best", py_simd_best, METH_NOARGS, "Best compaction path this CPU supports."},
+    {"set_simd_level", py_set_simd_level, METH_O,
+     "Force a compaction path ('scalar', 'avx2', 'avx512' or 'best'); for tests."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+                                     "dgp_kernels CPU kernels (importing registers them)", -1,
+                                     kMethods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }
+}

@@ -1,0 +1,375 @@
+// Exact DGP band selection on the CPU: the torch-free core behind csrc/cpu/select.cpp.
+//
+// Semantics (../shared/DESIGN.md §2.1): rank entries by |v| descending, ties by ascending
+// flat index; keep ranks [k_top, k_top + k_keep). |v| is ordered by the integer key
+// bits(v) & ~sign, so the two boundary entries are found by radix selection on keys only:
+//
+//   analysis  : per-chunk radix histograms of the key, level by level (16 + 15 bits for
+//               float32), each level restricted to the boundary bucket of the level above,
+//               until the exact keys Khi (rank k_top) and Klo (rank k_top + k_keep - 1) are
+//               known. Per-chunk counts of keys > K and == K come out of the same histograms.
+//   ties      : entries whose key equals a boundary key are kept by their ordinal among the
+//               equal keys in index order (the tie rule), so no index is ever compared:
+//               at Khi the first s_hi tied entries are in the dropped top, at Klo only the
+//               first t_lo tied entries are kept. Per-chunk ordinals come from prefix sums.
+//   write     : one ordered pass per chunk writes indices/values at a precomputed offset
+//               (no atomics), and, with error feedback, residual = v with kept entries 0.
+//
+// The analysis never writes user memory, so a NaN (found in the first level) aborts before
+// anything is modified. Small layers use nth_element on a key copy instead of histograms.
+// Chunks are static slices [c*n/C, (c+1)*n/C) so every pass sees the same partition.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace dgp {
+
+template <typename T>
+struct KeyTraits;
+template <>
+struct KeyTraits<float> {
+  using K = uint32_t;
+  static constexpr int kBits = 31;
+  static constexpr K kMask = 0x7fffffffu;
+  static constexpr K kInf = 0x7f800000u;
+};
+template <>
+struct KeyTraits<double> {
+  using K = uint64_t;
+  static constexpr int kBits = 63;
+  static constexpr K kMask = 0x7fffffffffffffffull;
+  static constexpr K kInf = 0x7ff0000000000000ull;
+};
+template <>
+struct KeyTraits<c10::Half> {
+  using K = uint16_t;
+  static constexpr int kBits = 15;
+  static constexpr K kMask = 0x7fff;
+  static constexpr K kInf = 0x7c00;
+};
+template <>
+struct KeyTraits<c10::BFloat16> {
+  using K = uint16_t;
+  static constexpr int kBits = 15;
+  static constexpr K kMask = 0x7fff;
+  static constexpr K kInf = 0x7f80;
+};
+
+template <typename T>
+inline typename KeyTraits<T>::K key_of(T v) {
+  typename KeyTraits<T>::K k;
+  std::memcpy(&k, &v, sizeof(k));
+  return static_cast<typename KeyTraits<T>::K>(k & KeyTraits<T>::kMask);
+}
+
+// v = g (+ e), computed in T exactly as torch computes g + e (c10::Half / BFloat16 add in
+// float and round once).
+template <typename T, bool EF>
+inline T load_v(const T* g, const T* e, int64_t i) {
+  if constexpr (EF) {
+    return static_cast<T>(g[i] + e[i]);
+  } else {
+    return g[i];
+  }
+}
+
+struct Counts {
+  int64_t n = 0, k_top = 0, k_keep = 0;
+};
+
+// DESIGN.md §2.1 counts, in double; must match dgp_kernels/ops/_checks.py:band_counts.
+inline Counts band_counts(int64_t n, double top, double keep) {
+  Counts c;
+  c.n = n;
+  int64_t kt = static_cast<int64_t>(std::floor(top * static_cast<double>(n) + 1e-6));
+  c.k_top = std::min(std::max<int64_t>(kt, 0), n);
+  int64_t kk = static_cast<int64_t>(std::floor(keep * static_cast<double>(n) + 1e-6));
+  c.k_keep = std::max<int64_t>(0, std::min(kk, n - c.k_top));
+  return c;
+}
+
+// Everything the write pass needs, per layer.
+template <typename K>
+struct Plan {
+  Counts cnt;
+  int nchunks = 1;
+  K khi = 0, klo = 0;
+  int64_t s_hi = 0;  // tied entries at khi with ordinal < s_hi are in the dropped top
+  int64_t t_lo = 0;  // tied entries at klo with ordinal >= t_lo are below the band
+  std::vector<int64_t> out_off;  // per chunk: first output slot (size nchunks + 1)
+  std::vector<int64_t> ord_hi;   // per chunk: ordinal of its first khi tie
+  std::vector<int64_t> ord_lo;   // per chunk: ordinal of its first klo tie
+  bool has_nan = false;
+};
+
+inline int64_t chunk_begin(int64_t n, int c, int C) {
+  return static_cast<int64_t>((static_cast<__int128>(n) * c) / C);
+}
+
+// Radix digit widths, most significant first; they sum to the key width. Small layers use
+// narrow digits (their histograms must stay cheap relative to n); large layers 16 bits,
+// whose histogram (256 KiB of uint32) fits L2 and leaves tiny boundary buckets.
+inline int digit_schedule(int key_bits, int64_t n, int* digits) {
+  int nd = 0;
+  if (key_bits == 15) {
+    if (n <= (int64_t(1) << 16)) {
+      digits[nd++] = 8;
+      digits[nd++] = 7;
+    } else {
+      digits[nd++] = 15;
+    }
+  } else if (key_bits == 31) {
+    if (n <= (int64_t(1) << 18)) {
+      digits[nd++] = 11;
+      digits[nd++] = 10;
+      digits[nd++] = 10;
+    } else {
+      digits[nd++] = 16;
+      digits[nd++] = 15;
+    }
+  } else {  // 63
+    if (n <= (int64_t(1) << 18)) {
+      for (int i = 0; i < 3; ++i) digits[nd++] = 11;
+      for (int i = 0; i < 3; ++i) digits[nd++] = 10;
+    } else {
+      for (int i = 0; i < 3; ++i) digits[nd++] = 16;
+      digits[nd++] = 15;
+    }
+  }
+  return nd;
+}
+
+// Layers up to this size are analysed with nth_element on a copy of their keys: cheaper
+// than clearing and scanning radix histograms for a few thousand entries.
+constexpr int64_t kDirectMax = 4096;
+
+template <typename T, bool EF>
+void analyze_direct(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p) {
+  using K = typename KeyTraits<T>::K;
+  const int64_t n = p.cnt.n;
+  static thread_local std::vector<K> keys;
+  keys.resize(static_cast<size_t>(n));
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    K k = key_of(load_v<T, EF>(g, e, i));
+    nan |= k > KeyTraits<T>::kInf;
+    keys[i] = k;
+  }
+  if (nan) {
+    p.has_nan = true;
+    return;
+  }
+  const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
+  std::nth_element(keys.begin(), keys.begin() + r_hi, keys.end(), std::greater<K>());
+  p.khi = keys[r_hi];
+  std::nth_element(keys.begin() + r_hi, keys.begin() + r_lo, keys.end(), std::greater<K>());
+  p.klo = keys[r_lo];
+  int64_t gt_hi = 0, gt_lo = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    gt_hi += keys[i] > p.khi;
+    gt_lo += keys[i] > p.klo;
+  }
+  p.s_hi = p.cnt.k_top - gt_hi;
+  p.t_lo = p.cnt.k_top + p.cnt.k_keep - gt_lo;
+  p.nchunks = 1;
+  p.out_off = {0, p.cnt.k_keep};
+  p.ord_hi = {0};
+  p.ord_lo = {0};
+}
+
+// Finds, in the combined histogram h[0..nb), the bucket holding rank r (ranks count from the
+// largest bucket down). Returns the bucket and sets *above to the count in higher buckets.
+inline int64_t find_rank_bucket(const uint64_t* h, int64_t nb, int64_t r, int64_t* above) {
+  int64_t cum = 0;
+  for (int64_t b = nb - 1; b >= 0; --b) {
+    if (cum + static_cast<int64_t>(h[b]) > r) {
+      *above = cum;
+      return b;
+    }
+    cum += static_cast<int64_t>(h[b]);
+  }
+  *above = cum;
+  return -1;  // unreachable when r < total
+}
+
+// Histogram analysis with C chunks. `run` executes f(c) for c in [0, C) (in parallel when
+// the caller wants; each chunk touches only its own histogram slice).
+template <typename T, bool EF, typename Runner>
+void analyze_radix(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, int C,
+                   Runner&& run) {
+  using K = typename KeyTraits<T>::K;
+  const int64_t n = p.cnt.n;
+  int digits[8];
+  const int nd = digit_schedule(KeyTraits<T>::kBits, n, digits);
+
+  std::vector<int64_t> gt_hi(C, 0), gt_lo(C, 0), eq_hi(C, 0), eq_lo(C, 0);
+  std::vector<uint8_t> nan_flag(C, 0);
+  int64_t r_hi = p.cnt.k_top;                        // rank still to find within prefix
+  int64_t r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
+  K pre_hi = 0, pre_lo = 0;                          // key prefixes found so far
+  int consumed = 0;
+
+  for (int lvl = 0; lvl < nd; ++lvl) {
+    const int b = digits[lvl];
+    const int64_t nb = int64_t(1) << b;
+    const int shift = KeyTraits<T>::kBits - consumed - b;
+    const K dmask = static_cast<K>(nb - 1);
+    const bool same = (pre_hi == pre_lo);
+    const int nh = same ? 1 : 2;
+    std::vector<uint32_t> hist(static_cast<size_t>(C) * nh * nb, 0);
+
+    if (lvl == 0) {
+      run([&](int c) {
+        uint32_t* h = hist.data() + static_cast<size_t>(c) * nb;
+        const int64_t lo = chunk_begin(n, c, C), hi = chunk_begin(n, c + 1, C);
+        K kmax = 0;
+        for (int64_t i = lo; i < hi; ++i) {
+          K k = key_of(load_v<T, EF>(g, e, i));
+          kmax = std::max(kmax, k);
+          h[(k >> shift) & dmask]++;
+        }
+        nan_flag[c] = kmax > KeyTraits<T>::kInf;
+      });
+      for (int c = 0; c < C; ++c) {
+        if (nan_flag[c]) {
+          p.has_nan = true;
+          return;
+        }
+      }
+    } else {
+      const int pshift = KeyTraits<T>::kBits - consumed;
+      run([&](int c) {
+        uint32_t* h_hi = hist.data() + static_cast<size_t>(c) * nh * nb;
+        uint32_t* h_lo = h_hi + (same ? 0 : nb);
+        const int64_t lo = chunk_begin(n, c, C), hi = chunk_begin(n, c + 1, C);
+        for (int64_t i = lo; i < hi; ++i) {
+          K k = key_of(load_v<T, EF>(g, e, i));
+          K pk = static_cast<K>(k >> pshift);
+          if (pk == pre_hi) h_hi[(k >> shift) & dmask]++;
+          else if (pk == pre_lo) h_lo[(k >> shift) & dmask]++;
+        }
+      });
+    }
+
+    // Combine chunks and locate both boundary buckets at this level.
+    std::vector<uint64_t> tot(static_cast<size_t>(nh) * nb, 0);
+    for (int c = 0; c < C; ++c) {
+      const uint32_t* h = hist.data() + static_cast<size_t>(c) * nh * nb;
+      for (int64_t j = 0; j < nh * nb; ++j) tot[j] += h[j];
+    }
+    int64_t above_hi = 0, above_lo = 0;
+    const int64_t b_hi = find_rank_bucket(tot.data(), nb, r_hi, &above_hi);
+    const uint64_t* tot_lo = tot.data() + (same ? 0 : nb);
+    // When the prefixes are equal both ranks are relative to the same bucket.
+    const int64_t b_lo = find_rank_bucket(tot_lo, nb, r_lo, &above_lo);
+    for (int c = 0; c < C; ++c) {
+      const uint32_t* h_hi = hist.data() + static_cast<size_t>(c) * nh * nb;
+      const uint32_t* h_lo = h_hi + (same ? 0 : nb);
+      int64_t a = 0;
+      for (int64_t j = b_hi + 1; j < nb; ++j) a += h_hi[j];
+      gt_hi[c] += a;
+      a = 0;
+      for (int64_t j = b_lo + 1; j < nb; ++j) a += h_lo[j];
+      gt_lo[c] += a;
+      if (lvl == nd - 1) {
+        eq_hi[c] = h_hi[b_hi];
+        eq_lo[c] = h_lo[b_lo];
+      }
+    }
+    r_hi -= above_hi;
+    r_lo -= above_lo;
+    pre_hi = static_cast<K>((pre_hi << b) | static_cast<K>(b_hi));
+    pre_lo = static_cast<K>((pre_lo << b) | static_cast<K>(b_lo));
+    consumed += b;
+  }
+
+  p.khi = pre_hi;
+  p.klo = pre_lo;
+  int64_t G_hi = 0, G_lo = 0;
+  for (int c = 0; c < C; ++c) {
+    G_hi += gt_hi[c];
+    G_lo += gt_lo[c];
+  }
+  p.s_hi = p.cnt.k_top - G_hi;
+  p.t_lo = p.cnt.k_top + p.cnt.k_keep - G_lo;
+  p.nchunks = C;
+  p.out_off.assign(C + 1, 0);
+  p.ord_hi.assign(C, 0);
+  p.ord_lo.assign(C, 0);
+  int64_t oh = 0, ol = 0, out = 0;
+  auto overlap = [](int64_t a0, int64_t a1, int64_t b0, int64_t b1) {
+    return std::max<int64_t>(0, std::min(a1, b1) - std::max(a0, b0));
+  };
+  const int64_t kInfRank = INT64_MAX / 4;
+  for (int c = 0; c < C; ++c) {
+    p.ord_hi[c] = oh;
+    p.ord_lo[c] = ol;
+    p.out_off[c] = out;
+    int64_t kept;
+    if (p.khi == p.klo) {
+      kept = overlap(oh, oh + eq_hi[c], p.s_hi, p.t_lo);
+    } else {
+      const int64_t strict = gt_lo[c] - gt_hi[c] - eq_hi[c];
+      kept = strict + overlap(oh, oh + eq_hi[c], p.s_hi, kInfRank) +
+             overlap(ol, ol + eq_lo[c], 0, p.t_lo);
+    }
+    out += kept;
+    oh += eq_hi[c];
+    ol += eq_lo[c];
+  }
+  p.out_off[C] = out;
+}
+
+// What the write pass produces.
+enum class Sink { kSparse, kDense, kInplace };
+
+// Decides one entry: kept or not, advancing the tie ordinals. Shared by the scalar pass and
+// the SIMD passes' tie fallback.
+template <typename K>
+struct Classifier {
+  K khi, klo;
+  int64_t s_hi, t_lo;
+  bool same;
+  inline bool operator()(K k, int64_t& o_hi, int64_t& o_lo) const {
+    if (k > klo && k < khi) return true;
+    if (k == khi) {
+      const int64_t o = o_hi++;
+      return same ? (o >= s_hi && o < t_lo) : (o >= s_hi);
+    }
+    if (k == klo) return o_lo++ < t_lo;
+    return false;
+  }
+};
+
+// Scalar write pass over [lo, hi) of one chunk.
+template <typename T, bool EF, Sink S>
+void write_scalar(const T* g, T* e, T* dense, int64_t lo, int64_t hi,
+                  const Classifier<typename KeyTraits<T>::K>& cls, int64_t& o_hi,
+                  int64_t& o_lo, int64_t& pos, int64_t* idx, T* val) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const T v = load_v<T, EF>(g, e, i);
+    const bool kept = cls(key_of(v), o_hi, o_lo);
+    if constexpr (S == Sink::kSparse) {
+      if (kept) {
+        idx[pos] = i;
+        val[pos] = v;
+        ++pos;
+      }
+      if constexpr (EF) e[i] = kept ? T(0) : v;
+    } else if constexpr (S == Sink::kDense) {
+      dense[i] = kept ? v : T(0);
+    } else {  // in place on g (const_cast by the caller's contract)
+      if (!kept) const_cast<T*>(g)[i] = T(0);
+    }
+  }
+}
+
+}  // namespace dgp

@@ -1,0 +1,166 @@
+// SIMD write passes (ordered compaction) for float32, chosen at run time.
+//
+// Built with per-function target attributes (never -march=native), so one binary runs on
+// any x86-64 and uses AVX-512 or AVX2 only where the CPU has it. Every vector of entries
+// with no boundary-key tie is compacted branch-free; a vector holding a tie is handed to
+// the scalar classifier, which owns the tie ordinals. Results are bit-identical to the
+// scalar pass by construction (same classification, same order).
+//
+// Zen 4 note: vpcompressps with a *memory* destination is microcoded and slow there, so we
+// compress into a register and store the whole vector (or a masked store near the end of
+// the chunk's output slice, which must never be overrun: the next slice belongs to another
+// thread).
+#pragma once
+
+#include <cstdint>
+
+#include "select_core.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define DGP_X86 1
+#else
+#define DGP_X86 0
+#endif
+
+namespace dgp {
+
+enum class Simd : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline Simd detect_simd() {
+#if DGP_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+    return Simd::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return Simd::kAvx2;
+#endif
+  return Simd::kScalar;
+}
+
+#if DGP_X86
+
+template <bool EF>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) void write_f32_avx512(
+    const float* g, float* e, int64_t lo, int64_t hi, const Classifier<uint32_t>& cls,
+    int64_t& o_hi, int64_t& o_lo, int64_t& pos, int64_t out_end, int64_t* idx, float* val) {
+  const __m512i kmask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i vkhi = _mm512_set1_epi32(static_cast<int>(cls.khi));
+  const __m512i vklo = _mm512_set1_epi32(static_cast<int>(cls.klo));
+  const __m512i iota0 = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i iota1 = _mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8);
+  int64_t i = lo;
+  for (; i + 16 <= hi; i += 16) {
+    __m512 v = _mm512_loadu_ps(g + i);
+    if constexpr (EF) v = _mm512_add_ps(v, _mm512_loadu_ps(e + i));
+    const __m512i k = _mm512_and_si512(_mm512_castps_si512(v), kmask);
+    const __mmask16 tie = _mm512_cmpeq_epu32_mask(k, vkhi) | _mm512_cmpeq_epu32_mask(k, vklo);
+    if (tie) {
+      write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, i + 16, cls, o_hi, o_lo, pos,
+                                             idx, val);
+      continue;
+    }
+    const __mmask16 in = _mm512_cmpgt_epu32_mask(k, vklo) & _mm512_cmplt_epu32_mask(k, vkhi);
+    if constexpr (EF) _mm512_storeu_ps(e + i, _mm512_maskz_mov_ps(static_cast<__mmask16>(~in), v));
+    if (in) {
+      const int cnt = __builtin_popcount(in);
+      const int c0 = __builtin_popcount(in & 0xff);
+      const __m512 cv = _mm512_maskz_compress_ps(in, v);
+      const __m512i base = _mm512_set1_epi64(i);
+      const __m512i i0 = _mm512_maskz_compress_epi64(static_cast<__mmask8>(in & 0xff),
+                                                     _mm512_add_epi64(base, iota0));
+      const __m512i i1 = _mm512_maskz_compress_epi64(static_cast<__mmask8>(in >> 8),
+                                                     _mm512_add_epi64(base, iota1));
+      if (pos + 16 <= out_end) {
+        _mm512_storeu_ps(val + pos, cv);
+        _mm512_storeu_si512(idx + pos, i0);
+        _mm512_storeu_si512(idx + pos + c0, i1);
+      } else {
+        _mm512_mask_storeu_ps(val + pos, static_cast<__mmask16>((1u << cnt) - 1), cv);
+        _mm512_mask_storeu_epi64(idx + pos, static_cast<__mmask8>((1u << c0) - 1), i0);
+        _mm512_mask_storeu_epi64(idx + pos + c0, static_cast<__mmask8>((1u << (cnt - c0)) - 1),
+                                 i1);
+      }
+      pos += cnt;
+    }
+  }
+  write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, idx, val);
+}
+
+// 256 permutations that move the set lanes of an 8-bit mask to the front (AVX2 has no
+// compress instruction).
+struct Avx2Lut {
+  alignas(32) int32_t perm[256][8];
+  Avx2Lut() {
+    for (int m = 0; m < 256; ++m) {
+      int j = 0;
+      for (int b = 0; b < 8; ++b)
+        if (m & (1 << b)) perm[m][j++] = b;
+      for (; j < 8; ++j) perm[m][j] = 0;
+    }
+  }
+};
+inline const Avx2Lut& avx2_lut() {
+  static const Avx2Lut lut;
+  return lut;
+}
+
+template <bool EF>
+__attribute__((target("avx2,popcnt"))) void write_f32_avx2(
+    const float* g, float* e, int64_t lo, int64_t hi, const Classifier<uint32_t>& cls,
+    int64_t& o_hi, int64_t& o_lo, int64_t& pos, int64_t out_end, int64_t* idx, float* val) {
+  const Avx2Lut& lut = avx2_lut();
+  const __m256i kmask = _mm256_set1_epi32(0x7fffffff);
+  // Keys are < 2^31, so signed 32-bit compares order them correctly.
+  const __m256i vkhi = _mm256_set1_epi32(static_cast<int>(cls.khi));
+  const __m256i vklo = _mm256_set1_epi32(static_cast<int>(cls.klo));
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) {
+    __m256 v = _mm256_loadu_ps(g + i);
+    if constexpr (EF) v = _mm256_add_ps(v, _mm256_loadu_ps(e + i));
+    const __m256i k = _mm256_and_si256(_mm256_castps_si256(v), kmask);
+    const int tie = _mm256_movemask_ps(_mm256_castsi256_ps(
+        _mm256_or_si256(_mm256_cmpeq_epi32(k, vkhi), _mm256_cmpeq_epi32(k, vklo))));
+    if (tie) {
+      write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, i + 8, cls, o_hi, o_lo, pos,
+                                             idx, val);
+      continue;
+    }
+    const __m256i inv =
+        _mm256_and_si256(_mm256_cmpgt_epi32(k, vklo), _mm256_cmpgt_epi32(vkhi, k));
+    const int in = _mm256_movemask_ps(_mm256_castsi256_ps(inv));
+    if constexpr (EF) _mm256_storeu_ps(e + i, _mm256_andnot_ps(_mm256_castsi256_ps(inv), v));
+    if (in) {
+      const int cnt = __builtin_popcount(in);
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[in]));
+      const __m256 cv = _mm256_permutevar8x32_ps(v, perm);
+      const __m256i off = _mm256_permutevar8x32_epi32(iota, perm);
+      const __m256i base = _mm256_set1_epi64x(i);
+      const __m256i i0 = _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(off)));
+      const __m256i i1 =
+          _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(off, 1)));
+      if (pos + 8 <= out_end) {
+        _mm256_storeu_ps(val + pos, cv);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos), i0);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos + 4), i1);
+      } else {
+        alignas(32) float tv[8];
+        alignas(32) int64_t ti[8];
+        _mm256_store_ps(tv, cv);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ti), i0);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ti + 4), i1);
+        for (int j = 0; j < cnt; ++j) {
+          val[pos + j] = tv[j];
+          idx[pos + j] = ti[j];
+        }
+      }
+      pos += cnt;
+    }
+  }
+  write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, idx, val);
+}
+
+#endif  // DGP_X86
+
+}  // namespace dgp
