@@ -42,10 +42,9 @@ def _variants(ts, torch):
                 nan_flag=i64), dict(c, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
                 NBINS=1 << ts.FIRST_DIGIT_BITS, TILE_=ts.TILE, CHUNK_=ts.CHUNK), f"hist {tag}"))
             out.append((ts._gather_kernel, dict(
-                g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64, bkt_hi=i64,
-                bkt_lo=i64, strict_cnt="*i32", cand_off=i64, cand_fill="*i32",
-                cand_key="*" + kt, cand_idx=i64), dict(c, SHIFT=shift, BLOCK_=ts.BLOCK),
-                f"gather {tag}"))
+                g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64, prefix=i64,
+                cnt="*i32", blk_cstart=i64, blk_ccount=i64, cand_off=i64, cand_fill="*i32",
+                cand_key="*" + kt), dict(c, SHIFT=shift, BLOCK_=ts.BLOCK), f"gather {tag}"))
             pshift = shift
             for w in widths:
                 for from_cand in (True, False):
@@ -68,6 +67,23 @@ def _variants(ts, torch):
                     blk_ord_lo=i64, blk_out=i64, out_idx=i64, out_val="*" + vt),
                     dict(c, WRITE_SPARSE=sparse, WRITE_E=write_e, WRITE_DENSE=write_dense,
                          BLOCK_=ts.BLOCK), f"write {tag} sparse={int(sparse)}"))
+        if has_e:  # the dtype-independent kernels, once per key width
+            out.append((ts._cand_count_kernel, dict(
+                blk_seg=i64, blk_cstart=i64, blk_ccount=i64, cand_key="*" + kt, t_hi=i64,
+                t_lo=i64, cnt="*i32", num_blocks="i32"), dict(BLOCK_=ts.BLOCK),
+                f"cand_count {dname}"))
+    loc = dict(hist="*i32", prefix=i64, rank=i64, active=i64, flags=i64, t_hi=i64, t_lo=i64,
+               skip_hi=i64, end_hi=i64, take_lo=i64, S="i32")
+    for nbins, width, first, final in sorted({
+        (max(1 << w, 32), w, False, j == len(ws) - 1)
+        for ws in (v[2] for v in ts._KINDS.values()) for j, w in enumerate(ws)
+    }) + [(1 << ts.FIRST_DIGIT_BITS, ts.FIRST_DIGIT_BITS, True, False)]:
+        out.append((ts._locate_kernel, loc, dict(NBINS=nbins, WIDTH=width, FIRST=first,
+                    FINAL=final), f"locate width={width} first={int(first)} final={int(final)}"))
+    out.append((ts._scan_kernel, dict(
+        cnt="*i32", num_blocks="i32", seg_first=i64, seg_nblk=i64, offsets=i64, skip_hi=i64,
+        end_hi=i64, take_lo=i64, blk_ord_hi=i64, blk_ord_lo=i64, blk_out=i64),
+        dict(SCAN=ts.SCAN_TILE), "scan"))
     return out
 
 
@@ -95,7 +111,9 @@ def main(argv=None) -> int:
             constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
         )
         try:
-            k = triton.compile(src, target=target, options={"num_warps": 8})
+            # the launcher runs the per-layer scans with triton's default 4 warps
+            warps = 4 if fn in (ts._locate_kernel, ts._scan_kernel) else 8
+            k = triton.compile(src, target=target, options={"num_warps": warps})
             print(f"ok   sm_{args.arch} {label:<40} shared={k.metadata.shared:>6} B "
                   f"{time.perf_counter() - t0:.1f}s")
         except Exception as exc:  # report every failing variant, not just the first
