@@ -2,8 +2,10 @@
 
 What is checked, and how:
 
-* every dispatch path in ``PATHS`` (the registered op on CPU tensors always; CUDA when a GPU
-  is present; add more there) is run on layout-preserving clones of the same inputs as
+* every dispatch path in ``PATHS`` (the registered op on CPU tensors always; each forced
+  C++ code path -- SIMD levels below the best, radix analysis with sampling off -- when the
+  extension is built; CUDA when a GPU is present; add more there) is run on
+  layout-preserving clones of the same inputs as
   :mod:`dgp_kernels.ops.reference`, and must agree **bit for bit**: indices with
   ``torch.equal``, values / residuals / dense outputs through their integer view (so
   ``-0.0`` vs ``+0.0`` and ``inf`` are checked exactly), dtypes, shapes, and the whole
@@ -23,6 +25,7 @@ by the reference itself and the comparisons are trivially true.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -147,22 +150,36 @@ def _tensors(args: Sequence[Any]) -> List[torch.Tensor]:
 
 # --------------------------------------------------------------------------------------
 # Dispatch paths. A path runs ``torch.ops.dgp.<op>`` semantics (same arguments, same
-# results, declared arguments mutated in place) through one backend. To add one (e.g. the
-# Triton launchers under TRITON_INTERPRET=1), append a ``Path`` to PATHS; ``max_numel``
-# skips inputs too large for a slow path (the Triton interpreter: ~1e5).
+# results, declared arguments mutated in place) through one backend or one forced code path
+# of a backend. To add one (e.g. the Triton launchers under TRITON_INTERPRET=1), append a
+# ``Path`` to PATHS. ``max_numel`` skips inputs too large for a slow path (the Triton
+# interpreter: ~1e5); ``dtypes`` and ``min_numel`` say where a forced variant runs different
+# code from the default path, so tests skip the cases where it would only repeat "op".
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Path:
     name: str
     call: Callable[..., Any]
     max_numel: int = 1 << 62
+    dtypes: tuple = DTYPES
+    min_numel: int = 0
 
     def __call__(self, op: str, *args: Any) -> Any:
         return self.call(op, *args)
 
+    def __repr__(self) -> str:
+        return f"Path({self.name})"
+
     def skip_if_too_large(self, n: int) -> None:
         if n > self.max_numel:
             pytest.skip(f"path {self.name} is limited to {self.max_numel} elements")
+
+    def require(self, dtypes: Sequence[torch.dtype] = DTYPES, max_n: int = 1 << 62) -> None:
+        """Skip a test whose dtypes / largest input the path handles like the default path."""
+        if not any(d in self.dtypes for d in dtypes):
+            pytest.skip(f"path {self.name} only differs from 'op' for {self.dtypes}")
+        if max_n < self.min_numel:
+            pytest.skip(f"path {self.name} only differs from 'op' from {self.min_numel} elements")
 
 
 def _call_op(op: str, *args: Any) -> Any:
@@ -204,7 +221,60 @@ def device_path(device: str, max_numel: int = 1 << 62) -> Path:
     return Path(f"device-{device}", call, max_numel)
 
 
+def _cpp_module():
+    """``dgp_kernels._C`` when the C++ CPU kernel serves the CPU key, else None."""
+    if dgp_kernels.backend_info().cpu != "cpp":
+        return None
+    from dgp_kernels import _C
+
+    return _C
+
+
+@contextlib.contextmanager
+def cpp_mode(simd: Optional[str] = None, sampling: Optional[bool] = None):
+    """Force a C++ compaction path (``_C.set_simd_level``) and/or the sampled-bracket
+    analysis of large layers on or off (``_C.set_sampling``); restore the defaults after."""
+    _C = _cpp_module()
+    try:
+        if simd is not None:
+            _C.set_simd_level(simd)
+        if sampling is not None:
+            _C.set_sampling(sampling)
+        yield
+    finally:
+        if simd is not None:
+            _C.set_simd_level("best")
+        if sampling is not None:
+            _C.set_sampling(True)
+
+
+def _cpp_modes() -> List[tuple]:
+    """(name, kwargs for cpp_mode, dtypes, min_numel) of every forced C++ path that runs code
+    the default path does not: each SIMD level below the best (float32 compaction), and the
+    radix analysis with sampling off (layers of >= 2^17 entries, kSampleMin)."""
+    _C = _cpp_module()
+    modes = []
+    if _C is None:
+        return modes
+    if hasattr(_C, "set_simd_level") and hasattr(_C, "simd_best"):
+        levels = ["scalar", "avx2", "avx512"]
+        best = levels.index(_C.simd_best())
+        modes += [(f"cpp-{lvl}", dict(simd=lvl), (torch.float32,), 0) for lvl in levels[:best]]
+    if hasattr(_C, "set_sampling"):
+        modes.append(("cpp-radix", dict(sampling=False), DTYPES, 1 << 17))
+    return modes
+
+
+def _mode_path(name: str, kwargs: dict, dtypes: tuple, min_numel: int) -> Path:
+    def call(op: str, *args: Any) -> Any:
+        with cpp_mode(**kwargs):
+            return _call_op(op, *args)
+
+    return Path(name, call, dtypes=dtypes, min_numel=min_numel)
+
+
 PATHS: List[Path] = [Path("op", _call_op)]
+PATHS += [_mode_path(*m) for m in _cpp_modes()]
 if torch.cuda.is_available():
     PATHS.append(device_path("cuda"))
 
@@ -419,6 +489,7 @@ def test_counts_match_exact_decimal_arithmetic():
 
 @pytest.mark.parametrize("top,keep", FRACTIONS + [(0.07, 0.57), (1 / 3, 2 / 3), (0.001, 0.999)])
 def test_output_sizes_follow_counts(backend, top, keep):
+    backend.require((torch.float32,), 1001)
     for n in list(range(0, 67)) + [99, 100, 101, 999, 1000, 1001]:
         g = make_values("randn", n, torch.float32, seed=n)
         idx, val = backend("select", g, top, keep)
@@ -491,6 +562,7 @@ SHAPES = [(), (0,), (1,), (2,), (7,), (31,), (32,), (33,), (100,), (3, 0, 2), (6
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("top,keep", [(0.05, 0.2), (0.0, 1.0), (0.3, 0.7), (0.01, 0.5)])
 def test_random_shapes(backend, dtype, top, keep):
+    backend.require((dtype,), 8191)
     for i, shape in enumerate(SHAPES):
         n = math.prod(shape)
         g = make_values("wide", n, dtype, seed=i).reshape(shape)
@@ -502,6 +574,7 @@ def test_random_shapes(backend, dtype, top, keep):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("top,keep", FRACTIONS, ids=FRACTION_IDS)
 def test_adversarial(backend, dtype, kind, top, keep):
+    backend.require((dtype,), 1000)
     for n in (1, 5, 31, 64, 1000):
         g = make_values(kind, n, dtype, seed=n, top=top, keep=keep)
         # A residual that is zero (v = g + 0 turns -0.0 into +0.0) or of the same kind.
@@ -513,6 +586,7 @@ def test_adversarial(backend, dtype, kind, top, keep):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_inf_plus_finite_residual_and_overflow(backend, dtype):
     """g + residual may overflow to ±inf; it ranks highest and is kept/dropped by rank."""
+    backend.require((dtype,), 10)
     big = torch.finfo(dtype).max
     g = torch.tensor([big, -big, 1.0, math.inf, -2.0, 0.0, -0.0, 3.0, big, 0.5], dtype=dtype)
     e = torch.tensor([big, -big, -1.0, 5.0, -math.inf, -0.0, -0.0, -3.0, -big, 0.0], dtype=dtype)
@@ -523,6 +597,7 @@ def test_inf_plus_finite_residual_and_overflow(backend, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_non_contiguous_layouts(backend, dtype):
+    backend.require((dtype,), 4200)
     big = make_values("few_distinct", 60 * 70, dtype, seed=3).reshape(60, 70)
     res_big = make_values("randn", 60 * 70, dtype, seed=4).reshape(60, 70)
     views = {
@@ -549,6 +624,7 @@ def test_non_contiguous_layouts(backend, dtype):
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 5, 2), (), (1,)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_empty_and_single(backend, shape, dtype):
+    backend.require((dtype,), 1)
     n = math.prod(shape)
     g = make_values("randn", n, dtype, seed=1).reshape(shape)
     e = make_values("randn", n, dtype, seed=2).reshape(shape)
@@ -577,6 +653,7 @@ LARGE_CASES = [
 @pytest.mark.parametrize("kind,n,dtype,fr,ops", LARGE_CASES,
                          ids=[f"{c[0]}-{c[1]}-{c[2]}".replace("torch.", "") for c in LARGE_CASES])
 def test_large(backend, kind, n, dtype, fr, ops):
+    backend.require((dtype,), n)
     backend.skip_if_too_large(n)
     top, keep = fr
     g = make_values(kind, n, dtype, seed=n, top=top, keep=keep)
@@ -592,6 +669,7 @@ def test_large(backend, kind, n, dtype, fr, ops):
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=band_cases(max_n=200), shape_seed=st.integers(0, 3), data=st.data())
 def test_hypothesis_ops_match_reference(backend, case, shape_seed, data):
+    backend.require(DTYPES, 200)
     g, top, keep = case
     n = g.numel()
     # Fold n into a 2-D shape when it factors; optionally transpose (non-contiguous).
@@ -621,6 +699,7 @@ def _model_like(dtype: torch.dtype, seed: int = 0) -> List[torch.Tensor]:
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("top,keep", [(0.05, 0.2), (0.0, 1.0), (0.3, 0.7), (0.1, 0.0)])
 def test_multi_matches_single(backend, dtype, top, keep):
+    backend.require((dtype,), 5120)
     gs = _model_like(dtype)
     # Make one layer non-contiguous.
     gs[6] = make_values("wide", 512 * 10, dtype, seed=9).reshape(512, 10).t()
@@ -655,6 +734,7 @@ def test_multi_matches_single(backend, dtype, top, keep):
     strict=False,
 )
 def test_multi_empty_list(backend):
+    backend.require(max_n=0)
     idx, val, off = backend("select_multi", [], 0.05, 0.2)
     assert idx.shape == (0,) and idx.dtype == torch.int64
     assert val.shape == (0,) and val.is_floating_point()
@@ -666,6 +746,7 @@ def test_multi_empty_list(backend):
 
 
 def test_multi_all_empty_and_single(backend):
+    backend.require((torch.float32,), 5)
     for gs in ([torch.empty(0)], [torch.empty(0), torch.empty(3, 0)], [torch.tensor(2.0)], [torch.ones(1)] * 5):
         for top, keep in [(0.05, 0.2), (0.0, 1.0)]:
             run_both(backend, "select_multi", gs, top, keep)
@@ -674,6 +755,7 @@ def test_multi_all_empty_and_single(backend):
 
 def test_multi_many_layers(backend):
     """Many small layers and one large one (a kernel that parallelises across layers)."""
+    backend.require((torch.float32,), 200_000)
     gs = [make_values("band_tie", n, torch.float32, seed=n) for n in range(0, 300)]
     gs.append(make_values("band_tie", 200_000, torch.float32, seed=1))
     es = [make_values("randn", g.numel(), torch.float32, seed=7 + i) for i, g in enumerate(gs)]
@@ -700,6 +782,7 @@ def _check_conservation(g, e_old, e_new, idx, val):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_error_feedback_conservation(backend, dtype):
+    backend.require((dtype,), 1200)
     gen = torch.Generator().manual_seed(0)
     shapes = [(40, 30), (7,), (0,), (300,), (16, 3, 3)]
     residuals = [torch.zeros(s, dtype=dtype) for s in shapes]
@@ -725,6 +808,7 @@ def test_error_feedback_conservation(backend, dtype):
 # Determinism: threads and repeated calls.
 # --------------------------------------------------------------------------------------
 def test_same_output_for_1_and_2_threads_and_repeats(backend):
+    backend.require(DTYPES, 400_000)
     backend.skip_if_too_large(400_000)
     big = make_values("band_tie", 400_000, torch.float32, seed=11)
     bf = make_values("randn", 200_000, torch.bfloat16, seed=12)

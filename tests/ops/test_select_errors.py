@@ -19,9 +19,12 @@ import torch
 
 import dgp_kernels
 
-from .test_select import DTYPE_IDS, DTYPES, _full_storage, bits, make_values
+from .test_select import DTYPE_IDS, DTYPES, _cpp_modes, _full_storage, bits, cpp_mode, make_values
 
 RAW_EXC = (ValueError, TypeError, RuntimeError)
+# The default kernel path plus every forced C++ path (SIMD levels, radix without sampling):
+# large-tensor NaN checks run under each, since each has its own first sweep.
+MODES = [("default", {})] + [(name, kw) for name, kw, _, _ in _cpp_modes()]
 NAN = math.nan
 INF = math.inf
 
@@ -129,9 +132,15 @@ def test_nan_in_list_names_the_layer(caller, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_nan_only_in_last_layer_leaves_every_residual_untouched(caller, dtype):
+@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
+def test_nan_only_in_last_layer_leaves_every_residual_untouched(caller, dtype, mode):
     """Large layers first (a kernel that fuses g + e into its first sweep must not have
     written any residual when the last layer turns out to hold a NaN)."""
+    with cpp_mode(**mode[1]):
+        _nan_in_last_layer(caller, dtype)
+
+
+def _nan_in_last_layer(caller, dtype):
     gs = [make_values("randn", n, dtype, seed=n) for n in (300_000, 1000, 0, 70_000, 50)]
     gs[1] = gs[1].reshape(10, 100).t()  # non-contiguous layer
     rs = [make_values("randn", g.numel(), dtype, seed=7).reshape(g.shape) for g in gs]
@@ -143,7 +152,13 @@ def test_nan_only_in_last_layer_leaves_every_residual_untouched(caller, dtype):
     expect_error(caller, ValueError, r"residuals\[4\]", "select_ef_multi", gs, rs, 0.05, 0.2)
 
 
-def test_nan_at_the_end_of_a_large_tensor(caller):
+@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
+def test_nan_at_the_end_of_a_large_tensor(caller, mode):
+    with cpp_mode(**mode[1]):
+        _nan_at_the_end(caller)
+
+
+def _nan_at_the_end(caller):
     g = make_values("randn", 1_000_003, torch.float32, seed=1)
     e = make_values("randn", 1_000_003, torch.float32, seed=2)
     g[-1] = NAN
