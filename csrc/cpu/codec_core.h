@@ -20,6 +20,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "dgp wire codec assumes a little-endian host (the wire format is little-endian)"
 #endif
@@ -96,8 +100,8 @@ inline uint64_t ld64_tail(const uint8_t* p, const uint8_t* end) {
 
 // ------------------------------------------------------------------------------------
 // CRC-32 (IEEE 802.3, reflected 0xEDB88320, init/xorout 0xFFFFFFFF): zlib.crc32's CRC.
-// Slicing-by-8: ~8 table lookups per 8 bytes; measured ~2 GB/s on this project's machine,
-// so it costs ~5% of the encode/decode time of a DGP payload (0.23 of dense bytes).
+// PCLMULQDQ folding where the CPU has it (checked at run time, never -march=native), else
+// slicing-by-8 (~1.8 GB/s here, 8 table lookups per 8 bytes).
 // ------------------------------------------------------------------------------------
 struct CrcTables {
   uint32_t t[8][256];
@@ -117,7 +121,7 @@ inline const CrcTables& crc_tables() {
   return tables;
 }
 
-inline uint32_t crc32(const uint8_t* p, size_t n, uint32_t crc = 0) {
+inline uint32_t crc32_table(const uint8_t* p, size_t n, uint32_t crc) {
   const CrcTables& T = crc_tables();
   crc = ~crc;
   while (n >= 8) {
@@ -132,6 +136,101 @@ inline uint32_t crc32(const uint8_t* p, size_t n, uint32_t crc = 0) {
   }
   while (n--) crc = (crc >> 8) ^ T.t[0][(crc ^ *p++) & 0xffu];
   return ~crc;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// Carry-less-multiply folding (Gopal et al., Intel 2009, "Fast CRC Computation for Generic
+// Polynomials Using PCLMULQDQ"; the constants and steps of Chromium zlib's crc32_simd.c).
+// Takes the *pre-inverted* running crc; len >= 64 and a multiple of 16. Measured here:
+// ~10 GB/s vs ~1.8 GB/s for slicing-by-8 (10 MB: ~1 ms instead of ~5.5 ms).
+__attribute__((target("pclmul,sse4.1"))) inline uint32_t crc32_clmul_raw(const uint8_t* buf, size_t len,
+                                                                         uint32_t crc) {
+  alignas(16) static const uint64_t k1k2[2] = {0x0154442bd4ULL, 0x01c6e41596ULL};
+  alignas(16) static const uint64_t k3k4[2] = {0x01751997d0ULL, 0x00ccaa009eULL};
+  alignas(16) static const uint64_t k5k0[2] = {0x0163cd6124ULL, 0x0000000000ULL};
+  alignas(16) static const uint64_t poly[2] = {0x01db710641ULL, 0x01f7011641ULL};
+  __m128i x0, x1, x2, x3, x4, x5, x6, x7, x8, y5, y6, y7, y8;
+  x1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x00));
+  x2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x10));
+  x3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x20));
+  x4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x30));
+  x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128(static_cast<int>(crc)));
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(k1k2));
+  buf += 64;
+  len -= 64;
+  while (len >= 64) {
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x6 = _mm_clmulepi64_si128(x2, x0, 0x00);
+    x7 = _mm_clmulepi64_si128(x3, x0, 0x00);
+    x8 = _mm_clmulepi64_si128(x4, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x2 = _mm_clmulepi64_si128(x2, x0, 0x11);
+    x3 = _mm_clmulepi64_si128(x3, x0, 0x11);
+    x4 = _mm_clmulepi64_si128(x4, x0, 0x11);
+    y5 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x00));
+    y6 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x10));
+    y7 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x20));
+    y8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x30));
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x5), y5);
+    x2 = _mm_xor_si128(_mm_xor_si128(x2, x6), y6);
+    x3 = _mm_xor_si128(_mm_xor_si128(x3, x7), y7);
+    x4 = _mm_xor_si128(_mm_xor_si128(x4, x8), y8);
+    buf += 64;
+    len -= 64;
+  }
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(k3k4));
+  x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+  x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+  x1 = _mm_xor_si128(_mm_xor_si128(x1, x2), x5);
+  x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+  x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+  x1 = _mm_xor_si128(_mm_xor_si128(x1, x3), x5);
+  x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+  x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+  x1 = _mm_xor_si128(_mm_xor_si128(x1, x4), x5);
+  while (len >= 16) {
+    x2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf));
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x2), x5);
+    buf += 16;
+    len -= 16;
+  }
+  x2 = _mm_clmulepi64_si128(x1, x0, 0x10);
+  x3 = _mm_setr_epi32(~0, 0, ~0, 0);
+  x1 = _mm_srli_si128(x1, 8);
+  x1 = _mm_xor_si128(x1, x2);
+  x0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(k5k0));
+  x2 = _mm_srli_si128(x1, 4);
+  x1 = _mm_and_si128(x1, x3);
+  x1 = _mm_clmulepi64_si128(x1, x0, 0x00);
+  x1 = _mm_xor_si128(x1, x2);
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(poly));
+  x2 = _mm_and_si128(x1, x3);
+  x2 = _mm_clmulepi64_si128(x2, x0, 0x10);
+  x2 = _mm_and_si128(x2, x3);
+  x2 = _mm_clmulepi64_si128(x2, x0, 0x00);
+  x1 = _mm_xor_si128(x1, x2);
+  return static_cast<uint32_t>(_mm_extract_epi32(x1, 1));
+}
+
+inline bool crc32_has_clmul() {
+  static const bool ok = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+  return ok;
+}
+#endif
+
+// CRC-32 of p[0, n), continuing from crc (0 to start): equals zlib.crc32(bytes, crc).
+inline uint32_t crc32(const uint8_t* p, size_t n, uint32_t crc = 0) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (n >= 64 && crc32_has_clmul()) {
+    const size_t chunk = n & ~static_cast<size_t>(15);
+    crc = ~crc32_clmul_raw(p, chunk, ~crc);
+    p += chunk;
+    n -= chunk;
+  }
+#endif
+  return crc32_table(p, n, crc);
 }
 
 // ------------------------------------------------------------------------------------
@@ -282,27 +381,31 @@ inline void write_indices(const LayerSpec& s, const LayerPlan& p, uint8_t* out) 
       std::memset(out, 0, p.index_nbytes);
       const unsigned r = p.param;
       const uint64_t rem_bytes = ceil_div8(k * r);
-      uint8_t* rem = out;
+      uint8_t* rp = out;
       uint8_t* un = out + rem_bytes;
-      const uint64_t mask = r == 0 ? 0 : (r == 64 ? ~0ULL : ((1ULL << r) - 1));
-      uint64_t rbit = 0, ubit = 0;
+      const uint64_t mask = r == 0 ? 0 : ((1ULL << r) - 1);
+      uint64_t acc = 0, ubit = 0;  // remainder bit writer: acc holds nb < 64 pending bits
+      unsigned nb = 0;
       int64_t prev = -1;
       for (uint64_t j = 0; j < k; ++j) {
         const uint64_t d = static_cast<uint64_t>(idx[j] - prev - 1);
         prev = idx[j];
-        if (r) {  // r <= 63 bits at bit offset rbit, possibly spanning 9 bytes
+        if (r) {
           const uint64_t v = d & mask;
-          uint64_t byte = rbit >> 3;
-          const unsigned sh = rbit & 7;
-          unsigned __int128 w = static_cast<unsigned __int128>(v) << sh;
-          const unsigned nb = static_cast<unsigned>((sh + r + 7) / 8);
-          for (unsigned b = 0; b < nb; ++b) rem[byte + b] |= static_cast<uint8_t>(w >> (8 * b));
-          rbit += r;
+          acc |= v << nb;
+          nb += r;
+          if (nb >= 64) {  // 64 bits complete: they lie inside the k*r remainder bits
+            st64(rp, acc);
+            rp += 8;
+            nb -= 64;
+            acc = nb ? v >> (r - nb) : 0;
+          }
         }
         ubit += d >> r;  // q zero bits, then a one bit
         un[ubit >> 3] |= static_cast<uint8_t>(1u << (ubit & 7));
         ++ubit;
       }
+      for (unsigned b = 0; b < nb; b += 8) *rp++ = static_cast<uint8_t>(acc >> b);
       return;
     }
     case kRaw32:
@@ -610,49 +713,43 @@ inline void walk_indices(const uint8_t* d, const Entry& E, size_t layer, F&& f) 
       const uint64_t rem_bytes = ceil_div8(k * r);
       const uint8_t* rem = s;
       const uint8_t* un = s + rem_bytes;
-      const uint64_t ubits = (E.index_nbytes - rem_bytes) * 8;
       const uint64_t mask = r == 0 ? 0 : ((1ULL << r) - 1);
       if (kCheck && ((k * r) & 7)) {
         const uint8_t pad = static_cast<uint8_t>(rem[rem_bytes - 1] >> ((k * r) & 7));
         if (pad) fail(where(rem_bytes - 1), "Rice remainder padding bits are set");
       }
-      uint64_t ubit = 0, next = 0;
+      // Unary quotients: q_j = p_j - p_{j-1} - 1 where p_j is the bit position of the j-th
+      // one bit (p_{-1} = -1). Walk the one bits word by word (ctz, clear lowest).
+      const uint64_t un_bytes = E.index_nbytes - rem_bytes;
+      uint64_t wpos = 0;  // byte offset of the current word in the unary stream
+      uint64_t cur = un_bytes ? ld64_tail(un, end) : 0;
+      uint64_t ubit = 0, next = 0;  // ubit = p_{j-1} + 1
       for (uint64_t j = 0; j < k; ++j) {
-        // Unary quotient: count zero bits up to the next one bit.
-        uint64_t q = 0;
-        for (;;) {
-          if (kCheck && ubit >= ubits)
+        while (cur == 0) {
+          wpos += 8;
+          if (kCheck && wpos >= un_bytes)
             fail(where(rem_bytes), "truncated Rice stream (index ", j, " of k = ", k, ")");
-          const uint8_t* wp = un + (ubit >> 3);
-          const uint64_t w = ld64_tail(wp, end) >> (ubit & 7);
-          // Bits available in w: up to 64 - (ubit & 7), fewer near the end of the stream.
-          const uint64_t avail = 64 - (ubit & 7);
-          if (w) {
-            const uint64_t z = static_cast<uint64_t>(__builtin_ctzll(w));
-            if (z < avail) {  // (always true: w only holds bits from the stream, zero-filled)
-              q += z;
-              ubit += z + 1;
-              break;
-            }
-          }
-          q += avail;
-          ubit += avail;
+          cur = (wpos + 8 <= un_bytes) ? ld64(un + wpos) : ld64_tail(un + wpos, end);
         }
+        const uint64_t pos = wpos * 8 + static_cast<uint64_t>(__builtin_ctzll(cur));
+        cur &= cur - 1;
+        const uint64_t q = pos - ubit;
+        ubit = pos + 1;
         uint64_t rv = 0;
-        if (r) {
-          const uint64_t b = j * r;
-          const uint8_t* rp = rem + (b >> 3);
+        if (r) {  // j-th r-bit field of the remainder stream (all k*r bits exist)
+          const uint64_t b = j * r, byte = b >> 3;
           const unsigned sh = b & 7;
-          unsigned __int128 w = ld64_tail(rp, un);
-          if (sh + r > 64 && rp + 8 < un) w |= static_cast<unsigned __int128>(rp[8]) << 64;
-          rv = static_cast<uint64_t>(w >> sh) & mask;
+          uint64_t w = (byte + 8 <= rem_bytes) ? ld64(rem + byte) : ld64_tail(rem + byte, un);
+          w >>= sh;
+          if (sh + r > 64) w |= static_cast<uint64_t>(rem[byte + 8]) << (64 - sh);
+          rv = w & mask;
         }
         if (kCheck) {
           if (q > ((~0ULL) >> r)) fail(where(rem_bytes + (ubit >> 3)), "Rice quotient overflows 64 bits");
         }
         const uint64_t d = (q << r) | rv;
         if (kCheck && (next >= n || d > n - 1 - next))
-          fail(where(rem_bytes + (ubit >> 3)), "index out of range: gap ", d, " after index ",
+          fail(where(rem_bytes + (pos >> 3)), "index out of range: gap ", d, " after index ",
                int64_t(next) - 1, " passes numel ", n);
         const uint64_t x = next + d;
         f(j, x);
@@ -667,6 +764,7 @@ inline void walk_indices(const uint8_t* d, const Entry& E, size_t layer, F&& f) 
           const uint8_t pad = static_cast<uint8_t>(un[(ubit >> 3)] >> (ubit & 7));
           if (pad) fail(where(rem_bytes + (ubit >> 3)), "Rice stream has extra bits after k = ", k, " codes");
         }
+        (void)cur;
       }
       return;
     }
