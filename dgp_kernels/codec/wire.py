@@ -22,6 +22,7 @@ bytes and identical results; the tests force each. The byte layout is in README.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -260,6 +261,16 @@ def _coding_id(c, layer: int) -> int:
     raise ValueError(f"force_coding for layer {layer} must be one of {CODING_NAMES} or None, got {c!r}")
 
 
+def _as_int(x) -> Optional[int]:
+    """int(x) for Python/numpy/torch integers (not bools), else None."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
 def _serialize_meta(meta) -> bytes:
     out = bytearray()
     for i, item in enumerate(meta):
@@ -268,8 +279,9 @@ def _serialize_meta(meta) -> bytes:
         key, val = item
         if not isinstance(key, str) or not (1 <= len(key) <= 255) or not all(0x21 <= ord(ch) <= 0x7E for ch in key):
             raise PayloadError(f"meta[{i}] key must be 1..255 printable ASCII characters without spaces, got {key!r}")
-        if isinstance(val, bool) or not isinstance(val, int) or not (-(1 << 63) <= val < (1 << 63)):
-            raise PayloadError(f"meta[{i}] ({key!r}) value must be an int64, got {val!r}")
+        val = _as_int(val)
+        if val is None or not (-(1 << 63) <= val < (1 << 63)):
+            raise PayloadError(f"meta[{i}] ({key!r}) value must be an int64, got {item[1]!r}")
         out += bytes([len(key)]) + key.encode("ascii") + int(val).to_bytes(8, "little", signed=True)
     return bytes(out)
 
@@ -347,9 +359,9 @@ def encode(
             if ix.numel() != v.numel():
                 raise PayloadError(
                     f"layer {i}: {ix.numel()} indices but {v.numel()} values")
-        n = layer.numel
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise PayloadError(f"layer {i}: numel must be a non-negative int, got {n!r}")
+        n = _as_int(layer.numel)
+        if n is None or n < 0:
+            raise PayloadError(f"layer {i}: numel must be a non-negative int, got {layer.numel!r}")
         indices.append(ix)
         values.append(v.contiguous())
         numels.append(int(n))
@@ -428,9 +440,10 @@ def _check_numels(numels, name) -> Optional[List[int]]:
         return None
     out = []
     for i, n in enumerate(numels):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        v = _as_int(n)
+        if v is None or v < 0:
             raise ValueError(f"{name}[{i}] must be a non-negative int, got {n!r}")
-        out.append(int(n))
+        out.append(v)
     return out
 
 

@@ -65,3 +65,49 @@ def test_raw_op_argument_checks():
     assert torch.equal(out, torch.zeros(10))
     st = torch.ops.dgp.wire_accumulate([d, d[:-1]], None, [out], [], False, False)
     assert st.tolist() == [0, 1] and out[IDX].tolist() == VAL.tolist()
+
+
+@pytest.mark.skipif(not wire.cpp_available(), reason="dgp_kernels._C (C++ codec kernels) not built")
+def test_python_op_adapters_match_the_cpp_ops():
+    """The Python functions that serve the op schemas when _C is absent give the same outputs."""
+    enc_args = _cases()["wire_encode"]
+    a = torch.ops.dgp.wire_encode(*enc_args)
+    b = wire._py_wire_encode(*enc_args)
+    assert torch.equal(a, b)
+    for x, y in zip(torch.ops.dgp.wire_decode(a, [10, 4], False), wire._py_wire_decode(a, [10, 4], False)):
+        assert torch.equal(x, y)
+    outs = [[torch.zeros(10), torch.zeros(4)] for _ in range(2)]
+    bad = a[:-1].clone()
+    s1 = torch.ops.dgp.wire_accumulate([a, bad, a], [1.0, 1.0, 0.5], outs[0], [], False, False)
+    s2 = wire._py_wire_accumulate([a, bad, a], [1.0, 1.0, 0.5], outs[1], [], False, False)
+    assert torch.equal(s1, s2) and all(torch.equal(x, y) for x, y in zip(*outs))
+    wire._py_wire_validate(a, [10, 4], None, False)
+    with pytest.raises(ValueError, match="checksum"):
+        wire._py_wire_validate(bad, [10, 4], None, False)
+
+
+def test_codec_without_the_extension(tmp_path):
+    """With dgp_kernels._C unimportable, the ops are served by the Python fallback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings; sys.modules['dgp_kernels._C'] = None\n"
+        "warnings.simplefilter('ignore')\n"
+        "import torch, dgp_kernels\n"
+        "from dgp_kernels.codec import wire, encode, decode, decode_accumulate, SparsePayload, LayerPayload\n"
+        "assert dgp_kernels.backend_info().cpu == 'reference' and not wire.cpp_available()\n"
+        "p = SparsePayload((LayerPayload(10, torch.tensor([1, 5, 7]), torch.tensor([0.5, -2.0, 3.0])),))\n"
+        "d = encode(p)\n"
+        "assert torch.equal(decode(d, [10]).layers[0].indices, torch.tensor([1, 5, 7]))\n"
+        "t = torch.frombuffer(bytearray(d), dtype=torch.uint8)\n"
+        "assert torch.equal(torch.ops.dgp.wire_encode([torch.tensor([1, 5, 7])], [torch.tensor([0.5, -2.0, 3.0])],"
+        " [10], [-1], False, torch.empty(0, dtype=torch.uint8)), t)\n"
+        "out = [torch.zeros(10)]\n"
+        "assert decode_accumulate([d, d[:-1]], out).accepted == (0,) and out[0][5] == -2.0\n"
+        "print('OK', d.hex())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = encode(SparsePayload((LayerPayload(10, torch.tensor([1, 5, 7]), torch.tensor([0.5, -2.0, 3.0])),)))
+    assert r.stdout.split()[-1] == ref.hex()  # same bytes as this process (C++ when built)
