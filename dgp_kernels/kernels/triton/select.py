@@ -561,7 +561,13 @@ def band_multi_triton(
     shift = key_bits - FIRST_DIGIT_BITS
     nb1 = 1 << FIRST_DIGIT_BITS
     i64 = dict(dtype=torch.int64, device=device)
-    hist = torch.zeros((S, nb1), dtype=torch.int32, device=device)
+    # One zeroed int32 workspace for every histogram and the candidate fill counters.
+    nbins = [max(1 << w, 32) for w in widths]  # see _refine_kernel's launch below
+    ws = torch.zeros(S * nb1 + sum(2 * S * b for b in nbins) + S, dtype=torch.int32,
+                     device=device)
+    sizes = [S * nb1] + [2 * S * b for b in nbins] + [S]
+    hist, *level_hists, fill = torch.split(ws, sizes)
+    hist = hist.view(S, nb1)
     flags = torch.zeros(2 * S, **i64)  # [NaN flag per layer, candidate count per layer]
     prefix = torch.empty(2 * S, **i64)  # rows 2s: upper boundary, 2s+1: lower boundary
     rank = plan.rank0.clone()
@@ -607,7 +613,6 @@ def band_multi_triton(
         cand_n, cc_seg, cc_start, cand_off = _to_device([cand_ns, cc_seg, cc_start, slot], device)
         cand_key = torch.empty(max(n_cand, 1), dtype=key_dtype, device=device)
         blk_cand = torch.empty((2, n_blocks), **i64)  # first candidate, candidate count
-        fill = torch.zeros(S, dtype=torch.int32, device=device)
         _gather_kernel[(n_blocks,)](
             g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, prefix, cnt,
             blk_cand[0], blk_cand[1], cand_off, fill, cand_key, SHIFT=shift, BLOCK_=BLOCK,
@@ -620,19 +625,18 @@ def band_multi_triton(
         n_refine = n_chunks
     pshift = shift
     for level, w in enumerate(widths):
-        # >= 32 bins: older triton lowers tl.histogram with a warp-ballot scheme that
-        # asserts num_bins % 32 == 0 (the 4-bit digit of 16-bit floats uses 16 of 32).
-        nbins = max(1 << w, 32)
-        h = torch.zeros((2 * S, nbins), dtype=torch.int32, device=device)
+        # nbins[level] >= 32: older triton lowers tl.histogram with a warp-ballot scheme
+        # that asserts num_bins % 32 == 0 (the 4-bit digit of 16-bit floats uses 16 of 32).
+        h = level_hists[level]
         if n_refine:
             _refine_kernel[(n_refine,)](
                 g_ptrs, e_ptrs, *src, cand_off, cand_key, prefix, h,
                 FROM_CAND=candidates, PSHIFT=pshift, DSHIFT=pshift - w, DMASK=(1 << w) - 1,
-                NBINS=nbins, TILE_=TILE, CHUNK_=CHUNK, **common,
+                NBINS=nbins[level], TILE_=TILE, CHUNK_=CHUNK, **common,
             )
         _locate_kernel[(S,)](
             h, prefix, rank, plan.active, flags, *thresholds, S,
-            NBINS=nbins, WIDTH=w, FIRST=False, FINAL=level == len(widths) - 1,
+            NBINS=nbins[level], WIDTH=w, FIRST=False, FINAL=level == len(widths) - 1,
         )
         pshift -= w
 
