@@ -673,7 +673,7 @@ inline void walk_indices(const uint8_t* d, const Entry& E, size_t layer, F&& f) 
       const uint8_t* p = s;
       uint64_t next = 0;  // smallest allowed next index (prev + 1)
       for (uint64_t j = 0; j < k; ++j) {
-        uint64_t d = 0;
+        uint64_t gap = 0;
         if (kCheck) {
           const uint8_t* start = p;
           unsigned shift = 0;
@@ -681,26 +681,26 @@ inline void walk_indices(const uint8_t* d, const Entry& E, size_t layer, F&& f) 
             if (p >= end) fail(where(start - s), "truncated varint (index ", j, " of k = ", k, ")");
             const uint8_t b = *p++;
             if (shift == 63 && b > 1) fail(where(start - s), "varint overflows 64 bits");
-            d |= static_cast<uint64_t>(b & 0x7f) << shift;
+            gap |= static_cast<uint64_t>(b & 0x7f) << shift;
             if (!(b & 0x80)) {
               if (b == 0 && p - start > 1) fail(where(start - s), "non-canonical (overlong) varint");
               break;
             }
             shift += 7;
           }
-          if (next >= n || d > n - 1 - next)
-            fail(where(start - s), "index out of range: gap ", d, " after index ", int64_t(next) - 1,
+          if (next >= n || gap > n - 1 - next)
+            fail(where(start - s), "index out of range: gap ", gap, " after index ", int64_t(next) - 1,
                  " passes numel ", n);
         } else {
           unsigned shift = 0;
           for (;;) {
             const uint8_t b = *p++;
-            d |= static_cast<uint64_t>(b & 0x7f) << shift;
+            gap |= static_cast<uint64_t>(b & 0x7f) << shift;
             if (!(b & 0x80)) break;
             shift += 7;
           }
         }
-        const uint64_t x = next + d;
+        const uint64_t x = next + gap;
         f(j, x);
         next = x + 1;
       }
@@ -747,11 +747,11 @@ inline void walk_indices(const uint8_t* d, const Entry& E, size_t layer, F&& f) 
         if (kCheck) {
           if (q > ((~0ULL) >> r)) fail(where(rem_bytes + (ubit >> 3)), "Rice quotient overflows 64 bits");
         }
-        const uint64_t d = (q << r) | rv;
-        if (kCheck && (next >= n || d > n - 1 - next))
-          fail(where(rem_bytes + (pos >> 3)), "index out of range: gap ", d, " after index ",
+        const uint64_t gap = (q << r) | rv;
+        if (kCheck && (next >= n || gap > n - 1 - next))
+          fail(where(rem_bytes + (pos >> 3)), "index out of range: gap ", gap, " after index ",
                int64_t(next) - 1, " passes numel ", n);
-        const uint64_t x = next + d;
+        const uint64_t x = next + gap;
         f(j, x);
         next = x + 1;
       }
