@@ -310,3 +310,16 @@ def test_lists_of_mixed_dtypes(caller):
     # A residual list whose dtypes match gs but whose gs mix dtypes: still nothing written.
     c = torch.randn(5, dtype=torch.bfloat16)
     expect_error(caller, ValueError, r"gs\[1\]", "select_ef_multi", [a, c], [torch.ones_like(a), torch.ones_like(c)], 0.05, 0.2)
+
+
+def test_overlapping_residual_is_rejected(caller):
+    """A residual (or prune_'s g) whose elements share memory cannot be written in place:
+    torch's internal-overlap error, and the shared storage is left alone."""
+    g = torch.randn(10)
+    base = torch.ones(1)
+    with pytest.raises((RuntimeError, ValueError), match="memory location|overlap"):
+        (_wrapper if caller == "wrapper" else _raw)("select_ef", g, base.expand(10), 0.05, 0.2)
+    assert base.item() == 1.0
+    with pytest.raises((RuntimeError, ValueError), match="memory location|overlap"):
+        (_wrapper if caller == "wrapper" else _raw)("prune_", base.expand(10), 0.05, 0.2)
+    assert base.item() == 1.0
