@@ -292,9 +292,10 @@ def test_matches_cpp_kernel(device, dtype, case):
     e_cpp = e.cpu().clone()
     assert_same(ts.select_ef_triton(g, e, top, keep), torch.ops.dgp.select_ef(g_cpu, e_cpp, top, keep))
     assert_same(e, e_cpp)
-    gs = _layers(dtype, device)
-    assert_same(ts.select_multi_triton(gs, top, keep),
-                torch.ops.dgp.select_multi([x.cpu() for x in gs], top, keep))
+    if case == "randn":
+        gs = _layers(dtype, device)
+        assert_same(ts.select_multi_triton(gs, top, keep),
+                    torch.ops.dgp.select_multi([x.cpu() for x in gs], top, keep))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: the CUDA dispatch key is never hit")
@@ -344,18 +345,18 @@ def forced_path(request, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ["randn", "all_equal", "many_zeros", "signed_zeros",
-                                  "tie_band", "quantized", "infs", "n7", "keep0"])
+@pytest.mark.parametrize("case", ["randn", "all_equal", "many_zeros", "tie_band", "quantized",
+                                  "keep0"])
 def test_both_refinement_paths(device, dtype, case, forced_path):
     g, top, keep = _make(case, dtype, device)
-    assert_same(ts.select_triton(g, top, keep), reference.select(g.cpu(), top, keep))
-    e = _residual_like(g, 90) if case in ("randn", "infs") else torch.zeros_like(g)
+    e = _residual_like(g, 90) if case == "randn" else torch.zeros_like(g)
     e_ref = e.cpu().clone()
     assert_same(ts.select_ef_triton(g, e, top, keep), reference.select_ef(g.cpu(), e_ref, top, keep))
     assert_same(e, e_ref)
-    gs = _layers(dtype, device)
-    assert_same(ts.select_multi_triton(gs, top, keep),
-                reference.select_multi([x.cpu() for x in gs], top, keep))
+    if case == "randn":  # layers with empty and tie-heavy members, on both paths
+        gs = _layers(dtype, device)
+        assert_same(ts.select_multi_triton(gs, top, keep),
+                    reference.select_multi([x.cpu() for x in gs], top, keep))
 
 
 def test_kernels_compile_for_sm90():
