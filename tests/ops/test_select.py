@@ -576,13 +576,27 @@ def test_random_shapes(backend, dtype, top, keep):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("top,keep", FRACTIONS, ids=FRACTION_IDS)
 def test_adversarial(backend, dtype, kind, top, keep):
-    backend.require((dtype,), 1000)
-    for n in (1, 5, 31, 64, 1000):
+    backend.require((dtype,), 4097)
+    # Up to 4096 entries the C++ kernel uses nth_element on a copy; 4097 takes the radix path.
+    for n in (1, 5, 31, 64, 1000, 4097):
         g = make_values(kind, n, dtype, seed=n, top=top, keep=keep)
         # A residual that is zero (v = g + 0 turns -0.0 into +0.0) or of the same kind.
         e = torch.zeros_like(g) if n % 2 else make_values(kind, n, dtype, seed=n + 7, top=top, keep=keep)
         e[torch.isnan(g + e)] = 0.0  # inf - inf is an error case, tested elsewhere
         check_all_ops(backend, g, top, keep, residual=e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("top,keep", [(0.05, 0.2), (0.7, 0.3), (0.0, 1.0)], ids=["default", "t0.7-k0.3", "all"])
+def test_adversarial_medium(backend, dtype, kind, top, keep):
+    """Between the direct (<= 4096) and the sampled (>= 2^17) sizes: multi-digit radix."""
+    n = 20_000
+    backend.require((dtype,), n)
+    g = make_values(kind, n, dtype, seed=n, top=top, keep=keep).reshape(100, 200)
+    e = make_values(kind, n, dtype, seed=n + 7, top=top, keep=keep).reshape(100, 200)
+    e[torch.isnan(g + e)] = 0.0
+    check_all_ops(backend, g, top, keep, residual=e, ops=("select", "select_ef"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -761,9 +775,10 @@ def test_multi_all_empty_and_single(backend):
 
 def test_multi_many_layers(backend):
     """Many small layers and one large one (a kernel that parallelises across layers)."""
-    backend.require((torch.float32,), 200_000)
+    backend.require((torch.float32,), 300_000)
     gs = [make_values("band_tie", n, torch.float32, seed=n) for n in range(0, 300)]
-    gs.append(make_values("band_tie", 200_000, torch.float32, seed=1))
+    # One layer above kParMin (2^18: split into per-thread chunks) and the sampling size.
+    gs.insert(150, make_values("band_tie", 300_000, torch.float32, seed=1))
     es = [make_values("randn", g.numel(), torch.float32, seed=7 + i) for i, g in enumerate(gs)]
     run_both(backend, "select_multi", gs, 0.05, 0.2)
     run_both(backend, "select_ef_multi", gs, es, 0.05, 0.2)
