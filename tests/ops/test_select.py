@@ -681,6 +681,16 @@ def test_large(backend, kind, n, dtype, fr, ops):
     check_all_ops(backend, g, top, keep, residual=e, ops=ops)
 
 
+def test_large_unaligned_views(backend):
+    """Contiguous views at odd element offsets: SIMD loads/stores that are not vector aligned,
+    g and residual misaligned differently."""
+    n = 300_000
+    backend.require((torch.float32,), n)
+    g = make_values("band_tie", n + 16, torch.float32, seed=3)[3 : 3 + n]
+    e = make_values("randn", n + 16, torch.float32, seed=4)[13 : 13 + n]
+    check_all_ops(backend, g, 0.05, 0.2, residual=e, ops=("select", "select_ef", "prune_"))
+
+
 # --------------------------------------------------------------------------------------
 # Hypothesis: generated cases through the op path.
 # --------------------------------------------------------------------------------------
