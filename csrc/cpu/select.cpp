@@ -77,6 +77,27 @@ void scan_nan(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p) {
   p.ord_lo = {0};
 }
 
+// The counting sweep of the sampled path for one layer: SIMD for float32 where available.
+static std::atomic<bool> g_sample_enabled{true};
+static bool sample_enabled() { return g_sample_enabled.load(std::memory_order_relaxed); }
+
+template <typename T, bool EF>
+auto count_fn(const LayerIO<T>& io) {
+  using K = typename KeyTraits<T>::K;
+  return [&io](int64_t lo, int64_t hi, const Bracket<K>& br, K* ch, int64_t cap_h, K* cl,
+               int64_t cap_l, ChunkCount<K>& out) {
+#if DGP_X86
+    if constexpr (std::is_same_v<T, float>) {
+      if (simd_current() == Simd::kAvx512) {
+        count_f32_avx512<EF>(io.g, io.e, lo, hi, br, ch, cap_h, cl, cap_l, out);
+        return;
+      }
+    }
+#endif
+    count_chunk_scalar<T, EF>(io.g, io.e, lo, hi, br, ch, cap_h, cl, cap_l, out);
+  };
+}
+
 // Returns false when the chunk did not write exactly the entries its plan promised (an
 // internal invariant; checked by the caller outside the parallel region, since nothing may
 // throw across an OpenMP construct).
@@ -143,6 +164,12 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
       scan_nan<T, EF>(io.g, io.e, p);
     } else if (C == 1 && p.cnt.n <= kDirectMax) {
       analyze_direct<T, EF>(io.g, io.e, p);
+    } else if (p.cnt.n >= kSampleMin && sample_enabled() &&
+               (parallel ? analyze_sampled<T, EF>(io.g, io.e, p, C, [&](auto&& f) { par(C, f); },
+                                                  count_fn<T, EF>(io))
+                         : analyze_sampled<T, EF>(io.g, io.e, p, C, [&](auto&& f) { seq(C, f); },
+                                                  count_fn<T, EF>(io)))) {
+      // exact keys found from the sampled brackets
     } else if (parallel) {
       analyze_radix<T, EF>(io.g, io.e, p, C, [&](auto&& f) { par(C, f); });
     } else {
@@ -411,7 +438,16 @@ static PyObject* py_set_simd_level(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_set_sampling(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  dgp::g_sample_enabled.store(on != 0);
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef kMethods[] = {
+    {"set_sampling", py_set_sampling, METH_O,
+     "Enable/disable the sampled-bracket analysis of large layers (tests force both paths)."},
     {"simd_level", py_simd_level, METH_NOARGS, "Compaction path in use: scalar, avx2 or avx512."},
     {"simd_best", py_simd_best, METH_NOARGS, "Best compaction path this CPU supports."},
     {"set_simd_level", py_set_simd_level, METH_O,

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <vector>
 
 #include <c10/util/BFloat16.h>
@@ -185,6 +186,47 @@ void analyze_direct(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p) {
   p.ord_lo = {0};
 }
 
+// Given the exact boundary keys and, per chunk, the counts of keys > K and == K at both
+// boundaries, computes the tie windows, each chunk's first output slot and tie ordinals.
+template <typename K>
+void finalize_plan(Plan<K>& p, int C, const std::vector<int64_t>& gt_hi,
+                   const std::vector<int64_t>& gt_lo, const std::vector<int64_t>& eq_hi,
+                   const std::vector<int64_t>& eq_lo) {
+  int64_t G_hi = 0, G_lo = 0;
+  for (int c = 0; c < C; ++c) {
+    G_hi += gt_hi[c];
+    G_lo += gt_lo[c];
+  }
+  p.s_hi = p.cnt.k_top - G_hi;
+  p.t_lo = p.cnt.k_top + p.cnt.k_keep - G_lo;
+  p.nchunks = C;
+  p.out_off.assign(C + 1, 0);
+  p.ord_hi.assign(C, 0);
+  p.ord_lo.assign(C, 0);
+  int64_t oh = 0, ol = 0, out = 0;
+  auto overlap = [](int64_t a0, int64_t a1, int64_t b0, int64_t b1) {
+    return std::max<int64_t>(0, std::min(a1, b1) - std::max(a0, b0));
+  };
+  const int64_t kInfRank = INT64_MAX / 4;
+  for (int c = 0; c < C; ++c) {
+    p.ord_hi[c] = oh;
+    p.ord_lo[c] = ol;
+    p.out_off[c] = out;
+    int64_t kept;
+    if (p.khi == p.klo) {
+      kept = overlap(oh, oh + eq_hi[c], p.s_hi, p.t_lo);
+    } else {
+      const int64_t strict = gt_lo[c] - gt_hi[c] - eq_hi[c];
+      kept = strict + overlap(oh, oh + eq_hi[c], p.s_hi, kInfRank) +
+             overlap(ol, ol + eq_lo[c], 0, p.t_lo);
+    }
+    out += kept;
+    oh += eq_hi[c];
+    ol += eq_lo[c];
+  }
+  p.out_off[C] = out;
+}
+
 // Finds, in the combined histogram h[0..nb), the bucket holding rank r (ranks count from the
 // largest bucket down). Returns the bucket and sets *above to the count in higher buckets.
 inline int64_t find_rank_bucket(const uint64_t* h, int64_t nb, int64_t r, int64_t* above) {
@@ -293,39 +335,214 @@ void analyze_radix(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, in
 
   p.khi = pre_hi;
   p.klo = pre_lo;
-  int64_t G_hi = 0, G_lo = 0;
-  for (int c = 0; c < C; ++c) {
-    G_hi += gt_hi[c];
-    G_lo += gt_lo[c];
-  }
-  p.s_hi = p.cnt.k_top - G_hi;
-  p.t_lo = p.cnt.k_top + p.cnt.k_keep - G_lo;
-  p.nchunks = C;
-  p.out_off.assign(C + 1, 0);
-  p.ord_hi.assign(C, 0);
-  p.ord_lo.assign(C, 0);
-  int64_t oh = 0, ol = 0, out = 0;
-  auto overlap = [](int64_t a0, int64_t a1, int64_t b0, int64_t b1) {
-    return std::max<int64_t>(0, std::min(a1, b1) - std::max(a0, b0));
-  };
-  const int64_t kInfRank = INT64_MAX / 4;
-  for (int c = 0; c < C; ++c) {
-    p.ord_hi[c] = oh;
-    p.ord_lo[c] = ol;
-    p.out_off[c] = out;
-    int64_t kept;
-    if (p.khi == p.klo) {
-      kept = overlap(oh, oh + eq_hi[c], p.s_hi, p.t_lo);
-    } else {
-      const int64_t strict = gt_lo[c] - gt_hi[c] - eq_hi[c];
-      kept = strict + overlap(oh, oh + eq_hi[c], p.s_hi, kInfRank) +
-             overlap(ol, ol + eq_lo[c], 0, p.t_lo);
+  finalize_plan(p, C, gt_hi, gt_lo, eq_hi, eq_lo);
+}
+
+// ------------------------------------------------------------------ sampled brackets
+// For large layers: a stratified sample of the keys brackets both boundary ranks, then ONE
+// counting sweep counts, per chunk, the entries above and between the brackets and copies
+// the keys inside the brackets (~3% of n at the defaults) into per-chunk candidate buffers;
+// the exact boundary keys are selected among the candidates. With the write pass that is
+// two sweeps over the data instead of the radix path's three. If a bracket misses its rank
+// (an unrepresentative sample, or heavy ties such as many exact zeros) or a candidate buffer
+// fills up, the caller falls back to the radix path: exact either way, only slower.
+
+// Inclusive key ranges [b_hi, a_hi] (around rank k_top) and [b_lo, a_lo] (around rank
+// k_top + k_keep - 1), with b_hi > a_lo. When the two would overlap they are merged into
+// [b_hi, a_hi] and the low range is made empty (b_lo = a_lo + 1, no key strictly between).
+template <typename K>
+struct Bracket {
+  K a_hi, b_hi, a_lo, b_lo;
+};
+
+// One chunk's counting result. Candidate buffers are caller-owned with 16 slots of slack
+// past their capacity so SIMD kernels may store whole vectors.
+template <typename K>
+struct ChunkCount {
+  int64_t above = 0;  // keys > a_hi
+  int64_t mid = 0;    // a_lo < key < b_hi
+  int64_t nh = 0, nl = 0;  // candidates written
+  K kmax = 0;
+  bool overflow = false;
+};
+
+constexpr int kSimdSlack = 16;
+
+template <typename T, bool EF>
+void count_chunk_scalar(const T* g, const T* e, int64_t lo, int64_t hi,
+                        const Bracket<typename KeyTraits<T>::K>& br,
+                        typename KeyTraits<T>::K* ch, int64_t cap_h,
+                        typename KeyTraits<T>::K* cl, int64_t cap_l,
+                        ChunkCount<typename KeyTraits<T>::K>& out) {
+  using K = typename KeyTraits<T>::K;
+  K kmax = out.kmax;
+  int64_t above = out.above, mid = out.mid, nh = out.nh, nl = out.nl;
+  for (int64_t i = lo; i < hi; ++i) {
+    const K k = key_of(load_v<T, EF>(g, e, i));
+    kmax = std::max(kmax, k);
+    if (k > br.a_hi) {
+      ++above;
+    } else if (k >= br.b_hi) {
+      if (nh >= cap_h) { out.overflow = true; break; }
+      ch[nh++] = k;
+    } else if (k > br.a_lo) {
+      ++mid;
+    } else if (k >= br.b_lo) {
+      if (nl >= cap_l) { out.overflow = true; break; }
+      cl[nl++] = k;
     }
-    out += kept;
-    oh += eq_hi[c];
-    ol += eq_lo[c];
   }
-  p.out_off[C] = out;
+  out.kmax = kmax;
+  out.above = above;
+  out.mid = mid;
+  out.nh = nh;
+  out.nl = nl;
+}
+
+// Sample positions: one per stratum of n/m entries, at a hashed offset inside it.
+inline int64_t sample_pos(int64_t j, int64_t stride) {
+  uint64_t h = static_cast<uint64_t>(j) * 0x9E3779B97F4A7C15ull;
+  h ^= h >> 29;
+  h *= 0xBF58476D1CE4E5B9ull;
+  h ^= h >> 32;
+  return j * stride + static_cast<int64_t>(h % static_cast<uint64_t>(stride));
+}
+
+// Layers this large try the sampled path first.
+constexpr int64_t kSampleMin = int64_t(1) << 17;
+
+// `count(lo, hi, br, ch, cap_h, cl, cap_l, out)` counts entries [lo, hi) (SIMD where
+// available).
+// Returns false when the caller must fall back to the radix path.
+template <typename T, bool EF, typename Runner, typename CountFn>
+bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, int C,
+                     Runner&& run, CountFn&& count) {
+  using K = typename KeyTraits<T>::K;
+  const int64_t n = p.cnt.n;
+  const int64_t m = std::min<int64_t>(32768, std::max<int64_t>(2048, n / 64));
+  const int64_t stride = n / m;
+  std::vector<K> smp(static_cast<size_t>(m));
+  for (int64_t j = 0; j < m; ++j) smp[j] = key_of(load_v<T, EF>(g, e, sample_pos(j, stride)));
+
+  // Bracket each boundary rank by +-z standard deviations of the sampled quantile
+  // (z = 4: a miss costs a fallback, so be generous; 2.9% of n are candidates at the
+  // defaults with m = 32768).
+  const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
+  auto at_rank = [&](int64_t pos) -> K {  // sample key at descending position pos
+    pos = std::min<int64_t>(std::max<int64_t>(pos, 0), m - 1);
+    std::nth_element(smp.begin(), smp.begin() + pos, smp.end(), std::greater<K>());
+    return smp[pos];
+  };
+  auto margin = [&](int64_t r) {
+    const double q = static_cast<double>(r) / static_cast<double>(n);
+    return static_cast<int64_t>(4.0 * std::sqrt(static_cast<double>(m) * q * (1.0 - q))) + 4;
+  };
+  const double scale = static_cast<double>(m) / static_cast<double>(n);
+  const int64_t ph = static_cast<int64_t>(static_cast<double>(r_hi) * scale);
+  const int64_t pl = static_cast<int64_t>(static_cast<double>(r_lo) * scale);
+  const int64_t dh = margin(r_hi), dl = margin(r_lo);
+  Bracket<K> br;
+  br.a_hi = (ph - dh < 0) ? std::numeric_limits<K>::max() : at_rank(ph - dh);
+  br.b_hi = (ph + dh >= m) ? K(0) : at_rank(ph + dh);
+  br.a_lo = (pl - dl < 0) ? std::numeric_limits<K>::max() : at_rank(pl - dl);
+  br.b_lo = (pl + dl >= m) ? K(0) : at_rank(pl + dl);
+  const bool merged = br.a_lo >= br.b_hi;
+  if (merged) {
+    br.b_hi = br.b_lo;
+    br.a_lo = br.b_hi == 0 ? K(0) : static_cast<K>(br.b_hi - 1);
+    br.b_lo = static_cast<K>(br.a_lo + 1);
+  }
+  const double frac_h = merged ? static_cast<double>(pl + dl - ph + dh) / m
+                               : static_cast<double>(2 * dh) / m;
+  const double frac_l = merged ? 0.0 : static_cast<double>(2 * dl) / m;
+
+  std::vector<ChunkCount<K>> cc(C);
+  std::vector<int64_t> cap_h(C), cap_l(C), base_h(C + 1, 0), base_l(C + 1, 0);
+  for (int c = 0; c < C; ++c) {
+    const int64_t len = chunk_begin(n, c + 1, C) - chunk_begin(n, c, C);
+    // 3x the expected candidate count: an overflow only means a fallback.
+    cap_h[c] = std::min<int64_t>(len, static_cast<int64_t>(3.0 * frac_h * len) + 256);
+    cap_l[c] = merged ? 0 : std::min<int64_t>(len, static_cast<int64_t>(3.0 * frac_l * len) + 256);
+    base_h[c + 1] = base_h[c] + cap_h[c] + kSimdSlack;
+    base_l[c + 1] = base_l[c] + cap_l[c] + kSimdSlack;
+  }
+  std::vector<K> cand_h(static_cast<size_t>(base_h[C])), cand_l(static_cast<size_t>(base_l[C]));
+  run([&](int c) {
+    count(chunk_begin(n, c, C), chunk_begin(n, c + 1, C), br, cand_h.data() + base_h[c],
+          cap_h[c], cand_l.data() + base_l[c], cap_l[c], cc[c]);
+  });
+  int64_t above = 0, nh = 0, mid = 0, nl = 0;
+  for (int c = 0; c < C; ++c) {
+    if (cc[c].kmax > KeyTraits<T>::kInf && !cc[c].overflow) {
+      p.has_nan = true;
+      return true;
+    }
+    if (cc[c].overflow) return false;
+    above += cc[c].above;
+    nh += cc[c].nh;
+    mid += cc[c].mid;
+    nl += cc[c].nl;
+  }
+  // Both ranks must fall inside their brackets.
+  if (!(above <= r_hi && r_hi < above + nh)) return false;
+  const int64_t before_lo = merged ? above : above + nh + mid;
+  const int64_t n_lo = merged ? nh : nl;
+  if (!(before_lo <= r_lo && r_lo < before_lo + n_lo)) return false;
+
+  // Exact keys: nth_element over the gathered candidates (order inside chunks is irrelevant
+  // to the per-chunk counts taken afterwards).
+  auto gather = [&](std::vector<K>& src, const std::vector<int64_t>& base, bool hi_side) {
+    std::vector<K> all;
+    all.reserve(static_cast<size_t>(hi_side ? nh : nl));
+    for (int c = 0; c < C; ++c) {
+      const int64_t cnt = hi_side ? cc[c].nh : cc[c].nl;
+      all.insert(all.end(), src.begin() + base[c], src.begin() + base[c] + cnt);
+    }
+    return all;
+  };
+  std::vector<K> all_h = gather(cand_h, base_h, true);
+  const int64_t rh = r_hi - above;
+  std::nth_element(all_h.begin(), all_h.begin() + rh, all_h.end(), std::greater<K>());
+  p.khi = all_h[rh];
+  if (merged) {
+    const int64_t rl = r_lo - above;
+    std::nth_element(all_h.begin() + rh, all_h.begin() + rl, all_h.end(), std::greater<K>());
+    p.klo = all_h[rl];
+  } else {
+    std::vector<K> all_l = gather(cand_l, base_l, false);
+    const int64_t rl = r_lo - before_lo;
+    std::nth_element(all_l.begin(), all_l.begin() + rl, all_l.end(), std::greater<K>());
+    p.klo = all_l[rl];
+  }
+
+  std::vector<int64_t> gt_hi(C), gt_lo(C), eq_hi(C), eq_lo(C);
+  for (int c = 0; c < C; ++c) {
+    const K* h = cand_h.data() + base_h[c];
+    const K* l = cand_l.data() + base_l[c];
+    int64_t g_h = 0, e_h = 0, g_l = 0, e_l = 0;
+    for (int64_t j = 0; j < cc[c].nh; ++j) {
+      g_h += h[j] > p.khi;
+      e_h += h[j] == p.khi;
+      g_l += h[j] > p.klo;
+      e_l += h[j] == p.klo;
+    }
+    gt_hi[c] = cc[c].above + g_h;
+    eq_hi[c] = e_h;
+    if (merged) {
+      gt_lo[c] = cc[c].above + g_l;
+      eq_lo[c] = e_l;
+    } else {
+      g_l = e_l = 0;
+      for (int64_t j = 0; j < cc[c].nl; ++j) {
+        g_l += l[j] > p.klo;
+        e_l += l[j] == p.klo;
+      }
+      gt_lo[c] = cc[c].above + cc[c].nh + cc[c].mid + g_l;
+      eq_lo[c] = e_l;
+    }
+  }
+  finalize_plan(p, C, gt_hi, gt_lo, eq_hi, eq_lo);
+  return true;
 }
 
 // What the write pass produces.

@@ -87,6 +87,55 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) void write_
   write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, idx, val);
 }
 
+// Counting sweep of the sampled path (see analyze_sampled): per 16 entries, five unsigned
+// compares and two register compresses; candidates are stored as whole vectors into buffers
+// that have kSimdSlack slots of slack.
+template <bool EF>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) void count_f32_avx512(
+    const float* g, const float* e, int64_t lo, int64_t hi, const Bracket<uint32_t>& br,
+    uint32_t* ch, int64_t cap_h, uint32_t* cl, int64_t cap_l, ChunkCount<uint32_t>& out) {
+  const __m512i kmask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i a_hi = _mm512_set1_epi32(static_cast<int>(br.a_hi));
+  const __m512i b_hi = _mm512_set1_epi32(static_cast<int>(br.b_hi));
+  const __m512i a_lo = _mm512_set1_epi32(static_cast<int>(br.a_lo));
+  const __m512i b_lo = _mm512_set1_epi32(static_cast<int>(br.b_lo));
+  __m512i kmax = _mm512_setzero_si512();
+  int64_t above = 0, mid = 0, nh = 0, nl = 0;
+  int64_t i = lo;
+  for (; i + 16 <= hi; i += 16) {
+    __m512 v = _mm512_loadu_ps(g + i);
+    if constexpr (EF) v = _mm512_add_ps(v, _mm512_loadu_ps(e + i));
+    const __m512i k = _mm512_and_si512(_mm512_castps_si512(v), kmask);
+    kmax = _mm512_max_epu32(kmax, k);
+    const __mmask16 m_above = _mm512_cmpgt_epu32_mask(k, a_hi);
+    const __mmask16 m_geh = _mm512_cmpge_epu32_mask(k, b_hi);
+    const __mmask16 m_h = m_geh & static_cast<__mmask16>(~m_above);
+    const __mmask16 m_mid = _mm512_cmpgt_epu32_mask(k, a_lo) & static_cast<__mmask16>(~m_geh);
+    const __mmask16 m_l = _mm512_cmpge_epu32_mask(k, b_lo) & _mm512_cmple_epu32_mask(k, a_lo);
+    above += __builtin_popcount(m_above);
+    mid += __builtin_popcount(m_mid);
+    if (m_h) {
+      if (nh + 16 > cap_h + kSimdSlack) { out.overflow = true; break; }
+      _mm512_storeu_si512(ch + nh, _mm512_maskz_compress_epi32(m_h, k));
+      nh += __builtin_popcount(m_h);
+      if (nh > cap_h) { out.overflow = true; break; }
+    }
+    if (m_l) {
+      if (nl + 16 > cap_l + kSimdSlack) { out.overflow = true; break; }
+      _mm512_storeu_si512(cl + nl, _mm512_maskz_compress_epi32(m_l, k));
+      nl += __builtin_popcount(m_l);
+      if (nl > cap_l) { out.overflow = true; break; }
+    }
+  }
+  out.kmax = _mm512_reduce_max_epu32(kmax);
+  out.above = above;
+  out.mid = mid;
+  out.nh = nh;
+  out.nl = nl;
+  if (!out.overflow)
+    count_chunk_scalar<float, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+}
+
 // 256 permutations that move the set lanes of an 8-bit mask to the front (AVX2 has no
 // compress instruction).
 struct Avx2Lut {
