@@ -332,31 +332,57 @@ def test_register_without_triton_registers_nothing(monkeypatch):
     assert calls == []
 
 
-@pytest.fixture(params=["candidates", "data"])
+@pytest.fixture(params=["candidates", "data", "sampled", "sampled_tight"])
 def forced_path(request, monkeypatch):
-    """Force phase 2 onto the candidate buffer or onto the full-data refinement."""
-    if request.param == "candidates":
-        monkeypatch.setattr(ts, "CAND_MIN", 1 << 62)
+    """Force how phases 1-2 find the boundaries: exact histogram + candidate buffer, exact
+    histogram + refinement over the data, or the sampled path (small samples, so layers of
+    a few thousand entries are really sampled; ``sampled_tight`` without margins, so the
+    sample often misses and the exact fallback runs). Returns the path and a list that
+    records, per call of the sampled path, whether the sample held both boundaries."""
+    outcomes = []
+    if request.param.startswith("sampled"):
+        monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
+        monkeypatch.setattr(ts, "SAMPLE", 512)
+        monkeypatch.setattr(ts, "CAND_FRACTION", 2)
+        if request.param == "sampled_tight":
+            monkeypatch.setattr(ts, "SAMPLE_SIGMAS", 0.0)
+            monkeypatch.setattr(ts, "SAMPLE_SLACK", 0)
+        inner = ts._boundaries_sampled
+
+        def recording(*args, **kwargs):
+            state = inner(*args, **kwargs)
+            outcomes.append(state is not None)
+            return state
+
+        monkeypatch.setattr(ts, "_boundaries_sampled", recording)
     else:
-        monkeypatch.setattr(ts, "CAND_MIN", -1)
-        monkeypatch.setattr(ts, "CAND_FRACTION", 1 << 62)
-    return request.param
+        monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 1 << 62)
+        if request.param == "candidates":
+            monkeypatch.setattr(ts, "CAND_MIN", 1 << 62)
+        else:
+            monkeypatch.setattr(ts, "CAND_MIN", -1)
+            monkeypatch.setattr(ts, "CAND_FRACTION", 1 << 62)
+    return request.param, outcomes
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ["randn", "all_equal", "many_zeros", "tie_band", "quantized",
                                   "keep0"])
-def test_both_refinement_paths(device, dtype, case, forced_path):
+def test_every_boundary_path(device, dtype, case, forced_path):
     g, top, keep = _make(case, dtype, device)
     e = _residual_like(g, 90) if case == "randn" else torch.zeros_like(g)
     e_ref = e.cpu().clone()
     assert_same(ts.select_ef_triton(g, e, top, keep), reference.select_ef(g.cpu(), e_ref, top, keep))
     assert_same(e, e_ref)
-    if case == "randn":  # layers with empty and tie-heavy members, on both paths
+    if case == "randn":  # layers with empty and tie-heavy members, on every path
         gs = _layers(dtype, device)
         assert_same(ts.select_multi_triton(gs, top, keep),
                     reference.select_multi([x.cpu() for x in gs], top, keep))
+    path, outcomes = forced_path
+    if path == "sampled" and case in ("randn", "keep0"):
+        # (outcomes[1], the layer list, may miss: its rounded layer overflows a slot)
+        assert outcomes[0], "the sample of a tie-free layer should hold both boundaries"
 
 
 def test_kernels_compile_for_sm90():

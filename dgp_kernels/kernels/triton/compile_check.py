@@ -41,16 +41,28 @@ def _variants(ts, torch):
                 g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64, hist="*i32",
                 nan_flag=i64), dict(c, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
                 NBINS=1 << ts.FIRST_DIGIT_BITS, TILE_=ts.TILE, CHUNK_=ts.CHUNK), f"hist {tag}"))
-            out.append((ts._gather_kernel, dict(
-                g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64, prefix=i64,
-                cnt="*i32", blk_cstart=i64, blk_ccount=i64, cand_off=i64, cand_fill="*i32",
-                cand_key="*" + kt), dict(c, SHIFT=shift, BLOCK_=ts.BLOCK), f"gather {tag}"))
+            for sampled in (False, True):
+                out.append((ts._gather_kernel, dict(
+                    g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64,
+                    range_a=i64, range_b=i64, cnt="*i32", blk_cstart=i64, blk_ccount=i64,
+                    cand_off=i64, cand_cap=i64, cand_fill=i64, cand_key="*" + kt,
+                    totals="*i32", flags=i64, S="i32"),
+                    dict(c, SAMPLED=sampled, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
+                         BLOCK_=ts.BLOCK), f"gather {tag} sampled={int(sampled)}"))
+            out.append((ts._sample_kernel, dict(g_ptrs=i64, e_ptrs=i64, seg_n=i64,
+                        hist="*i32"), dict(c, SHIFT=shift, NBINS=1 << ts.FIRST_DIGIT_BITS,
+                        SAMPLE_=ts.SAMPLE, TILE_=ts.TILE), f"sample {tag}"))
+            refine_sig = dict(g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64,
+                              cand_off=i64, cand_key="*" + kt, prefix_a=i64, prefix_b=i64,
+                              hist="*i32")
+            out.append((ts._refine_kernel, refine_sig, dict(
+                c, FROM_CAND=True, PSHIFT=shift, DSHIFT=shift,
+                DMASK=(1 << ts.FIRST_DIGIT_BITS) - 1, NBINS=1 << ts.FIRST_DIGIT_BITS,
+                TILE_=ts.TILE, CHUNK_=ts.CHUNK), f"refine {tag} first digit of candidates"))
             pshift = shift
             for w in widths:
                 for from_cand in (True, False):
-                    out.append((ts._refine_kernel, dict(
-                        g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64,
-                        cand_off=i64, cand_key="*" + kt, prefix=i64, hist="*i32"),
+                    out.append((ts._refine_kernel, refine_sig,
                         dict(c, FROM_CAND=from_cand, PSHIFT=pshift, DSHIFT=pshift - w,
                              DMASK=(1 << w) - 1, NBINS=max(1 << w, 32), TILE_=ts.TILE,
                              CHUNK_=ts.CHUNK), f"refine {tag} digit={w} cand={int(from_cand)}"))
@@ -74,12 +86,20 @@ def _variants(ts, torch):
                 f"cand_count {dname}"))
     loc = dict(hist="*i32", prefix=i64, rank=i64, active=i64, flags=i64, t_hi=i64, t_lo=i64,
                skip_hi=i64, end_hi=i64, take_lo=i64, S="i32")
-    for nbins, width, first, final in sorted({
-        (max(1 << w, 32), w, False, j == len(ws) - 1)
+    f = ts.FIRST_DIGIT_BITS
+    for nbins, width, shared, append, final in sorted({
+        (max(1 << w, 32), w, False, True, j == len(ws) - 1)
         for ws in (v[2] for v in ts._KINDS.values()) for j, w in enumerate(ws)
-    }) + [(1 << ts.FIRST_DIGIT_BITS, ts.FIRST_DIGIT_BITS, True, False)]:
-        out.append((ts._locate_kernel, loc, dict(NBINS=nbins, WIDTH=width, FIRST=first,
-                    FINAL=final), f"locate width={width} first={int(first)} final={int(final)}"))
+    }) + [(1 << f, f, True, False, False), (1 << f, f, False, False, False)]:
+        out.append((ts._locate_kernel, loc, dict(
+            NBINS=nbins, WIDTH=width, SHARED=shared, APPEND=append, FINAL=final),
+            f"locate width={width} shared={int(shared)} append={int(append)} final={int(final)}"))
+    out.append((ts._range_kernel, dict(hist="*i32", seg_n=i64, rank=i64, active=i64,
+                range_a=i64, range_b=i64), dict(NBINS=1 << f, SAMPLE_=ts.SAMPLE,
+                SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK), "range"))
+    out.append((ts._validate_kernel, dict(totals="*i32", range_a=i64, range_b=i64, rank=i64,
+                active=i64, cand_cap=i64, cand_fill=i64, flags=i64, S="i32"), {},
+                "validate"))
     out.append((ts._scan_kernel, dict(
         cnt="*i32", num_blocks="i32", seg_first=i64, seg_nblk=i64, offsets=i64, skip_hi=i64,
         end_hi=i64, take_lo=i64, blk_ord_hi=i64, blk_ord_lo=i64, blk_out=i64),
@@ -112,7 +132,8 @@ def main(argv=None) -> int:
         )
         try:
             # the launcher runs the per-layer scans with triton's default 4 warps
-            warps = 4 if fn in (ts._locate_kernel, ts._scan_kernel) else 8
+            small = (ts._locate_kernel, ts._scan_kernel, ts._range_kernel, ts._validate_kernel)
+            warps = 4 if fn in small else 8
             k = triton.compile(src, target=target, options={"num_warps": warps})
             print(f"ok   sm_{args.arch} {label:<40} shared={k.metadata.shared:>6} B "
                   f"{time.perf_counter() - t0:.1f}s")
