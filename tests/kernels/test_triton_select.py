@@ -238,7 +238,7 @@ def test_float16_overflow_in_error_feedback(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nan_raises_and_writes_nothing(device, dtype):
+def test_nan_raises_and_writes_nothing(device, dtype, forced_path):
     g = _randn(3000, 50).to(dtype).to(device)
     g[1234] = float("nan")
     with pytest.raises(ValueError, match=r"^g contains NaN"):
