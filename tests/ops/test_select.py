@@ -691,6 +691,34 @@ def test_large_unaligned_views(backend):
     check_all_ops(backend, g, 0.05, 0.2, residual=e, ops=("select", "select_ef", "prune_"))
 
 
+def test_inputs_reach_every_cpp_analysis_path():
+    """The inputs above are meant to drive each analysis path of the C++ kernel; check that
+    they still do (``_C.path_counts``), so a changed heuristic cannot silently leave a path
+    untested. Paths: nth_element on small layers, radix histograms, sampled brackets, and
+    the sampled path's fallback (a bracket that misses its rank, e.g. 90% exact zeros)."""
+    _C = _cpp_module()
+    if _C is None or not hasattr(_C, "path_counts"):
+        pytest.skip("needs the C++ kernel with path counters")
+    inputs = {
+        "direct": make_values("band_tie", 1000, torch.float32),
+        "radix": make_values("band_tie", 20_000, torch.float32),
+        "sampled": make_values("band_tie", 300_000, torch.float32),
+        "sampled_fallback": make_values("zeros90", 300_000, torch.float16, seed=300_000),
+    }
+    _C.path_counts(True)
+    try:
+        for path, g in inputs.items():
+            torch.ops.dgp.select(g, 0.05, 0.2)
+            counts = _C.path_counts(True)
+            assert counts.get(path, 0) >= 1, f"{path} input took {counts}"
+        with cpp_mode(sampling=False):
+            torch.ops.dgp.select(inputs["sampled"], 0.05, 0.2)
+        counts = _C.path_counts(True)
+        assert counts.get("radix", 0) >= 1 and counts.get("sampled", 0) == 0, counts
+    finally:
+        _C.path_counts(True)
+
+
 # --------------------------------------------------------------------------------------
 # Hypothesis: generated cases through the op path.
 # --------------------------------------------------------------------------------------
