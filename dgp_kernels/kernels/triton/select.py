@@ -13,28 +13,29 @@ Semantics are the contract of ../shared/DESIGN.md §2, bit for bit:
 
 Phases (each one launch for *all* layers, driven by a segment table of per-layer pointers
 and a block table ``block -> (layer, start)``; no grid-wide synchronisation, so the
-interpreter, which runs programs one after another, executes them as the GPU would):
+interpreter, which runs programs one after another, executes them as the GPU would; the
+full table is in README.md):
 
-1. ``_hist_kernel``: ``v`` on the fly, NaN flag per layer, histogram of the first 11-bit key
-   digit per layer. Nothing is written to user memory.
-   Host: one sync reads the NaN flags (the only device->host sync of a call).
-   Torch glue (on device, tiny): locate the digit bucket holding rank ``k_top`` (upper
-   boundary) and rank ``k_top + k_keep - 1`` (lower boundary) of each layer.
-2. ``_refine_kernel`` (one launch per remaining digit: 2 for float32, 1 for 16-bit floats,
-   5 for float64): histogram of the next digit restricted to the keys whose prefix equals
-   each boundary's prefix, until both boundary keys ``T_hi``, ``T_lo`` are exact, together
-   with the boundary's ordinal among its equal keys (its rank inside the tie group, which
-   by the tie rule is its position in index order). This reads the data again instead of
-   keeping a candidate buffer, so a huge boundary bucket (all zeros, all equal) costs
-   nothing extra and needs no fallback.
-3. ``_count_kernel``: per block counts of keys strictly inside ``(T_lo, T_hi)`` and equal to
-   each boundary; torch glue turns them into per-block output offsets and tie ordinals
-   (segmented exclusive prefix sums: no per-element atomics).
-   ``_write_kernel``: ordered compaction. Within a block, ``cumsum`` of the tie flags gives
-   each tied entry its ordinal; kept = strictly inside, or tied at ``T_hi`` with ordinal
-   ``>= skip_hi``, or tied at ``T_lo`` with ordinal ``<= take_lo``. Writes indices and
-   values, the residual ``v`` with kept positions ``+0.0`` (error feedback), or the dense
-   pruned tensor.
+1. Boundary ranges. Sampled path (large calls): ``_sample_kernel`` histograms the first
+   11-bit key digit of a strided sample per layer, ``_range_kernel`` turns it into digit
+   ranges that hold rank ``k_top`` (upper boundary) and ``k_top + k_keep - 1`` (lower)
+   with high probability. Exact path (small calls, and the fallback): ``_hist_kernel``
+   histograms every key, ``_locate_kernel`` finds the two buckets exactly.
+2. ``_gather_kernel``: per block, the count of keys strictly between the two ranges (all
+   kept) and the keys inside them appended to a per-layer candidate slot; on the sampled
+   path also the NaN flags and per-layer totals that ``_validate_kernel`` checks (a miss
+   reruns the call on the exact path). One device->host sync per call reads the NaN flags
+   (``ValueError`` before anything is written). ``_refine_kernel`` + ``_locate_kernel``
+   then resolve the remaining digits on the candidates (on the data when the buckets are
+   huge) until both boundary keys ``T_hi``, ``T_lo`` are exact, with each boundary's
+   ordinal inside its tie group (by the tie rule, its position in index order).
+3. ``_cand_count_kernel`` (or ``_count_kernel``): per block, keys strictly inside
+   ``(T_lo, T_hi)`` and ties of each boundary; ``_scan_kernel``: per-layer prefix sums
+   give each block its first tie ordinals and output slot (no per-element atomics);
+   ``_write_kernel``: ordered compaction, kept = strictly inside, or tied at ``T_hi`` with
+   ordinal ``>= skip_hi``, or tied at ``T_lo`` with ordinal ``<= take_lo``; writes int64
+   indices and values, the residual ``v`` with kept positions ``+0.0`` (error feedback),
+   or the dense pruned tensor.
 """
 
 from __future__ import annotations
@@ -111,8 +112,6 @@ _INF_KEY = {
     torch.float16: 0x7C00,
     torch.bfloat16: 0x7F80,
 }
-_INT64_MAX = (1 << 63) - 1
-_NEVER = 1 << 62  # "no upper limit" for tie ordinals; +1 cannot overflow
 
 
 # --------------------------------------------------------------------------------------
