@@ -118,6 +118,12 @@ _INF_KEY = {
 # Kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _bf16_to_f32(x):
+    """Exact bfloat16 -> float32: the 16 bits become the high half of the float32."""
+    return ((x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _load_v(g_base, e_base, offs, m, KIND: tl.constexpr, HAS_E: tl.constexpr):
     """``v = g`` or ``v = g + e`` rounded once to the storage dtype, as torch computes it."""
     g = tl.load(g_base + offs, mask=m, other=0.0)
@@ -126,10 +132,11 @@ def _load_v(g_base, e_base, offs, m, KIND: tl.constexpr, HAS_E: tl.constexpr):
         if KIND == 2:  # float16: torch adds in float32 and rounds once (to nearest even)
             v = (g.to(tl.float32) + e.to(tl.float32)).to(tl.float16)
         elif KIND == 3:
-            # bfloat16: round the float32 sum to nearest even by hand. The interpreter's
-            # float32 -> bfloat16 cast truncates (measured: 501 of 1000 sums differed
-            # from torch), the GPU's rounds; integer rounding is the same on both.
-            bits = (g.to(tl.float32) + e.to(tl.float32)).to(tl.uint32, bitcast=True)
+            # bfloat16 <-> float32 by hand, in integers, identical on GPU and interpreter:
+            # the interpreter's float32 -> bfloat16 cast truncates (measured: 501 of 1000
+            # sums differed from torch) and its bfloat16 -> float32 cast garbles
+            # subnormals (1941 of 2000); the GPU's casts are exact / round to nearest even.
+            bits = (_bf16_to_f32(g) + _bf16_to_f32(e)).to(tl.uint32, bitcast=True)
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
             v = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:  # float32 / float64: one IEEE add
