@@ -408,3 +408,30 @@ def test_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failures" in proc.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(int(os.environ.get("DGP_FUZZ_SEEDS", "4"))))
+def test_random_configurations(device, seed, forced_path):
+    """Random layer lists (sizes, dtype, value mix, top/keep) on every boundary path.
+    ``DGP_FUZZ_SEEDS=120`` runs more (480 configurations passed, ~4 min, when written)."""
+    gen = _gen(1000 + seed)
+    dtype = DTYPES[seed % len(DTYPES)]
+    sizes = torch.randint(0, 3000, (int(torch.randint(1, 6, (1,), generator=gen)),),
+                          generator=gen).tolist()
+    gs = []
+    for i, n in enumerate(sizes):
+        x = torch.randn(n, generator=gen, dtype=torch.float64) * 10.0 ** (i - 2)
+        mix = torch.rand(n, generator=gen)
+        x[mix < 0.2] = 0.0
+        x[(mix >= 0.2) & (mix < 0.35)] = x[(mix >= 0.2) & (mix < 0.35)].round()
+        gs.append(x.to(dtype).to(device))
+    top = float(torch.rand(1, generator=gen)) * 0.5
+    keep = float(torch.rand(1, generator=gen)) * (1.0 - top)
+    gs_cpu = [g.cpu() for g in gs]
+    assert_same(ts.select_multi_triton(gs, top, keep), reference.select_multi(gs_cpu, top, keep))
+    es = [_residual_like(g, seed) for g in gs]
+    es_ref = [e.cpu().clone() for e in es]
+    assert_same(ts.select_ef_multi_triton(gs, es, top, keep),
+                reference.select_ef_multi(gs_cpu, es_ref, top, keep))
+    assert_same(es, es_ref)
