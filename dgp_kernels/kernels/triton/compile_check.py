@@ -97,8 +97,9 @@ def _variants(ts, torch):
     out.append((ts._range_kernel, dict(hist="*i32", seg_n=i64, rank=i64, active=i64,
                 range_a=i64, range_b=i64), dict(NBINS=1 << f, SAMPLE_=ts.SAMPLE,
                 SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK), "range"))
-    out.append((ts._validate_kernel, dict(totals="*i32", range_a=i64, range_b=i64, rank=i64,
-                active=i64, cand_cap=i64, cand_fill=i64, flags=i64, S="i32"), {},
+    out.append((ts._validate_kernel, dict(totals="*i32", cnt="*i32", num_blocks="i32",
+                seg_first=i64, seg_nblk=i64, range_a=i64, rank=i64, active=i64,
+                cand_cap=i64, cand_fill=i64, flags=i64, S="i32"), dict(SCAN=ts.SCAN_TILE),
                 "validate"))
     out.append((ts._scan_kernel, dict(
         cnt="*i32", num_blocks="i32", seg_first=i64, seg_nblk=i64, offsets=i64, skip_hi=i64,

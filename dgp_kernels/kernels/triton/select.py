@@ -215,9 +215,10 @@ def _gather_kernel(
     Rows ``2*seg`` / ``2*seg+1`` of ``range_a..range_b`` are the digit ranges of the upper /
     lower boundary: single buckets after the exact first-digit histogram, or, ``SAMPLED``,
     ranges estimated from a sample. Then this is the first full read, so it also flags NaN
-    and adds per-layer totals (``totals[0..3]``: above the upper range, in it, strictly
-    between, in the lower range only) that ``_validate_kernel`` checks against the ranks;
-    candidates beyond a slot's capacity are dropped (the call then falls back)."""
+    and stores per-block counts (``totals[0..2]``: above the upper range, in it, in the
+    lower range only; strictly between is ``cnt[0]``) that ``_validate_kernel`` sums and
+    checks against the ranks; candidates beyond a slot's capacity are dropped (the call
+    then falls back)."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
     start = tl.load(blk_start + pid)
@@ -242,10 +243,11 @@ def _gather_kernel(
     if SAMPLED:
         if tl.max((m & (key > INF_KEY)).to(tl.int32), axis=0) > 0:
             tl.atomic_max(flags + seg, 1)
-        tl.atomic_add(totals + seg, tl.sum((m & (dig > hb)).to(tl.int32), axis=0))
-        tl.atomic_add(totals + S + seg, tl.sum(in_h.to(tl.int32), axis=0))
-        tl.atomic_add(totals + 2 * S + seg, tl.sum(strict.to(tl.int32), axis=0))
-        tl.atomic_add(totals + 3 * S + seg, tl.sum(in_l.to(tl.int32), axis=0))
+        # per-block stores, summed per layer by _validate_kernel (no same-address atomics)
+        nb = tl.num_programs(0)
+        tl.store(totals + pid, tl.sum((m & (dig > hb)).to(tl.int32), axis=0))
+        tl.store(totals + nb + pid, tl.sum(in_h.to(tl.int32), axis=0))
+        tl.store(totals + 2 * nb + pid, tl.sum(in_l.to(tl.int32), axis=0))
     if nc > 0:
         rel = tl.atomic_add(cand_fill + seg, nc)
         base = tl.load(cand_off + seg) + rel
@@ -329,17 +331,29 @@ def _range_kernel(
 
 @triton.jit
 def _validate_kernel(
-    totals, range_a, range_b, rank, active, cand_cap, cand_fill, flags, S,
+    totals, cnt, num_blocks, seg_first, seg_nblk, range_a, rank, active, cand_cap, cand_fill,
+    flags, S, SCAN: tl.constexpr,
 ):
     """Sampled path: is each boundary's rank inside its range (else the sample missed)?
-    Writes ``flags[S + seg] = 1`` on a miss or a candidate-slot overflow, and turns the
-    ranks into ranks inside the ranges (rank minus the keys above the range)."""
+    Sums the layer's per-block counts, writes ``flags[S + seg] = 1`` on a miss or a
+    candidate-slot overflow, and turns the ranks into ranks inside the ranges (rank minus
+    the keys above the range)."""
     seg = tl.program_id(0)
     act = tl.load(active + seg) != 0
-    above = tl.load(totals + seg).to(tl.int64)
-    n_h = tl.load(totals + S + seg).to(tl.int64)
-    n_b = tl.load(totals + 2 * S + seg).to(tl.int64)
-    n_l = tl.load(totals + 3 * S + seg).to(tl.int64)
+    b0 = tl.load(seg_first + seg)
+    nblk = tl.load(seg_nblk + seg)
+    above = b0 * 0
+    n_h = b0 * 0
+    n_b = b0 * 0
+    n_l = b0 * 0
+    for t in range(0, nblk, SCAN):
+        i = t + tl.arange(0, SCAN)
+        m = i < nblk
+        b = b0 + i
+        above += tl.sum(tl.load(totals + b, mask=m, other=0).to(tl.int64), axis=0)
+        n_h += tl.sum(tl.load(totals + num_blocks + b, mask=m, other=0).to(tl.int64), axis=0)
+        n_l += tl.sum(tl.load(totals + 2 * num_blocks + b, mask=m, other=0).to(tl.int64), axis=0)
+        n_b += tl.sum(tl.load(cnt + b, mask=m, other=0).to(tl.int64), axis=0)
     r_hi = tl.load(rank + 2 * seg)
     r_lo = tl.load(rank + 2 * seg + 1)
     merged = tl.load(range_a + 2 * seg) == tl.load(range_a + 2 * seg + 1)
@@ -883,7 +897,7 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message):
     cand_key = torch.empty(max(plan.n_cap, 1), dtype=torch.int64 if key_bits > 31 else torch.int32,
                            device=device)
     blk_cand = torch.empty((2, plan.n_blocks), **i64)
-    totals = torch.zeros(4 * S, dtype=torch.int32, device=device)
+    totals = torch.empty((3, plan.n_blocks), dtype=torch.int32, device=device)
     fill = torch.zeros(S, **i64)
     flags = torch.zeros(2 * S, **i64)  # [NaN, sample missed] per layer
     _gather_kernel[(plan.n_blocks,)](
@@ -891,8 +905,10 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message):
         blk_cand[0], blk_cand[1], plan.cap_off, plan.cap, fill, cand_key, totals, flags, S,
         SAMPLED=True, INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK, **common,
     )
-    _validate_kernel[(S,)](totals, ranges[0], ranges[1], rank, plan.active, plan.cap, fill,
-                           flags, S)
+    _validate_kernel[(S,)](
+        totals, cnt, plan.n_blocks, plan.seg_first, plan.seg_nblk, ranges[0], rank,
+        plan.active, plan.cap, fill, flags, S, SCAN=SCAN_TILE,
+    )
     host_flags = flags.tolist()  # the one device->host sync (of this path)
     for i, f in enumerate(host_flags[:S]):
         if f:
