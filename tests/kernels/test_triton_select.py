@@ -346,6 +346,7 @@ def forced_path(request, monkeypatch):
     outcomes = []
     if request.param.startswith("sampled"):
         monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
+        monkeypatch.setattr(ts, "SAMPLED_DTYPES", tuple(DTYPES))  # float64 too, for coverage
         monkeypatch.setattr(ts, "SAMPLE", 512)
         monkeypatch.setattr(ts, "CAND_FRACTION", 2)
         if request.param == "sampled_tight":
@@ -435,3 +436,35 @@ def test_random_configurations(device, seed, forced_path):
     assert_same(ts.select_ef_multi_triton(gs, es, top, keep),
                 reference.select_ef_multi(gs_cpu, es_ref, top, keep))
     assert_same(es, es_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sampled_path_reruns_missed_layers(device, dtype, monkeypatch):
+    """Layers whose candidate slot overflows (all equal, few distinct values) are skipped by
+    the sampled tail and rerun on the exact path; the others keep their sampled result."""
+    monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
+    monkeypatch.setattr(ts, "SAMPLED_DTYPES", tuple(DTYPES))
+    monkeypatch.setattr(ts, "SAMPLE", 512)
+    monkeypatch.setattr(ts, "CAND_FRACTION", 2)
+    missed = []
+    inner = ts._boundaries_sampled
+
+    def recording(*args, **kwargs):
+        state = inner(*args, **kwargs)
+        missed.append(None if state is None else list(state[4][7]))
+        return state
+
+    monkeypatch.setattr(ts, "_boundaries_sampled", recording)
+    gs = [_randn(3000, 1), torch.full((2000,), 0.5, dtype=torch.float64), _randn(5000, 2),
+          torch.empty(0, dtype=torch.float64), _randn(4000, 3).round()]
+    gs = [g.to(dtype).to(device) for g in gs]
+    gs_cpu = [g.cpu() for g in gs]
+    es = [torch.zeros_like(g) for g in gs]  # keep the ties: v = g
+    es_ref = [e.cpu().clone() for e in es]
+    assert_same(ts.select_ef_multi_triton(gs, es, 0.05, 0.2),
+                reference.select_ef_multi(gs_cpu, es_ref, 0.05, 0.2))
+    assert_same(es, es_ref)
+    assert_same(ts.select_multi_triton(gs, 0.1, 0.3), reference.select_multi(gs_cpu, 0.1, 0.3))
+    if dtype != torch.float64:  # (float64's octave-wide buckets overflow the randn layers too)
+        assert missed[0] == [1, 4], missed

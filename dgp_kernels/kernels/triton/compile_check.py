@@ -81,7 +81,7 @@ def _variants(ts, torch):
                          BLOCK_=ts.BLOCK), f"write {tag} sparse={int(sparse)}"))
         if has_e:  # the dtype-independent kernels, once per key width
             out.append((ts._cand_count_kernel, dict(
-                blk_seg=i64, blk_cstart=i64, blk_ccount=i64, cand_key="*" + kt, t_hi=i64,
+                seg_n=i64, blk_seg=i64, blk_cstart=i64, blk_ccount=i64, cand_key="*" + kt, t_hi=i64,
                 t_lo=i64, cnt="*i32", num_blocks="i32"), dict(BLOCK_=ts.BLOCK),
                 f"cand_count {dname}"))
     loc = dict(hist="*i32", prefix=i64, rank=i64, active=i64, flags=i64, t_hi=i64, t_lo=i64,

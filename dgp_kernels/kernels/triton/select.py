@@ -88,6 +88,10 @@ CAND_FRACTION = 4
 # element). A miss (or a full candidate slot) is detected exactly and falls back to the
 # exact path, so results never depend on the sample.
 SAMPLED_MIN_TOTAL = 1 << 20
+# Not float64: its first 11-bit digit is the bare exponent, a whole octave, so the ranges
+# around ranks 5% and 25% of Gaussian-like data hold about half of the layer and the slot
+# (n / CAND_FRACTION) overflows: every call would pay the sampled attempt for nothing.
+SAMPLED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SAMPLE = 1 << 14
 SAMPLE_SIGMAS = 5.0
 SAMPLE_SLACK = 8
@@ -369,14 +373,15 @@ def _validate_kernel(
 
 @triton.jit
 def _cand_count_kernel(
-    blk_seg, blk_cstart, blk_ccount, cand_key, t_hi, t_lo, cnt, num_blocks,
+    seg_n, blk_seg, blk_cstart, blk_ccount, cand_key, t_hi, t_lo, cnt, num_blocks,
     BLOCK_: tl.constexpr,
 ):
     """Phase 3a (candidate path): add each block's candidates strictly inside
     (T_lo, T_hi) to ``cnt[0]`` and count its ties of T_hi and T_lo (``cnt[1]``, ``cnt[2]``)."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
-    nc = tl.load(blk_ccount + pid)
+    # a layer the tail skips (size 0) has no candidates to count (its slot may overflow)
+    nc = tl.where(tl.load(seg_n + seg) > 0, tl.load(blk_ccount + pid), 0)
     start = tl.load(blk_cstart + pid, mask=nc > 0, other=0)
     offs = tl.arange(0, BLOCK_)
     m = offs < nc
@@ -634,6 +639,7 @@ class _Plan:
     tables in Python costs ~1 ms for 25M elements)."""
 
     counts: List[Tuple[int, int]]
+    out_off: List[int]  # host copy of ``offsets``
     total: int
     n_chunks: int
     n_blocks: int
@@ -689,7 +695,7 @@ def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) ->
     tensors = _to_device(
         [ns, c_seg, c_start, b_seg, b_start, b_first, b_count, rows, out_off,
          [int(kk > 0) for _, kk in counts], caps, cap_off, p_seg, p_start], device)
-    plan = _Plan(counts, out_off[-1], len(c_seg), len(b_seg), len(p_seg), cap_off[-1],
+    plan = _Plan(counts, out_off, out_off[-1], len(c_seg), len(b_seg), len(p_seg), cap_off[-1],
                  sum(ns), *tensors)
     _PLANS[key] = plan
     if len(_PLANS) > _PLAN_CACHE_SIZE:
@@ -734,7 +740,7 @@ def band_multi_triton(
     i64 = dict(dtype=torch.int64, device=device)
 
     if sampled is None:
-        sampled = sum(ns) >= SAMPLED_MIN_TOTAL
+        sampled = sum(ns) >= SAMPLED_MIN_TOTAL and dtype in SAMPLED_DTYPES
     state = None
     if sampled and n_blocks:
         state = _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message)
@@ -754,6 +760,9 @@ def band_multi_triton(
     g_ptrs, e_ptrs, d_ptrs = ptrs
     prefix, rank, thresholds, cnt, cand = state
     t_hi, t_lo, skip_hi, end_hi, take_lo = thresholds
+    missed = cand[7] if cand is not None else []
+    # Layers the sample missed get size 0 here (the tail neither reads nor writes them).
+    seg_n = plan.seg_n * (1 - cand[8]) if missed else plan.seg_n
 
     # Phase 2', the remaining digits: exact boundary keys, over the candidate slots or,
     # when the boundary buckets are huge, over the data.
@@ -791,8 +800,8 @@ def band_multi_triton(
     if cand is not None:
         blk_cand, cand_key = cand[6], cand[5]
         _cand_count_kernel[(n_blocks,)](
-            plan.blk_seg, blk_cand[0], blk_cand[1], cand_key, t_hi, t_lo, cnt, n_blocks,
-            BLOCK_=BLOCK, num_warps=8,
+            seg_n, plan.blk_seg, blk_cand[0], blk_cand[1], cand_key, t_hi, t_lo, cnt,
+            n_blocks, BLOCK_=BLOCK, num_warps=8,
         )
     else:
         _count_kernel[(n_blocks,)](
@@ -807,11 +816,25 @@ def band_multi_triton(
 
     # Phase 3b: ordered compaction + residual / dense writes.
     _write_kernel[(n_blocks,)](
-        g_ptrs, e_ptrs, d_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start,
+        g_ptrs, e_ptrs, d_ptrs, seg_n, plan.blk_seg, plan.blk_start,
         *thresholds, blk_ord[0], blk_ord[1], blk_ord[2], out_idx, out_val,
         WRITE_SPARSE=want_sparse and total > 0, WRITE_E=has_e, WRITE_DENSE=dense is not None,
         BLOCK_=BLOCK, **common,
     )
+    if missed:  # the layers whose sample missed, on the exact path, into their slots
+        pick = lambda xs: None if xs is None else [xs[i] for i in missed]  # noqa: E731
+        sub = band_multi_triton(
+            pick(gs), top, keep, residuals=pick(residuals), dense=pick(dense),
+            want_sparse=want_sparse, nan_message=lambda j: nan_message(missed[j]),
+            sampled=False,
+        )
+        if want_sparse:
+            sub_off = 0
+            for i in missed:
+                a, b = plan.out_off[i], plan.out_off[i + 1]
+                out_idx[a:b] = sub[0][sub_off:sub_off + b - a]
+                out_val[a:b] = sub[1][sub_off:sub_off + b - a]
+                sub_off += b - a
     return (out_idx, out_val, offsets) if want_sparse else None
 
 
@@ -869,7 +892,7 @@ def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candid
         SAMPLED=False, INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK, **common,
     )
     return prefix, rank, thresholds, cnt, (cand_n, c_seg, c_start, len(cc_seg), cand_off,
-                                           cand_key, blk_cand)
+                                           cand_key, blk_cand, [], None)
 
 
 def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message):
@@ -913,8 +936,11 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message):
     for i, f in enumerate(host_flags[:S]):
         if f:
             raise ValueError(nan_message(i))
-    if any(host_flags[S:]):
+    missed = [i for i, f in enumerate(host_flags[S:]) if f]
+    if len(missed) * 2 > S:  # mostly missed: one exact call over everything is cheaper
         return None
+    if missed:  # the tail skips these layers; the caller reruns them on the exact path
+        fill.mul_(1 - flags[S:])  # no candidates to refine (a slot may have overflowed)
     # First digit of the candidates, inside each boundary's range.
     h = torch.zeros((2 * S, nb1), dtype=torch.int32, device=device)
     if plan.n_cap_chunks:
@@ -928,7 +954,8 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message):
         NBINS=nb1, WIDTH=FIRST_DIGIT_BITS, SHARED=False, APPEND=False, FINAL=False,
     )
     return prefix, rank, thresholds, cnt, (fill, plan.cap_seg, plan.cap_start,
-                                           plan.n_cap_chunks, plan.cap_off, cand_key, blk_cand)
+                                           plan.n_cap_chunks, plan.cap_off, cand_key, blk_cand,
+                                           missed, flags[S:])
 
 
 # --------------------------------------------------------------------------------------
