@@ -23,8 +23,8 @@ full table is in README.md):
    histograms every key, ``_locate_kernel`` finds the two buckets exactly.
 2. ``_gather_kernel``: per block, the count of keys strictly between the two ranges (all
    kept) and the keys inside them appended to a per-layer candidate slot; on the sampled
-   path also the NaN flags and per-layer totals that ``_validate_kernel`` checks (a miss
-   reruns the call on the exact path). One device->host sync per call reads the NaN flags
+   path also the NaN flags and per-block counts that ``_validate_kernel`` checks (layers
+   whose sample missed are rerun on the exact path). One device->host sync reads the NaN flags
    (``ValueError`` before anything is written). ``_refine_kernel`` + ``_locate_kernel``
    then resolve the remaining digits on the candidates (on the data when the buckets are
    huge) until both boundary keys ``T_hi``, ``T_lo`` are exact, with each boundary's
