@@ -14,6 +14,8 @@
 #include <omp.h>
 
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -193,7 +195,12 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
     }
   };
   const int64_t nw = static_cast<int64_t>(whole.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && nw > 1)
+  int64_t whole_elems = 0;
+  for (int64_t l : whole) whole_elems += L[l].n;
+  // Entering a parallel region costs microseconds (milliseconds when a core is busy and
+  // the OpenMP wait policy spins): only spread whole layers when there is real work.
+  const bool par_whole = threads > 1 && nw > 1 && whole_elems >= kParMin;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (par_whole)
   for (int64_t j = 0; j < nw; ++j) analyze(whole[j], 1, false);
   for (int64_t l : split) analyze(l, chunks_for(L[l].n), true);
   for (int64_t l = 0; l < nl; ++l)
@@ -201,7 +208,7 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
 
   // Phase 2: ordered compaction / writes.
   std::atomic<bool> consistent{true};
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && nw > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (par_whole)
   for (int64_t j = 0; j < nw; ++j)
     if (!write_chunk<T, EF, S>(L[whole[j]], plans[whole[j]], 0)) consistent = false;
   for (int64_t l : split) {
@@ -216,14 +223,24 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
 }
 
 // ------------------------------------------------------------------ argument checks
+// Shortest decimal that round-trips, so 1.0000001 is not printed as "1".
+static std::string fmt(double x) {
+  char buf[32];
+  for (int prec = 1; prec <= 17; ++prec) {
+    std::snprintf(buf, sizeof(buf), "%.*g", prec, x);
+    if (std::strtod(buf, nullptr) == x) break;
+  }
+  return buf;
+}
+
 static void check_fractions(double top, double keep) {
   TORCH_CHECK_VALUE(std::isfinite(top) && top >= 0.0 && top <= 1.0,
-                    "top must be in [0, 1], got ", top);
+                    "top must be in [0, 1], got ", fmt(top));
   TORCH_CHECK_VALUE(std::isfinite(keep) && keep >= 0.0 && keep <= 1.0,
-                    "keep must be in [0, 1], got ", keep);
+                    "keep must be in [0, 1], got ", fmt(keep));
   TORCH_CHECK_VALUE(top + keep <= 1.0 + 1e-9,
                     "top + keep must be <= 1 (they are fractions of the same tensor), got top=",
-                    top, " + keep=", keep, " = ", top + keep);
+                    fmt(top), " + keep=", fmt(keep), " = ", fmt(top + keep));
 }
 
 static void check_grad(const at::Tensor& g, const std::string& name) {

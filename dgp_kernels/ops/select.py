@@ -103,9 +103,11 @@ def _prune_inplace_fake(g: Tensor, top: float, keep: float) -> None:
 
 
 def _multi_fake(gs: List[Tensor], top: float, keep: float):
-    total = 0
-    for g in gs:
-        total = total + _fake_k_keep(g.numel(), top, keep)
+    numels = [g.numel() for g in gs]
+    if all(isinstance(n, int) for n in numels):
+        total = sum(band_counts(n, top, keep)[1] for n in numels)
+    else:  # one unbacked size for the total (per-layer sizes are not outputs)
+        total = torch.library.get_ctx().new_dynamic_size()
     if gs:
         like = gs[0]
         idx = like.new_empty((total,), dtype=torch.int64)
@@ -163,6 +165,12 @@ _REFERENCE_IMPLS = {
     "select_multi": _ref_select_multi,
     "select_ef_multi": _ref_select_ef_multi,
 }
+
+
+# An empty list has no tensor to dispatch on: the multi ops then run this composite
+# (returns empty outputs on CPU); any list with a tensor still reaches the device kernels.
+_lib.impl("select_multi", _ref_select_multi, "CompositeExplicitAutograd")
+_lib.impl("select_ef_multi", _ref_select_ef_multi, "CompositeExplicitAutograd")
 
 
 def register_reference(dispatch_key: str) -> None:

@@ -784,13 +784,6 @@ def test_multi_matches_single(backend, dtype, top, keep):
         assert_same(em, e1, f"layer {i} residual")
 
 
-@pytest.mark.xfail(
-    reason="known bug: an empty Tensor[] has no dispatch key and dgp::select_multi / "
-    "select_ef_multi have no CompositeExplicitAutograd (fallback) kernel, so [] raises "
-    "NotImplementedError; remove this marker once one is registered",
-    raises=NotImplementedError,
-    strict=False,
-)
 def test_multi_empty_list(backend):
     backend.require(max_n=0)
     idx, val, off = backend("select_multi", [], 0.05, 0.2)

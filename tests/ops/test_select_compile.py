@@ -70,14 +70,9 @@ def _list_samples():
     ]
 
 
-# Every sample with at least two non-empty layers trips test_aot_dispatch_dynamic, so that
-# utility is checked separately (and xfailed) below.
-_STATIC_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
-
-
 def test_opcheck_select_multi():
     for gs in _list_samples():
-        torch.library.opcheck(torch.ops.dgp.select_multi, (gs, 0.05, 0.2), test_utils=_STATIC_UTILS)
+        torch.library.opcheck(torch.ops.dgp.select_multi, (gs, 0.05, 0.2))
 
 
 def test_opcheck_select_ef_multi():
@@ -86,23 +81,11 @@ def test_opcheck_select_ef_multi():
         torch.library.opcheck(torch.ops.dgp.select_ef_multi, (gs, rs, 0.05, 0.2))
 
 
-@pytest.mark.xfail(
-    reason="known bug in dgp_kernels/ops/select.py _multi_fake: with dynamic shapes it calls "
-    "new_dynamic_size() once per layer and returns only their sum, so AOT dispatch fails with "
-    "'Pending unbacked symbols ... not in returned outputs'; allocate one dynamic size for the "
-    "total instead",
-    strict=False,
-)
 def test_opcheck_select_multi_dynamic():
     gs = [_g(100), _g(12, seed=1).reshape(3, 4)]
     torch.library.opcheck(torch.ops.dgp.select_multi, (gs, 0.05, 0.2), test_utils="test_aot_dispatch_dynamic")
 
 
-@pytest.mark.xfail(
-    reason="known bug: empty Tensor[] has no dispatch key and there is no fallback "
-    "(CompositeExplicitAutograd) kernel for the multi ops",
-    strict=False,
-)
 @pytest.mark.parametrize("op", ["select_multi", "select_ef_multi"])
 def test_opcheck_empty_list(op):
     args = ([], 0.05, 0.2) if op == "select_multi" else ([], [], 0.05, 0.2)

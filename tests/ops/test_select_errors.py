@@ -205,10 +205,6 @@ BAD_FRACTIONS = [
 def test_bad_fractions(caller, top, keep, name, value):
     for op, args in _all_ops_args(top, keep):
         msg = expect_error(caller, ValueError, name, op, *args)
-        if value not in msg and caller == "raw" and f"{float(value):.6g}" in msg:
-            # Known, reported: csrc/cpu/select.cpp:178-183 streams the double with the
-            # default 6 significant digits, so keep=1.0000001 reads "got 1".
-            pytest.xfail(f"C++ message rounds the value to 6 digits: {msg!r}")
         assert value in msg, f"{op}: message {msg!r} does not show the value {value}"
 
 
