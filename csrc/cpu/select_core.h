@@ -442,7 +442,7 @@ inline int64_t sample_pos(int64_t j, int64_t stride) {
 }
 
 // Layers this large try the sampled path first.
-constexpr int64_t kSampleMin = int64_t(1) << 17;
+constexpr int64_t kSampleMin = int64_t(1) << 15;
 
 // `count(lo, hi, br, ch, cap_h, cl, cap_l, out)` counts entries [lo, hi) (SIMD where
 // available).
@@ -454,9 +454,18 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
   const int64_t n = p.cnt.n;
   // ~1/128 of the layer, within [2048, 16384]: random loads are the sample's cost.
   const int64_t m = std::min<int64_t>(16384, std::max<int64_t>(2048, n / 128));
-  const int64_t stride = n / m;
+  // Runs of kRun consecutive entries (one cache line of float32) at hashed offsets in
+  // m / kRun strata: random single-entry loads cost a DRAM miss each (ResNet-18 profile:
+  // ~10% of the time), runs amortise it 8x. Spatial correlation inside a run only widens
+  // the sampling error, which the bracket margin and the exact fallback absorb.
+  constexpr int64_t kRun = 8;
+  const int64_t strata = m / kRun;
+  const int64_t stride = n / strata;
   std::vector<K> smp(static_cast<size_t>(m));
-  for (int64_t j = 0; j < m; ++j) smp[j] = key_of(load_v<T, EF>(g, e, sample_pos(j, stride)));
+  for (int64_t j = 0; j < strata; ++j) {
+    const int64_t at = std::min(sample_pos(j, stride), n - kRun);
+    for (int64_t t = 0; t < kRun; ++t) smp[j * kRun + t] = key_of(load_v<T, EF>(g, e, at + t));
+  }
 
   // Bracket each boundary rank by +-z standard deviations of the sampled quantile
   // (z = 4: a miss costs a fallback, so be generous; 2.9% of n are candidates at the
