@@ -471,9 +471,18 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
   // (z = 4: a miss costs a fallback, so be generous; 2.9% of n are candidates at the
   // defaults with m = 32768).
   const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
-  auto at_rank = [&](int64_t pos) -> K {  // sample key at descending position pos
+  // Sample key at descending position pos. Positions are asked in increasing order, so each
+  // nth_element only partitions the part right of the previous one.
+  int64_t settled = 0;
+  auto at_rank = [&](int64_t pos) -> K {
     pos = std::min<int64_t>(std::max<int64_t>(pos, 0), m - 1);
-    std::nth_element(smp.begin(), smp.begin() + pos, smp.end(), std::greater<K>());
+    if (pos >= settled) {
+      std::nth_element(smp.begin() + settled, smp.begin() + pos, smp.end(), std::greater<K>());
+      settled = pos + 1;
+    } else {
+      std::nth_element(smp.begin(), smp.begin() + pos, smp.end(), std::greater<K>());
+      settled = pos + 1;
+    }
     return smp[pos];
   };
   auto margin = [&](int64_t r) {
