@@ -14,7 +14,7 @@ Methods, each with (``_ef``) and without error feedback, measured in the same pr
 * ``ours``: ``dgp_kernels.select_ef_multi`` / ``select_multi`` on CUDA tensors (the Triton
   kernels registered for the CUDA key; the header says which backend served them);
 * ``authors``: the DGP authors' operator, two ``torch.topk`` + two ``scatter_`` masks per
-  tensor (``dgp_kernels.ops.baselines.authors_dgp``; a local copy if that is missing);
+  tensor (``dgp_kernels.ops.baselines.authors_dgp``);
 * ``topk``: one ``torch.topk`` of ``k_keep`` per tensor (classic gradient pruning, no EF);
 * ``clone``: ``clone()`` of every tensor, the bandwidth yardstick.
 
@@ -65,26 +65,9 @@ def peak_bandwidth(name: str) -> Optional[float]:
 # --------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------
-# CIFAR ResNet-18 parameter shapes (62 tensors, 11,173,962 elements) in model order, used
-# only when dgp_kernels.sim.models is unavailable.
-def _resnet18_cifar_shapes_fallback() -> List[Tuple[int, ...]]:
-    shapes: List[Tuple[int, ...]] = [(64, 3, 3, 3), (64,), (64,)]
-    in_planes = 64
-    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        for s in (stride, 1):
-            shapes += [(planes, in_planes, 3, 3), (planes,), (planes,),
-                       (planes, planes, 3, 3), (planes,), (planes,)]
-            if s != 1 or in_planes != planes:
-                shapes += [(planes, in_planes, 1, 1), (planes,), (planes,)]
-            in_planes = planes
-    return shapes + [(10, 512), (10,)]
-
-
 def resnet18_shapes() -> Tuple[List[Tuple[int, ...]], str]:
-    try:
-        from dgp_kernels.sim.models import resnet18_cifar
-    except ImportError:
-        return _resnet18_cifar_shapes_fallback(), "hardcoded CIFAR ResNet-18 shapes"
+    from dgp_kernels.sim.models import resnet18_cifar
+
     return [tuple(p.shape) for p in resnet18_cifar().parameters()], "dgp_kernels.sim.models"
 
 
@@ -108,41 +91,10 @@ def resnet50_shapes(num_classes: int = 1000) -> List[Tuple[int, ...]]:
 # --------------------------------------------------------------------------------------
 # Methods
 # --------------------------------------------------------------------------------------
-def _authors_local(gs, residuals=None, top=TOP, keep=KEEP):
-    """Local copy of the authors' operator (used only if dgp_kernels.ops.baselines is absent)."""
-    from dgp_kernels import band_counts
-
-    outs = []
-    for i, g in enumerate(gs):
-        v = g + residuals[i] if residuals is not None else g
-        a = v.abs().flatten()
-        k_top, k_keep = band_counts(a.numel(), top, keep)
-        mask = torch.zeros_like(a)
-        mask.scatter_(0, torch.topk(a, k_top + k_keep).indices, 1)
-        mask.scatter_(0, torch.topk(a, k_top).indices, 0)
-        mask = mask.view(v.shape)
-        outs.append(v * mask)
-        if residuals is not None:
-            residuals[i].copy_(v * (1 - mask))
-    return outs
-
-
 def _methods():
     import dgp_kernels
 
-    try:
-        from dgp_kernels.ops.baselines import authors_dgp, single_topk
-    except ImportError:
-        authors_dgp = _authors_local
-
-        def single_topk(gs, keep=KEEP):
-            out = []
-            for g in gs:
-                flat = g.flatten()
-                k = dgp_kernels.band_counts(flat.numel(), 0.0, keep)[1]
-                idx = torch.topk(flat.abs(), k).indices
-                out.append((idx, flat[idx]))
-            return out
+    from dgp_kernels.ops.baselines import authors_dgp, single_topk
 
     # name -> (fn(gs, es), uses error feedback)
     return {
