@@ -261,7 +261,7 @@ def _cpp_modes() -> List[tuple]:
         best = levels.index(_C.simd_best())
         modes += [(f"cpp-{lvl}", dict(simd=lvl), (torch.float32,), 0) for lvl in levels[:best]]
     if hasattr(_C, "set_sampling"):
-        modes.append(("cpp-radix", dict(sampling=False), DTYPES, 1 << 17))
+        modes.append(("cpp-radix", dict(sampling=False), DTYPES, 1 << 15))  # kSampleMin in csrc/cpu/select_core.h
     return modes
 
 
