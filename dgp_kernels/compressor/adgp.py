@@ -58,13 +58,13 @@ from .. import ops
 from ..codec.payload import LayerPayload, PayloadError, SparsePayload
 from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP, check_fractions
 from .base import (
+    error_feedback_values,
     Compressor,
     Like,
     cast_values,
     check_bool,
     check_grad_list,
     check_layers_fit,
-    check_no_nan,
     check_value_dtype,
     dtype_name,
     register_compressor,
@@ -246,13 +246,7 @@ class ADGPCompressor(Compressor):
                 f"{list(pos.numels)}"
             )
         residuals = self.memory.residuals(grads) if self.error_feedback else None
-        vs: List[Tensor] = []
-        for i, g in enumerate(grads):
-            v = g.detach().reshape(-1)
-            if residuals is not None:
-                v = v + residuals[i].view(-1)
-            vs.append(v)
-        check_no_nan(vs, "grads + residuals" if residuals is not None else "grads")
+        vs = error_feedback_values(grads, residuals)
         layers = []
         for i, v in enumerate(vs):
             idx = pos.indices[i].to(v.device)

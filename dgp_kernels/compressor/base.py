@@ -222,6 +222,23 @@ def _lossless(src: torch.dtype, dst: torch.dtype) -> bool:
     return src == dst or (dst == torch.float32 and src in (torch.float16, torch.bfloat16))
 
 
+def error_feedback_values(
+    grads: Sequence[Tensor], residuals: Optional[Sequence[Tensor]]
+) -> List[Tensor]:
+    """Flat ``v = g + e`` per layer (``g`` alone without error feedback), checked for NaN.
+
+    Raises ``ValueError`` naming the tensor before anything is modified.
+    """
+    vs: List[Tensor] = []
+    for i, g in enumerate(grads):
+        v = g.detach().reshape(-1)
+        if residuals is not None:
+            v = v + residuals[i].view(-1)
+        vs.append(v)
+    check_no_nan(vs, "grads + residuals" if residuals is not None else "grads")
+    return vs
+
+
 def cast_values(values: Tensor, value_dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
     """Cast selected values to the payload's value dtype.
 

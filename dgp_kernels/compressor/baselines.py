@@ -16,7 +16,7 @@ client its own seed — clients sharing a seed share their "random" noise.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ from torch import Tensor
 from ..codec.payload import LayerPayload, SparsePayload
 from ..ops._checks import DEFAULT_KEEP, band_counts, check_fractions
 from .base import (
+    error_feedback_values,
     Compressor,
     cast_values,
     check_bool,
@@ -117,13 +118,7 @@ class RandKCompressor(Compressor):
     def compress(self, grads: Sequence[Tensor]) -> SparsePayload:
         grads = check_grad_list(grads)
         residuals = self.memory.residuals(grads) if self.error_feedback else None
-        vs: List[Tensor] = []
-        for i, g in enumerate(grads):
-            v = g.detach().reshape(-1)
-            if residuals is not None:
-                v = v + residuals[i].view(-1)
-            vs.append(v)
-        check_no_nan(vs, "grads + residuals" if residuals is not None else "grads")
+        vs = error_feedback_values(grads, residuals)
         layers = []
         for i, (g, v) in enumerate(zip(grads, vs)):
             n = v.numel()

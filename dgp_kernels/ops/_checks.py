@@ -77,3 +77,18 @@ def check_grads(gs: Sequence[torch.Tensor], name: str) -> None:
                     f"returned in one flat tensor): {name}[0] is {d0} on {dev0}, "
                     f"{name}[{i}] is {g.dtype} on {g.device}"
                 )
+
+
+def check_residuals(gs: Sequence[torch.Tensor], residuals: object) -> None:
+    """A list of residuals pairing up with ``gs`` (same length; each matches its gradient)."""
+    if isinstance(residuals, torch.Tensor) or not isinstance(residuals, (list, tuple)):
+        raise TypeError(
+            f"residuals must be a list or tuple of tensors, got {type(residuals).__name__}"
+        )
+    if len(residuals) != len(gs):
+        raise ValueError(
+            f"residuals has {len(residuals)} tensors but gs has {len(gs)}; "
+            "they must pair up one residual per gradient"
+        )
+    for i, (g, e) in enumerate(zip(gs, residuals)):
+        check_residual(g, e, f"residuals[{i}]")

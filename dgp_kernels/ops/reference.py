@@ -17,12 +17,18 @@ Semantics (../shared/DESIGN.md §2):
 
 from __future__ import annotations
 
-import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
-from ._checks import band_counts, check_fractions, check_grad, check_grads, check_residual
+from ._checks import (
+    band_counts,
+    check_fractions,
+    check_grad,
+    check_grads,
+    check_residual,
+    check_residuals,
+)
 
 __all__ = [
     "magnitude_key",
@@ -156,13 +162,7 @@ def select_ef_multi(
     """Reference of :func:`dgp_kernels.select_ef_multi`; all residuals untouched on error."""
     check_fractions(top, keep)
     check_grads(gs, "gs")
-    if len(residuals) != len(gs):
-        raise ValueError(
-            f"residuals has {len(residuals)} tensors but gs has {len(gs)}; "
-            "they must pair up one residual per gradient"
-        )
-    for i, (g, e) in enumerate(zip(gs, residuals)):
-        check_residual(g, e, f"residuals[{i}]")
+    check_residuals(gs, residuals)
     # Validate every layer before mutating any residual (nothing changes on error).
     for i, (g, e) in enumerate(zip(gs, residuals)):
         if g.numel() and torch.isnan(_flat(g) + _flat(e)).any():

@@ -35,6 +35,7 @@ from ._checks import (
     check_grad,
     check_grads,
     check_residual,
+    check_residuals,
 )
 
 __all__ = [
@@ -272,15 +273,7 @@ def select_ef_multi(
     """
     check_fractions(top, keep)
     check_grads(gs, "gs")
-    if isinstance(residuals, Tensor) or not isinstance(residuals, (list, tuple)):
-        raise TypeError(f"residuals must be a list or tuple of tensors, got {type(residuals).__name__}")
-    if len(residuals) != len(gs):
-        raise ValueError(
-            f"residuals has {len(residuals)} tensors but gs has {len(gs)}; "
-            "they must pair up one residual per gradient"
-        )
-    for i, (g, e) in enumerate(zip(gs, residuals)):
-        check_residual(g, e, f"residuals[{i}]")
+    check_residuals(gs, residuals)
     return torch.ops.dgp.select_ef_multi(list(gs), list(residuals), float(top), float(keep))
 
 

@@ -50,7 +50,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ...ops import reference
-from ...ops._checks import band_counts, check_fractions, check_grad, check_grads, check_residual
+from ...ops._checks import (
+    band_counts,
+    check_fractions,
+    check_grad,
+    check_grads,
+    check_residual,
+    check_residuals,
+)
 
 __all__ = [
     "select_triton",
@@ -1044,13 +1051,7 @@ def select_ef_multi_triton(
     are untouched when any layer's ``g + residual`` holds a NaN."""
     check_fractions(top, keep)
     check_grads(gs, "gs")
-    if len(residuals) != len(gs):
-        raise ValueError(
-            f"residuals has {len(residuals)} tensors but gs has {len(gs)}; "
-            "they must pair up one residual per gradient"
-        )
-    for i, (g, e) in enumerate(zip(gs, residuals)):
-        check_residual(g, e, f"residuals[{i}]")
+    check_residuals(gs, residuals)
     if not gs:
         return reference.select_ef_multi(gs, residuals, top, keep)
     es = [_flat(e) for e in residuals]
