@@ -1,8 +1,12 @@
 """The ``dgp`` command: wiring only; each subcommand lives in its own module.
 
 Subcommands:
-  bench   timing table of our ops vs the DGP authors' operator, topk and clone
-          (dgp_kernels.benchmarks)
+  evaluate  gradient inversion attacks against each defense; report, tables, pictures
+            (dgp_kernels.attacks.cli) -- the package's main job
+  train     collaborative-learning simulator: accuracy and bytes per defense
+            (dgp_kernels.sim.cli)
+  bench     timing table of our ops vs the DGP authors' operator, topk and clone
+            (dgp_kernels.benchmarks)
 
 Add a subcommand: write ``add_arguments(parser)`` and ``run_from_args(args) -> int`` in the
 module that owns the work, then register both in ``_SUBCOMMANDS`` below.
@@ -15,25 +19,35 @@ import sys
 from typing import Optional, Sequence
 
 
-def _bench_add(p: argparse.ArgumentParser) -> None:
-    from . import benchmarks
+def _lazy(module: str):
+    """(add_arguments, run) that import ``module`` only when that subcommand is used."""
+    import importlib
 
-    benchmarks.add_arguments(p)
+    def add(p: argparse.ArgumentParser) -> None:
+        importlib.import_module(module, __package__).add_arguments(p)
 
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(module, __package__).run_from_args(args)
 
-def _bench_run(args: argparse.Namespace) -> int:
-    from . import benchmarks
-
-    return benchmarks.run_from_args(args)
+    return add, run
 
 
 # name -> (one-line help, add_arguments, run)
 _SUBCOMMANDS = {
+    "evaluate": (
+        "run gradient inversion attacks against gradients shared under each defense and "
+        "write the privacy-utility-communication report",
+        *_lazy(".attacks.cli"),
+    ),
+    "train": (
+        "simulate collaborative learning (FedSGD/FedAvg) under each defense: accuracy and "
+        "upload/download bytes per round",
+        *_lazy(".sim.cli"),
+    ),
     "bench": (
         "time our band selection against the DGP authors' operator, a single topk and "
         "clone(), on a model's gradients and one large tensor",
-        _bench_add,
-        _bench_run,
+        *_lazy(".benchmarks"),
     ),
 }
 
