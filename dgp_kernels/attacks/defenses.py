@@ -1,0 +1,324 @@
+"""The attack-side defenses: what an eavesdropper or the server sees of one client's gradient.
+
+As in the DGP paper's attack evaluation (DESIGN.md §5), each defense is the *single-round*
+operator applied to the shared gradient, without error feedback (error feedback changes what
+is sent in later rounds, not what one round's upload reveals). It runs through the registered
+compressors (:func:`dgp_kernels.compressor.get_compressor`) and the real wire codec: the
+payload is encoded to bytes (their length is the upload size) and decoded back, and the
+attacker gets the dense float32 gradient the server would rebuild from those bytes.
+
+Defense specs are strings ``name[:param=value,param=value]``:
+
+=========  =================================  ================================================
+name       parameters (defaults)              meaning
+=========  =================================  ================================================
+none       value_dtype (float32)              the gradient as is
+dgp        top (0.05), keep (0.2),            dual gradient pruning: drop the ``top`` largest
+           value_dtype (float32)              magnitudes, send the next ``keep`` fraction
+topk       keep (0.2), value_dtype            classic pruning: send the ``keep`` largest
+randk      keep (0.2), value_dtype            a random ``keep`` fraction
+dp         sigma | noise_multiplier, clip     Gaussian noise of std ``sigma`` on every entry;
+                                              without ``clip`` nothing is clipped (the DLG
+                                              paper's noise defense); with ``clip`` the update
+                                              is clipped to L2 norm ``clip`` first and ``sigma``
+                                              (or ``noise_multiplier * clip``) is the std
+qsgd       levels (127)                       QSGD stochastic quantisation
+=========  =================================  ================================================
+
+``value_dtype`` is ``float32``, ``bfloat16`` or ``float16``. Randomised defenses (randk, dp,
+qsgd) are seeded by the caller's ``seed``. Unknown names or parameters, bad values and
+malformed specs raise ``ValueError`` naming the spec and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..codec import decode, encode
+from ..codec.payload import SparsePayload
+from ..compressor import get_compressor
+from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP
+
+__all__ = [
+    "DEFENSE_PARAMS",
+    "DefendedGradient",
+    "DefenseSpec",
+    "apply_defense",
+    "check_gradients",
+    "parse_defense",
+    "sent_mask_from_payload",
+]
+
+# Clip norm standing for "no clipping" in the dp compressor (which always clips): far above
+# any gradient norm a model of float32 parameters produces.
+_NO_CLIP = 1e30
+
+#: Per defense name: accepted spec parameters and their types.
+DEFENSE_PARAMS: Dict[str, Dict[str, type]] = {
+    "none": {"value_dtype": str},
+    "dgp": {"top": float, "keep": float, "value_dtype": str},
+    "topk": {"keep": float, "value_dtype": str},
+    "randk": {"keep": float, "value_dtype": str},
+    "dp": {"sigma": float, "noise_multiplier": float, "clip": float},
+    "qsgd": {"levels": int},
+}
+
+# Parameters filled in when a spec leaves them out (so labels show the operating point).
+_SPEC_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "dgp": {"top": DEFAULT_TOP, "keep": DEFAULT_KEEP},
+    "topk": {"keep": DEFAULT_KEEP},
+    "randk": {"keep": DEFAULT_KEEP},
+    "qsgd": {"levels": 127},
+}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """A parsed defense spec.
+
+    Attributes:
+        name: the compressor name (a key of :data:`DEFENSE_PARAMS`).
+        params: ``(param, value)`` pairs, defaults filled in, in a fixed order.
+    """
+
+    name: str
+    params: Tuple[Tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """Canonical spec string, e.g. ``"dgp:top=0.05,keep=0.2"``; parses back to ``self``."""
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in self.params)
+
+    def __str__(self) -> str:
+        return self.label
+
+    @property
+    def band(self) -> Optional[Tuple[float, float]]:
+        """``(top, keep)`` of the band rule for ``dgp`` and ``topk`` (top 0), else ``None``."""
+        p = dict(self.params)
+        if self.name == "dgp":
+            return (float(p["top"]), float(p["keep"]))
+        if self.name == "topk":
+            return (0.0, float(p["keep"]))
+        return None
+
+    @property
+    def density(self) -> float:
+        """Fraction of coordinates sent (1 for dense defenses)."""
+        p = dict(self.params)
+        return float(p["keep"]) if "keep" in p else 1.0
+
+    def compressor_params(self) -> Dict[str, Any]:
+        """Keyword arguments for ``get_compressor(self.name, ...)`` (no seed, the compressor's
+        own error-feedback default: on for dgp, off for topk/randk). The simulator trains
+        with these; :func:`apply_defense` adds ``error_feedback=False`` and the seed."""
+        p = dict(self.params)
+        if self.name != "dp":
+            return p
+        clip = p.get("clip")
+        if "sigma" in p:
+            c = _NO_CLIP if clip is None else clip
+            return {"clip": c, "noise_multiplier": p["sigma"] / c}
+        out = {"noise_multiplier": p.get("noise_multiplier", 1.0)}
+        if clip is not None:
+            out["clip"] = clip
+        return out
+
+
+def _parse_value(spec: str, key: str, text: str, kind: type) -> Any:
+    if kind is str:
+        return text
+    try:
+        v = int(text) if kind is int else float(text)
+    except ValueError:
+        raise ValueError(
+            f"defense {spec!r}: {key}={text!r} is not a{'n int' if kind is int else ' number'}"
+        ) from None
+    if kind is float and not math.isfinite(v):
+        raise ValueError(f"defense {spec!r}: {key} must be finite, got {text!r}")
+    return v
+
+
+def parse_defense(spec: object) -> DefenseSpec:
+    """Parse ``"name[:param=value,...]"`` (see the module docstring) into a :class:`DefenseSpec`.
+
+    A :class:`DefenseSpec` is returned unchanged. The values are checked by building the
+    compressor once, so a bad operating point (``keep=1.5``, ``top + keep > 1``, ``levels=0``)
+    fails here with the compressor's message, prefixed with the spec.
+    """
+    if isinstance(spec, DefenseSpec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"defense spec must be a str, got {type(spec).__name__} {spec!r}")
+    text = spec.strip()
+    name, _, rest = text.partition(":")
+    name = name.strip().lower()
+    if name not in DEFENSE_PARAMS:
+        hint = " (adgp is a training-time protocol; its single-round operator is dgp)" if name == "adgp" else ""
+        raise ValueError(
+            f"unknown defense {name!r} in spec {spec!r}; known defenses: "
+            f"{', '.join(DEFENSE_PARAMS)}{hint}"
+        )
+    allowed = DEFENSE_PARAMS[name]
+    given: Dict[str, Any] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            key, eq, val = item.partition("=")
+            key, val = key.strip(), val.strip()
+            if not eq or not key or not val:
+                raise ValueError(
+                    f"defense {spec!r}: expected param=value pairs separated by commas, got {item!r}"
+                )
+            if key not in allowed:
+                raise ValueError(
+                    f"defense {spec!r}: {name} has no parameter {key!r}; its parameters are: "
+                    f"{', '.join(allowed) or '(none)'}"
+                )
+            if key in given:
+                raise ValueError(f"defense {spec!r}: parameter {key!r} given twice")
+            given[key] = _parse_value(spec, key, val, allowed[key])
+    elif ":" in text:
+        raise ValueError(f"defense {spec!r}: nothing after ':' (write {name!r} for the defaults)")
+    if name == "dp":
+        if "sigma" in given and "noise_multiplier" in given:
+            raise ValueError(f"defense {spec!r}: give sigma or noise_multiplier, not both")
+        if "sigma" not in given and "noise_multiplier" not in given:
+            raise ValueError(f"defense {spec!r}: dp needs sigma=<noise std> (or noise_multiplier)")
+        if "sigma" in given and given["sigma"] < 0:
+            raise ValueError(f"defense {spec!r}: sigma must be >= 0, got {given['sigma']!r}")
+    merged = dict(_SPEC_DEFAULTS.get(name, {}))
+    merged.update(given)
+    order = list(allowed)
+    params = tuple((k, merged[k]) for k in order if k in merged)
+    out = DefenseSpec(name=name, params=params)
+    try:
+        get_compressor(name, **out.compressor_params())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"defense {spec!r}: {exc}") from None
+    return out
+
+
+@dataclass
+class DefendedGradient:
+    """One client's gradient as it leaves the client under a defense.
+
+    Attributes:
+        spec: the defense.
+        shared_grads: dense float32 tensors shaped like the model's parameters, decoded from
+            the encoded upload (zeros where nothing was sent); on the gradients' device.
+        sent_mask: bool tensors of the same shapes, True where a value was sent (every
+            coordinate for the dense defenses none/dp/qsgd).
+        band: ``(top, keep)`` for dgp/topk (what a band-aware attacker may know), else None.
+        upload_bytes: length of the encoded payload (header, layer table and checksum included).
+        dense_bytes: bytes of the same gradient as dense float32 (``4 * numel``).
+        payload: the decoded :class:`SparsePayload` (values and indices as on the wire).
+    """
+
+    spec: DefenseSpec
+    shared_grads: List[Tensor]
+    sent_mask: List[Tensor]
+    band: Optional[Tuple[float, float]]
+    upload_bytes: int
+    dense_bytes: int
+    payload: SparsePayload
+
+    @property
+    def sent_fraction(self) -> float:
+        total = sum(m.numel() for m in self.sent_mask)
+        return sum(int(m.sum()) for m in self.sent_mask) / total if total else 0.0
+
+
+def check_gradients(grads: object, model: Optional[nn.Module] = None, name: str = "grads") -> List[Tensor]:
+    """Check ``grads`` is a list of floating tensors and, with ``model``, that there is one per
+    trainable parameter with the same shape. Raises ``TypeError``/``ValueError`` naming the
+    parameter that does not fit."""
+    if isinstance(grads, Tensor) or not isinstance(grads, (list, tuple)):
+        raise TypeError(f"{name} must be a list of tensors (one per model parameter), got {type(grads).__name__}")
+    for i, g in enumerate(grads):
+        if not isinstance(g, Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(g).__name__}")
+        if not g.dtype.is_floating_point:
+            raise TypeError(f"{name}[{i}] must be a floating tensor, got {g.dtype}")
+    if model is not None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if len(named) != len(grads):
+            raise ValueError(
+                f"{name} has {len(grads)} tensors but the model has {len(named)} trainable "
+                "parameters; the gradient was computed on another model"
+            )
+        for i, ((pname, p), g) in enumerate(zip(named, grads)):
+            if g.shape != p.shape:
+                raise ValueError(
+                    f"{name}[{i}] has shape {tuple(g.shape)} but model parameter {pname!r} has "
+                    f"shape {tuple(p.shape)}; the gradient was computed on another model"
+                )
+    return list(grads)
+
+
+def sent_mask_from_payload(payload: SparsePayload, like: Sequence[Tensor]) -> List[Tensor]:
+    """Bool masks shaped like ``like``: True at each layer's sent indices (all True for a
+    dense layer). Raises ``ValueError`` when the payload does not fit ``like``."""
+    if len(payload.layers) != len(like):
+        raise ValueError(f"payload has {len(payload.layers)} layers for {len(like)} tensors")
+    masks: List[Tensor] = []
+    for i, (layer, t) in enumerate(zip(payload.layers, like)):
+        if layer.numel != t.numel():
+            raise ValueError(f"payload layer {i} has numel {layer.numel}, tensor {i} has {t.numel()}")
+        if layer.indices is None:
+            masks.append(torch.ones(t.shape, dtype=torch.bool, device=t.device))
+            continue
+        m = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+        m[layer.indices.to(t.device)] = True
+        masks.append(m.view(t.shape))
+    return masks
+
+
+def apply_defense(spec: object, grads: Sequence[Tensor], *, seed: int = 0,
+                  model: Optional[nn.Module] = None) -> DefendedGradient:
+    """Apply ``spec`` once (no error feedback) to one client's gradient.
+
+    Args:
+        spec: a spec string or :class:`DefenseSpec`.
+        grads: one float tensor per model parameter (any float dtype, any device); not modified.
+        seed: seed of the randomised defenses (randk, dp, qsgd).
+        model: when given, ``grads`` must match its trainable parameters (``ValueError`` otherwise).
+
+    Returns:
+        a :class:`DefendedGradient`: the dense float32 gradient decoded from the real encoded
+        payload, the per-layer sent mask, the band and the upload size in bytes.
+    """
+    spec = parse_defense(spec)
+    grads = check_gradients(grads, model)
+    kwargs = spec.compressor_params()
+    if spec.name in ("dgp", "topk", "randk"):
+        kwargs["error_feedback"] = False
+    if spec.name in ("randk", "dp", "qsgd"):
+        kwargs["seed"] = int(seed)
+    comp = get_compressor(spec.name, **kwargs)
+    detached = [g.detach() for g in grads]
+    wire = encode(comp.compress(detached))
+    payload = decode(wire, [g.numel() for g in detached])
+    dense = comp.decompress(payload, [g.shape for g in detached])
+    device = detached[0].device if detached else torch.device("cpu")
+    shared = [d.to(device) for d in dense]
+    masks = sent_mask_from_payload(payload, shared)
+    return DefendedGradient(
+        spec=spec,
+        shared_grads=shared,
+        sent_mask=masks,
+        band=spec.band,
+        upload_bytes=len(wire),
+        dense_bytes=4 * sum(g.numel() for g in detached),
+        payload=payload,
+    )
