@@ -1,0 +1,337 @@
+"""Simulator configuration: :class:`SimConfig` (one run), :class:`Fault` (an injected client
+failure) and the parsing of ``--defense-param NAME.KEY=VALUE`` strings.
+
+Every field is checked once, in :meth:`SimConfig.validate` (called by
+:func:`~dgp_kernels.sim.simulate`), with a ``TypeError``/``ValueError`` that names the field,
+its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+__all__ = [
+    "ALGORITHMS",
+    "DEFENSES",
+    "FAULT_KINDS",
+    "SPLITS",
+    "Fault",
+    "SimConfig",
+    "parse_defense_params",
+    "parse_value",
+]
+
+#: Training algorithms: FedSGD (one gradient per client per round, server optimiser) and
+#: FedAvg (local epochs, clients send model deltas).
+ALGORITHMS = ("fedsgd", "fedavg")
+#: Data partitions across clients.
+SPLITS = ("iid", "dirichlet")
+#: Defenses = registered compressor names (dgp_kernels.compressor.available_compressors()).
+DEFENSES = ("none", "dgp", "adgp", "topk", "randk", "dp", "qsgd")
+#: Extra ``adgp`` parameters that configure the server-side Broadcaster, not the client.
+ADGP_BROADCASTER_PARAMS = ("top", "keep", "positions")
+#: How the ADGP broadcaster picks positions after round 1.
+ADGP_POSITION_RULES = ("aggregate", "fresh")
+
+#: Ways a client can fail in a round (see :class:`Fault`).
+FAULT_KINDS = ("raise", "absent", "corrupt", "truncate", "nan_payload")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A failure injected into one client in one round (tests, robustness studies).
+
+    Attributes:
+        round: 0-based round number.
+        client: client id in ``[0, clients)``; ignored unless that client is sampled.
+        kind: ``"raise"`` (local training raises after computing its update),
+            ``"absent"`` (the client never answers), ``"corrupt"`` (one byte of its payload
+            is flipped in transit: the checksum fails), ``"truncate"`` (the payload loses
+            its last bytes), ``"nan_payload"`` (a well-formed payload carrying a NaN value).
+            The server drops the client from that round with the reason; the payload
+            bytes that arrived are still counted as upload.
+    """
+
+    round: int
+    client: int
+    kind: str = "raise"
+
+    def __post_init__(self) -> None:
+        for name in ("round", "client"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Fault.{name} must be an int >= 0, got {v!r}")
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"Fault.kind must be one of {FAULT_KINDS}, got {self.kind!r}")
+
+
+def _check_int(value: object, name: str, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"SimConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < lo:
+        raise ValueError(f"SimConfig.{name} must be >= {lo}, got {value!r}")
+    return value
+
+
+def _check_float(value: object, name: str, lo: float, hi: float = math.inf, *,
+                 lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"SimConfig.{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    bad = not math.isfinite(v) or v > hi or (v <= lo if lo_open else v < lo)
+    if bad:
+        lo_txt = f"> {lo}" if lo_open else f">= {lo}"
+        hi_txt = "" if hi == math.inf else f" and <= {hi}"
+        raise ValueError(f"SimConfig.{name} must be a finite number {lo_txt}{hi_txt}, got {value!r}")
+    return v
+
+
+def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"SimConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+@dataclass
+class SimConfig:
+    """One simulated collaborative-learning run (all fields JSON-serialisable).
+
+    Attributes:
+        dataset: ``digits`` (built in, offline), ``mnist``, ``cifar10``, ``cifar100`` (from
+            ``data_root``).
+        model: a name of :data:`dgp_kernels.sim.models.MODELS`; built with the dataset's
+            ``num_classes``/``channels`` (and ``image_size`` when the model takes it).
+        defense: compressor name (``none``, ``dgp``, ``adgp``, ``topk``, ``randk``, ``dp``,
+            ``qsgd``); each client gets its own compressor object (own error feedback).
+        defense_params: keyword arguments of that compressor (``{"top": 0.05}``); for
+            ``adgp`` also ``top``/``keep`` (the broadcaster's band) and ``positions``
+            (``"aggregate"``: band of the previous aggregate, the default rule of
+            DESIGN.md §2.5; ``"fresh"``: band of the broadcaster's own gradient each round).
+            Random compressors get ``seed + client`` per client (``seed`` defaults to a
+            value derived from ``SimConfig.seed``).
+        clients: number of clients N.
+        rounds: communication rounds.
+        algorithm: ``fedsgd`` (each sampled client sends one gradient on one local batch;
+            the server averages and steps SGD with momentum/weight decay) or ``fedavg``
+            (``local_epochs`` of local SGD; clients send model deltas; the server adds
+            the sample-weighted mean delta).
+        batch_size: local batch size.
+        lr, momentum, weight_decay: SGD hyper-parameters (server optimiser in FedSGD,
+            clients' local optimiser in FedAvg).
+        lr_steps: ``[[round, lr], ...]``: from that 0-based round on, use that lr (the DGP
+            authors' 0.1 -> 0.01 -> 0.005 schedule is ``[[51, 0.01], [71, 0.005]]`` in epochs).
+        local_epochs: FedAvg local epochs E.
+        participation: fraction of clients sampled per round (at least one).
+        split: ``iid`` or ``dirichlet`` (label proportions per client ~ Dir(alpha)).
+        alpha: Dirichlet concentration (> 0; small = more skewed).
+        seed: seeds model init, split, sampling, batches and compressors.
+        data_root: directory holding MNIST/CIFAR files (ignored for ``digits``).
+        device: torch device for local training (``cpu``, ``cuda``, ...); the server side
+            (codec) runs on CPU.
+        eval_every: evaluate on the test split every this many rounds (and after the last).
+        test_limit: evaluate on at most this many test samples (0 = all).
+        diagnostics: also record error-feedback diagnostics per round (residual norms on
+            never-sent coordinates; see :func:`~dgp_kernels.sim.simulate`).
+        threads: torch intra-op threads during the run (restored afterwards); ``None``
+            leaves torch's setting. Small models run fastest on 1 thread here (the
+            2-vCPU machine stalls in OpenMP regions, DESIGN.md §6); results are bitwise
+            reproducible for a fixed thread count.
+    """
+
+    dataset: str = "digits"
+    model: str = "convnet_small"
+    defense: str = "none"
+    defense_params: Dict[str, Any] = field(default_factory=dict)
+    clients: int = 10
+    rounds: int = 150
+    algorithm: str = "fedsgd"
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_steps: List[Tuple[int, float]] = field(default_factory=list)
+    local_epochs: int = 1
+    participation: float = 1.0
+    split: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    data_root: Optional[str] = None
+    device: str = "cpu"
+    eval_every: int = 1
+    test_limit: int = 0
+    diagnostics: bool = False
+    threads: Optional[int] = None
+
+    # ---------------------------------------------------------------------------------
+    def validate(self) -> "SimConfig":
+        """Check every field (raises ``TypeError``/``ValueError`` naming it); returns self."""
+        from .data import available_datasets
+        from .models import MODELS
+
+        _check_choice(self.dataset, "dataset", available_datasets())
+        _check_choice(self.model, "model", sorted(MODELS))
+        _check_choice(self.defense, "defense", DEFENSES)
+        if not isinstance(self.defense_params, Mapping):
+            raise TypeError(
+                f"SimConfig.defense_params must be a dict of compressor keyword arguments, "
+                f"got {type(self.defense_params).__name__}"
+            )
+        for k in self.defense_params:
+            if not isinstance(k, str):
+                raise TypeError(f"SimConfig.defense_params keys must be str, got {k!r}")
+        _check_int(self.clients, "clients", 1)
+        _check_int(self.rounds, "rounds", 1)
+        _check_choice(self.algorithm, "algorithm", ALGORITHMS)
+        _check_int(self.batch_size, "batch_size", 1)
+        _check_float(self.lr, "lr", 0.0, lo_open=True)
+        _check_float(self.momentum, "momentum", 0.0, 1.0)
+        _check_float(self.weight_decay, "weight_decay", 0.0)
+        if not isinstance(self.lr_steps, (list, tuple)):
+            raise TypeError(f"SimConfig.lr_steps must be a list of [round, lr] pairs, got {self.lr_steps!r}")
+        for i, step in enumerate(self.lr_steps):
+            if not isinstance(step, (list, tuple)) or len(step) != 2:
+                raise ValueError(f"SimConfig.lr_steps[{i}] must be a [round, lr] pair, got {step!r}")
+            _check_int(step[0], f"lr_steps[{i}][0]", 0)
+            _check_float(step[1], f"lr_steps[{i}][1]", 0.0, lo_open=True)
+        _check_int(self.local_epochs, "local_epochs", 1)
+        _check_float(self.participation, "participation", 0.0, 1.0, lo_open=True)
+        _check_choice(self.split, "split", SPLITS)
+        _check_float(self.alpha, "alpha", 0.0, lo_open=True)
+        _check_int(self.seed, "seed", 0)
+        if self.data_root is not None and not isinstance(self.data_root, str):
+            raise TypeError(f"SimConfig.data_root must be a str path or None, got {self.data_root!r}")
+        if not isinstance(self.device, str):
+            raise TypeError(f"SimConfig.device must be a str such as 'cpu' or 'cuda', got {self.device!r}")
+        try:
+            import torch
+
+            torch.device(self.device)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"SimConfig.device {self.device!r} is not a torch device: {exc}") from None
+        _check_int(self.eval_every, "eval_every", 1)
+        _check_int(self.test_limit, "test_limit", 0)
+        if self.threads is not None:
+            _check_int(self.threads, "threads", 1)
+        if not isinstance(self.diagnostics, bool):
+            raise TypeError(f"SimConfig.diagnostics must be a bool, got {self.diagnostics!r}")
+        if self.defense == "adgp":
+            rule = self.defense_params.get("positions", "aggregate")
+            if rule not in ADGP_POSITION_RULES:
+                raise ValueError(
+                    f"SimConfig.defense_params['positions'] (adgp) must be one of "
+                    f"{', '.join(ADGP_POSITION_RULES)}; got {rule!r}"
+                )
+        # Build one compressor (and the broadcaster) to check the parameters now, with
+        # the compressor's own error naming the parameter.
+        compressor_params(self, client=0)
+        if self.defense == "adgp":
+            from ..compressor import Broadcaster
+
+            Broadcaster(**broadcaster_params(self))
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["lr_steps"] = [list(s) for s in self.lr_steps]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SimConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SimConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**dict(d))
+
+    def lr_at(self, round: int) -> float:
+        """Learning rate in effect at 0-based ``round``."""
+        lr = float(self.lr)
+        for r, v in sorted((int(a), float(b)) for a, b in self.lr_steps):
+            if round >= r:
+                lr = v
+        return lr
+
+
+def _client_seed(config: SimConfig, client: int, given: Optional[int]) -> int:
+    base = given if given is not None else (config.seed * 1_000_003 + 7919) % (2**62)
+    return (int(base) + client) % (2**63 - 1)
+
+
+def compressor_params(config: SimConfig, client: int) -> Dict[str, Any]:
+    """The keyword arguments of client ``client``'s compressor, after building a throwaway
+    one to check them (errors name the parameter)."""
+    import inspect
+
+    from ..compressor import get_compressor
+    from ..compressor.base import _REGISTRY
+
+    params = dict(config.defense_params)
+    if config.defense == "adgp":
+        for k in ADGP_BROADCASTER_PARAMS:
+            params.pop(k, None)
+    cls = _REGISTRY.get(config.defense)
+    accepted = inspect.signature(cls.__init__).parameters if cls is not None else {}
+    if "seed" in accepted:
+        params["seed"] = _client_seed(config, client, params.get("seed"))
+    try:
+        get_compressor(config.defense, **params)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"defense {config.defense!r}: {exc}") from None
+    return params
+
+
+def broadcaster_params(config: SimConfig) -> Dict[str, Any]:
+    """ADGP broadcaster band (``top``/``keep`` from ``defense_params``, else the DGP defaults)."""
+    from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP
+
+    p = config.defense_params
+    return {"top": p.get("top", DEFAULT_TOP), "keep": p.get("keep", DEFAULT_KEEP)}
+
+
+# --------------------------------------------------------------------------------------
+# "--defense-param dgp.top=0.05" parsing
+# --------------------------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+    """A CLI value: ``true``/``false`` -> bool, ``none`` -> None, an int literal -> int, a
+    float literal -> float, anything else stays a str (e.g. ``bfloat16``)."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
+
+
+def parse_defense_params(items: Sequence[str], defenses: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """``["dgp.top=0.05", "dp.clip=2"]`` -> ``{"dgp": {"top": 0.05}, "dp": {"clip": 2}}``.
+
+    Raises ``ValueError`` for a malformed item or a defense not in ``defenses``.
+    """
+    out: Dict[str, Dict[str, Any]] = {d: {} for d in defenses}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(
+                f"--defense-param {item!r} must look like DEFENSE.PARAM=VALUE, e.g. dgp.top=0.05"
+            )
+        key, value = item.split("=", 1)
+        name, param = key.split(".", 1)
+        name, param = name.strip(), param.strip()
+        if name not in out:
+            raise ValueError(
+                f"--defense-param {item!r} is for defense {name!r}, which is not among the "
+                f"defenses of this run ({', '.join(defenses)})"
+            )
+        if not param:
+            raise ValueError(f"--defense-param {item!r} names no parameter")
+        out[name][param] = parse_value(value)
+    return out
