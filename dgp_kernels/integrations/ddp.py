@@ -1,0 +1,430 @@
+"""A DDP communication hook that sends DGP-compressed gradients (``torch.distributed``).
+
+Usage (every rank)::
+
+    from dgp_kernels.integrations.ddp import DGPHookState, dgp_hook
+
+    model = DistributedDataParallel(net)
+    state = DGPHookState(compressor="dgp", params={"top": 0.05, "keep": 0.20})
+    model.register_comm_hook(state, dgp_hook)
+    ...                                  # train as usual; state.steps holds bytes per step
+
+What the hook does with each gradient bucket (a flat buffer holding several parameters'
+gradients):
+
+1. **Compress** — the bucket is split into its parameters' gradients (flat views) and one
+   compressor call compresses them all (DGP: the band of ``|g + e|`` per parameter, with the
+   rank's error-feedback residual ``e`` per parameter).
+2. **Encode** the :class:`~dgp_kernels.codec.SparsePayload` to the wire format v1
+   (:func:`dgp_kernels.codec.encode`).
+3. **All-gather** the encoded bytes. Sparse payloads cannot be all-reduced (every rank sends
+   other positions), so each rank receives every rank's payload. We all-gather the payload
+   *sizes* first (one int64 per rank), then the payloads padded to the largest size in one
+   ``all_gather_single`` (formerly ``all_gather_into_tensor``) of uint8. Why not
+   ``all_gather_object``: it pickles, does the same two collectives (sizes, then padded
+   bytes) internally, copies through Python ``bytes`` and, on NCCL, needs the current CUDA
+   device set; the tensor route is the same traffic without the pickling and works with
+   gloo and NCCL alike. The padding is small: DGP sends a fixed number of values per layer
+   (the count depends on shapes only), so ranks' payloads differ only in their index
+   streams (a few percent).
+4. **Decode and average** — :func:`dgp_kernels.codec.decode_accumulate` validates every
+   rank's payload, sums them into a float32 buffer in rank order (deterministic: every rank
+   computes bitwise the same sum, so the replicas stay in sync) and the hook divides by the
+   world size. The returned future holds the dense averaged bucket in the bucket's dtype
+   and device.
+
+Error feedback is kept **per parameter**, keyed by the parameter's storage
+(``data_ptr``, ``numel``), not by bucket index: DDP rebuilds its buckets after the first
+iteration (the order in which gradients became ready decides the new grouping), so bucket
+``i`` may hold other parameters from step 2 on. When a bucket layout is seen for the
+first time, the residuals of its parameters are moved over from the buckets that held
+them before, so no owed error is lost. DGP's band is per parameter tensor, so the
+bucketing never changes what is sent.
+
+``compressor="adgp"`` (aligned DGP, DESIGN.md §2.5) keeps DDP's all-reduce: every rank
+sends values at the same positions, so the values of all ranks can be summed by an
+ordinary all-reduce. The positions of each step are chosen by rank 0 (the broadcaster) as
+the DGP band of its own ``g + e`` per parameter and broadcast as a bitmap (``numel / 8``
+bytes per bucket); every rank then sends its ``g + e`` at those positions and keeps the
+rest in its residual. (Re-choosing from the broadcaster's fresh gradient every step is the
+variant that reaches every coordinate, see :mod:`dgp_kernels.compressor.adgp`.)
+
+Devices: the bucket's device decides everything — compression runs there (C++ kernel on
+CPU, Triton on CUDA), the collectives use tensors on that device (gloo for CPU, NCCL for
+CUDA), and the result is returned there. Encoding and decoding run on the CPU.
+
+Failure: a collective that fails (a peer rank died, or the process group's timeout passed)
+raises ``RuntimeError`` from ``loss.backward()`` naming the bucket and rank. Set
+``timeout=`` in ``init_process_group`` to bound how long a rank waits for a dead peer.
+"""
+
+# No `from __future__ import annotations`: DDP's register_comm_hook checks the hook's
+# annotations as objects (dist.GradBucket, torch.futures.Future[torch.Tensor]).
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import ops
+from ..codec import decode_accumulate, encode
+from ..codec.payload import SparsePayload
+from ..compressor import (
+    ADGPCompressor,
+    AlignedPositions,
+    Compressor,
+    available_compressors,
+    get_compressor,
+)
+from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP, check_fractions
+
+__all__ = ["DGPHookState", "StepStats", "dgp_hook"]
+
+ParamKey = Tuple[int, int]  # (data_ptr, numel) of a parameter: stable across bucket rebuilds
+BucketKey = Tuple[ParamKey, ...]
+
+_VALUE_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Traffic of one training step on this rank (all buckets of one backward pass).
+
+    Attributes:
+        step: 0-based step number (counted by the hook: one per backward pass).
+        buckets: number of buckets in the step.
+        numel: gradient entries in those buckets.
+        payload_bytes: bytes of this rank's encoded uploads (sparse mode: the wire-format
+            payloads; aligned mode: the values).
+        collective_bytes: bytes this rank passed into collectives: the payload padded to
+            the largest rank's size plus the 8-byte size exchange (sparse), or the values
+            plus, on rank 0, the position bitmap it broadcasts (aligned).
+        dense_bytes: what a plain all-reduce of the same buckets passes in (numel x element
+            size of the bucket dtype): the reference ``payload_bytes`` is compared with.
+    """
+
+    step: int
+    buckets: int
+    numel: int
+    payload_bytes: int
+    collective_bytes: int
+    dense_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """``payload_bytes / dense_bytes`` (0 for an empty step)."""
+        return self.payload_bytes / self.dense_bytes if self.dense_bytes else 0.0
+
+
+class DGPHookState:
+    """State of :func:`dgp_hook` on one rank: the compressors (one per bucket layout), the
+    per-parameter residuals they hold, and the traffic statistics.
+
+    Args:
+        process_group: the group to communicate in (``None``: the default group).
+        compressor: a registered compressor name (``"dgp"`` by default; ``"topk"``,
+            ``"randk"``, ... work too; ``"adgp"`` selects the aligned all-reduce mode) or a
+            zero-argument callable returning a fresh :class:`Compressor` (sparse mode).
+            A compressor is built per bucket layout; aligned compressors cannot be
+            given as a callable.
+        params: keyword arguments of the compressor (``get_compressor(name, **params)``).
+            For ``"adgp"``: ``top`` and ``keep`` (the broadcaster's band, defaults 0.05 /
+            0.20), ``error_feedback`` and ``value_dtype``. A compressor that draws random
+            numbers gets the same ``seed`` in every bucket: give each rank its own seed.
+        value_dtype: ``None`` (default: values travel in the payload's dtype), or
+            ``"float32"``/``"bfloat16"``/``"float16"`` to re-encode values (sparse mode;
+            lossy types drop the rounding error; prefer the compressor's own
+            ``value_dtype``, which feeds it back).
+
+    Attributes:
+        steps: list of :class:`StepStats`, one per completed backward pass.
+        layouts: per step, the bucket layouts seen (bucket index -> parameter keys), kept
+            for the first ``keep_layouts`` steps (default 4) to show DDP's bucket rebuild.
+    """
+
+    def __init__(
+        self,
+        process_group: Optional[dist.ProcessGroup] = None,
+        compressor: Union[str, Callable[[], Compressor]] = "dgp",
+        params: Optional[Dict[str, Any]] = None,
+        *,
+        value_dtype: Optional[str] = None,
+        keep_layouts: int = 4,
+    ) -> None:
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed ProcessGroup or None, got {type(process_group).__name__}"
+            )
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise TypeError(f"params must be a dict of compressor arguments, got {type(params).__name__}")
+        if value_dtype is not None and value_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"value_dtype must be None, 'float32', 'bfloat16' or 'float16', got {value_dtype!r}")
+        if isinstance(keep_layouts, bool) or not isinstance(keep_layouts, int) or keep_layouts < 0:
+            raise ValueError(f"keep_layouts must be an int >= 0, got {keep_layouts!r}")
+        self.process_group = process_group
+        self.value_dtype = value_dtype
+        self.aligned = False
+        self.top, self.keep = DEFAULT_TOP, DEFAULT_KEEP
+        params = dict(params)
+        if isinstance(compressor, str):
+            if compressor not in available_compressors():
+                raise ValueError(
+                    f"compressor must be one of {available_compressors()} or a callable, got {compressor!r}"
+                )
+            if compressor == "adgp":
+                self.aligned = True
+                self.top = params.pop("top", DEFAULT_TOP)
+                self.keep = params.pop("keep", DEFAULT_KEEP)
+                check_fractions(self.top, self.keep)
+            get_compressor(compressor, **params)  # check the params now, on every rank
+            name = compressor
+            self._factory: Callable[[], Compressor] = lambda: get_compressor(name, **params)
+        elif callable(compressor):
+            if params:
+                raise ValueError("params= is only for a compressor given by name")
+            self._factory = compressor
+        else:
+            raise TypeError(
+                f"compressor must be a registered name or a callable returning a Compressor, got {type(compressor).__name__}"
+            )
+        self.compressor_name = compressor if isinstance(compressor, str) else getattr(compressor, "__name__", "custom")
+        self.keep_layouts = keep_layouts
+        self.steps: List[StepStats] = []
+        self.layouts: List[Dict[int, BucketKey]] = []
+        self._compressors: Dict[BucketKey, Compressor] = {}
+        self._orphans: Dict[ParamKey, Tensor] = {}  # residuals of dissolved bucket layouts
+        self._cur = [0, 0, 0, 0, 0]  # buckets, numel, payload, collective, dense
+        self._cur_layout: Dict[int, BucketKey] = {}
+
+    # ---- bookkeeping ------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Number of completed backward passes seen by the hook."""
+        return len(self.steps)
+
+    def total_bytes(self) -> Tuple[int, int]:
+        """``(payload_bytes, dense_bytes)`` summed over all completed steps."""
+        return sum(s.payload_bytes for s in self.steps), sum(s.dense_bytes for s in self.steps)
+
+    def _record(self, index: int, key: BucketKey, numel: int, payload: int, collective: int, dense: int,
+                last: bool) -> None:
+        c = self._cur
+        c[0] += 1
+        c[1] += numel
+        c[2] += payload
+        c[3] += collective
+        c[4] += dense
+        self._cur_layout[index] = key
+        if last:
+            self.steps.append(StepStats(len(self.steps), c[0], c[1], c[2], c[3], c[4]))
+            if len(self.layouts) < self.keep_layouts:
+                self.layouts.append(dict(self._cur_layout))
+            self._cur = [0, 0, 0, 0, 0]
+            self._cur_layout = {}
+
+    # ---- per-layout compressors with residuals that follow the parameters ------------
+    def compressor_for(self, key: BucketKey, grads: Sequence[Tensor]) -> Compressor:
+        """The compressor of bucket layout ``key`` (one :data:`ParamKey` per gradient).
+
+        A layout seen for the first time gets a fresh compressor whose residuals are taken
+        over from the layouts that held its parameters before (those layouts are dissolved;
+        the residuals of their other parameters wait for the layouts that claim them).
+        Parameters never seen start with zero residuals.
+        """
+        comp = self._compressors.get(key)
+        if comp is not None:
+            return comp
+        if len(key) != len(grads):
+            raise ValueError(f"bucket key has {len(key)} parameters but {len(grads)} gradients were given")
+        mine = set(key)
+        for old_key in [k for k in self._compressors if mine.intersection(k)]:
+            old = self._compressors.pop(old_key)
+            res = old.memory.peek()
+            if res is not None:
+                for pk, e in zip(old_key, res):
+                    self._orphans[pk] = e
+        comp = self._factory()
+        if not isinstance(comp, Compressor):
+            raise TypeError(f"the compressor factory returned {type(comp).__name__}, not a Compressor")
+        if self.aligned and not isinstance(comp, ADGPCompressor):
+            raise TypeError("aligned mode needs an ADGPCompressor")
+        if not self.aligned and isinstance(comp, ADGPCompressor):
+            raise TypeError('an ADGP compressor needs compressor="adgp" (the aligned all-reduce mode)')
+        if any(pk in self._orphans for pk in key):
+            res = []
+            for pk, g in zip(key, grads):
+                e = self._orphans.pop(pk, None)
+                if e is None or e.shape != g.shape or e.dtype != g.dtype or e.device != g.device:
+                    e = torch.zeros(g.shape, dtype=g.dtype, device=g.device)
+                res.append(e)
+            comp.memory.load_state_dict({"residuals": res})
+        self._compressors[key] = comp
+        return comp
+
+    def residual(self, key: ParamKey) -> Optional[Tensor]:
+        """The residual currently held for one parameter (``None`` when it has none)."""
+        for bkey, comp in self._compressors.items():
+            if key in bkey:
+                res = comp.memory.peek()
+                return None if res is None else res[bkey.index(key)]
+        return self._orphans.get(key)
+
+
+# torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single (same op).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _param_key(p: Tensor) -> ParamKey:
+    return (int(p.data_ptr()), int(p.numel()))
+
+
+def _group_info(state: DGPHookState) -> Tuple[Optional[dist.ProcessGroup], int, int]:
+    pg = state.process_group
+    return pg, dist.get_world_size(pg), dist.get_rank(pg)
+
+
+def _fail(what: str, bucket_index: int, rank: int, exc: BaseException) -> RuntimeError:
+    return RuntimeError(
+        f"dgp_hook: {what} of bucket {bucket_index} failed on rank {rank}; a peer rank may "
+        f"have died or the process group timeout passed: {exc}"
+    )
+
+
+def dgp_hook(state: DGPHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """DDP communication hook: DGP-compress, exchange, decode and average one bucket.
+
+    Register with ``model.register_comm_hook(state, dgp_hook)``. Returns a future whose
+    value is the averaged dense bucket (same numel, dtype and device as
+    ``bucket.buffer()``). See the module docstring for the protocol; the sum over ranks is
+    done in float32 in rank order, so every rank gets bitwise the same result.
+    """
+    if not isinstance(state, DGPHookState):
+        raise TypeError(f"state must be a DGPHookState, got {type(state).__name__}")
+    buf = bucket.buffer()
+    params = bucket.parameters()
+    sizes = [int(p.numel()) for p in params]
+    if sum(sizes) != buf.numel():
+        raise RuntimeError(
+            f"dgp_hook: bucket {bucket.index()} holds {buf.numel()} entries but its parameters "
+            f"have {sum(sizes)}; sparse gradients and padded buckets are not supported"
+        )
+    grads = list(buf.split(sizes)) if sizes else []
+    key: BucketKey = tuple(_param_key(p) for p in params)
+    comp = state.compressor_for(key, grads)
+    if state.aligned:
+        return _aligned_bucket(state, bucket, buf, grads, key, comp)
+    return _sparse_bucket(state, bucket, buf, grads, sizes, key, comp)
+
+
+def _sparse_bucket(state, bucket, buf, grads, sizes, key, comp) -> torch.futures.Future[Tensor]:
+    pg, world, rank = _group_info(state)
+    dev = buf.device
+    payload: SparsePayload = comp.compress(grads)
+    data = encode(payload, state.value_dtype)
+    n = len(data)
+    mine = torch.frombuffer(bytearray(data), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+    try:
+        size_t = torch.tensor([n], dtype=torch.int64, device=dev)
+        all_sizes = torch.empty(world, dtype=torch.int64, device=dev)
+        _all_gather_single(all_sizes, size_t, group=pg)
+        lens = [int(x) for x in all_sizes.tolist()]
+        width = max(lens)
+        slot = torch.zeros(width, dtype=torch.uint8, device=dev)
+        slot[:n] = mine.to(dev)
+        gathered = torch.empty(world * width, dtype=torch.uint8, device=dev)
+        work = _all_gather_single(gathered, slot, group=pg, async_op=True)
+    except RuntimeError as exc:
+        raise _fail("all-gather", bucket.index(), rank, exc) from exc
+    state._record(bucket.index(), key, buf.numel(), n, width + 8, buf.numel() * buf.element_size(),
+                  bucket.is_last())
+    index = bucket.index()
+
+    def finish(fut: torch.futures.Future) -> Tensor:
+        try:
+            fut.wait()
+        except RuntimeError as exc:
+            raise _fail("all-gather", index, rank, exc) from exc
+        host = gathered.cpu()
+        payloads = [host[r * width: r * width + lens[r]] for r in range(world)]
+        acc = torch.zeros(buf.numel(), dtype=torch.float32)
+        # strict: a payload a peer encoded but that does not decode is a bug, not an
+        # attack (ranks trust each other); every rank would reject it alike, but dropping
+        # it would silently change the average.
+        decode_accumulate(payloads, acc, numels=sizes, strict=True)
+        acc.div_(world)
+        return acc.to(device=dev, dtype=buf.dtype)
+
+    return work.get_future().then(finish)
+
+
+def _pack_bits(mask: Tensor) -> Tensor:
+    """bool ``[n]`` -> uint8 ``[ceil(n/8)]``, bit ``i % 8`` (LSB first) of byte ``i // 8``."""
+    n = mask.numel()
+    pad = (-n) % 8
+    m = torch.cat([mask.to(torch.uint8), mask.new_zeros(pad, dtype=torch.uint8)]) if pad else mask.to(torch.uint8)
+    w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (m.view(-1, 8) * w).sum(1, dtype=torch.int32).to(torch.uint8)
+
+
+def _unpack_bits(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`_pack_bits`: uint8 ``[ceil(n/8)]`` -> bool ``[n]``."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    return bits.reshape(-1)[:n].bool()
+
+
+def _aligned_bucket(state, bucket, buf, grads, key, comp: ADGPCompressor) -> torch.futures.Future[Tensor]:
+    pg, world, rank = _group_info(state)
+    dev = buf.device
+    numels = [g.numel() for g in grads]
+    src = dist.get_global_rank(pg, 0) if pg is not None else 0
+    if rank == 0:
+        # The broadcaster's rule: the DGP band of its own g + e, per parameter.
+        res = comp.memory.peek() if comp.error_feedback else None
+        mask = torch.zeros(buf.numel(), dtype=torch.bool, device=dev)
+        off = 0
+        for i, g in enumerate(grads):
+            v = g if res is None else g + res[i].view(-1)
+            idx, _ = ops.select(v.detach(), state.top, state.keep)
+            mask[off + idx] = True
+            off += g.numel()
+        bitmap = _pack_bits(mask)
+    else:
+        bitmap = torch.empty((buf.numel() + 7) // 8, dtype=torch.uint8, device=dev)
+    try:
+        dist.broadcast(bitmap, src=src, group=pg)
+    except RuntimeError as exc:
+        raise _fail("position broadcast", bucket.index(), rank, exc) from exc
+    mask = _unpack_bits(bitmap, buf.numel())
+    indices = []
+    for m in mask.split(numels):
+        indices.append(torch.nonzero(m).view(-1).cpu())
+    positions = AlignedPositions(tuple(indices), tuple(numels))
+    comp.set_positions(positions)
+    payload = comp.compress(grads)
+    values = torch.cat([layer.values.reshape(-1) for layer in payload.layers]) if grads else buf.new_empty(0)
+    values = values.to(dev)
+    vbytes = values.numel() * values.element_size()
+    try:
+        work = dist.all_reduce(values, op=dist.ReduceOp.SUM, group=pg, async_op=True)
+    except RuntimeError as exc:
+        raise _fail("all-reduce", bucket.index(), rank, exc) from exc
+    state._record(bucket.index(), key, buf.numel(), vbytes, vbytes + (bitmap.numel() if rank == 0 else 0),
+                  buf.numel() * buf.element_size(), bucket.is_last())
+    flat_idx = torch.nonzero(mask).view(-1)
+    index = bucket.index()
+
+    def finish(fut: torch.futures.Future) -> Tensor:
+        try:
+            fut.wait()
+        except RuntimeError as exc:
+            raise _fail("all-reduce", index, rank, exc) from exc
+        out = torch.zeros(buf.numel(), dtype=torch.float32, device=dev)
+        out[flat_idx] = values.to(torch.float32) / world
+        return out.to(buf.dtype)
+
+    return work.get_future().then(finish)

@@ -1,0 +1,204 @@
+"""Worker processes for the DDP hook tests (spawned; importable by the children).
+
+Everything a rank does is a function of (rank, step) only, so the parent can replay it in
+one process (:func:`simulate`) and compare bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+IN, HID, OUT, BATCH = 8, 16, 4, 16
+STEPS = 8
+LR = 0.5
+
+
+class Net(nn.Module):
+    """A small MLP whose layers are *registered* in the reverse of the order they are used:
+    DDP's first buckets follow the reverse registration order, the rebuilt ones (after
+    step 1) the order in which gradients became ready, so the bucket layout changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(HID, OUT)
+        self.hidden = nn.Linear(HID, HID)
+        self.inp = nn.Linear(IN, HID)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(torch.tanh(self.inp(x)))))
+
+
+def make_model() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def batch(rank: int, step: int):
+    """The batch of ``rank`` at ``step``: inputs and labels of a fixed random teacher."""
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(BATCH, IN, generator=g)
+    teacher = torch.Generator().manual_seed(12345)
+    w = torch.randn(IN, OUT, generator=teacher)
+    return x, (x @ w).argmax(1)
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, port: int, timeout_s: float) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def _train(rank: int, compressor: str, params: Dict) -> Dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dgp_kernels.integrations.ddp import DGPHookState, dgp_hook
+
+    model = DDP(make_model(), bucket_cap_mb=0.0002)  # ~200 bytes: one bucket per tensor after the rebuild
+    state = DGPHookState(compressor=compressor, params=params)
+    model.register_comm_hook(state, dgp_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    snaps: List[torch.Tensor] = []
+    losses: List[float] = []
+    for step in range(STEPS):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        snaps.append(flat_params(model.module))
+    return {
+        "params": torch.stack(snaps),
+        "losses": losses,
+        "steps": [s.__dict__ for s in state.steps],
+        "layouts": [{i: list(k) for i, k in lay.items()} for lay in state.layouts],
+        "names": {(p.data_ptr(), p.numel()): n for n, p in model.module.named_parameters()},
+    }
+
+
+def train_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Train :class:`Net` with the DGP hook, then with the ADGP hook; save what happened."""
+    import torch.distributed as dist
+
+    try:
+        _init(rank, world, port, 60.0)
+        result = {
+            "dgp": _train(rank, "dgp", {"top": 0.05, "keep": 0.2}),
+            "adgp": _train(rank, "adgp", {"top": 0.05, "keep": 0.2}),
+        }
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def die_worker(rank: int, world: int, port: int, out_dir: str, timeout_s: float) -> None:
+    """Rank 1 dies before step 2; the others record how long until their step fails.
+
+    Step 2, not 1: DDP's own forward of step 1 broadcasts the rebuilt bucket order, so a
+    peer dying before it fails in DDP; from step 2 on the hook's collectives are the only
+    ones."""
+    try:
+        _init(rank, world, port, timeout_s)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from dgp_kernels.integrations.ddp import DGPHookState, dgp_hook
+
+        model = DDP(make_model())
+        model.register_comm_hook(DGPHookState(), dgp_hook)
+        for step in range(4):
+            if rank == 1 and step == 2:
+                os._exit(3)  # a crash: no clean shutdown of the process group
+            x, y = batch(rank, step)
+            t0 = time.monotonic()
+            try:
+                nn.functional.cross_entropy(model(x), y).backward()
+            except RuntimeError as exc:
+                with open(os.path.join(out_dir, f"rank{rank}.fail"), "w") as f:
+                    f.write(f"{time.monotonic() - t0:.3f}\n{exc}")
+                os._exit(5)  # the process group is broken: exit without destroying it
+        with open(os.path.join(out_dir, f"rank{rank}.done"), "w") as f:
+            f.write("finished all steps")
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def simulate(world: int, compressor: str, params: Dict) -> Dict:
+    """One process replaying ``world`` ranks: one compressor (with error feedback) per rank,
+    the decoded payloads summed in rank order in float32 and divided by ``world``, then SGD.
+    For ``"adgp"``, rank 0's compressor state decides the positions (the broadcaster)."""
+    from dgp_kernels import ops
+    from dgp_kernels.codec import decode_accumulate, encode
+    from dgp_kernels.compressor import AlignedPositions, get_compressor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        ps = list(model.parameters())
+        numels = [p.numel() for p in ps]
+        p = dict(params)
+        top, keep = (p.pop("top"), p.pop("keep")) if compressor == "adgp" else (None, None)
+        comps = [get_compressor(compressor, **p) for _ in range(world)]
+        snaps = []
+        for step in range(STEPS):
+            grads = []
+            for r in range(world):
+                x, y = batch(r, step)
+                model.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                grads.append([q.grad.detach().clone().reshape(-1) for q in ps])
+            acc = torch.zeros(sum(numels))
+            if compressor == "adgp":
+                res0 = comps[0].memory.peek()
+                idx = []
+                for i, g in enumerate(grads[0]):
+                    v = g if res0 is None else g + res0[i].view(-1)
+                    idx.append(ops.select(v, top, keep)[0])
+                pos = AlignedPositions(tuple(idx), tuple(numels))
+                chunks = []
+                for r in range(world):
+                    comps[r].set_positions(pos)
+                    chunks.append(torch.cat([l.values for l in comps[r].compress(grads[r]).layers]))
+                total = torch.stack(chunks).sum(0) / world
+                flat_idx = torch.cat([ix + off for ix, off in zip(idx, [0] + list(torch.tensor(numels).cumsum(0)[:-1].tolist()))])
+                acc[flat_idx] = total
+            else:
+                payloads = [encode(comps[r].compress(grads[r])) for r in range(world)]
+                decode_accumulate(payloads, acc, numels=numels, strict=True)
+                acc.div_(world)
+            for q, a in zip(ps, acc.split(numels)):
+                q.grad = a.view_as(q).clone()
+            opt.step()
+            snaps.append(flat_params(model))
+        return {"params": torch.stack(snaps)}
+    finally:
+        torch.set_num_threads(threads)

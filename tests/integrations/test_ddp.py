@@ -1,0 +1,191 @@
+"""DDP communication hook: real gloo process groups on 127.0.0.1 (spawned ranks), plus the
+hook's state logic in-process.
+
+Spawning is slow on this machine (each rank imports torch: ~4 s), so one 3-rank run
+checks training with both the DGP hook and the ADGP hook, and one 2-rank run checks that
+a dead rank makes the survivor fail fast.
+"""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dgp_kernels.compressor import DGPCompressor, get_compressor
+from dgp_kernels.integrations import ddp
+from dgp_kernels.integrations.ddp import DGPHookState, StepStats, _pack_bits, _unpack_bits
+
+from . import _ddp_worker as w
+
+WORLD = 3
+JOIN_TIMEOUT_S = 150.0
+
+
+def _run(target, world, args, timeout_s):
+    """Start ``world`` spawned ranks, wait at most ``timeout_s``, kill any leftover."""
+    ctx = mp.get_context("spawn")
+    port = w.free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port) + args, daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:  # bounded: never leave a rank behind
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return [p.exitcode for p in procs]
+
+
+def _errors(out_dir):
+    return "\n".join(open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp"))
+    codes = _run(w.train_worker, WORLD, (out,), JOIN_TIMEOUT_S)
+    assert codes == [0] * WORLD, f"ranks exited with {codes}:\n{_errors(out)}"
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dgp", "adgp"])
+def test_ranks_stay_in_sync_and_learn(trained, mode):
+    ref = trained[0][mode]
+    assert ref["params"].shape[0] == w.STEPS
+    for r in range(1, WORLD):
+        # bitwise identical replicas after every step
+        assert torch.equal(trained[r][mode]["params"], ref["params"]), f"rank {r} diverged"
+    first = sum(t[mode]["losses"][0] for t in trained) / WORLD
+    last = sum(t[mode]["losses"][-1] for t in trained) / WORLD
+    assert last < 0.95 * first, f"loss did not decrease: {first:.4f} -> {last:.4f}"
+
+
+@pytest.mark.slow
+def test_dgp_hook_matches_single_process_simulation_bitwise(trained):
+    # Same per-rank data, one DGP compressor with error feedback per rank, payloads summed
+    # in rank order in float32 and divided by the world size: the hook must give exactly
+    # this (per-parameter bands and residuals do not depend on DDP's bucketing).
+    sim = w.simulate(WORLD, "dgp", {"top": 0.05, "keep": 0.2})
+    assert torch.equal(sim["params"], trained[0]["dgp"]["params"])
+
+
+@pytest.mark.slow
+def test_adgp_hook_matches_simulation_to_rounding(trained):
+    # ADGP sums values with gloo's all-reduce, whose addition order over ranks is its own
+    # (ring/halving), not rank order: float32 sums then differ in the last bits. 8 SGD
+    # steps of lr 0.5 on O(1) weights keep the drift at a few ulps.
+    sim = w.simulate(WORLD, "adgp", {"top": 0.05, "keep": 0.2})
+    torch.testing.assert_close(trained[0]["adgp"]["params"], sim["params"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bucket_rebuild_is_seen_and_bytes_are_recorded(trained):
+    res = trained[0]["dgp"]
+    names = res["names"]
+    lay0, lay1 = res["layouts"][0], res["layouts"][1]
+    # DDP rebuilt its buckets after the first step: other grouping, same parameters.
+    assert lay0 != lay1
+    params0 = sorted(names[tuple(k)] for key in lay0.values() for k in key)
+    params1 = sorted(names[tuple(k)] for key in lay1.values() for k in key)
+    assert params0 == params1 == sorted(set(names.values()))
+    steps = res["steps"]
+    assert len(steps) == w.STEPS
+    assert steps[0]["numel"] == w.flat_params(w.make_model()).numel()
+    for s in steps:
+        assert s["dense_bytes"] == 4 * s["numel"]
+        # DGP at keep 20%: values (4 B) of 20% plus index streams and headers, well under dense
+        assert 0.2 * s["dense_bytes"] < s["payload_bytes"] < 0.5 * s["dense_bytes"]
+        assert s["collective_bytes"] >= s["payload_bytes"] + 8
+    # ADGP all-reduces only the values at the broadcast positions: band size x 4 bytes
+    k = sum(int(0.2 * n + 1e-6) for n in (p.numel() for p in w.make_model().parameters()))
+    for r in range(WORLD):
+        for s in trained[r]["adgp"]["steps"]:
+            assert s["payload_bytes"] == 4 * k
+            extra = s["collective_bytes"] - s["payload_bytes"]
+            if r == 0:  # the broadcaster also sends one position bitmap per bucket
+                assert (s["numel"] + 7) // 8 <= extra < (s["numel"] + 7) // 8 + s["buckets"]
+            else:
+                assert extra == 0
+
+
+@pytest.mark.slow
+def test_dead_rank_makes_survivor_fail_fast(tmp_path):
+    out = str(tmp_path)
+    pg_timeout = 10.0
+    t0 = time.monotonic()
+    codes = _run(w.die_worker, 2, (out, pg_timeout), 90.0)
+    wall = time.monotonic() - t0
+    assert codes[1] == 3, f"rank 1 should have crashed with code 3, got {codes}:\n{_errors(out)}"
+    assert codes[0] == 5, f"rank 0 should have failed its step (code 5), got {codes}:\n{_errors(out)}"
+    elapsed, msg = open(os.path.join(out, "rank0.fail")).read().split("\n", 1)
+    assert float(elapsed) <= pg_timeout + 5.0
+    assert "dgp_hook" in msg and "rank 0" in msg, msg
+    assert wall < 90.0
+
+
+# --------------------------------------------------------------------------------------
+# In-process checks of the state (no process group needed).
+# --------------------------------------------------------------------------------------
+def test_residuals_follow_parameters_across_bucket_layouts():
+    state = DGPHookState(compressor="dgp", params={"top": 0.1, "keep": 0.3})
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(n, generator=g) for n in (50, 30, 20))
+    ka, kb, kc = (1, 50), (2, 30), (3, 20)
+    # step 1: one bucket (a, b, c); step 2 on: buckets (c, b) and (a)
+    ref = DGPCompressor(top=0.1, keep=0.3)
+    state.compressor_for((ka, kb, kc), [a, b, c]).compress([a, b, c])
+    ref.compress([a, b, c])
+    for _ in range(3):
+        state.compressor_for((kc, kb), [c, b]).compress([c, b])
+        state.compressor_for((ka,), [a]).compress([a])
+        ref.compress([a, b, c])
+    want = ref.memory.peek()
+    for key, e in zip((ka, kb, kc), want):
+        assert torch.equal(state.residual(key), e)
+    assert len(state._compressors) == 2 and not state._orphans
+
+
+def test_bitmap_pack_roundtrip():
+    g = torch.Generator().manual_seed(1)
+    for n in (0, 1, 7, 8, 9, 100, 1001):
+        m = torch.rand(n, generator=g) < 0.3
+        packed = _pack_bits(m)
+        assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+        assert torch.equal(_unpack_bits(packed, n), m)
+
+
+def test_step_stats_ratio():
+    s = StepStats(step=0, buckets=2, numel=100, payload_bytes=90, collective_bytes=100, dense_bytes=400)
+    assert s.ratio == pytest.approx(0.225)
+    assert StepStats(0, 0, 0, 0, 0, 0).ratio == 0.0
+
+
+def test_state_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="compressor must be one of"):
+        DGPHookState(compressor="nope")
+    with pytest.raises(TypeError, match="compressor"):
+        DGPHookState(compressor=3)
+    with pytest.raises(TypeError, match="has no parameter 'bogus'"):
+        DGPHookState(compressor="dgp", params={"bogus": 1})
+    with pytest.raises(ValueError, match="top"):
+        DGPHookState(compressor="adgp", params={"top": 1.5})
+    with pytest.raises(ValueError, match="value_dtype"):
+        DGPHookState(value_dtype="int8")
+    with pytest.raises(TypeError, match="params"):
+        DGPHookState(params=[1])
+    with pytest.raises(ValueError, match="only for a compressor given by name"):
+        DGPHookState(compressor=lambda: get_compressor("dgp"), params={"top": 0.1})
+    with pytest.raises(TypeError, match="process_group"):
+        DGPHookState(process_group="world")
+    bad = DGPHookState(compressor=lambda: "not a compressor")
+    with pytest.raises(TypeError, match="not a Compressor"):
+        bad.compressor_for(((1, 4),), [torch.zeros(4)])
+    with pytest.raises(TypeError, match="DGPHookState"):
+        ddp.dgp_hook(object(), None)
