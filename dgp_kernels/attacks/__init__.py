@@ -36,3 +36,6 @@ __all__ = [
     "metrics",
     "register_attack",
 ]
+
+# Attack modules register themselves on import.
+from . import dlg  # noqa: E402,F401
