@@ -1,0 +1,238 @@
+"""Flower integration: a real federation in Flower's simulation engine (Ray actors on this
+machine), plus the mod's and strategy's cores in-process."""
+
+import importlib
+import json
+import os
+import signal
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr", reason='needs pip install "dgp_kernels[flower]"')
+
+from flwr.app import RecordDict  # noqa: E402
+
+from dgp_kernels.codec import LayerPayload, SparsePayload, decode, encode  # noqa: E402
+from dgp_kernels.compressor import DGPCompressor, get_compressor  # noqa: E402
+from dgp_kernels.integrations import flower as fl  # noqa: E402
+from dgp_kernels.integrations.flower import (  # noqa: E402
+    ClientUpload,
+    DGPMod,
+    aggregate_updates,
+    encode_update,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _descendants(pid: int):
+    """Pids of all live descendants of ``pid`` (from /proc; Linux)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+@pytest.mark.slow
+def test_federation_learns_with_dgp_and_drops_a_corrupted_upload(tmp_path):
+    pytest.importorskip("ray", reason='the simulation engine needs pip install "flwr[simulation]"')
+    from flwr.simulation import run_simulation
+
+    from . import _flower_app as app
+
+    result_file = tmp_path / "result.json"
+    ray_tmp = tempfile.mkdtemp(prefix="dgpray")  # short path: Ray's socket names must fit 107 chars
+    env = {app.RESULT_ENV: str(result_file), "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # Ray actors inherit the environment (and import the app by name)
+    before = set(_descendants(os.getpid()))
+    try:
+        run_simulation(
+            server_app=app.server, client_app=app.client, num_supernodes=app.NUM_CLIENTS,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": 2, "include_dashboard": False, "_temp_dir": ray_tmp},
+            },
+        )
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and set(_descendants(os.getpid())) - before:
+            time.sleep(0.2)
+        for pid in set(_descendants(os.getpid())) - before:  # leftovers we started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    res = json.loads(result_file.read_text())
+    evals = {int(k): v for k, v in res["evals"].items()}
+    assert sorted(evals) == list(range(app.ROUNDS + 1))
+    assert evals[app.ROUNDS]["loss"] < 0.8 * evals[0]["loss"]
+    assert evals[app.ROUNDS]["accuracy"] > evals[0]["accuracy"] + 0.2
+    hist = res["history"]
+    assert [h["round"] for h in hist] == list(range(1, app.ROUNDS + 1))
+    numel = app.FEATURES * app.CLASSES + app.CLASSES
+    for h in hist:
+        assert h["dense_bytes"] == 4 * numel
+        for b in h["upload_bytes"]:
+            # DGP at keep 20 %: values are 20 % of dense, plus index streams and headers
+            assert 0.2 * h["dense_bytes"] < b < 0.35 * h["dense_bytes"]
+        if h["round"] == app.CORRUPT_ROUND:
+            assert len(h["accepted"]) == app.NUM_CLIENTS - 1
+            assert len(h["rejected"]) == 1 and "checksum" in h["rejected"][0][1]
+        else:
+            assert len(h["accepted"]) == app.NUM_CLIENTS and not h["rejected"]
+
+
+# --------------------------------------------------------------------------------------
+# In-process: the cores of the mod and the strategy.
+# --------------------------------------------------------------------------------------
+def _model_arrays(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(8, 6, generator=g).numpy(),
+        "b": torch.randn(6, generator=g).numpy(),
+        "steps": np.array(3 + seed, dtype=np.int64),
+    }
+
+
+def test_rejected_upload_never_changes_the_aggregate(caplog):
+    base = _model_arrays(0)
+    ups = []
+    for c in range(3):
+        local = {k: (v + 0.1 * (c + 1) * np.ones_like(v) if v.dtype.kind == "f" else v + c) for k, v in _model_arrays(0).items()}
+        local["w"] = local["w"] + _model_arrays(c + 1)["w"]
+        data, passthrough = encode_update(base, local, DGPCompressor())
+        ups.append(ClientUpload(node=10 + c, payload=data, weight=float(c + 1), passthrough=passthrough))
+    good, acc, rej = aggregate_updates(base, ups)
+    assert acc == [10, 11, 12] and rej == []
+    corrupted = bytearray(ups[1].payload)
+    corrupted[len(corrupted) // 2] ^= 1
+    other_model = encode(get_compressor("none").compress([torch.zeros(5)]))
+    nan_payload = encode(SparsePayload(layers=(
+        LayerPayload(48, None, torch.full((48,), float("nan"))), LayerPayload(6, None, torch.zeros(6)))))
+    bad = [
+        ClientUpload(20, bytes(corrupted), 5.0, ups[1].passthrough),
+        ClientUpload(21, other_model, 5.0, ups[1].passthrough),
+        ClientUpload(22, nan_payload, 5.0, ups[1].passthrough),
+        ClientUpload(23, ups[0].payload, float("inf"), ups[0].passthrough),
+        ClientUpload(24, None, 1.0, {}),
+        ClientUpload(25, ups[0].payload, 1.0, {}),  # non-floating array missing
+    ]
+    mixed, acc2, rej2 = aggregate_updates(base, [ups[0], bad[0], ups[1], *bad[1:], ups[2]])
+    assert acc2 == [10, 11, 12]
+    reasons = dict(rej2)
+    assert sorted(reasons) == [20, 21, 22, 23, 24, 25]
+    assert "checksum" in reasons[20] and "layers" in reasons[21] and "NaN" in reasons[22]
+    for k in base:
+        assert np.array_equal(mixed[k], good[k]), k
+        assert mixed[k].dtype == base[k].dtype
+    # every client moved w by +0.1 (c+1) on average: the weighted mean update is non-zero
+    assert not np.array_equal(good["b"], base["b"])
+    # weighted mean of the passthrough int arrays 3, 4, 5 with weights 1, 2, 3 -> 4.33 -> 4
+    assert int(good["steps"]) == 4
+    none, acc3, rej3 = aggregate_updates(base, bad)
+    assert none is None and acc3 == [] and len(rej3) == len(bad)
+
+
+def test_update_is_global_plus_weighted_mean_of_decoded_updates():
+    base = _model_arrays(0)
+    locals_ = [_model_arrays(s) for s in (1, 2)]
+    ups, dec = [], []
+    for c, loc in enumerate(locals_):
+        comp = DGPCompressor()
+        data, pt = encode_update(base, loc, comp)
+        ups.append(ClientUpload(c, data, float(c + 1), pt))
+        dec.append(comp.decompress(decode(data), [(8, 6), (6,)]))
+    new, _, _ = aggregate_updates(base, ups)
+    for i, k in enumerate(("w", "b")):
+        want = base[k] + ((dec[0][i] * 1.0 + dec[1][i] * 2.0) / 3.0).numpy()
+        np.testing.assert_allclose(new[k], want, rtol=0, atol=1e-6)
+
+
+def test_mod_state_survives_in_the_context_record_dict():
+    # Two rounds through a RecordDict (as a simulation actor or SuperNode does) give
+    # bitwise the payloads of one long-lived compressor with error feedback.
+    params = {"top": 0.05, "keep": 0.2}
+    base = _model_arrays(0)
+    state = RecordDict()
+    ref = DGPCompressor(**params)
+    for rnd in range(3):
+        local = _model_arrays(rnd + 5)
+        comp = fl._load_compressor(state, "dgp", params)
+        assert comp.rounds == rnd
+        data, _ = encode_update(base, local, comp)
+        fl._save_compressor(state, comp, ["w", "b"])
+        want, _ = encode_update(base, local, ref)
+        assert data == want
+    assert "dgp.residuals" in state and "dgp.state" in state
+    with pytest.raises(ValueError, match="top"):
+        fl._load_compressor(state, "dgp", {"top": 0.1, "keep": 0.2})
+    with pytest.raises(ValueError, match="compressor 'dgp'"):
+        fl._load_compressor(state, "topk", {})
+    # a seeded random compressor resumes its generator too
+    st2, ref2 = RecordDict(), get_compressor("randk", seed=3)
+    for _ in range(2):
+        comp = fl._load_compressor(st2, "randk", {"seed": 3})
+        data, _ = encode_update(base, _model_arrays(9), comp)
+        fl._save_compressor(st2, comp, ["w", "b"])
+        assert data == encode_update(base, _model_arrays(9), ref2)[0]
+
+
+def test_encode_update_checks_the_model():
+    base = _model_arrays(0)
+    with pytest.raises(ValueError, match="do not match"):
+        encode_update(base, {"w": base["w"]}, DGPCompressor())
+    bad = dict(base, w=np.zeros((6, 8), np.float32))
+    with pytest.raises(ValueError, match="'w'"):
+        encode_update(base, bad, DGPCompressor())
+
+
+def test_mod_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="compressor must be one of"):
+        DGPMod("nope")
+    with pytest.raises(ValueError, match="adgp"):
+        DGPMod("adgp")
+    with pytest.raises(TypeError, match="has no parameter 'x'"):
+        DGPMod("dgp", {"x": 1})
+    with pytest.raises(TypeError, match="params"):
+        DGPMod("dgp", [1])
+    with pytest.raises(ValueError, match="value_dtype"):
+        DGPMod(value_dtype="int8")
+    with pytest.raises(TypeError, match="arrayrecord_key"):
+        DGPMod(arrayrecord_key="")
+
+
+def test_missing_flwr_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flwr.app", None)  # makes `from flwr.app import` fail
+    monkeypatch.delitem(sys.modules, "dgp_kernels.integrations.flower")
+    with pytest.raises(ImportError, match=r"dgp_kernels\[flower\]"):
+        importlib.import_module("dgp_kernels.integrations.flower")
