@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--device", default="auto",
                    help="torch device for the attacks: auto (cuda when available), cpu, cuda, cuda:1")
     b.add_argument("--seed", type=int, default=0, help="seed of models, defenses and attacks")
+    b.add_argument("--threads", type=int, default=1,
+                   help="torch threads while attacking (default 1: the attacked models are tiny "
+                        "and more threads only wait on each other)")
 
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR",
@@ -116,6 +119,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             seed=args.seed,
             utility=not args.no_utility,
             utility_rounds=args.utility_rounds,
+            threads=args.threads,
         )
     except (ValueError, TypeError, FileNotFoundError) as exc:
         return _fail(str(exc))

@@ -1,0 +1,725 @@
+"""The evaluation grid: defenses x attacks x target images, scored with the metrics.
+
+For every batch of target images (one image per batch by default, as in the papers'
+figures) the runner
+
+1. builds the client model (seeded per batch, so every defense and attack sees the *same*
+   weights and the comparisons are paired), and for each attack the model the server sends
+   (:meth:`Attack.prepare_model`: the malicious imprint model of Robbing the Fed, the honest
+   model otherwise);
+2. computes the client's gradient on it (:func:`~dgp_kernels.attacks.base.compute_gradients`);
+3. applies each defense once, without error feedback, through the compressors and the wire
+   codec (:func:`~dgp_kernels.attacks.defenses.apply_defense`), which gives the dense
+   gradient the server rebuilds, the sent mask, the band and the real upload size;
+4. runs each attack with the :class:`~dgp_kernels.attacks.base.ThreatModel` a server has:
+   the model, the image shape, the class count, the sent mask (a sparse payload carries its
+   indices, so every attacker may use it; the adaptive ones do), the band rule for DGP/top-k
+   (a public protocol parameter; the DGP-aware attack uses it), and the true labels when
+   ``known_labels`` (except for ``idlg``, which infers them, and ``rtf``);
+5. scores the reconstruction: MSE, PSNR, SSIM, the flat mean-colour floor, leakage = PSNR -
+   floor, label accuracy; and, per defense, the accuracy of the iDLG label rule
+   (:func:`~dgp_kernels.attacks.base.infer_labels_idlg`) on the defended gradient.
+
+Results are typed records (:class:`EvalResult`, :class:`AttackRecord`,
+:class:`DefenseRecord`, :class:`UtilityRecord`) with ``to_json``/``to_csv``; the markdown
+report and figures are written by :mod:`dgp_kernels.attacks.report`.
+
+Iteration budgets: :data:`ATTACK_BUDGETS` holds each attack's constructor arguments for the
+default run (chosen so ``dgp evaluate`` takes a few minutes on 2 CPU cores) and
+:data:`FULL_BUDGETS` the literature's; ``iteration_scale`` multiplies the iteration counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import metrics
+from .base import ThreatModel, available_attacks, compute_gradients, get_attack, infer_labels_idlg
+from .data import TargetSet, load_targets
+from .defenses import DefendedGradient, DefenseSpec, apply_defense, parse_defense
+
+__all__ = [
+    "ATTACK_BUDGETS",
+    "DEFAULT_DEFENSES",
+    "FULL_BUDGETS",
+    "PSNR_CAP_DB",
+    "AttackRecord",
+    "DefenseRecord",
+    "EvalConfig",
+    "EvalResult",
+    "UtilityRecord",
+    "attack_params",
+    "default_config",
+    "run_evaluation",
+    "run_utility",
+]
+
+#: PSNR is capped here (an exact copy has infinite PSNR; Robbing the Fed gets close).
+PSNR_CAP_DB = 100.0
+
+#: The default defense grid: undefended; DGP at its defaults and two more (top, keep)
+#: points; classic top-k pruning at DGP's density (20%); Gaussian noise at three levels
+#: (the DLG paper's 1e-3..1e-1 range); QSGD with 8 levels.
+DEFAULT_DEFENSES: Tuple[str, ...] = (
+    "none",
+    "dgp:top=0.05,keep=0.2",
+    "dgp:top=0.1,keep=0.2",
+    "dgp:top=0.02,keep=0.1",
+    "topk:keep=0.2",
+    "dp:sigma=0.001",
+    "dp:sigma=0.01",
+    "dp:sigma=0.1",
+    "qsgd:levels=8",
+)
+
+#: Attacks that use the sent mask or the band (they only differ from their plain versions
+#: under a sparsifying defense).
+ADAPTIVE_ATTACKS = frozenset({"dlg-adaptive", "ig-adaptive", "ig-dgp-aware"})
+#: Attacks that infer the labels themselves (they never get the true labels).
+LABEL_INFERRING_ATTACKS = frozenset({"idlg", "rtf"})
+
+#: Constructor arguments per attack for the default run (CPU-sized). ``iterations`` is scaled
+#: by ``iteration_scale``.
+ATTACK_BUDGETS: Dict[str, Dict[str, Any]] = {
+    "dlg": {"iterations": 100},
+    "idlg": {"iterations": 100},
+    "dlg-adaptive": {"iterations": 100},
+    "ig": {"iterations": 1000},
+    "ig-adaptive": {"iterations": 1000},
+    "ig-dgp-aware": {"iterations": 1000},
+    "rtf": {},
+}
+
+#: The literature's budgets (DLG 300 L-BFGS steps; Inverting Gradients 24,000 Adam steps,
+#: breaching's default; the DGP authors used 12,000).
+FULL_BUDGETS: Dict[str, Dict[str, Any]] = {
+    "dlg": {"iterations": 300},
+    "idlg": {"iterations": 300},
+    "dlg-adaptive": {"iterations": 300},
+    "ig": {"iterations": 24000},
+    "ig-adaptive": {"iterations": 24000},
+    "ig-dgp-aware": {"iterations": 24000},
+    "rtf": {},
+}
+
+
+def attack_params(name: str, *, full: bool = False, scale: float = 1.0) -> Dict[str, Any]:
+    """Constructor arguments of attack ``name`` for the default (or ``full``) budget, with
+    ``iterations`` multiplied by ``scale`` (at least 1)."""
+    table = FULL_BUDGETS if full else ATTACK_BUDGETS
+    params = dict(table.get(name, {}))
+    if "iterations" in params:
+        params["iterations"] = max(1, int(round(params["iterations"] * scale)))
+    return params
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    """One evaluation run.
+
+    Attributes:
+        grid: ``(defense spec, attack names)`` pairs: which attacks run on which defense.
+        dataset: target source (:func:`~dgp_kernels.attacks.data.load_targets`).
+        images: number of target images.
+        image_size: square side of the targets (``None``: the source's default).
+        data_root: directory of MNIST/CIFAR files.
+        model: client model name (:data:`dgp_kernels.sim.models.MODELS`).
+        batch_size: images behind one shared gradient.
+        known_labels: give the attacks (except idlg/rtf) the true labels.
+        attack_params: constructor arguments per attack name (iteration budgets).
+        device: torch device of models, gradients and attacks.
+        seed: seeds the targets' selection, the models, the randomised defenses and attacks.
+        utility: also run :func:`run_utility` (simulator accuracy and bytes per defense).
+        utility_rounds: FedSGD rounds per defense in those runs.
+        budget: ``"quick"``, ``"default"``, ``"full"`` or ``"custom"`` (for the report).
+        threads: torch intra-op threads while the grid runs (restored afterwards). The
+            attacked models are tiny, so one thread is fastest: the same 3-step DLG run on a
+            16x16 LeNet took 0.43 s with 1 thread and 2.98 s with 2 on this project's 2-core
+            machine under load ~6 (OpenMP workers wait for busy cores).
+    """
+
+    grid: List[Tuple[str, List[str]]]
+    dataset: str = "photos"
+    images: int = 2
+    image_size: Optional[int] = None
+    data_root: Optional[str] = None
+    model: str = "lenet_sigmoid"
+    batch_size: int = 1
+    known_labels: bool = True
+    attack_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    device: str = "cpu"
+    seed: int = 0
+    utility: bool = True
+    utility_rounds: int = 40
+    budget: str = "default"
+    threads: int = 1
+
+    def validate(self) -> None:
+        """Check every field; ``ValueError``/``TypeError`` naming the field."""
+        known = set(available_attacks())
+        if not isinstance(self.grid, (list, tuple)) or not self.grid:
+            raise ValueError("grid must be a non-empty list of (defense, attacks) pairs")
+        canonical: List[Tuple[str, List[str]]] = []
+        for i, entry in enumerate(self.grid):
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                raise ValueError(f"grid[{i}] must be a (defense, attacks) pair, got {entry!r}")
+            label = parse_defense(entry[0]).label
+            if isinstance(entry[1], str) or not entry[1]:
+                raise ValueError(f"grid[{i}] ({entry[0]}) must list at least one attack name, got {entry[1]!r}")
+            for a in entry[1]:
+                if a not in known:
+                    raise ValueError(f"unknown attack {a!r}; known attacks: {', '.join(sorted(known))}")
+            if len(set(entry[1])) != len(entry[1]):
+                raise ValueError(f"grid[{i}] ({entry[0]}) lists an attack twice: {list(entry[1])}")
+            if any(label == c for c, _ in canonical):
+                raise ValueError(f"grid lists defense {label!r} twice")
+            canonical.append((label, list(entry[1])))
+        # Canonical spec strings ("dgp" -> "dgp:top=0.05,keep=0.2") key every record.
+        self.grid = canonical
+        for name in ("images", "batch_size", "utility_rounds", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 4):
+            raise ValueError(f"image_size must be None or an int >= 4, got {self.image_size!r}")
+        from ..sim.models import MODELS
+
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(sorted(MODELS))}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch device string (cpu, cuda, cuda:1), got {self.device!r}") from None
+        for name, params in self.attack_params.items():
+            get_attack(name, **params)  # the attack checks its own arguments
+
+    @property
+    def defenses(self) -> List[str]:
+        return [d for d, _ in self.grid]
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["grid"] = [[s, list(a)] for s, a in self.grid]
+        return d
+
+
+def applicable_attacks(spec: DefenseSpec, attacks: Sequence[str]) -> List[str]:
+    """The attacks of ``attacks`` worth running under ``spec`` when the user did not pick them:
+    the adaptive ones only where coordinates are dropped (under a dense defense they equal
+    their plain versions), the band-aware one only where there is a band."""
+    out = []
+    for a in attacks:
+        if a in ADAPTIVE_ATTACKS and spec.density >= 1.0:
+            continue
+        if a == "ig-dgp-aware" and spec.band is None:
+            continue
+        out.append(a)
+    return out
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch.cuda.is_available() is False")
+    return device
+
+
+def default_config(
+    *,
+    quick: bool = False,
+    full: bool = False,
+    dataset: str = "photos",
+    data_root: Optional[str] = None,
+    images: Optional[int] = None,
+    image_size: Optional[int] = None,
+    model: str = "lenet_sigmoid",
+    batch_size: int = 1,
+    known_labels: bool = True,
+    defenses: Optional[Sequence[str]] = None,
+    attacks: Optional[Sequence[str]] = None,
+    iteration_scale: Optional[float] = None,
+    device: str = "auto",
+    seed: int = 0,
+    utility: bool = True,
+    utility_rounds: Optional[int] = None,
+    threads: int = 1,
+) -> EvalConfig:
+    """The :class:`EvalConfig` behind ``dgp evaluate`` and its options.
+
+    Default grid: every attack on the undefended gradient and on every sparsifying defense
+    (DGP points, top-k), the plain attacks (dlg, idlg, ig, rtf) on the dense ones (DP, QSGD),
+    where the adaptive attacks equal the plain ones. ``defenses``/``attacks`` given by the user
+    replace the lists; an explicit ``attacks`` list runs on every defense.
+    ``quick`` quarters the iterations and takes one image and four defenses; ``full`` uses
+    the literature's iteration counts.
+    """
+    if quick and full:
+        raise ValueError("quick and full are exclusive")
+    if iteration_scale is not None and (not math.isfinite(iteration_scale) or iteration_scale <= 0):
+        raise ValueError(f"iterations scale must be a finite number > 0, got {iteration_scale!r}")
+    all_attacks = available_attacks()
+    if attacks is not None:
+        attacks = list(attacks)
+        if attacks == ["all"]:
+            attacks = all_attacks
+        for a in attacks:
+            if a not in all_attacks:
+                raise ValueError(f"unknown attack {a!r}; known attacks: {', '.join(all_attacks)}")
+        if not attacks:
+            raise ValueError("attacks must name at least one attack")
+    if defenses is None:
+        defenses = (["none", "dgp:top=0.05,keep=0.2", "topk:keep=0.2", "dp:sigma=0.01"] if quick
+                    else list(DEFAULT_DEFENSES))
+    specs = [parse_defense(d) for d in defenses]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"defenses lists the same defense twice: {labels}")
+    if attacks is not None:
+        grid = [(s.label, list(attacks)) for s in specs]
+    else:
+        grid = []
+        for s in specs:
+            chosen = all_attacks if s.name == "none" else applicable_attacks(s, all_attacks)
+            grid.append((s.label, list(chosen)))
+    scale = (0.25 if quick else 1.0) * (iteration_scale if iteration_scale is not None else 1.0)
+    used = sorted({a for _, atks in grid for a in atks})
+    budget = "quick" if quick else "full" if full else "default"
+    if iteration_scale is not None and iteration_scale != 1.0:
+        budget += f" x{iteration_scale:g}"
+    cfg = EvalConfig(
+        grid=grid,
+        dataset=dataset,
+        images=images if images is not None else (1 if quick else 2),
+        image_size=image_size,
+        data_root=data_root,
+        model=model,
+        batch_size=batch_size,
+        known_labels=known_labels,
+        attack_params={a: attack_params(a, full=full, scale=scale) for a in used},
+        device=_resolve_device(device),
+        seed=seed,
+        utility=utility,
+        utility_rounds=utility_rounds if utility_rounds is not None else (15 if quick else 40),
+        budget=budget,
+        threads=threads,
+    )
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------
+@dataclass
+class AttackRecord:
+    """One attack on one target image under one defense (a row of ``results.csv``).
+
+    ``psnr``, ``floor`` and ``leakage`` in dB (PSNR capped at :data:`PSNR_CAP_DB`); ``ssim`` in
+    [-1, 1]; ``mse`` on [0, 1] pixels; ``label_correct`` 1.0/0.0 (the attack's label for this
+    image vs the true one); ``seconds`` is the attack's wall time (for a batch, split evenly).
+    """
+
+    defense: str
+    attack: str
+    image: int
+    image_name: str
+    label: int
+    psnr: float
+    ssim: float
+    mse: float
+    floor: float
+    leakage: float
+    label_pred: int
+    label_correct: float
+    label_source: str
+    seconds: float
+    batch: int
+
+
+@dataclass
+class DefenseRecord:
+    """What one defense costs and leaks regardless of the attack (means over the batches).
+
+    ``upload_bytes``: encoded payload of one gradient (real wire bytes); ``dense_bytes``: the
+    same gradient as dense float32; ``sent_fraction``: fraction of coordinates sent;
+    ``idlg_label_acc``: accuracy of the iDLG label rule on the defended gradient.
+    """
+
+    defense: str
+    name: str
+    upload_bytes: float
+    dense_bytes: int
+    sent_fraction: float
+    idlg_label_acc: float
+    band: Optional[Tuple[float, float]]
+
+
+@dataclass
+class UtilityRecord:
+    """One defense's training run in the simulator (:func:`run_utility`)."""
+
+    defense: str
+    final_accuracy: float
+    upload_bytes_per_round: float  # mean bytes one client uploads per round
+    dense_bytes: int               # one dense float32 copy of the trained model
+    rounds: int
+    clients: int
+    model: str
+    dataset: str
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation produced.
+
+    Attributes:
+        config: the configuration.
+        targets: the target images.
+        attacks: one :class:`AttackRecord` per (defense, attack, image).
+        defenses: one :class:`DefenseRecord` per defense, in grid order.
+        reconstructions: ``(defense, attack) -> float32 [N, C, H, W]`` on the CPU, aligned with
+            ``targets.images`` (attacks not run on a defense are absent).
+        utility: one :class:`UtilityRecord` per defense, or ``None`` when skipped.
+        utility_note: why utility is missing (skipped by flag, or the error), else ``""``.
+        machine: where and when it ran (host, CPU, threads, torch, device, load, times).
+    """
+
+    config: EvalConfig
+    targets: TargetSet
+    attacks: List[AttackRecord]
+    defenses: List[DefenseRecord]
+    reconstructions: Dict[Tuple[str, str], Tensor]
+    utility: Optional[List[UtilityRecord]] = None
+    utility_note: str = ""
+    machine: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "targets": {"names": list(self.targets.names), "labels": self.targets.labels.tolist(),
+                        "source": self.targets.source, "shape": list(self.targets.images.shape)},
+            "machine": self.machine,
+            "defenses": [asdict(d) for d in self.defenses],
+            "attacks": [asdict(r) for r in self.attacks],
+            "utility": None if self.utility is None else [asdict(u) for u in self.utility],
+            "utility_note": self.utility_note,
+        }
+
+    def to_json(self, path: str) -> None:
+        """Write :meth:`to_dict` as JSON (strict: no NaN/inf)."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1, allow_nan=False)
+
+    def to_csv(self, path: str) -> None:
+        """One row per (defense, attack, image), the :class:`AttackRecord` fields, plus the
+        defense's upload bytes and iDLG label accuracy."""
+        extra = {d.defense: d for d in self.defenses}
+        names = list(AttackRecord.__dataclass_fields__) + ["upload_bytes", "dense_bytes", "idlg_label_acc"]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=names)
+            w.writeheader()
+            for r in self.attacks:
+                row = asdict(r)
+                d = extra[r.defense]
+                row.update(upload_bytes=d.upload_bytes, dense_bytes=d.dense_bytes,
+                           idlg_label_acc=d.idlg_label_acc)
+                w.writerow(row)
+
+    def mean(self, defense: str, attack: str, key: str) -> float:
+        """Mean of ``key`` over the images for one (defense, attack); NaN when not run."""
+        vals = [getattr(r, key) for r in self.attacks if r.defense == defense and r.attack == attack]
+        return float(sum(vals) / len(vals)) if vals else float("nan")
+
+    def best_attack(self, defense: str) -> Optional[str]:
+        """The attack with the highest mean leakage under ``defense`` (``None`` if none ran)."""
+        atks = [a for d, alist in self.config.grid if d == defense for a in alist]
+        if not atks:
+            return None
+        return max(atks, key=lambda a: self.mean(defense, a, "leakage"))
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+def _machine_info(device: str) -> Dict[str, Any]:
+    info: Dict[str, Any] = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if str(device).startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:
+        info["load_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on Linux
+        pass
+    info["started_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    return info
+
+
+def _build_model(cfg: EvalConfig, targets: TargetSet, seed: int) -> torch.nn.Module:
+    import inspect
+
+    from ..sim.models import get_model, MODELS
+
+    c, h, _ = targets.image_shape
+    kw: Dict[str, Any] = {"num_classes": targets.num_classes, "channels": c}
+    if "image_size" in inspect.signature(MODELS[cfg.model]).parameters:
+        kw["image_size"] = h
+    torch.manual_seed(seed)
+    return get_model(cfg.model, **kw).to(cfg.device)
+
+
+def _progress_bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are a nicety: run without them
+        return None
+    return tqdm(total=total, desc=desc, unit="attack", dynamic_ncols=True)
+
+
+def _finite(x: float, cap: float = PSNR_CAP_DB) -> float:
+    if math.isnan(x):
+        return x
+    return min(float(x), cap)
+
+
+def run_evaluation(cfg: EvalConfig, *, progress: bool = True, targets: Optional[TargetSet] = None) -> EvalResult:
+    """Run the grid of ``cfg`` (see the module docstring) and, when ``cfg.utility``, the
+    simulator runs; returns an :class:`EvalResult`.
+
+    ``targets`` overrides the images ``cfg`` would load (tests pass tiny ones).
+    """
+    cfg.validate()
+    device = _resolve_device(cfg.device)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, device, progress, targets)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run(cfg: EvalConfig, device: str, progress: bool, targets: Optional[TargetSet]) -> EvalResult:
+    machine = _machine_info(device)
+    t_start = time.perf_counter()
+    if targets is None:
+        targets = load_targets(cfg.dataset, cfg.images, size=cfg.image_size, root=cfg.data_root,
+                               seed=cfg.seed)
+    if not isinstance(targets, TargetSet):
+        raise TypeError(f"targets must be a TargetSet, got {type(targets).__name__}")
+    specs = [parse_defense(d) for d, _ in cfg.grid]
+    grid = [(s, list(a)) for s, (_, a) in zip(specs, cfg.grid)]
+    used = sorted({a for _, atks in grid for a in atks})
+    attack_objs = {a: get_attack(a, **cfg.attack_params.get(a, {})) for a in used}
+    n = len(targets)
+    batches = [list(range(i, min(i + cfg.batch_size, n))) for i in range(0, n, cfg.batch_size)]
+    shape = targets.image_shape
+    num_classes = targets.num_classes
+
+    records: List[AttackRecord] = []
+    recon: Dict[Tuple[str, str], Tensor] = {}
+    def_acc: Dict[str, Dict[str, List[float]]] = {
+        s.label: {"upload": [], "sent": [], "idlg": []} for s in specs
+    }
+    dense_bytes: Dict[str, int] = {}
+    total = len(batches) * sum(len(a) for _, a in grid)
+    bar = _progress_bar(total, progress, "dgp evaluate")
+    try:
+        for b_i, idx in enumerate(batches):
+            x = targets.images[idx].to(device)
+            y = targets.labels[idx].to(device)
+            bsz = len(idx)
+            base_model = _build_model(cfg, targets, seed=cfg.seed * 1_000_003 + b_i)
+            # The model each attack's server sends, and the client's gradient on it (one
+            # gradient per distinct model; passive attacks share the honest one).
+            served: Dict[str, torch.nn.Module] = {}
+            grads: Dict[int, List[Tensor]] = {}
+            for a in used:
+                m = attack_objs[a].prepare_model(copy.deepcopy(base_model) if a == "rtf" else base_model,
+                                                 shape, num_classes)
+                m = m.to(device)
+                served[a] = m
+                if id(m) not in grads:
+                    grads[id(m)] = compute_gradients(m, x, y)
+            honest = grads.get(id(base_model)) or compute_gradients(base_model, x, y)
+            defended_cache: Dict[Tuple[str, int], DefendedGradient] = {}
+
+            def defended(spec: DefenseSpec, m: torch.nn.Module) -> DefendedGradient:
+                key = (spec.label, id(m))
+                if key not in defended_cache:
+                    g = honest if m is base_model else grads[id(m)]
+                    defended_cache[key] = apply_defense(spec, g, seed=cfg.seed + b_i, model=m)
+                return defended_cache[key]
+
+            for spec, atks in grid:
+                dg = defended(spec, base_model)
+                acc = def_acc[spec.label]
+                acc["upload"].append(dg.upload_bytes)
+                acc["sent"].append(dg.sent_fraction)
+                dense_bytes[spec.label] = dg.dense_bytes
+                threat0 = ThreatModel(model=base_model, image_shape=shape, num_classes=num_classes,
+                                      batch_size=bsz)
+                pred = infer_labels_idlg(dg.shared_grads, threat0)
+                acc["idlg"].append(metrics.label_accuracy(pred.cpu(), y.cpu(), ordered=False) * bsz)
+                for a in atks:
+                    m = served[a]
+                    dga = defended(spec, m)
+                    threat = ThreatModel(
+                        model=m, image_shape=shape, num_classes=num_classes, batch_size=bsz,
+                        labels=y.clone() if cfg.known_labels and a not in LABEL_INFERRING_ATTACKS else None,
+                        sent_mask=None if dga.sent_fraction >= 1.0 else dga.sent_mask,
+                        band=dga.band,
+                    )
+                    rec = attack_objs[a](dga.shared_grads, threat, seed=cfg.seed + b_i, progress=False)
+                    records.extend(_score(rec, x, y, idx, targets, spec.label, a, b_i))
+                    out = recon.setdefault((spec.label, a), torch.zeros_like(targets.images))
+                    out[idx] = _ordered(rec.images, x).detach().float().cpu().clamp(0, 1)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(f"{spec.label} {a}", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    defense_records = [
+        DefenseRecord(
+            defense=s.label, name=s.name,
+            upload_bytes=sum(def_acc[s.label]["upload"]) / len(batches),
+            dense_bytes=dense_bytes[s.label],
+            sent_fraction=sum(def_acc[s.label]["sent"]) / len(batches),
+            idlg_label_acc=sum(def_acc[s.label]["idlg"]) / n,
+            band=s.band,
+        )
+        for s in specs
+    ]
+    machine["attack_seconds"] = round(time.perf_counter() - t_start, 2)
+    result = EvalResult(config=cfg, targets=targets, attacks=records, defenses=defense_records,
+                        reconstructions=recon, machine=machine)
+    if cfg.utility:
+        t_u = time.perf_counter()
+        try:
+            result.utility = run_utility(specs, rounds=cfg.utility_rounds, seed=cfg.seed,
+                                         device=device, progress=progress)
+        except ImportError as exc:
+            result.utility_note = f"utility runs skipped: {exc}"
+        machine["utility_seconds"] = round(time.perf_counter() - t_u, 2)
+    else:
+        result.utility_note = "utility runs skipped (--no-utility)"
+    machine["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    try:
+        machine["load_end"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        pass
+    machine["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    return result
+
+
+def _ordered(rec_images: Tensor, x: Tensor) -> Tensor:
+    """``rec_images`` reordered to pair with ``x`` (batch attacks may permute the batch)."""
+    if rec_images.shape != x.shape:
+        raise ValueError(
+            f"the attack returned images of shape {tuple(rec_images.shape)} for targets of shape "
+            f"{tuple(x.shape)}"
+        )
+    if x.shape[0] == 1:
+        return rec_images
+    perm = metrics.match_order(rec_images.detach(), x)
+    return rec_images[perm]
+
+
+def _score(rec, x: Tensor, y: Tensor, idx: List[int], targets: TargetSet, defense: str,
+           attack: str, batch: int) -> List[AttackRecord]:
+    imgs = _ordered(rec.images.detach().to(x.device).float().clamp(0, 1), x)
+    p = metrics.psnr(imgs, x).cpu()
+    s = metrics.ssim(imgs, x).cpu()
+    e = metrics.mse(imgs, x).cpu()
+    f = metrics.floor_psnr(x).cpu()
+    labels = rec.labels.detach().cpu().long()
+    if x.shape[0] > 1:
+        # Labels of a batch come as a multiset: credit each true label found in it.
+        pool = labels.tolist()
+        correct = []
+        for t in y.cpu().tolist():
+            if t in pool:
+                pool.remove(t)
+                correct.append(1.0)
+            else:
+                correct.append(0.0)
+        pred = labels.tolist()
+    else:
+        pred = labels.tolist()
+        correct = [float(pred[0] == int(y[0]))]
+    out = []
+    per = rec.seconds / max(1, x.shape[0])
+    for j, i in enumerate(idx):
+        pv = _finite(float(p[j]))
+        fv = float(f[j])
+        out.append(AttackRecord(
+            defense=defense, attack=attack, image=i, image_name=targets.names[i],
+            label=int(targets.labels[i]), psnr=pv, ssim=float(s[j]), mse=float(e[j]), floor=fv,
+            leakage=pv - fv, label_pred=int(pred[j]) if j < len(pred) else -1,
+            label_correct=correct[j], label_source=rec.label_source, seconds=per, batch=batch,
+        ))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Utility: accuracy and bytes from the simulator
+# --------------------------------------------------------------------------------------
+def run_utility(specs: Sequence[object], *, rounds: int = 40, seed: int = 0, device: str = "cpu",
+                progress: bool = True, clients: int = 10, dataset: str = "digits",
+                model: str = "convnet_small") -> List[UtilityRecord]:
+    """Train with each defense in the simulator (FedSGD, error feedback as each compressor
+    defaults: on for DGP, off for top-k) and record the final test accuracy and the mean
+    upload bytes per client per round. Short runs on the built-in digits by default."""
+    from ..sim import SimConfig, simulate
+
+    out: List[UtilityRecord] = []
+    for spec in specs:
+        spec = parse_defense(spec)
+        t0 = time.perf_counter()
+        cfg = SimConfig(dataset=dataset, model=model, defense=spec.name,
+                        defense_params=spec.compressor_params(), clients=clients, rounds=rounds,
+                        seed=seed, device=device)
+        res = simulate(cfg, progress=progress)
+        uploads = [r["upload_bytes"] for r in res.rounds]
+        per_round = sum(uploads) / max(1, len(uploads)) / clients
+        dense = _dense_model_bytes(res)
+        out.append(UtilityRecord(
+            defense=spec.label, final_accuracy=float(res.final_accuracy),
+            upload_bytes_per_round=float(per_round), dense_bytes=dense, rounds=rounds,
+            clients=clients, model=model, dataset=dataset, seconds=round(time.perf_counter() - t0, 2),
+        ))
+    return out
+
+
+def _dense_model_bytes(res) -> int:
+    for r in res.rounds:
+        if "dense_bytes" in r:
+            return int(r["dense_bytes"])
+    return 0
