@@ -38,4 +38,4 @@ __all__ = [
 ]
 
 # Attack modules register themselves on import.
-from . import dlg  # noqa: E402,F401
+from . import dlg, inverting, rtf  # noqa: E402,F401

@@ -247,10 +247,12 @@ class Progress:
             if tqdm is not None:
                 self.bar = tqdm(total=total, desc=desc, leave=False)
 
-    def update(self, loss: float) -> None:
+    def update(self, loss: Optional[float] = None) -> None:
+        """One step done; ``loss`` (when given) is shown beside the bar."""
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
