@@ -21,6 +21,7 @@ Add a dataset: a ``_load_<name>(root, split)`` returning that pair, an entry in
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pickle
@@ -99,7 +100,9 @@ def load_dataset(name: str, root: Optional[str] = None, split: str = "train") ->
 # --------------------------------------------------------------------------------------
 # digits (scikit-learn, bundled)
 # --------------------------------------------------------------------------------------
-def _load_digits(root: Optional[str], split: str) -> Tuple[Tensor, Tensor]:
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """(images float32 [1797, 64] in [0, 16], labels int64), read once per process."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -107,8 +110,13 @@ def _load_digits(root: Optional[str], split: str) -> Tuple[Tensor, Tensor]:
             "the built-in 'digits' dataset needs scikit-learn: pip install \"dgp_kernels[eval]\""
         ) from exc
     bunch = load_digits()
-    x = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0)
-    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    return np.asarray(bunch.data, dtype=np.float32), np.asarray(bunch.target, dtype=np.int64)
+
+
+def _load_digits(root: Optional[str], split: str) -> Tuple[Tensor, Tensor]:
+    data, target = _digits_arrays()
+    x = torch.from_numpy(data.reshape(-1, 1, 8, 8) / 16.0)  # a new array: callers may mutate
+    y = torch.from_numpy(target.copy())
     # Fixed stratified split: per class, a seeded permutation; the first 20% go to test.
     rng = np.random.default_rng(DIGITS_SPLIT_SEED)
     test_idx: List[np.ndarray] = []

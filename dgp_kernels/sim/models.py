@@ -6,6 +6,8 @@
   invert: 3 conv layers x 12 channels with sigmoid, one FC layer (768 -> classes for 32x32
   input), every weight and bias uniform in [-0.5, 0.5].
 * :func:`convnet_small` — a small ReLU ConvNet for quick simulator runs and tests.
+* :func:`mlp` — a one-hidden-layer ReLU perceptron: learns the 8x8 digits in a few rounds,
+  for the simulator's tests.
 
 Add a model: write a function returning an ``nn.Module`` (keyword arguments only, with
 defaults), add it to ``MODELS`` and a parameter-count/forward-shape test in
@@ -19,7 +21,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "get_model", "resnet18_cifar", "lenet_sigmoid", "convnet_small"]
+__all__ = ["MODELS", "get_model", "resnet18_cifar", "lenet_sigmoid", "convnet_small", "mlp"]
 
 
 # --------------------------------------------------------------------------------------
@@ -147,10 +149,29 @@ def convnet_small(num_classes: int = 10, channels: int = 3, width: int = 32) -> 
     )
 
 
+# --------------------------------------------------------------------------------------
+# MLP
+# --------------------------------------------------------------------------------------
+def mlp(num_classes: int = 10, channels: int = 3, image_size: int = 32, hidden: int = 64) -> nn.Module:
+    """Flatten, Linear(channels * image_size**2 -> hidden), ReLU, Linear(hidden ->
+    num_classes): input ``[B, channels, image_size, image_size]``, output
+    ``[B, num_classes]``; 4,810 parameters for 8x8 grayscale digits at hidden 64."""
+    for name, v in (("channels", channels), ("image_size", image_size), ("hidden", hidden)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(channels * image_size * image_size, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet18_cifar": resnet18_cifar,
     "lenet_sigmoid": lenet_sigmoid,
     "convnet_small": convnet_small,
+    "mlp": mlp,
 }
 
 

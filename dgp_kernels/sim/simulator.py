@@ -58,6 +58,7 @@ from ..compressor import (
     decompress_aligned,
     get_compressor,
 )
+from ..ops import band_counts
 from .config import Fault, SimConfig, broadcaster_params, compressor_params
 from .data import dataset_info, dirichlet_split, iid_split, load_dataset
 from .models import get_model
@@ -272,7 +273,9 @@ def simulate(config: SimConfig, *, progress: bool = True,
         clients that compressed: ``grad_norm`` (L2 of the update before compression),
         ``residual_norm`` (L2 of the error-feedback residual after compression),
         ``residual_never_sent_norm`` (its part on coordinates this client has never
-        sent), ``never_sent_fraction`` and ``residual_max_abs``.
+        sent), ``never_sent_fraction``, ``residual_max_abs`` and, for DGP,
+        ``top_never_sent_fraction`` (of the entries held back at the top this round, the
+        fraction this client has never sent).
     """
     if not isinstance(config, SimConfig):
         raise TypeError(f"config must be a SimConfig, got {type(config).__name__}")
@@ -536,10 +539,22 @@ def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,
                 emax = max(emax, float(ef.abs().max()))
     total = sum(s.numel() for s in cl.ever_sent)
     never = sum(int((~s).sum()) for s in cl.ever_sent)
+    # DGP: after compress the residual holds v = g + e everywhere except the sent band, so
+    # its k_top largest magnitudes per layer are exactly the entries held back at the top.
+    top = getattr(cl.compressor, "top", 0.0)
+    top_n = top_never = 0
+    if res is not None and top > 0:
+        for e, sent in zip(res, cl.ever_sent):
+            k_top = band_counts(e.numel(), top, getattr(cl.compressor, "keep", 0.0))[0]
+            if k_top:
+                idx = e.detach().reshape(-1).abs().cpu().topk(k_top).indices
+                top_n += k_top
+                top_never += int((~sent[idx]).sum())
     return {
         "grad_norm": math.sqrt(g2),
         "residual_norm": math.sqrt(e2),
         "residual_never_sent_norm": math.sqrt(never2),
         "never_sent_fraction": never / max(1, total),
         "residual_max_abs": emax,
+        "top_never_sent_fraction": top_never / top_n if top_n else 0.0,
     }
