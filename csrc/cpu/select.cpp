@@ -482,6 +482,17 @@ static PyObject* py_set_sampling(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_set_prefetch(PyObject*, PyObject* arg) {
+  const long lines = PyLong_AsLong(arg);
+  if (lines == -1 && PyErr_Occurred()) return nullptr;
+  if (lines < 0 || lines > 4096) {
+    PyErr_Format(PyExc_ValueError, "prefetch distance must be in [0, 4096] lines, got %ld", lines);
+    return nullptr;
+  }
+  const int old = dgp::prefetch_lines().exchange(static_cast<int>(lines));
+  return PyLong_FromLong(old);
+}
+
 static PyObject* py_path_counts(PyObject*, PyObject* arg) {
   const int reset = PyObject_IsTrue(arg);
   if (reset < 0) return nullptr;
@@ -500,6 +511,9 @@ static PyMethodDef kMethods[] = {
      "Counts of layers analysed per path since the last reset; path_counts(True) resets."},
     {"set_sampling", py_set_sampling, METH_O,
      "Enable/disable the sampled-bracket analysis of large layers (tests force both paths)."},
+    {"set_prefetch", py_set_prefetch, METH_O,
+     "Software prefetch distance of the float32 SIMD sweeps in 64-byte lines (0 = off); "
+     "returns the previous value. A tuning knob: results never depend on it."},
     {"simd_level", py_simd_level, METH_NOARGS, "Compaction path in use: scalar, avx2 or avx512."},
     {"simd_best", py_simd_best, METH_NOARGS, "Best compaction path this CPU supports."},
     {"set_simd_level", py_set_simd_level, METH_O,

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include <c10/util/BFloat16.h>
@@ -399,37 +400,71 @@ void count_chunk_scalar(const T* g, const T* e, int64_t lo, int64_t hi,
   out.nl = nl;
 }
 
-// Key at descending rank r among `v` (all inside [lo, hi]); reorders/clobbers `v`.
-// One histogram pass over (k - lo) >> s picks the bucket holding rank r; only that
-// bucket's members (a few hundred at most, typically) go to nth_element. Measured on
-// ResNet-18 layers: ~3x cheaper than std::nth_element over all candidates.
+// Keys at descending ranks `ranks[0..R)` (strictly increasing, each < cnt) among
+// data[0..cnt); writes them to out[0..R) and clobbers nothing but `data`'s order.
+// Radix descent: one min/max pass, one 2^11-bucket histogram of (k - lo) >> s, and for each
+// bucket that holds a requested rank, its members are gathered and the same is done on them
+// (each level narrows the key range 2^11-fold, so two levels almost always leave a handful;
+// those are sorted). Branch-free histograms, an L1-resident table and one call for all ranks
+// replace nth_element, whose mispredicted compares dominated small sampled layers.
 template <typename K>
-K rank_desc_radix(std::vector<K>& v, int64_t r, K lo, K hi) {
-  const int64_t cnt = static_cast<int64_t>(v.size());
-  if (cnt <= 4096) {
-    std::nth_element(v.begin(), v.begin() + r, v.end(), std::greater<K>());
-    return v[r];
+void select_desc_ranks(K* data, int64_t cnt, const int64_t* ranks, int R, K* out) {
+  if (cnt <= 48) {
+    std::sort(data, data + cnt, std::greater<K>());
+    for (int i = 0; i < R; ++i) out[i] = data[ranks[i]];
+    return;
   }
+  K lo = data[0], hi = data[0];
+  for (int64_t j = 1; j < cnt; ++j) {
+    lo = std::min(lo, data[j]);
+    hi = std::max(hi, data[j]);
+  }
+  if (lo == hi) {
+    for (int i = 0; i < R; ++i) out[i] = lo;
+    return;
+  }
+  constexpr int kBits = 11;
   const uint64_t range = static_cast<uint64_t>(hi - lo);
-  int bits = 1;
-  while (bits < 64 && (range >> bits) != 0) ++bits;
-  int hb = 8;
-  while (hb < 16 && (int64_t(1) << (hb + 2)) < cnt) ++hb;
-  const int s = bits > hb ? bits - hb : 0;
-  const int64_t nb = static_cast<int64_t>((range >> s) + 1);
-  std::vector<uint32_t> h(static_cast<size_t>(nb), 0);
-  for (int64_t j = 0; j < cnt; ++j) h[static_cast<size_t>((v[j] - lo) >> s)]++;
-  int64_t cum = 0, b = nb - 1;
-  for (; b >= 0; --b) {
-    if (cum + static_cast<int64_t>(h[b]) > r) break;
-    cum += h[b];
+  const int bits = 64 - __builtin_clzll(range);
+  const int s = bits > kBits ? bits - kBits : 0;
+  const int64_t nb = static_cast<int64_t>(range >> s) + 1;
+  // Four interleaved tables for large inputs: candidates crowd into few buckets, and
+  // back-to-back increments of one counter serialise on store-to-load forwarding.
+  uint32_t h[4][int64_t(1) << kBits];
+  const int tables = cnt >= 16 * nb ? 4 : 1;
+  for (int t = 0; t < tables; ++t) std::memset(h[t], 0, sizeof(uint32_t) * static_cast<size_t>(nb));
+  int64_t j0 = 0;
+  if (tables == 4) {
+    for (; j0 + 4 <= cnt; j0 += 4) {
+      h[0][static_cast<uint64_t>(data[j0] - lo) >> s]++;
+      h[1][static_cast<uint64_t>(data[j0 + 1] - lo) >> s]++;
+      h[2][static_cast<uint64_t>(data[j0 + 2] - lo) >> s]++;
+      h[3][static_cast<uint64_t>(data[j0 + 3] - lo) >> s]++;
+    }
+    for (int64_t b = 0; b < nb; ++b) h[0][b] += h[1][b] + h[2][b] + h[3][b];
   }
-  int64_t w = 0;
-  for (int64_t j = 0; j < cnt; ++j)
-    if (static_cast<int64_t>((v[j] - lo) >> s) == b) v[w++] = v[j];
-  const int64_t rr = r - cum;
-  std::nth_element(v.begin(), v.begin() + rr, v.begin() + w, std::greater<K>());
-  return v[rr];
+  for (int64_t j = j0; j < cnt; ++j) h[0][static_cast<uint64_t>(data[j] - lo) >> s]++;
+  int i = 0;
+  int64_t cum = 0;  // entries in buckets above b
+  for (int64_t b = nb - 1; b >= 0 && i < R; --b) {
+    const int64_t c = h[0][b];
+    const int first = i;
+    while (i < R && ranks[i] < cum + c) ++i;
+    if (i > first) {
+      // Branch-free gather (a bucket can hold a large share: a branch would mispredict);
+      // one slot of slack for the unconditional store.
+      std::unique_ptr<K[]> buf(new K[static_cast<size_t>(c) + 1]);
+      int64_t w = 0;
+      for (int64_t j = 0; j < cnt; ++j) {
+        buf[w] = data[j];
+        w += static_cast<int64_t>(static_cast<uint64_t>(data[j] - lo) >> s) == b;
+      }
+      int64_t sub[8];
+      for (int t = first; t < i; ++t) sub[t - first] = ranks[t] - cum;
+      select_desc_ranks(buf.get(), c, sub, i - first, out + first);
+    }
+    cum += c;
+  }
 }
 
 // Sample positions: one per stratum of n/m entries, at a hashed offset inside it.
@@ -461,9 +496,17 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
   constexpr int64_t kRun = 8;
   const int64_t strata = m / kRun;
   const int64_t stride = n / strata;
-  std::vector<K> smp(static_cast<size_t>(m));
+  std::unique_ptr<K[]> smp(new K[static_cast<size_t>(m)]);
+  // Each run is a DRAM miss per stream: prefetch kAhead runs ahead so misses overlap.
+  constexpr int64_t kAhead = 8;
+  auto run_at = [&](int64_t j) { return std::min(sample_pos(j, stride), n - kRun); };
   for (int64_t j = 0; j < strata; ++j) {
-    const int64_t at = std::min(sample_pos(j, stride), n - kRun);
+    if (j + kAhead < strata) {
+      const int64_t a = run_at(j + kAhead);
+      __builtin_prefetch(g + a);
+      if constexpr (EF) __builtin_prefetch(e + a);
+    }
+    const int64_t at = run_at(j);
     for (int64_t t = 0; t < kRun; ++t) smp[j * kRun + t] = key_of(load_v<T, EF>(g, e, at + t));
   }
 
@@ -471,20 +514,6 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
   // (z = 4: a miss costs a fallback, so be generous; 2.9% of n are candidates at the
   // defaults with m = 32768).
   const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
-  // Sample key at descending position pos. Positions are asked in increasing order, so each
-  // nth_element only partitions the part right of the previous one.
-  int64_t settled = 0;
-  auto at_rank = [&](int64_t pos) -> K {
-    pos = std::min<int64_t>(std::max<int64_t>(pos, 0), m - 1);
-    if (pos >= settled) {
-      std::nth_element(smp.begin() + settled, smp.begin() + pos, smp.end(), std::greater<K>());
-      settled = pos + 1;
-    } else {
-      std::nth_element(smp.begin(), smp.begin() + pos, smp.end(), std::greater<K>());
-      settled = pos + 1;
-    }
-    return smp[pos];
-  };
   auto margin = [&](int64_t r) {
     const double q = static_cast<double>(r) / static_cast<double>(n);
     return static_cast<int64_t>(4.0 * std::sqrt(static_cast<double>(m) * q * (1.0 - q))) + 4;
@@ -493,6 +522,17 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
   const int64_t ph = static_cast<int64_t>(static_cast<double>(r_hi) * scale);
   const int64_t pl = static_cast<int64_t>(static_cast<double>(r_lo) * scale);
   const int64_t dh = margin(r_hi), dl = margin(r_lo);
+  // The four sample quantiles, all in one radix descent (positions sorted and deduplicated).
+  const int64_t want[4] = {ph - dh, ph + dh, pl - dl, pl + dl};
+  int64_t pos[4];
+  int np = 0;
+  for (int64_t w : want)
+    if (w >= 0 && w < m) pos[np++] = w;
+  std::sort(pos, pos + np);
+  np = static_cast<int>(std::unique(pos, pos + np) - pos);
+  K qk[4];
+  select_desc_ranks(smp.get(), m, pos, np, qk);
+  auto at_rank = [&](int64_t w) { return qk[std::lower_bound(pos, pos + np, w) - pos]; };
   Bracket<K> br;
   br.a_hi = (ph - dh < 0) ? std::numeric_limits<K>::max() : at_rank(ph - dh);
   br.b_hi = (ph + dh >= m) ? K(0) : at_rank(ph + dh);
@@ -518,10 +558,12 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
     base_h[c + 1] = base_h[c] + cap_h[c] + kSimdSlack;
     base_l[c + 1] = base_l[c] + cap_l[c] + kSimdSlack;
   }
-  std::vector<K> cand_h(static_cast<size_t>(base_h[C])), cand_l(static_cast<size_t>(base_l[C]));
+  // Uninitialised: only the counted prefix of each chunk's slice is ever read.
+  std::unique_ptr<K[]> cand_h(new K[static_cast<size_t>(base_h[C])]);
+  std::unique_ptr<K[]> cand_l(new K[static_cast<size_t>(base_l[C])]);
   run([&](int c) {
-    count(chunk_begin(n, c, C), chunk_begin(n, c + 1, C), br, cand_h.data() + base_h[c],
-          cap_h[c], cand_l.data() + base_l[c], cap_l[c], cc[c]);
+    count(chunk_begin(n, c, C), chunk_begin(n, c + 1, C), br, cand_h.get() + base_h[c],
+          cap_h[c], cand_l.get() + base_l[c], cap_l[c], cc[c]);
   });
   int64_t above = 0, nh = 0, mid = 0, nl = 0;
   for (int c = 0; c < C; ++c) {
@@ -543,31 +585,40 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
 
   // Exact keys: nth_element over the gathered candidates (order inside chunks is irrelevant
   // to the per-chunk counts taken afterwards).
-  auto gather = [&](std::vector<K>& src, const std::vector<int64_t>& base, bool hi_side) {
+  auto gather = [&](const K* src, const std::vector<int64_t>& base, bool hi_side) {
     std::vector<K> all;
     all.reserve(static_cast<size_t>(hi_side ? nh : nl));
     for (int c = 0; c < C; ++c) {
       const int64_t cnt = hi_side ? cc[c].nh : cc[c].nl;
-      all.insert(all.end(), src.begin() + base[c], src.begin() + base[c] + cnt);
+      all.insert(all.end(), src + base[c], src + base[c] + cnt);
     }
     return all;
   };
-  std::vector<K> all_h = gather(cand_h, base_h, true);
+  std::vector<K> all_h = gather(cand_h.get(), base_h, true);
   const int64_t rh = r_hi - above;
   if (merged) {
-    std::vector<K> copy = all_h;
-    p.khi = rank_desc_radix(all_h, rh, br.b_hi, br.a_hi);
-    p.klo = rank_desc_radix(copy, r_lo - above, br.b_hi, br.a_hi);
+    // Both ranks inside one candidate set: one descent finds both (rh <= r_lo - above).
+    const int64_t rr[2] = {rh, r_lo - above};
+    K kk[2];
+    if (rr[0] == rr[1]) {
+      select_desc_ranks(all_h.data(), nh, rr, 1, kk);
+      kk[1] = kk[0];
+    } else {
+      select_desc_ranks(all_h.data(), nh, rr, 2, kk);
+    }
+    p.khi = kk[0];
+    p.klo = kk[1];
   } else {
-    p.khi = rank_desc_radix(all_h, rh, br.b_hi, br.a_hi);
-    std::vector<K> all_l = gather(cand_l, base_l, false);
-    p.klo = rank_desc_radix(all_l, r_lo - before_lo, br.b_lo, br.a_lo);
+    select_desc_ranks(all_h.data(), nh, &rh, 1, &p.khi);
+    std::vector<K> all_l = gather(cand_l.get(), base_l, false);
+    const int64_t rl = r_lo - before_lo;
+    select_desc_ranks(all_l.data(), nl, &rl, 1, &p.klo);
   }
 
   std::vector<int64_t> gt_hi(C), gt_lo(C), eq_hi(C), eq_lo(C);
   for (int c = 0; c < C; ++c) {
-    const K* h = cand_h.data() + base_h[c];
-    const K* l = cand_l.data() + base_l[c];
+    const K* h = cand_h.get() + base_h[c];
+    const K* l = cand_l.get() + base_l[c];
     int64_t g_h = 0, e_h = 0, g_l = 0, e_l = 0;
     for (int64_t j = 0; j < cc[c].nh; ++j) {
       g_h += h[j] > p.khi;

@@ -12,6 +12,7 @@
 // thread).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "select_core.h"
@@ -24,6 +25,14 @@
 #endif
 
 namespace dgp {
+
+// Software prefetch distance of the streaming sweeps, in 64-byte lines ahead (0 = off).
+// One line of g (and of e) is consumed per 16 float32 entries, so one prefetch per stream
+// per iteration keeps the distance constant. Tuned with _C.set_prefetch (bench/README.md).
+inline std::atomic<int>& prefetch_lines() {
+  static std::atomic<int> lines{0};
+  return lines;
+}
 
 enum class Simd : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -49,8 +58,13 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) void write_
   const __m512i vklo = _mm512_set1_epi32(static_cast<int>(cls.klo));
   const __m512i iota0 = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   const __m512i iota1 = _mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8);
+  const int64_t pf = int64_t(16) * prefetch_lines().load(std::memory_order_relaxed);
   int64_t i = lo;
   for (; i + 16 <= hi; i += 16) {
+    if (pf) {
+      _mm_prefetch(reinterpret_cast<const char*>(g + i + pf), _MM_HINT_T0);
+      if constexpr (EF) _mm_prefetch(reinterpret_cast<const char*>(e + i + pf), _MM_HINT_T0);
+    }
     __m512 v = _mm512_loadu_ps(g + i);
     if constexpr (EF) v = _mm512_add_ps(v, _mm512_loadu_ps(e + i));
     const __m512i k = _mm512_and_si512(_mm512_castps_si512(v), kmask);
@@ -101,8 +115,13 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) void count_
   const __m512i b_lo = _mm512_set1_epi32(static_cast<int>(br.b_lo));
   __m512i kmax = _mm512_setzero_si512();
   int64_t above = 0, mid = 0, nh = 0, nl = 0;
+  const int64_t pf = int64_t(16) * prefetch_lines().load(std::memory_order_relaxed);
   int64_t i = lo;
   for (; i + 16 <= hi; i += 16) {
+    if (pf) {
+      _mm_prefetch(reinterpret_cast<const char*>(g + i + pf), _MM_HINT_T0);
+      if constexpr (EF) _mm_prefetch(reinterpret_cast<const char*>(e + i + pf), _MM_HINT_T0);
+    }
     __m512 v = _mm512_loadu_ps(g + i);
     if constexpr (EF) v = _mm512_add_ps(v, _mm512_loadu_ps(e + i));
     const __m512i k = _mm512_and_si512(_mm512_castps_si512(v), kmask);
