@@ -707,19 +707,12 @@ def run_utility(specs: Sequence[object], *, rounds: int = 40, seed: int = 0, dev
                         defense_params=spec.compressor_params(), clients=clients, rounds=rounds,
                         seed=seed, device=device)
         res = simulate(cfg, progress=progress)
-        uploads = [r["upload_bytes"] for r in res.rounds]
-        per_round = sum(uploads) / max(1, len(uploads)) / clients
-        dense = _dense_model_bytes(res)
+        sent = [(r["upload_bytes"], len(r["participants"])) for r in res.rounds]
+        per_round = sum(b for b, _ in sent) / max(1, sum(c for _, c in sent))
         out.append(UtilityRecord(
             defense=spec.label, final_accuracy=float(res.final_accuracy),
-            upload_bytes_per_round=float(per_round), dense_bytes=dense, rounds=rounds,
+            upload_bytes_per_round=float(per_round), dense_bytes=int(res.dense_bytes), rounds=rounds,
             clients=clients, model=model, dataset=dataset, seconds=round(time.perf_counter() - t0, 2),
         ))
     return out
 
-
-def _dense_model_bytes(res) -> int:
-    for r in res.rounds:
-        if "dense_bytes" in r:
-            return int(r["dense_bytes"])
-    return 0

@@ -1,0 +1,212 @@
+"""The evaluation runner and report on a tiny grid (8x8 photos, LeNet, few iterations): the real
+attack code runs; the records, JSON/CSV tables, markdown report and PNGs come out consistent."""
+
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from dgp_kernels.attacks import available_attacks, metrics
+from dgp_kernels.attacks.data import load_photos
+from dgp_kernels.attacks.report import format_summary, summary_rows, write_report
+from dgp_kernels.attacks.runner import (
+    DEFAULT_DEFENSES,
+    EvalConfig,
+    attack_params,
+    default_config,
+    run_evaluation,
+    run_utility,
+)
+
+TINY_BUDGET = {
+    "dlg": {"iterations": 2, "max_iter": 4},
+    "idlg": {"iterations": 2, "max_iter": 4},
+    "dlg-adaptive": {"iterations": 2, "max_iter": 4},
+    "ig": {"iterations": 6},
+    "ig-adaptive": {"iterations": 6},
+    "ig-dgp-aware": {"iterations": 6},
+    "rtf": {},
+}
+
+
+def _tiny_config(**kw) -> EvalConfig:
+    everything = available_attacks()
+    grid = [("none", ["dlg", "ig", "rtf"]), ("dgp", everything), ("topk:keep=0.2", ["idlg", "ig-adaptive"]),
+            ("dp:sigma=0.01", ["dlg"])]
+    base = dict(grid=grid, images=2, image_size=8, attack_params={a: TINY_BUDGET[a] for a in everything},
+                utility=False, device="cpu")
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    return run_evaluation(_tiny_config(), progress=False)
+
+
+def test_records_cover_the_grid_and_are_consistent(tiny_result):
+    r = tiny_result
+    cfg = r.config
+    assert [d for d, _ in cfg.grid][1] == "dgp:top=0.05,keep=0.2"  # canonical labels
+    expected = {(d, a, i) for d, atks in cfg.grid for a in atks for i in range(2)}
+    got = {(x.defense, x.attack, x.image) for x in r.attacks}
+    assert got == expected and len(r.attacks) == len(expected)
+    floors = metrics.floor_psnr(r.targets.images)
+    for x in r.attacks:
+        assert math.isfinite(x.psnr) and math.isfinite(x.ssim) and x.mse >= 0
+        assert x.floor == pytest.approx(float(floors[x.image]))
+        assert x.leakage == pytest.approx(x.psnr - x.floor)
+        assert x.label_correct in (0.0, 1.0) and x.label == int(r.targets.labels[x.image])
+        rec = r.reconstructions[(x.defense, x.attack)][x.image : x.image + 1]
+        assert x.psnr == pytest.approx(min(100.0, float(metrics.psnr(rec, r.targets.images[x.image : x.image + 1]))),
+                                       abs=1e-6)
+    # known labels are passed to dlg/ig; idlg infers its own
+    assert {x.label_source for x in r.attacks if x.attack == "dlg"} == {"known"}
+    assert {x.label_source for x in r.attacks if x.attack == "idlg"} == {"inferred"}
+    for rec in r.reconstructions.values():
+        assert rec.shape == r.targets.images.shape and float(rec.min()) >= 0 and float(rec.max()) <= 1
+
+
+def test_defense_records(tiny_result):
+    d = {x.defense: x for x in tiny_result.defenses}
+    assert list(d) == [g for g, _ in tiny_result.config.grid]
+    # the iDLG rule is exact on an undefended single-image gradient of a sigmoid network
+    assert d["none"].idlg_label_acc == 1.0
+    for x in d.values():
+        assert 0.0 <= x.idlg_label_acc <= 1.0
+    assert d["dgp:top=0.05,keep=0.2"].upload_bytes < 0.3 * d["none"].upload_bytes
+    assert d["dgp:top=0.05,keep=0.2"].sent_fraction == pytest.approx(0.2, abs=0.02)
+    assert d["dgp:top=0.05,keep=0.2"].band == (0.05, 0.2) and d["none"].band is None
+    assert d["none"].upload_bytes > d["none"].dense_bytes  # header + table + checksum
+
+
+def test_rtf_reads_the_undefended_image_off_the_imprint(tiny_result):
+    """Robbing the Fed runs on its malicious model: analytic, so even this budget recovers
+    the undefended image almost exactly (the runner must hand it the gradient of *that*
+    model, not the honest one)."""
+    rows = [x for x in tiny_result.attacks if x.defense == "none" and x.attack == "rtf"]
+    assert all(x.psnr > 40 for x in rows)
+
+
+def test_best_attack_and_summary(tiny_result):
+    r = tiny_result
+    for d, atks in r.config.grid:
+        best = r.best_attack(d)
+        assert best in atks
+        assert r.mean(d, best, "leakage") == max(r.mean(d, a, "leakage") for a in atks)
+    rows = summary_rows(r)
+    assert [x["defense"] for x in rows] == [d for d, _ in r.config.grid]
+    text = format_summary(r)
+    for d, _ in r.config.grid:
+        assert d in text
+
+
+def test_json_csv_report_and_pngs(tiny_result, tmp_path):
+    paths = write_report(tiny_result, str(tmp_path / "out"))
+    data = json.loads(open(paths.json).read())
+    assert len(data["attacks"]) == len(tiny_result.attacks)
+    assert [x["defense"] for x in data["defenses"]] == [d for d, _ in tiny_result.config.grid]
+    assert data["utility"] is None and "--no-utility" in data["utility_note"]
+    assert data["machine"]["torch"] == torch.__version__
+    with open(paths.csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(tiny_result.attacks)
+    assert {"defense", "attack", "psnr", "floor", "leakage", "ssim", "upload_bytes", "idlg_label_acc"} <= set(rows[0])
+    md = open(paths.report).read()
+    assert "## Summary: the best attack per defense" in md
+    assert "iDLG label acc" in md and "not measured" in md
+    for d, atks in tiny_result.config.grid:
+        assert f"`{d}`" in md
+        assert f"**{tiny_result.best_attack(d)}**" in md
+    assert len(paths.images) == 3  # two image grids + the tradeoff plot
+    for p in paths.images:
+        assert os.path.basename(p) in md
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(p) > 2000
+
+
+def test_paired_models_give_identical_results_for_identical_inputs():
+    """Same seed -> same model, same defense noise, same attack init: the run is reproducible,
+    and an undefended 'none' row equals a 'none:value_dtype=float32' one."""
+    grid = [("none", ["dlg"])]
+    a = run_evaluation(_tiny_config(grid=grid, images=1), progress=False)
+    b = run_evaluation(_tiny_config(grid=grid, images=1), progress=False)
+    assert a.attacks[0].psnr == b.attacks[0].psnr
+    assert torch.equal(a.reconstructions[("none", "dlg")], b.reconstructions[("none", "dlg")])
+
+
+def test_batch_of_two_images_per_gradient():
+    cfg = _tiny_config(grid=[("none", ["idlg", "rtf"])], batch_size=2, images=2)
+    r = run_evaluation(cfg, progress=False)
+    assert {x.batch for x in r.attacks} == {0}
+    assert len(r.attacks) == 4
+    assert r.defenses[0].idlg_label_acc == 1.0  # two distinct classes: both rows negative
+
+
+def test_custom_targets_and_threads_restored():
+    t = load_photos(1, size=8, start=2)
+    before = torch.get_num_threads()
+    r = run_evaluation(_tiny_config(grid=[("dgp", ["ig-dgp-aware"])], threads=1), progress=False, targets=t)
+    assert r.targets.names == ["coffee"] and r.machine["torch_threads"] == 1
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        ({"grid": [("none", ["nope"])]}, ValueError, "unknown attack 'nope'; known attacks: dlg"),
+        ({"grid": [("bogus", ["dlg"])]}, ValueError, "unknown defense 'bogus'"),
+        ({"grid": [("dgp", ["dlg"]), ("dgp:top=0.05,keep=0.2", ["ig"])]}, ValueError, "twice"),
+        ({"grid": [("none", [])]}, ValueError, "at least one attack"),
+        ({"grid": []}, ValueError, "non-empty"),
+        ({"images": 0}, ValueError, "images must be an int >= 1"),
+        ({"model": "vgg"}, ValueError, "unknown model 'vgg'"),
+        ({"attack_params": {"dlg": {"iterations": 0}}}, ValueError, "iterations"),
+        ({"attack_params": {"dlg": {"steps": 3}}}, TypeError, "steps"),
+    ],
+)
+def test_config_errors(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        _tiny_config(**kw).validate()
+
+
+def test_default_config_grid():
+    cfg = default_config(device="cpu")
+    labels = [d for d, _ in cfg.grid]
+    assert labels == [d for d in DEFAULT_DEFENSES]
+    grid = dict(cfg.grid)
+    everything = set(available_attacks())
+    # the DGP defaults and top-k at the same density get every attack
+    assert set(grid["dgp:top=0.05,keep=0.2"]) == everything
+    assert set(grid["topk:keep=0.2"]) == everything
+    # dense defenses: the adaptive attacks equal the plain ones there, so they are not rerun
+    assert not {"dlg-adaptive", "ig-adaptive", "ig-dgp-aware"} & set(grid["dp:sigma=0.01"])
+    assert cfg.attack_params["dlg"] == attack_params("dlg")
+    quick = default_config(quick=True, device="cpu", iteration_scale=2.0)
+    assert quick.images == 1 and len(quick.grid) < len(cfg.grid)
+    assert quick.attack_params["ig"]["iterations"] == attack_params("ig", scale=0.5)["iterations"]
+    full = default_config(full=True, device="cpu")
+    assert full.attack_params["ig"]["iterations"] == 24000
+    picked = default_config(defenses=["none", "randk:keep=0.1"], attacks=["dlg", "ig-adaptive"], device="cpu")
+    assert picked.grid == [("none", ["dlg", "ig-adaptive"]), ("randk:keep=0.1", ["dlg", "ig-adaptive"])]
+    with pytest.raises(ValueError, match="same defense twice"):
+        default_config(defenses=["dgp", "dgp:top=0.05"], device="cpu")
+    with pytest.raises(ValueError, match="unknown attack"):
+        default_config(attacks=["dlg", "xyz"], device="cpu")
+    with pytest.raises(ValueError, match="scale"):
+        default_config(iteration_scale=0.0, device="cpu")
+
+
+@pytest.mark.slow
+def test_utility_runs_the_simulator_per_defense():
+    out = run_utility(["none", "dgp"], rounds=1, progress=False, clients=2)
+    assert [u.defense for u in out] == ["none", "dgp:top=0.05,keep=0.2"]
+    for u in out:
+        assert 0.0 <= u.final_accuracy <= 1.0 and u.rounds == 1 and u.dense_bytes > 0
+    # DGP at 20% density uploads about a quarter of the dense bytes
+    assert out[1].upload_bytes_per_round < 0.3 * out[0].upload_bytes_per_round
+    assert out[0].upload_bytes_per_round > out[0].dense_bytes
