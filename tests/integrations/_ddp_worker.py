@@ -202,3 +202,38 @@ def simulate(world: int, compressor: str, params: Dict) -> Dict:
         return {"params": torch.stack(snaps)}
     finally:
         torch.set_num_threads(threads)
+
+
+def nccl_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One NCCL rank on CUDA: both hook modes for a few steps (device follows the bucket)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dgp_kernels.integrations.ddp import DGPHookState, dgp_hook
+
+    try:
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        out = {}
+        for mode in ("dgp", "adgp"):
+            model = DDP(make_model().cuda(), device_ids=[rank])
+            state = DGPHookState(compressor=mode)
+            model.register_comm_hook(state, dgp_hook)
+            opt = torch.optim.SGD(model.parameters(), lr=LR)
+            losses = []
+            for step in range(4):
+                x, y = batch(rank, step)
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x.cuda()), y.cuda())
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            out[mode] = {"losses": losses, "steps": [s.__dict__ for s in state.steps],
+                         "grad_device": str(next(model.parameters()).grad.device)}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise

@@ -189,3 +189,17 @@ def test_state_rejects_bad_arguments():
         bad.compressor_for(((1, 4),), [torch.zeros(4)])
     with pytest.raises(TypeError, match="DGPHookState"):
         ddp.dgp_hook(object(), None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.distributed.is_nccl_available(),
+                    reason="needs CUDA and NCCL")
+def test_nccl_on_cuda(tmp_path):
+    world = min(2, torch.cuda.device_count())  # NCCL needs one GPU per rank
+    out = str(tmp_path)
+    codes = _run(w.nccl_worker, world, (out,), 120.0)
+    assert codes == [0] * world, f"ranks exited with {codes}:\n{_errors(out)}"
+    res = torch.load(os.path.join(out, "rank0.pt"), weights_only=False)
+    for mode in ("dgp", "adgp"):
+        assert res[mode]["grad_device"].startswith("cuda")
+        assert all(torch.isfinite(torch.tensor(res[mode]["losses"])))
+        assert all(s["payload_bytes"] < s["dense_bytes"] for s in res[mode]["steps"])

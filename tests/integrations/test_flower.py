@@ -60,7 +60,11 @@ def test_federation_learns_with_dgp_and_drops_a_corrupted_upload(tmp_path):
 
     result_file = tmp_path / "result.json"
     ray_tmp = tempfile.mkdtemp(prefix="dgpray")  # short path: Ray's socket names must fit 107 chars
-    env = {app.RESULT_ENV: str(result_file), "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    env = {
+        app.RESULT_ENV: str(result_file),
+        "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's FutureWarning about num_gpus=0
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # Ray actors inherit the environment (and import the app by name)
     before = set(_descendants(os.getpid()))
