@@ -356,11 +356,13 @@ def aggregate_updates(
     for n, g in global_arrays.items():
         if n in out_by_name:
             upd = (out_by_name[n] / wsum).numpy().reshape(g.shape)
-            new[n] = (g.astype(np.float64) + upd.astype(np.float64)).astype(g.dtype) if g.dtype == np.float64 \
-                else (g.astype(np.float32) + upd).astype(g.dtype)
+            wide = np.float64 if g.dtype == np.float64 else np.float32
+            val = g.astype(wide) + upd.astype(wide)
         else:
             acc = sum(u.weight * u.passthrough[n].astype(np.float64) for u in accepted) / wsum
-            new[n] = np.rint(acc).astype(g.dtype) if g.dtype.kind in "iub" else acc.astype(g.dtype)
+            val = np.rint(acc) if g.dtype.kind in "iub" else acc
+        # np.asarray: 0-d arithmetic gives numpy scalars, which Flower's Array rejects
+        new[n] = np.asarray(val).astype(g.dtype).reshape(g.shape)
     return new, [u.node for u in accepted], rejected
 
 

@@ -240,3 +240,91 @@ def test_missing_flwr_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "dgp_kernels.integrations.flower")
     with pytest.raises(ImportError, match=r"dgp_kernels\[flower\]"):
         importlib.import_module("dgp_kernels.integrations.flower")
+
+
+# --------------------------------------------------------------------------------------
+# In-process: the mod and the strategy on hand-made Flower messages.
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower messages need a task identity (the runtime sets it; here we do)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def _train_msg(arrays, node, rnd=1):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType
+
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "config": ConfigRecord({"server-round": rnd}),
+    })
+    return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+
+
+def _client(shift):
+    """A fake ClientApp: 'trains' by adding ``shift`` to the floating arrays."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord
+
+    def call_next(msg, context):
+        rec = msg.content["arrays"]
+        out = {k: Array(rec[k].numpy() + shift if rec[k].numpy().dtype.kind == "f" else rec[k].numpy())
+               for k in rec.keys()}
+        return Message(content=RecordDict({"arrays": ArrayRecord(out),
+                                           "metrics": MetricRecord({"num-examples": 2, "loss": 0.5})}),
+                       reply_to=msg)
+
+    return call_next
+
+
+def test_mod_and_strategy_on_messages(task_identity, caplog):
+    from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType
+
+    base = _model_arrays(0)
+    mod = DGPMod("dgp", {"top": 0.0, "keep": 1.0})  # keep everything: the update is exact
+    strategy = fl.DGPFedAvg()
+    strategy._sent = {1: base}  # what configure_train records (it needs a Grid)
+    replies = []
+    for node, shift in ((7, 0.5), (8, 1.5)):
+        ctx = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+        reply = mod(_train_msg(base, node), ctx, _client(shift))
+        rec = reply.content["arrays"]
+        assert sorted(rec.keys()) == ["dgp.payload", "steps"]
+        assert rec["dgp.payload"].numpy().dtype == np.uint8
+        assert "dgp.residuals" in ctx.state and int(ctx.state["dgp.state"]["rounds"]) == 1
+        replies.append(reply)
+    # a non-train message passes through untouched
+    ctx = Context(run_id=1, node_id=9, node_config={}, state=RecordDict(), run_config={})
+    ev = Message(content=RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in base.items()})}),
+                 message_type=MessageType.EVALUATE, dst_node_id=9)
+    assert mod(ev, ctx, lambda m, c: "passed") == "passed" and "dgp.state" not in ctx.state
+    # bad replies: client error, no payload (mod missing), corrupted payload, no weight
+    bad_msgs = []
+    err = Message(Error(code=1, reason="client crashed"), reply_to=_train_msg(base, 20))
+    bad_msgs.append(err)
+    bad_msgs.append(_client(0.1)(_train_msg(base, 21), None))
+    corrupted = bytearray(replies[0].content["arrays"]["dgp.payload"].numpy().tobytes())
+    corrupted[-1] ^= 0xFF
+    from flwr.app import MetricRecord
+
+    bad_msgs.append(Message(content=RecordDict({
+        "arrays": ArrayRecord({"dgp.payload": Array(np.frombuffer(bytes(corrupted), np.uint8).copy()),
+                               "steps": Array(base["steps"])}),
+        "metrics": MetricRecord({"num-examples": 100})}), reply_to=_train_msg(base, 22)))
+    bad_msgs.append(Message(content=RecordDict({"arrays": replies[0].content["arrays"]}), reply_to=_train_msg(base, 23)))
+    with caplog.at_level("WARNING", logger="dgp_kernels"):
+        arrays, metrics = strategy.aggregate_train(1, [bad_msgs[0], replies[1], *bad_msgs[1:], replies[0]])
+    dropped = {r[0]: r[1] for r in strategy.history[-1].rejected}
+    assert sorted(dropped) == [20, 21, 22, 23]
+    assert "client crashed" in dropped[20] and "dgp.payload" in dropped[21]
+    assert "checksum" in dropped[22] and "num-examples" in dropped[23]
+    for node in (20, 21, 22, 23):
+        assert any(f"node {node}:" in r.getMessage() for r in caplog.records)
+    assert strategy.history[-1].accepted == (7, 8)
+    # equal weights: global + mean(0.5, 1.5) = global + 1.0 (float32 rounding of each step)
+    for k in ("w", "b"):
+        np.testing.assert_allclose(arrays[k].numpy(), base[k] + 1.0, rtol=0, atol=1e-6)
+    assert int(arrays["steps"].numpy()) == int(base["steps"])
+    assert metrics["loss"] == pytest.approx(0.5)
