@@ -60,7 +60,6 @@ raises ``RuntimeError`` from ``loss.backward()`` naming the bucket and rank. Set
 
 # No `from __future__ import annotations`: DDP's register_comm_hook checks the hook's
 # annotations as objects (dist.GradBucket, torch.futures.Future[torch.Tensor]).
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 

@@ -117,14 +117,19 @@ def train_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         raise
 
 
-def die_worker(rank: int, world: int, port: int, out_dir: str, timeout_s: float) -> None:
-    """Rank 1 dies before step 2; the others record how long until their step fails.
+def failure_worker(idx: int, ports: List[int], out_dir: str, timeout_s: float) -> None:
+    """Two independent 2-rank groups in one spawn (process ``idx``: group ``idx // 2``, rank
+    ``idx % 2``). Group 0: rank 1 crashes before step 2. Group 1: rank 1 hangs before step 2
+    (it waits, bounded, until rank 0 has reported, then exits). Rank 0 of each group records
+    how long its step took to fail and the error.
 
     Step 2, not 1: DDP's own forward of step 1 broadcasts the rebuilt bucket order, so a
-    peer dying before it fails in DDP; from step 2 on the hook's collectives are the only
+    peer lost before it fails in DDP; from step 2 on the hook's collectives are the only
     ones."""
+    group, rank = divmod(idx, 2)
+    fail_file = os.path.join(out_dir, f"group{group}.fail")
     try:
-        _init(rank, world, port, timeout_s)
+        _init(rank, 2, ports[group], timeout_s)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from dgp_kernels.integrations.ddp import DGPHookState, dgp_hook
@@ -133,19 +138,25 @@ def die_worker(rank: int, world: int, port: int, out_dir: str, timeout_s: float)
         model.register_comm_hook(DGPHookState(), dgp_hook)
         for step in range(4):
             if rank == 1 and step == 2:
-                os._exit(3)  # a crash: no clean shutdown of the process group
+                if group == 0:
+                    os._exit(3)  # a crash: no clean shutdown of the process group
+                deadline = time.monotonic() + timeout_s + 30.0
+                while not os.path.exists(fail_file) and time.monotonic() < deadline:
+                    time.sleep(0.1)  # hung, as far as rank 0 can tell
+                os._exit(4)
             x, y = batch(rank, step)
             t0 = time.monotonic()
             try:
                 nn.functional.cross_entropy(model(x), y).backward()
             except RuntimeError as exc:
-                with open(os.path.join(out_dir, f"rank{rank}.fail"), "w") as f:
+                with open(fail_file + ".tmp", "w") as f:
                     f.write(f"{time.monotonic() - t0:.3f}\n{exc}")
+                os.replace(fail_file + ".tmp", fail_file)
                 os._exit(5)  # the process group is broken: exit without destroying it
-        with open(os.path.join(out_dir, f"rank{rank}.done"), "w") as f:
+        with open(os.path.join(out_dir, f"group{group}.done"), "w") as f:
             f.write("finished all steps")
     except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+        with open(os.path.join(out_dir, f"proc{idx}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
 
