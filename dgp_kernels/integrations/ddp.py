@@ -54,8 +54,9 @@ CPU, Triton on CUDA), the collectives use tensors on that device (gloo for CPU, 
 CUDA), and the result is returned there. Encoding and decoding run on the CPU.
 
 Failure: a collective that fails (a peer rank died, or the process group's timeout passed)
-raises ``RuntimeError`` from ``loss.backward()`` naming the bucket and rank. Set
-``timeout=`` in ``init_process_group`` to bound how long a rank waits for a dead peer.
+raises ``RuntimeError`` from ``loss.backward()`` naming the bucket and rank. With gloo a
+crashed peer is noticed at once (its sockets close); a hung peer only when the process
+group's ``timeout=`` (``init_process_group``) passes, so set one that bounds the wait.
 """
 
 # No `from __future__ import annotations`: DDP's register_comm_hook checks the hook's
