@@ -110,3 +110,24 @@ def main(grid: Grid, context: Context) -> None:
     ]
     with open(os.environ[RESULT_ENV], "w") as f:
         json.dump({"evals": evals, "history": history}, f)
+
+
+def run_federation(result_path: str, ray_tmp: str) -> None:
+    """Run the federation in Flower's simulation engine (Ray); the ServerApp writes its
+    results to ``result_path``. Meant to run in a child process the test can bound and kill."""
+    os.environ[RESULT_ENV] = result_path
+    os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"  # silences a Ray FutureWarning
+    import ray
+    from flwr.simulation import run_simulation
+
+    try:
+        run_simulation(
+            server_app=server, client_app=client, num_supernodes=NUM_CLIENTS,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": 2, "include_dashboard": False, "_temp_dir": ray_tmp},
+            },
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()

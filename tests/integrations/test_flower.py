@@ -48,44 +48,50 @@ def _descendants(pid: int):
         for c in children.get(todo.pop(), []):
             out.append(c)
             todo.append(c)
-    return out
+    return [p for p in out if not _is_resource_tracker(p)]
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    """multiprocessing's resource tracker: started by the first spawn, lives as long as we do."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"resource_tracker" in f.read()
+    except OSError:
+        return False
 
 
 @pytest.mark.slow
 def test_federation_learns_with_dgp_and_drops_a_corrupted_upload(tmp_path):
     pytest.importorskip("ray", reason='the simulation engine needs pip install "flwr[simulation]"')
-    from flwr.simulation import run_simulation
+    import multiprocessing
 
     from . import _flower_app as app
 
     result_file = tmp_path / "result.json"
     ray_tmp = tempfile.mkdtemp(prefix="dgpray")  # short path: Ray's socket names must fit 107 chars
-    env = {
-        app.RESULT_ENV: str(result_file),
-        "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's FutureWarning about num_gpus=0
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # Ray actors inherit the environment (and import the app by name)
+    # Ray's actors import the app by name: put the repository on their path.
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + ([saved] if saved else []))
     before = set(_descendants(os.getpid()))
+    # In a child process, so a stuck Ray start-up cannot hang the test: bounded join, then
+    # every process it left behind (Ray's GCS, raylet, actors) is killed.
+    proc = multiprocessing.get_context("spawn").Process(
+        target=app.run_federation, args=(str(result_file), ray_tmp), daemon=False)
     try:
-        run_simulation(
-            server_app=app.server, client_app=app.client, num_supernodes=app.NUM_CLIENTS,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": 2, "include_dashboard": False, "_temp_dir": ray_tmp},
-            },
-        )
+        proc.start()
+        proc.join(240)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+        if proc.is_alive():  # collect its tree first: killed, Ray's daemons would be orphaned
+            for pid in [proc.pid] + _descendants(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.join(5)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and set(_descendants(os.getpid())) - before:
             time.sleep(0.2)
@@ -95,6 +101,7 @@ def test_federation_learns_with_dgp_and_drops_a_corrupted_upload(tmp_path):
             except ProcessLookupError:
                 pass
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.exitcode == 0, f"the federation process exited with {proc.exitcode}"
 
     res = json.loads(result_file.read_text())
     evals = {int(k): v for k, v in res["evals"].items()}
