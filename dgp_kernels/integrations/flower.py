@@ -1,12 +1,12 @@
 """Flower integration: a client mod that DGP-compresses each fit reply and a server strategy
 that decodes and aggregates (``pip install "dgp_kernels[flower]"``).
 
-Route: Flower's **Message API** (flwr >= 1.20; built and tested against 1.42):
-``flwr.clientapp.ClientApp(mods=[...])`` on the client, a subclass of
-``flwr.serverapp.strategy.FedAvg`` driven by ``strategy.start(grid=..., ...)`` in a
-``flwr.serverapp.ServerApp`` on the server. The older ``NumPyClient`` /
-``flwr.server.strategy`` (``fit``/``FitRes``) route is deprecated in these releases and is
-not supported. The mod has the ``Mod`` signature ``(msg, context, call_next) -> Message``
+Route: Flower's **Message API** (``flwr.serverapp.strategy`` first ships in flwr 1.21; built
+and tested against 1.42): ``flwr.clientapp.ClientApp(mods=[...])`` on the client, a
+subclass of ``flwr.serverapp.strategy.FedAvg`` driven by ``strategy.start(grid=..., ...)``
+in a ``flwr.serverapp.ServerApp`` on the server. The older ``NumPyClient`` /
+``flwr.server.strategy`` (``fit``/``FitRes``) route now lives in ``flwr.compat``
+("deprecated legacy components") and is not supported. The mod has the ``Mod`` signature ``(msg, context, call_next) -> Message``
 (``flwr.clientapp.typing.Mod``), the same as Flower's own ``flwr.clientapp.mod`` mods.
 
 Client (:class:`DGPMod`, or the default instance :data:`dgp_mod`)::
@@ -32,8 +32,8 @@ validated completely before anything is added), computes
 
     new = global + sum_c w_c * update_c / sum_c w_c      (w_c: the reply's "num-examples")
 
-over the accepted replies (summed in float32 in node-id order, so reproducible) and averages the non-floating arrays the same way (rounded back
-to their dtype). A reply without a usable payload or weight, or whose payload is rejected
+over the accepted replies (summed in float32 in node-id order, so reproducible) and
+averages the non-floating arrays the same way (rounded back to their dtype). A reply without a usable payload or weight, or whose payload is rejected
 by the decoder (wrong model, truncated, corrupted, NaN/inf values, ...), is dropped with
 its reason logged on the ``"dgp_kernels"`` logger and in :attr:`DGPFedAvg.history`; it
 contributes nothing to the aggregate. If no reply is usable the global model is kept.
@@ -55,7 +55,7 @@ try:
     from flwr.serverapp.strategy import FedAvg
 except ImportError as _exc:  # pragma: no cover - exercised only without flwr
     raise ImportError(
-        "dgp_kernels.integrations.flower needs Flower (flwr >= 1.20 with the Message API): "
+        "dgp_kernels.integrations.flower needs Flower (flwr >= 1.21, the Message API): "
         'pip install "dgp_kernels[flower]"'
     ) from _exc
 
