@@ -265,6 +265,38 @@ class DGPHookState:
         self._compressors[key] = comp
         return comp
 
+    def state_dict(self, module: torch.nn.Module) -> Dict[str, Any]:
+        """The error-feedback residuals by parameter name (clones), for checkpoints:
+        ``{"version": 1, "residuals": {name: tensor}}``. ``module`` is the model the hook
+        serves (the DDP wrapper or the module inside it; names are taken without the
+        ``module.`` prefix DDP adds). Parameters that have no residual yet are left out.
+        Random generator states of randomised compressors are not included."""
+        out: Dict[str, Tensor] = {}
+        for name, p in _named_params(module):
+            e = self.residual(_param_key(p))
+            if e is not None:
+                out[name] = e.detach().clone().reshape(p.shape)
+        return {"version": 1, "residuals": out}
+
+    def load_state_dict(self, state: Dict[str, Any], module: torch.nn.Module) -> None:
+        """Restore residuals saved by :meth:`state_dict` (call before the first step after
+        building the new DDP model). Each becomes the starting residual of its parameter
+        whatever bucket DDP puts it in. Raises ``ValueError`` naming a parameter that is
+        unknown or has another shape; nothing is changed on error."""
+        if not isinstance(state, dict) or state.get("version") != 1 or not isinstance(state.get("residuals"), dict):
+            raise ValueError("state must be a dict from DGPHookState.state_dict() (version 1)")
+        params = dict(_named_params(module))
+        staged: Dict[ParamKey, Tensor] = {}
+        for name, e in state["residuals"].items():
+            p = params.get(name)
+            if p is None:
+                raise ValueError(f"state has a residual for {name!r}, which is not a parameter of module")
+            if not isinstance(e, Tensor) or e.shape != p.shape:
+                raise ValueError(f"residual {name!r} must be a tensor of shape {tuple(p.shape)}")
+            staged[_param_key(p)] = e.detach().to(device=p.device, dtype=p.dtype).reshape(-1).clone()
+        self._compressors.clear()
+        self._orphans = staged
+
     def residual(self, key: ParamKey) -> Optional[Tensor]:
         """The residual currently held for one parameter (``None`` when it has none)."""
         for bkey, comp in self._compressors.items():
@@ -280,6 +312,13 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 def _param_key(p: Tensor) -> ParamKey:
     return (int(p.data_ptr()), int(p.numel()))
+
+
+def _named_params(module: torch.nn.Module) -> List[Tuple[str, Tensor]]:
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    inner = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+    return [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
 
 
 def _group_info(state: DGPHookState) -> Tuple[Optional[dist.ProcessGroup], int, int]:

@@ -219,3 +219,45 @@ def test_nccl_on_cuda(tmp_path):
         assert res[mode]["grad_device"].startswith("cuda")
         assert all(torch.isfinite(torch.tensor(res[mode]["losses"])))
         assert all(s["payload_bytes"] < s["dense_bytes"] for s in res[mode]["steps"])
+
+
+def test_state_dict_moves_residuals_by_parameter_name():
+    model = w.make_model()
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(p.numel(), generator=g) for p in params]
+    keys = [ddp._param_key(p) for p in params]
+    state = DGPHookState()
+    state.compressor_for(tuple(keys), grads).compress(grads)  # one bucket with everything
+    sd = state.state_dict(model)
+    assert sorted(sd["residuals"]) == sorted(n for n, _ in model.named_parameters())
+    for n, p in model.named_parameters():
+        assert sd["residuals"][n].shape == p.shape
+    # a restarted job: a new model object (other storage), residuals restored by name
+    model2 = w.make_model()
+    params2 = list(model2.parameters())
+    keys2 = [ddp._param_key(p) for p in params2]
+    state2 = DGPHookState()
+    state2.load_state_dict(torch.load(_roundtrip(sd), weights_only=True), model2)
+    # any bucket layout picks its parameters' residuals up
+    state2.compressor_for((keys2[2], keys2[0]), [grads[2], grads[0]])
+    state2.compressor_for(tuple(keys2[i] for i in (1, 3, 4, 5)), [grads[i] for i in (1, 3, 4, 5)])
+    for (n, _), k in zip(model2.named_parameters(), keys2):
+        assert torch.equal(state2.residual(k), sd["residuals"][n].reshape(-1))
+    with pytest.raises(ValueError, match="not a parameter"):
+        state2.load_state_dict({"version": 1, "residuals": {"nope": torch.zeros(1)}}, model2)
+    with pytest.raises(ValueError, match="shape"):
+        state2.load_state_dict({"version": 1, "residuals": {"out.bias": torch.zeros(7)}}, model2)
+    with pytest.raises(ValueError, match="state_dict"):
+        state2.load_state_dict({"residuals": {}}, model2)
+    with pytest.raises(TypeError, match="module"):
+        state2.state_dict("model")
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
