@@ -85,9 +85,6 @@ __all__ = ["DGPHookState", "StepStats", "dgp_hook"]
 ParamKey = Tuple[int, int]  # (data_ptr, numel) of a parameter: stable across bucket rebuilds
 BucketKey = Tuple[ParamKey, ...]
 
-_VALUE_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-
-
 @dataclass(frozen=True)
 class StepStats:
     """Traffic of one training step on this rank (all buckets of one backward pass).
