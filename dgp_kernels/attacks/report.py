@@ -59,11 +59,13 @@ def _pct(x: float) -> str:
 
 def summary_rows(result: EvalResult) -> List[Dict[str, object]]:
     """One dict per defense: upload bytes (and / dense), best attack, its mean PSNR, floor,
-    leakage and SSIM, the iDLG label accuracy and (when the simulator ran) test accuracy."""
+    leakage and SSIM, the best passive attack (no malicious server) and its leakage, the iDLG
+    label accuracy and (when the simulator ran) test accuracy."""
     util = {u.defense: u for u in (result.utility or [])}
     rows = []
     for d in result.defenses:
         best = result.best_attack(d.defense)
+        passive = result.best_attack(d.defense, passive=True)
         u = util.get(d.defense)
         rows.append({
             "defense": d.defense,
@@ -74,6 +76,8 @@ def summary_rows(result: EvalResult) -> List[Dict[str, object]]:
             "floor": result.mean(d.defense, best, "floor") if best else float("nan"),
             "leakage": result.mean(d.defense, best, "leakage") if best else float("nan"),
             "ssim": result.mean(d.defense, best, "ssim") if best else float("nan"),
+            "best_passive": passive,
+            "passive_leakage": result.mean(d.defense, passive, "leakage") if passive else float("nan"),
             "idlg_label_acc": d.idlg_label_acc,
             "test_accuracy": u.final_accuracy if u else float("nan"),
             "train_upload_ratio": (u.upload_bytes_per_round / u.dense_bytes
@@ -85,14 +89,15 @@ def summary_rows(result: EvalResult) -> List[Dict[str, object]]:
 def _summary_table(result: EvalResult) -> List[str]:
     lines = [
         "| defense | upload / gradient | best attack | PSNR dB | floor dB | leakage dB | SSIM "
-        "| iDLG label acc | test acc (sim) | sim upload / dense |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| best passive attack: leakage dB | iDLG label acc | test acc (sim) | sim upload / dense |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in summary_rows(result):
         lines.append(
             f"| `{r['defense']}` | {_bytes(r['upload_bytes'])} ({_pct(r['upload_ratio'])}) "
             f"| {r['best_attack'] or '–'} | {_fmt(r['psnr'])} | {_fmt(r['floor'])} "
-            f"| **{_fmt(r['leakage'])}** | {_fmt(r['ssim'], 3)} | {_pct(r['idlg_label_acc'])} "
+            f"| **{_fmt(r['leakage'])}** | {_fmt(r['ssim'], 3)} "
+            f"| {r['best_passive'] or '–'}: {_fmt(r['passive_leakage'])} | {_pct(r['idlg_label_acc'])} "
             f"| {_pct(r['test_accuracy'])} | {_pct(r['train_upload_ratio'])} |"
         )
     return lines
@@ -121,18 +126,22 @@ def _full_table(result: EvalResult) -> List[str]:
 
 
 def format_summary(result: EvalResult) -> str:
-    """A short plain-text table for the terminal: per defense, the best attack's leakage."""
+    """A short plain-text table for the terminal: per defense, upload share, the best attack
+    and its PSNR/floor/leakage/SSIM, the best passive attack's leakage, iDLG label accuracy
+    and test accuracy (``–`` when not measured)."""
     rows = summary_rows(result)
     w = max([len("defense")] + [len(r["defense"]) for r in rows])
     aw = max([len("best attack")] + [len(str(r["best_attack"])) for r in rows])
-    head = (f"{'defense':<{w}}  {'upload':>9}  {'best attack':<{aw}}  {'PSNR':>6}  {'floor':>6}  "
-            f"{'leak':>6}  {'SSIM':>6}  {'iDLG lbl':>8}  {'test acc':>8}")
+    pw = max([len("best passive")] + [len(str(r["best_passive"])) for r in rows])
+    head = (f"{'defense':<{w}}  {'upload':>6}  {'best attack':<{aw}}  {'PSNR':>6}  {'floor':>6}  "
+            f"{'leak':>6}  {'SSIM':>6}  {'best passive':<{pw}}  {'leak':>6}  {'iDLG lbl':>8}  {'test acc':>8}")
     out = [head, "-" * len(head)]
     for r in rows:
         out.append(
-            f"{r['defense']:<{w}}  {_pct(r['upload_ratio']):>9}  {str(r['best_attack']):<{aw}}  "
+            f"{r['defense']:<{w}}  {_pct(r['upload_ratio']):>6}  {str(r['best_attack']):<{aw}}  "
             f"{_fmt(r['psnr']):>6}  {_fmt(r['floor']):>6}  {_fmt(r['leakage']):>6}  "
-            f"{_fmt(r['ssim'], 3):>6}  {_pct(r['idlg_label_acc']):>8}  {_pct(r['test_accuracy']):>8}"
+            f"{_fmt(r['ssim'], 3):>6}  {str(r['best_passive']):<{pw}}  {_fmt(r['passive_leakage']):>6}  "
+            f"{_pct(r['idlg_label_acc']):>8}  {_pct(r['test_accuracy']):>8}"
         )
     return "\n".join(out)
 
@@ -210,40 +219,48 @@ def write_image_grids(result: EvalResult, directory: str) -> List[str]:
 
 
 def write_tradeoff_plot(result: EvalResult, directory: str) -> str:
-    """``privacy_utility.png``: best-attack leakage (dB above the floor) against the upload
-    size of one gradient relative to dense float32 and, when the simulator ran, against the
-    test accuracy it reached. Returns the path."""
+    """``privacy_utility.png``: best-attack leakage (dB above the floor; hollow markers: the
+    best passive attack where an active one wins) against the upload size of one gradient
+    relative to dense float32 and, when the simulator ran, against the test accuracy it
+    reached. Returns the path."""
     plt = _import_pyplot()
     rows = summary_rows(result)
     with_util = result.utility is not None
-    fig, axes = plt.subplots(1, 2 if with_util else 1, figsize=(11 if with_util else 6, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if with_util else 1, figsize=(10 if with_util else 5.5, 4.2), squeeze=False)
+    markers = "osD^vP*Xhp<>"
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def style(i: int):
+        return markers[i % len(markers)], colors[i % len(colors)]
+
+    def draw(ax, xs) -> None:
+        for i, (r, x) in enumerate(zip(rows, xs)):
+            if x is None or math.isnan(x):
+                continue
+            m, c = style(i)
+            ax.scatter(x, r["leakage"], marker=m, color=c, s=45,
+                       label=f"{r['defense']} (best: {r['best_attack']})")
+            if r["best_passive"] and r["best_passive"] != r["best_attack"]:
+                ax.scatter(x, r["passive_leakage"], marker=m, facecolors="none", edgecolors=c, s=45)
+        ax.axhline(0.0, color="gray", lw=0.8, ls="--")
+        ax.set_ylabel("leakage, dB above the mean-colour floor")
+
     ax = axes[0][0]
-    for r in rows:
-        ax.scatter(100 * r["upload_ratio"], r["leakage"], s=40)
-        ax.annotate(f"{r['defense']}\n({r['best_attack']})", (100 * r["upload_ratio"], r["leakage"]),
-                    fontsize=6, xytext=(4, 2), textcoords="offset points")
+    draw(ax, [100 * r["upload_ratio"] for r in rows])
     ax.set_xlabel("upload per gradient, % of dense float32 (real encoded bytes)")
-    ax.set_ylabel("leakage of the best attack, dB above floor")
-    ax.axhline(0.0, color="gray", lw=0.8, ls="--")
-    ax.set_title("privacy vs communication", fontsize=9)
+    ax.set_title("privacy vs communication (hollow: best passive attack)", fontsize=9)
     if with_util:
         ax = axes[0][1]
-        for r in rows:
-            if math.isnan(r["test_accuracy"]):
-                continue
-            size = 20 + 200 * (r["train_upload_ratio"] if not math.isnan(r["train_upload_ratio"]) else 1.0)
-            ax.scatter(100 * r["test_accuracy"], r["leakage"], s=size, alpha=0.7)
-            ax.annotate(r["defense"], (100 * r["test_accuracy"], r["leakage"]), fontsize=6,
-                        xytext=(4, 2), textcoords="offset points")
+        draw(ax, [100 * r["test_accuracy"] for r in rows])
         u = result.utility[0]
         ax.set_xlabel(f"test accuracy after {u.rounds} FedSGD rounds, % ({u.model} on {u.dataset}, "
                       f"{u.clients} clients)")
-        ax.set_ylabel("leakage of the best attack, dB above floor")
-        ax.axhline(0.0, color="gray", lw=0.8, ls="--")
-        ax.set_title("privacy vs utility (marker area ~ upload bytes)", fontsize=9)
+        ax.set_title("privacy vs utility", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     fig.tight_layout()
     path = os.path.join(directory, "privacy_utility.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
