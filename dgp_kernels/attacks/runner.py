@@ -456,7 +456,8 @@ class EvalResult:
     machine: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        """Plain JSON-able data; non-finite floats (a diverged metric) become ``None``."""
+        return _json_safe({
             "config": self.config.to_dict(),
             "targets": {"names": list(self.targets.names), "labels": self.targets.labels.tolist(),
                         "source": self.targets.source, "shape": list(self.targets.images.shape)},
@@ -465,7 +466,7 @@ class EvalResult:
             "attacks": [asdict(r) for r in self.attacks],
             "utility": None if self.utility is None else [asdict(u) for u in self.utility],
             "utility_note": self.utility_note,
-        }
+        })
 
     def to_json(self, path: str) -> None:
         """Write :meth:`to_dict` as JSON (strict: no NaN/inf)."""
@@ -500,6 +501,16 @@ class EvalResult:
         if not atks:
             return None
         return max(atks, key=lambda a: self.mean(defense, a, "leakage"))
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 # --------------------------------------------------------------------------------------
@@ -642,7 +653,10 @@ def _run(cfg: EvalConfig, device: str, progress: bool, targets: Optional[TargetS
                         sent_mask=None if dga.sent_fraction >= 1.0 else dga.sent_mask,
                         band=dga.band,
                     )
-                    rec = attack_objs[a](dga.shared_grads, threat, seed=cfg.seed + b_i, progress=False)
+                    try:
+                        rec = attack_objs[a](dga.shared_grads, threat, seed=cfg.seed + b_i, progress=False)
+                    except (ValueError, TypeError, RuntimeError) as exc:
+                        raise type(exc)(f"attack {a!r} on defense {spec.label!r} (batch {b_i}): {exc}") from exc
                     records.extend(_score(rec, x, y, idx, targets, spec.label, a, b_i))
                     out = recon.setdefault((spec.label, a), torch.zeros_like(targets.images))
                     out[idx] = _ordered(rec.images, x).detach().float().cpu().clamp(0, 1)

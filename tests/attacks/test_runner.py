@@ -210,3 +210,31 @@ def test_utility_runs_the_simulator_per_defense():
     # DGP at 20% density uploads about a quarter of the dense bytes
     assert out[1].upload_bytes_per_round < 0.3 * out[0].upload_bytes_per_round
     assert out[0].upload_bytes_per_round > out[0].dense_bytes
+
+
+def test_non_finite_metrics_become_null_in_json(tiny_result, tmp_path):
+    import dataclasses
+
+    bad = dataclasses.replace(tiny_result.attacks[0], ssim=float("nan"), psnr=float("inf"))
+    r = dataclasses.replace(tiny_result, attacks=[bad] + tiny_result.attacks[1:])
+    path = tmp_path / "r.json"
+    r.to_json(str(path))  # strict JSON: would raise on NaN
+    row = json.loads(path.read_text())["attacks"][0]
+    assert row["ssim"] is None and row["psnr"] is None
+
+
+def test_attack_failure_names_attack_and_defense(monkeypatch):
+    from dgp_kernels.attacks import runner as runner_mod
+
+    real = runner_mod.get_attack
+
+    class Broken:
+        def prepare_model(self, model, image_shape, num_classes):
+            return model
+
+        def __call__(self, shared_grads, threat, *, seed=0, progress=False):
+            raise ValueError("boom")
+
+    monkeypatch.setattr(runner_mod, "get_attack", lambda name, **p: Broken() if name == "ig" else real(name, **p))
+    with pytest.raises(ValueError, match="attack 'ig' on defense 'dgp:top=0.05,keep=0.2' \\(batch 0\\): boom"):
+        run_evaluation(_tiny_config(grid=[("dgp", ["ig"])], images=1), progress=False)
