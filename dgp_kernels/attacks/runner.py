@@ -516,11 +516,23 @@ def _json_safe(x: Any) -> Any:
 # --------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _machine_info(device: str) -> Dict[str, Any]:
     info: Dict[str, Any] = {
         "host": platform.node(),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
