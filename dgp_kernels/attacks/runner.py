@@ -159,7 +159,7 @@ class EvalConfig:
         batch_size: images behind one shared gradient.
         known_labels: give the attacks (except idlg/rtf) the true labels.
         attack_params: constructor arguments per attack name (iteration budgets).
-        device: torch device of models, gradients and attacks.
+        device: torch device of models, gradients and attacks (``"auto"``: cuda when available).
         seed: seeds the targets' selection, the models, the randomised defenses and attacks.
         utility: also run :func:`run_utility` (simulator accuracy and bytes per defense).
         utility_rounds: FedSGD rounds per defense in those runs.
@@ -225,10 +225,13 @@ class EvalConfig:
         for name in ("model", "utility_model"):
             if getattr(self, name) not in MODELS:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; known models: {', '.join(sorted(MODELS))}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device must be a torch device string (cpu, cuda, cuda:1), got {self.device!r}") from None
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(
+                    f"device must be 'auto' or a torch device string (cpu, cuda, cuda:1), got {self.device!r}"
+                ) from None
         for name, params in self.attack_params.items():
             get_attack(name, **params)  # the attack checks its own arguments
 
@@ -549,7 +552,9 @@ def _machine_info(device: str) -> Dict[str, Any]:
     return info
 
 
-def _build_model(cfg: EvalConfig, targets: TargetSet, seed: int) -> torch.nn.Module:
+def _build_model(cfg: EvalConfig, targets: TargetSet, seed: int, device: str) -> torch.nn.Module:
+    """The client model for one batch, seeded (every defense and attack shares it), in
+    training mode as the client uses it."""
     import inspect
 
     from ..sim.models import get_model, MODELS
@@ -559,7 +564,7 @@ def _build_model(cfg: EvalConfig, targets: TargetSet, seed: int) -> torch.nn.Mod
     if "image_size" in inspect.signature(MODELS[cfg.model]).parameters:
         kw["image_size"] = h
     torch.manual_seed(seed)
-    return get_model(cfg.model, **kw).to(cfg.device)
+    return get_model(cfg.model, **kw).to(device)
 
 
 def _progress_bar(total: int, enabled: bool, desc: str):
@@ -624,7 +629,7 @@ def _run(cfg: EvalConfig, device: str, progress: bool, targets: Optional[TargetS
             x = targets.images[idx].to(device)
             y = targets.labels[idx].to(device)
             bsz = len(idx)
-            base_model = _build_model(cfg, targets, seed=cfg.seed * 1_000_003 + b_i)
+            base_model = _build_model(cfg, targets, seed=cfg.seed * 1_000_003 + b_i, device=device)
             # The model each attack's server sends, and the client's gradient on it (one
             # gradient per distinct model; passive attacks share the honest one).
             served: Dict[str, torch.nn.Module] = {}

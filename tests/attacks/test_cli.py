@@ -9,7 +9,7 @@ from dgp_kernels.attacks import cli as eval_cli
 from dgp_kernels.attacks import runner
 from dgp_kernels.cli import main
 
-# Two image pixels per side less than the photos' 32: the smallest grid the LeNet takes quickly.
+# One 8x8 photo, 0.5% of the default attack steps, no simulator: seconds, with the real attack code.
 TINY = ["evaluate", "--image-size", "8", "--images", "1", "--iterations", "0.005", "--no-utility",
         "--no-progress", "--device", "cpu"]
 
@@ -80,6 +80,7 @@ def test_digits_dataset(tmp_path, capsys, tiny_budgets):
         (["--iterations", "-1"], "iterations scale must be"),
         (["--images", "0"], "images must be an int >= 1"),
         (["--dataset", "mnist", "--data-root", "/nonexistent-dgp-test-dir"], "mnist"),
+        (["--device", "toaster"], "device must be 'auto' or a torch device string"),
     ],
 )
 def test_bad_options_exit_2_with_a_message(extra, message, capsys, tmp_path):
@@ -94,3 +95,9 @@ def test_quick_and_full_are_exclusive(capsys):
         main(["evaluate", "--quick", "--full"])
     assert exc.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(capsys, tmp_path):
+    assert main(TINY[:-2] + ["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
