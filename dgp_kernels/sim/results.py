@@ -17,7 +17,7 @@ __all__ = ["CSV_FIELDS", "SimResult", "plot_results", "summary_rows", "write_sum
 
 #: Columns of :meth:`SimResult.to_csv` (``dropped`` is the number of dropped clients).
 CSV_FIELDS = ("round", "test_accuracy", "test_loss", "upload_bytes", "download_bytes",
-              "cumulative_upload_bytes", "wall_s", "participants", "dropped")
+              "cumulative_upload_bytes", "wall_s", "round_s", "local_s", "participants", "dropped")
 
 
 @dataclass

@@ -371,6 +371,8 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
                 participants = sorted(torch.randperm(config.clients, generator=sampler)[:m].tolist())
             dropped: List[Dict[str, Any]] = []
             download_per_client = 0
+            t_round = time.perf_counter()
+            local_s = 0.0  # seconds of local training (forward/backward, local steps)
 
             def drop(cid: int, stage: str, reason: str) -> None:
                 dropped.append({"client": cid, "stage": stage, "reason": reason})
@@ -381,7 +383,9 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
                 assert broadcaster is not None and bcast_client is not None
                 if positions is None or position_rule == "fresh":
                     snap = _snapshot(model)
+                    t_local = time.perf_counter()
                     own = local_gradient(bcast_client, bcast_client.next_batch(config.batch_size))
+                    local_s += time.perf_counter() - t_local
                     positions = broadcaster.choose([g.detach().clone() for g in own])
                     _restore(model, snap)
                 download_per_client += positions_nbytes(positions)
@@ -403,6 +407,7 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
                     drop(c, "absent", "client did not answer (injected fault)")
                     continue
                 stage = "train"
+                t_local = time.perf_counter()
                 try:
                     if fedsgd:
                         update = local_gradient(cl, cl.next_batch(config.batch_size))
@@ -412,6 +417,7 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
                         update = local_delta(cl, lr)
                         assert local_model is not None
                         client_buffers[c] = _snapshot(local_model)
+                    local_s += time.perf_counter() - t_local
                     if kind == "raise":
                         raise _InjectedFault("local training raised (injected fault)")
                     stage = "compress"
@@ -474,6 +480,8 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
                 "download_bytes": download_per_client * config.clients,
                 "wall_s": 0.0,
                 "train_s": 0.0,
+                "round_s": 0.0,
+                "local_s": local_s,
                 "lr": lr,
                 "participants": participants,
                 "dropped": dropped,
@@ -482,6 +490,7 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
                 for key in diag[0]:
                     row[key] = sum(d[key] for d in diag) / len(diag)
             t_train = time.perf_counter()
+            row["round_s"] = t_train - t_round
             if (r + 1) % config.eval_every == 0 or r == config.rounds - 1:
                 acc, loss = _evaluate(model, x_test, y_test, device)
                 row["test_accuracy"], row["test_loss"] = acc, loss

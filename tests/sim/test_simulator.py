@@ -27,7 +27,7 @@ def same_state(a, b):
 
 
 def strip_times(rounds):
-    return [{k: v for k, v in r.items() if k not in ("wall_s", "train_s")} for r in rounds]
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rounds]
 
 
 # --------------------------------------------------------------------------------------
