@@ -41,14 +41,14 @@ import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..codec import LayerPayload, PayloadError, SparsePayload, decode, decode_accumulate, encode
+from ..codec import LayerPayload, SparsePayload, decode, decode_accumulate, encode
 from ..compressor import (
     ADGPCompressor,
     AlignedPositions,

@@ -107,7 +107,7 @@ def test_broadcast_nbytes_picks_sparse_or_dense():
 
 
 def test_adgp_download_charges_positions_and_aggregate(monkeypatch):
-    pos_sizes, agg_sizes = [], []
+    pos_sizes = []
     real_pos = simmod.positions_nbytes
     monkeypatch.setattr(simmod, "positions_nbytes", lambda p: pos_sizes.append(real_pos(p)) or pos_sizes[-1])
     res = run(defense="adgp", rounds=2)
