@@ -214,3 +214,31 @@ def test_dirichlet_split_skews_labels():
     assert all(torch.equal(a, b) for a, b in zip(skewed, again))
     with pytest.raises(ValueError, match="alpha must be > 0"):
         dirichlet_split(labels, 10, alpha=0.0, seed=0)
+
+
+def test_torchvision_path_when_it_imports(monkeypatch, tmp_path):
+    """When torchvision imports, its dataset classes are used (HWC uint8 -> CHW float)."""
+    import types
+
+    rng = np.random.default_rng(1)
+    hwc = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    calls = []
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            self.data, self.targets = hwc, [1, 2, 3]
+
+    class Missing:
+        def __init__(self, *a, **k):
+            raise RuntimeError("Dataset not found")
+
+    fake = types.SimpleNamespace(datasets=types.SimpleNamespace(CIFAR10=FakeCIFAR10, MNIST=Missing))
+    monkeypatch.setattr(simdata, "_torchvision", lambda: fake)
+    x, y = load_dataset("cifar10", str(tmp_path), "test")
+    assert calls == [(str(tmp_path), False, False)]  # never downloads
+    assert torch.equal(x, torch.from_numpy(hwc).permute(0, 3, 1, 2).float() / 255)
+    assert y.tolist() == [1, 2, 3]
+    # torchvision cannot find the files: our readers run and name what is missing.
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        load_dataset("mnist", str(tmp_path))
