@@ -328,8 +328,10 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
     adgp = config.defense == "adgp"
     broadcaster = Broadcaster(**broadcaster_params(config)) if adgp else None
     position_rule = config.defense_params.get("positions", "aggregate") if adgp else None
+    # The broadcaster's own gradient: trusted client 0's data, from a separate batch stream
+    # (so client 0's training batches are the same as in any other defense's run).
     bcast_client = _Client(cid=-1, indices=shards[0], gen=_seeded_gen(config.seed, 17),
-                           compressor=clients[0].compressor) if adgp else None
+                           compressor=get_compressor("none")) if adgp else None
     positions: Optional[AlignedPositions] = None
 
     def local_gradient(cl: _Client, batch: Tensor) -> List[Tensor]:
