@@ -258,7 +258,27 @@ def check_shared_grads(shared_grads: object, threat: ThreatModel) -> List[Tensor
         if not bool(torch.isfinite(g).all()):
             raise ValueError(f"shared_grads[{i}] contains NaN or inf")
         out.append(g.detach().to(p.dtype))
+    _check_image_shape(threat)
     return out
+
+
+def _check_image_shape(threat: ThreatModel) -> None:
+    """One forward pass of a zero image (eval mode, no grad: BatchNorm statistics untouched)
+    so that an image shape the model cannot take fails here, naming ``image_shape``."""
+    model = threat.model
+    was_training = model.training
+    param = next(iter(model.parameters()))
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.zeros((1, *threat.image_shape), dtype=param.dtype, device=param.device))
+    except RuntimeError as exc:
+        raise ValueError(f"threat.image_shape {threat.image_shape} does not fit threat.model: {exc}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, Tensor) or out.shape != (1, threat.num_classes):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"threat.model maps one image to {got}, expected (1, num_classes={threat.num_classes})")
 
 
 def last_linear_index(threat: ThreatModel) -> int:

@@ -1,0 +1,321 @@
+"""Attacks: registry and argument checks, the iDLG label rule, each attack recovering an
+image from an undefended gradient on a tiny model, adaptive attackers ignoring unsent
+coordinates, the DGP band penalty, and exact Robbing-the-Fed recovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dgp_kernels
+from dgp_kernels.attacks import (
+    ThreatModel,
+    available_attacks,
+    compute_gradients,
+    get_attack,
+    infer_labels_idlg,
+)
+from dgp_kernels.attacks import metrics as M
+from dgp_kernels.attacks.matching import GradientObjective
+from dgp_kernels.attacks.rtf import ImprintBlock
+from dgp_kernels.sim.models import convnet_small, lenet_sigmoid
+
+from .conftest import smooth_images
+
+SHAPE = (3, 8, 8)
+
+
+def _case(model, label: int = 2, seed: int = 1):
+    x = smooth_images(1, seed)
+    y = torch.tensor([label])
+    return x, y, compute_gradients(model, x, y)
+
+
+def _leak(rec_images, x) -> float:
+    """PSNR above the flat mean-colour floor, in dB."""
+    return float(M.psnr(rec_images, x)[0] - M.floor_psnr(x)[0])
+
+
+# --------------------------------------------------------------------------------------
+# Registry, records, argument checks
+# --------------------------------------------------------------------------------------
+def test_registry_lists_every_attack():
+    assert set(available_attacks()) >= {"dlg", "idlg", "ig", "dlg-adaptive", "ig-adaptive", "ig-dgp-aware", "rtf"}
+    for name in available_attacks():
+        assert get_attack(name).name == name
+
+
+def test_unknown_attack_lists_names():
+    with pytest.raises(ValueError, match="unknown attack 'nope'.*dlg"):
+        get_attack("nope")
+
+
+@pytest.mark.parametrize(
+    "name, kw, exc",
+    [
+        ("dlg", {"iterations": 0}, ValueError),
+        ("dlg", {"iterations": 1.5}, TypeError),
+        ("dlg", {"lr": -1.0}, ValueError),
+        ("dlg", {"labels": "guess"}, ValueError),
+        ("dlg", {"line_search": "armijo"}, ValueError),
+        ("idlg", {"labels": "optimise"}, ValueError),
+        ("ig", {"tv_weight": float("nan")}, ValueError),
+        ("ig", {"band_weight": 1.0}, ValueError),  # band penalty without the adaptive mask
+        ("ig", {"signed": 1}, TypeError),
+        ("ig", {"no_such_param": 1}, TypeError),
+        ("rtf", {"num_bins": 1}, ValueError),
+        ("rtf", {"calibration": torch.rand(3, 8)}, ValueError),
+    ],
+)
+def test_bad_parameters(name, kw, exc):
+    with pytest.raises(exc):
+        get_attack(name, **kw)
+
+
+def test_threat_model_checks(tiny_lenet):
+    with pytest.raises(ValueError, match="image_shape"):
+        ThreatModel(tiny_lenet, (8, 8), 4)
+    with pytest.raises(ValueError, match="labels"):
+        ThreatModel(tiny_lenet, SHAPE, 4, batch_size=2, labels=torch.tensor([1]))
+    with pytest.raises(ValueError, match="labels must lie"):
+        ThreatModel(tiny_lenet, SHAPE, 4, labels=torch.tensor([7]))
+    with pytest.raises(ValueError, match="sent_mask"):
+        ThreatModel(tiny_lenet, SHAPE, 4, sent_mask=[torch.ones(3, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="band"):
+        ThreatModel(tiny_lenet, SHAPE, 4, band=(0.9, 0.2))
+    with pytest.raises(TypeError, match="batch_size"):
+        ThreatModel(tiny_lenet, SHAPE, 4, batch_size=1.0)
+
+
+@pytest.mark.parametrize("name", ["dlg", "ig", "rtf"])
+def test_mismatched_gradients_are_rejected(tiny_lenet, name):
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    attack = get_attack(name)
+    with pytest.raises(ValueError, match="has 9 tensors but threat.model has 8 parameters|shared_grads has"):
+        attack(grads + [torch.zeros(1)], threat)
+    bad = list(grads)
+    bad[0] = torch.zeros(5)
+    with pytest.raises(ValueError, match=r"shared_grads\[0\] has shape"):
+        attack(bad, threat)
+    bad[0] = torch.full_like(grads[0], float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        attack(bad, threat)
+    with pytest.raises(TypeError, match="list of tensors"):
+        attack(grads[0], threat)
+
+
+def test_image_shape_that_does_not_fit_the_model(tiny_lenet):
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, (3, 16, 16), 4, labels=y)
+    with pytest.raises(ValueError, match="image_shape"):
+        get_attack("ig", iterations=1)(grads, threat)
+    threat = ThreatModel(tiny_lenet, SHAPE, 5, labels=y)  # model has 4 outputs
+    with pytest.raises(ValueError, match="num_classes"):
+        get_attack("ig", iterations=1)(grads, threat)
+
+
+# --------------------------------------------------------------------------------------
+# iDLG label rule
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("label", [0, 1, 2, 3])
+def test_idlg_rule_single_image(tiny_lenet, label):
+    x, y, grads = _case(tiny_lenet, label=label, seed=label)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4)
+    assert infer_labels_idlg(grads, threat).tolist() == [label]
+
+
+def test_idlg_rule_batch_of_distinct_labels():
+    torch.manual_seed(0)
+    model = lenet_sigmoid(num_classes=10, channels=3, image_size=8)
+    x = smooth_images(4, 5)
+    y = torch.tensor([7, 0, 4, 2])
+    grads = compute_gradients(model, x, y)
+    labels = infer_labels_idlg(grads, ThreatModel(model, SHAPE, 10, batch_size=4))
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == sorted(y.tolist())
+
+
+def test_idlg_rule_batch_larger_than_classes_returns_batch_size_labels(tiny_lenet):
+    x = smooth_images(6, 3)
+    y = torch.tensor([0, 0, 0, 1, 1, 3])
+    grads = compute_gradients(tiny_lenet, x, y)
+    labels = infer_labels_idlg(grads, ThreatModel(tiny_lenet, SHAPE, 4, batch_size=6))
+    assert labels.shape == (6,) and labels.dtype == torch.int64
+    # with non-negative features a negative row sum proves the class is present, so the
+    # rule never names an absent class (it may miss present ones when labels repeat)
+    assert set(labels.tolist()) <= set(y.tolist())
+
+
+# --------------------------------------------------------------------------------------
+# Recovery from undefended gradients
+# --------------------------------------------------------------------------------------
+def test_dlg_known_label_recovers(tiny_lenet):
+    x, y, grads = _case(tiny_lenet)
+    rec = get_attack("dlg", iterations=30, tolerance=1e-10)(grads, ThreatModel(tiny_lenet, SHAPE, 4, labels=y))
+    assert rec.images.shape == (1, *SHAPE) and rec.images.dtype == torch.float32
+    assert rec.label_source == "known" and rec.labels.tolist() == [2]
+    assert 0 <= float(rec.images.min()) and float(rec.images.max()) <= 1
+    assert _leak(rec.images, x) > 25
+    assert rec.losses[-1] < rec.losses[0] and rec.seconds > 0
+
+
+def test_dlg_optimised_label_recovers(tiny_lenet):
+    x, y, grads = _case(tiny_lenet)
+    attack = get_attack("dlg", iterations=30, line_search="strong_wolfe", tolerance=1e-10)
+    rec = attack(grads, ThreatModel(tiny_lenet, SHAPE, 4))
+    assert rec.label_source == "optimised"
+    assert rec.labels.tolist() == [2]
+    assert _leak(rec.images, x) > 25
+
+
+def test_idlg_infers_label_then_recovers(tiny_lenet):
+    x, y, grads = _case(tiny_lenet, label=1)
+    # iDLG ignores known labels: give it a wrong one to show it infers its own
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=torch.tensor([3]))
+    rec = get_attack("idlg", iterations=30, tolerance=1e-10)(grads, threat)
+    assert rec.label_source == "inferred" and rec.labels.tolist() == [1]
+    assert _leak(rec.images, x) > 25
+
+
+def test_inverting_gradients_recovers(tiny_lenet):
+    x, y, grads = _case(tiny_lenet)
+    rec = get_attack("ig", iterations=200, tv_weight=1e-4)(grads, ThreatModel(tiny_lenet, SHAPE, 4, labels=y))
+    assert rec.label_source == "known"
+    assert _leak(rec.images, x) > 10
+    # restarts: same seed, same first restart; the kept one is never worse by the objective
+    rec2 = get_attack("ig", iterations=20, tv_weight=1e-4, restarts=2)(grads, ThreatModel(tiny_lenet, SHAPE, 4))
+    assert rec2.label_source == "inferred" and rec2.labels.tolist() == [2]
+
+
+def test_attacks_are_deterministic_per_seed(tiny_lenet):
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    attack = get_attack("ig", iterations=5)
+    a, b, c = attack(grads, threat, seed=3), attack(grads, threat, seed=3), attack(grads, threat, seed=4)
+    assert torch.equal(a.images, b.images)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_model_parameters_are_not_touched(tiny_lenet):
+    x, y, grads = _case(tiny_lenet)
+    before = [p.detach().clone() for p in tiny_lenet.parameters()]
+    get_attack("dlg", iterations=2)(grads, ThreatModel(tiny_lenet, SHAPE, 4))
+    assert all(torch.equal(p, q) for p, q in zip(before, tiny_lenet.parameters()))
+    assert all(p.grad is None for p in tiny_lenet.parameters())
+
+
+# --------------------------------------------------------------------------------------
+# Adaptive attackers
+# --------------------------------------------------------------------------------------
+def _random_mask(grads, density: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(t.shape, generator=g) < density for t in grads]
+
+
+@pytest.mark.parametrize("name, kw", [("dlg-adaptive", {"iterations": 3}), ("ig-adaptive", {"iterations": 10})])
+def test_adaptive_attacks_ignore_unsent_coordinates(tiny_lenet, name, kw):
+    x, y, grads = _case(tiny_lenet)
+    mask = _random_mask(grads, 0.5, 0)
+    zeros = [torch.where(m, g, torch.zeros_like(g)) for g, m in zip(grads, mask)]
+    junk = [torch.where(m, g, 100 * torch.randn_like(g)) for g, m in zip(grads, mask)]
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y, sent_mask=mask)
+    a = get_attack(name, **kw)(zeros, threat)
+    b = get_attack(name, **kw)(junk, threat)
+    assert torch.equal(a.images, b.images)
+    # without a sent_mask the adaptive attacker takes the non-zero coordinates as sent
+    c = get_attack(name, **kw)(zeros, ThreatModel(tiny_lenet, SHAPE, 4, labels=y))
+    assert torch.equal(a.images, c.images)
+
+
+def test_adaptive_attacks_beat_zeros_that_mislead(tiny_lenet):
+    x, y, grads = _case(tiny_lenet)
+    mask = _random_mask(grads, 0.5, 1)
+    sent = [torch.where(m, g, torch.zeros_like(g)) for g, m in zip(grads, mask)]
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y, sent_mask=mask)
+    kw = dict(iterations=30, tolerance=1e-10, line_search="strong_wolfe")
+    plain = get_attack("dlg", **kw)(sent, threat)
+    adaptive = get_attack("dlg-adaptive", **kw)(sent, threat)
+    assert _leak(adaptive.images, x) > 20
+    assert _leak(adaptive.images, x) > _leak(plain.images, x) + 10
+    plain = get_attack("ig", iterations=200, tv_weight=1e-4)(sent, threat)
+    adaptive = get_attack("ig-adaptive", iterations=200, tv_weight=1e-4)(sent, threat)
+    assert _leak(adaptive.images, x) > 10
+    assert _leak(adaptive.images, x) > _leak(plain.images, x) + 10
+
+
+def test_band_penalty_is_zero_on_the_true_gradient_only():
+    torch.manual_seed(0)
+    g = torch.randn(400)
+    top, keep = 0.05, 0.2
+    pruned = dgp_kernels.prune(g, top, keep)
+    mask = pruned != 0
+    obj = GradientObjective([pruned], "cosine", [mask], band_weight=1.0, band=(top, keep))
+    assert float(obj.band_penalty([g])) == 0.0
+    assert float(obj([g])) == pytest.approx(0.0, abs=1e-6)
+    # move unsent coordinates into the band: the penalty sees it, the plain cosine does not
+    mags = pruned[mask].abs()
+    inside = torch.where(mask, g, 0.5 * (mags.min() + mags.max()) * torch.ones_like(g))
+    assert float(obj.band_penalty([inside])) > 0
+    assert float(obj.distance([inside])) == pytest.approx(float(obj.distance([g])), abs=1e-6)
+    # without the band rule: the nearer-edge hinge, also zero on the truth
+    obj2 = GradientObjective([pruned], "cosine", [mask], band_weight=1.0)
+    assert float(obj2.band_penalty([g])) == 0.0 and float(obj2.band_penalty([inside])) > 0
+
+
+def test_dgp_aware_attack_runs_on_dgp_pruned_gradient(tiny_lenet):
+    x, y, grads = _case(tiny_lenet)
+    band = (0.05, 0.5)
+    sent = [dgp_kernels.prune(g, *band) for g in grads]
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y, sent_mask=[s != 0 for s in sent], band=band)
+    rec = get_attack("ig-dgp-aware", iterations=200, tv_weight=1e-4)(sent, threat)
+    assert bool(torch.isfinite(rec.images).all())
+    assert _leak(rec.images, x) > 3
+
+
+# --------------------------------------------------------------------------------------
+# Robbing the Fed
+# --------------------------------------------------------------------------------------
+def test_rtf_recovers_a_batch_exactly():
+    torch.manual_seed(0)
+    batch = 6
+    x = smooth_images(batch, 7) * torch.linspace(0.1, 0.7, batch).view(-1, 1, 1, 1)
+    attack = get_attack("rtf", num_bins=64, mean=0.25, std=0.2)
+    model = attack.prepare_model(convnet_small(num_classes=4, width=8), SHAPE, 4)
+    assert isinstance(model.imprint, ImprintBlock)
+    thresholds = attack.thresholds(SHAPE)
+    bins = torch.searchsorted(thresholds, x.double().flatten(1).mean(1)) - 1
+    assert bins.unique().numel() == batch  # precondition: one image per bin
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    grads = compute_gradients(model, x, y)
+    rec = attack(grads, ThreatModel(model, SHAPE, 4, batch_size=batch, labels=y))
+    perm = M.match_order(rec.images, x)
+    assert float(M.psnr(rec.images[perm], x).min()) > 80  # exact up to float32 rounding
+    assert rec.label_source == "known" and rec.losses == []
+
+
+def test_rtf_needs_the_prepared_model(tiny_lenet):
+    x, y, grads = _case(tiny_lenet)
+    with pytest.raises(ValueError, match="prepare_model"):
+        get_attack("rtf")(grads, ThreatModel(tiny_lenet, SHAPE, 4))
+
+
+def test_rtf_calibration_thresholds_follow_the_data():
+    cal = smooth_images(100, 9)
+    t = get_attack("rtf", num_bins=4, calibration=cal).thresholds(SHAPE)
+    assert t.shape == (4,) and t[0] < 0 and bool((t[1:] > t[:-1]).all())
+    means = cal.double().flatten(1).mean(1)
+    assert float(t[2]) == pytest.approx(float(means.median()), abs=0.02)
+    with pytest.raises(ValueError, match="calibration images"):
+        get_attack("rtf", calibration=cal).thresholds((3, 16, 16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_attack_runs_on_cuda(tiny_lenet):
+    model = tiny_lenet.cuda()
+    x = smooth_images(1, 1).cuda()
+    y = torch.tensor([2], device="cuda")
+    grads = compute_gradients(model, x, y)
+    rec = get_attack("ig", iterations=50, tv_weight=1e-4)(grads, ThreatModel(model, SHAPE, 4, labels=y))
+    assert rec.images.is_cuda
+    assert _leak(rec.images, x) > 3
