@@ -4,6 +4,11 @@ DLG: dummy images (random normal) and, when labels are unknown, dummy label logi
 normal, turned into soft labels by a softmax) are optimised jointly with L-BFGS (lr 1) to
 minimise the euclidean distance ``sum_i ||grad_i(dummy) - shared_i||^2`` over all layers.
 Pixels are not boxed during the optimisation (as in DLG); the result is clipped to [0, 1].
+Jointly optimised labels use DLG's soft cross-entropy (:func:`~.matching.soft_cross_entropy`),
+so they assume the client's loss is cross-entropy; known or inferred labels use
+``threat.loss_fn``. torch's L-BFGS without a line search (DLG's setting) can diverge from
+an unlucky start; the last finite state is kept, and ``line_search="strong_wolfe"`` or
+``restarts`` make the attack more robust (the tests use the line search).
 
 iDLG: the label is first read off the last layer's weight gradient
 (:func:`~dgp_kernels.attacks.base.infer_labels_idlg`), then DLG runs with that fixed label.

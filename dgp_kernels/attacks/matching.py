@@ -22,6 +22,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..ops import band_counts  # DGP's per-layer counts (DESIGN §2.1): the attacker knows the rule
+
 __all__ = [
     "GradientObjective",
     "dummy_gradients",
@@ -66,13 +68,6 @@ def total_variation(x: Tensor) -> Tensor:
     if x.shape[-2] > 1:
         tv = tv + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
     return tv
-
-
-def band_counts(n: int, top: float, keep: float) -> Tuple[int, int]:
-    """DGP's per-layer counts (DESIGN §2.1): ``k_top``, ``k_keep`` for ``n`` entries."""
-    k_top = int(math.floor(top * n + 1e-6))
-    k_keep = min(int(math.floor(keep * n + 1e-6)), n - k_top)
-    return k_top, k_keep
 
 
 class GradientObjective:
