@@ -183,9 +183,10 @@ def test_inverting_gradients_recovers(tiny_lenet):
     rec = get_attack("ig", iterations=200, tv_weight=1e-4)(grads, ThreatModel(tiny_lenet, SHAPE, 4, labels=y))
     assert rec.label_source == "known"
     assert _leak(rec.images, x) > 10
-    # restarts: same seed, same first restart; the kept one is never worse by the objective
+    # unknown label: IG falls back to the iDLG rule; restarts run and return one batch
     rec2 = get_attack("ig", iterations=20, tv_weight=1e-4, restarts=2)(grads, ThreatModel(tiny_lenet, SHAPE, 4))
     assert rec2.label_source == "inferred" and rec2.labels.tolist() == [2]
+    assert rec2.images.shape == (1, *SHAPE)
 
 
 def test_attacks_are_deterministic_per_seed(tiny_lenet):
