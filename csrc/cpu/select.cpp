@@ -93,8 +93,13 @@ auto count_fn(const LayerIO<T>& io) {
                int64_t cap_l, ChunkCount<K>& out) {
 #if DGP_X86
     if constexpr (std::is_same_v<T, float>) {
-      if (simd_current() == Simd::kAvx512) {
+      const Simd s = simd_current();
+      if (s == Simd::kAvx512) {
         count_f32_avx512<EF>(io.g, io.e, lo, hi, br, ch, cap_h, cl, cap_l, out);
+        return;
+      }
+      if (s == Simd::kAvx2) {
+        count_f32_avx2<EF>(io.g, io.e, lo, hi, br, ch, cap_h, cl, cap_l, out);
         return;
       }
     }

@@ -229,6 +229,66 @@ __attribute__((target("avx2,popcnt"))) void write_f32_avx2(
   write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, idx, val);
 }
 
+// Counting sweep for AVX2-only CPUs (same classification as count_f32_avx512 and the
+// scalar count_chunk_scalar). Keys are < 2^31, so signed 32-bit compares order them; the
+// "no bound" bracket value (all ones) is clamped to 0x7fffffff, above every key, which keeps
+// each compare's outcome. Candidates are compacted with the permutation table.
+template <bool EF>
+__attribute__((target("avx2,popcnt"))) void count_f32_avx2(
+    const float* g, const float* e, int64_t lo, int64_t hi, const Bracket<uint32_t>& br,
+    uint32_t* ch, int64_t cap_h, uint32_t* cl, int64_t cap_l, ChunkCount<uint32_t>& out) {
+  const Avx2Lut& lut = avx2_lut();
+  auto clamp = [](uint32_t b) { return static_cast<int>(b > 0x7fffffffu ? 0x7fffffffu : b); };
+  const __m256i kmask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i a_hi = _mm256_set1_epi32(clamp(br.a_hi)), b_hi = _mm256_set1_epi32(clamp(br.b_hi));
+  const __m256i a_lo = _mm256_set1_epi32(clamp(br.a_lo)), b_lo = _mm256_set1_epi32(clamp(br.b_lo));
+  const __m256i ones = _mm256_set1_epi32(-1);
+  __m256i kmax = _mm256_setzero_si256();
+  int64_t above = 0, mid = 0, nh = 0, nl = 0;
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) {
+    __m256 v = _mm256_loadu_ps(g + i);
+    if constexpr (EF) v = _mm256_add_ps(v, _mm256_loadu_ps(e + i));
+    const __m256i k = _mm256_and_si256(_mm256_castps_si256(v), kmask);
+    kmax = _mm256_max_epi32(kmax, k);
+    const __m256i gt_ahi = _mm256_cmpgt_epi32(k, a_hi);
+    const __m256i ge_bhi = _mm256_xor_si256(_mm256_cmpgt_epi32(b_hi, k), ones);
+    const __m256i gt_alo = _mm256_cmpgt_epi32(k, a_lo);
+    const __m256i ge_blo = _mm256_xor_si256(_mm256_cmpgt_epi32(b_lo, k), ones);
+    const int m_above = _mm256_movemask_ps(_mm256_castsi256_ps(gt_ahi));
+    const int m_h = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(gt_ahi, ge_bhi)));
+    const int m_mid = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(ge_bhi, gt_alo)));
+    const int m_l = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(gt_alo, ge_blo)));
+    above += __builtin_popcount(m_above);
+    mid += __builtin_popcount(m_mid);
+    if (m_h) {
+      if (nh + 8 > cap_h + kSimdSlack) { out.overflow = true; break; }
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_h]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ch + nh), _mm256_permutevar8x32_epi32(k, perm));
+      nh += __builtin_popcount(m_h);
+      if (nh > cap_h) { out.overflow = true; break; }
+    }
+    if (m_l) {
+      if (nl + 8 > cap_l + kSimdSlack) { out.overflow = true; break; }
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_l]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cl + nl), _mm256_permutevar8x32_epi32(k, perm));
+      nl += __builtin_popcount(m_l);
+      if (nl > cap_l) { out.overflow = true; break; }
+    }
+  }
+  alignas(32) uint32_t km[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(km), kmax);
+  uint32_t kmx = 0;
+  for (uint32_t x : km) kmx = x > kmx ? x : kmx;
+  out.kmax = kmx;
+  out.above = above;
+  out.mid = mid;
+  out.nh = nh;
+  out.nl = nl;
+  if (!out.overflow)
+    count_chunk_scalar<float, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+}
+
 #endif  // DGP_X86
 
 }  // namespace dgp
