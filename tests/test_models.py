@@ -70,7 +70,7 @@ def test_convnet_small_forward(shape):
 
 
 def test_get_model_registry():
-    assert set(MODELS) == {"resnet18_cifar", "lenet_sigmoid", "convnet_small"}
+    assert set(MODELS) == {"resnet18_cifar", "lenet_sigmoid", "convnet_small", "mlp"}
     model = get_model("lenet_sigmoid", num_classes=3)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
