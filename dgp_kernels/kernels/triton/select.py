@@ -80,6 +80,8 @@ TILE = 2048
 CHUNK = 32 * TILE
 # Blocks per step of the per-layer scan over block counts (one program per layer).
 SCAN_TILE = 1024
+# Warps per program of the data passes (gather, count, write, histograms). Not tuned yet.
+NUM_WARPS = 8
 FIRST_DIGIT_BITS = 11  # DESIGN.md §4: the first 11-bit digit covers the float exponent
 # Candidate path while the boundary buckets hold at most max(CAND_MIN, n / CAND_FRACTION)
 # entries in all: randn data puts ~3% and ~6% of n in the buckets of ranks 5% and 25%
@@ -743,7 +745,7 @@ def band_multi_triton(
     e_list = residuals if has_e else gs
     d_list = dense if dense is not None else gs
     ptrs = _to_device([[t.data_ptr() for t in x] for x in (gs, e_list, d_list)], device)
-    common = dict(DT=_TL_DTYPE[dtype], KIND=kind, HAS_E=has_e, num_warps=8)
+    common = dict(DT=_TL_DTYPE[dtype], KIND=kind, HAS_E=has_e, num_warps=NUM_WARPS)
     i64 = dict(dtype=torch.int64, device=device)
 
     if sampled is None:
@@ -808,7 +810,7 @@ def band_multi_triton(
         blk_cand, cand_key = cand[6], cand[5]
         _cand_count_kernel[(n_blocks,)](
             seg_n, plan.blk_seg, blk_cand[0], blk_cand[1], cand_key, t_hi, t_lo, cnt,
-            n_blocks, BLOCK_=BLOCK, num_warps=8,
+            n_blocks, BLOCK_=BLOCK, num_warps=NUM_WARPS,
         )
     else:
         _count_kernel[(n_blocks,)](

@@ -1,0 +1,194 @@
+"""Where the GPU time of one band selection goes, and which launch sizes are fastest.
+
+    python bench/gpu_profile.py                     # 25M float32 with error feedback
+    python bench/gpu_profile.py --size 25000000 --reps 20 --json out.json
+
+Companion of ``bench/bench_triton.py`` (which gives the headline numbers against the
+authors' operator) for one lent GPU session. Three parts, all on one input (``randn``,
+error feedback on, top=0.05, keep=0.20):
+
+1. copy ceiling: ``clone()`` of a 2 GiB buffer, bytes read + written over the CUDA-event
+   median (the device's attainable bandwidth, next to the nominal peak);
+2. per-kernel time of one call from ``torch.profiler`` (CUDA activity), summed by kernel
+   name, plus the host-side wall time of the call: which phase to work on next;
+3. a sweep of ``BLOCK`` (elements per program of the data passes) and ``NUM_WARPS`` in
+   :mod:`dgp_kernels.kernels.triton.select`: median ms per configuration, each checked bit
+   for bit against the default configuration's indices, values and residual (a faster
+   wrong kernel is not a result), and against the C++ CPU kernel when it is built.
+
+Skips (exit 0) without CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+TOP, KEEP = 0.05, 0.20
+
+
+def _events_ms(fn, reps: int, warmup: int = 3, before=None) -> List[float]:
+    out = []
+    for i in range(warmup + reps):
+        if before is not None:
+            before()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        if i >= warmup:
+            out.append(a.elapsed_time(b))
+    return out
+
+
+def _median(xs: List[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def copy_ceiling(reps: int) -> float:
+    """Bytes/s of a 2 GiB device-to-device clone (read + write counted)."""
+    x = torch.empty(1 << 29, dtype=torch.float32, device="cuda").normal_()
+    ms = _median(_events_ms(lambda: x.clone(), reps))
+    del x
+    torch.cuda.empty_cache()
+    return 2 * (1 << 29) * 4 / (ms * 1e-3)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64,
+            torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    return t.detach().cpu().contiguous().view(ints[t.dtype]) if t.is_floating_point() else t.cpu()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=25_000_000)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--json", help="write every number to this file")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_profile: skipped, no CUDA device")
+        return 0
+    import dgp_kernels
+    from dgp_kernels.kernels.triton import select as ts
+
+    dev = torch.cuda.get_device_name()
+    info = dgp_kernels.backend_info()
+    print(f"# gpu_profile: {dev} | torch {torch.__version__} | CUDA backend {info.cuda} | "
+          f"CPU backend {info.cpu}")
+    report: Dict[str, object] = {"device": dev, "size": args.size}
+
+    bw = copy_ceiling(args.reps)
+    report["copy_bytes_per_s"] = bw
+    print(f"# copy ceiling (2 GiB clone, read+write): {bw / 1e12:.2f} TB/s")
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.randn(args.size, device="cuda", generator=gen)
+    e0 = torch.randn(args.size, device="cuda", generator=gen) * 0.1
+    e = e0.clone()
+    n = args.size
+    k = dgp_kernels.band_counts(n, TOP, KEEP)[1]
+    mandatory = 3 * n * 4 + k * 12
+
+    def call():
+        return dgp_kernels.select_ef_multi([g], [e], TOP, KEEP)
+
+    def reset():
+        e.copy_(e0)
+
+    # Reference result of the default configuration (and of the C++ CPU kernel).
+    reset()
+    ref = call()
+    ref_e = e.clone()
+    torch.cuda.synchronize()
+    cpu_same = "not built"
+    if info.cpu == "cpp":
+        ec = e0.cpu()
+        cpu = torch.ops.dgp.select_ef_multi([g.cpu()], [ec], TOP, KEEP)
+        same = (torch.equal(cpu[0], ref[0].cpu()) and torch.equal(_bits(cpu[1]), _bits(ref[1]))
+                and torch.equal(cpu[2], ref[2].cpu()) and torch.equal(_bits(ec), _bits(ref_e)))
+        cpu_same = "yes" if same else "NO"
+    print(f"# 25M EF: GPU bit-exact vs the C++ CPU kernel: {cpu_same}")
+    report["gpu_vs_cpp_exact"] = cpu_same
+
+    # 2. per-kernel profile of one call (after warm-up), and host wall time of a call.
+    for _ in range(3):
+        reset()
+        call()
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(args.reps):
+        reset()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t0) * 1e3)
+    report["wall_ms"] = _median(walls)
+    from torch.profiler import ProfilerActivity, profile
+
+    reset()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            call()
+            reset()
+        torch.cuda.synchronize()
+    per_kernel: Dict[str, float] = {}
+    for ev in prof.key_averages():
+        dt = getattr(ev, "device_time_total", None)
+        if dt is None:
+            dt = getattr(ev, "cuda_time_total", 0.0)
+        if dt and ev.key and not ev.key.startswith(("aten::", "cuda", "Memcpy", "Memset",
+                                                      "ProfilerStep", "dgp::")):
+            per_kernel[ev.key] = dt / 5 / 1e3  # ms per call
+    total = sum(v for kname, v in per_kernel.items() if "copy" not in kname.lower()
+                and "elementwise" not in kname.lower())
+    print(f"# one call (median of {args.reps}): host wall {report['wall_ms']:.3f} ms; "
+          "device time per kernel (ms per call, 5 calls profiled; the residual reset between "
+          "calls shows as elementwise/copy kernels):")
+    for kname, v in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
+        print(f"#   {v:8.3f}  {kname[:90]}")
+    print(f"#   {total:8.3f}  total of the dgp kernels")
+    report["per_kernel_ms"] = per_kernel
+
+    # 3. sweep BLOCK x NUM_WARPS, checked against the default configuration.
+    default = (ts.BLOCK, ts.NUM_WARPS)
+    rows = []
+    for block in (1024, 2048, 4096):
+        for warps in (4, 8, 16):
+            ts.BLOCK, ts.NUM_WARPS = block, warps
+            ts._PLANS.clear()
+            try:
+                reset()
+                out = call()
+                same = (torch.equal(out[0], ref[0]) and torch.equal(out[1].view(torch.int32),
+                        ref[1].view(torch.int32)) and torch.equal(e.view(torch.int32),
+                        ref_e.view(torch.int32)))
+                ms = _median(_events_ms(call, args.reps, before=reset))
+                rows.append((block, warps, ms, mandatory / (ms * 1e-3), same))
+                print(f"# BLOCK={block:5d} NUM_WARPS={warps:2d}: {ms:7.3f} ms  "
+                      f"{mandatory / (ms * 1e-3) / 1e9:7.0f} GB/s mandatory  "
+                      f"{mandatory / (ms * 1e-3) / bw:5.1%} of copy  exact={same}")
+            except Exception as exc:  # a configuration the compiler rejects: report it
+                print(f"# BLOCK={block:5d} NUM_WARPS={warps:2d}: failed: {type(exc).__name__}: "
+                      f"{str(exc)[:200]}")
+                rows.append((block, warps, float("nan"), float("nan"), False))
+    ts.BLOCK, ts.NUM_WARPS = default
+    ts._PLANS.clear()
+    report["sweep"] = [dict(block=b, num_warps=w, median_ms=m, bytes_per_s=r, exact=s)
+                       for b, w, m, r, s in rows]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One lent-GPU session in one call (issue 4): build the C++ extension, run every CUDA test,
+# then the benchmarks, each step capped so a failure never hides the others.
+#
+#   OUT=/tmp/gpu_out bash bench/gpu_session.sh
+#
+# Runs in the repository root with the machine's own python3/torch/triton (no install:
+# the package is imported from the checkout via PYTHONPATH). Logs land in $OUT (at most
+# 8 files): env.txt build.log tests_kernels.log tests_more.log bench.md bench.log
+# profile.log profile.json.
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+PY=python3
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  nproc
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+stamp "build dgp_kernels._C in the background"
+( MAX_JOBS=16 timeout 240 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$?" >> "$OUT/build.log" ) &
+BUILD=$!
+
+stamp "tests/kernels on CUDA tensors (8 workers; the C++ comparisons run after the build)"
+timeout 200 $PY -m pytest -q -n 8 -p no:cacheprovider tests/kernels \
+  -k "not compile_for_sm90 and not matches_cpp_kernel" > "$OUT/tests_kernels.log" 2>&1
+echo "tests/kernels rc=$?" >> "$OUT/tests_kernels.log"
+tail -4 "$OUT/tests_kernels.log"
+
+wait $BUILD
+tail -2 "$OUT/build.log"
+stamp "build done"
+
+stamp "bench_triton (ours vs authors vs topk vs clone)"
+timeout 170 $PY bench/bench_triton.py --reps 20 --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+echo "bench rc=$?" >> "$OUT/bench.log"
+cat "$OUT/bench.log" | tail -40
+
+stamp "gpu_profile (copy ceiling, per-kernel times, BLOCK x NUM_WARPS sweep)"
+timeout 120 $PY bench/gpu_profile.py --reps 20 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
+echo "profile rc=$?" >> "$OUT/profile.log"
+cat "$OUT/profile.log" | tail -40
+
+stamp "C++-kernel comparisons, compressors on CUDA, ops on CUDA (torch.compile included)"
+timeout 150 $PY -m pytest -q -n 8 -p no:cacheprovider tests/kernels/test_triton_select.py::test_matches_cpp_kernel \
+  tests/compressor/test_cuda.py tests/ops/test_select.py tests/ops/test_select_errors.py \
+  -k "matches_cpp_kernel or cuda" > "$OUT/tests_more.log" 2>&1
+echo "tests_more rc=$?" >> "$OUT/tests_more.log"
+tail -4 "$OUT/tests_more.log"
+stamp "done"
