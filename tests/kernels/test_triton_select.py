@@ -16,6 +16,8 @@ triton = pytest.importorskip(
     "triton", reason="triton is not installed (pip install triton): the Triton kernels cannot run"
 )
 
+import triton.language as tl  # noqa: E402
+
 import dgp_kernels  # noqa: E402
 from dgp_kernels.ops import reference  # noqa: E402
 from dgp_kernels.kernels.triton import select as ts  # noqa: E402
@@ -468,3 +470,32 @@ def test_sampled_path_reruns_missed_layers(device, dtype, monkeypatch):
     assert_same(ts.select_multi_triton(gs, 0.1, 0.3), reference.select_multi(gs_cpu, 0.1, 0.3))
     if dtype != torch.float64:  # (float64's octave-wide buckets overflow the randn layers too)
         assert missed[0] == [1, 4], missed
+
+
+@triton.jit
+def _round_bf16_probe(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    tl.store(y_ptr + offs, ts._f32_to_bf16_rne(x).to(tl.int16, bitcast=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_rounding_of_every_nan_pattern(device):
+    """float32 -> bfloat16 in integers matches torch on NaNs of every payload (the GPU's
+    canonical NaN 0x7FFFFFFF once rounded to -0.0 and hid ``inf - inf`` in g + e), on
+    infinities, on ties to even and on values that round up to inf."""
+    pats = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FBFFFFF,
+            0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x3F808000, 0x3F818000, 0x3F80FFFF,
+            0x00000001, 0x80000000, 0x00007FFF, 0x7F7F8000]
+    pats += torch.randint(0, 2**32, (112,), generator=_gen(9), dtype=torch.int64).tolist()
+    x = torch.tensor(pats, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    y = torch.empty(128, dtype=torch.int16)
+    xd, yd = x.to(device), y.to(device)
+    _round_bf16_probe[(1,)](xd, yd, N=128)
+    got = yd.cpu()
+    want = x.to(torch.bfloat16).view(torch.int16)
+    nan_got = (got.to(torch.int32) & 0x7FFF) > 0x7F80
+    nan_want = (want.to(torch.int32) & 0x7FFF) > 0x7F80
+    assert torch.equal(nan_got, nan_want)
+    assert torch.equal(got[~nan_want], want[~nan_want])
+    assert torch.all(got[nan_want] == 0x7FC0)

@@ -137,6 +137,17 @@ def _bf16_to_f32(x):
 
 
 @triton.jit
+def _f32_to_bf16_rne(x):
+    """float32 -> bfloat16 rounded to nearest even, in integers, as torch does it: a NaN
+    becomes the quiet NaN 0x7FC0. (Adding the rounding bias to a NaN's bits can carry into
+    the sign: the GPU's canonical NaN 0x7FFFFFFF would round to -0.0 and hide the NaN.)"""
+    bits = x.to(tl.uint32, bitcast=True)
+    r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    r = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _load_v(g_base, e_base, offs, m, KIND: tl.constexpr, HAS_E: tl.constexpr):
     """``v = g`` or ``v = g + e`` rounded once to the storage dtype, as torch computes it."""
     g = tl.load(g_base + offs, mask=m, other=0.0)
@@ -149,9 +160,7 @@ def _load_v(g_base, e_base, offs, m, KIND: tl.constexpr, HAS_E: tl.constexpr):
             # the interpreter's float32 -> bfloat16 cast truncates (measured: 501 of 1000
             # sums differed from torch) and its bfloat16 -> float32 cast garbles
             # subnormals (1941 of 2000); the GPU's casts are exact / round to nearest even.
-            bits = (_bf16_to_f32(g) + _bf16_to_f32(e)).to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            v = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            v = _f32_to_bf16_rne(_bf16_to_f32(g) + _bf16_to_f32(e))
         else:  # float32 / float64: one IEEE add
             v = g + e
     else:
