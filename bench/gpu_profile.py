@@ -161,8 +161,8 @@ def main(argv=None) -> int:
     # 3. sweep BLOCK x NUM_WARPS, checked against the default configuration.
     default = (ts.BLOCK, ts.NUM_WARPS)
     rows = []
-    for block in (1024, 2048, 4096):
-        for warps in (4, 8, 16):
+    for block in (512, 1024, 2048):
+        for warps in (2, 4, 8):
             ts.BLOCK, ts.NUM_WARPS = block, warps
             ts._PLANS.clear()
             try:

@@ -338,12 +338,13 @@ def test_register_without_triton_registers_nothing(monkeypatch):
     assert calls == []
 
 
-@pytest.fixture(params=["candidates", "data", "sampled", "sampled_tight"])
+@pytest.fixture(params=["candidates", "data", "sampled", "sampled_tight", "sampled_wide"])
 def forced_path(request, monkeypatch):
     """Force how phases 1-2 find the boundaries: exact histogram + candidate buffer, exact
     histogram + refinement over the data, or the sampled path (small samples, so layers of
     a few thousand entries are really sampled; ``sampled_tight`` without margins, so the
-    sample often misses and the exact fallback runs). Returns the path and a list that
+    sample often misses and the exact fallback runs; ``sampled_wide`` treats every digit
+    range as too wide for the relative first-digit histogram, so the 2^11-bin one runs). Returns the path and a list that
     records, per call of the sampled path, whether the sample held both boundaries."""
     outcomes = []
     if request.param.startswith("sampled"):
@@ -354,6 +355,8 @@ def forced_path(request, monkeypatch):
         if request.param == "sampled_tight":
             monkeypatch.setattr(ts, "SAMPLE_SIGMAS", 0.0)
             monkeypatch.setattr(ts, "SAMPLE_SLACK", 0)
+        if request.param == "sampled_wide":
+            monkeypatch.setattr(ts, "REL_FIRST_DIGIT", False)
         inner = ts._boundaries_sampled
 
         def recording(*args, **kwargs):

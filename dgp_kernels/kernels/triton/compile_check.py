@@ -32,7 +32,7 @@ def _variants(ts, torch):
     out = []
     for dname, (vt, kt) in _DTYPES.items():
         dtype = getattr(torch, dname)
-        kind, key_bits, widths = ts._KINDS[dtype]
+        kind, key_bits, widths_cand, widths_data = ts._KINDS[dtype]
         shift = key_bits - ts.FIRST_DIGIT_BITS
         for has_e in (True, False):
             c = dict(DT=ts._TL_DTYPE[dtype], KIND=kind, HAS_E=has_e)
@@ -51,22 +51,26 @@ def _variants(ts, torch):
                          BLOCK_=ts.BLOCK), f"gather {tag} sampled={int(sampled)}"))
             out.append((ts._sample_kernel, dict(g_ptrs=i64, e_ptrs=i64, seg_n=i64,
                         hist="*i32"), dict(c, SHIFT=shift, NBINS=1 << ts.FIRST_DIGIT_BITS,
-                        SAMPLE_=ts.SAMPLE, TILE_=ts.TILE), f"sample {tag}"))
+                        SAMPLE_=ts.SAMPLE, SPLIT=ts.SAMPLE_SPLIT, TILE_=ts.TILE),
+                        f"sample {tag}"))
             refine_sig = dict(g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64,
                               cand_off=i64, cand_key="*" + kt, prefix_a=i64, prefix_b=i64,
                               hist="*i32")
-            out.append((ts._refine_kernel, refine_sig, dict(
-                c, FROM_CAND=True, PSHIFT=shift, DSHIFT=shift,
-                DMASK=(1 << ts.FIRST_DIGIT_BITS) - 1, NBINS=1 << ts.FIRST_DIGIT_BITS,
-                TILE_=ts.TILE, CHUNK_=ts.CHUNK), f"refine {tag} first digit of candidates"))
-            pshift = shift
-            for w in widths:
-                for from_cand in (True, False):
+            for rel in (False, True):  # sampled path: first digit of the candidates
+                nb = ts.REL_BINS if rel else 1 << ts.FIRST_DIGIT_BITS
+                out.append((ts._refine_kernel, refine_sig, dict(
+                    c, FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift,
+                    DMASK=(1 << ts.FIRST_DIGIT_BITS) - 1, NBINS=nb, TILE_=ts.TILE,
+                    CHUNK_=ts.CHUNK), f"refine {tag} first digit of candidates rel={int(rel)}"))
+            for from_cand, widths in ((True, widths_cand), (False, widths_data)):
+                pshift = shift
+                for w in widths:
                     out.append((ts._refine_kernel, refine_sig,
-                        dict(c, FROM_CAND=from_cand, PSHIFT=pshift, DSHIFT=pshift - w,
-                             DMASK=(1 << w) - 1, NBINS=max(1 << w, 32), TILE_=ts.TILE,
-                             CHUNK_=ts.CHUNK), f"refine {tag} digit={w} cand={int(from_cand)}"))
-                pshift -= w
+                        dict(c, FROM_CAND=from_cand, REL=False, PSHIFT=pshift,
+                             DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=max(1 << w, 32),
+                             TILE_=ts.TILE, CHUNK_=ts.CHUNK),
+                        f"refine {tag} digit={w} cand={int(from_cand)}"))
+                    pshift -= w
             out.append((ts._count_kernel, dict(
                 g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64, t_hi=i64,
                 t_lo=i64, counts="*i32", num_blocks="i32"), dict(c, BLOCK_=ts.BLOCK),
@@ -76,7 +80,8 @@ def _variants(ts, torch):
                 out.append((ts._write_kernel, dict(
                     g_ptrs=i64, e_ptrs=i64, d_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64,
                     t_hi=i64, t_lo=i64, skip_hi=i64, end_hi=i64, take_lo=i64, blk_ord_hi=i64,
-                    blk_ord_lo=i64, blk_out=i64, out_idx=i64, out_val="*" + vt),
+                    blk_ord_lo=i64, blk_out=i64, out_idx=i64, out_val="*" + vt,
+                    cnt="*i32", num_blocks="i32"),
                     dict(c, WRITE_SPARSE=sparse, WRITE_E=write_e, WRITE_DENSE=write_dense,
                          BLOCK_=ts.BLOCK), f"write {tag} sparse={int(sparse)}"))
         if has_e:  # the dtype-independent kernels, once per key width
@@ -87,16 +92,19 @@ def _variants(ts, torch):
     loc = dict(hist="*i32", prefix=i64, rank=i64, active=i64, flags=i64, t_hi=i64, t_lo=i64,
                skip_hi=i64, end_hi=i64, take_lo=i64, S="i32")
     f = ts.FIRST_DIGIT_BITS
-    for nbins, width, shared, append, final in sorted({
-        (max(1 << w, 32), w, False, True, j == len(ws) - 1)
-        for ws in (v[2] for v in ts._KINDS.values()) for j, w in enumerate(ws)
-    }) + [(1 << f, f, True, False, False), (1 << f, f, False, False, False)]:
+    rel_w = ts.REL_BINS.bit_length() - 1
+    for nbins, width, shared, append, rel, final in sorted({
+        (max(1 << w, 32), w, False, True, False, j == len(ws) - 1)
+        for v in ts._KINDS.values() for ws in v[2:] for j, w in enumerate(ws)
+    }) + [(1 << f, f, True, False, False, False), (1 << f, f, False, False, False, False),
+          (ts.REL_BINS, rel_w, False, False, True, False)]:
         out.append((ts._locate_kernel, loc, dict(
-            NBINS=nbins, WIDTH=width, SHARED=shared, APPEND=append, FINAL=final),
-            f"locate width={width} shared={int(shared)} append={int(append)} final={int(final)}"))
+            NBINS=nbins, WIDTH=width, SHARED=shared, APPEND=append, REL=rel, FINAL=final),
+            f"locate width={width} shared={int(shared)} append={int(append)} rel={int(rel)} "
+            f"final={int(final)}"))
     out.append((ts._range_kernel, dict(hist="*i32", seg_n=i64, rank=i64, active=i64,
-                range_a=i64, range_b=i64), dict(NBINS=1 << f, SAMPLE_=ts.SAMPLE,
-                SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK), "range"))
+                range_a=i64, range_b=i64, wide=i64), dict(NBINS=1 << f, SAMPLE_=ts.SAMPLE,
+                SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK, REL=ts.REL_BINS), "range"))
     out.append((ts._validate_kernel, dict(totals="*i32", cnt="*i32", num_blocks="i32",
                 seg_first=i64, seg_nblk=i64, range_a=i64, rank=i64, active=i64,
                 cand_cap=i64, cand_fill=i64, flags=i64, S="i32"), dict(SCAN=ts.SCAN_TILE),
@@ -132,9 +140,14 @@ def main(argv=None) -> int:
             constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
         )
         try:
-            # the launcher runs the per-layer scans with triton's default 4 warps
-            small = (ts._locate_kernel, ts._scan_kernel, ts._range_kernel, ts._validate_kernel)
-            warps = 4 if fn in small else 8
+            # as the launcher: the per-layer scans with SCAN_WARPS, locate/range with
+            # triton's default 4 warps, the data passes with NUM_WARPS
+            if fn in (ts._scan_kernel, ts._validate_kernel):
+                warps = ts.SCAN_WARPS
+            elif fn in (ts._locate_kernel, ts._range_kernel):
+                warps = 4
+            else:
+                warps = ts.NUM_WARPS
             k = triton.compile(src, target=target, options={"num_warps": warps})
             print(f"ok   sm_{args.arch} {label:<40} shared={k.metadata.shared:>6} B "
                   f"{time.perf_counter() - t0:.1f}s")

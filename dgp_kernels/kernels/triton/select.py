@@ -79,7 +79,11 @@ BLOCK = 2048
 TILE = 2048
 CHUNK = 32 * TILE
 # Blocks per step of the per-layer scan over block counts (one program per layer).
-SCAN_TILE = 1024
+SCAN_TILE = 4096
+SCAN_WARPS = 8
+# Programs per layer of the sampled path's sample histogram (one program per layer left
+# the SMs idle for a single big tensor: 0.12 ms for a 25M tensor on an H200).
+SAMPLE_SPLIT = 8
 # Warps per program of the data passes (gather, count, write, histograms). Not tuned yet.
 NUM_WARPS = 8
 FIRST_DIGIT_BITS = 11  # DESIGN.md §4: the first 11-bit digit covers the float exponent
@@ -105,13 +109,24 @@ SAMPLE = 1 << 14
 SAMPLE_SIGMAS = 5.0
 SAMPLE_SLACK = 8
 
-# dtype -> (KIND, key bits, digit widths after the first): the widths sum to the key bits.
+# dtype -> (KIND, key bits, digit widths after the first when refining candidates, when
+# refining over the data): each set of widths sums to key bits - FIRST_DIGIT_BITS.
+# tl.histogram costs about NBINS/32 x log2(NBINS) instructions per element on Triton 3.6
+# (a warp-ballot lowering; measured on an H200: three 2048/1024-bin levels over the 3.7M
+# candidates of a 25M tensor took 1.67 ms), so candidates are refined in 5-bit digits
+# (32 bins: one bin per lane) at the price of more, cheap, levels. Over the data (the
+# fallback for huge boundary buckets) every level is a full read, so digits stay wide.
 _KINDS = {
-    torch.float32: (0, 31, (10, 10)),
-    torch.float64: (1, 63, (11, 11, 11, 11, 8)),
-    torch.float16: (2, 15, (4,)),
-    torch.bfloat16: (3, 15, (4,)),
+    torch.float32: (0, 31, (5, 5, 5, 5), (10, 10)),
+    torch.float64: (1, 63, (8, 8, 8, 8, 8, 8, 4), (11, 11, 11, 11, 8)),
+    torch.float16: (2, 15, (4,), (4,)),
+    torch.bfloat16: (3, 15, (4,), (4,)),
 }
+# Sampled path: the first candidate digit is histogrammed relative to the start of each
+# boundary's digit range in REL_BINS bins when every range is that narrow (the usual case),
+# else over all 2^11 first digits.
+REL_BINS = 32
+REL_FIRST_DIGIT = True  # False: always the 2^11-bin first-digit histogram (tests force it)
 _TL_DTYPE = {
     torch.float32: tl.float32,
     torch.float64: tl.float64,
@@ -258,18 +273,26 @@ def _gather_kernel(
     in_h = m & (dig >= ha) & (dig <= hb)
     in_l = m & (dig >= la) & (dig <= lb) & (~in_h)
     strict = m & (dig > lb) & (dig < ha)
-    tl.store(cnt + pid, tl.sum(strict.to(tl.int32), axis=0))
+    # All per-block counts in one reduction: 12-bit fields of an int64 (BLOCK_ <= 2048).
+    packed = strict.to(tl.int64) | (in_h.to(tl.int64) << 12) | (in_l.to(tl.int64) << 24)
+    if SAMPLED:
+        packed = packed | ((m & (dig > hb)).to(tl.int64) << 36)
+        packed = packed | ((m & (key > INF_KEY)).to(tl.int64) << 48)
+    tot = tl.sum(packed, axis=0)
+    n_in_h = ((tot >> 12) & 0xFFF).to(tl.int32)
+    n_in_l = ((tot >> 24) & 0xFFF).to(tl.int32)
+    tl.store(cnt + pid, (tot & 0xFFF).to(tl.int32))
     c = (in_h | in_l).to(tl.int32)
-    nc = tl.sum(c, axis=0)
+    nc = n_in_h + n_in_l
     tl.store(blk_ccount + pid, nc)
     if SAMPLED:
-        if tl.max((m & (key > INF_KEY)).to(tl.int32), axis=0) > 0:
+        if ((tot >> 48) & 0xFFF) > 0:
             tl.atomic_max(flags + seg, 1)
         # per-block stores, summed per layer by _validate_kernel (no same-address atomics)
         nb = tl.num_programs(0)
-        tl.store(totals + pid, tl.sum((m & (dig > hb)).to(tl.int32), axis=0))
-        tl.store(totals + nb + pid, tl.sum(in_h.to(tl.int32), axis=0))
-        tl.store(totals + 2 * nb + pid, tl.sum(in_l.to(tl.int32), axis=0))
+        tl.store(totals + pid, ((tot >> 36) & 0xFFF).to(tl.int32))
+        tl.store(totals + nb + pid, n_in_h)
+        tl.store(totals + 2 * nb + pid, n_in_l)
     if nc > 0:
         rel = tl.atomic_add(cand_fill + seg, nc)
         base = tl.load(cand_off + seg) + rel
@@ -282,24 +305,31 @@ def _gather_kernel(
 @triton.jit
 def _sample_kernel(
     g_ptrs, e_ptrs, seg_n, hist,
-    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr,
-    SHIFT: tl.constexpr, NBINS: tl.constexpr, SAMPLE_: tl.constexpr, TILE_: tl.constexpr,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, SHIFT: tl.constexpr,
+    NBINS: tl.constexpr, SAMPLE_: tl.constexpr, SPLIT: tl.constexpr, TILE_: tl.constexpr,
 ):
     """Sampled path, phase 1: first-digit histogram of ``min(n, SAMPLE_)`` entries of one
-    layer at a fixed stride (all of it when ``n <= SAMPLE_``, so small layers are exact)."""
+    layer at a fixed stride (all of it when ``n <= SAMPLE_``, so small layers are exact).
+    Program ``(seg, p)`` takes the ``p``-th of ``SPLIT`` parts of the sample and adds its
+    histogram into the zeroed ``hist`` row (one atomic per non-empty bin)."""
     seg = tl.program_id(0)
+    part = tl.program_id(1)
     n = tl.load(seg_n + seg)
     g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
     e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
     s = tl.minimum(n, SAMPLE_)
     stride = n // tl.maximum(s, 1)
+    per = (s + SPLIT - 1) // SPLIT
+    lo = part * per
+    hi = tl.minimum(lo + per, s)
     h = tl.zeros([NBINS], dtype=tl.int32)
-    for off in range(0, s, TILE_):
+    for off in range(lo, hi, TILE_):
         i = off + tl.arange(0, TILE_)
-        m = i < s
+        m = i < hi
         key = _key(_load_v(g_base, e_base, i * stride, m, KIND, HAS_E), KIND)
         h += _masked_histogram((key >> SHIFT).to(tl.int32), m, NBINS, TILE_)
-    tl.store(hist + seg.to(tl.int64) * NBINS + tl.arange(0, NBINS), h)
+    bins = tl.arange(0, NBINS)
+    tl.atomic_add(hist + seg.to(tl.int64) * NBINS + bins, h, mask=h != 0)
 
 
 @triton.jit
@@ -318,13 +348,15 @@ def _sample_range(row, rho, d, s, exact, NBINS: tl.constexpr):
 
 @triton.jit
 def _range_kernel(
-    hist, seg_n, rank, active, range_a, range_b,
+    hist, seg_n, rank, active, range_a, range_b, wide,
     NBINS: tl.constexpr, SAMPLE_: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr,
+    REL: tl.constexpr,
 ):
     """Sampled path: digit ranges that hold each boundary's rank with high probability.
     In sample space a boundary sits at rank ``rho = R * s / n`` give or take a binomial
     ``sqrt(s p (1 - p))``; the range spans the digits at ranks ``rho -/+ (SIGMAS * that +
-    SLACK)`` (exactly ``rho`` when the whole layer was sampled). Overlapping ranges merge."""
+    SLACK)`` (exactly ``rho`` when the whole layer was sampled). Overlapping ranges merge.
+    ``wide[seg]`` = 1 when a range of an active layer spans more than ``REL`` digits."""
     seg = tl.program_id(0)
     n = tl.load(seg_n + seg)
     act = tl.load(active + seg) != 0
@@ -349,6 +381,8 @@ def _range_kernel(
     tl.store(range_b + 2 * seg, tl.where(act, b_hi, -1).to(tl.int64))
     tl.store(range_a + 2 * seg + 1, tl.where(act, a_lo, -1).to(tl.int64))
     tl.store(range_b + 2 * seg + 1, tl.where(act, b_lo, -1).to(tl.int64))
+    too_wide = (b_hi - a_hi >= REL) | (b_lo - a_lo >= REL)
+    tl.store(wide + seg, (act & too_wide).to(tl.int64))
 
 
 @triton.jit
@@ -406,25 +440,28 @@ def _cand_count_kernel(
     key = tl.load(cand_key + start + offs, mask=m, other=0)
     th = tl.load(t_hi + seg)
     tlo = tl.load(t_lo + seg)
-    strict = tl.sum((m & (key > tlo) & (key < th)).to(tl.int32), axis=0)
-    tl.store(cnt + pid, tl.load(cnt + pid) + strict)
-    tl.store(cnt + num_blocks + pid, tl.sum((m & (key == th)).to(tl.int32), axis=0))
-    tl.store(cnt + 2 * num_blocks + pid, tl.sum((m & (key == tlo)).to(tl.int32), axis=0))
+    packed = ((m & (key > tlo) & (key < th)).to(tl.int64)
+              | ((m & (key == th)).to(tl.int64) << 16) | ((m & (key == tlo)).to(tl.int64) << 32))
+    tot = tl.sum(packed, axis=0)  # one reduction, 16-bit fields (BLOCK_ <= 2048)
+    tl.store(cnt + pid, tl.load(cnt + pid) + (tot & 0xFFFF).to(tl.int32))
+    tl.store(cnt + num_blocks + pid, ((tot >> 16) & 0xFFFF).to(tl.int32))
+    tl.store(cnt + 2 * num_blocks + pid, ((tot >> 32) & 0xFFFF).to(tl.int32))
 
 
 @triton.jit
 def _refine_kernel(
     g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, cand_off, cand_key, prefix_a, prefix_b, hist,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, FROM_CAND: tl.constexpr,
-    PSHIFT: tl.constexpr, DSHIFT: tl.constexpr, DMASK: tl.constexpr, NBINS: tl.constexpr,
-    TILE_: tl.constexpr, CHUNK_: tl.constexpr,
+    REL: tl.constexpr, PSHIFT: tl.constexpr, DSHIFT: tl.constexpr, DMASK: tl.constexpr,
+    NBINS: tl.constexpr, TILE_: tl.constexpr, CHUNK_: tl.constexpr,
 ):
     """Phase 2: histogram of the next digit of the keys whose higher bits lie in
     ``[prefix_a, prefix_b]`` of the upper (row ``2*seg``) or lower (row ``2*seg+1``)
     boundary of their layer (one value, the prefix found so far, except for the first
     level of the sampled path, which starts from digit ranges). Keys come from the layer's
     candidate slot (``FROM_CAND``; ``seg_n`` then holds slot fill counts) or are recomputed
-    from the data (the fallback for huge boundary buckets)."""
+    from the data (the fallback for huge boundary buckets). ``REL``: the digit is the
+    first digit minus the start of the row's range (``NBINS`` covers every range)."""
     pid = tl.program_id(0)
     seg = tl.load(chk_seg + pid)
     start = tl.load(chk_start + pid)
@@ -447,9 +484,14 @@ def _refine_kernel(
         else:
             key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E), KIND)
         top = key >> PSHIFT
-        d = ((key >> DSHIFT) & DMASK).to(tl.int32)
-        h_hi += _masked_histogram(d, m & (top >= a_hi) & (top <= b_hi), NBINS, TILE_)
-        h_lo += _masked_histogram(d, m & (top >= a_lo) & (top <= b_lo), NBINS, TILE_)
+        if REL:
+            d_hi = (top - a_hi).to(tl.int32)
+            d_lo = (top - a_lo).to(tl.int32)
+        else:
+            d_hi = ((key >> DSHIFT) & DMASK).to(tl.int32)
+            d_lo = d_hi
+        h_hi += _masked_histogram(d_hi, m & (top >= a_hi) & (top <= b_hi), NBINS, TILE_)
+        h_lo += _masked_histogram(d_lo, m & (top >= a_lo) & (top <= b_lo), NBINS, TILE_)
     bins = tl.arange(0, NBINS)
     row = seg.to(tl.int64) * 2
     tl.atomic_add(hist + row * NBINS + bins, h_hi, mask=h_hi != 0)
@@ -473,12 +515,12 @@ def _count_kernel(
     key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E), KIND)
     th = tl.load(t_hi + seg)
     tlo = tl.load(t_lo + seg)
-    strict = m & (key > tlo) & (key < th)
-    eq_hi = m & (key == th)
-    eq_lo = m & (key == tlo)
-    tl.store(counts + pid, tl.sum(strict.to(tl.int32), axis=0))
-    tl.store(counts + num_blocks + pid, tl.sum(eq_hi.to(tl.int32), axis=0))
-    tl.store(counts + 2 * num_blocks + pid, tl.sum(eq_lo.to(tl.int32), axis=0))
+    packed = ((m & (key > tlo) & (key < th)).to(tl.int64)
+              | ((m & (key == th)).to(tl.int64) << 16) | ((m & (key == tlo)).to(tl.int64) << 32))
+    tot = tl.sum(packed, axis=0)  # one reduction, 16-bit fields (BLOCK_ <= 2048)
+    tl.store(counts + pid, (tot & 0xFFFF).to(tl.int32))
+    tl.store(counts + num_blocks + pid, ((tot >> 16) & 0xFFFF).to(tl.int32))
+    tl.store(counts + 2 * num_blocks + pid, ((tot >> 32) & 0xFFFF).to(tl.int32))
 
 
 @triton.jit
@@ -498,12 +540,13 @@ def _locate_row(hrow, r, NBINS: tl.constexpr, NB: tl.constexpr):
 def _locate_kernel(
     hist, prefix, rank, active, flags, t_hi, t_lo, skip_hi, end_hi, take_lo, S,
     NBINS: tl.constexpr, WIDTH: tl.constexpr, SHARED: tl.constexpr, APPEND: tl.constexpr,
-    FINAL: tl.constexpr,
+    REL: tl.constexpr, FINAL: tl.constexpr,
 ):
     """Scan of one digit level for one layer (both boundaries), on the device: find the
     boundary digits, reduce ``rank``, and set (or, ``APPEND``, extend) ``prefix``.
     ``SHARED``: the exact first-digit histogram, one row per layer, and ``flags[S + seg]``
     gets the layer's candidate count (both boundary buckets, once if they coincide).
+    ``REL``: the digits are relative to ``prefix`` (the range starts): add them.
     ``FINAL``: the prefixes are now the exact boundary keys; write the thresholds and tie
     limits the compaction applies."""
     seg = tl.program_id(0)
@@ -522,6 +565,9 @@ def _locate_kernel(
     if APPEND:
         p_hi = (tl.load(prefix + 2 * seg) << WIDTH) | d_hi
         p_lo = (tl.load(prefix + 2 * seg + 1) << WIDTH) | d_lo
+    elif REL:
+        p_hi = tl.load(prefix + 2 * seg) + d_hi
+        p_lo = tl.load(prefix + 2 * seg + 1) + d_lo
     else:
         p_hi = d_hi.to(tl.int64)
         p_lo = d_lo.to(tl.int64)
@@ -582,7 +628,7 @@ def _scan_kernel(
 def _write_kernel(
     g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
     t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
-    out_idx, out_val,
+    out_idx, out_val, cnt, num_blocks,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr,
     WRITE_SPARSE: tl.constexpr, WRITE_E: tl.constexpr, WRITE_DENSE: tl.constexpr,
     BLOCK_: tl.constexpr,
@@ -600,20 +646,23 @@ def _write_kernel(
     key = _key(v, KIND)
     th = tl.load(t_hi + seg)
     tlo = tl.load(t_lo + seg)
-    strict = m & (key > tlo) & (key < th)
-    eq_hi = m & (key == th)
-    eq_lo = m & (key == tlo)
-    # Ordinal of each tied entry inside its tie group = entries of the group before it in
-    # index order (earlier blocks: blk_ord_*, this block: exclusive cumsum).
-    eh = eq_hi.to(tl.int32)
-    ord_hi = tl.load(blk_ord_hi + pid) + (tl.cumsum(eh, axis=0) - eh)
-    el = eq_lo.to(tl.int32)
-    ord_lo = tl.load(blk_ord_lo + pid) + (tl.cumsum(el, axis=0) - el)
-    kept = (
-        strict
-        | (eq_hi & (ord_hi >= tl.load(skip_hi + seg)) & (ord_hi <= tl.load(end_hi + seg)))
-        | (eq_lo & (ord_lo <= tl.load(take_lo + seg)))
-    )
+    kept = m & (key > tlo) & (key < th)
+    # The tie rule only in blocks holding a boundary key (``cnt[1..2]``: usually one block
+    # per layer for each boundary): the ordinal of each tied entry inside its tie group =
+    # entries of the group before it in index order (earlier blocks: blk_ord_*, this block:
+    # exclusive cumsum of both tie flags at once, in 16-bit halves; BLOCK_ <= 2048).
+    if tl.load(cnt + num_blocks + pid) + tl.load(cnt + 2 * num_blocks + pid) > 0:
+        eq_hi = m & (key == th)
+        eq_lo = m & (key == tlo)
+        e2 = eq_hi.to(tl.int32) | (eq_lo.to(tl.int32) << 16)
+        c2 = tl.cumsum(e2, axis=0) - e2
+        ord_hi = tl.load(blk_ord_hi + pid) + (c2 & 0xFFFF)
+        ord_lo = tl.load(blk_ord_lo + pid) + (c2 >> 16)
+        kept = (
+            kept
+            | (eq_hi & (ord_hi >= tl.load(skip_hi + seg)) & (ord_hi <= tl.load(end_hi + seg)))
+            | (eq_lo & (ord_lo <= tl.load(take_lo + seg)))
+        )
     if WRITE_SPARSE:
         k = kept.to(tl.int32)
         pos = tl.load(blk_out + pid) + (tl.cumsum(k, axis=0) - k)
@@ -691,7 +740,7 @@ def _capacity(n: int) -> int:
 
 
 def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) -> _Plan:
-    key = (ns, float(top), float(keep), str(device), SAMPLE, CAND_FRACTION)
+    key = (ns, float(top), float(keep), str(device), SAMPLE, CAND_FRACTION, BLOCK)
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
@@ -744,9 +793,11 @@ def band_multi_triton(
     path and the candidate buffer (None: ``sampled`` from ``SAMPLED_MIN_TOTAL``,
     ``candidates`` from the boundary buckets' size); every path gives the same bits.
     """
+    if BLOCK > 2048:  # the kernels pack per-block counts into 12/16-bit fields
+        raise ValueError(f"BLOCK must be at most 2048, got {BLOCK}")
     S = len(gs)
     dtype, device = gs[0].dtype, gs[0].device
-    kind, key_bits, widths = _KINDS[dtype]
+    kind, key_bits, widths_cand, widths_data = _KINDS[dtype]
     has_e = residuals is not None
     ns = tuple(g.numel() for g in gs)
     plan = _plan(ns, top, keep, device)
@@ -779,6 +830,7 @@ def band_multi_triton(
     prefix, rank, thresholds, cnt, cand = state
     t_hi, t_lo, skip_hi, end_hi, take_lo = thresholds
     missed = cand[7] if cand is not None else []
+    widths = widths_cand if cand is not None else widths_data
     # Layers the sample missed get size 0 here (the tail neither reads nor writes them).
     seg_n = plan.seg_n * (1 - cand[8]) if missed else plan.seg_n
 
@@ -804,12 +856,12 @@ def band_multi_triton(
         if n_refine:
             _refine_kernel[(n_refine,)](
                 g_ptrs, e_ptrs, *src, prefix, prefix, h, FROM_CAND=cand is not None,
-                PSHIFT=pshift, DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=nbins,
+                REL=False, PSHIFT=pshift, DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=nbins,
                 TILE_=TILE, CHUNK_=CHUNK, **common,
             )
         _locate_kernel[(S,)](
             h, prefix, rank, plan.active, flags, *thresholds, S, NBINS=nbins, WIDTH=w,
-            SHARED=False, APPEND=True, FINAL=level == len(widths) - 1,
+            SHARED=False, APPEND=True, REL=False, FINAL=level == len(widths) - 1,
         )
         pshift -= w
 
@@ -829,13 +881,13 @@ def band_multi_triton(
     blk_ord = torch.empty((3, n_blocks), **i64)
     _scan_kernel[(S,)](
         cnt, n_blocks, plan.seg_first, plan.seg_nblk, plan.offsets, skip_hi, end_hi, take_lo,
-        blk_ord[0], blk_ord[1], blk_ord[2], SCAN=SCAN_TILE,
+        blk_ord[0], blk_ord[1], blk_ord[2], SCAN=SCAN_TILE, num_warps=SCAN_WARPS,
     )
 
     # Phase 3b: ordered compaction + residual / dense writes.
     _write_kernel[(n_blocks,)](
         g_ptrs, e_ptrs, d_ptrs, seg_n, plan.blk_seg, plan.blk_start,
-        *thresholds, blk_ord[0], blk_ord[1], blk_ord[2], out_idx, out_val,
+        *thresholds, blk_ord[0], blk_ord[1], blk_ord[2], out_idx, out_val, cnt, n_blocks,
         WRITE_SPARSE=want_sparse and total > 0, WRITE_E=has_e, WRITE_DENSE=dense is not None,
         BLOCK_=BLOCK, **common,
     )
@@ -882,7 +934,7 @@ def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candid
         )
     _locate_kernel[(S,)](
         hist, prefix, rank, plan.active, flags, *thresholds, S,
-        NBINS=nb1, WIDTH=FIRST_DIGIT_BITS, SHARED=True, APPEND=False, FINAL=False,
+        NBINS=nb1, WIDTH=FIRST_DIGIT_BITS, SHARED=True, APPEND=False, REL=False, FINAL=False,
     )
     host_flags = flags.tolist()  # the one device->host sync of a call
     for i, f in enumerate(host_flags[:S]):
@@ -925,22 +977,22 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message):
     nb1 = 1 << FIRST_DIGIT_BITS
     prefix, rank, thresholds, cnt = _new_state(plan, S, device)
     i64 = dict(dtype=torch.int64, device=device)
-    hist = torch.empty((S, nb1), dtype=torch.int32, device=device)
-    _sample_kernel[(S,)](
-        g_ptrs, e_ptrs, plan.seg_n, hist, SHIFT=shift, NBINS=nb1, SAMPLE_=SAMPLE, TILE_=TILE,
-        **common,
+    hist = torch.zeros((S, nb1), dtype=torch.int32, device=device)
+    _sample_kernel[(S, SAMPLE_SPLIT)](
+        g_ptrs, e_ptrs, plan.seg_n, hist, SHIFT=shift, NBINS=nb1, SAMPLE_=SAMPLE,
+        SPLIT=SAMPLE_SPLIT, TILE_=TILE, **common,
     )
     ranges = torch.empty((2, 2 * S), **i64)
+    flags = torch.zeros(3 * S, **i64)  # [NaN, sample missed, range wider than REL_BINS]
     _range_kernel[(S,)](
-        hist, plan.seg_n, rank, plan.active, ranges[0], ranges[1],
-        NBINS=nb1, SAMPLE_=SAMPLE, SIGMAS=SAMPLE_SIGMAS, SLACK=SAMPLE_SLACK,
+        hist, plan.seg_n, rank, plan.active, ranges[0], ranges[1], flags[2 * S:],
+        NBINS=nb1, SAMPLE_=SAMPLE, SIGMAS=SAMPLE_SIGMAS, SLACK=SAMPLE_SLACK, REL=REL_BINS,
     )
     cand_key = torch.empty(max(plan.n_cap, 1), dtype=torch.int64 if key_bits > 31 else torch.int32,
                            device=device)
     blk_cand = torch.empty((2, plan.n_blocks), **i64)
     totals = torch.empty((3, plan.n_blocks), dtype=torch.int32, device=device)
     fill = torch.zeros(S, **i64)
-    flags = torch.zeros(2 * S, **i64)  # [NaN, sample missed] per layer
     _gather_kernel[(plan.n_blocks,)](
         g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, ranges[0], ranges[1], cnt,
         blk_cand[0], blk_cand[1], plan.cap_off, plan.cap, fill, cand_key, totals, flags, S,
@@ -948,32 +1000,38 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message):
     )
     _validate_kernel[(S,)](
         totals, cnt, plan.n_blocks, plan.seg_first, plan.seg_nblk, ranges[0], rank,
-        plan.active, plan.cap, fill, flags, S, SCAN=SCAN_TILE,
+        plan.active, plan.cap, fill, flags, S, SCAN=SCAN_TILE, num_warps=SCAN_WARPS,
     )
     host_flags = flags.tolist()  # the one device->host sync (of this path)
     for i, f in enumerate(host_flags[:S]):
         if f:
             raise ValueError(nan_message(i))
-    missed = [i for i, f in enumerate(host_flags[S:]) if f]
+    missed = [i for i, f in enumerate(host_flags[S:2 * S]) if f]
     if len(missed) * 2 > S:  # mostly missed: one exact call over everything is cheaper
         return None
     if missed:  # the tail skips these layers; the caller reruns them on the exact path
-        fill.mul_(1 - flags[S:])  # no candidates to refine (a slot may have overflowed)
-    # First digit of the candidates, inside each boundary's range.
-    h = torch.zeros((2 * S, nb1), dtype=torch.int32, device=device)
+        fill.mul_(1 - flags[S:2 * S])  # no candidates to refine (a slot may have overflowed)
+    # First digit of the candidates, inside each boundary's range: relative to the range
+    # start in REL_BINS bins when every range is that narrow, else over all first digits.
+    rel = REL_FIRST_DIGIT and not any(host_flags[2 * S:])
+    nbins = REL_BINS if rel else nb1
+    h = torch.zeros((2 * S, nbins), dtype=torch.int32, device=device)
     if plan.n_cap_chunks:
         _refine_kernel[(plan.n_cap_chunks,)](
             g_ptrs, e_ptrs, fill, plan.cap_seg, plan.cap_start, plan.cap_off, cand_key,
-            ranges[0], ranges[1], h, FROM_CAND=True, PSHIFT=shift, DSHIFT=shift,
-            DMASK=nb1 - 1, NBINS=nb1, TILE_=TILE, CHUNK_=CHUNK, **common,
+            ranges[0], ranges[1], h, FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift,
+            DMASK=nb1 - 1, NBINS=nbins, TILE_=TILE, CHUNK_=CHUNK, **common,
         )
+    if rel:
+        prefix = ranges[0]  # the locate below adds each relative digit to its range start
     _locate_kernel[(S,)](
-        h, prefix, rank, plan.active, flags, *thresholds, S,
-        NBINS=nb1, WIDTH=FIRST_DIGIT_BITS, SHARED=False, APPEND=False, FINAL=False,
+        h, prefix, rank, plan.active, flags, *thresholds, S, NBINS=nbins,
+        WIDTH=REL_BINS.bit_length() - 1 if rel else FIRST_DIGIT_BITS, SHARED=False,
+        APPEND=False, REL=rel, FINAL=False,
     )
     return prefix, rank, thresholds, cnt, (fill, plan.cap_seg, plan.cap_start,
                                            plan.n_cap_chunks, plan.cap_off, cand_key, blk_cand,
-                                           missed, flags[S:])
+                                           missed, flags[S:2 * S])
 
 
 # --------------------------------------------------------------------------------------
