@@ -6,8 +6,8 @@
 #
 # Runs in the repository root with the machine's own python3/torch/triton (no install:
 # the package is imported from the checkout via PYTHONPATH). Logs land in $OUT (at most
-# 8 files): env.txt build.log tests_kernels.log tests_more.log bench.md bench.log
-# profile.log profile.json.
+# 8 files): env.txt build.log tests_kernels.log tests_more.log bench.log profile.log
+# profile.json ncu.txt.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -20,7 +20,7 @@ stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  nproc
+  nproc; uname -r
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -39,7 +39,7 @@ tail -2 "$OUT/build.log"
 stamp "build done"
 
 stamp "bench_triton (ours vs authors vs topk vs clone)"
-timeout 170 $PY bench/bench_triton.py --reps 20 --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+timeout 170 $PY bench/bench_triton.py --reps 20 > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/bench.log"
 cat "$OUT/bench.log" | tail -40
 
@@ -54,4 +54,19 @@ timeout 150 $PY -m pytest -q -n 8 -p no:cacheprovider tests/kernels/test_triton_
   -k "matches_cpp_kernel or cuda" > "$OUT/tests_more.log" 2>&1
 echo "tests_more rc=$?" >> "$OUT/tests_more.log"
 tail -4 "$OUT/tests_more.log"
+stamp "ncu: one 25M select_ef_multi call (gather, refine, write kernels)"
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  timeout 90 "$NCU" --clock-control none --launch-skip 21 --launch-count 7 \
+    -k regex:'_gather_kernel|_refine_kernel|_write_kernel' \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+    $PY -c "import torch, dgp_kernels
+g = torch.randn(25_000_000, device='cuda'); e = torch.zeros_like(g)
+for _ in range(4): dgp_kernels.select_ef_multi([g], [e], 0.05, 0.2)
+torch.cuda.synchronize()" > "$OUT/ncu.txt" 2>&1
+  echo "ncu rc=$?" >> "$OUT/ncu.txt"
+  grep -E "_kernel|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|ncu rc" "$OUT/ncu.txt" | head -60
+else
+  echo "ncu not found" | tee "$OUT/ncu.txt"
+fi
 stamp "done"

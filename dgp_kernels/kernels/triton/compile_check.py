@@ -35,20 +35,22 @@ def _variants(ts, torch):
         kind, key_bits, widths_cand, widths_data = ts._KINDS[dtype]
         shift = key_bits - ts.FIRST_DIGIT_BITS
         for has_e in (True, False):
-            c = dict(DT=ts._TL_DTYPE[dtype], KIND=kind, HAS_E=has_e)
+            c = dict(DT=ts._TL_DTYPE[dtype], KIND=kind, HAS_E=has_e, ALIGNED=True)
+            unaligned = dict(c, ALIGNED=False)
             tag = f"{dname} ef={int(has_e)}"
             out.append((ts._hist_kernel, dict(
                 g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64, hist="*i32",
                 nan_flag=i64), dict(c, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
                 NBINS=1 << ts.FIRST_DIGIT_BITS, TILE_=ts.TILE, CHUNK_=ts.CHUNK), f"hist {tag}"))
-            for sampled in (False, True):
+            for sampled, cc in ((False, c), (True, c), (True, unaligned)):
                 out.append((ts._gather_kernel, dict(
                     g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64,
                     range_a=i64, range_b=i64, cnt="*i32", blk_cstart=i64, blk_ccount=i64,
                     cand_off=i64, cand_cap=i64, cand_fill=i64, cand_key="*" + kt,
                     totals="*i32", flags=i64, S="i32"),
-                    dict(c, SAMPLED=sampled, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
-                         BLOCK_=ts.BLOCK), f"gather {tag} sampled={int(sampled)}"))
+                    dict(cc, SAMPLED=sampled, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
+                         BLOCK_=ts.BLOCK),
+                    f"gather {tag} sampled={int(sampled)} aligned={int(cc['ALIGNED'])}"))
             out.append((ts._sample_kernel, dict(g_ptrs=i64, e_ptrs=i64, seg_n=i64,
                         hist="*i32"), dict(c, SHIFT=shift, NBINS=1 << ts.FIRST_DIGIT_BITS,
                         SAMPLE_=ts.SAMPLE, SPLIT=ts.SAMPLE_SPLIT, TILE_=ts.TILE),
@@ -61,29 +63,31 @@ def _variants(ts, torch):
                 out.append((ts._refine_kernel, refine_sig, dict(
                     c, FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift,
                     DMASK=(1 << ts.FIRST_DIGIT_BITS) - 1, NBINS=nb, TILE_=ts.TILE,
-                    CHUNK_=ts.CHUNK), f"refine {tag} first digit of candidates rel={int(rel)}"))
+                    CHUNK_=ts.CAND_CHUNK), f"refine {tag} first digit of candidates rel={int(rel)}"))
             for from_cand, widths in ((True, widths_cand), (False, widths_data)):
                 pshift = shift
                 for w in widths:
                     out.append((ts._refine_kernel, refine_sig,
                         dict(c, FROM_CAND=from_cand, REL=False, PSHIFT=pshift,
                              DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=max(1 << w, 32),
-                             TILE_=ts.TILE, CHUNK_=ts.CHUNK),
+                             TILE_=ts.TILE, CHUNK_=ts.CAND_CHUNK if from_cand else ts.CHUNK),
                         f"refine {tag} digit={w} cand={int(from_cand)}"))
                     pshift -= w
             out.append((ts._count_kernel, dict(
                 g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64, t_hi=i64,
                 t_lo=i64, counts="*i32", num_blocks="i32"), dict(c, BLOCK_=ts.BLOCK),
                 f"count {tag}"))
-            modes = [(True, has_e, False)] + ([] if has_e else [(False, False, True)])
-            for sparse, write_e, write_dense in modes:
+            modes = [(True, has_e, False, c), (True, has_e, False, unaligned)]
+            modes += [] if has_e else [(False, False, True, c)]
+            for sparse, write_e, write_dense, cc in modes:
                 out.append((ts._write_kernel, dict(
                     g_ptrs=i64, e_ptrs=i64, d_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64,
                     t_hi=i64, t_lo=i64, skip_hi=i64, end_hi=i64, take_lo=i64, blk_ord_hi=i64,
                     blk_ord_lo=i64, blk_out=i64, out_idx=i64, out_val="*" + vt,
-                    cnt="*i32", num_blocks="i32"),
-                    dict(c, WRITE_SPARSE=sparse, WRITE_E=write_e, WRITE_DENSE=write_dense,
-                         BLOCK_=ts.BLOCK), f"write {tag} sparse={int(sparse)}"))
+                    cnt="*i32", num_blocks="i32", stop=i64),
+                    dict(cc, WRITE_SPARSE=sparse, WRITE_E=write_e, WRITE_DENSE=write_dense,
+                         BLOCK_=ts.BLOCK),
+                    f"write {tag} sparse={int(sparse)} aligned={int(cc['ALIGNED'])}"))
         if has_e:  # the dtype-independent kernels, once per key width
             out.append((ts._cand_count_kernel, dict(
                 seg_n=i64, blk_seg=i64, blk_cstart=i64, blk_ccount=i64, cand_key="*" + kt, t_hi=i64,
@@ -107,8 +111,8 @@ def _variants(ts, torch):
                 SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK, REL=ts.REL_BINS), "range"))
     out.append((ts._validate_kernel, dict(totals="*i32", cnt="*i32", num_blocks="i32",
                 seg_first=i64, seg_nblk=i64, range_a=i64, rank=i64, active=i64,
-                cand_cap=i64, cand_fill=i64, flags=i64, S="i32"), dict(SCAN=ts.SCAN_TILE),
-                "validate"))
+                cand_cap=i64, cand_fill=i64, flags=i64, S="i32", seg_n=i64, tail_n=i64),
+                dict(SCAN=ts.SCAN_TILE, WIDE_MISSES=ts.REL_FIRST_DIGIT), "validate"))
     out.append((ts._scan_kernel, dict(
         cnt="*i32", num_blocks="i32", seg_first=i64, seg_nblk=i64, offsets=i64, skip_hi=i64,
         end_hi=i64, take_lo=i64, blk_ord_hi=i64, blk_ord_lo=i64, blk_out=i64),

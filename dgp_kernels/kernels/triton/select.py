@@ -78,6 +78,9 @@ BLOCK = 2048
 # element), so the global atomics are ~1/32 of the traffic of a per-element scheme.
 TILE = 2048
 CHUNK = 32 * TILE
+# Candidate refinement: fewer tiles per program, so that a few million candidates spread
+# over enough programs to fill the GPU (64K per program left 96 programs for a 25M tensor).
+CAND_CHUNK = 4 * TILE
 # Blocks per step of the per-layer scan over block counts (one program per layer).
 SCAN_TILE = 4096
 SCAN_WARPS = 8
@@ -163,11 +166,21 @@ def _f32_to_bf16_rne(x):
 
 
 @triton.jit
-def _load_v(g_base, e_base, offs, m, KIND: tl.constexpr, HAS_E: tl.constexpr):
-    """``v = g`` or ``v = g + e`` rounded once to the storage dtype, as torch computes it."""
-    g = tl.load(g_base + offs, mask=m, other=0.0)
+def _load_v(g_base, e_base, offs, m, KIND: tl.constexpr, HAS_E: tl.constexpr,
+            MASKED: tl.constexpr):
+    """``v = g`` or ``v = g + e`` rounded once to the storage dtype, as torch computes it.
+    ``MASKED=False`` (a block entirely inside its layer): no mask, so that the loads can be
+    vectorised (a mask computed from a layer size loaded at run time has unknown constancy
+    and would force one 4-byte load per element)."""
+    if MASKED:
+        g = tl.load(g_base + offs, mask=m, other=0.0)
+    else:
+        g = tl.load(g_base + offs)
     if HAS_E:
-        e = tl.load(e_base + offs, mask=m, other=0.0)
+        if MASKED:
+            e = tl.load(e_base + offs, mask=m, other=0.0)
+        else:
+            e = tl.load(e_base + offs)
         if KIND == 2:  # float16: torch adds in float32 and rounds once (to nearest even)
             v = (g.to(tl.float32) + e.to(tl.float32)).to(tl.float16)
         elif KIND == 3:
@@ -180,6 +193,26 @@ def _load_v(g_base, e_base, offs, m, KIND: tl.constexpr, HAS_E: tl.constexpr):
             v = g + e
     else:
         v = g
+    return v
+
+
+@triton.jit
+def _base(ptrs, seg, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Data pointer of layer ``seg`` from a segment table; ``ALIGNED``: the launcher checked
+    that every pointer of the call is 16-byte aligned, so tell the compiler (vector loads)."""
+    p = tl.load(ptrs + seg).to(tl.pointer_type(DT))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _block_v(g_base, e_base, offs, m, full, KIND: tl.constexpr, HAS_E: tl.constexpr):
+    """``_load_v`` of one block: unmasked (vectorisable) when the block is ``full``."""
+    if full:
+        v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, False)
+    else:
+        v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, True)
     return v
 
 
@@ -207,7 +240,8 @@ def _masked_histogram(d, m, NBINS: tl.constexpr, TILE_: tl.constexpr):
 @triton.jit
 def _hist_kernel(
     g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, hist, nan_flag,
-    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, INF_KEY: tl.constexpr,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
+    INF_KEY: tl.constexpr,
     SHIFT: tl.constexpr, NBINS: tl.constexpr, TILE_: tl.constexpr, CHUNK_: tl.constexpr,
 ):
     """Phase 1: NaN flag and first-digit histogram of one chunk of one layer."""
@@ -215,15 +249,15 @@ def _hist_kernel(
     seg = tl.load(chk_seg + pid)
     start = tl.load(chk_start + pid)
     n = tl.load(seg_n + seg)
-    g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
-    e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
+    g_base = _base(g_ptrs, seg, DT, ALIGNED)
+    e_base = _base(e_ptrs, seg, DT, ALIGNED)
     end = tl.minimum(start + CHUNK_, n)
     h = tl.zeros([NBINS], dtype=tl.int32)
     nan = tl.zeros([TILE_], dtype=tl.int32)
     for off in range(start, end, TILE_):
         offs = off + tl.arange(0, TILE_)
         m = offs < end
-        v = _load_v(g_base, e_base, offs, m, KIND, HAS_E)
+        v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, True)
         key = _key(v, KIND)
         # NaN <=> key above the key of inf (`v != v` misses bfloat16 NaN in the
         # interpreter, which holds bfloat16 as raw 16-bit integers).
@@ -240,7 +274,8 @@ def _hist_kernel(
 def _gather_kernel(
     g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a, range_b, cnt, blk_cstart, blk_ccount,
     cand_off, cand_cap, cand_fill, cand_key, totals, flags, S,
-    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, SAMPLED: tl.constexpr,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
+    SAMPLED: tl.constexpr,
     INF_KEY: tl.constexpr, SHIFT: tl.constexpr, BLOCK_: tl.constexpr,
 ):
     """Phase 2: per block, count the keys whose first digit lies strictly between the lower
@@ -260,11 +295,11 @@ def _gather_kernel(
     seg = tl.load(blk_seg + pid)
     start = tl.load(blk_start + pid)
     n = tl.load(seg_n + seg)
-    g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
-    e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
-    offs = start + tl.arange(0, BLOCK_)
+    g_base = _base(g_ptrs, seg, DT, ALIGNED)
+    e_base = _base(e_ptrs, seg, DT, ALIGNED)
+    offs = tl.multiple_of(start, BLOCK_) + tl.arange(0, BLOCK_)
     m = offs < n
-    key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E), KIND)
+    key = _key(_block_v(g_base, e_base, offs, m, start + BLOCK_ <= n, KIND, HAS_E), KIND)
     dig = key >> SHIFT
     ha = tl.load(range_a + 2 * seg)  # -1 for layers with an empty band: matches nothing
     hb = tl.load(range_b + 2 * seg)
@@ -288,6 +323,7 @@ def _gather_kernel(
     if SAMPLED:
         if ((tot >> 48) & 0xFFF) > 0:
             tl.atomic_max(flags + seg, 1)
+            tl.atomic_max(flags + 3 * S, 1)  # the call holds a NaN: the write pass stops
         # per-block stores, summed per layer by _validate_kernel (no same-address atomics)
         nb = tl.num_programs(0)
         tl.store(totals + pid, ((tot >> 36) & 0xFFF).to(tl.int32))
@@ -305,7 +341,8 @@ def _gather_kernel(
 @triton.jit
 def _sample_kernel(
     g_ptrs, e_ptrs, seg_n, hist,
-    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, SHIFT: tl.constexpr,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
+    SHIFT: tl.constexpr,
     NBINS: tl.constexpr, SAMPLE_: tl.constexpr, SPLIT: tl.constexpr, TILE_: tl.constexpr,
 ):
     """Sampled path, phase 1: first-digit histogram of ``min(n, SAMPLE_)`` entries of one
@@ -315,8 +352,8 @@ def _sample_kernel(
     seg = tl.program_id(0)
     part = tl.program_id(1)
     n = tl.load(seg_n + seg)
-    g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
-    e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
+    g_base = _base(g_ptrs, seg, DT, ALIGNED)
+    e_base = _base(e_ptrs, seg, DT, ALIGNED)
     s = tl.minimum(n, SAMPLE_)
     stride = n // tl.maximum(s, 1)
     per = (s + SPLIT - 1) // SPLIT
@@ -326,7 +363,7 @@ def _sample_kernel(
     for off in range(lo, hi, TILE_):
         i = off + tl.arange(0, TILE_)
         m = i < hi
-        key = _key(_load_v(g_base, e_base, i * stride, m, KIND, HAS_E), KIND)
+        key = _key(_load_v(g_base, e_base, i * stride, m, KIND, HAS_E, True), KIND)
         h += _masked_histogram((key >> SHIFT).to(tl.int32), m, NBINS, TILE_)
     bins = tl.arange(0, NBINS)
     tl.atomic_add(hist + seg.to(tl.int64) * NBINS + bins, h, mask=h != 0)
@@ -388,12 +425,14 @@ def _range_kernel(
 @triton.jit
 def _validate_kernel(
     totals, cnt, num_blocks, seg_first, seg_nblk, range_a, rank, active, cand_cap, cand_fill,
-    flags, S, SCAN: tl.constexpr,
+    flags, S, seg_n, tail_n, SCAN: tl.constexpr, WIDE_MISSES: tl.constexpr,
 ):
     """Sampled path: is each boundary's rank inside its range (else the sample missed)?
     Sums the layer's per-block counts, writes ``flags[S + seg] = 1`` on a miss or a
-    candidate-slot overflow, and turns the ranks into ranks inside the ranges (rank minus
-    the keys above the range)."""
+    candidate-slot overflow (or, ``WIDE_MISSES``, a range too wide for the relative first
+    digit: ``flags[2 * S + seg]``), and turns the ranks into ranks inside the ranges (rank
+    minus the keys above the range). A missed layer gets no candidates (``cand_fill`` 0) and
+    size 0 for the tail (``tail_n``), which then neither reads nor writes it."""
     seg = tl.program_id(0)
     act = tl.load(active + seg) != 0
     b0 = tl.load(seg_first + seg)
@@ -416,9 +455,14 @@ def _validate_kernel(
     ok_hi = (r_hi >= above) & (r_hi < above + n_h)
     base_lo = tl.where(merged, above, above + n_h + n_b)
     ok_lo = (r_lo >= base_lo) & (r_lo < base_lo + tl.where(merged, n_h, n_l))
-    fits = tl.load(cand_fill + seg) <= tl.load(cand_cap + seg)
+    fill = tl.load(cand_fill + seg)
+    fits = fill <= tl.load(cand_cap + seg)
     bad = act & ~(ok_hi & ok_lo & fits)
+    if WIDE_MISSES:
+        bad = bad | (act & (tl.load(flags + 2 * S + seg) != 0))
     tl.store(flags + S + seg, bad.to(tl.int64))
+    tl.store(cand_fill + seg, tl.where(bad, 0, fill))
+    tl.store(tail_n + seg, tl.where(bad, 0, tl.load(seg_n + seg)))
     tl.store(rank + 2 * seg, r_hi - above)
     tl.store(rank + 2 * seg + 1, r_lo - base_lo)
 
@@ -451,7 +495,8 @@ def _cand_count_kernel(
 @triton.jit
 def _refine_kernel(
     g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, cand_off, cand_key, prefix_a, prefix_b, hist,
-    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, FROM_CAND: tl.constexpr,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
+    FROM_CAND: tl.constexpr,
     REL: tl.constexpr, PSHIFT: tl.constexpr, DSHIFT: tl.constexpr, DMASK: tl.constexpr,
     NBINS: tl.constexpr, TILE_: tl.constexpr, CHUNK_: tl.constexpr,
 ):
@@ -466,8 +511,8 @@ def _refine_kernel(
     seg = tl.load(chk_seg + pid)
     start = tl.load(chk_start + pid)
     n = tl.load(seg_n + seg)
-    g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
-    e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
+    g_base = _base(g_ptrs, seg, DT, ALIGNED)
+    e_base = _base(e_ptrs, seg, DT, ALIGNED)
     c_base = tl.load(cand_off + seg)
     a_hi = tl.load(prefix_a + 2 * seg)
     b_hi = tl.load(prefix_b + 2 * seg)
@@ -482,7 +527,7 @@ def _refine_kernel(
         if FROM_CAND:
             key = tl.load(cand_key + c_base + offs, mask=m, other=0)
         else:
-            key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E), KIND)
+            key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E, True), KIND)
         top = key >> PSHIFT
         if REL:
             d_hi = (top - a_hi).to(tl.int32)
@@ -501,18 +546,19 @@ def _refine_kernel(
 @triton.jit
 def _count_kernel(
     g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, t_hi, t_lo, counts, num_blocks,
-    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, BLOCK_: tl.constexpr,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_: tl.constexpr,
 ):
     """Phase 3a: per block, #keys strictly inside (T_lo, T_hi), #keys == T_hi, #keys == T_lo."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
     start = tl.load(blk_start + pid)
     n = tl.load(seg_n + seg)
-    g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
-    e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
-    offs = start + tl.arange(0, BLOCK_)
+    g_base = _base(g_ptrs, seg, DT, ALIGNED)
+    e_base = _base(e_ptrs, seg, DT, ALIGNED)
+    offs = tl.multiple_of(start, BLOCK_) + tl.arange(0, BLOCK_)
     m = offs < n
-    key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E), KIND)
+    key = _key(_block_v(g_base, e_base, offs, m, start + BLOCK_ <= n, KIND, HAS_E), KIND)
     th = tl.load(t_hi + seg)
     tlo = tl.load(t_lo + seg)
     packed = ((m & (key > tlo) & (key < th)).to(tl.int64)
@@ -628,21 +674,24 @@ def _scan_kernel(
 def _write_kernel(
     g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
     t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
-    out_idx, out_val, cnt, num_blocks,
-    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr,
+    out_idx, out_val, cnt, num_blocks, stop,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     WRITE_SPARSE: tl.constexpr, WRITE_E: tl.constexpr, WRITE_DENSE: tl.constexpr,
     BLOCK_: tl.constexpr,
 ):
-    """Phase 3b: ordered compaction of one block with the tie rule at both thresholds."""
+    """Phase 3b: ordered compaction of one block with the tie rule at both thresholds.
+    Writes nothing at all when ``stop[0]`` is set (the sampled path found a NaN in the call:
+    the launcher raises after the pass, and no residual or input may have changed)."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
     start = tl.load(blk_start + pid)
-    n = tl.load(seg_n + seg)
-    g_base = tl.load(g_ptrs + seg).to(tl.pointer_type(DT))
-    e_base = tl.load(e_ptrs + seg).to(tl.pointer_type(DT))
-    offs = start + tl.arange(0, BLOCK_)
+    n = tl.where(tl.load(stop) != 0, 0, tl.load(seg_n + seg))
+    g_base = _base(g_ptrs, seg, DT, ALIGNED)
+    e_base = _base(e_ptrs, seg, DT, ALIGNED)
+    offs = tl.multiple_of(start, BLOCK_) + tl.arange(0, BLOCK_)
     m = offs < n
-    v = _load_v(g_base, e_base, offs, m, KIND, HAS_E)
+    full = start + BLOCK_ <= n
+    v = _block_v(g_base, e_base, offs, m, full, KIND, HAS_E)
     key = _key(v, KIND)
     th = tl.load(t_hi + seg)
     tlo = tl.load(t_lo + seg)
@@ -670,10 +719,16 @@ def _write_kernel(
         tl.store(out_val + pos, v, mask=kept)
     zero = tl.zeros_like(v)  # +0.0
     if WRITE_E:
-        tl.store(e_base + offs, tl.where(kept, zero, v), mask=m)
+        if full:
+            tl.store(e_base + offs, tl.where(kept, zero, v))
+        else:
+            tl.store(e_base + offs, tl.where(kept, zero, v), mask=m)
     if WRITE_DENSE:
-        d_base = tl.load(d_ptrs + seg).to(tl.pointer_type(DT))
-        tl.store(d_base + offs, tl.where(kept, v, zero), mask=m)
+        d_base = _base(d_ptrs, seg, DT, ALIGNED)
+        if full:
+            tl.store(d_base + offs, tl.where(kept, v, zero))
+        else:
+            tl.store(d_base + offs, tl.where(kept, v, zero), mask=m)
 
 
 # --------------------------------------------------------------------------------------
@@ -727,6 +782,7 @@ class _Plan:
     cap_off: Tensor  # [S+1] sampled path: first slot entry of each layer
     cap_seg: Tensor  # sampled path: chunk table over the slots
     cap_start: Tensor
+    zero: Tensor  # [1] a zero flag (the write pass's ``stop`` on the exact path)
 
 
 _PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
@@ -740,7 +796,7 @@ def _capacity(n: int) -> int:
 
 
 def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) -> _Plan:
-    key = (ns, float(top), float(keep), str(device), SAMPLE, CAND_FRACTION, BLOCK)
+    key = (ns, float(top), float(keep), str(device), SAMPLE, CAND_FRACTION, BLOCK, CAND_CHUNK)
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
@@ -758,10 +814,10 @@ def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) ->
     cap_off = [0]
     for c in caps:
         cap_off.append(cap_off[-1] + c)
-    p_seg, p_start, _, _ = _block_table(caps, CHUNK)
+    p_seg, p_start, _, _ = _block_table(caps, CAND_CHUNK)
     tensors = _to_device(
         [ns, c_seg, c_start, b_seg, b_start, b_first, b_count, rows, out_off,
-         [int(kk > 0) for _, kk in counts], caps, cap_off, p_seg, p_start], device)
+         [int(kk > 0) for _, kk in counts], caps, cap_off, p_seg, p_start, [0]], device)
     plan = _Plan(counts, out_off, out_off[-1], len(c_seg), len(b_seg), len(p_seg), cap_off[-1],
                  sum(ns), *tensors)
     _PLANS[key] = plan
@@ -805,15 +861,16 @@ def band_multi_triton(
     e_list = residuals if has_e else gs
     d_list = dense if dense is not None else gs
     ptrs = _to_device([[t.data_ptr() for t in x] for x in (gs, e_list, d_list)], device)
-    common = dict(DT=_TL_DTYPE[dtype], KIND=kind, HAS_E=has_e, num_warps=NUM_WARPS)
+    aligned = all(t.data_ptr() % 16 == 0 for x in (gs, e_list, d_list) for t in x)
+    common = dict(DT=_TL_DTYPE[dtype], KIND=kind, HAS_E=has_e, ALIGNED=aligned,
+                  num_warps=NUM_WARPS)
     i64 = dict(dtype=torch.int64, device=device)
 
     if sampled is None:
         sampled = sum(ns) >= SAMPLED_MIN_TOTAL and dtype in SAMPLED_DTYPES
-    state = None
-    if sampled and n_blocks:
-        state = _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message)
-    if state is None:  # not asked for, or the sample missed a boundary: exact histogram
+    if sampled and n_blocks:  # no device->host sync until the write pass is queued
+        state = _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common)
+    else:  # exact histogram (one sync: NaN check, candidate count)
         state = _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message,
                                  candidates)
 
@@ -824,15 +881,21 @@ def band_multi_triton(
         out_idx = torch.empty(1, **i64)
         out_val = torch.empty(1, dtype=dtype, device=device)
     offsets = plan.offsets.clone()  # returned to the caller: not the cached tensor
+    sampled_flags = state[4][7] if state[4] is not None else None
     if n_blocks == 0 or (total == 0 and not has_e and dense is None):
+        if sampled_flags is not None:
+            _sampled_outcome(sampled_flags, S, nan_message)
         return (out_idx, out_val, offsets) if want_sparse else None
     g_ptrs, e_ptrs, d_ptrs = ptrs
     prefix, rank, thresholds, cnt, cand = state
     t_hi, t_lo, skip_hi, end_hi, take_lo = thresholds
-    missed = cand[7] if cand is not None else []
     widths = widths_cand if cand is not None else widths_data
-    # Layers the sample missed get size 0 here (the tail neither reads nor writes them).
-    seg_n = plan.seg_n * (1 - cand[8]) if missed else plan.seg_n
+    if sampled_flags is not None:
+        # Layers the sample missed have size 0 in the tail (neither read nor written), and
+        # a NaN anywhere in the call stops the write pass altogether.
+        seg_n, stop = cand[8], sampled_flags[3 * S:]
+    else:
+        seg_n, stop = plan.seg_n, plan.zero
 
     # Phase 2', the remaining digits: exact boundary keys, over the candidate slots or,
     # when the boundary buckets are huge, over the data.
@@ -857,7 +920,7 @@ def band_multi_triton(
             _refine_kernel[(n_refine,)](
                 g_ptrs, e_ptrs, *src, prefix, prefix, h, FROM_CAND=cand is not None,
                 REL=False, PSHIFT=pshift, DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=nbins,
-                TILE_=TILE, CHUNK_=CHUNK, **common,
+                TILE_=TILE, CHUNK_=CAND_CHUNK if cand is not None else CHUNK, **common,
             )
         _locate_kernel[(S,)](
             h, prefix, rank, plan.active, flags, *thresholds, S, NBINS=nbins, WIDTH=w,
@@ -887,10 +950,11 @@ def band_multi_triton(
     # Phase 3b: ordered compaction + residual / dense writes.
     _write_kernel[(n_blocks,)](
         g_ptrs, e_ptrs, d_ptrs, seg_n, plan.blk_seg, plan.blk_start,
-        *thresholds, blk_ord[0], blk_ord[1], blk_ord[2], out_idx, out_val, cnt, n_blocks,
+        *thresholds, blk_ord[0], blk_ord[1], blk_ord[2], out_idx, out_val, cnt, n_blocks, stop,
         WRITE_SPARSE=want_sparse and total > 0, WRITE_E=has_e, WRITE_DENSE=dense is not None,
         BLOCK_=BLOCK, **common,
     )
+    missed = _sampled_outcome(sampled_flags, S, nan_message) if sampled_flags is not None else []
     if missed:  # the layers whose sample missed, on the exact path, into their slots
         pick = lambda xs: None if xs is None else [xs[i] for i in missed]  # noqa: E731
         sub = band_multi_triton(
@@ -946,7 +1010,7 @@ def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candid
         candidates = n_cand <= max(CAND_MIN, plan.n_total // CAND_FRACTION)
     if not candidates or plan.n_blocks == 0:
         return prefix, rank, thresholds, cnt, None
-    cc_seg, cc_start, _, _ = _block_table(cand_ns, CHUNK)
+    cc_seg, cc_start, _, _ = _block_table(cand_ns, CAND_CHUNK)
     slot = [0]
     for c in cand_ns:
         slot.append(slot[-1] + c)
@@ -962,28 +1026,36 @@ def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candid
         SAMPLED=False, INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK, **common,
     )
     return prefix, rank, thresholds, cnt, (cand_n, c_seg, c_start, len(cc_seg), cand_off,
-                                           cand_key, blk_cand, [], None)
+                                           cand_key, blk_cand, None, None)
 
 
-def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message):
+def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common):
     """Sampled path: first-digit histogram of a sample of each layer, digit ranges that hold
     the boundaries with high probability, then one full read (gather) that collects the
-    candidates, the counts and the NaN flags, and the sync. Returns the state of
-    :func:`_boundaries_full` with the first candidate digit resolved, or None when a
-    boundary fell outside its range (the caller then runs the exact path)."""
+    candidates, the counts and the NaN flags, and the first candidate digit. No
+    device->host sync: a layer whose boundary fell outside its range (or, on the relative
+    first-digit path, whose range is too wide) is marked missed on the device and skipped
+    by the tail; :func:`_sampled_outcome` reads the flags once the write pass is queued.
+    Returns the state of :func:`_boundaries_full`, its candidate part extended by the flags
+    (``[NaN, missed, wide]`` per layer and the call's NaN flag) and the tail's layer sizes."""
     device = plan.seg_n.device
     g_ptrs, e_ptrs, _ = ptrs
     shift = key_bits - FIRST_DIGIT_BITS
     nb1 = 1 << FIRST_DIGIT_BITS
     prefix, rank, thresholds, cnt = _new_state(plan, S, device)
     i64 = dict(dtype=torch.int64, device=device)
-    hist = torch.zeros((S, nb1), dtype=torch.int32, device=device)
+    rel = REL_FIRST_DIGIT
+    nbins = REL_BINS if rel else nb1
+    # one zeroed workspace: sample histograms, refine histograms | flags, slot fills
+    ws32 = torch.zeros(S * nb1 + 2 * S * nbins, dtype=torch.int32, device=device)
+    hist, h = ws32[:S * nb1].view(S, nb1), ws32[S * nb1:].view(2 * S, nbins)
+    ws64 = torch.zeros(4 * S + 1, **i64)
+    flags, fill = ws64[:3 * S + 1], ws64[3 * S + 1:]
     _sample_kernel[(S, SAMPLE_SPLIT)](
         g_ptrs, e_ptrs, plan.seg_n, hist, SHIFT=shift, NBINS=nb1, SAMPLE_=SAMPLE,
         SPLIT=SAMPLE_SPLIT, TILE_=TILE, **common,
     )
     ranges = torch.empty((2, 2 * S), **i64)
-    flags = torch.zeros(3 * S, **i64)  # [NaN, sample missed, range wider than REL_BINS]
     _range_kernel[(S,)](
         hist, plan.seg_n, rank, plan.active, ranges[0], ranges[1], flags[2 * S:],
         NBINS=nb1, SAMPLE_=SAMPLE, SIGMAS=SAMPLE_SIGMAS, SLACK=SAMPLE_SLACK, REL=REL_BINS,
@@ -992,35 +1064,25 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message):
                            device=device)
     blk_cand = torch.empty((2, plan.n_blocks), **i64)
     totals = torch.empty((3, plan.n_blocks), dtype=torch.int32, device=device)
-    fill = torch.zeros(S, **i64)
     _gather_kernel[(plan.n_blocks,)](
         g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, ranges[0], ranges[1], cnt,
         blk_cand[0], blk_cand[1], plan.cap_off, plan.cap, fill, cand_key, totals, flags, S,
         SAMPLED=True, INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK, **common,
     )
+    tail_n = torch.empty(S, **i64)
     _validate_kernel[(S,)](
         totals, cnt, plan.n_blocks, plan.seg_first, plan.seg_nblk, ranges[0], rank,
-        plan.active, plan.cap, fill, flags, S, SCAN=SCAN_TILE, num_warps=SCAN_WARPS,
+        plan.active, plan.cap, fill, flags, S, plan.seg_n, tail_n, SCAN=SCAN_TILE,
+        WIDE_MISSES=rel, num_warps=SCAN_WARPS,
     )
-    host_flags = flags.tolist()  # the one device->host sync (of this path)
-    for i, f in enumerate(host_flags[:S]):
-        if f:
-            raise ValueError(nan_message(i))
-    missed = [i for i, f in enumerate(host_flags[S:2 * S]) if f]
-    if len(missed) * 2 > S:  # mostly missed: one exact call over everything is cheaper
-        return None
-    if missed:  # the tail skips these layers; the caller reruns them on the exact path
-        fill.mul_(1 - flags[S:2 * S])  # no candidates to refine (a slot may have overflowed)
     # First digit of the candidates, inside each boundary's range: relative to the range
-    # start in REL_BINS bins when every range is that narrow, else over all first digits.
-    rel = REL_FIRST_DIGIT and not any(host_flags[2 * S:])
-    nbins = REL_BINS if rel else nb1
-    h = torch.zeros((2 * S, nbins), dtype=torch.int32, device=device)
+    # start in REL_BINS bins (ranges wider than that were marked missed), or over all
+    # first digits when REL_FIRST_DIGIT is off.
     if plan.n_cap_chunks:
         _refine_kernel[(plan.n_cap_chunks,)](
             g_ptrs, e_ptrs, fill, plan.cap_seg, plan.cap_start, plan.cap_off, cand_key,
             ranges[0], ranges[1], h, FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift,
-            DMASK=nb1 - 1, NBINS=nbins, TILE_=TILE, CHUNK_=CHUNK, **common,
+            DMASK=nb1 - 1, NBINS=nbins, TILE_=TILE, CHUNK_=CAND_CHUNK, **common,
         )
     if rel:
         prefix = ranges[0]  # the locate below adds each relative digit to its range start
@@ -1031,7 +1093,24 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, nan_message):
     )
     return prefix, rank, thresholds, cnt, (fill, plan.cap_seg, plan.cap_start,
                                            plan.n_cap_chunks, plan.cap_off, cand_key, blk_cand,
-                                           missed, flags[S:2 * S])
+                                           flags, tail_n)
+
+
+def _record_sampled(missed: List[int]) -> None:
+    """Called after every sampled call with the layers whose sample missed (a hook for
+    tests and ``bench/bench_triton.py``, which count misses)."""
+
+
+def _sampled_outcome(flags: Tensor, S: int, nan_message) -> List[int]:
+    """The sampled path's one device->host sync: raise on a NaN (the write pass wrote
+    nothing), else return the layers whose sample missed (to rerun on the exact path)."""
+    host = flags[:2 * S].tolist()
+    for i, f in enumerate(host[:S]):
+        if f:
+            raise ValueError(nan_message(i))
+    missed = [i for i, f in enumerate(host[S:]) if f]
+    _record_sampled(missed)
+    return missed
 
 
 # --------------------------------------------------------------------------------------
