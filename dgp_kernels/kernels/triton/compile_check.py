@@ -91,7 +91,7 @@ def _variants(ts, torch):
         if has_e:  # the dtype-independent kernels, once per key width
             out.append((ts._cand_count_kernel, dict(
                 seg_n=i64, blk_seg=i64, blk_cstart=i64, blk_ccount=i64, cand_key="*" + kt, t_hi=i64,
-                t_lo=i64, cnt="*i32", num_blocks="i32"), dict(BLOCK_=ts.BLOCK),
+                t_lo=i64, cnt="*i32", num_blocks="i32"), dict(BLOCK_=ts.BLOCK, KEY32=dname != "float64"),
                 f"cand_count {dname}"))
     loc = dict(hist="*i32", prefix=i64, rank=i64, active=i64, flags=i64, t_hi=i64, t_lo=i64,
                skip_hi=i64, end_hi=i64, take_lo=i64, S="i32")

@@ -217,6 +217,30 @@ def _block_v(g_base, e_base, offs, m, full, KIND: tl.constexpr, HAS_E: tl.conste
 
 
 @triton.jit
+def _block_offsets(blk_start, seg_n, pid, seg, BLOCK_: tl.constexpr):
+    """``(offs, m, n, start)`` of block ``pid`` in int32 (layers hold < 2^31 elements):
+    64-bit index arithmetic per element roughly doubled the instructions of the data
+    passes, which are issue-bound, not bandwidth-bound, on an H200 (ncu)."""
+    start = tl.multiple_of(tl.load(blk_start + pid).to(tl.int32), BLOCK_)
+    n = tl.load(seg_n + seg).to(tl.int32)
+    offs = start + tl.arange(0, BLOCK_)
+    return offs, offs < n, n, start
+
+
+@triton.jit
+def _key_thresholds(t_hi, t_lo, seg, KEY32: tl.constexpr):
+    """``T_hi``, ``T_lo`` in the key's integer type. For 31/15-bit keys: ``T_hi`` is a key
+    or -1 (inactive layer); ``T_lo`` is a key or INT64_MAX (no lower tie group), which
+    becomes 0x7FFFFFFF, above every non-NaN key (no NaN reaches the passes that use it)."""
+    th = tl.load(t_hi + seg)
+    tlo = tl.load(t_lo + seg)
+    if KEY32:
+        th = th.to(tl.int32)
+        tlo = tl.minimum(tlo, 0x7FFFFFFF).to(tl.int32)
+    return th, tlo
+
+
+@triton.jit
 def _key(v, KIND: tl.constexpr):
     """Sign-cleared bit pattern of ``v``: orders ``|v|`` (int32, int64 for float64)."""
     if KIND == 0:
@@ -293,49 +317,46 @@ def _gather_kernel(
     then falls back)."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
-    start = tl.load(blk_start + pid)
-    n = tl.load(seg_n + seg)
+    offs, m, n, start = _block_offsets(blk_start, seg_n, pid, seg, BLOCK_)
     g_base = _base(g_ptrs, seg, DT, ALIGNED)
     e_base = _base(e_ptrs, seg, DT, ALIGNED)
-    offs = tl.multiple_of(start, BLOCK_) + tl.arange(0, BLOCK_)
-    m = offs < n
     key = _key(_block_v(g_base, e_base, offs, m, start + BLOCK_ <= n, KIND, HAS_E), KIND)
-    dig = key >> SHIFT
-    ha = tl.load(range_a + 2 * seg)  # -1 for layers with an empty band: matches nothing
-    hb = tl.load(range_b + 2 * seg)
-    la = tl.load(range_a + 2 * seg + 1)
-    lb = tl.load(range_b + 2 * seg + 1)
+    dig = (key >> SHIFT).to(tl.int32)  # 11-bit digits: int32 compares
+    ha = tl.load(range_a + 2 * seg).to(tl.int32)  # -1 for an empty band: matches nothing
+    hb = tl.load(range_b + 2 * seg).to(tl.int32)
+    la = tl.load(range_a + 2 * seg + 1).to(tl.int32)
+    lb = tl.load(range_b + 2 * seg + 1).to(tl.int32)
     in_h = m & (dig >= ha) & (dig <= hb)
     in_l = m & (dig >= la) & (dig <= lb) & (~in_h)
     strict = m & (dig > lb) & (dig < ha)
-    # All per-block counts in one reduction: 12-bit fields of an int64 (BLOCK_ <= 2048).
-    packed = strict.to(tl.int64) | (in_h.to(tl.int64) << 12) | (in_l.to(tl.int64) << 24)
-    if SAMPLED:
-        packed = packed | ((m & (dig > hb)).to(tl.int64) << 36)
-        packed = packed | ((m & (key > INF_KEY)).to(tl.int64) << 48)
-    tot = tl.sum(packed, axis=0)
-    n_in_h = ((tot >> 12) & 0xFFF).to(tl.int32)
-    n_in_l = ((tot >> 24) & 0xFFF).to(tl.int32)
-    tl.store(cnt + pid, (tot & 0xFFF).to(tl.int32))
+    # Per-block counts in 12-bit fields of int32 sums (BLOCK_ <= 2048): two reductions.
     c = (in_h | in_l).to(tl.int32)
+    pa = tl.sum(strict.to(tl.int32) | (in_h.to(tl.int32) << 12), axis=0)
+    n_in_h = pa >> 12
+    tl.store(cnt + pid, pa & 0xFFF)
+    if SAMPLED:
+        pb = tl.sum(in_l.to(tl.int32) | ((m & (dig > hb)).to(tl.int32) << 12), axis=0)
+        n_in_l = pb & 0xFFF
+    else:
+        n_in_l = tl.sum(in_l.to(tl.int32), axis=0)
     nc = n_in_h + n_in_l
     tl.store(blk_ccount + pid, nc)
     if SAMPLED:
-        if ((tot >> 48) & 0xFFF) > 0:
+        if tl.max(tl.where(m, key, 0), axis=0) > INF_KEY:  # a NaN in the block
             tl.atomic_max(flags + seg, 1)
             tl.atomic_max(flags + 3 * S, 1)  # the call holds a NaN: the write pass stops
         # per-block stores, summed per layer by _validate_kernel (no same-address atomics)
         nb = tl.num_programs(0)
-        tl.store(totals + pid, ((tot >> 36) & 0xFFF).to(tl.int32))
+        tl.store(totals + pid, pb >> 12)
         tl.store(totals + nb + pid, n_in_h)
         tl.store(totals + 2 * nb + pid, n_in_l)
     if nc > 0:
         rel = tl.atomic_add(cand_fill + seg, nc)
         base = tl.load(cand_off + seg) + rel
         tl.store(blk_cstart + pid, base)
-        pos = rel + (tl.cumsum(c, axis=0) - c)
-        ok = (c != 0) & (pos < tl.load(cand_cap + seg))
-        tl.store(cand_key + base + (tl.cumsum(c, axis=0) - c), key, mask=ok)
+        cs = tl.cumsum(c, axis=0) - c  # int32 position inside the block's reservation
+        room = tl.maximum(tl.minimum(tl.load(cand_cap + seg) - rel, BLOCK_), 0).to(tl.int32)
+        tl.store((cand_key + base) + cs, key, mask=(c != 0) & (cs < room))
 
 
 @triton.jit
@@ -470,7 +491,7 @@ def _validate_kernel(
 @triton.jit
 def _cand_count_kernel(
     seg_n, blk_seg, blk_cstart, blk_ccount, cand_key, t_hi, t_lo, cnt, num_blocks,
-    BLOCK_: tl.constexpr,
+    BLOCK_: tl.constexpr, KEY32: tl.constexpr,
 ):
     """Phase 3a (candidate path): add each block's candidates strictly inside
     (T_lo, T_hi) to ``cnt[0]`` and count its ties of T_hi and T_lo (``cnt[1]``, ``cnt[2]``)."""
@@ -482,14 +503,12 @@ def _cand_count_kernel(
     offs = tl.arange(0, BLOCK_)
     m = offs < nc
     key = tl.load(cand_key + start + offs, mask=m, other=0)
-    th = tl.load(t_hi + seg)
-    tlo = tl.load(t_lo + seg)
-    packed = ((m & (key > tlo) & (key < th)).to(tl.int64)
-              | ((m & (key == th)).to(tl.int64) << 16) | ((m & (key == tlo)).to(tl.int64) << 32))
-    tot = tl.sum(packed, axis=0)  # one reduction, 16-bit fields (BLOCK_ <= 2048)
-    tl.store(cnt + pid, tl.load(cnt + pid) + (tot & 0xFFFF).to(tl.int32))
-    tl.store(cnt + num_blocks + pid, ((tot >> 16) & 0xFFFF).to(tl.int32))
-    tl.store(cnt + 2 * num_blocks + pid, ((tot >> 32) & 0xFFFF).to(tl.int32))
+    th, tlo = _key_thresholds(t_hi, t_lo, seg, KEY32)
+    pa = tl.sum((m & (key > tlo) & (key < th)).to(tl.int32) | ((m & (key == th)).to(tl.int32) << 16),
+                axis=0)  # 16-bit fields (BLOCK_ <= 2048)
+    tl.store(cnt + pid, tl.load(cnt + pid) + (pa & 0xFFFF))
+    tl.store(cnt + num_blocks + pid, pa >> 16)
+    tl.store(cnt + 2 * num_blocks + pid, tl.sum((m & (key == tlo)).to(tl.int32), axis=0))
 
 
 @triton.jit
@@ -552,21 +571,16 @@ def _count_kernel(
     """Phase 3a: per block, #keys strictly inside (T_lo, T_hi), #keys == T_hi, #keys == T_lo."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
-    start = tl.load(blk_start + pid)
-    n = tl.load(seg_n + seg)
+    offs, m, n, start = _block_offsets(blk_start, seg_n, pid, seg, BLOCK_)
     g_base = _base(g_ptrs, seg, DT, ALIGNED)
     e_base = _base(e_ptrs, seg, DT, ALIGNED)
-    offs = tl.multiple_of(start, BLOCK_) + tl.arange(0, BLOCK_)
-    m = offs < n
     key = _key(_block_v(g_base, e_base, offs, m, start + BLOCK_ <= n, KIND, HAS_E), KIND)
-    th = tl.load(t_hi + seg)
-    tlo = tl.load(t_lo + seg)
-    packed = ((m & (key > tlo) & (key < th)).to(tl.int64)
-              | ((m & (key == th)).to(tl.int64) << 16) | ((m & (key == tlo)).to(tl.int64) << 32))
-    tot = tl.sum(packed, axis=0)  # one reduction, 16-bit fields (BLOCK_ <= 2048)
-    tl.store(counts + pid, (tot & 0xFFFF).to(tl.int32))
-    tl.store(counts + num_blocks + pid, ((tot >> 16) & 0xFFFF).to(tl.int32))
-    tl.store(counts + 2 * num_blocks + pid, ((tot >> 32) & 0xFFFF).to(tl.int32))
+    th, tlo = _key_thresholds(t_hi, t_lo, seg, KIND != 1)
+    pa = tl.sum((m & (key > tlo) & (key < th)).to(tl.int32) | ((m & (key == th)).to(tl.int32) << 16),
+                axis=0)  # 16-bit fields (BLOCK_ <= 2048)
+    tl.store(counts + pid, pa & 0xFFFF)
+    tl.store(counts + num_blocks + pid, pa >> 16)
+    tl.store(counts + 2 * num_blocks + pid, tl.sum((m & (key == tlo)).to(tl.int32), axis=0))
 
 
 @triton.jit
@@ -684,17 +698,15 @@ def _write_kernel(
     the launcher raises after the pass, and no residual or input may have changed)."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
-    start = tl.load(blk_start + pid)
-    n = tl.where(tl.load(stop) != 0, 0, tl.load(seg_n + seg))
-    g_base = _base(g_ptrs, seg, DT, ALIGNED)
-    e_base = _base(e_ptrs, seg, DT, ALIGNED)
-    offs = tl.multiple_of(start, BLOCK_) + tl.arange(0, BLOCK_)
+    offs, m, n, start = _block_offsets(blk_start, seg_n, pid, seg, BLOCK_)
+    n = tl.where(tl.load(stop) != 0, 0, n)  # a NaN in the call: write nothing
     m = offs < n
     full = start + BLOCK_ <= n
+    g_base = _base(g_ptrs, seg, DT, ALIGNED)
+    e_base = _base(e_ptrs, seg, DT, ALIGNED)
     v = _block_v(g_base, e_base, offs, m, full, KIND, HAS_E)
     key = _key(v, KIND)
-    th = tl.load(t_hi + seg)
-    tlo = tl.load(t_lo + seg)
+    th, tlo = _key_thresholds(t_hi, t_lo, seg, KIND != 1)
     kept = m & (key > tlo) & (key < th)
     # The tie rule only in blocks holding a boundary key (``cnt[1..2]``: usually one block
     # per layer for each boundary): the ordinal of each tied entry inside its tie group =
@@ -714,9 +726,10 @@ def _write_kernel(
         )
     if WRITE_SPARSE:
         k = kept.to(tl.int32)
-        pos = tl.load(blk_out + pid) + (tl.cumsum(k, axis=0) - k)
-        tl.store(out_idx + pos, offs, mask=kept)
-        tl.store(out_val + pos, v, mask=kept)
+        cs = tl.cumsum(k, axis=0) - k  # int32 slot inside the block's output range
+        first = tl.load(blk_out + pid)
+        tl.store((out_idx + first) + cs, offs.to(tl.int64), mask=kept)
+        tl.store((out_val + first) + cs, v, mask=kept)
     zero = tl.zeros_like(v)  # +0.0
     if WRITE_E:
         if full:
@@ -934,7 +947,7 @@ def band_multi_triton(
         blk_cand, cand_key = cand[6], cand[5]
         _cand_count_kernel[(n_blocks,)](
             seg_n, plan.blk_seg, blk_cand[0], blk_cand[1], cand_key, t_hi, t_lo, cnt,
-            n_blocks, BLOCK_=BLOCK, num_warps=NUM_WARPS,
+            n_blocks, BLOCK_=BLOCK, KEY32=key_bits <= 31, num_warps=NUM_WARPS,
         )
     else:
         _count_kernel[(n_blocks,)](
