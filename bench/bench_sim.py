@@ -1,7 +1,18 @@
-"""Simulator overhead on the CIFAR ResNet-18 (issue 5). Not part of `pytest`.
+"""Simulator overhead on the CIFAR ResNet-18, and the error-feedback gap study (issue 5).
+Not part of `pytest`.
 
     python bench/bench_sim.py [--rounds 3] [--clients 10] [--batch 32] [--threads 1,2]
                               [--defenses none,dgp] [--device cpu] [--json out.json]
+    OMP_NUM_THREADS=1 python bench/bench_sim.py --study ef-gap [--seeds 5] [--rounds 150]
+                              [--clients 10] [--threads 1] [--out bench/results/ef_gap] [--runs]
+
+``--study ef-gap`` runs :func:`dgp_kernels.sim.efgap.ef_gap_study` on the default simulator
+configuration (built-in digits, convnet_small, FedSGD, 10 clients, 150 rounds, one thread):
+``none``, ``dgp`` (defaults), ``dgp`` with ``top=0`` (same band width, no top cut) and
+``dgp`` without error feedback, over the seeds in sequence, and writes ``ef_gap.md``,
+``ef_gap.json`` (with the environment, load average before and after, wall time) and
+``ef_gap.png`` to ``--out`` (``--runs`` adds every run's JSON/CSV). The rest of this
+docstring is about the overhead benchmark (the default).
 
 FedSGD, ``--clients`` clients x ``--batch`` CIFAR-shaped random samples (uniform pixels,
 random labels; written once as tiny CIFAR-10 python batches in a temporary folder and read
@@ -124,16 +135,51 @@ def sim_rounds(cfg: SimConfig) -> List[Tuple[float, float]]:
     return [(r["round_s"], r["local_s"]) for r in res.rounds]
 
 
+def study_ef_gap(args: argparse.Namespace) -> int:
+    """``--study ef-gap``: see the module docstring."""
+    from dgp_kernels.sim.efgap import ef_gap_study, write_ef_gap
+    from dgp_kernels.sim.multiseed import parse_seeds
+
+    seeds = parse_seeds(args.seeds)
+    threads = int((args.threads or "1").split(",")[0])
+    base = SimConfig(rounds=args.rounds or 150, clients=args.clients, threads=threads,
+                     device=args.device)
+    env = _environment(args.device)
+    env.update(threads=str(threads), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "(unset)"),
+               started_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+    t0 = time.perf_counter()
+    study = ef_gap_study(base, seeds, progress=not args.no_progress)
+    env["wall_s"] = f"{time.perf_counter() - t0:.1f}"
+    env["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    out = args.out or os.path.join(HERE, "results", "ef_gap")
+    paths = write_ef_gap(study, out, runs=args.runs, extra=env)
+    print(study.markdown())
+    print(f"environment: {json.dumps(env)}", file=sys.stderr)
+    print(f"written: {paths}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per run; the first is warm-up")
+    ap.add_argument("--study", choices=("ef-gap",), default=None,
+                    help="run a study instead of the overhead benchmark (see the docstring)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds per run (overhead: default 3, the first is warm-up; ef-gap: 150)")
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--threads", default=None, help="overhead: default 1,2; ef-gap: default 1")
     ap.add_argument("--defenses", default="none,dgp")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--seeds", default="5", help="ef-gap: a count (5 -> 0..4) or a list 0,1,2")
+    ap.add_argument("--out", default=None, help="ef-gap: output folder (default bench/results/ef_gap)")
+    ap.add_argument("--runs", action="store_true", help="ef-gap: also write every run's JSON/CSV")
+    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.study == "ef-gap":
+        return study_ef_gap(args)
+    args.rounds = 3 if args.rounds is None else args.rounds
+    args.threads = args.threads or "1,2"
     if args.rounds < 2:
         raise SystemExit("--rounds must be >= 2 (the first round is warm-up)")
     out = {"environment": _environment(args.device), "cases": []}

@@ -7,6 +7,8 @@ cross the network. See README.md beside this file.
     from dgp_kernels.sim import SimConfig, simulate
     res = simulate(SimConfig(defense="dgp", rounds=150))
     res.final_accuracy, res.total_upload_bytes
+    runs = simulate_seeds([SimConfig(defense="none"), SimConfig(defense="dgp")], seeds=range(5))
+    runs.summary()   # mean ± std per defense, paired difference vs none
 
 Only torch is needed to import this package; the built-in ``digits`` data needs
 scikit-learn, the progress bar tqdm, the plots matplotlib (``pip install "dgp_kernels[eval]"``).
@@ -14,11 +16,15 @@ scikit-learn, the progress bar tqdm, the plots matplotlib (``pip install "dgp_ke
 
 from .config import Fault, SimConfig, parse_defense_params
 from .data import available_datasets, dataset_info, load_dataset
+from .multiseed import MultiSeedResult, SeedStats, SeedSummaryRow, parse_seeds, simulate_seeds
 from .results import SimResult
 from .simulator import build_model, simulate
 
 __all__ = [
     "Fault",
+    "MultiSeedResult",
+    "SeedStats",
+    "SeedSummaryRow",
     "SimConfig",
     "SimResult",
     "available_datasets",
@@ -26,5 +32,7 @@ __all__ = [
     "dataset_info",
     "load_dataset",
     "parse_defense_params",
+    "parse_seeds",
     "simulate",
+    "simulate_seeds",
 ]

@@ -8,6 +8,7 @@ Example::
 
     dgp train --defenses none,dgp,topk,dp --rounds 150 --out runs/digits
     dgp train --defenses dgp --defense-param dgp.top=0.02 --defense-param dgp.keep=0.1
+    dgp train --defenses none,dgp --seeds 5          # seeds 0..4: mean ± std, paired difference
 """
 
 from __future__ import annotations
@@ -70,7 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, default=d["momentum"])
     g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     g.add_argument("--local-epochs", type=int, default=d["local_epochs"], help="FedAvg only")
-    g.add_argument("--seed", type=int, default=d["seed"])
+    seeds = g.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=d["seed"])
+    seeds.add_argument("--seeds", default=None, metavar="SEEDS",
+                       help="run every defense once per seed: a count (5 -> seeds 0..4) or a "
+                            "comma list (0,1,2,3,4; 7, for the single seed 7); the summary gives "
+                            "mean ± std over seeds and the paired difference to none")
     g.add_argument("--eval-every", type=int, default=d["eval_every"])
     g.add_argument("--test-limit", type=int, default=d["test_limit"],
                    help="evaluate on at most this many test samples (0: all)")
@@ -101,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     import json
 
     from .config import SimConfig, parse_defense_params
+    from .multiseed import parse_seeds
     from .results import plot_results, write_summary
     from .simulator import simulate
 
@@ -110,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(set(defenses)) != len(defenses):
         raise ValueError(f"--defenses lists a defense twice: {args.defenses!r}")
     params = parse_defense_params(args.defense_param, defenses)
+    seeds = None if args.seeds is None else parse_seeds(args.seeds)
     configs = []
     for name in defenses:
         cfg = SimConfig(
@@ -125,6 +133,8 @@ def _run(args: argparse.Namespace) -> int:
         configs.append(cfg.validate())  # every config checked before the first run starts
     out = args.out or os.path.join("runs", "train-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
     os.makedirs(out, exist_ok=True)
+    if seeds is not None:
+        return _run_seeds(args, configs, seeds, defenses, out)
     results = []
     for cfg in configs:
         res = simulate(cfg, progress=not args.no_progress)
@@ -141,4 +151,25 @@ def _run(args: argparse.Namespace) -> int:
     print(f"results in {out}")
     with open(os.path.join(out, "command.json"), "w") as f:
         json.dump({"argv": sys.argv, "defenses": defenses}, f, indent=2)
+    return 0
+
+
+def _run_seeds(args: argparse.Namespace, configs, seeds, defenses, out: str) -> int:
+    """``--seeds``: every defense once per seed (seeds in sequence), then the multi-seed
+    files of :meth:`MultiSeedResult.write` and the table on stdout."""
+    import json
+
+    from .multiseed import simulate_seeds
+
+    multi = simulate_seeds(configs, seeds, progress=not args.no_progress)
+    for row in multi.per_seed_rows():
+        print(f"[dgp train] {row['label']} seed {row['seed']}: final accuracy "
+              f"{row['final_accuracy']:.4f}, upload {row['upload_bytes']:,} B "
+              f"({row['upload_vs_baseline']:.3f} of {multi.baseline}), {row['wall_s']:.1f} s",
+              file=sys.stderr)
+    multi.write(out, plots=not args.no_plots)
+    print(multi.markdown())
+    print(f"results in {out}")
+    with open(os.path.join(out, "command.json"), "w") as f:
+        json.dump({"argv": sys.argv, "defenses": defenses, "seeds": seeds}, f, indent=2)
     return 0

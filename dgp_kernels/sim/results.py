@@ -7,13 +7,17 @@ import csv
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
 from .config import SimConfig
 
-__all__ = ["CSV_FIELDS", "SimResult", "plot_results", "summary_rows", "write_summary"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .multiseed import MultiSeedResult
+
+__all__ = ["CSV_FIELDS", "SimResult", "plot_results", "plot_seed_results", "seed_curves",
+           "summary_rows", "write_summary"]
 
 #: Columns of :meth:`SimResult.to_csv` (``dropped`` is the number of dropped clients).
 CSV_FIELDS = ("round", "test_accuracy", "test_loss", "upload_bytes", "download_bytes",
@@ -161,6 +165,17 @@ def write_summary(results: Sequence[SimResult], stem: str) -> Dict[str, Any]:
     return {"rows": rows, "markdown": md}
 
 
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install \"dgp_kernels[eval]\"") from exc
+    return plt
+
+
 def plot_results(results: Sequence[SimResult], out_dir: str) -> List[str]:
     """Two PNGs, one curve per run: ``accuracy_vs_round.png`` and
     ``accuracy_vs_upload.png`` (accuracy vs cumulative upload bytes, log x). Returns the
@@ -193,6 +208,66 @@ def plot_results(results: Sequence[SimResult], out_dir: str) -> List[str]:
         cfg = results[0].config if results else None
         if cfg is not None:
             ax.set_title(f"{cfg.algorithm} {cfg.dataset} {cfg.model}, {cfg.clients} clients", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"accuracy_vs_{kind}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def seed_curves(runs: Sequence[SimResult], key: str = "test_accuracy",
+                x: str = "round") -> Tuple[List[float], List[float], List[float], List[float]]:
+    """Per-round statistics of ``key`` over runs of the same schedule (one per seed):
+    ``(xs, mean, min, max)`` over the rounds where every run recorded a number. ``x`` is
+    ``"round"`` (1-based round) or ``"upload"`` (the runs' mean cumulative upload bytes)."""
+    if not runs:
+        raise ValueError("seed_curves needs at least one run")
+    n = min(len(r.rounds) for r in runs)
+    xs: List[float] = []
+    mean: List[float] = []
+    lo: List[float] = []
+    hi: List[float] = []
+    cum = [0] * len(runs)
+    for i in range(n):
+        for j, res in enumerate(runs):
+            cum[j] += res.rounds[i]["upload_bytes"]
+        vals = [res.rounds[i].get(key) for res in runs]
+        if any(v is None for v in vals):
+            continue
+        vals = [float(v) for v in vals]
+        xs.append(float(runs[0].rounds[i]["round"] + 1) if x == "round" else sum(cum) / len(cum))
+        mean.append(sum(vals) / len(vals))
+        lo.append(min(vals))
+        hi.append(max(vals))
+    return xs, mean, lo, hi
+
+
+def plot_seed_results(multi: "MultiSeedResult", out_dir: str) -> List[str]:
+    """Multi-seed versions of :func:`plot_results`: per label the mean accuracy over seeds
+    (line) and the min-max band over seeds (shaded), vs round (``accuracy_vs_round.png``)
+    and vs the mean cumulative upload (``accuracy_vs_upload.png``, log x). Returns the
+    paths. Needs matplotlib."""
+    plt = _pyplot()
+    paths = []
+    for kind in ("round", "upload"):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for label in multi.labels:
+            xs, mean, lo, hi = seed_curves(multi.runs[label], "test_accuracy", kind)
+            line, = ax.plot(xs, [100 * v for v in mean], label=label, linewidth=1.4)
+            ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi],
+                            color=line.get_color(), alpha=0.18, linewidth=0)
+        if kind == "upload":
+            ax.set_xscale("log")
+            ax.set_xlabel("cumulative upload (bytes, all clients; mean over seeds)")
+        else:
+            ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (%)")
+        cfg = multi.runs[multi.labels[0]][0].config
+        ax.set_title(f"{cfg.algorithm} {cfg.dataset} {cfg.model}, {cfg.clients} clients, "
+                     f"{len(multi.seeds)} seeds (mean, min-max band)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

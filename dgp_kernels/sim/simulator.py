@@ -258,7 +258,7 @@ def _with_nan(payload: SparsePayload) -> SparsePayload:
 
 
 def simulate(config: SimConfig, *, progress: bool = True,
-             faults: Optional[Iterable[Fault]] = None) -> SimResult:
+             faults: Optional[Iterable[Fault]] = None, desc: Optional[str] = None) -> SimResult:
     """Run one simulated collaborative-learning job and return per-round accuracy and bytes.
 
     Args:
@@ -266,6 +266,7 @@ def simulate(config: SimConfig, *, progress: bool = True,
         progress: show a tqdm bar (accuracy and cumulative upload in the postfix).
         faults: client failures to inject (:class:`Fault` records), for tests and
             robustness studies; real exceptions raised by a client are handled the same way.
+        desc: the progress bar's label (default: the defense name).
 
     Returns:
         :class:`SimResult` with one dict per round (see its docstring) and the final model
@@ -273,7 +274,10 @@ def simulate(config: SimConfig, *, progress: bool = True,
         clients that compressed: ``grad_norm`` (L2 of the update before compression),
         ``residual_norm`` (L2 of the error-feedback residual after compression),
         ``residual_never_sent_norm`` (its part on coordinates this client has never
-        sent), ``never_sent_fraction``, ``residual_max_abs`` and, for DGP,
+        sent), ``residual_never_sent_share`` (the fraction of the residual's squared L2
+        norm on those coordinates), ``grad_never_sent_share`` (the same for this round's
+        update: how much of the gradient lies where the client has never sent),
+        ``never_sent_fraction``, ``residual_max_abs`` and, for DGP,
         ``top_never_sent_fraction`` (of the entries held back at the top this round, the
         fraction this client has never sent).
     """
@@ -285,12 +289,13 @@ def simulate(config: SimConfig, *, progress: bool = True,
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _simulate(config, progress, fault_at)
+        return _simulate(config, progress, fault_at, desc)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int], str]) -> SimResult:
+def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int], str],
+              desc: Optional[str] = None) -> SimResult:
     device = torch.device(config.device)
 
     x_train, y_train = load_dataset(config.dataset, config.data_root, "train")
@@ -357,7 +362,7 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
             return [lp.detach() - gp.detach() for lp, gp in zip(lparams, params)]
 
     result = SimResult(config=config, dense_bytes=dense_bytes, num_params=sum(numels))
-    bar = _progress_bar(config.rounds, config.defense) if progress else None
+    bar = _progress_bar(config.rounds, desc or config.defense) if progress else None
     cum_upload = 0
     t0 = time.perf_counter()
     eval_s = 0.0
@@ -537,7 +542,11 @@ def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,
             cl.ever_sent[i][:] = True
         else:
             cl.ever_sent[i][layer.indices.cpu()] = True
-    g2 = sum(float(u.detach().double().pow(2).sum()) for u in update)
+    g2 = g2_never = 0.0
+    for u, sent in zip(update, cl.ever_sent):
+        uf = u.detach().reshape(-1).double().cpu()
+        g2 += float(uf.pow(2).sum())
+        g2_never += float(uf[~sent].pow(2).sum())
     res = cl.compressor.memory.peek()
     e2 = never2 = 0.0
     emax = 0.0
@@ -566,6 +575,8 @@ def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,
         "residual_norm": math.sqrt(e2),
         "residual_never_sent_norm": math.sqrt(never2),
         "never_sent_fraction": never / max(1, total),
+        "residual_never_sent_share": never2 / e2 if e2 > 0 else 0.0,
+        "grad_never_sent_share": g2_never / g2 if g2 > 0 else 0.0,
         "residual_max_abs": emax,
         "top_never_sent_fraction": top_never / top_n if top_n else 0.0,
     }
