@@ -203,8 +203,14 @@ def run(args) -> int:
           f"(nominal, table in bench_triton.py) | torch {torch.__version__} | triton "
           f"{triton_version} | dgp_kernels {dgp_kernels.__version__} | CUDA backend: "
           f"{info.cuda} | {platform.node()}")
+    try:
+        from dgp_kernels.kernels.triton import select as ts
+
+        graphs = "on" if ts.USE_CUDA_GRAPHS else "off (DGP_CUDA_GRAPHS=1 turns them on)"
+    except ImportError:
+        graphs = "n/a"
     print(f"# top={TOP} keep={KEEP}; reps={args.reps} warmup={args.warmup}; times are CUDA-event "
-          "medians (min) in ms; GB/s = mandatory bytes / median")
+          f"medians (min) in ms; GB/s = mandatory bytes / median; CUDA graphs: {graphs}")
     if device == "cuda" and info.cuda != "triton":
         print("# WARNING: CUDA tensors are not served by the Triton kernels (is triton "
               "installed?); 'ours' is the pure-torch reference")

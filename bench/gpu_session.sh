@@ -6,8 +6,8 @@
 #
 # Runs in the repository root with the machine's own python3/torch/triton (no install:
 # the package is imported from the checkout via PYTHONPATH). Logs land in $OUT (at most
-# 8 files): env.txt build.log tests_kernels.log tests_more.log bench.log profile.log
-# profile.json ncu.txt.
+# 8 files): env.txt build.log tests_kernels.log tests_more.log bench.log bench_graphs.log
+# profile.log profile.json. NCU=1 adds ncu.txt instead of bench_graphs.log.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -29,7 +29,7 @@ stamp "build dgp_kernels._C in the background"
 BUILD=$!
 
 stamp "tests/kernels on CUDA tensors (8 workers; the C++ comparisons run after the build)"
-timeout 200 $PY -m pytest -q -n 8 -p no:cacheprovider tests/kernels \
+timeout 100 $PY -m pytest -q -n 8 -p no:cacheprovider tests/kernels \
   -k "not compile_for_sm90 and not matches_cpp_kernel" > "$OUT/tests_kernels.log" 2>&1
 echo "tests/kernels rc=$?" >> "$OUT/tests_kernels.log"
 tail -4 "$OUT/tests_kernels.log"
@@ -39,25 +39,31 @@ tail -2 "$OUT/build.log"
 stamp "build done"
 
 stamp "bench_triton (ours vs authors vs topk vs clone)"
-timeout 170 $PY bench/bench_triton.py --reps 20 > "$OUT/bench.log" 2>&1
+timeout 60 $PY bench/bench_triton.py --reps 20 > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/bench.log"
 cat "$OUT/bench.log" | tail -40
+if [ "${NCU:-0}" != 1 ]; then
+  stamp "bench_triton with CUDA graphs (DGP_CUDA_GRAPHS=1)"
+  DGP_CUDA_GRAPHS=1 timeout 60 $PY bench/bench_triton.py --reps 20 > "$OUT/bench_graphs.log" 2>&1
+  echo "bench graphs rc=$?" >> "$OUT/bench_graphs.log"
+  grep -E "^#|ours" "$OUT/bench_graphs.log" | tail -16
+fi
 
 stamp "gpu_profile (copy ceiling, per-kernel times, BLOCK x NUM_WARPS sweep)"
-timeout 120 $PY bench/gpu_profile.py --reps 20 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
+timeout 60 $PY bench/gpu_profile.py --reps 20 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
 echo "profile rc=$?" >> "$OUT/profile.log"
 cat "$OUT/profile.log" | tail -40
 
-stamp "C++-kernel comparisons, compressors on CUDA, ops on CUDA (torch.compile included)"
-timeout 150 $PY -m pytest -q -n 8 -p no:cacheprovider tests/kernels/test_triton_select.py::test_matches_cpp_kernel \
+stamp "C++-kernel comparisons, compressors on CUDA, ops on CUDA (torch.compile included), CUDA graphs on"
+DGP_CUDA_GRAPHS=1 timeout 80 $PY -m pytest -q -n 8 -p no:cacheprovider tests/kernels/test_triton_select.py::test_matches_cpp_kernel \
   tests/compressor/test_cuda.py tests/ops/test_select.py tests/ops/test_select_errors.py \
   -k "matches_cpp_kernel or cuda" > "$OUT/tests_more.log" 2>&1
 echo "tests_more rc=$?" >> "$OUT/tests_more.log"
 tail -4 "$OUT/tests_more.log"
 stamp "ncu: one 25M select_ef_multi call (gather, refine, write kernels)"
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-if [ -n "$NCU" ]; then
-  timeout 90 "$NCU" --clock-control none --launch-skip 21 --launch-count 7 \
+NCU_BIN=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ "${NCU:-0}" = 1 ] && [ -n "$NCU_BIN" ]; then
+  timeout 90 "$NCU_BIN" --clock-control none --launch-skip 21 --launch-count 7 \
     -k regex:'_gather_kernel|_refine_kernel|_write_kernel' \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     $PY -c "import torch, dgp_kernels
@@ -66,7 +72,5 @@ for _ in range(4): dgp_kernels.select_ef_multi([g], [e], 0.05, 0.2)
 torch.cuda.synchronize()" > "$OUT/ncu.txt" 2>&1
   echo "ncu rc=$?" >> "$OUT/ncu.txt"
   grep -E "_kernel|Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|ncu rc" "$OUT/ncu.txt" | head -60
-else
-  echo "ncu not found" | tee "$OUT/ncu.txt"
 fi
 stamp "done"

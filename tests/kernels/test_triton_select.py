@@ -500,3 +500,37 @@ def test_bf16_rounding_of_every_nan_pattern(device):
     assert torch.equal(nan_got, nan_want)
     assert torch.equal(got[~nan_want], want[~nan_want])
     assert torch.all(got[nan_want] == 0x7FC0)
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_graph_replays_match_reference(dtype, monkeypatch):
+    """USE_CUDA_GRAPHS: the first call per (shapes, mode) runs eagerly, the second captures,
+    later ones replay with new tensors (new pointers), NaN still raises with nothing
+    written, and layers whose sample misses are still rerun exactly."""
+    monkeypatch.setattr(ts, "USE_CUDA_GRAPHS", True)
+    monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
+    ts._GRAPHS.clear()
+    ts._GRAPH_SEEN.clear()
+    sizes = (3000, 70_000, 0, 1, 40_000)
+    for call in range(5):
+        gs = [_randn(n, 200 + 10 * call + i).to(dtype).cuda() for i, n in enumerate(sizes)]
+        es = [_residual_like(g, 300 + call) for g in gs]
+        es_ref = [e.cpu().clone() for e in es]
+        assert_same(ts.select_ef_multi_triton(gs, es, 0.05, 0.2),
+                    reference.select_ef_multi([g.cpu() for g in gs], es_ref, 0.05, 0.2))
+        assert_same(es, es_ref)
+        assert_same(ts.select_multi_triton(gs, 0.1, 0.3),
+                    reference.select_multi([g.cpu() for g in gs], 0.1, 0.3))
+    assert len(ts._GRAPHS) >= 2  # one per mode (with and without error feedback)
+    gs[1][777] = float("nan")
+    before = [e.clone() for e in es]
+    with pytest.raises(ValueError, match=r"^gs\[1\]"):
+        ts.select_ef_multi_triton(gs, es, 0.05, 0.2)
+    assert_same(es, before, "residuals after NaN")
+    gs[1][777] = 0.5
+    gs[0].fill_(0.25)  # all equal: its candidate slot overflows, the layer is rerun exactly
+    es_ref = [e.cpu().clone() for e in es]
+    assert_same(ts.select_ef_multi_triton(gs, es, 0.05, 0.2),
+                reference.select_ef_multi([g.cpu() for g in gs], es_ref, 0.05, 0.2))
+    assert_same(es, es_ref)

@@ -83,7 +83,7 @@ def _variants(ts, torch):
                 out.append((ts._write_kernel, dict(
                     g_ptrs=i64, e_ptrs=i64, d_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64,
                     t_hi=i64, t_lo=i64, skip_hi=i64, end_hi=i64, take_lo=i64, blk_ord_hi=i64,
-                    blk_ord_lo=i64, blk_out=i64, out_idx=i64, out_val="*" + vt,
+                    blk_ord_lo=i64, blk_out=i64, o_ptrs=i64,
                     cnt="*i32", num_blocks="i32", stop=i64),
                     dict(cc, WRITE_SPARSE=sparse, WRITE_E=write_e, WRITE_DENSE=write_dense,
                          BLOCK_=ts.BLOCK),
@@ -91,7 +91,8 @@ def _variants(ts, torch):
         if has_e:  # the dtype-independent kernels, once per key width
             out.append((ts._cand_count_kernel, dict(
                 seg_n=i64, blk_seg=i64, blk_cstart=i64, blk_ccount=i64, cand_key="*" + kt, t_hi=i64,
-                t_lo=i64, cnt="*i32", num_blocks="i32"), dict(BLOCK_=ts.BLOCK, KEY32=dname != "float64"),
+                t_lo=i64, cnt="*i32", num_blocks="i32"),
+                dict(BLOCK_=ts.BLOCK, KEY32=dname != "float64"),
                 f"cand_count {dname}"))
     loc = dict(hist="*i32", prefix=i64, rank=i64, active=i64, flags=i64, t_hi=i64, t_lo=i64,
                skip_hi=i64, end_hi=i64, take_lo=i64, S="i32")

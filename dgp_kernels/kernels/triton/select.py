@@ -40,6 +40,7 @@ full table is in README.md):
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -688,7 +689,7 @@ def _scan_kernel(
 def _write_kernel(
     g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
     t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
-    out_idx, out_val, cnt, num_blocks, stop,
+    o_ptrs, cnt, num_blocks, stop,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     WRITE_SPARSE: tl.constexpr, WRITE_E: tl.constexpr, WRITE_DENSE: tl.constexpr,
     BLOCK_: tl.constexpr,
@@ -728,6 +729,10 @@ def _write_kernel(
         k = kept.to(tl.int32)
         cs = tl.cumsum(k, axis=0) - k  # int32 slot inside the block's output range
         first = tl.load(blk_out + pid)
+        # output tensors by pointer table (like the inputs), so that a captured CUDA graph
+        # writes into each call's fresh outputs
+        out_idx = tl.load(o_ptrs).to(tl.pointer_type(tl.int64))
+        out_val = tl.load(o_ptrs + 1).to(tl.pointer_type(DT))
         tl.store((out_idx + first) + cs, offs.to(tl.int64), mask=kept)
         tl.store((out_val + first) + cs, v, mask=kept)
     zero = tl.zeros_like(v)  # +0.0
@@ -796,6 +801,7 @@ class _Plan:
     cap_seg: Tensor  # sampled path: chunk table over the slots
     cap_start: Tensor
     zero: Tensor  # [1] a zero flag (the write pass's ``stop`` on the exact path)
+    key: tuple = ()  # the cache key (shapes, fractions, device, tuning constants)
 
 
 _PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
@@ -832,7 +838,7 @@ def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) ->
         [ns, c_seg, c_start, b_seg, b_start, b_first, b_count, rows, out_off,
          [int(kk > 0) for _, kk in counts], caps, cap_off, p_seg, p_start, [0]], device)
     plan = _Plan(counts, out_off, out_off[-1], len(c_seg), len(b_seg), len(p_seg), cap_off[-1],
-                 sum(ns), *tensors)
+                 sum(ns), *tensors, key=key)
     _PLANS[key] = plan
     if len(_PLANS) > _PLAN_CACHE_SIZE:
         _PLANS.popitem(last=False)
@@ -861,32 +867,20 @@ def band_multi_triton(
     written before that check. ``sampled`` / ``candidates``: force or forbid the sampled
     path and the candidate buffer (None: ``sampled`` from ``SAMPLED_MIN_TOTAL``,
     ``candidates`` from the boundary buckets' size); every path gives the same bits.
+    With ``USE_CUDA_GRAPHS`` the sampled path is captured once per (shapes, dtype, mode)
+    and replayed (see :func:`_graph_launch`).
     """
     if BLOCK > 2048:  # the kernels pack per-block counts into 12/16-bit fields
         raise ValueError(f"BLOCK must be at most 2048, got {BLOCK}")
     S = len(gs)
     dtype, device = gs[0].dtype, gs[0].device
-    kind, key_bits, widths_cand, widths_data = _KINDS[dtype]
     has_e = residuals is not None
     ns = tuple(g.numel() for g in gs)
     plan = _plan(ns, top, keep, device)
-    total, n_blocks = plan.total, plan.n_blocks
+    total = plan.total
     e_list = residuals if has_e else gs
     d_list = dense if dense is not None else gs
-    ptrs = _to_device([[t.data_ptr() for t in x] for x in (gs, e_list, d_list)], device)
-    aligned = all(t.data_ptr() % 16 == 0 for x in (gs, e_list, d_list) for t in x)
-    common = dict(DT=_TL_DTYPE[dtype], KIND=kind, HAS_E=has_e, ALIGNED=aligned,
-                  num_warps=NUM_WARPS)
     i64 = dict(dtype=torch.int64, device=device)
-
-    if sampled is None:
-        sampled = sum(ns) >= SAMPLED_MIN_TOTAL and dtype in SAMPLED_DTYPES
-    if sampled and n_blocks:  # no device->host sync until the write pass is queued
-        state = _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common)
-    else:  # exact histogram (one sync: NaN check, candidate count)
-        state = _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message,
-                                 candidates)
-
     if want_sparse:
         out_idx = torch.empty(total, **i64)
         out_val = torch.empty(total, dtype=dtype, device=device)
@@ -894,12 +888,72 @@ def band_multi_triton(
         out_idx = torch.empty(1, **i64)
         out_val = torch.empty(1, dtype=dtype, device=device)
     offsets = plan.offsets.clone()  # returned to the caller: not the cached tensor
+    if sampled is None:
+        sampled = sum(ns) >= SAMPLED_MIN_TOTAL and dtype in SAMPLED_DTYPES
+    sampled = bool(sampled and plan.n_blocks)
+    table = [t.data_ptr() for x in (gs, e_list, d_list) for t in x]
+    cfg = _Mode(dtype, has_e, dense is not None, want_sparse and total > 0,
+                all(p % 16 == 0 for p in table))
+    table += [out_idx.data_ptr(), out_val.data_ptr()]
+    flags = None
+    if sampled and USE_CUDA_GRAPHS and device.type == "cuda":
+        flags = _graph_launch(plan, table, S, cfg)
+    if flags is None:  # eager: the exact path, graphs off, or a graph key's first call
+        ptrs = _to_device([table], device)[0]
+        flags = _launch(plan, ptrs, S, cfg, sampled, nan_message, candidates)
+    missed = _sampled_outcome(flags, S, nan_message) if flags is not None else []
+    if missed:  # the layers whose sample missed, on the exact path, into their slots
+        pick = lambda xs: None if xs is None else [xs[i] for i in missed]  # noqa: E731
+        sub = band_multi_triton(
+            pick(gs), top, keep, residuals=pick(residuals), dense=pick(dense),
+            want_sparse=want_sparse, nan_message=lambda j: nan_message(missed[j]),
+            sampled=False,
+        )
+        if want_sparse:
+            sub_off = 0
+            for i in missed:
+                a, b = plan.out_off[i], plan.out_off[i + 1]
+                out_idx[a:b] = sub[0][sub_off:sub_off + b - a]
+                out_val[a:b] = sub[1][sub_off:sub_off + b - a]
+                sub_off += b - a
+    return (out_idx, out_val, offsets) if want_sparse else None
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """What a call computes, beyond the shapes: selects the kernel variants."""
+
+    dtype: torch.dtype
+    has_e: bool
+    dense: bool
+    sparse: bool  # write indices and values
+    aligned: bool  # every data pointer 16-byte aligned
+
+
+def _launch(plan: _Plan, ptrs: Tensor, S: int, cfg: _Mode, sampled: bool, nan_message,
+            candidates: Optional[bool]) -> Optional[Tensor]:
+    """Queue every phase of one call. ``ptrs``: int64 table of the data pointers (g, e,
+    dense: S each) and of the two outputs. Returns the sampled path's flags (read by
+    :func:`_sampled_outcome`), or None on the exact path, which checks NaN itself (its one
+    sync). No sync on the sampled path, so it can be captured in a CUDA graph."""
+    device = plan.seg_n.device
+    dtype = cfg.dtype
+    kind, key_bits, widths_cand, widths_data = _KINDS[dtype]
+    total, n_blocks = plan.total, plan.n_blocks
+    has_e = cfg.has_e
+    ptrs = torch.split(ptrs, [S, S, S, 2])
+    common = dict(DT=_TL_DTYPE[dtype], KIND=kind, HAS_E=has_e, ALIGNED=cfg.aligned,
+                  num_warps=NUM_WARPS)
+    i64 = dict(dtype=torch.int64, device=device)
+    if sampled:  # no device->host sync until the write pass is queued
+        state = _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common)
+    else:  # exact histogram (one sync: NaN check, candidate count)
+        state = _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message,
+                                 candidates)
     sampled_flags = state[4][7] if state[4] is not None else None
-    if n_blocks == 0 or (total == 0 and not has_e and dense is None):
-        if sampled_flags is not None:
-            _sampled_outcome(sampled_flags, S, nan_message)
-        return (out_idx, out_val, offsets) if want_sparse else None
-    g_ptrs, e_ptrs, d_ptrs = ptrs
+    if n_blocks == 0 or (total == 0 and not has_e and not cfg.dense):
+        return sampled_flags
+    g_ptrs, e_ptrs, d_ptrs, o_ptrs = ptrs
     prefix, rank, thresholds, cnt, cand = state
     t_hi, t_lo, skip_hi, end_hi, take_lo = thresholds
     widths = widths_cand if cand is not None else widths_data
@@ -963,26 +1017,64 @@ def band_multi_triton(
     # Phase 3b: ordered compaction + residual / dense writes.
     _write_kernel[(n_blocks,)](
         g_ptrs, e_ptrs, d_ptrs, seg_n, plan.blk_seg, plan.blk_start,
-        *thresholds, blk_ord[0], blk_ord[1], blk_ord[2], out_idx, out_val, cnt, n_blocks, stop,
-        WRITE_SPARSE=want_sparse and total > 0, WRITE_E=has_e, WRITE_DENSE=dense is not None,
-        BLOCK_=BLOCK, **common,
+        *thresholds, blk_ord[0], blk_ord[1], blk_ord[2], o_ptrs, cnt, n_blocks, stop,
+        WRITE_SPARSE=cfg.sparse, WRITE_E=has_e, WRITE_DENSE=cfg.dense, BLOCK_=BLOCK, **common,
     )
-    missed = _sampled_outcome(sampled_flags, S, nan_message) if sampled_flags is not None else []
-    if missed:  # the layers whose sample missed, on the exact path, into their slots
-        pick = lambda xs: None if xs is None else [xs[i] for i in missed]  # noqa: E731
-        sub = band_multi_triton(
-            pick(gs), top, keep, residuals=pick(residuals), dense=pick(dense),
-            want_sparse=want_sparse, nan_message=lambda j: nan_message(missed[j]),
-            sampled=False,
-        )
-        if want_sparse:
-            sub_off = 0
-            for i in missed:
-                a, b = plan.out_off[i], plan.out_off[i + 1]
-                out_idx[a:b] = sub[0][sub_off:sub_off + b - a]
-                out_val[a:b] = sub[1][sub_off:sub_off + b - a]
-                sub_off += b - a
-    return (out_idx, out_val, offsets) if want_sparse else None
+    return sampled_flags
+
+
+# --------------------------------------------------------------------------------------
+# CUDA graphs (opt-in): the sampled path has no sync, so a call is one graph replay
+# --------------------------------------------------------------------------------------
+USE_CUDA_GRAPHS = os.environ.get("DGP_CUDA_GRAPHS", "0") == "1"
+_GRAPH_CACHE_SIZE = 4
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    table: Tensor  # the pointer table the graph reads: refilled before each replay
+    flags: Tensor  # the sampled path's flags the graph writes
+    plan: _Plan  # keeps the plan's tensors (read by the graph) alive
+
+
+_GRAPHS: "OrderedDict[tuple, _Graph]" = OrderedDict()
+_GRAPH_SEEN: "OrderedDict[tuple, bool]" = OrderedDict()
+
+
+def _graph_launch(plan: _Plan, table: List[int], S: int, cfg: _Mode) -> Optional[Tensor]:
+    """Replay the captured sampled path for this (plan, mode), capturing it on the second
+    call (the first runs eagerly, so every kernel is compiled before a capture). The
+    pointers of the call's tensors go into the graph's static table by one asynchronous
+    copy; outputs are written through that table into the call's fresh tensors; the
+    workspaces live in the graph's private memory pool (about a quarter of the elements
+    as candidate keys, plus per-block tables), one pool per cached graph
+    (``_GRAPH_CACHE_SIZE``). Returns the graph's flags, or None (run eagerly). Calls must
+    not overlap on different streams (they share the graph's workspaces)."""
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    key = (plan.key, cfg, torch.cuda.current_stream().cuda_stream)
+    entry = _GRAPHS.get(key)
+    host = torch.tensor(table, dtype=torch.int64).pin_memory()
+    if entry is None:
+        if key not in _GRAPH_SEEN:
+            _GRAPH_SEEN[key] = True
+            if len(_GRAPH_SEEN) > 4 * _GRAPH_CACHE_SIZE:
+                _GRAPH_SEEN.popitem(last=False)
+            return None
+        static = torch.empty(len(table), dtype=torch.int64, device=plan.seg_n.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            flags = _launch(plan, static, S, cfg, True, None, None)
+        entry = _Graph(graph, static, flags, plan)
+        _GRAPHS[key] = entry
+        if len(_GRAPHS) > _GRAPH_CACHE_SIZE:
+            _GRAPHS.popitem(last=False)
+    else:
+        _GRAPHS.move_to_end(key)
+    entry.table.copy_(host, non_blocking=True)
+    entry.graph.replay()
+    return entry.flags
 
 
 def _new_state(plan: _Plan, S: int, device):
@@ -998,7 +1090,7 @@ def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candid
     """Phase 1 (exact first-digit histogram), the sync, and phase 2's gather when the
     boundary buckets are small. Returns ``(prefix, rank, thresholds, cnt, cand)``."""
     device = plan.seg_n.device
-    g_ptrs, e_ptrs, _ = ptrs
+    g_ptrs, e_ptrs = ptrs[0], ptrs[1]
     shift = key_bits - FIRST_DIGIT_BITS
     nb1 = 1 << FIRST_DIGIT_BITS
     prefix, rank, thresholds, cnt = _new_state(plan, S, device)
@@ -1052,7 +1144,7 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common):
     Returns the state of :func:`_boundaries_full`, its candidate part extended by the flags
     (``[NaN, missed, wide]`` per layer and the call's NaN flag) and the tail's layer sizes."""
     device = plan.seg_n.device
-    g_ptrs, e_ptrs, _ = ptrs
+    g_ptrs, e_ptrs = ptrs[0], ptrs[1]
     shift = key_bits - FIRST_DIGIT_BITS
     nb1 = 1 << FIRST_DIGIT_BITS
     prefix, rank, thresholds, cnt = _new_state(plan, S, device)
