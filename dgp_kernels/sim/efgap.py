@@ -39,7 +39,7 @@ from .multiseed import MultiSeedResult, describe, simulate_seeds, summary_markdo
 from .results import SimResult, seed_curves
 
 __all__ = ["EF_GAP_METRICS", "EF_GAP_VARIANTS", "EFGapStudy", "ef_gap_metrics", "ef_gap_study",
-           "linear_fit", "write_ef_gap"]
+           "linear_fit", "tail_accuracy", "write_ef_gap"]
 
 #: (label, defense, defense_params) of the study's runs, in order.
 EF_GAP_VARIANTS: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
@@ -73,6 +73,16 @@ def ef_gap_metrics(result: SimResult) -> Dict[str, List[float]]:
     return out
 
 
+def tail_accuracy(result: SimResult, k: int = 10) -> float:
+    """Mean test accuracy over the last ``k`` evaluated rounds (fraction in [0, 1]): less
+    sensitive than the final round to the round-to-round oscillation of a run."""
+    accs = [float(r["test_accuracy"]) for r in result.rounds if r.get("test_accuracy") is not None]
+    if not accs:
+        raise ValueError("the run has no evaluated round")
+    tail = accs[-k:]
+    return math.fsum(tail) / len(tail)
+
+
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float, float]:
     """Least-squares line through ``(xs, ys)``: ``(slope, intercept, r2)`` (``r2`` is nan
     when ``ys`` is constant). Needs at least two distinct ``xs``."""
@@ -104,6 +114,24 @@ class EFGapStudy:
     multi: MultiSeedResult
     metrics: Dict[str, List[Dict[str, List[float]]]]
 
+    @classmethod
+    def load(cls, runs_dir: str) -> "EFGapStudy":
+        """Rebuild a study from the ``runs`` folder :func:`write_ef_gap` writes with
+        ``runs=True`` (its ``summary.json`` and per-run JSON files), e.g. to redraw or
+        re-tabulate without re-running."""
+        from .multiseed import _file_stem
+
+        with open(os.path.join(runs_dir, "summary.json")) as f:
+            meta = json.load(f)
+        multi = MultiSeedResult(labels=list(meta["labels"]), seeds=list(meta["seeds"]),
+                                baseline=meta["baseline"])
+        for lab in multi.labels:
+            multi.runs[lab] = [SimResult.from_json(os.path.join(runs_dir, f"{_file_stem(lab)}-seed{s}.json"))
+                               for s in multi.seeds]
+        metrics = {lab: [ef_gap_metrics(r) for r in multi.runs[lab]]
+                   for lab in multi.labels if multi.runs[lab][0].config.diagnostics}
+        return cls(multi=multi, metrics=metrics)
+
     @property
     def rounds(self) -> int:
         return len(self.multi.runs[self.multi.labels[0]][0].rounds)
@@ -128,6 +156,21 @@ class EFGapStudy:
         return {"rounds": [s0, n],
                 "slope_per_100_rounds": dataclasses.asdict(describe(100 * f[0] for f in fits)),
                 "r2": dataclasses.asdict(describe(f[2] for f in fits))}
+
+    def tail_rows(self, k: int = 10) -> List[Dict[str, Any]]:
+        """Per label the mean accuracy over the last ``k`` rounds, over seeds, and its
+        paired difference to the baseline (:class:`SeedStats` dicts; ``None`` for the
+        baseline)."""
+        m = self.multi
+        base = [tail_accuracy(r, k) for r in m.runs[m.baseline]]
+        rows = []
+        for lab in m.labels:
+            vals = [tail_accuracy(r, k) for r in m.runs[lab]]
+            rows.append({"label": lab, "k": k, "per_seed": vals,
+                         "accuracy": dataclasses.asdict(describe(vals)),
+                         "diff_vs_baseline": None if lab == m.baseline else
+                         dataclasses.asdict(describe(v - b for v, b in zip(vals, base)))})
+        return rows
 
     def final_rows(self) -> List[Dict[str, Any]]:
         """Per DGP label the last round's metrics over seeds (:class:`SeedStats` dicts)."""
@@ -165,6 +208,7 @@ class EFGapStudy:
             "baseline": self.multi.baseline,
             "per_seed": self.multi.per_seed_rows(),
             "summary": [r.to_dict() for r in self.multi.summary()],
+            "last_10_rounds_accuracy": self.tail_rows(10),
             "final_round": self.final_rows(),
             "max_residual_growth": {lab: self.growth(lab) for lab in self.metrics
                                     if any(m["residual_max_abs"][-1] > 0 for m in self.metrics[lab])},
@@ -177,6 +221,22 @@ class EFGapStudy:
         <= 25 % of its upload)."""
         m = self.multi
         out = ["### Final accuracy over seeds", "", m.markdown(), ""]
+        # last 10 rounds
+        out += ["### Mean accuracy over the last 10 rounds (less sensitive to the last round's "
+                "oscillation)", "",
+                f"| run | mean % ± std | Δ vs {m.baseline} (points, mean ± std) | 95 % CI of Δ |",
+                "|---|---:|---:|---:|"]
+        for row in self.tail_rows(10):
+            a, d = row["accuracy"], row["diff_vs_baseline"]
+            std = "n/a" if math.isnan(a["std"]) else f"{100 * a['std']:.2f}"
+            if d is None:
+                out.append(f"| {row['label']} | {100 * a['mean']:.2f} ± {std} | (baseline) | |")
+                continue
+            dstd = "n/a" if math.isnan(d["std"]) else f"{100 * d['std']:.2f}"
+            ci = ("n/a" if math.isnan(d["ci95_low"])
+                  else f"[{100 * d['ci95_low']:+.2f}, {100 * d['ci95_high']:+.2f}]")
+            out.append(f"| {row['label']} | {100 * a['mean']:.2f} ± {std} | {100 * d['mean']:+.2f} ± {dstd} | {ci} |")
+        out.append("")
         # per seed
         out += ["### Per seed (final accuracy %, Δ vs none in points)", "",
                 "| seed | " + " | ".join(m.labels) + " |",
@@ -301,7 +361,7 @@ def write_ef_gap(study: EFGapStudy, out_dir: str, *, runs: bool = False,
         json.dump(d, f, separators=(",", ":"))
     plot_ef_gap(study, paths["png"])
     if runs:
-        study.multi.write(os.path.join(out_dir, "runs"))
+        study.multi.write(os.path.join(out_dir, "runs"), plots=False)  # ef_gap.png has the curves
     return paths
 
 
@@ -321,7 +381,7 @@ def plot_ef_gap(study: EFGapStudy, path: str) -> str:
         colors[lab] = line.get_color()
         ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=line.get_color(),
                         alpha=0.15, linewidth=0)
-    ax.set_ylim(60, 100)
+    ax.set_ylim(0, 100)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy (mean, min-max over seeds)", fontsize=9)
     ax.legend(fontsize=8)

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from dgp_kernels.sim import SimConfig
-from dgp_kernels.sim.efgap import EF_GAP_METRICS, ef_gap_metrics, ef_gap_study, linear_fit, write_ef_gap
+from dgp_kernels.sim.efgap import (EF_GAP_METRICS, EFGapStudy, ef_gap_metrics, ef_gap_study, linear_fit,
+                                   write_ef_gap)
 
 ROUNDS = 6
 
@@ -59,7 +60,7 @@ def test_summary_and_files(study, tmp_path):
     final = {r["label"]: r for r in study.final_rows()}
     assert final["dgp"]["never_sent_fraction"]["mean"] == pytest.approx(
         sum(m["never_sent_fraction"][-1] for m in study.metrics["dgp"]) / 2)
-    paths = write_ef_gap(study, str(tmp_path), extra={"note": "test"})
+    paths = write_ef_gap(study, str(tmp_path), runs=True, extra={"note": "test"})
     md = open(paths["md"]).read()
     assert "Bar: within 1 point" in md and "| dgp top=0 |" in md and "no residual" in md
     d = json.loads(open(paths["json"]).read())
@@ -67,6 +68,11 @@ def test_summary_and_files(study, tmp_path):
     assert len(d["per_seed"]) == 8 and len(d["curves"]["dgp"]["never_sent_fraction"]["mean"]) == ROUNDS
     assert "dgp" in d["max_residual_growth"] and "dgp EF off" not in d["max_residual_growth"]
     assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the runs folder rebuilds the same study (redraw / re-tabulate without re-running)
+    again = EFGapStudy.load(str(tmp_path / "runs"))
+    assert again.multi.labels == study.multi.labels and again.multi.seeds == [0, 1]
+    assert again.metrics == study.metrics
+    assert again.markdown() == md.rstrip("\n")
 
 
 def test_helpers():
@@ -91,3 +97,17 @@ def test_diagnostics_do_not_change_the_run(study):
     assert diag.config.diagnostics and diag.config.seed == 1
     assert [r["test_accuracy"] for r in plain.rounds] == [r["test_accuracy"] for r in diag.rounds]
     assert all(plain.model_state[k].equal(diag.model_state[k]) for k in plain.model_state)
+
+
+def test_tail_accuracy(study):
+    from dgp_kernels.sim.efgap import tail_accuracy
+
+    res = study.multi.runs["dgp"][0]
+    accs = [r["test_accuracy"] for r in res.rounds]
+    assert tail_accuracy(res, 3) == pytest.approx(sum(accs[-3:]) / 3)
+    assert tail_accuracy(res, 100) == pytest.approx(sum(accs) / len(accs))
+    rows = {r["label"]: r for r in study.tail_rows(2)}
+    assert rows["none"]["diff_vs_baseline"] is None
+    diffs = [a - b for a, b in zip(rows["dgp"]["per_seed"], rows["none"]["per_seed"])]
+    assert rows["dgp"]["diff_vs_baseline"]["mean"] == pytest.approx(sum(diffs) / 2)
+
