@@ -343,7 +343,9 @@ def _gather_kernel(
     nc = n_in_h + n_in_l
     tl.store(blk_ccount + pid, nc)
     if SAMPLED:
-        if tl.max(tl.where(m, key, 0), axis=0) > INF_KEY:  # a NaN in the block
+        # a NaN in the block (a count, not a max: an int64 max reduction missed the NaN of
+        # float64 blocks on an H200 with Triton 3.6, where this count form passed)
+        if tl.sum((m & (key > INF_KEY)).to(tl.int32), axis=0) > 0:
             tl.atomic_max(flags + seg, 1)
             tl.atomic_max(flags + 3 * S, 1)  # the call holds a NaN: the write pass stops
         # per-block stores, summed per layer by _validate_kernel (no same-address atomics)
