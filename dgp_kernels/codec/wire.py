@@ -499,9 +499,13 @@ def decode_accumulate(
 
     Args:
         payloads: the clients' bytes (bytes-like or uint8 tensors), in a fixed order.
-        out: float32 contiguous CPU buffers, one per layer (mutated in place; their numels
+        out: float32 contiguous buffers, one per layer (mutated in place; their numels
             are the model the payloads must match), or one flat float32 buffer with
-            ``numels=`` giving the layer sizes.
+            ``numels=`` giving the layer sizes. All on the CPU, or all on one GPU: then
+            the payloads are validated and decoded on the CPU (where the bytes arrive) and
+            each accepted client is added on the GPU with one ``index_add_`` over all
+            layers, in client order, with the same float32 arithmetic (bit-identical to
+            the CPU result).
         weights: optional per-client weights (finite floats), e.g. FedAvg sample counts.
         indices: for aligned (ADGP) payloads, the broadcast positions of each layer (int64,
             strictly increasing); an aligned payload's values are added at those positions.
@@ -530,6 +534,9 @@ def decode_accumulate(
         outs = list(out)
         for i, o in enumerate(outs):
             _check_out(o, f"out[{i}]")
+    devices = {o.device for o in outs}
+    if len(devices) > 1:
+        raise ValueError(f"out buffers must all be on one device, got {sorted(map(str, devices))}")
     if weights is not None:
         weights = [float(w) for w in weights]
         if len(weights) != len(payloads):
@@ -543,7 +550,10 @@ def decode_accumulate(
         if len(aligned_idx) != len(outs) or len(list(indices)) != len(outs):
             raise ValueError(f"indices has {len(list(indices))} tensors for {len(outs)} layers")
     try:
-        if be == "cpp":
+        if outs and outs[0].device.type != "cpu":
+            status = _accumulate_staged(payloads, weights, outs, aligned_idx, bool(allow_nonfinite),
+                                        bool(strict), be)
+        elif be == "cpp":
             ts = [_as_byte_tensor(p, f"payloads[{c}]") for c, p in enumerate(payloads)]
             status = torch.ops.dgp.wire_accumulate(ts, weights, outs, aligned_idx, bool(allow_nonfinite),
                                                    bool(strict)).tolist()
@@ -567,6 +577,70 @@ def decode_accumulate(
     return AccumulateReport(accepted=accepted, rejected=tuple(rejected), weight_sum=wsum)
 
 
+def _accumulate_staged(payloads, weights, outs: List[Tensor], aligned_idx: List[Tensor],
+                       allow_nonfinite: bool, all_or_nothing: bool, be: str) -> List[int]:
+    """``decode_accumulate`` for buffers on a GPU (any device; the tests also run it on CPU
+    buffers against the C++ kernel): validate and decode every payload on the CPU, then add
+    each accepted client with one ``index_add_`` over a flat copy of all layers (global
+    positions), clients in order. Within one client every position occurs once, so each
+    element receives ``out + v`` (or ``out + float32(w) * v``: the product is its own
+    float32 op) with one rounding per client, as on the CPU. Returns the status list
+    (0 accepted, 1 rejected); nothing is written when ``all_or_nothing`` and one fails."""
+    numels = [int(o.numel()) for o in outs]
+    aks = [int(a.numel()) for a in aligned_idx] if aligned_idx else None
+    status, decoded = [], []
+    for p in payloads:
+        try:
+            sp = decode(p, numels, allow_nonfinite=allow_nonfinite, backend=be)
+            if sp.aligned:
+                if aks is None:
+                    raise PayloadError("aligned payload, but the server passed no aligned positions "
+                                       "(indices=) to place its values")
+                for i, layer in enumerate(sp.layers):
+                    if layer.values.numel() != aks[i]:
+                        raise PayloadError(f"layer {i}: aligned payload has k = {layer.values.numel()} "
+                                           f"values but the broadcast positions number {aks[i]}")
+            decoded.append(sp)
+            status.append(0)
+        except PayloadError:
+            decoded.append(None)
+            status.append(1)
+    if (all_or_nothing and any(status)) or not outs or all(status):
+        return status
+    device = outs[0].device
+    starts = [0]
+    for n in numels:
+        starts.append(starts[-1] + n)
+    flat = torch.cat([o.reshape(-1) for o in outs]) if len(outs) > 1 else outs[0].view(-1)
+    for c, sp in enumerate(decoded):
+        if sp is None:
+            continue
+        pos, vals = [], []
+        for i, layer in enumerate(sp.layers):
+            k = layer.values.numel()
+            if k == 0:
+                continue
+            if layer.indices is not None:
+                x = layer.indices
+            elif sp.aligned:
+                x = aligned_idx[i]
+            else:
+                x = torch.arange(k, dtype=torch.int64)  # dense layer: every position
+            pos.append(x + starts[i])
+            vals.append(layer.values.float())  # exact widening of bfloat16 / float16
+        if not pos:
+            continue
+        pos_d = torch.cat(pos).to(device, non_blocking=True)
+        v = torch.cat(vals).to(device, non_blocking=True)
+        if weights is not None:
+            v = v * torch.tensor(weights[c], dtype=torch.float32, device=device)
+        flat.index_add_(0, pos_d, v)
+    if len(outs) > 1:
+        for o, a, b in zip(outs, starts[:-1], starts[1:]):
+            o.view(-1).copy_(flat[a:b])
+    return status
+
+
 def _why(payload, numels, aks, allow_nonfinite) -> str:
     """The rejection message (re-validates one rejected payload; only on the failure path)."""
     try:
@@ -581,8 +655,8 @@ def _check_out(o, name: str) -> None:
         raise TypeError(f"{name} must be a float32 tensor, got {type(o).__name__}")
     if o.dtype != torch.float32:
         raise TypeError(f"{name} must be float32 (the accumulator is dense float32), got {o.dtype}")
-    if o.device.type != "cpu" or not o.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous CPU tensor (device {o.device}, contiguous={o.is_contiguous()})")
+    if not o.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (device {o.device})")
 
 
 def _check_positions(p, numel: int, layer: int) -> Tensor:
