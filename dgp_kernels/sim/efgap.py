@@ -39,7 +39,7 @@ from .multiseed import MultiSeedResult, describe, simulate_seeds, summary_markdo
 from .results import SimResult, seed_curves
 
 __all__ = ["EF_GAP_METRICS", "EF_GAP_VARIANTS", "EFGapStudy", "ef_gap_metrics", "ef_gap_study",
-           "linear_fit", "tail_accuracy", "write_ef_gap"]
+           "collapse_round", "linear_fit", "tail_accuracy", "write_ef_gap"]
 
 #: (label, defense, defense_params) of the study's runs, in order.
 EF_GAP_VARIANTS: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
@@ -81,6 +81,20 @@ def tail_accuracy(result: SimResult, k: int = 10) -> float:
         raise ValueError("the run has no evaluated round")
     tail = accs[-k:]
     return math.fsum(tail) / len(tail)
+
+
+def collapse_round(result: SimResult, reached: float = 0.40, floor: float = 0.15) -> Optional[int]:
+    """The first 1-based round at which the test accuracy fell to ``floor`` or below after
+    having reached ``reached`` (a divergence: 10-class chance is 0.10); ``None`` if never."""
+    peak = 0.0
+    for r in result.rounds:
+        a = r.get("test_accuracy")
+        if a is None:
+            continue
+        peak = max(peak, float(a))
+        if peak >= reached and float(a) <= floor:
+            return int(r["round"]) + 1
+    return None
 
 
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float, float]:
@@ -209,6 +223,8 @@ class EFGapStudy:
             "per_seed": self.multi.per_seed_rows(),
             "summary": [r.to_dict() for r in self.multi.summary()],
             "last_10_rounds_accuracy": self.tail_rows(10),
+            "collapse_round": {lab: [collapse_round(r) for r in self.multi.runs[lab]]
+                               for lab in self.multi.labels},
             "final_round": self.final_rows(),
             "max_residual_growth": {lab: self.growth(lab) for lab in self.metrics
                                     if any(m["residual_max_abs"][-1] > 0 for m in self.metrics[lab])},
@@ -238,7 +254,8 @@ class EFGapStudy:
             out.append(f"| {row['label']} | {100 * a['mean']:.2f} ± {std} | {100 * d['mean']:+.2f} ± {dstd} | {ci} |")
         out.append("")
         # per seed
-        out += ["### Per seed (final accuracy %, Δ vs none in points)", "",
+        out += [f"### Per seed (final accuracy %, Δ vs {m.baseline} in points; † the run collapsed: "
+                "accuracy fell to ≤ 15 % after reaching ≥ 40 %, at the round given)", "",
                 "| seed | " + " | ".join(m.labels) + " |",
                 "|---:|" + "---:|" * len(m.labels)]
         for i, s in enumerate(m.seeds):
@@ -246,13 +263,19 @@ class EFGapStudy:
             cells = []
             for lab in m.labels:
                 a = m.runs[lab][i].final_accuracy
-                cells.append(f"{100 * a:.2f}" if lab == m.baseline else f"{100 * a:.2f} ({100 * (a - base):+.2f})")
+                c = collapse_round(m.runs[lab][i])
+                mark = "" if c is None else f" †{c}"
+                cells.append(f"{100 * a:.2f}{mark}" if lab == m.baseline
+                             else f"{100 * a:.2f} ({100 * (a - base):+.2f}){mark}")
             out.append(f"| {s} | " + " | ".join(cells) + " |")
+        out.append("| collapsed | " + " | ".join(
+            f"{sum(collapse_round(r) is not None for r in m.runs[lab])}/{len(m.seeds)}" for lab in m.labels) + " |")
         out.append("")
         # bar check
         out += ["### Bar: within 1 point of none at <= 25 % of its upload", "",
-                "| run | seeds within 1 point | mean Δ (points) | 95 % CI of Δ | upload / none | bar on the mean |",
-                "|---|---:|---:|---:|---:|---|"]
+                "| run | seeds with Δ ≥ −1 point | mean Δ (points) | 95 % CI of Δ | median Δ | upload / none | "
+                "mean Δ ≥ −1 and upload ≤ 0.25 |",
+                "|---|---:|---:|---:|---:|---:|---|"]
         for row in m.summary():
             if row.diff_vs_baseline is None:
                 continue
@@ -261,7 +284,7 @@ class EFGapStudy:
                      if r["label"] == row.label and r["accuracy_minus_baseline"] >= -0.01 - 1e-12)
             passes = d.mean >= -0.01 and row.upload_fraction.max <= 0.25
             ci = "n/a" if math.isnan(d.ci95_low) else f"[{100 * d.ci95_low:+.2f}, {100 * d.ci95_high:+.2f}]"
-            out.append(f"| {row.label} | {ok}/{d.n} | {100 * d.mean:+.2f} | {ci} | "
+            out.append(f"| {row.label} | {ok}/{d.n} | {100 * d.mean:+.2f} | {ci} | {100 * d.median:+.2f} | "
                        f"{row.upload_fraction.mean:.3f} | {'meets' if passes else 'misses'} |")
         out.append("")
         # last round

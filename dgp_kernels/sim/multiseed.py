@@ -72,6 +72,8 @@ class SeedStats:
         mean: arithmetic mean.
         std: sample standard deviation (``n - 1`` in the denominator; ``nan`` when n = 1).
         min, max: extremes.
+        median: the middle value (mean of the two middle values for even n): robust to a
+            seed whose run diverged.
         ci95_low, ci95_high: two-sided 95 % Student-t interval of the mean,
             ``mean -/+ t_{0.975, n-1} * std / sqrt(n)`` (``nan`` when n = 1).
     """
@@ -81,6 +83,7 @@ class SeedStats:
     std: float
     min: float
     max: float
+    median: float
     ci95_low: float
     ci95_high: float
 
@@ -92,11 +95,13 @@ def describe(values: Iterable[float]) -> SeedStats:
     if n == 0:
         raise ValueError("describe() needs at least one value")
     mean = math.fsum(xs) / n
+    srt = sorted(xs)
+    median = srt[n // 2] if n % 2 else 0.5 * (srt[n // 2 - 1] + srt[n // 2])
     if n == 1:
-        return SeedStats(1, mean, math.nan, xs[0], xs[0], math.nan, math.nan)
+        return SeedStats(1, mean, math.nan, xs[0], xs[0], xs[0], math.nan, math.nan)
     std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     half = t_quantile_975(n - 1) * std / math.sqrt(n)
-    return SeedStats(n, mean, std, min(xs), max(xs), mean - half, mean + half)
+    return SeedStats(n, mean, std, min(xs), max(xs), median, mean - half, mean + half)
 
 
 def parse_seeds(text: str) -> List[int]:

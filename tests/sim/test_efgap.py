@@ -111,3 +111,15 @@ def test_tail_accuracy(study):
     diffs = [a - b for a, b in zip(rows["dgp"]["per_seed"], rows["none"]["per_seed"])]
     assert rows["dgp"]["diff_vs_baseline"]["mean"] == pytest.approx(sum(diffs) / 2)
 
+
+
+def test_collapse_round():
+    from dgp_kernels.sim import SimResult
+    from dgp_kernels.sim.efgap import collapse_round
+
+    def res(accs):
+        return SimResult(config=SimConfig(), rounds=[{"round": i, "test_accuracy": a} for i, a in enumerate(accs)])
+
+    assert collapse_round(res([0.1, 0.5, 0.3, 0.12, 0.9])) == 4
+    assert collapse_round(res([0.1, 0.12, 0.35, 0.1])) is None  # never reached 40 %
+    assert collapse_round(res([0.1, None, 0.6, 0.2, 0.95])) is None

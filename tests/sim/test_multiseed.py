@@ -30,14 +30,15 @@ def fake_run(defense, acc, upload, seed=0):
 # Statistics
 # --------------------------------------------------------------------------------------
 def test_describe_known_numbers():
-    s = describe([1.0, 2.0, 3.0, 4.0])
-    assert s.n == 4 and s.mean == 2.5 and s.min == 1.0 and s.max == 4.0
+    s = describe([4.0, 1.0, 3.0, 2.0])
+    assert s.n == 4 and s.mean == 2.5 and s.min == 1.0 and s.max == 4.0 and s.median == 2.5
+    assert describe([5.0, -1.0, 100.0]).median == 5.0
     std = math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 3)  # sample std, n - 1
     assert s.std == pytest.approx(std, rel=1e-12)
     half = 3.1824 * std / 2.0  # t_{0.975, 3} * std / sqrt(4)
     assert (s.ci95_low, s.ci95_high) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-4)
     one = describe([0.7])
-    assert one.mean == 0.7 and math.isnan(one.std) and math.isnan(one.ci95_low)
+    assert one.mean == one.median == 0.7 and math.isnan(one.std) and math.isnan(one.ci95_low)
     with pytest.raises(ValueError, match="at least one"):
         describe([])
 
