@@ -14,6 +14,7 @@ layer, clone) and ``copy_`` into existing buffers. Residuals are zeroed in ``set
 Environment: ``DGP_BENCH_SIZE`` (elements of the large tensor), ``DGP_BENCH_THREADS``
 (comma-separated, default ``1,2``), ``DGP_BENCH_ROUNDS`` (timed rounds, default 5).
 The one-process comparison table with ratios is ``dgp bench`` (dgp_kernels/benchmarks.py).
+With a CUDA device the ``*-cuda`` groups time the same inputs on the GPU.
 """
 
 import os
@@ -108,3 +109,68 @@ def test_copy(benchmark, case, threads):
     gs = case[1]
     bufs = [torch.empty_like(g) for g in gs]
     _run(benchmark, case, threads, lambda: [b.copy_(g) for b, g in zip(bufs, gs)])
+
+
+# --------------------------------------------------------------------------------------
+# GPU (issue 4): the same inputs as CUDA tensors; skipped without a CUDA device. Each timed
+# call ends with torch.cuda.synchronize(), so the wall time is the device time plus launch
+# overhead (bench/bench_triton.py gives CUDA-event times and bandwidth).
+# --------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(params=["resnet18", "tensor"])
+def cuda_case(request):
+    name = request.param
+    gs = request.getfixturevalue("resnet18_grads" if name == "resnet18" else "big_tensor")
+    return name, [g.cuda() for g in gs]
+
+
+def _run_cuda(benchmark, case, fn, residuals=None):
+    name, gs = case
+    benchmark.group = f"{name}-cuda"
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), n_tensors=len(gs),
+                                numel=sum(g.numel() for g in gs), torch=torch.__version__)
+
+    def setup():
+        for e in residuals or ():
+            e.zero_()
+        torch.cuda.synchronize()
+
+    def call():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(call, setup=setup, rounds=max(ROUNDS, 10), warmup_rounds=2, iterations=1)
+
+
+@needs_cuda
+def test_cuda_ours_select_ef_multi(benchmark, cuda_case):
+    gs = cuda_case[1]
+    res = [torch.zeros_like(g) for g in gs]
+    _run_cuda(benchmark, cuda_case, lambda: dgp_kernels.select_ef_multi(gs, res, TOP, KEEP), res)
+
+
+@needs_cuda
+def test_cuda_ours_select_multi(benchmark, cuda_case):
+    gs = cuda_case[1]
+    _run_cuda(benchmark, cuda_case, lambda: dgp_kernels.select_multi(gs, TOP, KEEP))
+
+
+@needs_cuda
+def test_cuda_authors_ef(benchmark, cuda_case):
+    gs = cuda_case[1]
+    res = [torch.zeros_like(g) for g in gs]
+    _run_cuda(benchmark, cuda_case, lambda: authors_dgp(gs, res, TOP, KEEP), res)
+
+
+@needs_cuda
+def test_cuda_single_topk(benchmark, cuda_case):
+    gs = cuda_case[1]
+    _run_cuda(benchmark, cuda_case, lambda: single_topk(gs, KEEP))
+
+
+@needs_cuda
+def test_cuda_clone(benchmark, cuda_case):
+    gs = cuda_case[1]
+    _run_cuda(benchmark, cuda_case, lambda: clone_all(gs))

@@ -503,6 +503,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="real: one forward/backward on a random batch; random: randn tensors "
                         "of the same shapes (default: real)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default: 0)")
+    p.add_argument("--gpu", choices=("auto", "on", "off"), default="auto",
+                   help="also run the GPU benchmark (dgp_kernels.benchmarks_gpu: Triton kernels "
+                        "vs the authors' operator on 25M, ResNet-18 and ResNet-50 inputs): "
+                        "auto = when a CUDA device is present (default: auto)")
     p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
 
@@ -522,9 +526,19 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"dgp bench: error: --{opt} {path!r}: directory "
                   f"{os.path.dirname(os.path.abspath(path))!r} does not exist", file=sys.stderr)
             return 2
+    gpu = getattr(args, "gpu", "auto")
+    if gpu == "on" and not torch.cuda.is_available():
+        print("dgp bench: error: --gpu on, but torch.cuda.is_available() is False",
+              file=sys.stderr)
+        return 2
     report = run(config_from_args(args))
     sys.stdout.write(format_table(report))
     sys.stdout.flush()
+    if gpu == "on" or (gpu == "auto" and torch.cuda.is_available()):
+        from . import benchmarks_gpu
+
+        print("\n## GPU (CUDA tensors)\n")
+        benchmarks_gpu.main(["--size", str(args.size or benchmarks_gpu.DEFAULT_SIZE)])
     if args.json:
         with open(args.json, "w") as f:
             f.write(to_json(report) + "\n")

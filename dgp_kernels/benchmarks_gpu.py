@@ -2,6 +2,7 @@
 
     python bench/bench_triton.py                 # 25M float32, ResNet-18, ResNet-50
     python bench/bench_triton.py --reps 50 --size 25000000 --markdown out.md
+    dgp bench                                    # runs this too when a GPU is present
 
 Inputs: one 25M-element float32 ``randn`` tensor; the 62 gradient shapes of the CIFAR
 ResNet-18 (``dgp_kernels.sim.models.resnet18_cifar``, 11.2M elements); the 161 parameter
@@ -38,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 TOP, KEEP = 0.05, 0.20
+DEFAULT_SIZE = 25_000_000
 
 # Nominal peak HBM bandwidth (bytes/s) by device-name substring, most specific first.
 PEAK_BW = [
@@ -273,7 +275,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=int, default=25_000_000, help="elements of the big tensor")
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="elements of the big tensor")
     p.add_argument("--reps", type=int, default=20, help="timed calls per method")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls (the first compiles)")
     p.add_argument("--skip-authors", action="store_true", help="skip the slow two-topk baseline")

@@ -87,6 +87,27 @@ def test_missing_output_directory_fails_before_running(capsys, tmp_path):
     assert "--json" in err and "does not exist" in err
 
 
+def test_bench_gpu_on_without_cuda_fails_clearly(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(TINY + ["--gpu", "on"]) == 2
+    assert "--gpu on" in capsys.readouterr().err
+
+
+def test_gpu_benchmark_logic_on_cpu_tensors(capsys):
+    """The GPU benchmark's table, exactness check and ratios on small CPU tensors (its
+    --cpu-smoke mode; the real run needs CUDA and skips without it)."""
+    from dgp_kernels import benchmarks_gpu
+
+    assert benchmarks_gpu.main(["--cpu-smoke", "--size", "3000", "--reps", "2", "--warmup", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "bit-exact vs the reference (same device): yes" in text
+    for needle in ("ours_ef", "authors_ef", "topk", "clone", "authors_ef/ours_ef", "| of peak |"):
+        assert needle in text, needle
+
+
 def test_no_subcommand_prints_help(capsys):
     assert main([]) == 2
     assert "bench" in capsys.readouterr().err
