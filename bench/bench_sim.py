@@ -4,7 +4,8 @@ Not part of `pytest`.
     python bench/bench_sim.py [--rounds 3] [--clients 10] [--batch 32] [--threads 1,2]
                               [--defenses none,dgp] [--device cpu] [--json out.json]
     OMP_NUM_THREADS=1 python bench/bench_sim.py --study ef-gap [--seeds 5] [--rounds 150]
-                              [--clients 10] [--threads 1] [--out bench/results/ef_gap] [--runs]
+                              [--clients 10] [--lr 0.1] [--threads 1] [--runs]
+                              [--out bench/results/ef_gap]
 
 ``--study ef-gap`` runs :func:`dgp_kernels.sim.efgap.ef_gap_study` on the default simulator
 configuration (built-in digits, convnet_small, FedSGD, 10 clients, 150 rounds, one thread):
@@ -143,7 +144,7 @@ def study_ef_gap(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     threads = int((args.threads or "1").split(",")[0])
     base = SimConfig(rounds=args.rounds or 150, clients=args.clients, threads=threads,
-                     device=args.device)
+                     device=args.device, lr=args.lr)
     env = _environment(args.device)
     env.update(threads=str(threads), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "(unset)"),
                started_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
@@ -174,6 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="5", help="ef-gap: a count (5 -> 0..4) or a list 0,1,2")
     ap.add_argument("--out", default=None, help="ef-gap: output folder (default bench/results/ef_gap)")
     ap.add_argument("--runs", action="store_true", help="ef-gap: also write every run's JSON/CSV")
+    ap.add_argument("--lr", type=float, default=SimConfig().lr,
+                    help="ef-gap: the server learning rate of every run (default: SimConfig's 0.1)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.study == "ef-gap":

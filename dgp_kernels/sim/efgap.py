@@ -53,7 +53,7 @@ EF_GAP_VARIANTS: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
 #: the simulator's diagnostics plus ``residual_over_grad`` (residual norm / gradient norm).
 EF_GAP_METRICS = ("never_sent_fraction", "residual_norm", "grad_norm", "residual_over_grad",
                   "residual_max_abs", "residual_never_sent_share", "grad_never_sent_share",
-                  "top_never_sent_fraction")
+                  "top_never_sent_fraction", "top_repeat_fraction")
 
 
 def ef_gap_metrics(result: SimResult) -> Dict[str, List[float]]:
@@ -291,8 +291,9 @@ class EFGapStudy:
         out += [f"### Error feedback after round {self.rounds} (mean over seeds [min, max]; each "
                 f"seed's value is the mean over its clients)", "",
                 "| run | never sent % | residual / gradient norm | residual norm | max abs residual | "
-                "residual² on never-sent % | gradient² on never-sent % | top-held never sent % |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "residual² on never-sent % | gradient² on never-sent % | top-held never sent % | "
+                "top-held also last round % |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
         def cell(st: Dict[str, float], scale: float = 1.0, fmt: str = ".2f") -> str:
             return (f"{scale * st['mean']:{fmt}} [{scale * st['min']:{fmt}}, "
@@ -301,12 +302,13 @@ class EFGapStudy:
         for row in self.final_rows():
             if row["residual_norm"]["max"] == 0:  # error feedback off: no residual
                 out.append(f"| {row['label']} | {cell(row['never_sent_fraction'], 100)} | no residual | "
-                           f"| | | {cell(row['grad_never_sent_share'], 100)} | |")
+                           f"| | | {cell(row['grad_never_sent_share'], 100)} | | |")
                 continue
             out.append(f"| {row['label']} | {cell(row['never_sent_fraction'], 100)} | "
                        f"{cell(row['residual_over_grad'], 1, '.1f')} | {cell(row['residual_norm'], 1, '.1f')} | "
                        f"{cell(row['residual_max_abs'])} | {cell(row['residual_never_sent_share'], 100, '.1f')} | "
-                       f"{cell(row['grad_never_sent_share'], 100)} | {cell(row['top_never_sent_fraction'], 100, '.1f')} |")
+                       f"{cell(row['grad_never_sent_share'], 100)} | {cell(row['top_never_sent_fraction'], 100, '.1f')} | "
+                       f"{cell(row['top_repeat_fraction'], 100, '.1f')} |")
         out.append("")
         growth = {lab: self.growth(lab) for lab in self.metrics
                   if any(mm["residual_max_abs"][-1] > 0 for mm in self.metrics[lab])}
@@ -328,7 +330,8 @@ class EFGapStudy:
         show = (("never_sent_fraction", "never sent %", 100, ".1f"),
                 ("residual_over_grad", "residual / gradient", 1, ".1f"),
                 ("residual_max_abs", "max abs residual", 1, ".2f"),
-                ("residual_never_sent_share", "residual² on never-sent %", 100, ".1f"))
+                ("residual_never_sent_share", "residual² on never-sent %", 100, ".1f"),
+                ("top_repeat_fraction", "top-held also last round %", 100, ".1f"))
         for lab in self.metrics:
             for key, name, scale, fmt in show:
                 mean = self.curve(lab, key)[0]

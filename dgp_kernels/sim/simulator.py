@@ -131,6 +131,7 @@ class _Client:
     perm: Optional[Tensor] = None
     ptr: int = 0
     ever_sent: Optional[List[Tensor]] = None  # diagnostics: bool per parameter
+    top_held: Optional[List[Tensor]] = None  # diagnostics: bool per parameter, held at the top last round
 
     @property
     def num_samples(self) -> int:
@@ -279,7 +280,9 @@ def simulate(config: SimConfig, *, progress: bool = True,
         update: how much of the gradient lies where the client has never sent),
         ``never_sent_fraction``, ``residual_max_abs`` and, for DGP,
         ``top_never_sent_fraction`` (of the entries held back at the top this round, the
-        fraction this client has never sent).
+        fraction this client has never sent) and ``top_repeat_fraction`` (the fraction
+        that were also held back at the top in this client's previous round: near 1 means
+        the top band is occupied by the same parked coordinates round after round).
     """
     if not isinstance(config, SimConfig):
         raise TypeError(f"config must be a SimConfig, got {type(config).__name__}")
@@ -562,14 +565,22 @@ def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,
     # DGP: after compress the residual holds v = g + e everywhere except the sent band, so
     # its k_top largest magnitudes per layer are exactly the entries held back at the top.
     top = getattr(cl.compressor, "top", 0.0)
-    top_n = top_never = 0
+    top_n = top_never = top_again = 0
     if res is not None and top > 0:
-        for e, sent in zip(res, cl.ever_sent):
+        held = [torch.zeros(s.numel(), dtype=torch.bool) for s in cl.ever_sent]
+        for i, (e, sent) in enumerate(zip(res, cl.ever_sent)):
             k_top = band_counts(e.numel(), top, getattr(cl.compressor, "keep", 0.0))[0]
             if k_top:
                 idx = e.detach().reshape(-1).abs().cpu().topk(k_top).indices
                 top_n += k_top
                 top_never += int((~sent[idx]).sum())
+                held[i][idx] = True
+                if cl.top_held is not None:
+                    top_again += int(cl.top_held[i][idx].sum())
+        had_previous = cl.top_held is not None
+        cl.top_held = held
+    else:
+        had_previous = False
     return {
         "grad_norm": math.sqrt(g2),
         "residual_norm": math.sqrt(e2),
@@ -579,4 +590,5 @@ def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,
         "grad_never_sent_share": g2_never / g2 if g2 > 0 else 0.0,
         "residual_max_abs": emax,
         "top_never_sent_fraction": top_never / top_n if top_n else 0.0,
+        "top_repeat_fraction": top_again / top_n if top_n and had_previous else 0.0,
     }

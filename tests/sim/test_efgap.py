@@ -34,18 +34,22 @@ def test_metrics_ranges_and_directions(study):
             assert never[0] >= 0.75  # round 1 sends ~20% of each layer (floor per layer)
             for key in ("residual_norm", "grad_norm", "residual_max_abs"):
                 assert all(math.isfinite(v) and v >= 0 for v in m[key]), key
-            for key in ("residual_never_sent_share", "grad_never_sent_share", "top_never_sent_fraction"):
+            for key in ("residual_never_sent_share", "grad_never_sent_share", "top_never_sent_fraction",
+                        "top_repeat_fraction"):
                 assert all(0.0 <= v <= 1.0 + 1e-12 for v in m[key]), key
             assert all(g > 0 for g in m["grad_norm"])
     for m in study.metrics["dgp EF off"]:
         assert all(v == 0 for v in m["residual_norm"])  # no error feedback: no residual
     for m in study.metrics["dgp top=0"]:
         assert all(v == 0 for v in m["top_never_sent_fraction"])  # nothing is held at the top
+        assert all(v == 0 for v in m["top_repeat_fraction"])
         assert m["residual_norm"][-1] > 0
     for m in study.metrics["dgp"]:
         # after round 1 the residual is everything not sent: its energy is all on never-sent
         assert m["residual_never_sent_share"][0] == pytest.approx(1.0)
         assert max(m["top_never_sent_fraction"]) > 0
+        # no previous round to repeat in round 1; held entries stay in v = g + e, so many repeat
+        assert m["top_repeat_fraction"][0] == 0 and max(m["top_repeat_fraction"]) > 0.3
     # The top cut keeps the largest entries in the residual: it ends larger than without it.
     mean_max = {lab: sum(m["residual_max_abs"][-1] for m in study.metrics[lab]) / 2
                 for lab in ("dgp", "dgp top=0")}
