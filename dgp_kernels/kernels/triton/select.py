@@ -41,6 +41,7 @@ full table is in README.md):
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -899,11 +900,14 @@ def band_multi_triton(
     table += [out_idx.data_ptr(), out_val.data_ptr()]
     flags = None
     if sampled and USE_CUDA_GRAPHS and device.type == "cuda":
-        flags = _graph_launch(plan, table, S, cfg)
+        with _GRAPH_LOCK:  # a graph's table, workspaces and flags are shared by its replays
+            flags = _graph_launch(plan, table, S, cfg)
+            if flags is not None:
+                missed = _sampled_outcome(flags, S, nan_message)
     if flags is None:  # eager: the exact path, graphs off, or a graph key's first call
         ptrs = _to_device([table], device)[0]
         flags = _launch(plan, ptrs, S, cfg, sampled, nan_message, candidates)
-    missed = _sampled_outcome(flags, S, nan_message) if flags is not None else []
+        missed = _sampled_outcome(flags, S, nan_message) if flags is not None else []
     if missed:  # the layers whose sample missed, on the exact path, into their slots
         pick = lambda xs: None if xs is None else [xs[i] for i in missed]  # noqa: E731
         sub = band_multi_triton(
@@ -1041,6 +1045,7 @@ class _Graph:
 
 
 _GRAPHS: "OrderedDict[tuple, _Graph]" = OrderedDict()
+_GRAPH_LOCK = threading.Lock()
 _GRAPH_SEEN: "OrderedDict[tuple, bool]" = OrderedDict()
 
 
@@ -1051,8 +1056,9 @@ def _graph_launch(plan: _Plan, table: List[int], S: int, cfg: _Mode) -> Optional
     copy; outputs are written through that table into the call's fresh tensors; the
     workspaces live in the graph's private memory pool (about a quarter of the elements
     as candidate keys, plus per-block tables), one pool per cached graph
-    (``_GRAPH_CACHE_SIZE``). Returns the graph's flags, or None (run eagerly). Calls must
-    not overlap on different streams (they share the graph's workspaces)."""
+    (``_GRAPH_CACHE_SIZE``). Returns the graph's flags, or None (run eagerly). The caller
+    holds ``_GRAPH_LOCK`` until it has read the flags, so host threads take turns; the key
+    includes the stream, so calls on different streams use different graphs."""
     if torch.cuda.is_current_stream_capturing():
         return None
     key = (plan.key, cfg, torch.cuda.current_stream().cuda_stream)
