@@ -17,6 +17,10 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, List
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import SimConfig
 
 __all__ = ["add_arguments", "run_from_args"]
 
@@ -154,7 +158,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_seeds(args: argparse.Namespace, configs, seeds, defenses, out: str) -> int:
+def _run_seeds(args: argparse.Namespace, configs: "List[SimConfig]", seeds: List[int],
+               defenses: List[str], out: str) -> int:
     """``--seeds``: every defense once per seed (seeds in sequence), then the multi-seed
     files of :meth:`MultiSeedResult.write` and the table on stdout."""
     import json

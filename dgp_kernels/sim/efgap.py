@@ -371,16 +371,17 @@ def ef_gap_study(base: Optional[SimConfig] = None, seeds: Iterable[int] = range(
 
 
 def write_ef_gap(study: EFGapStudy, out_dir: str, *, runs: bool = False,
-                 extra: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+                 extra: Optional[Dict[str, Any]] = None, digits: int = 5) -> Dict[str, str]:
     """Write ``ef_gap.md``, ``ef_gap.json`` (compact, see :meth:`EFGapStudy.to_dict`; plus
-    ``extra``, e.g. the environment) and ``ef_gap.png``; with ``runs`` also every run's
+    ``extra``, e.g. the environment; curves to ``digits`` significant digits) and
+    ``ef_gap.png``; with ``runs`` also every run's
     JSON/CSV and the multi-seed summary under ``out_dir/runs``. Returns ``name -> path``."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"md": os.path.join(out_dir, "ef_gap.md"), "json": os.path.join(out_dir, "ef_gap.json"),
              "png": os.path.join(out_dir, "ef_gap.png")}
     with open(paths["md"], "w") as f:
         f.write(study.markdown() + "\n")
-    d = study.to_dict()
+    d = study.to_dict(digits)
     if extra:
         d["environment"] = extra
     with open(paths["json"], "w") as f:
