@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .config import SimConfig
-from .multiseed import MultiSeedResult, describe, simulate_seeds, summary_markdown
+from .multiseed import MultiSeedResult, describe, simulate_seeds
 from .results import SimResult, seed_curves
 
 __all__ = ["EF_GAP_METRICS", "EF_GAP_VARIANTS", "EFGapStudy", "ef_gap_metrics", "ef_gap_study",
@@ -251,7 +251,8 @@ class EFGapStudy:
             dstd = "n/a" if math.isnan(d["std"]) else f"{100 * d['std']:.2f}"
             ci = ("n/a" if math.isnan(d["ci95_low"])
                   else f"[{100 * d['ci95_low']:+.2f}, {100 * d['ci95_high']:+.2f}]")
-            out.append(f"| {row['label']} | {100 * a['mean']:.2f} ± {std} | {100 * d['mean']:+.2f} ± {dstd} | {ci} |")
+            out.append(f"| {row['label']} | {100 * a['mean']:.2f} ± {std} | "
+                       f"{100 * d['mean']:+.2f} ± {dstd} | {ci} |")
         out.append("")
         # per seed
         out += [f"### Per seed (final accuracy %, Δ vs {m.baseline} in points; † the run collapsed: "
@@ -268,13 +269,13 @@ class EFGapStudy:
                 cells.append(f"{100 * a:.2f}{mark}" if lab == m.baseline
                              else f"{100 * a:.2f} ({100 * (a - base):+.2f}){mark}")
             out.append(f"| {s} | " + " | ".join(cells) + " |")
-        out.append("| collapsed | " + " | ".join(
-            f"{sum(collapse_round(r) is not None for r in m.runs[lab])}/{len(m.seeds)}" for lab in m.labels) + " |")
+        counts = [sum(collapse_round(r) is not None for r in m.runs[lab]) for lab in m.labels]
+        out.append("| collapsed | " + " | ".join(f"{c}/{len(m.seeds)}" for c in counts) + " |")
         out.append("")
         # bar check
         out += ["### Bar: within 1 point of none at <= 25 % of its upload", "",
-                "| run | seeds with Δ ≥ −1 point | mean Δ (points) | 95 % CI of Δ | median Δ | upload / none | "
-                "mean Δ ≥ −1 and upload ≤ 0.25 |",
+                "| run | seeds with Δ ≥ −1 point | mean Δ (points) | 95 % CI of Δ | median Δ | "
+                "upload / none | mean Δ ≥ −1 and upload ≤ 0.25 |",
                 "|---|---:|---:|---:|---:|---:|---|"]
         for row in m.summary():
             if row.diff_vs_baseline is None:
@@ -305,9 +306,11 @@ class EFGapStudy:
                            f"| | | {cell(row['grad_never_sent_share'], 100)} | | |")
                 continue
             out.append(f"| {row['label']} | {cell(row['never_sent_fraction'], 100)} | "
-                       f"{cell(row['residual_over_grad'], 1, '.1f')} | {cell(row['residual_norm'], 1, '.1f')} | "
-                       f"{cell(row['residual_max_abs'])} | {cell(row['residual_never_sent_share'], 100, '.1f')} | "
-                       f"{cell(row['grad_never_sent_share'], 100)} | {cell(row['top_never_sent_fraction'], 100, '.1f')} | "
+                       f"{cell(row['residual_over_grad'], 1, '.1f')} | "
+                       f"{cell(row['residual_norm'], 1, '.1f')} | {cell(row['residual_max_abs'])} | "
+                       f"{cell(row['residual_never_sent_share'], 100, '.1f')} | "
+                       f"{cell(row['grad_never_sent_share'], 100)} | "
+                       f"{cell(row['top_never_sent_fraction'], 100, '.1f')} | "
                        f"{cell(row['top_repeat_fraction'], 100, '.1f')} |")
         out.append("")
         growth = {lab: self.growth(lab) for lab in self.metrics
@@ -337,7 +340,8 @@ class EFGapStudy:
                 mean = self.curve(lab, key)[0]
                 if key != "never_sent_fraction" and not any(v > 0 for v in mean):
                     continue  # error feedback off: no residual
-                out.append(f"| {lab} | {name} | " + " | ".join(f"{scale * mean[r - 1]:{fmt}}" for r in marks) + " |")
+                vals = " | ".join(f"{scale * mean[r - 1]:{fmt}}" for r in marks)
+                out.append(f"| {lab} | {name} | {vals} |")
         return "\n".join(out)
 
 

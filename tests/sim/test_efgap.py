@@ -122,7 +122,8 @@ def test_collapse_round():
     from dgp_kernels.sim.efgap import collapse_round
 
     def res(accs):
-        return SimResult(config=SimConfig(), rounds=[{"round": i, "test_accuracy": a} for i, a in enumerate(accs)])
+        rounds = [{"round": i, "test_accuracy": a} for i, a in enumerate(accs)]
+        return SimResult(config=SimConfig(), rounds=rounds)
 
     assert collapse_round(res([0.1, 0.5, 0.3, 0.12, 0.9])) == 4
     assert collapse_round(res([0.1, 0.12, 0.35, 0.1])) is None  # never reached 40 %
