@@ -53,7 +53,8 @@ EF_GAP_VARIANTS: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
 #: the simulator's diagnostics plus ``residual_over_grad`` (residual norm / gradient norm).
 EF_GAP_METRICS = ("never_sent_fraction", "residual_norm", "grad_norm", "residual_over_grad",
                   "residual_max_abs", "residual_never_sent_share", "grad_never_sent_share",
-                  "top_never_sent_fraction", "top_repeat_fraction")
+                  "top_never_sent_fraction", "top_repeat_fraction",
+                  "server_never_received_fraction", "top_held_by_all_fraction")
 
 
 def ef_gap_metrics(result: SimResult) -> Dict[str, List[float]]:
@@ -312,6 +313,12 @@ class EFGapStudy:
                        f"{cell(row['grad_never_sent_share'], 100)} | "
                        f"{cell(row['top_never_sent_fraction'], 100, '.1f')} | "
                        f"{cell(row['top_repeat_fraction'], 100, '.1f')} |")
+        out.append("")
+        out += ["Across clients (same layout): coordinates the server never received from any "
+                "client, % / held back at the top by every client in the last round, %:", ""]
+        for row in self.final_rows():
+            out.append(f"* {row['label']}: {cell(row['server_never_received_fraction'], 100)} / "
+                       f"{cell(row['top_held_by_all_fraction'], 100)}")
         out.append("")
         growth = {lab: self.growth(lab) for lab in self.metrics
                   if any(mm["residual_max_abs"][-1] > 0 for mm in self.metrics[lab])}

@@ -282,7 +282,10 @@ def simulate(config: SimConfig, *, progress: bool = True,
         ``top_never_sent_fraction`` (of the entries held back at the top this round, the
         fraction this client has never sent) and ``top_repeat_fraction`` (the fraction
         that were also held back at the top in this client's previous round: near 1 means
-        the top band is occupied by the same parked coordinates round after round).
+        the top band is occupied by the same parked coordinates round after round); and,
+        across clients, ``server_never_received_fraction`` (coordinates no client has
+        ever sent) and ``top_held_by_all_fraction`` (coordinates every participant held
+        back at the top this round).
     """
     if not isinstance(config, SimConfig):
         raise TypeError(f"config must be a SimConfig, got {type(config).__name__}")
@@ -409,6 +412,7 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
             uploads: List[int] = []
             client_buffers: Dict[int, List[Tensor]] = {}
             diag: List[Dict[str, float]] = []
+            diagnosed: List[int] = []  # clients that compressed this round (diagnostics)
             base_buffers = _snapshot(model)
             for c in participants:
                 cl = clients[c]
@@ -434,6 +438,7 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
                     payload = cl.compressor.compress(update)
                     if config.diagnostics:
                         diag.append(_diagnose(cl, update, payload, positions))
+                        diagnosed.append(c)
                     if kind == "nan_payload":
                         payload = _with_nan(payload)
                     stage = "encode"
@@ -499,6 +504,7 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
             if diag:
                 for key in diag[0]:
                     row[key] = sum(d[key] for d in diag) / len(diag)
+                row.update(_server_diagnostics(clients, diagnosed))
             t_train = time.perf_counter()
             row["round_s"] = t_train - t_round
             if (r + 1) % config.eval_every == 0 or r == config.rounds - 1:
@@ -531,6 +537,32 @@ def _apply(model: nn.Module, params: Sequence[Tensor], update: Sequence[Tensor],
         with torch.no_grad():
             for p, u in zip(params, update):
                 p.add_(u.to(device=device, dtype=p.dtype).view(p.shape))
+
+
+def _server_diagnostics(clients: Sequence[_Client], compressed: Sequence[int]) -> Dict[str, float]:
+    """Across clients (diagnostics): ``server_never_received_fraction``, the fraction of
+    coordinates no client has ever sent (the server has never had data for them), and
+    ``top_held_by_all_fraction``, the fraction held back at the top by every client that
+    compressed this round (``compressed``; DGP, 0 otherwise)."""
+    sent = [cl.ever_sent for cl in clients if cl.ever_sent is not None]
+    if not sent:
+        return {}
+    total = sum(t.numel() for t in sent[0])
+    union = [torch.zeros_like(t) for t in sent[0]]
+    for per_client in sent:
+        for u, t in zip(union, per_client):
+            u |= t
+    out = {"server_never_received_fraction": sum(int((~u).sum()) for u in union) / max(1, total)}
+    held = [clients[c].top_held for c in compressed]
+    if held and all(h is not None for h in held):
+        inter = [h.clone() for h in held[0]]
+        for per_client in held[1:]:
+            for i, t in zip(inter, per_client):
+                i &= t
+        out["top_held_by_all_fraction"] = sum(int(i.sum()) for i in inter) / max(1, total)
+    else:
+        out["top_held_by_all_fraction"] = 0.0
+    return out
 
 
 def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,

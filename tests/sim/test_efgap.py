@@ -38,6 +38,12 @@ def test_metrics_ranges_and_directions(study):
                         "top_repeat_fraction"):
                 assert all(0.0 <= v <= 1.0 + 1e-12 for v in m[key]), key
             assert all(g > 0 for g in m["grad_norm"])
+            # the server's view: a coordinate no client sent is unsent by each client too
+            never_any = m["server_never_received_fraction"]
+            assert all(0.0 <= a <= b + 1e-12 for a, b in zip(never_any, never))
+            assert all(b <= a for a, b in zip(never_any, never_any[1:]))
+            # held by every client <= held by one client <= the top band
+            assert all(0.0 <= v <= 0.05 + 1e-12 for v in m["top_held_by_all_fraction"])
     for m in study.metrics["dgp EF off"]:
         assert all(v == 0 for v in m["residual_norm"])  # no error feedback: no residual
     for m in study.metrics["dgp top=0"]:
