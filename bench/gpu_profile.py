@@ -11,10 +11,12 @@ error feedback on, top=0.05, keep=0.20):
    median (the device's attainable bandwidth, next to the nominal peak);
 2. per-kernel time of one call from ``torch.profiler`` (CUDA activity), summed by kernel
    name, plus the host-side wall time of the call: which phase to work on next;
-3. a sweep of ``BLOCK`` (elements per program of the data passes) and ``NUM_WARPS`` in
-   :mod:`dgp_kernels.kernels.triton.select`: median ms per configuration, each checked bit
-   for bit against the default configuration's indices, values and residual (a faster
-   wrong kernel is not a result), and against the C++ CPU kernel when it is built.
+3. a one-knob-at-a-time sweep of the module constants of
+   :mod:`dgp_kernels.kernels.triton.select` (``--knobs``: ``BLOCK``, ``NUM_WARPS``,
+   ``SCAN_WARPS``, ``SCAN_TILE``, ``CAND_CHUNK``, ``SAMPLE_SPLIT``, ``USE_CUDA_GRAPHS``):
+   median ms per setting, each checked bit for bit against the default configuration's
+   indices, values and residual (a faster wrong kernel is not a result); the default is
+   also checked against the C++ CPU kernel when it is built.
 
 Skips (exit 0) without CUDA.
 """
@@ -30,6 +32,19 @@ from typing import Dict, List
 import torch
 
 TOP, KEEP = 0.05, 0.20
+DEFAULT_KNOBS = ("BLOCK=1024,2048;NUM_WARPS=4,8;SCAN_WARPS=4,8,16;SCAN_TILE=1024,4096;"
+                 "CAND_CHUNK=4096,8192,32768;SAMPLE_SPLIT=4,8,32;USE_CUDA_GRAPHS=0,1")
+
+
+def _parse_knobs(text: str):
+    """``'A=1,2;B=3'`` -> ``[('A', [1, 2]), ('B', [3])]`` (ints; 0/1 for booleans)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, values = part.partition("=")
+        if not values:
+            raise SystemExit(f"gpu_profile: --knobs entry {part!r} is not NAME=v1,v2")
+        out.append((name.strip(), [int(v) for v in values.split(",")]))
+    return out
 
 
 def _events_ms(fn, reps: int, warmup: int = 3, before=None) -> List[float]:
@@ -71,6 +86,10 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=25_000_000)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--json", help="write every number to this file")
+    p.add_argument("--knobs", default=DEFAULT_KNOBS,
+                   help="one-at-a-time sweep of module constants of "
+                        "dgp_kernels.kernels.triton.select, 'NAME=v1,v2;NAME=...' "
+                        f"(default: {DEFAULT_KNOBS!r}; USE_CUDA_GRAPHS=0,1 also works)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_profile: skipped, no CUDA device")
@@ -158,13 +177,16 @@ def main(argv=None) -> int:
     print(f"#   {total:8.3f}  total of the dgp kernels")
     report["per_kernel_ms"] = per_kernel
 
-    # 3. sweep BLOCK x NUM_WARPS, checked against the default configuration.
-    default = (ts.BLOCK, ts.NUM_WARPS)
+    # 3. one knob at a time (the others at their defaults), each checked against the
+    # default configuration's bits; device time by CUDA events, with and without graphs.
     rows = []
-    for block in (512, 1024, 2048):
-        for warps in (2, 4, 8):
-            ts.BLOCK, ts.NUM_WARPS = block, warps
+    for knob, values in _parse_knobs(args.knobs):
+        default = getattr(ts, knob)
+        for value in values:
+            setattr(ts, knob, value)
             ts._PLANS.clear()
+            ts._GRAPHS.clear()
+            ts._GRAPH_SEEN.clear()
             try:
                 reset()
                 out = call()
@@ -172,18 +194,17 @@ def main(argv=None) -> int:
                         ref[1].view(torch.int32)) and torch.equal(e.view(torch.int32),
                         ref_e.view(torch.int32)))
                 ms = _median(_events_ms(call, args.reps, before=reset))
-                rows.append((block, warps, ms, mandatory / (ms * 1e-3), same))
-                print(f"# BLOCK={block:5d} NUM_WARPS={warps:2d}: {ms:7.3f} ms  "
-                      f"{mandatory / (ms * 1e-3) / 1e9:7.0f} GB/s mandatory  "
-                      f"{mandatory / (ms * 1e-3) / bw:5.1%} of copy  exact={same}")
+                rows.append(dict(knob=knob, value=value, median_ms=ms,
+                                 bytes_per_s=mandatory / (ms * 1e-3), exact=same))
+                print(f"# {knob}={value!s:>6}: {ms:7.3f} ms  {mandatory / (ms * 1e-3) / 1e9:7.0f} GB/s "
+                      f"mandatory  {mandatory / (ms * 1e-3) / bw:5.1%} of copy  exact={same}"
+                      + ("  (default)" if value == default else ""))
             except Exception as exc:  # a configuration the compiler rejects: report it
-                print(f"# BLOCK={block:5d} NUM_WARPS={warps:2d}: failed: {type(exc).__name__}: "
-                      f"{str(exc)[:200]}")
-                rows.append((block, warps, float("nan"), float("nan"), False))
-    ts.BLOCK, ts.NUM_WARPS = default
+                print(f"# {knob}={value}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                rows.append(dict(knob=knob, value=value, median_ms=float("nan"), exact=False))
+        setattr(ts, knob, default)
     ts._PLANS.clear()
-    report["sweep"] = [dict(block=b, num_warps=w, median_ms=m, bytes_per_s=r, exact=s)
-                       for b, w, m, r, s in rows]
+    report["sweep"] = rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -49,8 +49,8 @@ if [ "${NCU:-0}" != 1 ]; then
   grep -E "^#|ours" "$OUT/bench_graphs.log" | tail -16
 fi
 
-stamp "gpu_profile (copy ceiling, per-kernel times, BLOCK x NUM_WARPS sweep)"
-timeout 60 $PY bench/gpu_profile.py --reps 20 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
+stamp "gpu_profile (copy ceiling, per-kernel times, one-knob-at-a-time sweep)"
+timeout 120 $PY bench/gpu_profile.py --reps 20 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
 echo "profile rc=$?" >> "$OUT/profile.log"
 cat "$OUT/profile.log" | tail -40
 
