@@ -534,3 +534,28 @@ def test_cuda_graph_replays_match_reference(dtype, monkeypatch):
     assert_same(ts.select_ef_multi_triton(gs, es, 0.05, 0.2),
                 reference.select_ef_multi([g.cpu() for g in gs], es_ref, 0.05, 0.2))
     assert_same(es, es_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("knobs", [
+    dict(BLOCK=512, NUM_WARPS=4),
+    dict(BLOCK=1024, SCAN_TILE=1024, SCAN_WARPS=4),
+    dict(CAND_CHUNK=4096, SAMPLE_SPLIT=3),
+], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_launch_constants_do_not_change_bits(device, knobs, monkeypatch):
+    """The tuning constants bench/gpu_profile.py sweeps change how work is split, never the
+    result: sampled and exact paths, a multi-layer list with a layer spanning many blocks."""
+    monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
+    monkeypatch.setattr(ts, "SAMPLE", 2048)
+    for name, value in knobs.items():
+        monkeypatch.setattr(ts, name, value)
+    ts._PLANS.clear()
+    gs = [_randn(n, 400 + n).to(torch.float32).to(device) for n in (9000, 3, 0, 20_000)]
+    es = [_residual_like(g, 401) for g in gs]
+    es_ref = [e.cpu().clone() for e in es]
+    want = reference.select_ef_multi([g.cpu() for g in gs], es_ref, 0.05, 0.2)
+    assert_same(ts.select_ef_multi_triton(gs, es, 0.05, 0.2), want)
+    assert_same(es, es_ref)
+    assert_same(ts.select_multi_triton(gs, 0.1, 0.3),
+                reference.select_multi([g.cpu() for g in gs], 0.1, 0.3))
+    ts._PLANS.clear()
