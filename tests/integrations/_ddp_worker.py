@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -60,6 +61,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_now() -> None:
+    """Leave a rank whose work is saved without the interpreter's shutdown: once (CI,
+    2026-11-26) a rank that had saved its results and destroyed its process group was
+    aborted at exit by C++ teardown ("terminate called without an active exception", exit
+    code -6), which would fail the test for nothing the hook did."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _init(rank: int, world: int, port: int, timeout_s: float) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)
@@ -110,11 +121,13 @@ def train_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             "adgp": _train(rank, "adgp", {"top": 0.05, "keep": 0.2}),
         }
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # every rank has saved: nobody tears the group down under another
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
+    _exit_now()
 
 
 def failure_worker(idx: int, ports: List[int], out_dir: str, timeout_s: float) -> None:
@@ -243,8 +256,10 @@ def nccl_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             out[mode] = {"losses": losses, "steps": [s.__dict__ for s in state.steps],
                          "grad_device": str(next(model.parameters()).grad.device)}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
+    _exit_now()
