@@ -180,13 +180,7 @@ def plot_results(results: Sequence[SimResult], out_dir: str) -> List[str]:
     """Two PNGs, one curve per run: ``accuracy_vs_round.png`` and
     ``accuracy_vs_upload.png`` (accuracy vs cumulative upload bytes, log x). Returns the
     paths. Needs matplotlib (``pip install "dgp_kernels[eval]"``)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("plots need matplotlib: pip install \"dgp_kernels[eval]\"") from exc
+    plt = _pyplot()
     paths = []
     for kind in ("round", "upload"):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -199,23 +193,32 @@ def plot_results(results: Sequence[SimResult], out_dir: str) -> List[str]:
                 xs.append(r["round"] + 1 if kind == "round" else cum)
                 ys.append(100.0 * r["test_accuracy"])
             ax.plot(xs, ys, label=res.config.defense, linewidth=1.4)
-        if kind == "upload":
-            ax.set_xscale("log")
-            ax.set_xlabel("cumulative upload (bytes, all clients)")
-        else:
-            ax.set_xlabel("round")
-        ax.set_ylabel("test accuracy (%)")
         cfg = results[0].config if results else None
-        if cfg is not None:
-            ax.set_title(f"{cfg.algorithm} {cfg.dataset} {cfg.model}, {cfg.clients} clients", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"accuracy_vs_{kind}.png")
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        title = f"{cfg.algorithm} {cfg.dataset} {cfg.model}, {cfg.clients} clients" if cfg else None
+        paths.append(_finish_accuracy_plot(plt, fig, ax, kind, "cumulative upload (bytes, all clients)",
+                                           title, out_dir))
     return paths
+
+
+def _finish_accuracy_plot(plt, fig, ax, kind: str, upload_label: str, title: Optional[str],
+                          out_dir: str) -> str:
+    """Axes, title, grid and legend of an accuracy-vs-``kind`` plot; saves
+    ``accuracy_vs_<kind>.png`` in ``out_dir``, closes the figure and returns the path."""
+    if kind == "upload":
+        ax.set_xscale("log")
+        ax.set_xlabel(upload_label)
+    else:
+        ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"accuracy_vs_{kind}.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def seed_curves(runs: Sequence[SimResult], key: str = "test_accuracy",
@@ -259,20 +262,10 @@ def plot_seed_results(multi: "MultiSeedResult", out_dir: str) -> List[str]:
             line, = ax.plot(xs, [100 * v for v in mean], label=label, linewidth=1.4)
             ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi],
                             color=line.get_color(), alpha=0.18, linewidth=0)
-        if kind == "upload":
-            ax.set_xscale("log")
-            ax.set_xlabel("cumulative upload (bytes, all clients; mean over seeds)")
-        else:
-            ax.set_xlabel("round")
-        ax.set_ylabel("test accuracy (%)")
         cfg = multi.runs[multi.labels[0]][0].config
-        ax.set_title(f"{cfg.algorithm} {cfg.dataset} {cfg.model}, {cfg.clients} clients, "
-                     f"{len(multi.seeds)} seeds (mean, min-max band)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"accuracy_vs_{kind}.png")
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+        title = (f"{cfg.algorithm} {cfg.dataset} {cfg.model}, {cfg.clients} clients, "
+                 f"{len(multi.seeds)} seeds (mean, min-max band)")
+        paths.append(_finish_accuracy_plot(
+            plt, fig, ax, kind, "cumulative upload (bytes, all clients; mean over seeds)", title,
+            out_dir))
     return paths
