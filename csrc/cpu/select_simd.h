@@ -229,6 +229,17 @@ __attribute__((target("avx2,popcnt"))) void write_f32_avx2(
   write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, idx, val);
 }
 
+// Appends the lanes of `k` selected by `mask` (non-zero) to `dst[n..]` with the permutation
+// table; false (nothing counted) when the buffer would overflow its capacity `cap`.
+__attribute__((target("avx2,popcnt"))) inline bool append_avx2(const Avx2Lut& lut, __m256i k, int mask,
+                                                               uint32_t* dst, int64_t& n, int64_t cap) {
+  if (n + 8 > cap + kSimdSlack) return false;
+  const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[mask]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n), _mm256_permutevar8x32_epi32(k, perm));
+  n += __builtin_popcount(mask);
+  return n <= cap;
+}
+
 // Counting sweep for AVX2-only CPUs (same classification as count_f32_avx512 and the
 // scalar count_chunk_scalar). Keys are < 2^31, so signed 32-bit compares order them; the
 // "no bound" bracket value (all ones) is clamped to 0x7fffffff, above every key, which keeps
@@ -261,20 +272,8 @@ __attribute__((target("avx2,popcnt"))) void count_f32_avx2(
     const int m_l = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(gt_alo, ge_blo)));
     above += __builtin_popcount(m_above);
     mid += __builtin_popcount(m_mid);
-    if (m_h) {
-      if (nh + 8 > cap_h + kSimdSlack) { out.overflow = true; break; }
-      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_h]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ch + nh), _mm256_permutevar8x32_epi32(k, perm));
-      nh += __builtin_popcount(m_h);
-      if (nh > cap_h) { out.overflow = true; break; }
-    }
-    if (m_l) {
-      if (nl + 8 > cap_l + kSimdSlack) { out.overflow = true; break; }
-      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_l]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cl + nl), _mm256_permutevar8x32_epi32(k, perm));
-      nl += __builtin_popcount(m_l);
-      if (nl > cap_l) { out.overflow = true; break; }
-    }
+    if (m_h && !append_avx2(lut, k, m_h, ch, nh, cap_h)) { out.overflow = true; break; }
+    if (m_l && !append_avx2(lut, k, m_l, cl, nl, cap_l)) { out.overflow = true; break; }
   }
   alignas(32) uint32_t km[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(km), kmax);
