@@ -11,10 +11,12 @@ error feedback on, top=0.05, keep=0.20):
    median (the device's attainable bandwidth, next to the nominal peak);
 2. per-kernel time of one call from ``torch.profiler`` (CUDA activity), summed by kernel
    name, plus the host-side wall time of the call: which phase to work on next;
-3. a one-knob-at-a-time sweep of the module constants of
-   :mod:`dgp_kernels.kernels.triton.select` (``--knobs``: ``BLOCK``, ``NUM_WARPS``,
-   ``SCAN_WARPS``, ``SCAN_TILE``, ``CAND_CHUNK``, ``SAMPLE_SPLIT``, ``USE_CUDA_GRAPHS``):
-   median ms per setting, each checked bit for bit against the default configuration's
+3. a sweep of the module constants of :mod:`dgp_kernels.kernels.triton.select`
+   (``--knobs``: ``BLOCK``, ``NUM_WARPS``, ``SCAN_WARPS``, ``SCAN_TILE``, ``CAND_CHUNK``,
+   ``SAMPLE_SPLIT``, ``FUSE_TAILS``, ``USE_CUDA_GRAPHS``, ...; one knob at a time, or
+   several together as ``A:B=a1:b1,a2:b2``): per setting the CUDA-event median of a call
+   and the device time of its kernels (``torch.profiler``; a host-bound call hides kernel
+   gains in the event time), each checked bit for bit against the default configuration's
    indices, values and residual (a faster wrong kernel is not a result); the default is
    also checked against the C++ CPU kernel when it is built.
 
@@ -32,19 +34,56 @@ from typing import Dict, List
 import torch
 
 TOP, KEEP = 0.05, 0.20
-DEFAULT_KNOBS = ("BLOCK=1024,2048;NUM_WARPS=4,8;SCAN_WARPS=4,8,16;SCAN_TILE=1024,4096;"
-                 "CAND_CHUNK=4096,8192,32768;SAMPLE_SPLIT=4,8,32;USE_CUDA_GRAPHS=0,1")
+DEFAULT_KNOBS = ("FUSE_TAILS=0,1;USE_CUDA_GRAPHS=0,1;FUSE_TAILS:USE_CUDA_GRAPHS=1:1;"
+                 "BLOCK:NUM_WARPS=1024:4,1024:8,2048:4,2048:8,2048:16;"
+                 "SCAN_WARPS=4,8,16;SCAN_TILE=1024,4096;FUSED_SCAN_TILE=256,512,1024;"
+                 "CAND_CHUNK=4096,8192,32768;SAMPLE_SPLIT=4,8,32")
 
 
 def _parse_knobs(text: str):
-    """``'A=1,2;B=3'`` -> ``[('A', [1, 2]), ('B', [3])]`` (ints; 0/1 for booleans)."""
+    """``'A=1,2;B:C=3:4,5:6'`` -> ``[(('A',), [(1,), (2,)]), (('B', 'C'), [(3, 4), (5, 6)])]``
+    (ints; 0/1 for booleans): each entry is swept on its own, the names of one entry
+    together."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
-        name, _, values = part.partition("=")
-        if not values:
-            raise SystemExit(f"gpu_profile: --knobs entry {part!r} is not NAME=v1,v2")
-        out.append((name.strip(), [int(v) for v in values.split(",")]))
+        names, _, values = part.partition("=")
+        names = tuple(n.strip() for n in names.split(":"))
+        settings = [tuple(int(x) for x in v.split(":")) for v in values.split(",") if v]
+        if not settings or any(len(v) != len(names) for v in settings):
+            raise SystemExit(f"gpu_profile: --knobs entry {part!r} is not NAME[:NAME]=v1[:w1],...")
+        out.append((names, settings))
     return out
+
+
+def _kernel_ms(fn, calls: int = 5, before=None) -> Dict[str, float]:
+    """Device ms per call of each CUDA kernel ``fn`` launches (``torch.profiler``; the
+    ``before`` work, e.g. a residual reset, is excluded by name)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if before is not None:
+        before()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+            if before is not None:
+                before()
+        torch.cuda.synchronize()
+    per_kernel: Dict[str, float] = {}
+    for ev in prof.key_averages():
+        dt = getattr(ev, "device_time_total", None)
+        if dt is None:
+            dt = getattr(ev, "cuda_time_total", 0.0)
+        if dt and ev.key and not ev.key.startswith(("aten::", "cuda", "Memcpy", "Memset",
+                                                      "ProfilerStep", "dgp::")):
+            per_kernel[ev.key] = dt / calls / 1e3  # ms per call
+    return per_kernel
+
+
+def _dgp_total(per_kernel: Dict[str, float]) -> float:
+    """The dgp kernels' part (the residual reset shows as elementwise/copy kernels)."""
+    return sum(v for kname, v in per_kernel.items() if "copy" not in kname.lower()
+               and "elementwise" not in kname.lower())
 
 
 def _events_ms(fn, reps: int, warmup: int = 3, before=None) -> List[float]:
@@ -150,25 +189,8 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t0) * 1e3)
     report["wall_ms"] = _median(walls)
-    from torch.profiler import ProfilerActivity, profile
-
-    reset()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(5):
-            call()
-            reset()
-        torch.cuda.synchronize()
-    per_kernel: Dict[str, float] = {}
-    for ev in prof.key_averages():
-        dt = getattr(ev, "device_time_total", None)
-        if dt is None:
-            dt = getattr(ev, "cuda_time_total", 0.0)
-        if dt and ev.key and not ev.key.startswith(("aten::", "cuda", "Memcpy", "Memset",
-                                                      "ProfilerStep", "dgp::")):
-            per_kernel[ev.key] = dt / 5 / 1e3  # ms per call
-    total = sum(v for kname, v in per_kernel.items() if "copy" not in kname.lower()
-                and "elementwise" not in kname.lower())
+    per_kernel = _kernel_ms(call, 5, before=reset)
+    total = _dgp_total(per_kernel)
     print(f"# one call (median of {args.reps}): host wall {report['wall_ms']:.3f} ms; "
           "device time per kernel (ms per call, 5 calls profiled; the residual reset between "
           "calls shows as elementwise/copy kernels):")
@@ -177,16 +199,19 @@ def main(argv=None) -> int:
     print(f"#   {total:8.3f}  total of the dgp kernels")
     report["per_kernel_ms"] = per_kernel
 
-    # 3. one knob at a time (the others at their defaults), each checked against the
-    # default configuration's bits; device time by CUDA events, with and without graphs.
+    # 3. the sweep (the other knobs at their defaults), each setting checked against the
+    # default configuration's bits; CUDA-event time of a call and device time of its kernels.
     rows = []
-    for knob, values in _parse_knobs(args.knobs):
-        default = getattr(ts, knob)
-        for value in values:
-            setattr(ts, knob, value)
+    for names, settings in _parse_knobs(args.knobs):
+        defaults = tuple(getattr(ts, name) for name in names)
+        label = ":".join(names)
+        for values in settings:
+            for name, value in zip(names, values):
+                setattr(ts, name, type(getattr(ts, name))(value))
             ts._PLANS.clear()
             ts._GRAPHS.clear()
             ts._GRAPH_SEEN.clear()
+            shown = ":".join(str(v) for v in values)
             try:
                 reset()
                 out = call()
@@ -194,15 +219,19 @@ def main(argv=None) -> int:
                         ref[1].view(torch.int32)) and torch.equal(e.view(torch.int32),
                         ref_e.view(torch.int32)))
                 ms = _median(_events_ms(call, args.reps, before=reset))
-                rows.append(dict(knob=knob, value=value, median_ms=ms,
+                dev_ms = _dgp_total(_kernel_ms(call, 3, before=reset))
+                rows.append(dict(knob=label, value=shown, median_ms=ms, device_ms=dev_ms,
                                  bytes_per_s=mandatory / (ms * 1e-3), exact=same))
-                print(f"# {knob}={value!s:>6}: {ms:7.3f} ms  {mandatory / (ms * 1e-3) / 1e9:7.0f} GB/s "
-                      f"mandatory  {mandatory / (ms * 1e-3) / bw:5.1%} of copy  exact={same}"
-                      + ("  (default)" if value == default else ""))
+                is_default = tuple(type(d)(v) for d, v in zip(defaults, values)) == defaults
+                print(f"# {label}={shown:>9}: {ms:7.3f} ms (kernels {dev_ms:6.3f})  "
+                      f"{mandatory / (ms * 1e-3) / 1e9:6.0f} GB/s mandatory  "
+                      f"{mandatory / (ms * 1e-3) / bw:5.1%} of copy  exact={same}"
+                      + ("  (default)" if is_default else ""))
             except Exception as exc:  # a configuration the compiler rejects: report it
-                print(f"# {knob}={value}: failed: {type(exc).__name__}: {str(exc)[:200]}")
-                rows.append(dict(knob=knob, value=value, median_ms=float("nan"), exact=False))
-        setattr(ts, knob, default)
+                print(f"# {label}={shown}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                rows.append(dict(knob=label, value=shown, median_ms=float("nan"), exact=False))
+        for name, default in zip(names, defaults):
+            setattr(ts, name, default)
     ts._PLANS.clear()
     report["sweep"] = rows
     if args.json:

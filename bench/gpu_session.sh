@@ -33,24 +33,38 @@ timeout 100 $PY -m pytest -q -n 8 -p no:cacheprovider tests/kernels \
   -k "not compile_for_sm90 and not matches_cpp_kernel" > "$OUT/tests_kernels.log" 2>&1
 echo "tests/kernels rc=$?" >> "$OUT/tests_kernels.log"
 tail -4 "$OUT/tests_kernels.log"
+stamp "the same with fused tails on by default (DGP_TRITON_FUSE=1)"
+DGP_TRITON_FUSE=1 timeout 100 $PY -m pytest -q -n 8 -p no:cacheprovider tests/kernels \
+  -k "not compile_for_sm90 and not matches_cpp_kernel" > "$OUT/tests_fused.tmp" 2>&1
+echo "tests/kernels fused rc=$?" >> "$OUT/tests_fused.tmp"
+{ echo; echo "===== DGP_TRITON_FUSE=1"; cat "$OUT/tests_fused.tmp"; } >> "$OUT/tests_kernels.log"
+rm -f "$OUT/tests_fused.tmp"
+tail -4 "$OUT/tests_kernels.log"
 
 wait $BUILD
 tail -2 "$OUT/build.log"
 stamp "build done"
 
-stamp "bench_triton (ours vs authors vs topk vs clone)"
+stamp "bench_triton (ours vs authors vs topk vs clone), then with fused tails"
 timeout 60 $PY bench/bench_triton.py --reps 20 > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/bench.log"
 cat "$OUT/bench.log" | tail -40
+echo "===== DGP_TRITON_FUSE=1" >> "$OUT/bench.log"
+DGP_TRITON_FUSE=1 timeout 60 $PY bench/bench_triton.py --reps 20 >> "$OUT/bench.log" 2>&1
+echo "bench fused rc=$?" >> "$OUT/bench.log"
+grep -E "ours" "$OUT/bench.log" | tail -16
 if [ "${NCU:-0}" != 1 ]; then
-  stamp "bench_triton with CUDA graphs (DGP_CUDA_GRAPHS=1)"
+  stamp "bench_triton with CUDA graphs (DGP_CUDA_GRAPHS=1), unfused then fused"
   DGP_CUDA_GRAPHS=1 timeout 60 $PY bench/bench_triton.py --reps 20 > "$OUT/bench_graphs.log" 2>&1
   echo "bench graphs rc=$?" >> "$OUT/bench_graphs.log"
-  grep -E "^#|ours" "$OUT/bench_graphs.log" | tail -16
+  echo "===== DGP_TRITON_FUSE=1" >> "$OUT/bench_graphs.log"
+  DGP_TRITON_FUSE=1 DGP_CUDA_GRAPHS=1 timeout 60 $PY bench/bench_triton.py --reps 20 >> "$OUT/bench_graphs.log" 2>&1
+  echo "bench graphs fused rc=$?" >> "$OUT/bench_graphs.log"
+  grep -E "^#|ours" "$OUT/bench_graphs.log" | tail -24
 fi
 
-stamp "gpu_profile (copy ceiling, per-kernel times, one-knob-at-a-time sweep)"
-timeout 120 $PY bench/gpu_profile.py --reps 20 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
+stamp "gpu_profile (copy ceiling, per-kernel times, knob sweep incl. FUSE_TAILS)"
+timeout 200 $PY bench/gpu_profile.py --reps 20 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
 echo "profile rc=$?" >> "$OUT/profile.log"
 cat "$OUT/profile.log" | tail -40
 

@@ -338,7 +338,8 @@ def test_register_without_triton_registers_nothing(monkeypatch):
     assert calls == []
 
 
-@pytest.fixture(params=["candidates", "data", "sampled", "sampled_tight", "sampled_wide"])
+@pytest.fixture(params=[f"{p}{f}" for f in ("", "+fused") for p in (
+    "candidates", "data", "sampled", "sampled_tight", "sampled_wide")])
 def forced_path(request, monkeypatch):
     """Force how phases 1-2 find the boundaries: exact histogram + candidate buffer, exact
     histogram + refinement over the data, or the sampled path (small samples, so layers of
@@ -346,33 +347,36 @@ def forced_path(request, monkeypatch):
     sample often misses and the exact fallback runs; ``sampled_wide`` treats every digit
     range as too wide for the relative first-digit histogram, so the 2^11-bin one runs). Returns the path and a list that
     records, per call of the sampled path, whether the sample held the boundaries of every
-    layer."""
+    layer. ``+fused``: the same with FUSE_TAILS (each per-layer step in the last program of
+    the launch before it)."""
     outcomes = []
-    if request.param.startswith("sampled"):
+    path, _, fused = request.param.partition("+")
+    monkeypatch.setattr(ts, "FUSE_TAILS", bool(fused))
+    if path.startswith("sampled"):
         monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
         monkeypatch.setattr(ts, "SAMPLED_DTYPES", tuple(DTYPES))  # float64 too, for coverage
         monkeypatch.setattr(ts, "SAMPLE", 512)
         monkeypatch.setattr(ts, "CAND_FRACTION", 2)
-        if request.param == "sampled_tight":
+        if path == "sampled_tight":
             monkeypatch.setattr(ts, "SAMPLE_SIGMAS", 0.0)
             monkeypatch.setattr(ts, "SAMPLE_SLACK", 0)
-        elif request.param == "sampled":
+        elif path == "sampled":
             # narrower margins than the defaults, which around rank 5% of a 512-entry sample
             # would reach the sample's end: the range would run to the top digit, too wide
             # for the relative first digit, and every layer would take the fallback
             monkeypatch.setattr(ts, "SAMPLE_SIGMAS", 3.0)
             monkeypatch.setattr(ts, "SAMPLE_SLACK", 4)
-        if request.param == "sampled_wide":
+        if path == "sampled_wide":
             monkeypatch.setattr(ts, "REL_FIRST_DIGIT", False)
         monkeypatch.setattr(ts, "_record_sampled", lambda missed: outcomes.append(not missed))
     else:
         monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 1 << 62)
-        if request.param == "candidates":
+        if path == "candidates":
             monkeypatch.setattr(ts, "CAND_MIN", 1 << 62)
         else:
             monkeypatch.setattr(ts, "CAND_MIN", -1)
             monkeypatch.setattr(ts, "CAND_FRACTION", 1 << 62)
-    return request.param, outcomes
+    return path, outcomes
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -445,9 +449,11 @@ def test_random_configurations(device, seed, forced_path):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sampled_path_reruns_missed_layers(device, dtype, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["", "fused"])
+def test_sampled_path_reruns_missed_layers(device, dtype, fused, monkeypatch):
     """Layers whose candidate slot overflows (all equal, few distinct values) are skipped by
     the sampled tail and rerun on the exact path; the others keep their sampled result."""
+    monkeypatch.setattr(ts, "FUSE_TAILS", fused)
     monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
     monkeypatch.setattr(ts, "SAMPLED_DTYPES", tuple(DTYPES))
     monkeypatch.setattr(ts, "SAMPLE", 512)
@@ -504,11 +510,13 @@ def test_bf16_rounding_of_every_nan_pattern(device):
 
 @pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_graph_replays_match_reference(dtype, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["", "fused"])
+def test_cuda_graph_replays_match_reference(dtype, fused, monkeypatch):
     """USE_CUDA_GRAPHS: the first call per (shapes, mode) runs eagerly, the second captures,
     later ones replay with new tensors (new pointers), NaN still raises with nothing
     written, and layers whose sample misses are still rerun exactly."""
     monkeypatch.setattr(ts, "USE_CUDA_GRAPHS", True)
+    monkeypatch.setattr(ts, "FUSE_TAILS", fused)
     monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
     ts._GRAPHS.clear()
     ts._GRAPH_SEEN.clear()
@@ -541,6 +549,9 @@ def test_cuda_graph_replays_match_reference(dtype, monkeypatch):
     dict(BLOCK=512, NUM_WARPS=4),
     dict(BLOCK=1024, SCAN_TILE=1024, SCAN_WARPS=4),
     dict(CAND_CHUNK=4096, SAMPLE_SPLIT=3),
+    # fused tails whose per-layer scans step through several tiles
+    dict(FUSE_TAILS=True, BLOCK=512, FUSED_SCAN_TILE=16, CAND_CHUNK=2048),
+    dict(FUSE_TAILS=False, BLOCK=512, SCAN_TILE=16),
 ], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_launch_constants_do_not_change_bits(device, knobs, monkeypatch):
     """The tuning constants bench/gpu_profile.py sweeps change how work is split, never the

@@ -30,6 +30,10 @@ def _variants(ts, torch):
     """(kernel, signature, constexprs, label) for every variant ``band_multi_triton`` uses."""
     i64 = "*i64"
     out = []
+    fusions = (False, True)  # FUSE_TAILS off / on
+    thr = dict(t_hi=i64, t_lo=i64, skip_hi=i64, end_hi=i64, take_lo=i64, S="i32")
+    scan_sig = dict(tick="*i32", seg_first=i64, seg_nblk=i64, offsets=i64, skip_hi=i64,
+                    end_hi=i64, take_lo=i64, blk_ord_hi=i64, blk_ord_lo=i64, blk_out=i64)
     for dname, (vt, kt) in _DTYPES.items():
         dtype = getattr(torch, dname)
         kind, key_bits, widths_cand, widths_data = ts._KINDS[dtype]
@@ -38,45 +42,64 @@ def _variants(ts, torch):
             c = dict(DT=ts._TL_DTYPE[dtype], KIND=kind, HAS_E=has_e, ALIGNED=True)
             unaligned = dict(c, ALIGNED=False)
             tag = f"{dname} ef={int(has_e)}"
-            out.append((ts._hist_kernel, dict(
-                g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64, hist="*i32",
-                nan_flag=i64), dict(c, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
-                NBINS=1 << ts.FIRST_DIGIT_BITS, TILE_=ts.TILE, CHUNK_=ts.CHUNK), f"hist {tag}"))
-            for sampled, cc in ((False, c), (True, c), (True, unaligned)):
+            for fuse in fusions:
+                out.append((ts._hist_kernel, dict(
+                    g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64, hist="*i32",
+                    nan_flag=i64, tick="*i32", chk_nchk=i64, prefix=i64, rank0=i64, rank=i64,
+                    active=i64, **thr), dict(c, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
+                    NBINS=1 << ts.FIRST_DIGIT_BITS, TILE_=ts.TILE, CHUNK_=ts.CHUNK, FUSE=fuse,
+                    WIDTH=ts.FIRST_DIGIT_BITS), f"hist {tag} fuse={int(fuse)}"))
+            for sampled, cc, fuse in ((False, c, False), (True, c, False), (True, unaligned, False),
+                                      (True, c, True)):
                 out.append((ts._gather_kernel, dict(
                     g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64,
                     range_a=i64, range_b=i64, cnt="*i32", blk_cstart=i64, blk_ccount=i64,
                     cand_off=i64, cand_cap=i64, cand_fill=i64, cand_key="*" + kt,
-                    totals="*i32", flags=i64, S="i32"),
+                    totals="*i32", flags=i64, S="i32", tick="*i32", seg_first=i64,
+                    seg_nblk=i64, rank=i64, active=i64, tail_n=i64),
                     dict(cc, SAMPLED=sampled, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
-                         BLOCK_=ts.BLOCK),
-                    f"gather {tag} sampled={int(sampled)} aligned={int(cc['ALIGNED'])}"))
-            out.append((ts._sample_kernel, dict(g_ptrs=i64, e_ptrs=i64, seg_n=i64,
-                        hist="*i32"), dict(c, SHIFT=shift, NBINS=1 << ts.FIRST_DIGIT_BITS,
-                        SAMPLE_=ts.SAMPLE, SPLIT=ts.SAMPLE_SPLIT, TILE_=ts.TILE),
-                        f"sample {tag}"))
+                         BLOCK_=ts.BLOCK, FUSE=fuse, SCAN=ts.FUSED_SCAN_TILE,
+                         WIDE_MISSES=ts.REL_FIRST_DIGIT),
+                    f"gather {tag} sampled={int(sampled)} aligned={int(cc['ALIGNED'])} "
+                    f"fuse={int(fuse)}"))
+            for fuse in fusions:
+                out.append((ts._sample_kernel, dict(
+                    g_ptrs=i64, e_ptrs=i64, seg_n=i64, hist="*i32", tick="*i32", rank0=i64,
+                    rank=i64, active=i64, range_a=i64, range_b=i64, wide=i64),
+                    dict(c, SHIFT=shift, NBINS=1 << ts.FIRST_DIGIT_BITS, SAMPLE_=ts.SAMPLE,
+                         SPLIT=ts.SAMPLE_SPLIT, TILE_=ts.TILE, FUSE=fuse,
+                         SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK, REL=ts.REL_BINS),
+                    f"sample {tag} fuse={int(fuse)}"))
             refine_sig = dict(g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64,
                               cand_off=i64, cand_key="*" + kt, prefix_a=i64, prefix_b=i64,
-                              hist="*i32")
+                              hist="*i32", tick="*i32", chk_nchk=i64, level="i32", prefix=i64,
+                              rank=i64, active=i64, flags=i64, **thr)
             for rel in (False, True):  # sampled path: first digit of the candidates
                 nb = ts.REL_BINS if rel else 1 << ts.FIRST_DIGIT_BITS
-                out.append((ts._refine_kernel, refine_sig, dict(
-                    c, FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift,
-                    DMASK=(1 << ts.FIRST_DIGIT_BITS) - 1, NBINS=nb, TILE_=ts.TILE,
-                    CHUNK_=ts.CAND_CHUNK), f"refine {tag} first digit of candidates rel={int(rel)}"))
+                for fuse in fusions:
+                    out.append((ts._refine_kernel, refine_sig, dict(
+                        c, FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift,
+                        DMASK=(1 << ts.FIRST_DIGIT_BITS) - 1, NBINS=nb, TILE_=ts.TILE,
+                        CHUNK_=ts.CAND_CHUNK, FUSE=fuse, WIDTH=nb.bit_length() - 1,
+                        APPEND=False, FINAL=False),
+                        f"refine {tag} first digit of candidates rel={int(rel)} fuse={int(fuse)}"))
             for from_cand, widths in ((True, widths_cand), (False, widths_data)):
                 pshift = shift
-                for w in widths:
-                    out.append((ts._refine_kernel, refine_sig,
-                        dict(c, FROM_CAND=from_cand, REL=False, PSHIFT=pshift,
-                             DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=max(1 << w, 32),
-                             TILE_=ts.TILE, CHUNK_=ts.CAND_CHUNK if from_cand else ts.CHUNK),
-                        f"refine {tag} digit={w} cand={int(from_cand)}"))
+                for j, w in enumerate(widths):
+                    for fuse in fusions:
+                        out.append((ts._refine_kernel, refine_sig,
+                            dict(c, FROM_CAND=from_cand, REL=False, PSHIFT=pshift,
+                                 DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=max(1 << w, 32),
+                                 TILE_=ts.TILE, CHUNK_=ts.CAND_CHUNK if from_cand else ts.CHUNK,
+                                 FUSE=fuse, WIDTH=w, APPEND=True, FINAL=j == len(widths) - 1),
+                            f"refine {tag} digit={w} cand={int(from_cand)} fuse={int(fuse)}"))
                     pshift -= w
-            out.append((ts._count_kernel, dict(
-                g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64, t_hi=i64,
-                t_lo=i64, counts="*i32", num_blocks="i32"), dict(c, BLOCK_=ts.BLOCK),
-                f"count {tag}"))
+            for fuse in fusions:
+                out.append((ts._count_kernel, dict(
+                    g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64, t_hi=i64,
+                    t_lo=i64, counts="*i32", num_blocks="i32", **scan_sig),
+                    dict(c, BLOCK_=ts.BLOCK, FUSE=fuse, SCAN=ts.FUSED_SCAN_TILE),
+                    f"count {tag} fuse={int(fuse)}"))
             modes = [(True, has_e, False, c), (True, has_e, False, unaligned)]
             modes += [] if has_e else [(False, False, True, c)]
             for sparse, write_e, write_dense, cc in modes:
@@ -88,14 +111,15 @@ def _variants(ts, torch):
                     dict(cc, WRITE_SPARSE=sparse, WRITE_E=write_e, WRITE_DENSE=write_dense,
                          BLOCK_=ts.BLOCK),
                     f"write {tag} sparse={int(sparse)} aligned={int(cc['ALIGNED'])}"))
-        if has_e:  # the dtype-independent kernels, once per key width
-            out.append((ts._cand_count_kernel, dict(
-                seg_n=i64, blk_seg=i64, blk_cstart=i64, blk_ccount=i64, cand_key="*" + kt, t_hi=i64,
-                t_lo=i64, cnt="*i32", num_blocks="i32"),
-                dict(BLOCK_=ts.BLOCK, KEY32=dname != "float64"),
-                f"cand_count {dname}"))
-    loc = dict(hist="*i32", prefix=i64, rank=i64, active=i64, flags=i64, t_hi=i64, t_lo=i64,
-               skip_hi=i64, end_hi=i64, take_lo=i64, S="i32")
+            if has_e:  # the dtype-independent kernels, once per key width
+                for fuse in fusions:
+                    out.append((ts._cand_count_kernel, dict(
+                        seg_n=i64, blk_seg=i64, blk_cstart=i64, blk_ccount=i64,
+                        cand_key="*" + kt, t_hi=i64, t_lo=i64, cnt="*i32", num_blocks="i32",
+                        **scan_sig), dict(BLOCK_=ts.BLOCK, KEY32=dname != "float64",
+                                          FUSE=fuse, SCAN=ts.FUSED_SCAN_TILE),
+                        f"cand_count {dname} fuse={int(fuse)}"))
+    loc = dict(hist="*i32", prefix=i64, rank_in=i64, rank=i64, active=i64, flags=i64, **thr)
     f = ts.FIRST_DIGIT_BITS
     rel_w = ts.REL_BINS.bit_length() - 1
     for nbins, width, shared, append, rel, final in sorted({
@@ -107,7 +131,7 @@ def _variants(ts, torch):
             NBINS=nbins, WIDTH=width, SHARED=shared, APPEND=append, REL=rel, FINAL=final),
             f"locate width={width} shared={int(shared)} append={int(append)} rel={int(rel)} "
             f"final={int(final)}"))
-    out.append((ts._range_kernel, dict(hist="*i32", seg_n=i64, rank=i64, active=i64,
+    out.append((ts._range_kernel, dict(hist="*i32", seg_n=i64, rank0=i64, rank=i64, active=i64,
                 range_a=i64, range_b=i64, wide=i64), dict(NBINS=1 << f, SAMPLE_=ts.SAMPLE,
                 SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK, REL=ts.REL_BINS), "range"))
     out.append((ts._validate_kernel, dict(totals="*i32", cnt="*i32", num_blocks="i32",

@@ -86,9 +86,18 @@ CAND_CHUNK = 4 * TILE
 # Blocks per step of the per-layer scan over block counts (one program per layer).
 SCAN_TILE = 4096
 SCAN_WARPS = 8
+# Blocks per step of the same scans when they run fused in the last program of a data pass
+# (FUSE_TAILS): small, so that the tail does not raise the register count (and lower the
+# occupancy) of the whole pass.
+FUSED_SCAN_TILE = 512
 # Programs per layer of the sampled path's sample histogram (one program per layer left
 # the SMs idle for a single big tensor: 0.12 ms for a 25M tensor on an H200).
 SAMPLE_SPLIT = 8
+# Fused tails: each per-layer step (digit ranges, sample validation, each level's boundary
+# location, the per-layer scan) runs in the last program of the launch before it instead of
+# a launch of its own (a sampled call: 9 launches instead of 17). Off by default until it
+# has been checked on a GPU (tests and benchmarks cover both settings).
+FUSE_TAILS = os.environ.get("DGP_TRITON_FUSE", "0") == "1"
 # Warps per program of the data passes (gather, count, write, histograms). Not tuned yet.
 NUM_WARPS = 8
 FIRST_DIGIT_BITS = 11  # DESIGN.md §4: the first 11-bit digit covers the float exponent
@@ -264,13 +273,34 @@ def _masked_histogram(d, m, NBINS: tl.constexpr, TILE_: tl.constexpr):
 
 
 @triton.jit
+def _last_program(tick, seg, target):
+    """Fused tails (``FUSE``): True in the one program that finishes layer ``seg``'s share
+    of a launch (``target`` = that share's program count - 1, plus the earlier launches'
+    on a cumulative ticket), which then runs the per-layer step that used to be the next
+    launch. The barrier orders this program's stores and atomics before its ticket; the
+    ticket is an acq_rel atomic at GPU scope (release of this program's writes, acquire of
+    the earlier programs'), and the last program reads their writes through L2 (``.cg``
+    loads). No program waits for another, so the interpreter, which runs programs one
+    after another, executes it as the GPU does. (The data atomics are all ``relaxed``: a
+    default acq_rel atomic costs every thread a full GPU memory barrier; between launches
+    the kernel boundary orders them, within a fused launch the barrier + ticket does, as
+    in CUTLASS's ``__syncthreads(); thread 0: red.release.gpu`` arrival.)"""
+    tl.debug_barrier()
+    return tl.atomic_add(tick + seg, 1) == target
+
+
+@triton.jit
 def _hist_kernel(
     g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, hist, nan_flag,
+    tick, chk_nchk, prefix, rank0, rank, active, t_hi, t_lo, skip_hi, end_hi, take_lo, S,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     INF_KEY: tl.constexpr,
     SHIFT: tl.constexpr, NBINS: tl.constexpr, TILE_: tl.constexpr, CHUNK_: tl.constexpr,
+    FUSE: tl.constexpr, WIDTH: tl.constexpr,
 ):
-    """Phase 1: NaN flag and first-digit histogram of one chunk of one layer."""
+    """Phase 1: NaN flag and first-digit histogram of one chunk of one layer. ``FUSE``: the
+    layer's last program then locates the boundary buckets (:func:`_locate_layer`, else
+    ``_locate_kernel`` does; ``nan_flag`` holds the NaN flags, then the candidate counts)."""
     pid = tl.program_id(0)
     seg = tl.load(chk_seg + pid)
     start = tl.load(chk_start + pid)
@@ -291,18 +321,24 @@ def _hist_kernel(
         d = (key >> SHIFT).to(tl.int32)
         h += _masked_histogram(d, m, NBINS, TILE_)
     bins = tl.arange(0, NBINS)
-    tl.atomic_add(hist + seg.to(tl.int64) * NBINS + bins, h, mask=h != 0)
+    tl.atomic_add(hist + seg.to(tl.int64) * NBINS + bins, h, mask=h != 0, sem="relaxed")
     if tl.max(nan, axis=0) > 0:
-        tl.atomic_max(nan_flag + seg, 1)
+        tl.atomic_max(nan_flag + seg, 1, sem="relaxed")
+    if FUSE:
+        if _last_program(tick, seg, tl.load(chk_nchk + seg) - 1):
+            _locate_layer(seg, hist, prefix, rank0, rank, active, nan_flag, t_hi, t_lo,
+                          skip_hi, end_hi, take_lo, S, NBINS, WIDTH, True, False, False, False)
 
 
 @triton.jit
 def _gather_kernel(
     g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a, range_b, cnt, blk_cstart, blk_ccount,
     cand_off, cand_cap, cand_fill, cand_key, totals, flags, S,
+    tick, seg_first, seg_nblk, rank, active, tail_n,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     SAMPLED: tl.constexpr,
     INF_KEY: tl.constexpr, SHIFT: tl.constexpr, BLOCK_: tl.constexpr,
+    FUSE: tl.constexpr, SCAN: tl.constexpr, WIDE_MISSES: tl.constexpr,
 ):
     """Phase 2: per block, count the keys whose first digit lies strictly between the lower
     and the upper boundary's digit range (all kept) into ``cnt[0]``, and append the keys
@@ -316,7 +352,8 @@ def _gather_kernel(
     and stores per-block counts (``totals[0..2]``: above the upper range, in it, in the
     lower range only; strictly between is ``cnt[0]``) that ``_validate_kernel`` sums and
     checks against the ranks; candidates beyond a slot's capacity are dropped (the call
-    then falls back)."""
+    then falls back). ``FUSE`` (sampled): the layer's last program then runs
+    :func:`_validate_layer` (else ``_validate_kernel`` does)."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
     offs, m, n, start = _block_offsets(blk_start, seg_n, pid, seg, BLOCK_)
@@ -347,33 +384,40 @@ def _gather_kernel(
         # a NaN in the block (a count, not a max: an int64 max reduction missed the NaN of
         # float64 blocks on an H200 with Triton 3.6, where this count form passed)
         if tl.sum((m & (key > INF_KEY)).to(tl.int32), axis=0) > 0:
-            tl.atomic_max(flags + seg, 1)
-            tl.atomic_max(flags + 3 * S, 1)  # the call holds a NaN: the write pass stops
+            tl.atomic_max(flags + seg, 1, sem="relaxed")
+            tl.atomic_max(flags + 3 * S, 1, sem="relaxed")  # the call holds a NaN: no writes
         # per-block stores, summed per layer by _validate_kernel (no same-address atomics)
         nb = tl.num_programs(0)
         tl.store(totals + pid, pb >> 12)
         tl.store(totals + nb + pid, n_in_h)
         tl.store(totals + 2 * nb + pid, n_in_l)
     if nc > 0:
-        rel = tl.atomic_add(cand_fill + seg, nc)
+        rel = tl.atomic_add(cand_fill + seg, nc, sem="relaxed")
         base = tl.load(cand_off + seg) + rel
         tl.store(blk_cstart + pid, base)
         cs = tl.cumsum(c, axis=0) - c  # int32 position inside the block's reservation
         room = tl.maximum(tl.minimum(tl.load(cand_cap + seg) - rel, BLOCK_), 0).to(tl.int32)
         tl.store((cand_key + base) + cs, key, mask=(c != 0) & (cs < room))
+    if FUSE and SAMPLED:
+        if _last_program(tick, seg, tl.load(seg_nblk + seg) - 1):
+            _validate_layer(seg, totals, cnt, tl.num_programs(0), seg_first, seg_nblk, range_a,
+                            rank, active, cand_cap, cand_fill, flags, S, seg_n, tail_n, SCAN,
+                            WIDE_MISSES)
 
 
 @triton.jit
 def _sample_kernel(
-    g_ptrs, e_ptrs, seg_n, hist,
+    g_ptrs, e_ptrs, seg_n, hist, tick, rank0, rank, active, range_a, range_b, wide,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     SHIFT: tl.constexpr,
     NBINS: tl.constexpr, SAMPLE_: tl.constexpr, SPLIT: tl.constexpr, TILE_: tl.constexpr,
+    FUSE: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr, REL: tl.constexpr,
 ):
     """Sampled path, phase 1: first-digit histogram of ``min(n, SAMPLE_)`` entries of one
     layer at a fixed stride (all of it when ``n <= SAMPLE_``, so small layers are exact).
     Program ``(seg, p)`` takes the ``p``-th of ``SPLIT`` parts of the sample and adds its
-    histogram into the zeroed ``hist`` row (one atomic per non-empty bin)."""
+    histogram into the zeroed ``hist`` row (one atomic per non-empty bin). ``FUSE``: the
+    layer's last program then runs :func:`_range_layer` (else ``_range_kernel`` does)."""
     seg = tl.program_id(0)
     part = tl.program_id(1)
     n = tl.load(seg_n + seg)
@@ -391,7 +435,11 @@ def _sample_kernel(
         key = _key(_load_v(g_base, e_base, i * stride, m, KIND, HAS_E, True), KIND)
         h += _masked_histogram((key >> SHIFT).to(tl.int32), m, NBINS, TILE_)
     bins = tl.arange(0, NBINS)
-    tl.atomic_add(hist + seg.to(tl.int64) * NBINS + bins, h, mask=h != 0)
+    tl.atomic_add(hist + seg.to(tl.int64) * NBINS + bins, h, mask=h != 0, sem="relaxed")
+    if FUSE:
+        if _last_program(tick, seg, SPLIT - 1):
+            _range_layer(seg, hist, seg_n, rank0, rank, active, range_a, range_b, wide,
+                         NBINS, SAMPLE_, SIGMAS, SLACK, REL)
 
 
 @triton.jit
@@ -409,30 +457,30 @@ def _sample_range(row, rho, d, s, exact, NBINS: tl.constexpr):
 
 
 @triton.jit
-def _range_kernel(
-    hist, seg_n, rank, active, range_a, range_b, wide,
+def _range_layer(
+    seg, hist, seg_n, rank0, rank, active, range_a, range_b, wide,
     NBINS: tl.constexpr, SAMPLE_: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr,
     REL: tl.constexpr,
 ):
-    """Sampled path: digit ranges that hold each boundary's rank with high probability.
-    In sample space a boundary sits at rank ``rho = R * s / n`` give or take a binomial
-    ``sqrt(s p (1 - p))``; the range spans the digits at ranks ``rho -/+ (SIGMAS * that +
-    SLACK)`` (exactly ``rho`` when the whole layer was sampled). Overlapping ranges merge.
-    ``wide[seg]`` = 1 when a range of an active layer spans more than ``REL`` digits."""
-    seg = tl.program_id(0)
+    """Sampled path: digit ranges that hold each boundary's rank of layer ``seg`` with high
+    probability. In sample space a boundary sits at rank ``rho = R * s / n`` give or take a
+    binomial ``sqrt(s p (1 - p))``; the range spans the digits at ranks ``rho -/+ (SIGMAS *
+    that + SLACK)`` (exactly ``rho`` when the whole layer was sampled). Overlapping ranges
+    merge. ``wide[seg]`` = 1 when a range of an active layer spans more than ``REL`` digits.
+    Copies the layer's two ranks from the plan's ``rank0`` into the call's ``rank``."""
     n = tl.load(seg_n + seg)
     act = tl.load(active + seg) != 0
     s = tl.minimum(n, SAMPLE_)
     row = hist + seg.to(tl.int64) * NBINS
     exact = s == n
     sf = tl.maximum(s, 1).to(tl.float32)
-    rr = tl.load(rank + 2 * seg)
-    rho = (rr * s) // tl.maximum(n, 1)
+    rr_hi = tl.load(rank0 + 2 * seg)
+    rho = (rr_hi * s) // tl.maximum(n, 1)
     p = rho.to(tl.float32) / sf
     d = tl.where(exact, 0, (SIGMAS * tl.sqrt(sf * p * (1.0 - p)) + SLACK).to(tl.int64))
     a_hi, b_hi = _sample_range(row, rho, d, s, exact, NBINS)
-    rr = tl.load(rank + 2 * seg + 1)
-    rho = (rr * s) // tl.maximum(n, 1)
+    rr_lo = tl.load(rank0 + 2 * seg + 1)
+    rho = (rr_lo * s) // tl.maximum(n, 1)
     p = rho.to(tl.float32) / sf
     d = tl.where(exact, 0, (SIGMAS * tl.sqrt(sf * p * (1.0 - p)) + SLACK).to(tl.int64))
     a_lo, b_lo = _sample_range(row, rho, d, s, exact, NBINS)
@@ -445,20 +493,33 @@ def _range_kernel(
     tl.store(range_b + 2 * seg + 1, tl.where(act, b_lo, -1).to(tl.int64))
     too_wide = (b_hi - a_hi >= REL) | (b_lo - a_lo >= REL)
     tl.store(wide + seg, (act & too_wide).to(tl.int64))
+    tl.store(rank + 2 * seg, rr_hi)
+    tl.store(rank + 2 * seg + 1, rr_lo)
 
 
 @triton.jit
-def _validate_kernel(
-    totals, cnt, num_blocks, seg_first, seg_nblk, range_a, rank, active, cand_cap, cand_fill,
-    flags, S, seg_n, tail_n, SCAN: tl.constexpr, WIDE_MISSES: tl.constexpr,
+def _range_kernel(
+    hist, seg_n, rank0, rank, active, range_a, range_b, wide,
+    NBINS: tl.constexpr, SAMPLE_: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr,
+    REL: tl.constexpr,
 ):
-    """Sampled path: is each boundary's rank inside its range (else the sample missed)?
-    Sums the layer's per-block counts, writes ``flags[S + seg] = 1`` on a miss or a
-    candidate-slot overflow (or, ``WIDE_MISSES``, a range too wide for the relative first
-    digit: ``flags[2 * S + seg]``), and turns the ranks into ranks inside the ranges (rank
-    minus the keys above the range). A missed layer gets no candidates (``cand_fill`` 0) and
-    size 0 for the tail (``tail_n``), which then neither reads nor writes it."""
-    seg = tl.program_id(0)
+    """Sampled path: :func:`_range_layer` of every layer, one program each."""
+    _range_layer(tl.program_id(0), hist, seg_n, rank0, rank, active, range_a, range_b, wide,
+                 NBINS, SAMPLE_, SIGMAS, SLACK, REL)
+
+
+@triton.jit
+def _validate_layer(
+    seg, totals, cnt, num_blocks, seg_first, seg_nblk, range_a, rank, active, cand_cap,
+    cand_fill, flags, S, seg_n, tail_n, SCAN: tl.constexpr, WIDE_MISSES: tl.constexpr,
+):
+    """Sampled path: is each boundary's rank of layer ``seg`` inside its range (else the
+    sample missed)? Sums the layer's per-block counts, writes ``flags[S + seg] = 1`` on a
+    miss or a candidate-slot overflow (or, ``WIDE_MISSES``, a range too wide for the
+    relative first digit: ``flags[2 * S + seg]``), and turns the ranks into ranks inside the
+    ranges (rank minus the keys above the range). A missed layer gets no candidates
+    (``cand_fill`` 0) and size 0 for the tail (``tail_n``), which then neither reads nor
+    writes it. Reads what other programs wrote through L2 (``.cg``: L1 is not coherent)."""
     act = tl.load(active + seg) != 0
     b0 = tl.load(seg_first + seg)
     nblk = tl.load(seg_nblk + seg)
@@ -470,17 +531,19 @@ def _validate_kernel(
         i = t + tl.arange(0, SCAN)
         m = i < nblk
         b = b0 + i
-        above += tl.sum(tl.load(totals + b, mask=m, other=0).to(tl.int64), axis=0)
-        n_h += tl.sum(tl.load(totals + num_blocks + b, mask=m, other=0).to(tl.int64), axis=0)
-        n_l += tl.sum(tl.load(totals + 2 * num_blocks + b, mask=m, other=0).to(tl.int64), axis=0)
-        n_b += tl.sum(tl.load(cnt + b, mask=m, other=0).to(tl.int64), axis=0)
+        above += tl.sum(tl.load(totals + b, mask=m, other=0, cache_modifier=".cg"), axis=0)
+        n_h += tl.sum(tl.load(totals + num_blocks + b, mask=m, other=0, cache_modifier=".cg"),
+                      axis=0)
+        n_l += tl.sum(tl.load(totals + 2 * num_blocks + b, mask=m, other=0,
+                              cache_modifier=".cg"), axis=0)
+        n_b += tl.sum(tl.load(cnt + b, mask=m, other=0, cache_modifier=".cg"), axis=0)
     r_hi = tl.load(rank + 2 * seg)
     r_lo = tl.load(rank + 2 * seg + 1)
     merged = tl.load(range_a + 2 * seg) == tl.load(range_a + 2 * seg + 1)
     ok_hi = (r_hi >= above) & (r_hi < above + n_h)
     base_lo = tl.where(merged, above, above + n_h + n_b)
     ok_lo = (r_lo >= base_lo) & (r_lo < base_lo + tl.where(merged, n_h, n_l))
-    fill = tl.load(cand_fill + seg)
+    fill = tl.load(cand_fill + seg, cache_modifier=".cg")
     fits = fill <= tl.load(cand_cap + seg)
     bad = act & ~(ok_hi & ok_lo & fits)
     if WIDE_MISSES:
@@ -493,12 +556,26 @@ def _validate_kernel(
 
 
 @triton.jit
+def _validate_kernel(
+    totals, cnt, num_blocks, seg_first, seg_nblk, range_a, rank, active, cand_cap, cand_fill,
+    flags, S, seg_n, tail_n, SCAN: tl.constexpr, WIDE_MISSES: tl.constexpr,
+):
+    """Sampled path: :func:`_validate_layer` of every layer, one program each."""
+    _validate_layer(tl.program_id(0), totals, cnt, num_blocks, seg_first, seg_nblk, range_a,
+                    rank, active, cand_cap, cand_fill, flags, S, seg_n, tail_n, SCAN,
+                    WIDE_MISSES)
+
+
+@triton.jit
 def _cand_count_kernel(
     seg_n, blk_seg, blk_cstart, blk_ccount, cand_key, t_hi, t_lo, cnt, num_blocks,
-    BLOCK_: tl.constexpr, KEY32: tl.constexpr,
+    tick, seg_first, seg_nblk, offsets, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo,
+    blk_out,
+    BLOCK_: tl.constexpr, KEY32: tl.constexpr, FUSE: tl.constexpr, SCAN: tl.constexpr,
 ):
     """Phase 3a (candidate path): add each block's candidates strictly inside
-    (T_lo, T_hi) to ``cnt[0]`` and count its ties of T_hi and T_lo (``cnt[1]``, ``cnt[2]``)."""
+    (T_lo, T_hi) to ``cnt[0]`` and count its ties of T_hi and T_lo (``cnt[1]``, ``cnt[2]``).
+    ``FUSE``: the layer's last program then runs :func:`_scan_layer`."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
     # a layer the tail skips (size 0) has no candidates to count (its slot may overflow)
@@ -513,15 +590,21 @@ def _cand_count_kernel(
     tl.store(cnt + pid, tl.load(cnt + pid) + (pa & 0xFFFF))
     tl.store(cnt + num_blocks + pid, pa >> 16)
     tl.store(cnt + 2 * num_blocks + pid, tl.sum((m & (key == tlo)).to(tl.int32), axis=0))
+    if FUSE:
+        if _last_program(tick, seg, tl.load(seg_nblk + seg) - 1):
+            _scan_layer(seg, cnt, num_blocks, seg_first, seg_nblk, offsets, skip_hi, end_hi,
+                        take_lo, blk_ord_hi, blk_ord_lo, blk_out, SCAN)
 
 
 @triton.jit
 def _refine_kernel(
     g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, cand_off, cand_key, prefix_a, prefix_b, hist,
+    tick, chk_nchk, level, prefix, rank, active, flags, t_hi, t_lo, skip_hi, end_hi, take_lo, S,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     FROM_CAND: tl.constexpr,
     REL: tl.constexpr, PSHIFT: tl.constexpr, DSHIFT: tl.constexpr, DMASK: tl.constexpr,
     NBINS: tl.constexpr, TILE_: tl.constexpr, CHUNK_: tl.constexpr,
+    FUSE: tl.constexpr, WIDTH: tl.constexpr, APPEND: tl.constexpr, FINAL: tl.constexpr,
 ):
     """Phase 2: histogram of the next digit of the keys whose higher bits lie in
     ``[prefix_a, prefix_b]`` of the upper (row ``2*seg``) or lower (row ``2*seg+1``)
@@ -529,7 +612,11 @@ def _refine_kernel(
     level of the sampled path, which starts from digit ranges). Keys come from the layer's
     candidate slot (``FROM_CAND``; ``seg_n`` then holds slot fill counts) or are recomputed
     from the data (the fallback for huge boundary buckets). ``REL``: the digit is the
-    first digit minus the start of the row's range (``NBINS`` covers every range)."""
+    first digit minus the start of the row's range (``NBINS`` covers every range).
+    ``FUSE``: the layer's last program then locates the level's boundary digits
+    (:func:`_locate_layer` with ``WIDTH``, ``APPEND``, ``REL``, ``FINAL``; else
+    ``_locate_kernel`` does); the ticket counts every level's programs (``level`` levels
+    of ``chk_nchk[seg]`` programs came before)."""
     pid = tl.program_id(0)
     seg = tl.load(chk_seg + pid)
     start = tl.load(chk_start + pid)
@@ -562,17 +649,24 @@ def _refine_kernel(
         h_lo += _masked_histogram(d_lo, m & (top >= a_lo) & (top <= b_lo), NBINS, TILE_)
     bins = tl.arange(0, NBINS)
     row = seg.to(tl.int64) * 2
-    tl.atomic_add(hist + row * NBINS + bins, h_hi, mask=h_hi != 0)
-    tl.atomic_add(hist + (row + 1) * NBINS + bins, h_lo, mask=h_lo != 0)
+    tl.atomic_add(hist + row * NBINS + bins, h_hi, mask=h_hi != 0, sem="relaxed")
+    tl.atomic_add(hist + (row + 1) * NBINS + bins, h_lo, mask=h_lo != 0, sem="relaxed")
+    if FUSE:
+        if _last_program(tick, seg, (level + 1) * tl.load(chk_nchk + seg) - 1):
+            _locate_layer(seg, hist, prefix, rank, rank, active, flags, t_hi, t_lo, skip_hi,
+                          end_hi, take_lo, S, NBINS, WIDTH, False, APPEND, REL, FINAL)
 
 
 @triton.jit
 def _count_kernel(
     g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, t_hi, t_lo, counts, num_blocks,
+    tick, seg_first, seg_nblk, offsets, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo,
+    blk_out,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_: tl.constexpr,
+    BLOCK_: tl.constexpr, FUSE: tl.constexpr, SCAN: tl.constexpr,
 ):
-    """Phase 3a: per block, #keys strictly inside (T_lo, T_hi), #keys == T_hi, #keys == T_lo."""
+    """Phase 3a: per block, #keys strictly inside (T_lo, T_hi), #keys == T_hi, #keys == T_lo.
+    ``FUSE``: the layer's last program then runs :func:`_scan_layer`."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
     offs, m, n, start = _block_offsets(blk_start, seg_n, pid, seg, BLOCK_)
@@ -585,6 +679,10 @@ def _count_kernel(
     tl.store(counts + pid, pa & 0xFFFF)
     tl.store(counts + num_blocks + pid, pa >> 16)
     tl.store(counts + 2 * num_blocks + pid, tl.sum((m & (key == tlo)).to(tl.int32), axis=0))
+    if FUSE:
+        if _last_program(tick, seg, tl.load(seg_nblk + seg) - 1):
+            _scan_layer(seg, counts, num_blocks, seg_first, seg_nblk, offsets, skip_hi,
+                        end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out, SCAN)
 
 
 @triton.jit
@@ -592,7 +690,8 @@ def _locate_row(hrow, r, NBINS: tl.constexpr, NB: tl.constexpr):
     """Digit whose bucket holds rank ``r`` counting from the largest digit down, ``r``
     minus the entries of larger digits, and the bucket's size (``NB`` used bins)."""
     j = tl.arange(0, NBINS)
-    h = tl.load(hrow + (NB - 1 - j), mask=j < NB, other=0).to(tl.int64)  # largest first
+    # largest first; through L2 (``.cg``): other programs' atomics wrote the row
+    h = tl.load(hrow + (NB - 1 - j), mask=j < NB, other=0, cache_modifier=".cg").to(tl.int64)
     cum = tl.cumsum(h, axis=0)
     pos = tl.minimum(tl.sum((cum <= r).to(tl.int32), axis=0), NB - 1)
     size = tl.sum(tl.where(j == pos, h, 0), axis=0)
@@ -601,19 +700,21 @@ def _locate_row(hrow, r, NBINS: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
-def _locate_kernel(
-    hist, prefix, rank, active, flags, t_hi, t_lo, skip_hi, end_hi, take_lo, S,
+def _locate_layer(
+    seg, hist, prefix, rank_in, rank, active, flags, t_hi, t_lo, skip_hi, end_hi, take_lo, S,
     NBINS: tl.constexpr, WIDTH: tl.constexpr, SHARED: tl.constexpr, APPEND: tl.constexpr,
     REL: tl.constexpr, FINAL: tl.constexpr,
 ):
-    """Scan of one digit level for one layer (both boundaries), on the device: find the
-    boundary digits, reduce ``rank``, and set (or, ``APPEND``, extend) ``prefix``.
-    ``SHARED``: the exact first-digit histogram, one row per layer, and ``flags[S + seg]``
-    gets the layer's candidate count (both boundary buckets, once if they coincide).
+    """Scan of one digit level for layer ``seg`` (both boundaries), on the device: find the
+    boundary digits, reduce the ranks (``rank_in`` -> ``rank``; the first level reads the
+    plan's ranks), and set (or, ``APPEND``, extend) ``prefix``.
+    ``SHARED``: the exact first-digit histogram, one row per layer; ``flags[S + seg]``
+    gets the layer's candidate count (both boundary buckets, once if they coincide), and
+    an inactive layer (empty band) gets its final thresholds (it may have no candidates, so
+    no later level need run for it).
     ``REL``: the digits are relative to ``prefix`` (the range starts): add them.
     ``FINAL``: the prefixes are now the exact boundary keys; write the thresholds and tie
     limits the compaction applies."""
-    seg = tl.program_id(0)
     act = tl.load(active + seg) != 0
     if SHARED:
         row_hi = hist + seg.to(tl.int64) * NBINS
@@ -621,8 +722,8 @@ def _locate_kernel(
     else:
         row_hi = hist + (2 * seg).to(tl.int64) * NBINS
         row_lo = row_hi + NBINS
-    d_hi, r_hi, s_hi = _locate_row(row_hi, tl.load(rank + 2 * seg), NBINS, 1 << WIDTH)
-    d_lo, r_lo, s_lo = _locate_row(row_lo, tl.load(rank + 2 * seg + 1), NBINS, 1 << WIDTH)
+    d_hi, r_hi, s_hi = _locate_row(row_hi, tl.load(rank_in + 2 * seg), NBINS, 1 << WIDTH)
+    d_lo, r_lo, s_lo = _locate_row(row_lo, tl.load(rank_in + 2 * seg + 1), NBINS, 1 << WIDTH)
     if SHARED:
         n_cand = s_hi + tl.where(d_lo != d_hi, s_lo, 0)
         tl.store(flags + S + seg, tl.where(act, n_cand, 0))
@@ -641,7 +742,7 @@ def _locate_kernel(
     tl.store(prefix + 2 * seg + 1, p_lo)
     tl.store(rank + 2 * seg, r_hi)
     tl.store(rank + 2 * seg + 1, r_lo)
-    if FINAL:
+    if FINAL or SHARED:  # SHARED: the final values of an inactive layer (active: rewritten)
         same = p_hi == p_lo  # both boundaries in one tie group: ordinals in [skip, take]
         tl.store(t_hi + seg, p_hi)  # -1 when inactive: keys are >= 0, nothing kept
         tl.store(t_lo + seg, tl.where(same | (~act), 0x7FFFFFFFFFFFFFFF, p_lo))
@@ -651,41 +752,66 @@ def _locate_kernel(
 
 
 @triton.jit
-def _scan_kernel(
-    cnt, num_blocks, seg_first, seg_nblk, offsets, skip_hi, end_hi, take_lo,
+def _locate_kernel(
+    hist, prefix, rank_in, rank, active, flags, t_hi, t_lo, skip_hi, end_hi, take_lo, S,
+    NBINS: tl.constexpr, WIDTH: tl.constexpr, SHARED: tl.constexpr, APPEND: tl.constexpr,
+    REL: tl.constexpr, FINAL: tl.constexpr,
+):
+    """:func:`_locate_layer` of every layer, one program each."""
+    _locate_layer(tl.program_id(0), hist, prefix, rank_in, rank, active, flags, t_hi, t_lo,
+                  skip_hi, end_hi, take_lo, S, NBINS, WIDTH, SHARED, APPEND, REL, FINAL)
+
+
+@triton.jit
+def _scan_layer(
+    seg, cnt, num_blocks, seg_first, seg_nblk, offsets, skip_hi, end_hi, take_lo,
     blk_ord_hi, blk_ord_lo, blk_out, SCAN: tl.constexpr,
 ):
-    """Per layer, exclusive prefix sums over its blocks: the ordinal of each block's first
-    T_hi / T_lo tie, and each block's first output slot (kept = strictly inside, plus the
-    ties whose ordinals fall in the kept range)."""
-    seg = tl.program_id(0)
+    """Exclusive prefix sums over the blocks of layer ``seg``: the ordinal of each block's
+    first T_hi / T_lo tie, and each block's first output slot (kept = strictly inside, plus
+    the ties whose ordinals fall in the kept range). Within a layer in int32 (a layer has
+    fewer than 2^31 elements), the output slot carried in int64."""
     b0 = tl.load(seg_first + seg)
-    nb = tl.load(seg_nblk + seg)
+    nb = tl.load(seg_nblk + seg).to(tl.int32)
     skip = tl.load(skip_hi + seg)
     endh = tl.load(end_hi + seg)
     take = tl.load(take_lo + seg)
-    carry_h = b0 * 0
-    carry_l = b0 * 0
+    # tie limits clamped into int32 (ordinals are < 2^31): end_hi may be 2^62, take_lo -1
+    skip = tl.minimum(skip, 0x7FFFFFFF).to(tl.int32)
+    endh = tl.minimum(endh, 0x7FFFFFFE).to(tl.int32)
+    take = tl.minimum(take, 0x7FFFFFFE).to(tl.int32)
+    carry_h = nb * 0
+    carry_l = nb * 0
     carry_k = tl.load(offsets + seg)
     for t in range(0, nb, SCAN):
         i = t + tl.arange(0, SCAN)
         m = i < nb
         b = b0 + i
-        c0 = tl.load(cnt + b, mask=m, other=0).to(tl.int64)
-        ch = tl.load(cnt + num_blocks + b, mask=m, other=0).to(tl.int64)
-        cl = tl.load(cnt + 2 * num_blocks + b, mask=m, other=0).to(tl.int64)
+        c0 = tl.load(cnt + b, mask=m, other=0, cache_modifier=".cg")
+        ch = tl.load(cnt + num_blocks + b, mask=m, other=0, cache_modifier=".cg")
+        cl = tl.load(cnt + 2 * num_blocks + b, mask=m, other=0, cache_modifier=".cg")
         oh = carry_h + tl.cumsum(ch, axis=0) - ch
         ol = carry_l + tl.cumsum(cl, axis=0) - cl
         kh = tl.maximum(tl.minimum(oh + ch, endh + 1) - tl.maximum(oh, skip), 0)
         kl = tl.maximum(tl.minimum(ol + cl, take + 1) - ol, 0)
         k = c0 + kh + kl
-        ok = carry_k + tl.cumsum(k, axis=0) - k
-        tl.store(blk_ord_hi + b, oh, mask=m)
-        tl.store(blk_ord_lo + b, ol, mask=m)
+        ok = carry_k + (tl.cumsum(k, axis=0) - k).to(tl.int64)
+        tl.store(blk_ord_hi + b, oh.to(tl.int64), mask=m)
+        tl.store(blk_ord_lo + b, ol.to(tl.int64), mask=m)
         tl.store(blk_out + b, ok, mask=m)
         carry_h += tl.sum(ch, axis=0)
         carry_l += tl.sum(cl, axis=0)
-        carry_k += tl.sum(k, axis=0)
+        carry_k += tl.sum(k, axis=0).to(tl.int64)
+
+
+@triton.jit
+def _scan_kernel(
+    cnt, num_blocks, seg_first, seg_nblk, offsets, skip_hi, end_hi, take_lo,
+    blk_ord_hi, blk_ord_lo, blk_out, SCAN: tl.constexpr,
+):
+    """:func:`_scan_layer` of every layer, one program each."""
+    _scan_layer(tl.program_id(0), cnt, num_blocks, seg_first, seg_nblk, offsets, skip_hi,
+                end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out, SCAN)
 
 
 @triton.jit
@@ -792,6 +918,7 @@ class _Plan:
     seg_n: Tensor
     chk_seg: Tensor
     chk_start: Tensor
+    chk_nchk: Tensor  # [S] data chunks of each layer
     blk_seg: Tensor
     blk_start: Tensor
     seg_first: Tensor
@@ -803,6 +930,7 @@ class _Plan:
     cap_off: Tensor  # [S+1] sampled path: first slot entry of each layer
     cap_seg: Tensor  # sampled path: chunk table over the slots
     cap_start: Tensor
+    cap_nchk: Tensor  # [S] sampled path: slot chunks of each layer
     zero: Tensor  # [1] a zero flag (the write pass's ``stop`` on the exact path)
     key: tuple = ()  # the cache key (shapes, fractions, device, tuning constants)
 
@@ -818,7 +946,8 @@ def _capacity(n: int) -> int:
 
 
 def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) -> _Plan:
-    key = (ns, float(top), float(keep), str(device), SAMPLE, CAND_FRACTION, BLOCK, CAND_CHUNK)
+    key = (ns, float(top), float(keep), str(device), SAMPLE, CAND_FRACTION, BLOCK, CAND_CHUNK,
+           CHUNK)
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
@@ -827,7 +956,7 @@ def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) ->
     out_off = [0]
     for _, kk in counts:
         out_off.append(out_off[-1] + kk)
-    c_seg, c_start, _, _ = _block_table(ns, CHUNK)
+    c_seg, c_start, _, c_count = _block_table(ns, CHUNK)
     b_seg, b_start, b_first, b_count = _block_table(ns, BLOCK)
     rows = []
     for kt, kk in counts:
@@ -836,10 +965,10 @@ def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) ->
     cap_off = [0]
     for c in caps:
         cap_off.append(cap_off[-1] + c)
-    p_seg, p_start, _, _ = _block_table(caps, CAND_CHUNK)
+    p_seg, p_start, _, p_count = _block_table(caps, CAND_CHUNK)
     tensors = _to_device(
-        [ns, c_seg, c_start, b_seg, b_start, b_first, b_count, rows, out_off,
-         [int(kk > 0) for _, kk in counts], caps, cap_off, p_seg, p_start, [0]], device)
+        [ns, c_seg, c_start, c_count, b_seg, b_start, b_first, b_count, rows, out_off,
+         [int(kk > 0) for _, kk in counts], caps, cap_off, p_seg, p_start, p_count, [0]], device)
     plan = _Plan(counts, out_off, out_off[-1], len(c_seg), len(b_seg), len(p_seg), cap_off[-1],
                  sum(ns), *tensors, key=key)
     _PLANS[key] = plan
@@ -896,7 +1025,7 @@ def band_multi_triton(
     sampled = bool(sampled and plan.n_blocks)
     table = [t.data_ptr() for x in (gs, e_list, d_list) for t in x]
     cfg = _Mode(dtype, has_e, dense is not None, want_sparse and total > 0,
-                all(p % 16 == 0 for p in table))
+                all(p % 16 == 0 for p in table), FUSE_TAILS)
     table += [out_idx.data_ptr(), out_val.data_ptr()]
     flags = None
     if sampled and USE_CUDA_GRAPHS and device.type == "cuda":
@@ -934,6 +1063,7 @@ class _Mode:
     dense: bool
     sparse: bool  # write indices and values
     aligned: bool  # every data pointer 16-byte aligned
+    fuse: bool = False  # FUSE_TAILS when the call was made
 
 
 def _launch(plan: _Plan, ptrs: Tensor, S: int, cfg: _Mode, sampled: bool, nan_message,
@@ -941,92 +1071,96 @@ def _launch(plan: _Plan, ptrs: Tensor, S: int, cfg: _Mode, sampled: bool, nan_me
     """Queue every phase of one call. ``ptrs``: int64 table of the data pointers (g, e,
     dense: S each) and of the two outputs. Returns the sampled path's flags (read by
     :func:`_sampled_outcome`), or None on the exact path, which checks NaN itself (its one
-    sync). No sync on the sampled path, so it can be captured in a CUDA graph."""
-    device = plan.seg_n.device
+    sync). No sync on the sampled path, so it can be captured in a CUDA graph.
+    ``cfg.fuse``: each per-layer step runs in the last program of the launch before it
+    (:func:`_last_program`) instead of a launch of its own."""
     dtype = cfg.dtype
     kind, key_bits, widths_cand, widths_data = _KINDS[dtype]
     total, n_blocks = plan.total, plan.n_blocks
-    has_e = cfg.has_e
+    has_e, fuse = cfg.has_e, cfg.fuse
     ptrs = torch.split(ptrs, [S, S, S, 2])
     common = dict(DT=_TL_DTYPE[dtype], KIND=kind, HAS_E=has_e, ALIGNED=cfg.aligned,
                   num_warps=NUM_WARPS)
-    i64 = dict(dtype=torch.int64, device=device)
     if sampled:  # no device->host sync until the write pass is queued
-        state = _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common)
+        st = _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, fuse)
     else:  # exact histogram (one sync: NaN check, candidate count)
-        state = _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message,
-                                 candidates)
-    sampled_flags = state[4][7] if state[4] is not None else None
+        st = _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message,
+                              candidates, fuse)
     if n_blocks == 0 or (total == 0 and not has_e and not cfg.dense):
-        return sampled_flags
+        return st.flags
     g_ptrs, e_ptrs, d_ptrs, o_ptrs = ptrs
-    prefix, rank, thresholds, cnt, cand = state
+    thresholds = st.thresholds
     t_hi, t_lo, skip_hi, end_hi, take_lo = thresholds
-    widths = widths_cand if cand is not None else widths_data
-    if sampled_flags is not None:
+    widths = widths_cand if st.cand_key is not None else widths_data
+    if st.flags is not None:
         # Layers the sample missed have size 0 in the tail (neither read nor written), and
         # a NaN anywhere in the call stops the write pass altogether.
-        seg_n, stop = cand[8], sampled_flags[3 * S:]
+        seg_n, stop = st.tail_n, st.flags[3 * S:]
     else:
         seg_n, stop = plan.seg_n, plan.zero
 
     # Phase 2', the remaining digits: exact boundary keys, over the candidate slots or,
     # when the boundary buckets are huge, over the data.
-    flags = torch.empty(2 * S, **i64)  # not read after the sync
     pshift = key_bits - FIRST_DIGIT_BITS
-    ws = torch.zeros(sum(2 * S * max(1 << w, 32) for w in widths), dtype=torch.int32,
-                     device=device)
-    level_hists = torch.split(ws, [2 * S * max(1 << w, 32) for w in widths])
+    level_hists = torch.zeros(sum(2 * S * max(1 << w, 32) for w in widths), dtype=torch.int32,
+                              device=plan.seg_n.device)
+    level_hists = torch.split(level_hists, [2 * S * max(1 << w, 32) for w in widths])
+    if st.cand_key is not None:
+        src = (st.cand_n, st.c_seg, st.c_start, st.cand_off, st.cand_key)
+        n_refine, nchk, chunk = st.c_chunks, st.c_nchk, CAND_CHUNK
+    else:
+        src = (plan.seg_n, plan.chk_seg, plan.chk_start, plan.offsets, level_hists[0])
+        n_refine, nchk, chunk = plan.n_chunks, plan.chk_nchk, CHUNK
     for level, w in enumerate(widths):
         # >= 32 bins: older triton lowers tl.histogram with a warp-ballot scheme that
         # asserts num_bins % 32 == 0 (the 4-bit digit of 16-bit floats uses 16 of 32).
         nbins = max(1 << w, 32)
         h = level_hists[level]
-        if cand is not None:
-            cand_n, c_seg, c_start, c_chunks, cand_off, cand_key = cand[:6]
-            src = (cand_n, c_seg, c_start, cand_off, cand_key)
-            n_refine = c_chunks
-        else:
-            src = (plan.seg_n, plan.chk_seg, plan.chk_start, plan.offsets, h)
-            n_refine = plan.n_chunks
+        final = level == len(widths) - 1
         if n_refine:
+            # ``flags`` of the locate is only written at the SHARED level: ``st.rank`` fills in
             _refine_kernel[(n_refine,)](
-                g_ptrs, e_ptrs, *src, prefix, prefix, h, FROM_CAND=cand is not None,
-                REL=False, PSHIFT=pshift, DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=nbins,
-                TILE_=TILE, CHUNK_=CAND_CHUNK if cand is not None else CHUNK, **common,
+                g_ptrs, e_ptrs, *src, st.prefix, st.prefix, h,
+                st.tick[2], nchk, level + st.refine_levels, st.prefix, st.rank, plan.active,
+                st.rank, *thresholds, S,
+                FROM_CAND=st.cand_key is not None, REL=False, PSHIFT=pshift,
+                DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=nbins, TILE_=TILE, CHUNK_=chunk,
+                FUSE=fuse, WIDTH=w, APPEND=True, FINAL=final, **common,
             )
-        _locate_kernel[(S,)](
-            h, prefix, rank, plan.active, flags, *thresholds, S, NBINS=nbins, WIDTH=w,
-            SHARED=False, APPEND=True, REL=False, FINAL=level == len(widths) - 1,
-        )
+        if not fuse:
+            _locate_kernel[(S,)](
+                h, st.prefix, st.rank, st.rank, plan.active, st.rank, *thresholds, S,
+                NBINS=nbins, WIDTH=w, SHARED=False, APPEND=True, REL=False, FINAL=final,
+            )
         pshift -= w
 
     # Phase 3a: per block #strictly inside (T_lo, T_hi), #== T_hi, #== T_lo; then per layer
     # the tie ordinal and output slot of each block (prefix sums, no per-element atomics).
-    if cand is not None:
-        blk_cand, cand_key = cand[6], cand[5]
+    scan_args = (st.tick[3], plan.seg_first, plan.seg_nblk, plan.offsets, skip_hi, end_hi,
+                 take_lo, st.blk_ord[0], st.blk_ord[1], st.blk_ord[2])
+    if st.cand_key is not None:
         _cand_count_kernel[(n_blocks,)](
-            seg_n, plan.blk_seg, blk_cand[0], blk_cand[1], cand_key, t_hi, t_lo, cnt,
-            n_blocks, BLOCK_=BLOCK, KEY32=key_bits <= 31, num_warps=NUM_WARPS,
+            seg_n, plan.blk_seg, st.blk_cand[0], st.blk_cand[1], st.cand_key, t_hi, t_lo,
+            st.cnt, n_blocks, *scan_args, BLOCK_=BLOCK, KEY32=key_bits <= 31, FUSE=fuse,
+            SCAN=FUSED_SCAN_TILE, num_warps=NUM_WARPS,
         )
     else:
         _count_kernel[(n_blocks,)](
-            g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, t_hi, t_lo, cnt,
-            n_blocks, BLOCK_=BLOCK, **common,
+            g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, t_hi, t_lo, st.cnt,
+            n_blocks, *scan_args, BLOCK_=BLOCK, FUSE=fuse, SCAN=FUSED_SCAN_TILE, **common,
         )
-    blk_ord = torch.empty((3, n_blocks), **i64)
-    _scan_kernel[(S,)](
-        cnt, n_blocks, plan.seg_first, plan.seg_nblk, plan.offsets, skip_hi, end_hi, take_lo,
-        blk_ord[0], blk_ord[1], blk_ord[2], SCAN=SCAN_TILE, num_warps=SCAN_WARPS,
-    )
+    if not fuse:
+        _scan_kernel[(S,)](
+            st.cnt, n_blocks, *scan_args[1:], SCAN=SCAN_TILE, num_warps=SCAN_WARPS,
+        )
 
     # Phase 3b: ordered compaction + residual / dense writes.
     _write_kernel[(n_blocks,)](
         g_ptrs, e_ptrs, d_ptrs, seg_n, plan.blk_seg, plan.blk_start,
-        *thresholds, blk_ord[0], blk_ord[1], blk_ord[2], o_ptrs, cnt, n_blocks, stop,
+        *thresholds, st.blk_ord[0], st.blk_ord[1], st.blk_ord[2], o_ptrs, st.cnt, n_blocks, stop,
         WRITE_SPARSE=cfg.sparse, WRITE_E=has_e, WRITE_DENSE=cfg.dense, BLOCK_=BLOCK, **common,
     )
-    return sampled_flags
+    return st.flags
 
 
 # --------------------------------------------------------------------------------------
@@ -1085,34 +1219,68 @@ def _graph_launch(plan: _Plan, table: List[int], S: int, cfg: _Mode) -> Optional
     return entry.flags
 
 
-def _new_state(plan: _Plan, S: int, device):
-    i64 = dict(dtype=torch.int64, device=device)
-    prefix = torch.empty(2 * S, **i64)  # rows 2s: upper boundary, 2s+1: lower boundary
-    rank = plan.rank0.clone()
-    thresholds = tuple(torch.empty((5, S), **i64))  # t_hi, t_lo, skip_hi, end_hi, take_lo
-    cnt = torch.empty((3, max(plan.n_blocks, 1)), dtype=torch.int32, device=device)
-    return prefix, rank, thresholds, cnt
+@dataclass
+class _State:
+    """The device state of one call between its phases (views into a few workspaces)."""
+
+    prefix: Tensor  # [2S] rows 2s: upper boundary, 2s+1: lower boundary
+    rank: Tensor  # [2S] rank of each boundary inside what is left to resolve
+    thresholds: Tuple[Tensor, ...]  # [S] each: t_hi, t_lo, skip_hi, end_hi, take_lo
+    cnt: Tensor  # int32 [3, n_blocks] per-block counts
+    blk_ord: Tensor  # [3, n_blocks] first T_hi / T_lo tie ordinal, first output slot
+    tick: Tensor  # int32 [4, S] zeroed tickets of the fused tails (see _last_program)
+    refine_levels: int = 0  # candidate digit levels already resolved (the ticket counts on)
+    # candidate slots (None: refine and count over the data)
+    cand_n: Optional[Tensor] = None  # [S] candidates in each slot
+    c_seg: Optional[Tensor] = None  # chunk table over the slots
+    c_start: Optional[Tensor] = None
+    c_chunks: int = 0
+    c_nchk: Optional[Tensor] = None  # [S] chunks of each slot
+    cand_off: Optional[Tensor] = None  # [S+1] first entry of each slot
+    cand_key: Optional[Tensor] = None
+    blk_cand: Optional[Tensor] = None  # [2, n_blocks] each block's first candidate, count
+    # sampled path only
+    flags: Optional[Tensor] = None  # [3S+1]: NaN, missed, wide per layer; the call's NaN
+    tail_n: Optional[Tensor] = None  # [S] layer sizes for the tail (0: missed)
 
 
-def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candidates):
+def _new_state(plan: _Plan, S: int, device, zeros32: int) -> Tuple[_State, Tensor]:
+    """Fresh state in one int64 and one int32 workspace, plus a zeroed int32 workspace of
+    ``zeros32`` entries after the tickets (returned: the caller's histograms)."""
+    nb = max(plan.n_blocks, 1)
+    w64 = torch.empty(9 * S + 3 * nb, dtype=torch.int64, device=device)
+    z32 = torch.zeros(4 * S + zeros32, dtype=torch.int32, device=device)
+    st = _State(
+        prefix=w64[:2 * S], rank=w64[2 * S:4 * S],
+        thresholds=tuple(w64[4 * S:9 * S].view(5, S)),
+        cnt=torch.empty((3, nb), dtype=torch.int32, device=device),
+        blk_ord=w64[9 * S:].view(3, nb), tick=z32[:4 * S].view(4, S))
+    return st, z32[4 * S:]
+
+
+def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candidates,
+                     fuse) -> _State:
     """Phase 1 (exact first-digit histogram), the sync, and phase 2's gather when the
-    boundary buckets are small. Returns ``(prefix, rank, thresholds, cnt, cand)``."""
+    boundary buckets are small."""
     device = plan.seg_n.device
     g_ptrs, e_ptrs = ptrs[0], ptrs[1]
     shift = key_bits - FIRST_DIGIT_BITS
     nb1 = 1 << FIRST_DIGIT_BITS
-    prefix, rank, thresholds, cnt = _new_state(plan, S, device)
-    hist = torch.zeros((S, nb1), dtype=torch.int32, device=device)
+    st, hist = _new_state(plan, S, device, S * nb1)
     flags = torch.zeros(2 * S, dtype=torch.int64, device=device)  # [NaN, candidates] per layer
+    locate = (st.prefix, plan.rank0, st.rank, plan.active)
     if plan.n_chunks:
         _hist_kernel[(plan.n_chunks,)](
             g_ptrs, e_ptrs, plan.seg_n, plan.chk_seg, plan.chk_start, hist, flags,
-            INF_KEY=_INF_KEY[dtype], SHIFT=shift, NBINS=nb1, TILE_=TILE, CHUNK_=CHUNK, **common,
+            st.tick[0], plan.chk_nchk, *locate, *st.thresholds, S,
+            INF_KEY=_INF_KEY[dtype], SHIFT=shift, NBINS=nb1, TILE_=TILE, CHUNK_=CHUNK,
+            FUSE=fuse, WIDTH=FIRST_DIGIT_BITS, **common,
         )
-    _locate_kernel[(S,)](
-        hist, prefix, rank, plan.active, flags, *thresholds, S,
-        NBINS=nb1, WIDTH=FIRST_DIGIT_BITS, SHARED=True, APPEND=False, REL=False, FINAL=False,
-    )
+    if not fuse or not plan.n_chunks:  # (fused: layers without elements have no chunk)
+        _locate_kernel[(S,)](
+            hist, *locate[:3], plan.active, flags, *st.thresholds, S,
+            NBINS=nb1, WIDTH=FIRST_DIGIT_BITS, SHARED=True, APPEND=False, REL=False, FINAL=False,
+        )
     host_flags = flags.tolist()  # the one device->host sync of a call
     for i, f in enumerate(host_flags[:S]):
         if f:
@@ -1122,91 +1290,105 @@ def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candid
     if candidates is None:
         candidates = n_cand <= max(CAND_MIN, plan.n_total // CAND_FRACTION)
     if not candidates or plan.n_blocks == 0:
-        return prefix, rank, thresholds, cnt, None
-    cc_seg, cc_start, _, _ = _block_table(cand_ns, CAND_CHUNK)
+        return st
+    cc_seg, cc_start, _, cc_count = _block_table(cand_ns, CAND_CHUNK)
     slot = [0]
     for c in cand_ns:
         slot.append(slot[-1] + c)
-    cand_n, c_seg, c_start, cand_off = _to_device([cand_ns, cc_seg, cc_start, slot], device)
+    cand_n, c_seg, c_start, c_nchk, cand_off = _to_device(
+        [cand_ns, cc_seg, cc_start, cc_count, slot], device)
     cand_key = torch.empty(max(n_cand, 1), dtype=torch.int64 if key_bits > 31 else torch.int32,
                            device=device)
     blk_cand = torch.empty((2, plan.n_blocks), dtype=torch.int64, device=device)
     fill = torch.zeros(S, dtype=torch.int64, device=device)
-    totals = torch.empty(1, dtype=torch.int32, device=device)  # unused: not sampled
     _gather_kernel[(plan.n_blocks,)](
-        g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, prefix, prefix, cnt,
-        blk_cand[0], blk_cand[1], cand_off, cand_n, fill, cand_key, totals, flags, S,
-        SAMPLED=False, INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK, **common,
+        g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, st.prefix, st.prefix, st.cnt,
+        blk_cand[0], blk_cand[1], cand_off, cand_n, fill, cand_key, st.cnt, flags, S,
+        st.tick[1], plan.seg_first, plan.seg_nblk, st.rank, plan.active, fill,
+        SAMPLED=False, INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK, FUSE=False,
+        SCAN=FUSED_SCAN_TILE, WIDE_MISSES=False, **common,
     )
-    return prefix, rank, thresholds, cnt, (cand_n, c_seg, c_start, len(cc_seg), cand_off,
-                                           cand_key, blk_cand, None, None)
+    st.cand_n, st.c_seg, st.c_start, st.c_chunks, st.c_nchk = (
+        cand_n, c_seg, c_start, len(cc_seg), c_nchk)
+    st.cand_off, st.cand_key, st.blk_cand = cand_off, cand_key, blk_cand
+    return st
 
 
-def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common):
+def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, fuse) -> _State:
     """Sampled path: first-digit histogram of a sample of each layer, digit ranges that hold
     the boundaries with high probability, then one full read (gather) that collects the
     candidates, the counts and the NaN flags, and the first candidate digit. No
     device->host sync: a layer whose boundary fell outside its range (or, on the relative
     first-digit path, whose range is too wide) is marked missed on the device and skipped
     by the tail; :func:`_sampled_outcome` reads the flags once the write pass is queued.
-    Returns the state of :func:`_boundaries_full`, its candidate part extended by the flags
-    (``[NaN, missed, wide]`` per layer and the call's NaN flag) and the tail's layer sizes."""
+    The state's ``flags``: ``[NaN, missed, wide]`` per layer and the call's NaN flag;
+    ``tail_n``: the tail's layer sizes."""
     device = plan.seg_n.device
     g_ptrs, e_ptrs = ptrs[0], ptrs[1]
     shift = key_bits - FIRST_DIGIT_BITS
     nb1 = 1 << FIRST_DIGIT_BITS
-    prefix, rank, thresholds, cnt = _new_state(plan, S, device)
     i64 = dict(dtype=torch.int64, device=device)
     rel = REL_FIRST_DIGIT
     nbins = REL_BINS if rel else nb1
-    # one zeroed workspace: sample histograms, refine histograms | flags, slot fills
-    ws32 = torch.zeros(S * nb1 + 2 * S * nbins, dtype=torch.int32, device=device)
+    # zeroed workspaces: tickets, sample histograms, refine histograms | flags, slot
+    # fills, tail sizes
+    st, ws32 = _new_state(plan, S, device, S * nb1 + 2 * S * nbins)
     hist, h = ws32[:S * nb1].view(S, nb1), ws32[S * nb1:].view(2 * S, nbins)
-    ws64 = torch.zeros(4 * S + 1, **i64)
-    flags, fill = ws64[:3 * S + 1], ws64[3 * S + 1:]
-    _sample_kernel[(S, SAMPLE_SPLIT)](
-        g_ptrs, e_ptrs, plan.seg_n, hist, SHIFT=shift, NBINS=nb1, SAMPLE_=SAMPLE,
-        SPLIT=SAMPLE_SPLIT, TILE_=TILE, **common,
-    )
+    ws64 = torch.zeros(5 * S + 1, **i64)
+    flags, fill, tail_n = ws64[:3 * S + 1], ws64[3 * S + 1:4 * S + 1], ws64[4 * S + 1:]
     ranges = torch.empty((2, 2 * S), **i64)
-    _range_kernel[(S,)](
-        hist, plan.seg_n, rank, plan.active, ranges[0], ranges[1], flags[2 * S:],
-        NBINS=nb1, SAMPLE_=SAMPLE, SIGMAS=SAMPLE_SIGMAS, SLACK=SAMPLE_SLACK, REL=REL_BINS,
+    range_args = (plan.rank0, st.rank, plan.active, ranges[0], ranges[1], flags[2 * S:])
+    range_consts = dict(SIGMAS=SAMPLE_SIGMAS, SLACK=SAMPLE_SLACK, REL=REL_BINS)
+    _sample_kernel[(S, SAMPLE_SPLIT)](
+        g_ptrs, e_ptrs, plan.seg_n, hist, st.tick[0], *range_args, SHIFT=shift, NBINS=nb1,
+        SAMPLE_=SAMPLE, SPLIT=SAMPLE_SPLIT, TILE_=TILE, FUSE=fuse, **range_consts, **common,
     )
+    if not fuse:
+        _range_kernel[(S,)](hist, plan.seg_n, *range_args, NBINS=nb1, SAMPLE_=SAMPLE,
+                            **range_consts)
     cand_key = torch.empty(max(plan.n_cap, 1), dtype=torch.int64 if key_bits > 31 else torch.int32,
                            device=device)
     blk_cand = torch.empty((2, plan.n_blocks), **i64)
     totals = torch.empty((3, plan.n_blocks), dtype=torch.int32, device=device)
+    validate = (plan.seg_first, plan.seg_nblk, st.rank, plan.active, tail_n)
     _gather_kernel[(plan.n_blocks,)](
-        g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, ranges[0], ranges[1], cnt,
+        g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, ranges[0], ranges[1], st.cnt,
         blk_cand[0], blk_cand[1], plan.cap_off, plan.cap, fill, cand_key, totals, flags, S,
-        SAMPLED=True, INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK, **common,
+        st.tick[1], *validate, SAMPLED=True, INF_KEY=_INF_KEY[dtype], SHIFT=shift,
+        BLOCK_=BLOCK, FUSE=fuse, SCAN=FUSED_SCAN_TILE, WIDE_MISSES=rel, **common,
     )
-    tail_n = torch.empty(S, **i64)
-    _validate_kernel[(S,)](
-        totals, cnt, plan.n_blocks, plan.seg_first, plan.seg_nblk, ranges[0], rank,
-        plan.active, plan.cap, fill, flags, S, plan.seg_n, tail_n, SCAN=SCAN_TILE,
-        WIDE_MISSES=rel, num_warps=SCAN_WARPS,
-    )
+    if not fuse:
+        _validate_kernel[(S,)](
+            totals, st.cnt, plan.n_blocks, plan.seg_first, plan.seg_nblk, ranges[0], st.rank,
+            plan.active, plan.cap, fill, flags, S, plan.seg_n, tail_n, SCAN=SCAN_TILE,
+            WIDE_MISSES=rel, num_warps=SCAN_WARPS,
+        )
     # First digit of the candidates, inside each boundary's range: relative to the range
     # start in REL_BINS bins (ranges wider than that were marked missed), or over all
     # first digits when REL_FIRST_DIGIT is off.
+    if rel:
+        st.prefix = ranges[0]  # the locate adds each relative digit to its range start
+    width = REL_BINS.bit_length() - 1 if rel else FIRST_DIGIT_BITS
+    locate = (st.prefix, st.rank, plan.active, st.rank, *st.thresholds, S)
     if plan.n_cap_chunks:
         _refine_kernel[(plan.n_cap_chunks,)](
             g_ptrs, e_ptrs, fill, plan.cap_seg, plan.cap_start, plan.cap_off, cand_key,
-            ranges[0], ranges[1], h, FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift,
-            DMASK=nb1 - 1, NBINS=nbins, TILE_=TILE, CHUNK_=CAND_CHUNK, **common,
+            ranges[0], ranges[1], h, st.tick[2], plan.cap_nchk, 0, *locate,
+            FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift, DMASK=nb1 - 1, NBINS=nbins,
+            TILE_=TILE, CHUNK_=CAND_CHUNK, FUSE=fuse, WIDTH=width, APPEND=False, FINAL=False,
+            **common,
         )
-    if rel:
-        prefix = ranges[0]  # the locate below adds each relative digit to its range start
-    _locate_kernel[(S,)](
-        h, prefix, rank, plan.active, flags, *thresholds, S, NBINS=nbins,
-        WIDTH=REL_BINS.bit_length() - 1 if rel else FIRST_DIGIT_BITS, SHARED=False,
-        APPEND=False, REL=rel, FINAL=False,
-    )
-    return prefix, rank, thresholds, cnt, (fill, plan.cap_seg, plan.cap_start,
-                                           plan.n_cap_chunks, plan.cap_off, cand_key, blk_cand,
-                                           flags, tail_n)
+    if not fuse:
+        _locate_kernel[(S,)](
+            h, st.prefix, st.rank, *locate[1:], NBINS=nbins, WIDTH=width, SHARED=False,
+            APPEND=False, REL=rel, FINAL=False,
+        )
+    st.refine_levels = 1
+    st.cand_n, st.c_seg, st.c_start, st.c_chunks, st.c_nchk = (
+        fill, plan.cap_seg, plan.cap_start, plan.n_cap_chunks, plan.cap_nchk)
+    st.cand_off, st.cand_key, st.blk_cand = plan.cap_off, cand_key, blk_cand
+    st.flags, st.tail_n = flags, tail_n
+    return st
 
 
 def _record_sampled(missed: List[int]) -> None:
