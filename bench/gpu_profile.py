@@ -13,7 +13,8 @@ error feedback on, top=0.05, keep=0.20):
    name, plus the host-side wall time of the call: which phase to work on next;
 3. a sweep of the module constants of :mod:`dgp_kernels.kernels.triton.select`
    (``--knobs``: ``BLOCK``, ``NUM_WARPS``, ``SCAN_WARPS``, ``SCAN_TILE``, ``CAND_CHUNK``,
-   ``SAMPLE_SPLIT``, ``FUSE_TAILS``, ``USE_CUDA_GRAPHS``, ...; one knob at a time, or
+   ``SAMPLE_SPLIT``, ``FUSE_TAILS``, ``USE_CUDA_GRAPHS``, ``WRITE_MAXNREG``, ...; one knob
+   at a time, or
    several together as ``A:B=a1:b1,a2:b2``): per setting the CUDA-event median of a call
    and the device time of its kernels (``torch.profiler``; a host-bound call hides kernel
    gains in the event time), each checked bit for bit against the default configuration's
@@ -37,7 +38,11 @@ TOP, KEEP = 0.05, 0.20
 DEFAULT_KNOBS = ("FUSE_TAILS=0,1;USE_CUDA_GRAPHS=0,1;FUSE_TAILS:USE_CUDA_GRAPHS=1:1;"
                  "BLOCK:NUM_WARPS=1024:4,1024:8,2048:4,2048:8,2048:16;"
                  "SCAN_WARPS=4,8,16;SCAN_TILE=1024,4096;FUSED_SCAN_TILE=256,512,1024;"
-                 "CAND_CHUNK=4096,8192,32768;SAMPLE_SPLIT=4,8,32")
+                 "CAND_CHUNK=4096,8192,32768;SAMPLE_SPLIT=4,8,32;"
+                 "WRITE_MAXNREG=64,72,80,96;GATHER_MAXNREG=56,64;"
+                 "PERSISTENT:PIPELINE_STAGES=1:2,1:3,2:2,2:3,4:2;"
+                 "PERSISTENT:WRITE_MAXNREG:GATHER_MAXNREG=2:128:128,3:80:80;"
+                 "PERSISTENT:BLOCK=2:1024,4:1024;FUSE_TAILS:PERSISTENT:USE_CUDA_GRAPHS=1:2:1")
 
 
 def _parse_knobs(text: str):

@@ -339,7 +339,9 @@ def test_register_without_triton_registers_nothing(monkeypatch):
 
 
 @pytest.fixture(params=[f"{p}{f}" for f in ("", "+fused") for p in (
-    "candidates", "data", "sampled", "sampled_tight", "sampled_wide")])
+    "candidates", "data", "sampled", "sampled_tight", "sampled_wide")] + [
+    f"{p}+persistent" for p in ("candidates", "data", "sampled", "sampled_tight")] + [
+    "sampled+fused+persistent"])
 def forced_path(request, monkeypatch):
     """Force how phases 1-2 find the boundaries: exact histogram + candidate buffer, exact
     histogram + refinement over the data, or the sampled path (small samples, so layers of
@@ -348,10 +350,14 @@ def forced_path(request, monkeypatch):
     range as too wide for the relative first-digit histogram, so the 2^11-bin one runs). Returns the path and a list that
     records, per call of the sampled path, whether the sample held the boundaries of every
     layer. ``+fused``: the same with FUSE_TAILS (each per-layer step in the last program of
-    the launch before it)."""
+    the launch before it); ``+persistent``: gather and write passes of 3 programs that loop
+    over blocks of 512 (PERSISTENT)."""
     outcomes = []
-    path, _, fused = request.param.partition("+")
-    monkeypatch.setattr(ts, "FUSE_TAILS", bool(fused))
+    path, *options = request.param.split("+")
+    monkeypatch.setattr(ts, "FUSE_TAILS", "fused" in options)
+    if "persistent" in options:
+        monkeypatch.setattr(ts, "PERSISTENT", 3)
+        monkeypatch.setattr(ts, "BLOCK", 512)
     if path.startswith("sampled"):
         monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
         monkeypatch.setattr(ts, "SAMPLED_DTYPES", tuple(DTYPES))  # float64 too, for coverage
@@ -552,6 +558,8 @@ def test_cuda_graph_replays_match_reference(dtype, fused, monkeypatch):
     # fused tails whose per-layer scans step through several tiles
     dict(FUSE_TAILS=True, BLOCK=512, FUSED_SCAN_TILE=16, CAND_CHUNK=2048),
     dict(FUSE_TAILS=False, BLOCK=512, SCAN_TILE=16),
+    dict(PERSISTENT=2, BLOCK=512, PIPELINE_STAGES=2),
+    dict(PERSISTENT=5, FUSE_TAILS=True, BLOCK=1024),
 ], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_launch_constants_do_not_change_bits(device, knobs, monkeypatch):
     """The tuning constants bench/gpu_profile.py sweeps change how work is split, never the
@@ -570,3 +578,47 @@ def test_launch_constants_do_not_change_bits(device, knobs, monkeypatch):
     assert_same(ts.select_multi_triton(gs, 0.1, 0.3),
                 reference.select_multi([g.cpu() for g in gs], 0.1, 0.3))
     ts._PLANS.clear()
+
+
+class _CountLaunches:
+    """Stands in for a Triton kernel in ``ts``: counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(self.kernel.fn.__name__)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused,persistent,expected", [
+    (False, 0, ["_sample_kernel", "_range_kernel", "_gather_kernel", "_validate_kernel"]
+     + ["_refine_kernel", "_locate_kernel"] * 5
+     + ["_cand_count_kernel", "_scan_kernel", "_write_kernel"]),
+    (True, 0, ["_sample_kernel", "_gather_kernel"] + ["_refine_kernel"] * 5
+     + ["_cand_count_kernel", "_write_kernel"]),
+    (True, 2, ["_sample_kernel", "_gather_kernel", "_validate_kernel"] + ["_refine_kernel"] * 5
+     + ["_cand_count_kernel", "_write_kernel"]),
+], ids=["", "fused", "fused+persistent"])
+def test_launches_of_a_sampled_call(device, fused, persistent, expected, monkeypatch):
+    """The launch sequence of one sampled float32 call with error feedback: 17 launches,
+    9 with fused tails (each per-layer step in the last program of the launch before it),
+    10 when the gather pass is also persistent (its validation stays a launch), and the
+    same bits every way."""
+    monkeypatch.setattr(ts, "FUSE_TAILS", fused)
+    monkeypatch.setattr(ts, "PERSISTENT", persistent)
+    monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
+    log = []
+    for name in dir(ts):
+        if name.endswith("_kernel") and name.startswith("_"):
+            monkeypatch.setattr(ts, name, _CountLaunches(getattr(ts, name), log))
+    gs = [_randn(n, 500 + n).to(torch.float32).to(device) for n in (6000, 0, 900)]
+    es = [_residual_like(g, 501) for g in gs]
+    es_ref = [e.cpu().clone() for e in es]
+    assert_same(ts.select_ef_multi_triton(gs, es, 0.05, 0.2),
+                reference.select_ef_multi([g.cpu() for g in gs], es_ref, 0.05, 0.2))
+    assert_same(es, es_ref)
+    assert log == expected

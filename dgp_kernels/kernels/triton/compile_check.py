@@ -32,6 +32,7 @@ def _variants(ts, torch):
     out = []
     fusions = (False, True)  # FUSE_TAILS off / on
     thr = dict(t_hi=i64, t_lo=i64, skip_hi=i64, end_hi=i64, take_lo=i64, S="i32")
+    blocks = dict(num_blocks="i32", full_ids=i64, n_full="i32", part_ids=i64, n_part="i32")
     scan_sig = dict(tick="*i32", seg_first=i64, seg_nblk=i64, offsets=i64, skip_hi=i64,
                     end_hi=i64, take_lo=i64, blk_ord_hi=i64, blk_ord_lo=i64, blk_out=i64)
     for dname, (vt, kt) in _DTYPES.items():
@@ -49,19 +50,22 @@ def _variants(ts, torch):
                     active=i64, **thr), dict(c, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
                     NBINS=1 << ts.FIRST_DIGIT_BITS, TILE_=ts.TILE, CHUNK_=ts.CHUNK, FUSE=fuse,
                     WIDTH=ts.FIRST_DIGIT_BITS), f"hist {tag} fuse={int(fuse)}"))
-            for sampled, cc, fuse in ((False, c, False), (True, c, False), (True, unaligned, False),
-                                      (True, c, True)):
+            for sampled, cc, fuse, persist in (
+                    (False, c, False, False), (True, c, False, False),
+                    (True, unaligned, False, False), (True, c, True, False),
+                    (False, c, False, True), (True, c, False, True)):
                 out.append((ts._gather_kernel, dict(
                     g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64,
                     range_a=i64, range_b=i64, cnt="*i32", blk_cstart=i64, blk_ccount=i64,
                     cand_off=i64, cand_cap=i64, cand_fill=i64, cand_key="*" + kt,
                     totals="*i32", flags=i64, S="i32", tick="*i32", seg_first=i64,
-                    seg_nblk=i64, rank=i64, active=i64, tail_n=i64),
+                    seg_nblk=i64, rank=i64, active=i64, tail_n=i64, **blocks),
                     dict(cc, SAMPLED=sampled, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
                          BLOCK_=ts.BLOCK, FUSE=fuse, SCAN=ts.FUSED_SCAN_TILE,
-                         WIDE_MISSES=ts.REL_FIRST_DIGIT),
+                         WIDE_MISSES=ts.REL_FIRST_DIGIT, PERSIST=persist,
+                         STAGES=ts.PIPELINE_STAGES if persist else 1),
                     f"gather {tag} sampled={int(sampled)} aligned={int(cc['ALIGNED'])} "
-                    f"fuse={int(fuse)}"))
+                    f"fuse={int(fuse)} persist={int(persist)}"))
             for fuse in fusions:
                 out.append((ts._sample_kernel, dict(
                     g_ptrs=i64, e_ptrs=i64, seg_n=i64, hist="*i32", tick="*i32", rank0=i64,
@@ -100,17 +104,21 @@ def _variants(ts, torch):
                     t_lo=i64, counts="*i32", num_blocks="i32", **scan_sig),
                     dict(c, BLOCK_=ts.BLOCK, FUSE=fuse, SCAN=ts.FUSED_SCAN_TILE),
                     f"count {tag} fuse={int(fuse)}"))
-            modes = [(True, has_e, False, c), (True, has_e, False, unaligned)]
-            modes += [] if has_e else [(False, False, True, c)]
-            for sparse, write_e, write_dense, cc in modes:
+            modes = [(True, has_e, False, c, False), (True, has_e, False, unaligned, False),
+                     (True, has_e, False, c, True)]
+            modes += [] if has_e else [(False, False, True, c, False), (False, False, True, c, True)]
+            for sparse, write_e, write_dense, cc, persist in modes:
                 out.append((ts._write_kernel, dict(
                     g_ptrs=i64, e_ptrs=i64, d_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64,
                     t_hi=i64, t_lo=i64, skip_hi=i64, end_hi=i64, take_lo=i64, blk_ord_hi=i64,
                     blk_ord_lo=i64, blk_out=i64, o_ptrs=i64,
-                    cnt="*i32", num_blocks="i32", stop=i64),
+                    cnt="*i32", num_blocks="i32", stop=i64, full_ids=i64, n_full="i32",
+                    part_ids=i64, n_part="i32"),
                     dict(cc, WRITE_SPARSE=sparse, WRITE_E=write_e, WRITE_DENSE=write_dense,
-                         BLOCK_=ts.BLOCK),
-                    f"write {tag} sparse={int(sparse)} aligned={int(cc['ALIGNED'])}"))
+                         BLOCK_=ts.BLOCK, PERSIST=persist,
+                         STAGES=ts.PIPELINE_STAGES if persist else 1),
+                    f"write {tag} sparse={int(sparse)} aligned={int(cc['ALIGNED'])} "
+                    f"persist={int(persist)}"))
             if has_e:  # the dtype-independent kernels, once per key width
                 for fuse in fusions:
                     out.append((ts._cand_count_kernel, dict(

@@ -100,6 +100,20 @@ SAMPLE_SPLIT = 8
 FUSE_TAILS = os.environ.get("DGP_TRITON_FUSE", "0") == "1"
 # Warps per program of the data passes (gather, count, write, histograms). Not tuned yet.
 NUM_WARPS = 8
+# Register caps (ptxas ``.maxnreg``) of the gather and write passes; 0: the compiler's
+# choice. Both passes are issue-bound at low occupancy on an H200 (ncu: write 102 registers,
+# 24% occupancy; gather 77, 36%); for sm_90 ptxas fits the write pass in 80 registers
+# with 16 bytes of spills (3 programs of 8 warps per SM instead of 2), in 64 with 40.
+# Swept by bench/gpu_profile.py; not measured yet.
+GATHER_MAXNREG = 0
+WRITE_MAXNREG = 0
+# Persistent data passes (gather, write): PERSISTENT programs per SM (in the interpreter:
+# programs) loop over the blocks, the full ones with PIPELINE_STAGES-deep software
+# pipelining of their loads (cp.async into shared memory), so that the loads of the next
+# blocks are in flight while a block's reductions and scans run; 0: one program per block.
+# Off until measured on a GPU (bench/gpu_profile.py sweeps it).
+PERSISTENT = 0
+PIPELINE_STAGES = 3
 FIRST_DIGIT_BITS = 11  # DESIGN.md §4: the first 11-bit digit covers the float exponent
 # Candidate path while the boundary buckets hold at most max(CAND_MIN, n / CAND_FRACTION)
 # entries in all: randn data puts ~3% and ~6% of n in the buckets of ranks 5% and 25%
@@ -335,10 +349,12 @@ def _gather_kernel(
     g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a, range_b, cnt, blk_cstart, blk_ccount,
     cand_off, cand_cap, cand_fill, cand_key, totals, flags, S,
     tick, seg_first, seg_nblk, rank, active, tail_n,
+    num_blocks, full_ids, n_full, part_ids, n_part,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     SAMPLED: tl.constexpr,
     INF_KEY: tl.constexpr, SHIFT: tl.constexpr, BLOCK_: tl.constexpr,
     FUSE: tl.constexpr, SCAN: tl.constexpr, WIDE_MISSES: tl.constexpr,
+    PERSIST: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Phase 2: per block, count the keys whose first digit lies strictly between the lower
     and the upper boundary's digit range (all kept) into ``cnt[0]``, and append the keys
@@ -352,14 +368,59 @@ def _gather_kernel(
     and stores per-block counts (``totals[0..2]``: above the upper range, in it, in the
     lower range only; strictly between is ``cnt[0]``) that ``_validate_kernel`` sums and
     checks against the ranks; candidates beyond a slot's capacity are dropped (the call
-    then falls back). ``FUSE`` (sampled): the layer's last program then runs
-    :func:`_validate_layer` (else ``_validate_kernel`` does)."""
-    pid = tl.program_id(0)
+    then falls back). ``FUSE`` (sampled): the block that completes a layer then runs
+    :func:`_validate_layer` (else ``_validate_kernel`` does).
+
+    One program per block, or, ``PERSIST``, a grid of a few programs per SM that loop over
+    the full blocks (``full_ids``) with ``STAGES``-deep software pipelining of the loads
+    (cp.async on sm_80+), then over the partial ones (``part_ids``, masked)."""
+    if PERSIST:
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        for t in tl.range(pid, n_full, nprog, num_stages=STAGES):
+            _gather_block(
+                tl.load(full_ids + t), 1, g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a,
+                range_b, cnt, blk_cstart, blk_ccount, cand_off, cand_cap, cand_fill, cand_key,
+                totals, flags, S, tick, seg_first, seg_nblk, rank, active, tail_n, num_blocks,
+                DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, SCAN,
+                WIDE_MISSES)
+        for t in range(pid, n_part, nprog):
+            _gather_block(
+                tl.load(part_ids + t), 2, g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a,
+                range_b, cnt, blk_cstart, blk_ccount, cand_off, cand_cap, cand_fill, cand_key,
+                totals, flags, S, tick, seg_first, seg_nblk, rank, active, tail_n, num_blocks,
+                DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, SCAN,
+                WIDE_MISSES)
+    else:
+        _gather_block(
+            tl.program_id(0), 0, g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a,
+            range_b, cnt, blk_cstart, blk_ccount, cand_off, cand_cap, cand_fill, cand_key,
+            totals, flags, S, tick, seg_first, seg_nblk, rank, active, tail_n, num_blocks,
+            DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, SCAN,
+            WIDE_MISSES)
+
+
+@triton.jit
+def _gather_block(
+    pid, FULL: tl.constexpr,
+    g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a, range_b, cnt, blk_cstart, blk_ccount,
+    cand_off, cand_cap, cand_fill, cand_key, totals, flags, S,
+    tick, seg_first, seg_nblk, rank, active, tail_n, num_blocks,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
+    SAMPLED: tl.constexpr,
+    INF_KEY: tl.constexpr, SHIFT: tl.constexpr, BLOCK_: tl.constexpr,
+    FUSE: tl.constexpr, SCAN: tl.constexpr, WIDE_MISSES: tl.constexpr,
+):
+    """Block ``pid`` of :func:`_gather_kernel`. ``FULL``: 1 the block lies inside its layer
+    (unmasked, vectorised loads), 2 it may not (masked), 0 decide at run time."""
     seg = tl.load(blk_seg + pid)
     offs, m, n, start = _block_offsets(blk_start, seg_n, pid, seg, BLOCK_)
     g_base = _base(g_ptrs, seg, DT, ALIGNED)
     e_base = _base(e_ptrs, seg, DT, ALIGNED)
-    key = _key(_block_v(g_base, e_base, offs, m, start + BLOCK_ <= n, KIND, HAS_E), KIND)
+    if FULL == 0:
+        v = _block_v(g_base, e_base, offs, m, start + BLOCK_ <= n, KIND, HAS_E)
+    else:
+        v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, FULL == 2)
+    key = _key(v, KIND)
     dig = (key >> SHIFT).to(tl.int32)  # 11-bit digits: int32 compares
     ha = tl.load(range_a + 2 * seg).to(tl.int32)  # -1 for an empty band: matches nothing
     hb = tl.load(range_b + 2 * seg).to(tl.int32)
@@ -387,10 +448,9 @@ def _gather_kernel(
             tl.atomic_max(flags + seg, 1, sem="relaxed")
             tl.atomic_max(flags + 3 * S, 1, sem="relaxed")  # the call holds a NaN: no writes
         # per-block stores, summed per layer by _validate_kernel (no same-address atomics)
-        nb = tl.num_programs(0)
         tl.store(totals + pid, pb >> 12)
-        tl.store(totals + nb + pid, n_in_h)
-        tl.store(totals + 2 * nb + pid, n_in_l)
+        tl.store(totals + num_blocks + pid, n_in_h)
+        tl.store(totals + 2 * num_blocks + pid, n_in_l)
     if nc > 0:
         rel = tl.atomic_add(cand_fill + seg, nc, sem="relaxed")
         base = tl.load(cand_off + seg) + rel
@@ -400,7 +460,7 @@ def _gather_kernel(
         tl.store((cand_key + base) + cs, key, mask=(c != 0) & (cs < room))
     if FUSE and SAMPLED:
         if _last_program(tick, seg, tl.load(seg_nblk + seg) - 1):
-            _validate_layer(seg, totals, cnt, tl.num_programs(0), seg_first, seg_nblk, range_a,
+            _validate_layer(seg, totals, cnt, num_blocks, seg_first, seg_nblk, range_a,
                             rank, active, cand_cap, cand_fill, flags, S, seg_n, tail_n, SCAN,
                             WIDE_MISSES)
 
@@ -818,23 +878,69 @@ def _scan_kernel(
 def _write_kernel(
     g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
     t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
+    o_ptrs, cnt, num_blocks, stop, full_ids, n_full, part_ids, n_part,
+    DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
+    WRITE_SPARSE: tl.constexpr, WRITE_E: tl.constexpr, WRITE_DENSE: tl.constexpr,
+    BLOCK_: tl.constexpr, PERSIST: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Phase 3b: ordered compaction of each block with the tie rule at both thresholds.
+    Writes nothing at all when ``stop[0]`` is set (the sampled path found a NaN in the call:
+    the launcher raises after the pass, and no residual or input may have changed).
+    One program per block, or, ``PERSIST``, a few programs per SM looping over the full
+    blocks with pipelined loads, then over the partial ones (as :func:`_gather_kernel`)."""
+    if PERSIST:
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        for t in tl.range(pid, n_full, nprog, num_stages=STAGES):
+            _write_block(
+                tl.load(full_ids + t), 1, g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
+                t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
+                o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED, WRITE_SPARSE,
+                WRITE_E, WRITE_DENSE, BLOCK_)
+        for t in range(pid, n_part, nprog):
+            _write_block(
+                tl.load(part_ids + t), 2, g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
+                t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
+                o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED, WRITE_SPARSE,
+                WRITE_E, WRITE_DENSE, BLOCK_)
+    else:
+        _write_block(
+            tl.program_id(0), 0, g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
+            t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
+            o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED, WRITE_SPARSE,
+            WRITE_E, WRITE_DENSE, BLOCK_)
+
+
+@triton.jit
+def _write_block(
+    pid, FULL: tl.constexpr,
+    g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
+    t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
     o_ptrs, cnt, num_blocks, stop,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     WRITE_SPARSE: tl.constexpr, WRITE_E: tl.constexpr, WRITE_DENSE: tl.constexpr,
     BLOCK_: tl.constexpr,
 ):
-    """Phase 3b: ordered compaction of one block with the tie rule at both thresholds.
-    Writes nothing at all when ``stop[0]`` is set (the sampled path found a NaN in the call:
-    the launcher raises after the pass, and no residual or input may have changed)."""
-    pid = tl.program_id(0)
+    """Block ``pid`` of :func:`_write_kernel`. ``FULL``: 0 decide at run time whether the
+    block lies inside its layer; 2 masked; 1 it does in the plan, so the loads are
+    unmasked (vectorised, pipelined) and only the stores carry one block-wide flag: the
+    tail's size may be 0 (a layer the sample missed) or the call may ``stop``."""
     seg = tl.load(blk_seg + pid)
     offs, m, n, start = _block_offsets(blk_start, seg_n, pid, seg, BLOCK_)
     n = tl.where(tl.load(stop) != 0, 0, n)  # a NaN in the call: write nothing
-    m = offs < n
-    full = start + BLOCK_ <= n
     g_base = _base(g_ptrs, seg, DT, ALIGNED)
     e_base = _base(e_ptrs, seg, DT, ALIGNED)
-    v = _block_v(g_base, e_base, offs, m, full, KIND, HAS_E)
+    if FULL == 1:
+        # uniform over the block, so the stores under it stay vectorised
+        m = tl.full([BLOCK_], 1, tl.int1) & (start + BLOCK_ <= n)
+        v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, False)
+        full = False  # store under the uniform mask
+    else:
+        m = offs < n
+        full = start + BLOCK_ <= n
+        if FULL == 0:
+            v = _block_v(g_base, e_base, offs, m, full, KIND, HAS_E)
+        else:
+            v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, True)
     key = _key(v, KIND)
     th, tlo = _key_thresholds(t_hi, t_lo, seg, KIND != 1)
     kept = m & (key > tlo) & (key < th)
@@ -931,7 +1037,11 @@ class _Plan:
     cap_seg: Tensor  # sampled path: chunk table over the slots
     cap_start: Tensor
     cap_nchk: Tensor  # [S] sampled path: slot chunks of each layer
+    full_ids: Tensor  # blocks that lie inside their layer (persistent passes)
+    part_ids: Tensor  # the others (the last block of a layer whose size BLOCK does not divide)
     zero: Tensor  # [1] a zero flag (the write pass's ``stop`` on the exact path)
+    n_full: int = 0
+    n_part: int = 0
     key: tuple = ()  # the cache key (shapes, fractions, device, tuning constants)
 
 
@@ -966,11 +1076,14 @@ def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) ->
     for c in caps:
         cap_off.append(cap_off[-1] + c)
     p_seg, p_start, _, p_count = _block_table(caps, CAND_CHUNK)
+    full_ids = [i for i, (s, b) in enumerate(zip(b_seg, b_start)) if b + BLOCK <= ns[s]]
+    part_ids = [i for i, (s, b) in enumerate(zip(b_seg, b_start)) if b + BLOCK > ns[s]]
     tensors = _to_device(
         [ns, c_seg, c_start, c_count, b_seg, b_start, b_first, b_count, rows, out_off,
-         [int(kk > 0) for _, kk in counts], caps, cap_off, p_seg, p_start, p_count, [0]], device)
+         [int(kk > 0) for _, kk in counts], caps, cap_off, p_seg, p_start, p_count,
+         full_ids, part_ids, [0]], device)
     plan = _Plan(counts, out_off, out_off[-1], len(c_seg), len(b_seg), len(p_seg), cap_off[-1],
-                 sum(ns), *tensors, key=key)
+                 sum(ns), *tensors, n_full=len(full_ids), n_part=len(part_ids), key=key)
     _PLANS[key] = plan
     if len(_PLANS) > _PLAN_CACHE_SIZE:
         _PLANS.popitem(last=False)
@@ -1052,6 +1165,31 @@ def band_multi_triton(
                 out_val[a:b] = sub[1][sub_off:sub_off + b - a]
                 sub_off += b - a
     return (out_idx, out_val, offsets) if want_sparse else None
+
+
+_SM_COUNT: dict = {}
+
+
+def _persistent(plan: _Plan):
+    """Grid, block-list arguments and constexprs of a gather/write launch: one program per
+    block, or (``PERSISTENT``) ``PERSISTENT`` programs per SM over the full/partial lists."""
+    ids = (plan.full_ids, plan.n_full, plan.part_ids, plan.n_part)
+    if not PERSISTENT:
+        return (plan.n_blocks,), ids, dict(PERSIST=False, STAGES=1)
+    device = plan.seg_n.device
+    if device.type == "cuda":
+        if device not in _SM_COUNT:
+            _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = PERSISTENT * _SM_COUNT[device]
+    else:  # the interpreter: a few programs, so that each loops over several blocks
+        programs = PERSISTENT
+    return ((max(1, min(plan.n_blocks, programs)),), ids,
+            dict(PERSIST=True, STAGES=PIPELINE_STAGES))
+
+
+def _maxnreg(n: int, device: torch.device) -> dict:
+    """The launch option that caps a kernel's registers (none in the interpreter)."""
+    return {"maxnreg": int(n)} if n and device.type == "cuda" else {}
 
 
 @dataclass(frozen=True)
@@ -1155,10 +1293,12 @@ def _launch(plan: _Plan, ptrs: Tensor, S: int, cfg: _Mode, sampled: bool, nan_me
         )
 
     # Phase 3b: ordered compaction + residual / dense writes.
-    _write_kernel[(n_blocks,)](
+    persist = _persistent(plan)
+    _write_kernel[persist[0]](
         g_ptrs, e_ptrs, d_ptrs, seg_n, plan.blk_seg, plan.blk_start,
         *thresholds, st.blk_ord[0], st.blk_ord[1], st.blk_ord[2], o_ptrs, st.cnt, n_blocks, stop,
-        WRITE_SPARSE=cfg.sparse, WRITE_E=has_e, WRITE_DENSE=cfg.dense, BLOCK_=BLOCK, **common,
+        *persist[1], WRITE_SPARSE=cfg.sparse, WRITE_E=has_e, WRITE_DENSE=cfg.dense,
+        BLOCK_=BLOCK, **persist[2], **common, **_maxnreg(WRITE_MAXNREG, g_ptrs.device),
     )
     return st.flags
 
@@ -1301,12 +1441,14 @@ def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candid
                            device=device)
     blk_cand = torch.empty((2, plan.n_blocks), dtype=torch.int64, device=device)
     fill = torch.zeros(S, dtype=torch.int64, device=device)
-    _gather_kernel[(plan.n_blocks,)](
+    persist = _persistent(plan)
+    _gather_kernel[persist[0]](
         g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, st.prefix, st.prefix, st.cnt,
         blk_cand[0], blk_cand[1], cand_off, cand_n, fill, cand_key, st.cnt, flags, S,
-        st.tick[1], plan.seg_first, plan.seg_nblk, st.rank, plan.active, fill,
-        SAMPLED=False, INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK, FUSE=False,
-        SCAN=FUSED_SCAN_TILE, WIDE_MISSES=False, **common,
+        st.tick[1], plan.seg_first, plan.seg_nblk, st.rank, plan.active, fill, plan.n_blocks,
+        *persist[1], SAMPLED=False, INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK,
+        FUSE=False, SCAN=FUSED_SCAN_TILE, WIDE_MISSES=False, **persist[2], **common,
+        **_maxnreg(GATHER_MAXNREG, device),
     )
     st.cand_n, st.c_seg, st.c_start, st.c_chunks, st.c_nchk = (
         cand_n, c_seg, c_start, len(cc_seg), c_nchk)
@@ -1351,13 +1493,19 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, fuse) -> _State:
     blk_cand = torch.empty((2, plan.n_blocks), **i64)
     totals = torch.empty((3, plan.n_blocks), dtype=torch.int32, device=device)
     validate = (plan.seg_first, plan.seg_nblk, st.rank, plan.active, tail_n)
-    _gather_kernel[(plan.n_blocks,)](
+    persist = _persistent(plan)
+    # (persistent: the validation stays a launch of its own; inside the block loop its
+    # ticket and branch keep the compiler from pipelining the loads)
+    fuse_validate = fuse and not persist[2]["PERSIST"]
+    _gather_kernel[persist[0]](
         g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, ranges[0], ranges[1], st.cnt,
         blk_cand[0], blk_cand[1], plan.cap_off, plan.cap, fill, cand_key, totals, flags, S,
-        st.tick[1], *validate, SAMPLED=True, INF_KEY=_INF_KEY[dtype], SHIFT=shift,
-        BLOCK_=BLOCK, FUSE=fuse, SCAN=FUSED_SCAN_TILE, WIDE_MISSES=rel, **common,
+        st.tick[1], *validate, plan.n_blocks, *persist[1], SAMPLED=True,
+        INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK, FUSE=fuse_validate,
+        SCAN=FUSED_SCAN_TILE, WIDE_MISSES=rel, **persist[2], **common,
+        **_maxnreg(GATHER_MAXNREG, device),
     )
-    if not fuse:
+    if not fuse_validate:
         _validate_kernel[(S,)](
             totals, st.cnt, plan.n_blocks, plan.seg_first, plan.seg_nblk, ranges[0], st.rank,
             plan.active, plan.cap, fill, flags, S, plan.seg_n, tail_n, SCAN=SCAN_TILE,
