@@ -17,7 +17,9 @@ Methods, each with (``_ef``) and without error feedback, measured in the same pr
 * ``authors``: the DGP authors' operator, two ``torch.topk`` + two ``scatter_`` masks per
   tensor (``dgp_kernels.ops.baselines.authors_dgp``);
 * ``topk``: one ``torch.topk`` of ``k_keep`` per tensor (classic gradient pruning, no EF);
-* ``clone``: ``clone()`` of every tensor, the bandwidth yardstick.
+* ``clone``: ``clone()`` of every tensor, the bandwidth yardstick;
+* ``ours[NAME]`` (``--variant NAME:KNOB=v,...``): ours with launcher constants set, e.g.
+  fused tails or CUDA graphs, timed in the same process as the rest.
 
 Timing: CUDA events around each call on the current stream, after ``--warmup`` untimed calls
 (the first compiles the kernels); residuals are zeroed before each call outside the events.
@@ -109,9 +111,43 @@ def _methods():
     }
 
 
+def _with_knobs(fn: Callable, knobs: Dict[str, str]) -> Callable:
+    """``fn`` run with module constants of the Triton launcher set (e.g. ``FUSE_TAILS=1``,
+    ``USE_CUDA_GRAPHS=1``, ``PERSISTENT=3``), restored after each call."""
+    from dgp_kernels.kernels.triton import select as ts
+
+    for name in knobs:
+        if not hasattr(ts, name):
+            raise SystemExit(f"bench_triton: --variant knob {name!r} is not a constant of "
+                             "dgp_kernels.kernels.triton.select")
+
+    def call(gs, es):
+        old = {name: getattr(ts, name) for name in knobs}
+        for name, value in knobs.items():
+            setattr(ts, name, type(old[name])(int(value)) if not isinstance(old[name], float)
+                    else float(value))
+        try:
+            return fn(gs, es)
+        finally:
+            for name, value in old.items():
+                setattr(ts, name, value)
+
+    return call
+
+
+def parse_variant(text: str) -> Tuple[str, Dict[str, str]]:
+    """``'fused:FUSE_TAILS=1,USE_CUDA_GRAPHS=1'`` -> ``('fused', {...})``."""
+    name, _, spec = text.partition(":")
+    knobs = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+    if not name or not knobs:
+        raise SystemExit(f"bench_triton: --variant {text!r} is not NAME:KNOB=v[,KNOB=v]")
+    return name, knobs
+
+
 def mandatory_bytes(gs: Sequence[torch.Tensor], method: str) -> int:
     from dgp_kernels import band_counts
 
+    method = method.split("[")[0]  # "ours_ef[fused]" moves what "ours_ef" moves
     s = gs[0].element_size()
     n = sum(g.numel() for g in gs)
     if method == "clone":
@@ -227,6 +263,12 @@ def run(args) -> int:
     if args.cpu_smoke:  # exercise the script's logic only
         inputs = {"tensor smoke": [(args.size,)], "layers smoke": [(30, 20), (7,), (0,), (5, 5)]}
     methods = _methods()
+    variants = [parse_variant(v) for v in args.variant or []]
+    for vname, knobs in variants:
+        for base in ("ours_ef", "ours"):
+            fn, uses_ef = methods[base]
+            methods[f"{base}[{vname}]"] = (_with_knobs(fn, knobs), uses_ef)
+        print(f"# variant {vname}: ours with " + ", ".join(f"{k}={v}" for k, v in knobs.items()))
     misses = _count_sample_misses()
     rows = []
     for label, shapes in inputs.items():
@@ -249,7 +291,9 @@ def run(args) -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
         # speed-ups against the authors, per input
-        for ours, theirs in (("ours_ef", "authors_ef"), ("ours", "authors")):
+        pairs = [("ours_ef", "authors_ef"), ("ours", "authors")]
+        pairs += [(f"{o}[{v}]", t) for v, _ in variants for o, t in pairs[:2]]
+        for ours, theirs in pairs:
             if ours in results and theirs in results:
                 rows.append((label, n, f"{theirs}/{ours}", results[theirs] / results[ours],
                              math.nan, math.nan, "x"))
@@ -280,6 +324,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls (the first compiles)")
     p.add_argument("--skip-authors", action="store_true", help="skip the slow two-topk baseline")
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--variant", action="append", metavar="NAME:KNOB=v[,KNOB=v]",
+                   help="also time ours with constants of dgp_kernels.kernels.triton.select "
+                        "set, in the same process (repeatable), e.g. "
+                        "'fused:FUSE_TAILS=1' or 'graphs:USE_CUDA_GRAPHS=1'")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run the script's logic on small CPU tensors (no GPU; not a benchmark)")
     return run(p.parse_args(argv))

@@ -1319,6 +1319,15 @@ class _Graph:
 
 
 _GRAPHS: "OrderedDict[tuple, _Graph]" = OrderedDict()
+# Launch constants a captured graph has baked in (beyond the plan's key and the mode).
+_TUNING = ("NUM_WARPS", "TILE", "CHUNK", "SCAN_TILE", "SCAN_WARPS", "FUSED_SCAN_TILE",
+           "SAMPLE_SPLIT", "PERSISTENT", "PIPELINE_STAGES", "GATHER_MAXNREG", "WRITE_MAXNREG",
+           "REL_FIRST_DIGIT", "REL_BINS", "SAMPLE_SIGMAS", "SAMPLE_SLACK", "CAND_MIN")
+
+
+def _tuning() -> tuple:
+    g = globals()
+    return tuple(g[name] for name in _TUNING)
 _GRAPH_LOCK = threading.Lock()
 _GRAPH_SEEN: "OrderedDict[tuple, bool]" = OrderedDict()
 
@@ -1335,7 +1344,7 @@ def _graph_launch(plan: _Plan, table: List[int], S: int, cfg: _Mode) -> Optional
     includes the stream, so calls on different streams use different graphs."""
     if torch.cuda.is_current_stream_capturing():
         return None
-    key = (plan.key, cfg, torch.cuda.current_stream().cuda_stream)
+    key = (plan.key, cfg, _tuning(), torch.cuda.current_stream().cuda_stream)
     entry = _GRAPHS.get(key)
     host = torch.tensor(table, dtype=torch.int64).pin_memory()
     if entry is None:
