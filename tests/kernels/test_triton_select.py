@@ -351,13 +351,14 @@ def forced_path(request, monkeypatch):
     records, per call of the sampled path, whether the sample held the boundaries of every
     layer. ``+fused``: the same with FUSE_TAILS (each per-layer step in the last program of
     the launch before it); ``+persistent``: gather and write passes of 3 programs that loop
-    over blocks of 512 (PERSISTENT)."""
+    over blocks of 512 (PERSISTENT), superblocks of 4 blocks."""
     outcomes = []
     path, *options = request.param.split("+")
     monkeypatch.setattr(ts, "FUSE_TAILS", "fused" in options)
     if "persistent" in options:
         monkeypatch.setattr(ts, "PERSISTENT", 3)
         monkeypatch.setattr(ts, "BLOCK", 512)
+        monkeypatch.setattr(ts, "SUPER", 4)  # several superblocks per layer
     if path.startswith("sampled"):
         monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
         monkeypatch.setattr(ts, "SAMPLED_DTYPES", tuple(DTYPES))  # float64 too, for coverage
@@ -560,6 +561,9 @@ def test_cuda_graph_replays_match_reference(dtype, fused, monkeypatch):
     dict(FUSE_TAILS=False, BLOCK=512, SCAN_TILE=16),
     dict(PERSISTENT=2, BLOCK=512, PIPELINE_STAGES=2),
     dict(PERSISTENT=5, FUSE_TAILS=True, BLOCK=1024),
+    # superblocks of a few blocks, scanned a few at a time
+    dict(SUPER=2, BLOCK=512, SCAN_TILE=4),
+    dict(SUPER=4, BLOCK=512, FUSE_TAILS=True, FUSED_SCAN_TILE=2),
 ], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_launch_constants_do_not_change_bits(device, knobs, monkeypatch):
     """The tuning constants bench/gpu_profile.py sweeps change how work is split, never the

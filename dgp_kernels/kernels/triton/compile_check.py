@@ -33,8 +33,10 @@ def _variants(ts, torch):
     fusions = (False, True)  # FUSE_TAILS off / on
     thr = dict(t_hi=i64, t_lo=i64, skip_hi=i64, end_hi=i64, take_lo=i64, S="i32")
     blocks = dict(num_blocks="i32", full_ids=i64, n_full="i32", part_ids=i64, n_part="i32")
-    scan_sig = dict(tick="*i32", seg_first=i64, seg_nblk=i64, offsets=i64, skip_hi=i64,
-                    end_hi=i64, take_lo=i64, blk_ord_hi=i64, blk_ord_lo=i64, blk_out=i64)
+    sb_sig = dict(offsets=i64, skip_hi=i64, end_hi=i64, take_lo=i64, sb_ord_hi=i64,
+                  sb_ord_lo=i64, sb_out=i64)
+    scan_sig = dict(tick="*i32", seg_first=i64, seg_nblk=i64, seg_sbf=i64, seg_nsb=i64,
+                    sb_cnt=i64, n_sb="i32", **sb_sig)
     for dname, (vt, kt) in _DTYPES.items():
         dtype = getattr(torch, dname)
         kind, key_bits, widths_cand, widths_data = ts._KINDS[dtype]
@@ -58,10 +60,10 @@ def _variants(ts, torch):
                     g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64,
                     range_a=i64, range_b=i64, cnt="*i32", blk_cstart=i64, blk_ccount=i64,
                     cand_off=i64, cand_cap=i64, cand_fill=i64, cand_key="*" + kt,
-                    totals="*i32", flags=i64, S="i32", tick="*i32", seg_first=i64,
+                    totals=i64, flags=i64, S="i32", tick="*i32", seg_first=i64,
                     seg_nblk=i64, rank=i64, active=i64, tail_n=i64, **blocks),
                     dict(cc, SAMPLED=sampled, INF_KEY=ts._INF_KEY[dtype], SHIFT=shift,
-                         BLOCK_=ts.BLOCK, FUSE=fuse, SCAN=ts.FUSED_SCAN_TILE,
+                         BLOCK_=ts.BLOCK, FUSE=fuse, LANES=ts.VALIDATE_LANES,
                          WIDE_MISSES=ts.REL_FIRST_DIGIT, PERSIST=persist,
                          STAGES=ts.PIPELINE_STAGES if persist else 1),
                     f"gather {tag} sampled={int(sampled)} aligned={int(cc['ALIGNED'])} "
@@ -102,7 +104,7 @@ def _variants(ts, torch):
                 out.append((ts._count_kernel, dict(
                     g_ptrs=i64, e_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64, t_hi=i64,
                     t_lo=i64, counts="*i32", num_blocks="i32", **scan_sig),
-                    dict(c, BLOCK_=ts.BLOCK, FUSE=fuse, SCAN=ts.FUSED_SCAN_TILE),
+                    dict(c, BLOCK_=ts.BLOCK, FUSE=fuse, SCAN=ts.FUSED_SCAN_TILE, SUPER=ts.SUPER),
                     f"count {tag} fuse={int(fuse)}"))
             modes = [(True, has_e, False, c, False), (True, has_e, False, unaligned, False),
                      (True, has_e, False, c, True)]
@@ -110,12 +112,12 @@ def _variants(ts, torch):
             for sparse, write_e, write_dense, cc, persist in modes:
                 out.append((ts._write_kernel, dict(
                     g_ptrs=i64, e_ptrs=i64, d_ptrs=i64, seg_n=i64, blk_seg=i64, blk_start=i64,
-                    t_hi=i64, t_lo=i64, skip_hi=i64, end_hi=i64, take_lo=i64, blk_ord_hi=i64,
-                    blk_ord_lo=i64, blk_out=i64, o_ptrs=i64,
+                    t_hi=i64, t_lo=i64, skip_hi=i64, end_hi=i64, take_lo=i64, seg_first=i64,
+                    seg_sbf=i64, sb_ord_hi=i64, sb_ord_lo=i64, sb_out=i64, o_ptrs=i64,
                     cnt="*i32", num_blocks="i32", stop=i64, full_ids=i64, n_full="i32",
                     part_ids=i64, n_part="i32"),
                     dict(cc, WRITE_SPARSE=sparse, WRITE_E=write_e, WRITE_DENSE=write_dense,
-                         BLOCK_=ts.BLOCK, PERSIST=persist,
+                         BLOCK_=ts.BLOCK, PERSIST=persist, SUPER=ts.SUPER,
                          STAGES=ts.PIPELINE_STAGES if persist else 1),
                     f"write {tag} sparse={int(sparse)} aligned={int(cc['ALIGNED'])} "
                     f"persist={int(persist)}"))
@@ -125,7 +127,8 @@ def _variants(ts, torch):
                         seg_n=i64, blk_seg=i64, blk_cstart=i64, blk_ccount=i64,
                         cand_key="*" + kt, t_hi=i64, t_lo=i64, cnt="*i32", num_blocks="i32",
                         **scan_sig), dict(BLOCK_=ts.BLOCK, KEY32=dname != "float64",
-                                          FUSE=fuse, SCAN=ts.FUSED_SCAN_TILE),
+                                          FUSE=fuse, SCAN=ts.FUSED_SCAN_TILE,
+                                          SUPER=ts.SUPER),
                         f"cand_count {dname} fuse={int(fuse)}"))
     loc = dict(hist="*i32", prefix=i64, rank_in=i64, rank=i64, active=i64, flags=i64, **thr)
     f = ts.FIRST_DIGIT_BITS
@@ -142,14 +145,11 @@ def _variants(ts, torch):
     out.append((ts._range_kernel, dict(hist="*i32", seg_n=i64, rank0=i64, rank=i64, active=i64,
                 range_a=i64, range_b=i64, wide=i64), dict(NBINS=1 << f, SAMPLE_=ts.SAMPLE,
                 SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK, REL=ts.REL_BINS), "range"))
-    out.append((ts._validate_kernel, dict(totals="*i32", cnt="*i32", num_blocks="i32",
-                seg_first=i64, seg_nblk=i64, range_a=i64, rank=i64, active=i64,
+    out.append((ts._validate_kernel, dict(totals=i64, range_a=i64, rank=i64, active=i64,
                 cand_cap=i64, cand_fill=i64, flags=i64, S="i32", seg_n=i64, tail_n=i64),
-                dict(SCAN=ts.SCAN_TILE, WIDE_MISSES=ts.REL_FIRST_DIGIT), "validate"))
-    out.append((ts._scan_kernel, dict(
-        cnt="*i32", num_blocks="i32", seg_first=i64, seg_nblk=i64, offsets=i64, skip_hi=i64,
-        end_hi=i64, take_lo=i64, blk_ord_hi=i64, blk_ord_lo=i64, blk_out=i64),
-        dict(SCAN=ts.SCAN_TILE), "scan"))
+                dict(LANES=ts.VALIDATE_LANES, WIDE_MISSES=ts.REL_FIRST_DIGIT), "validate"))
+    out.append((ts._scan_kernel, dict(sb_cnt=i64, seg_sbf=i64, seg_nsb=i64, **sb_sig),
+                dict(SCAN=ts.SCAN_TILE), "scan"))
     return out
 
 
@@ -177,11 +177,11 @@ def main(argv=None) -> int:
             constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
         )
         try:
-            # as the launcher: the per-layer scans with SCAN_WARPS, locate/range with
+            # as the launcher: the per-layer scan with SCAN_WARPS, locate/range/validate with
             # triton's default 4 warps, the data passes with NUM_WARPS
-            if fn in (ts._scan_kernel, ts._validate_kernel):
+            if fn is ts._scan_kernel:
                 warps = ts.SCAN_WARPS
-            elif fn in (ts._locate_kernel, ts._range_kernel):
+            elif fn in (ts._locate_kernel, ts._range_kernel, ts._validate_kernel):
                 warps = 4
             else:
                 warps = ts.NUM_WARPS

@@ -83,8 +83,16 @@ CHUNK = 32 * TILE
 # Candidate refinement: fewer tiles per program, so that a few million candidates spread
 # over enough programs to fill the GPU (64K per program left 96 programs for a 25M tensor).
 CAND_CHUNK = 4 * TILE
-# Blocks per step of the per-layer scan over block counts (one program per layer).
-SCAN_TILE = 4096
+# Blocks per superblock: the count passes add each block's counts into its superblock, the
+# per-layer scan runs over superblocks (a 25M tensor: 191 instead of 12,208 blocks, in one
+# program), and the write pass adds the counts of the at most SUPER - 1 blocks before it in
+# its superblock (one packed sum of 21-bit fields: SUPER * BLOCK < 2^21).
+SUPER = 64
+# Copies of each layer's totals that the sampled gather adds its block counts into (block
+# i into copy i % VALIDATE_LANES: fewer same-address atomics), summed by the validation.
+VALIDATE_LANES = 8
+# Superblocks per step of the per-layer scan (one program per layer).
+SCAN_TILE = 1024
 SCAN_WARPS = 8
 # Blocks per step of the same scans when they run fused in the last program of a data pass
 # (FUSE_TAILS): small, so that the tail does not raise the register count (and lower the
@@ -353,7 +361,7 @@ def _gather_kernel(
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     SAMPLED: tl.constexpr,
     INF_KEY: tl.constexpr, SHIFT: tl.constexpr, BLOCK_: tl.constexpr,
-    FUSE: tl.constexpr, SCAN: tl.constexpr, WIDE_MISSES: tl.constexpr,
+    FUSE: tl.constexpr, LANES: tl.constexpr, WIDE_MISSES: tl.constexpr,
     PERSIST: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Phase 2: per block, count the keys whose first digit lies strictly between the lower
@@ -365,9 +373,10 @@ def _gather_kernel(
     Rows ``2*seg`` / ``2*seg+1`` of ``range_a..range_b`` are the digit ranges of the upper /
     lower boundary: single buckets after the exact first-digit histogram, or, ``SAMPLED``,
     ranges estimated from a sample. Then this is the first full read, so it also flags NaN
-    and stores per-block counts (``totals[0..2]``: above the upper range, in it, in the
-    lower range only; strictly between is ``cnt[0]``) that ``_validate_kernel`` sums and
-    checks against the ranks; candidates beyond a slot's capacity are dropped (the call
+    and adds its counts (above the upper range, in it, in the lower range only, strictly
+    between) into the layer's ``totals`` (``LANES`` copies, by block, against contention:
+    two relaxed int64 atomics of two 32-bit fields each) that ``_validate_kernel`` checks
+    against the ranks; candidates beyond a slot's capacity are dropped (the call
     then falls back). ``FUSE`` (sampled): the block that completes a layer then runs
     :func:`_validate_layer` (else ``_validate_kernel`` does).
 
@@ -381,21 +390,21 @@ def _gather_kernel(
                 tl.load(full_ids + t), 1, g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a,
                 range_b, cnt, blk_cstart, blk_ccount, cand_off, cand_cap, cand_fill, cand_key,
                 totals, flags, S, tick, seg_first, seg_nblk, rank, active, tail_n, num_blocks,
-                DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, SCAN,
+                DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, LANES,
                 WIDE_MISSES)
         for t in range(pid, n_part, nprog):
             _gather_block(
                 tl.load(part_ids + t), 2, g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a,
                 range_b, cnt, blk_cstart, blk_ccount, cand_off, cand_cap, cand_fill, cand_key,
                 totals, flags, S, tick, seg_first, seg_nblk, rank, active, tail_n, num_blocks,
-                DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, SCAN,
+                DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, LANES,
                 WIDE_MISSES)
     else:
         _gather_block(
             tl.program_id(0), 0, g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a,
             range_b, cnt, blk_cstart, blk_ccount, cand_off, cand_cap, cand_fill, cand_key,
             totals, flags, S, tick, seg_first, seg_nblk, rank, active, tail_n, num_blocks,
-            DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, SCAN,
+            DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, LANES,
             WIDE_MISSES)
 
 
@@ -408,7 +417,7 @@ def _gather_block(
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     SAMPLED: tl.constexpr,
     INF_KEY: tl.constexpr, SHIFT: tl.constexpr, BLOCK_: tl.constexpr,
-    FUSE: tl.constexpr, SCAN: tl.constexpr, WIDE_MISSES: tl.constexpr,
+    FUSE: tl.constexpr, LANES: tl.constexpr, WIDE_MISSES: tl.constexpr,
 ):
     """Block ``pid`` of :func:`_gather_kernel`. ``FULL``: 1 the block lies inside its layer
     (unmasked, vectorised loads), 2 it may not (masked), 0 decide at run time."""
@@ -447,10 +456,12 @@ def _gather_block(
         if tl.sum((m & (key > INF_KEY)).to(tl.int32), axis=0) > 0:
             tl.atomic_max(flags + seg, 1, sem="relaxed")
             tl.atomic_max(flags + 3 * S, 1, sem="relaxed")  # the call holds a NaN: no writes
-        # per-block stores, summed per layer by _validate_kernel (no same-address atomics)
-        tl.store(totals + pid, pb >> 12)
-        tl.store(totals + num_blocks + pid, n_in_h)
-        tl.store(totals + 2 * num_blocks + pid, n_in_l)
+        # into one of the layer's LANES copies of the totals (fields < 2^31: no carry)
+        lane = totals + 2 * (seg * LANES + pid % LANES)
+        tl.atomic_add(lane, (pb >> 12).to(tl.int64) | (n_in_h.to(tl.int64) << 32),
+                      sem="relaxed")
+        tl.atomic_add(lane + 1, n_in_l.to(tl.int64) | ((pa & 0xFFF).to(tl.int64) << 32),
+                      sem="relaxed")
     if nc > 0:
         rel = tl.atomic_add(cand_fill + seg, nc, sem="relaxed")
         base = tl.load(cand_off + seg) + rel
@@ -460,9 +471,8 @@ def _gather_block(
         tl.store((cand_key + base) + cs, key, mask=(c != 0) & (cs < room))
     if FUSE and SAMPLED:
         if _last_program(tick, seg, tl.load(seg_nblk + seg) - 1):
-            _validate_layer(seg, totals, cnt, num_blocks, seg_first, seg_nblk, range_a,
-                            rank, active, cand_cap, cand_fill, flags, S, seg_n, tail_n, SCAN,
-                            WIDE_MISSES)
+            _validate_layer(seg, totals, range_a, rank, active, cand_cap, cand_fill, flags, S,
+                            seg_n, tail_n, LANES, WIDE_MISSES)
 
 
 @triton.jit
@@ -570,33 +580,23 @@ def _range_kernel(
 
 @triton.jit
 def _validate_layer(
-    seg, totals, cnt, num_blocks, seg_first, seg_nblk, range_a, rank, active, cand_cap,
-    cand_fill, flags, S, seg_n, tail_n, SCAN: tl.constexpr, WIDE_MISSES: tl.constexpr,
+    seg, totals, range_a, rank, active, cand_cap, cand_fill, flags, S, seg_n, tail_n,
+    LANES: tl.constexpr, WIDE_MISSES: tl.constexpr,
 ):
     """Sampled path: is each boundary's rank of layer ``seg`` inside its range (else the
-    sample missed)? Sums the layer's per-block counts, writes ``flags[S + seg] = 1`` on a
-    miss or a candidate-slot overflow (or, ``WIDE_MISSES``, a range too wide for the
-    relative first digit: ``flags[2 * S + seg]``), and turns the ranks into ranks inside the
-    ranges (rank minus the keys above the range). A missed layer gets no candidates
-    (``cand_fill`` 0) and size 0 for the tail (``tail_n``), which then neither reads nor
-    writes it. Reads what other programs wrote through L2 (``.cg``: L1 is not coherent)."""
+    sample missed)? Sums the layer's ``LANES`` copies of the gather's totals, writes
+    ``flags[S + seg] = 1`` on a miss or a candidate-slot overflow (or, ``WIDE_MISSES``, a
+    range too wide for the relative first digit: ``flags[2 * S + seg]``), and turns the
+    ranks into ranks inside the ranges (rank minus the keys above the range). A missed
+    layer gets no candidates (``cand_fill`` 0) and size 0 for the tail (``tail_n``), which
+    then neither reads nor writes it. Reads the gather's atomics through L2 (``.cg``)."""
     act = tl.load(active + seg) != 0
-    b0 = tl.load(seg_first + seg)
-    nblk = tl.load(seg_nblk + seg)
-    above = b0 * 0
-    n_h = b0 * 0
-    n_b = b0 * 0
-    n_l = b0 * 0
-    for t in range(0, nblk, SCAN):
-        i = t + tl.arange(0, SCAN)
-        m = i < nblk
-        b = b0 + i
-        above += tl.sum(tl.load(totals + b, mask=m, other=0, cache_modifier=".cg"), axis=0)
-        n_h += tl.sum(tl.load(totals + num_blocks + b, mask=m, other=0, cache_modifier=".cg"),
-                      axis=0)
-        n_l += tl.sum(tl.load(totals + 2 * num_blocks + b, mask=m, other=0,
-                              cache_modifier=".cg"), axis=0)
-        n_b += tl.sum(tl.load(cnt + b, mask=m, other=0, cache_modifier=".cg"), axis=0)
+    j = tl.arange(0, LANES)
+    row = totals + 2 * (seg * LANES + j)
+    t0 = tl.sum(tl.load(row, cache_modifier=".cg"), axis=0)
+    t1 = tl.sum(tl.load(row + 1, cache_modifier=".cg"), axis=0)
+    above, n_h = t0 & 0xFFFFFFFF, t0 >> 32
+    n_l, n_b = t1 & 0xFFFFFFFF, t1 >> 32
     r_hi = tl.load(rank + 2 * seg)
     r_lo = tl.load(rank + 2 * seg + 1)
     merged = tl.load(range_a + 2 * seg) == tl.load(range_a + 2 * seg + 1)
@@ -617,25 +617,25 @@ def _validate_layer(
 
 @triton.jit
 def _validate_kernel(
-    totals, cnt, num_blocks, seg_first, seg_nblk, range_a, rank, active, cand_cap, cand_fill,
-    flags, S, seg_n, tail_n, SCAN: tl.constexpr, WIDE_MISSES: tl.constexpr,
+    totals, range_a, rank, active, cand_cap, cand_fill, flags, S, seg_n, tail_n,
+    LANES: tl.constexpr, WIDE_MISSES: tl.constexpr,
 ):
     """Sampled path: :func:`_validate_layer` of every layer, one program each."""
-    _validate_layer(tl.program_id(0), totals, cnt, num_blocks, seg_first, seg_nblk, range_a,
-                    rank, active, cand_cap, cand_fill, flags, S, seg_n, tail_n, SCAN,
-                    WIDE_MISSES)
+    _validate_layer(tl.program_id(0), totals, range_a, rank, active, cand_cap, cand_fill,
+                    flags, S, seg_n, tail_n, LANES, WIDE_MISSES)
 
 
 @triton.jit
 def _cand_count_kernel(
     seg_n, blk_seg, blk_cstart, blk_ccount, cand_key, t_hi, t_lo, cnt, num_blocks,
-    tick, seg_first, seg_nblk, offsets, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo,
-    blk_out,
+    tick, seg_first, seg_nblk, seg_sbf, seg_nsb, sb_cnt, n_sb, offsets, skip_hi, end_hi,
+    take_lo, sb_ord_hi, sb_ord_lo, sb_out,
     BLOCK_: tl.constexpr, KEY32: tl.constexpr, FUSE: tl.constexpr, SCAN: tl.constexpr,
+    SUPER: tl.constexpr,
 ):
     """Phase 3a (candidate path): add each block's candidates strictly inside
-    (T_lo, T_hi) to ``cnt[0]`` and count its ties of T_hi and T_lo (``cnt[1]``, ``cnt[2]``).
-    ``FUSE``: the layer's last program then runs :func:`_scan_layer`."""
+    (T_lo, T_hi) to ``cnt[0]`` and count its ties of T_hi and T_lo (``cnt[1]``, ``cnt[2]``);
+    see :func:`_finish_count`."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
     # a layer the tail skips (size 0) has no candidates to count (its slot may overflow)
@@ -647,13 +647,34 @@ def _cand_count_kernel(
     th, tlo = _key_thresholds(t_hi, t_lo, seg, KEY32)
     pa = tl.sum((m & (key > tlo) & (key < th)).to(tl.int32) | ((m & (key == th)).to(tl.int32) << 16),
                 axis=0)  # 16-bit fields (BLOCK_ <= 2048)
-    tl.store(cnt + pid, tl.load(cnt + pid) + (pa & 0xFFFF))
-    tl.store(cnt + num_blocks + pid, pa >> 16)
-    tl.store(cnt + 2 * num_blocks + pid, tl.sum((m & (key == tlo)).to(tl.int32), axis=0))
+    _finish_count(pid, seg, tl.load(cnt + pid) + (pa & 0xFFFF), pa >> 16,
+                  tl.sum((m & (key == tlo)).to(tl.int32), axis=0), cnt, num_blocks, tick,
+                  seg_first, seg_nblk, seg_sbf, seg_nsb, sb_cnt, n_sb, offsets, skip_hi, end_hi,
+                  take_lo, sb_ord_hi, sb_ord_lo, sb_out, FUSE, SCAN, SUPER)
+
+
+@triton.jit
+def _finish_count(
+    pid, seg, c0, ch, cl, cnt, num_blocks,
+    tick, seg_first, seg_nblk, seg_sbf, seg_nsb, sb_cnt, n_sb, offsets, skip_hi, end_hi,
+    take_lo, sb_ord_hi, sb_ord_lo, sb_out,
+    FUSE: tl.constexpr, SCAN: tl.constexpr, SUPER: tl.constexpr,
+):
+    """Store block ``pid``'s counts (strictly inside, ties of T_hi, ties of T_lo) and add
+    them to its superblock (``SUPER`` consecutive blocks of the layer; one relaxed int64
+    atomic, three 21-bit fields). ``FUSE``: the layer's last program then scans the layer's
+    superblocks (:func:`_scan_layer`, else ``_scan_kernel`` does)."""
+    tl.store(cnt + pid, c0)
+    tl.store(cnt + num_blocks + pid, ch)
+    tl.store(cnt + 2 * num_blocks + pid, cl)
+    b0 = tl.load(seg_first + seg)
+    sb = tl.load(seg_sbf + seg) + (pid - b0) // SUPER
+    tl.atomic_add(sb_cnt + sb, c0.to(tl.int64) | (ch.to(tl.int64) << 21) | (cl.to(tl.int64) << 42),
+                  sem="relaxed")
     if FUSE:
         if _last_program(tick, seg, tl.load(seg_nblk + seg) - 1):
-            _scan_layer(seg, cnt, num_blocks, seg_first, seg_nblk, offsets, skip_hi, end_hi,
-                        take_lo, blk_ord_hi, blk_ord_lo, blk_out, SCAN)
+            _scan_layer(seg, sb_cnt, seg_sbf, seg_nsb, offsets, skip_hi, end_hi, take_lo,
+                        sb_ord_hi, sb_ord_lo, sb_out, SCAN)
 
 
 @triton.jit
@@ -720,13 +741,13 @@ def _refine_kernel(
 @triton.jit
 def _count_kernel(
     g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, t_hi, t_lo, counts, num_blocks,
-    tick, seg_first, seg_nblk, offsets, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo,
-    blk_out,
+    tick, seg_first, seg_nblk, seg_sbf, seg_nsb, sb_cnt, n_sb, offsets, skip_hi, end_hi,
+    take_lo, sb_ord_hi, sb_ord_lo, sb_out,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_: tl.constexpr, FUSE: tl.constexpr, SCAN: tl.constexpr,
+    BLOCK_: tl.constexpr, FUSE: tl.constexpr, SCAN: tl.constexpr, SUPER: tl.constexpr,
 ):
-    """Phase 3a: per block, #keys strictly inside (T_lo, T_hi), #keys == T_hi, #keys == T_lo.
-    ``FUSE``: the layer's last program then runs :func:`_scan_layer`."""
+    """Phase 3a: per block, #keys strictly inside (T_lo, T_hi), #keys == T_hi, #keys == T_lo;
+    see :func:`_finish_count`."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg + pid)
     offs, m, n, start = _block_offsets(blk_start, seg_n, pid, seg, BLOCK_)
@@ -736,13 +757,10 @@ def _count_kernel(
     th, tlo = _key_thresholds(t_hi, t_lo, seg, KIND != 1)
     pa = tl.sum((m & (key > tlo) & (key < th)).to(tl.int32) | ((m & (key == th)).to(tl.int32) << 16),
                 axis=0)  # 16-bit fields (BLOCK_ <= 2048)
-    tl.store(counts + pid, pa & 0xFFFF)
-    tl.store(counts + num_blocks + pid, pa >> 16)
-    tl.store(counts + 2 * num_blocks + pid, tl.sum((m & (key == tlo)).to(tl.int32), axis=0))
-    if FUSE:
-        if _last_program(tick, seg, tl.load(seg_nblk + seg) - 1):
-            _scan_layer(seg, counts, num_blocks, seg_first, seg_nblk, offsets, skip_hi,
-                        end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out, SCAN)
+    _finish_count(pid, seg, pa & 0xFFFF, pa >> 16,
+                  tl.sum((m & (key == tlo)).to(tl.int32), axis=0), counts, num_blocks, tick,
+                  seg_first, seg_nblk, seg_sbf, seg_nsb, sb_cnt, n_sb, offsets, skip_hi, end_hi,
+                  take_lo, sb_ord_hi, sb_ord_lo, sb_out, FUSE, SCAN, SUPER)
 
 
 @triton.jit
@@ -824,22 +842,22 @@ def _locate_kernel(
 
 @triton.jit
 def _scan_layer(
-    seg, cnt, num_blocks, seg_first, seg_nblk, offsets, skip_hi, end_hi, take_lo,
-    blk_ord_hi, blk_ord_lo, blk_out, SCAN: tl.constexpr,
+    seg, sb_cnt, seg_sbf, seg_nsb, offsets, skip_hi, end_hi, take_lo,
+    sb_ord_hi, sb_ord_lo, sb_out, SCAN: tl.constexpr,
 ):
-    """Exclusive prefix sums over the blocks of layer ``seg``: the ordinal of each block's
-    first T_hi / T_lo tie, and each block's first output slot (kept = strictly inside, plus
-    the ties whose ordinals fall in the kept range). Within a layer in int32 (a layer has
-    fewer than 2^31 elements), the output slot carried in int64."""
-    b0 = tl.load(seg_first + seg)
-    nb = tl.load(seg_nblk + seg).to(tl.int32)
-    skip = tl.load(skip_hi + seg)
-    endh = tl.load(end_hi + seg)
-    take = tl.load(take_lo + seg)
-    # tie limits clamped into int32 (ordinals are < 2^31): end_hi may be 2^62, take_lo -1
-    skip = tl.minimum(skip, 0x7FFFFFFF).to(tl.int32)
-    endh = tl.minimum(endh, 0x7FFFFFFE).to(tl.int32)
-    take = tl.minimum(take, 0x7FFFFFFE).to(tl.int32)
+    """Exclusive prefix sums over the superblocks of layer ``seg`` (``sb_cnt``: packed
+    21-bit sums of their blocks' counts): the ordinal of each superblock's first T_hi / T_lo
+    tie, and its first output slot (kept = strictly inside, plus the ties whose ordinals
+    fall in the kept range; the kept ties of consecutive blocks form one ordinal range, so
+    the count is additive). The write pass finishes the sums inside a superblock. Within a
+    layer in int32 (a layer has fewer than 2^31 elements), the output slot in int64.
+    Reads the count kernels' atomics through L2 (``.cg``)."""
+    b0 = tl.load(seg_sbf + seg)
+    nb = tl.load(seg_nsb + seg).to(tl.int32)
+    # tie limits clamped into int32 (ordinals are < 2^31): end_hi may be 2^62
+    skip = tl.minimum(tl.load(skip_hi + seg), 0x7FFFFFFF).to(tl.int32)
+    endh = tl.minimum(tl.load(end_hi + seg), 0x7FFFFFFE).to(tl.int32)
+    take = tl.minimum(tl.load(take_lo + seg), 0x7FFFFFFE).to(tl.int32)
     carry_h = nb * 0
     carry_l = nb * 0
     carry_k = tl.load(offsets + seg)
@@ -847,18 +865,19 @@ def _scan_layer(
         i = t + tl.arange(0, SCAN)
         m = i < nb
         b = b0 + i
-        c0 = tl.load(cnt + b, mask=m, other=0, cache_modifier=".cg")
-        ch = tl.load(cnt + num_blocks + b, mask=m, other=0, cache_modifier=".cg")
-        cl = tl.load(cnt + 2 * num_blocks + b, mask=m, other=0, cache_modifier=".cg")
+        pk = tl.load(sb_cnt + b, mask=m, other=0, cache_modifier=".cg")
+        c0 = (pk & 0x1FFFFF).to(tl.int32)
+        ch = ((pk >> 21) & 0x1FFFFF).to(tl.int32)
+        cl = (pk >> 42).to(tl.int32)
         oh = carry_h + tl.cumsum(ch, axis=0) - ch
         ol = carry_l + tl.cumsum(cl, axis=0) - cl
         kh = tl.maximum(tl.minimum(oh + ch, endh + 1) - tl.maximum(oh, skip), 0)
         kl = tl.maximum(tl.minimum(ol + cl, take + 1) - ol, 0)
         k = c0 + kh + kl
         ok = carry_k + (tl.cumsum(k, axis=0) - k).to(tl.int64)
-        tl.store(blk_ord_hi + b, oh.to(tl.int64), mask=m)
-        tl.store(blk_ord_lo + b, ol.to(tl.int64), mask=m)
-        tl.store(blk_out + b, ok, mask=m)
+        tl.store(sb_ord_hi + b, oh.to(tl.int64), mask=m)
+        tl.store(sb_ord_lo + b, ol.to(tl.int64), mask=m)
+        tl.store(sb_out + b, ok, mask=m)
         carry_h += tl.sum(ch, axis=0)
         carry_l += tl.sum(cl, axis=0)
         carry_k += tl.sum(k, axis=0).to(tl.int64)
@@ -866,22 +885,46 @@ def _scan_layer(
 
 @triton.jit
 def _scan_kernel(
-    cnt, num_blocks, seg_first, seg_nblk, offsets, skip_hi, end_hi, take_lo,
-    blk_ord_hi, blk_ord_lo, blk_out, SCAN: tl.constexpr,
+    sb_cnt, seg_sbf, seg_nsb, offsets, skip_hi, end_hi, take_lo, sb_ord_hi, sb_ord_lo, sb_out,
+    SCAN: tl.constexpr,
 ):
     """:func:`_scan_layer` of every layer, one program each."""
-    _scan_layer(tl.program_id(0), cnt, num_blocks, seg_first, seg_nblk, offsets, skip_hi,
-                end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out, SCAN)
+    _scan_layer(tl.program_id(0), sb_cnt, seg_sbf, seg_nsb, offsets, skip_hi, end_hi, take_lo,
+                sb_ord_hi, sb_ord_lo, sb_out, SCAN)
+
+
+@triton.jit
+def _block_prefix(pid, seg, cnt, num_blocks, seg_first, seg_sbf, skip_hi, end_hi, take_lo,
+                  sb_ord_hi, sb_ord_lo, sb_out, SUPER: tl.constexpr):
+    """Block ``pid``'s first T_hi tie ordinal, first T_lo tie ordinal and first output slot:
+    its superblock's (from :func:`_scan_layer`) plus the counts of the blocks before it in
+    the superblock (at most ``SUPER - 1``: one packed int64 sum)."""
+    r = pid - tl.load(seg_first + seg)
+    sb = tl.load(seg_sbf + seg) + r // SUPER
+    j = tl.arange(0, SUPER)
+    bj = pid - r % SUPER + j
+    mj = j < r % SUPER
+    pk = (tl.load(cnt + bj, mask=mj, other=0).to(tl.int64)
+          | (tl.load(cnt + num_blocks + bj, mask=mj, other=0).to(tl.int64) << 21)
+          | (tl.load(cnt + 2 * num_blocks + bj, mask=mj, other=0).to(tl.int64) << 42))
+    tot = tl.sum(pk, axis=0)
+    oh0 = tl.load(sb_ord_hi + sb)
+    ol0 = tl.load(sb_ord_lo + sb)
+    oh = oh0 + ((tot >> 21) & 0x1FFFFF)
+    ol = ol0 + (tot >> 42)
+    kh = tl.maximum(tl.minimum(oh, tl.load(end_hi + seg) + 1) - tl.maximum(oh0, tl.load(skip_hi + seg)), 0)
+    kl = tl.maximum(tl.minimum(ol, tl.load(take_lo + seg) + 1) - ol0, 0)
+    return oh, ol, tl.load(sb_out + sb) + (tot & 0x1FFFFF) + kh + kl
 
 
 @triton.jit
 def _write_kernel(
     g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
-    t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
+    t_hi, t_lo, skip_hi, end_hi, take_lo, seg_first, seg_sbf, sb_ord_hi, sb_ord_lo, sb_out,
     o_ptrs, cnt, num_blocks, stop, full_ids, n_full, part_ids, n_part,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     WRITE_SPARSE: tl.constexpr, WRITE_E: tl.constexpr, WRITE_DENSE: tl.constexpr,
-    BLOCK_: tl.constexpr, PERSIST: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_: tl.constexpr, PERSIST: tl.constexpr, STAGES: tl.constexpr, SUPER: tl.constexpr,
 ):
     """Phase 3b: ordered compaction of each block with the tie rule at both thresholds.
     Writes nothing at all when ``stop[0]`` is set (the sampled path found a NaN in the call:
@@ -893,32 +936,32 @@ def _write_kernel(
         for t in tl.range(pid, n_full, nprog, num_stages=STAGES):
             _write_block(
                 tl.load(full_ids + t), 1, g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
-                t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
-                o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED, WRITE_SPARSE,
-                WRITE_E, WRITE_DENSE, BLOCK_)
+                t_hi, t_lo, skip_hi, end_hi, take_lo, seg_first, seg_sbf, sb_ord_hi,
+                sb_ord_lo, sb_out, o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED,
+                WRITE_SPARSE, WRITE_E, WRITE_DENSE, BLOCK_, SUPER)
         for t in range(pid, n_part, nprog):
             _write_block(
                 tl.load(part_ids + t), 2, g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
-                t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
-                o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED, WRITE_SPARSE,
-                WRITE_E, WRITE_DENSE, BLOCK_)
+                t_hi, t_lo, skip_hi, end_hi, take_lo, seg_first, seg_sbf, sb_ord_hi,
+                sb_ord_lo, sb_out, o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED,
+                WRITE_SPARSE, WRITE_E, WRITE_DENSE, BLOCK_, SUPER)
     else:
         _write_block(
             tl.program_id(0), 0, g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
-            t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
-            o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED, WRITE_SPARSE,
-            WRITE_E, WRITE_DENSE, BLOCK_)
+            t_hi, t_lo, skip_hi, end_hi, take_lo, seg_first, seg_sbf, sb_ord_hi, sb_ord_lo,
+            sb_out, o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED, WRITE_SPARSE,
+            WRITE_E, WRITE_DENSE, BLOCK_, SUPER)
 
 
 @triton.jit
 def _write_block(
     pid, FULL: tl.constexpr,
     g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
-    t_hi, t_lo, skip_hi, end_hi, take_lo, blk_ord_hi, blk_ord_lo, blk_out,
+    t_hi, t_lo, skip_hi, end_hi, take_lo, seg_first, seg_sbf, sb_ord_hi, sb_ord_lo, sb_out,
     o_ptrs, cnt, num_blocks, stop,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     WRITE_SPARSE: tl.constexpr, WRITE_E: tl.constexpr, WRITE_DENSE: tl.constexpr,
-    BLOCK_: tl.constexpr,
+    BLOCK_: tl.constexpr, SUPER: tl.constexpr,
 ):
     """Block ``pid`` of :func:`_write_kernel`. ``FULL``: 0 decide at run time whether the
     block lies inside its layer; 2 masked; 1 it does in the plan, so the loads are
@@ -944,17 +987,20 @@ def _write_block(
     key = _key(v, KIND)
     th, tlo = _key_thresholds(t_hi, t_lo, seg, KIND != 1)
     kept = m & (key > tlo) & (key < th)
+    ord_hi0, ord_lo0, first = _block_prefix(pid, seg, cnt, num_blocks, seg_first, seg_sbf,
+                                            skip_hi, end_hi, take_lo, sb_ord_hi, sb_ord_lo,
+                                            sb_out, SUPER)
     # The tie rule only in blocks holding a boundary key (``cnt[1..2]``: usually one block
     # per layer for each boundary): the ordinal of each tied entry inside its tie group =
-    # entries of the group before it in index order (earlier blocks: blk_ord_*, this block:
+    # entries of the group before it in index order (earlier blocks: ``ord_*0``, this block:
     # exclusive cumsum of both tie flags at once, in 16-bit halves; BLOCK_ <= 2048).
     if tl.load(cnt + num_blocks + pid) + tl.load(cnt + 2 * num_blocks + pid) > 0:
         eq_hi = m & (key == th)
         eq_lo = m & (key == tlo)
         e2 = eq_hi.to(tl.int32) | (eq_lo.to(tl.int32) << 16)
         c2 = tl.cumsum(e2, axis=0) - e2
-        ord_hi = tl.load(blk_ord_hi + pid) + (c2 & 0xFFFF)
-        ord_lo = tl.load(blk_ord_lo + pid) + (c2 >> 16)
+        ord_hi = ord_hi0 + (c2 & 0xFFFF)
+        ord_lo = ord_lo0 + (c2 >> 16)
         kept = (
             kept
             | (eq_hi & (ord_hi >= tl.load(skip_hi + seg)) & (ord_hi <= tl.load(end_hi + seg)))
@@ -963,7 +1009,6 @@ def _write_block(
     if WRITE_SPARSE:
         k = kept.to(tl.int32)
         cs = tl.cumsum(k, axis=0) - k  # int32 slot inside the block's output range
-        first = tl.load(blk_out + pid)
         # output tensors by pointer table (like the inputs), so that a captured CUDA graph
         # writes into each call's fresh outputs
         out_idx = tl.load(o_ptrs).to(tl.pointer_type(tl.int64))
@@ -1037,11 +1082,14 @@ class _Plan:
     cap_seg: Tensor  # sampled path: chunk table over the slots
     cap_start: Tensor
     cap_nchk: Tensor  # [S] sampled path: slot chunks of each layer
+    seg_sbf: Tensor  # [S] first superblock (SUPER consecutive blocks) of each layer
+    seg_nsb: Tensor  # [S] superblocks of each layer
     full_ids: Tensor  # blocks that lie inside their layer (persistent passes)
     part_ids: Tensor  # the others (the last block of a layer whose size BLOCK does not divide)
     zero: Tensor  # [1] a zero flag (the write pass's ``stop`` on the exact path)
     n_full: int = 0
     n_part: int = 0
+    n_sb: int = 0
     key: tuple = ()  # the cache key (shapes, fractions, device, tuning constants)
 
 
@@ -1057,7 +1105,7 @@ def _capacity(n: int) -> int:
 
 def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) -> _Plan:
     key = (ns, float(top), float(keep), str(device), SAMPLE, CAND_FRACTION, BLOCK, CAND_CHUNK,
-           CHUNK)
+           CHUNK, SUPER)
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
@@ -1076,14 +1124,20 @@ def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) ->
     for c in caps:
         cap_off.append(cap_off[-1] + c)
     p_seg, p_start, _, p_count = _block_table(caps, CAND_CHUNK)
+    sb_count = [-(-nb // SUPER) for nb in b_count]
+    sb_first = [0]
+    for c in sb_count[:-1]:
+        sb_first.append(sb_first[-1] + c)
+    sb_first = sb_first[:len(ns)]
     full_ids = [i for i, (s, b) in enumerate(zip(b_seg, b_start)) if b + BLOCK <= ns[s]]
     part_ids = [i for i, (s, b) in enumerate(zip(b_seg, b_start)) if b + BLOCK > ns[s]]
     tensors = _to_device(
         [ns, c_seg, c_start, c_count, b_seg, b_start, b_first, b_count, rows, out_off,
          [int(kk > 0) for _, kk in counts], caps, cap_off, p_seg, p_start, p_count,
-         full_ids, part_ids, [0]], device)
+         sb_first, sb_count, full_ids, part_ids, [0]], device)
     plan = _Plan(counts, out_off, out_off[-1], len(c_seg), len(b_seg), len(p_seg), cap_off[-1],
-                 sum(ns), *tensors, n_full=len(full_ids), n_part=len(part_ids), key=key)
+                 sum(ns), *tensors, n_full=len(full_ids), n_part=len(part_ids),
+                 n_sb=sum(sb_count), key=key)
     _PLANS[key] = plan
     if len(_PLANS) > _PLAN_CACHE_SIZE:
         _PLANS.popitem(last=False)
@@ -1117,6 +1171,9 @@ def band_multi_triton(
     """
     if BLOCK > 2048:  # the kernels pack per-block counts into 12/16-bit fields
         raise ValueError(f"BLOCK must be at most 2048, got {BLOCK}")
+    if SUPER & (SUPER - 1) or SUPER * BLOCK >= 1 << 21:  # packed in 21-bit fields
+        raise ValueError(f"SUPER must be a power of two with SUPER * BLOCK < 2^21, got "
+                         f"{SUPER} * {BLOCK}")
     S = len(gs)
     dtype, device = gs[0].dtype, gs[0].device
     has_e = residuals is not None
@@ -1274,31 +1331,35 @@ def _launch(plan: _Plan, ptrs: Tensor, S: int, cfg: _Mode, sampled: bool, nan_me
 
     # Phase 3a: per block #strictly inside (T_lo, T_hi), #== T_hi, #== T_lo; then per layer
     # the tie ordinal and output slot of each block (prefix sums, no per-element atomics).
-    scan_args = (st.tick[3], plan.seg_first, plan.seg_nblk, plan.offsets, skip_hi, end_hi,
-                 take_lo, st.blk_ord[0], st.blk_ord[1], st.blk_ord[2])
+    sb_args = (plan.seg_sbf, plan.seg_nsb, st.sb_cnt, plan.n_sb, plan.offsets, skip_hi, end_hi,
+               take_lo, st.sb_ord[0], st.sb_ord[1], st.sb_ord[2])
+    scan_args = (st.tick[3], plan.seg_first, plan.seg_nblk, *sb_args)
     if st.cand_key is not None:
         _cand_count_kernel[(n_blocks,)](
             seg_n, plan.blk_seg, st.blk_cand[0], st.blk_cand[1], st.cand_key, t_hi, t_lo,
             st.cnt, n_blocks, *scan_args, BLOCK_=BLOCK, KEY32=key_bits <= 31, FUSE=fuse,
-            SCAN=FUSED_SCAN_TILE, num_warps=NUM_WARPS,
+            SCAN=FUSED_SCAN_TILE, SUPER=SUPER, num_warps=NUM_WARPS,
         )
     else:
         _count_kernel[(n_blocks,)](
             g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, t_hi, t_lo, st.cnt,
-            n_blocks, *scan_args, BLOCK_=BLOCK, FUSE=fuse, SCAN=FUSED_SCAN_TILE, **common,
+            n_blocks, *scan_args, BLOCK_=BLOCK, FUSE=fuse, SCAN=FUSED_SCAN_TILE, SUPER=SUPER,
+            **common,
         )
     if not fuse:
         _scan_kernel[(S,)](
-            st.cnt, n_blocks, *scan_args[1:], SCAN=SCAN_TILE, num_warps=SCAN_WARPS,
+            st.sb_cnt, plan.seg_sbf, plan.seg_nsb, *sb_args[4:], SCAN=SCAN_TILE,
+            num_warps=SCAN_WARPS,
         )
 
     # Phase 3b: ordered compaction + residual / dense writes.
     persist = _persistent(plan)
     _write_kernel[persist[0]](
         g_ptrs, e_ptrs, d_ptrs, seg_n, plan.blk_seg, plan.blk_start,
-        *thresholds, st.blk_ord[0], st.blk_ord[1], st.blk_ord[2], o_ptrs, st.cnt, n_blocks, stop,
+        *thresholds, plan.seg_first, plan.seg_sbf, *st.sb_ord, o_ptrs, st.cnt, n_blocks, stop,
         *persist[1], WRITE_SPARSE=cfg.sparse, WRITE_E=has_e, WRITE_DENSE=cfg.dense,
-        BLOCK_=BLOCK, **persist[2], **common, **_maxnreg(WRITE_MAXNREG, g_ptrs.device),
+        BLOCK_=BLOCK, SUPER=SUPER, **persist[2], **common,
+        **_maxnreg(WRITE_MAXNREG, g_ptrs.device),
     )
     return st.flags
 
@@ -1376,7 +1437,8 @@ class _State:
     rank: Tensor  # [2S] rank of each boundary inside what is left to resolve
     thresholds: Tuple[Tensor, ...]  # [S] each: t_hi, t_lo, skip_hi, end_hi, take_lo
     cnt: Tensor  # int32 [3, n_blocks] per-block counts
-    blk_ord: Tensor  # [3, n_blocks] first T_hi / T_lo tie ordinal, first output slot
+    sb_cnt: Tensor  # [n_sb] zeroed: packed count sums of each superblock (_finish_count)
+    sb_ord: Tensor  # [3, n_sb] first T_hi / T_lo tie ordinal, first output slot
     tick: Tensor  # int32 [4, S] zeroed tickets of the fused tails (see _last_program)
     refine_levels: int = 0  # candidate digit levels already resolved (the ticket counts on)
     # candidate slots (None: refine and count over the data)
@@ -1393,18 +1455,21 @@ class _State:
     tail_n: Optional[Tensor] = None  # [S] layer sizes for the tail (0: missed)
 
 
-def _new_state(plan: _Plan, S: int, device, zeros32: int) -> Tuple[_State, Tensor]:
-    """Fresh state in one int64 and one int32 workspace, plus a zeroed int32 workspace of
-    ``zeros32`` entries after the tickets (returned: the caller's histograms)."""
+def _new_state(plan: _Plan, S: int, device, zeros32: int,
+               zeros64: int = 0) -> Tuple[_State, Tensor, Tensor]:
+    """Fresh state in a few workspaces, plus zeroed int32 and int64 workspaces of
+    ``zeros32`` / ``zeros64`` entries for the caller (histograms, flags)."""
     nb = max(plan.n_blocks, 1)
-    w64 = torch.empty(9 * S + 3 * nb, dtype=torch.int64, device=device)
+    nsb = max(plan.n_sb, 1)
+    w64 = torch.empty(9 * S + 3 * nsb, dtype=torch.int64, device=device)
     z32 = torch.zeros(4 * S + zeros32, dtype=torch.int32, device=device)
+    z64 = torch.zeros(nsb + zeros64, dtype=torch.int64, device=device)
     st = _State(
         prefix=w64[:2 * S], rank=w64[2 * S:4 * S],
         thresholds=tuple(w64[4 * S:9 * S].view(5, S)),
         cnt=torch.empty((3, nb), dtype=torch.int32, device=device),
-        blk_ord=w64[9 * S:].view(3, nb), tick=z32[:4 * S].view(4, S))
-    return st, z32[4 * S:]
+        sb_cnt=z64[:nsb], sb_ord=w64[9 * S:].view(3, nsb), tick=z32[:4 * S].view(4, S))
+    return st, z32[4 * S:], z64[nsb:]
 
 
 def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candidates,
@@ -1415,7 +1480,7 @@ def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candid
     g_ptrs, e_ptrs = ptrs[0], ptrs[1]
     shift = key_bits - FIRST_DIGIT_BITS
     nb1 = 1 << FIRST_DIGIT_BITS
-    st, hist = _new_state(plan, S, device, S * nb1)
+    st, hist, _ = _new_state(plan, S, device, S * nb1)
     flags = torch.zeros(2 * S, dtype=torch.int64, device=device)  # [NaN, candidates] per layer
     locate = (st.prefix, plan.rank0, st.rank, plan.active)
     if plan.n_chunks:
@@ -1453,10 +1518,10 @@ def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candid
     persist = _persistent(plan)
     _gather_kernel[persist[0]](
         g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, st.prefix, st.prefix, st.cnt,
-        blk_cand[0], blk_cand[1], cand_off, cand_n, fill, cand_key, st.cnt, flags, S,
+        blk_cand[0], blk_cand[1], cand_off, cand_n, fill, cand_key, fill, flags, S,
         st.tick[1], plan.seg_first, plan.seg_nblk, st.rank, plan.active, fill, plan.n_blocks,
         *persist[1], SAMPLED=False, INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK,
-        FUSE=False, SCAN=FUSED_SCAN_TILE, WIDE_MISSES=False, **persist[2], **common,
+        FUSE=False, LANES=VALIDATE_LANES, WIDE_MISSES=False, **persist[2], **common,
         **_maxnreg(GATHER_MAXNREG, device),
     )
     st.cand_n, st.c_seg, st.c_start, st.c_chunks, st.c_nchk = (
@@ -1483,9 +1548,10 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, fuse) -> _State:
     nbins = REL_BINS if rel else nb1
     # zeroed workspaces: tickets, sample histograms, refine histograms | flags, slot
     # fills, tail sizes
-    st, ws32 = _new_state(plan, S, device, S * nb1 + 2 * S * nbins)
+    st, ws32, ws64 = _new_state(plan, S, device, S * nb1 + 2 * S * nbins,
+                                5 * S + 1 + 2 * S * VALIDATE_LANES)
     hist, h = ws32[:S * nb1].view(S, nb1), ws32[S * nb1:].view(2 * S, nbins)
-    ws64 = torch.zeros(5 * S + 1, **i64)
+    totals, ws64 = ws64[:2 * S * VALIDATE_LANES], ws64[2 * S * VALIDATE_LANES:]
     flags, fill, tail_n = ws64[:3 * S + 1], ws64[3 * S + 1:4 * S + 1], ws64[4 * S + 1:]
     ranges = torch.empty((2, 2 * S), **i64)
     range_args = (plan.rank0, st.rank, plan.active, ranges[0], ranges[1], flags[2 * S:])
@@ -1500,7 +1566,6 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, fuse) -> _State:
     cand_key = torch.empty(max(plan.n_cap, 1), dtype=torch.int64 if key_bits > 31 else torch.int32,
                            device=device)
     blk_cand = torch.empty((2, plan.n_blocks), **i64)
-    totals = torch.empty((3, plan.n_blocks), dtype=torch.int32, device=device)
     validate = (plan.seg_first, plan.seg_nblk, st.rank, plan.active, tail_n)
     persist = _persistent(plan)
     # (persistent: the validation stays a launch of its own; inside the block loop its
@@ -1511,14 +1576,13 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, fuse) -> _State:
         blk_cand[0], blk_cand[1], plan.cap_off, plan.cap, fill, cand_key, totals, flags, S,
         st.tick[1], *validate, plan.n_blocks, *persist[1], SAMPLED=True,
         INF_KEY=_INF_KEY[dtype], SHIFT=shift, BLOCK_=BLOCK, FUSE=fuse_validate,
-        SCAN=FUSED_SCAN_TILE, WIDE_MISSES=rel, **persist[2], **common,
+        LANES=VALIDATE_LANES, WIDE_MISSES=rel, **persist[2], **common,
         **_maxnreg(GATHER_MAXNREG, device),
     )
     if not fuse_validate:
         _validate_kernel[(S,)](
-            totals, st.cnt, plan.n_blocks, plan.seg_first, plan.seg_nblk, ranges[0], st.rank,
-            plan.active, plan.cap, fill, flags, S, plan.seg_n, tail_n, SCAN=SCAN_TILE,
-            WIDE_MISSES=rel, num_warps=SCAN_WARPS,
+            totals, ranges[0], st.rank, plan.active, plan.cap, fill, flags, S, plan.seg_n,
+            tail_n, LANES=VALIDATE_LANES, WIDE_MISSES=rel,
         )
     # First digit of the candidates, inside each boundary's range: relative to the range
     # start in REL_BINS bins (ranges wider than that were marked missed), or over all
