@@ -40,6 +40,7 @@ full table is in README.md):
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from collections import OrderedDict
@@ -285,13 +286,22 @@ def _key(v, KIND: tl.constexpr):
     return k
 
 
+# tl.histogram takes a mask in recent Triton (3.6 and 3.9 do); older 3.x needs a workaround.
+_HIST_MASK = tl.constexpr("mask" in inspect.signature(tl.histogram).parameters)
+
+
 @triton.jit
 def _masked_histogram(d, m, NBINS: tl.constexpr, TILE_: tl.constexpr):
-    """Histogram of ``d`` over the lanes where ``m``; masked lanes go to bin 0 and are taken
-    back out (``tl.histogram``'s own ``mask=`` is recent; this works on every triton 3.x)."""
-    h = tl.histogram(tl.where(m, d, 0), NBINS)
-    n_off = TILE_ - tl.sum(m.to(tl.int32), axis=0)
-    return h - tl.where(tl.arange(0, NBINS) == 0, n_off, 0)
+    """Histogram of ``d`` over the lanes where ``m``: ``tl.histogram``'s own mask, or (older
+    Triton) masked lanes go to bin 0 and are taken back out, at the price of a block-wide
+    count (a cross-warp reduction per tile)."""
+    if _HIST_MASK:
+        h = tl.histogram(d, NBINS, mask=m)
+    else:
+        h = tl.histogram(tl.where(m, d, 0), NBINS)
+        n_off = TILE_ - tl.sum(m.to(tl.int32), axis=0)
+        h = h - tl.where(tl.arange(0, NBINS) == 0, n_off, 0)
+    return h
 
 
 @triton.jit
