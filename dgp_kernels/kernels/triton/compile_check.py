@@ -79,7 +79,7 @@ def _variants(ts, torch):
             refine_sig = dict(g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64,
                               cand_off=i64, cand_key="*" + kt, prefix_a=i64, prefix_b=i64,
                               hist="*i32", tick="*i32", chk_nchk=i64, level="i32", prefix=i64,
-                              rank=i64, active=i64, flags=i64, **thr)
+                              rank=i64, active=i64, flags=i64, **thr, cand2=i64, fill2=i64)
             for rel in (False, True):  # sampled path: first digit of the candidates
                 nb = ts.REL_BINS if rel else 1 << ts.FIRST_DIGIT_BITS
                 for fuse in fusions:
@@ -87,18 +87,22 @@ def _variants(ts, torch):
                         c, FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift,
                         DMASK=(1 << ts.FIRST_DIGIT_BITS) - 1, NBINS=nb, TILE_=ts.TILE,
                         CHUNK_=ts.CAND_CHUNK, FUSE=fuse, WIDTH=nb.bit_length() - 1,
-                        APPEND=False, FINAL=False),
+                        APPEND=False, FINAL=False, COMPACT=False),
                         f"refine {tag} first digit of candidates rel={int(rel)} fuse={int(fuse)}"))
             for from_cand, widths in ((True, widths_cand), (False, widths_data)):
                 pshift = shift
                 for j, w in enumerate(widths):
+                    compact = from_cand and j == 1 and len(widths) > 2
+                    sig = dict(refine_sig, cand2="*" + kt) if compact else refine_sig
                     for fuse in fusions:
-                        out.append((ts._refine_kernel, refine_sig,
+                        out.append((ts._refine_kernel, sig,
                             dict(c, FROM_CAND=from_cand, REL=False, PSHIFT=pshift,
                                  DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=max(1 << w, 32),
                                  TILE_=ts.TILE, CHUNK_=ts.CAND_CHUNK if from_cand else ts.CHUNK,
-                                 FUSE=fuse, WIDTH=w, APPEND=True, FINAL=j == len(widths) - 1),
-                            f"refine {tag} digit={w} cand={int(from_cand)} fuse={int(fuse)}"))
+                                 FUSE=fuse, WIDTH=w, APPEND=True, FINAL=j == len(widths) - 1,
+                                 COMPACT=compact),
+                            f"refine {tag} digit={w} cand={int(from_cand)} level={j} "
+                            f"fuse={int(fuse)} compact={int(compact)}"))
                     pshift -= w
             for fuse in fusions:
                 out.append((ts._count_kernel, dict(

@@ -84,6 +84,10 @@ CHUNK = 32 * TILE
 # Candidate refinement: fewer tiles per program, so that a few million candidates spread
 # over enough programs to fill the GPU (64K per program left 96 programs for a 25M tensor).
 CAND_CHUNK = 4 * TILE
+# Candidate refinement copies the keys that match the prefix after two digits into a second
+# slot at level 1 (a few percent of the candidates), so that the later levels (fp32: 2 of
+# 5, fp64: 5 of 7) read only those instead of every candidate.
+COMPACT_CANDIDATES = True
 # Blocks per superblock: the count passes add each block's counts into its superblock, the
 # per-layer scan runs over superblocks (a 25M tensor: 191 instead of 12,208 blocks, in one
 # program), and the write pass adds the counts of the at most SUPER - 1 blocks before it in
@@ -691,11 +695,13 @@ def _finish_count(
 def _refine_kernel(
     g_ptrs, e_ptrs, seg_n, chk_seg, chk_start, cand_off, cand_key, prefix_a, prefix_b, hist,
     tick, chk_nchk, level, prefix, rank, active, flags, t_hi, t_lo, skip_hi, end_hi, take_lo, S,
+    cand2, fill2,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     FROM_CAND: tl.constexpr,
     REL: tl.constexpr, PSHIFT: tl.constexpr, DSHIFT: tl.constexpr, DMASK: tl.constexpr,
     NBINS: tl.constexpr, TILE_: tl.constexpr, CHUNK_: tl.constexpr,
     FUSE: tl.constexpr, WIDTH: tl.constexpr, APPEND: tl.constexpr, FINAL: tl.constexpr,
+    COMPACT: tl.constexpr,
 ):
     """Phase 2: histogram of the next digit of the keys whose higher bits lie in
     ``[prefix_a, prefix_b]`` of the upper (row ``2*seg``) or lower (row ``2*seg+1``)
@@ -707,7 +713,10 @@ def _refine_kernel(
     ``FUSE``: the layer's last program then locates the level's boundary digits
     (:func:`_locate_layer` with ``WIDTH``, ``APPEND``, ``REL``, ``FINAL``; else
     ``_locate_kernel`` does); the ticket counts every level's programs (``level`` levels
-    of ``chk_nchk[seg]`` programs came before)."""
+    of ``chk_nchk[seg]`` programs came before). ``COMPACT`` (candidates): also copy the
+    keys that match a prefix into the same slot of ``cand2`` (``fill2`` counts them: one
+    relaxed atomic per tile), so that the later levels read those few instead of every
+    candidate."""
     pid = tl.program_id(0)
     seg = tl.load(chk_seg + pid)
     start = tl.load(chk_start + pid)
@@ -736,8 +745,16 @@ def _refine_kernel(
         else:
             d_hi = ((key >> DSHIFT) & DMASK).to(tl.int32)
             d_lo = d_hi
-        h_hi += _masked_histogram(d_hi, m & (top >= a_hi) & (top <= b_hi), NBINS, TILE_)
-        h_lo += _masked_histogram(d_lo, m & (top >= a_lo) & (top <= b_lo), NBINS, TILE_)
+        m_hi = m & (top >= a_hi) & (top <= b_hi)
+        m_lo = m & (top >= a_lo) & (top <= b_lo)
+        h_hi += _masked_histogram(d_hi, m_hi, NBINS, TILE_)
+        h_lo += _masked_histogram(d_lo, m_lo, NBINS, TILE_)
+        if COMPACT:
+            k = (m_hi | m_lo).to(tl.int32)
+            nk = tl.sum(k, axis=0)
+            if nk > 0:
+                at = tl.atomic_add(fill2 + seg, nk, sem="relaxed")
+                tl.store(cand2 + c_base + at + (tl.cumsum(k, axis=0) - k), key, mask=k != 0)
     bins = tl.arange(0, NBINS)
     row = seg.to(tl.int64) * 2
     tl.atomic_add(hist + row * NBINS + bins, h_hi, mask=h_hi != 0, sem="relaxed")
@@ -1313,9 +1330,18 @@ def _launch(plan: _Plan, ptrs: Tensor, S: int, cfg: _Mode, sampled: bool, nan_me
     if st.cand_key is not None:
         src = (st.cand_n, st.c_seg, st.c_start, st.cand_off, st.cand_key)
         n_refine, nchk, chunk = st.c_chunks, st.c_nchk, CAND_CHUNK
+        # the keys matching the prefix after two digits (a few percent of the candidates)
+        # are copied out at level 1, and the later levels read only those
+        compact_at = 1 if COMPACT_CANDIDATES and len(widths) > 2 else -1
     else:
         src = (plan.seg_n, plan.chk_seg, plan.chk_start, plan.offsets, level_hists[0])
         n_refine, nchk, chunk = plan.n_chunks, plan.chk_nchk, CHUNK
+        compact_at = -1
+    compacted = None
+    if compact_at >= 0 and n_refine:
+        fill2 = torch.zeros(S, dtype=torch.int64, device=st.cand_key.device)
+        compacted = (fill2, torch.empty_like(st.cand_key))
+    dummy = (st.rank, st.rank)  # (cand2, fill2) of the levels that copy nothing
     for level, w in enumerate(widths):
         # >= 32 bins: older triton lowers tl.histogram with a warp-ballot scheme that
         # asserts num_bins % 32 == 0 (the 4-bit digit of 16-bit floats uses 16 of 32).
@@ -1324,14 +1350,17 @@ def _launch(plan: _Plan, ptrs: Tensor, S: int, cfg: _Mode, sampled: bool, nan_me
         final = level == len(widths) - 1
         if n_refine:
             # ``flags`` of the locate is only written at the SHARED level: ``st.rank`` fills in
+            compact = level == compact_at and compacted is not None
             _refine_kernel[(n_refine,)](
                 g_ptrs, e_ptrs, *src, st.prefix, st.prefix, h,
                 st.tick[2], nchk, level + st.refine_levels, st.prefix, st.rank, plan.active,
-                st.rank, *thresholds, S,
+                st.rank, *thresholds, S, *(compacted[::-1] if compact else dummy),
                 FROM_CAND=st.cand_key is not None, REL=False, PSHIFT=pshift,
                 DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=nbins, TILE_=TILE, CHUNK_=chunk,
-                FUSE=fuse, WIDTH=w, APPEND=True, FINAL=final, **common,
+                FUSE=fuse, WIDTH=w, APPEND=True, FINAL=final, COMPACT=compact, **common,
             )
+            if compact:  # later levels: the copied keys, in the same slots
+                src = (compacted[0], *src[1:4], compacted[1])
         if not fuse:
             _locate_kernel[(S,)](
                 h, st.prefix, st.rank, st.rank, plan.active, st.rank, *thresholds, S,
@@ -1604,10 +1633,10 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, fuse) -> _State:
     if plan.n_cap_chunks:
         _refine_kernel[(plan.n_cap_chunks,)](
             g_ptrs, e_ptrs, fill, plan.cap_seg, plan.cap_start, plan.cap_off, cand_key,
-            ranges[0], ranges[1], h, st.tick[2], plan.cap_nchk, 0, *locate,
+            ranges[0], ranges[1], h, st.tick[2], plan.cap_nchk, 0, *locate, st.rank, st.rank,
             FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift, DMASK=nb1 - 1, NBINS=nbins,
             TILE_=TILE, CHUNK_=CAND_CHUNK, FUSE=fuse, WIDTH=width, APPEND=False, FINAL=False,
-            **common,
+            COMPACT=False, **common,
         )
     if not fuse:
         _locate_kernel[(S,)](
