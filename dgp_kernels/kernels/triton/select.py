@@ -30,9 +30,10 @@ full table is in README.md):
    huge) until both boundary keys ``T_hi``, ``T_lo`` are exact, with each boundary's
    ordinal inside its tie group (by the tie rule, its position in index order).
 3. ``_cand_count_kernel`` (or ``_count_kernel``): per block, keys strictly inside
-   ``(T_lo, T_hi)`` and ties of each boundary; ``_scan_kernel``: per-layer prefix sums
-   give each block its first tie ordinals and output slot (no per-element atomics);
-   ``_write_kernel``: ordered compaction, kept = strictly inside, or tied at ``T_hi`` with
+   ``(T_lo, T_hi)`` and ties of each boundary, also summed per superblock of ``SUPER``
+   blocks; ``_scan_kernel``: per-layer prefix sums over the superblocks (no per-element
+   atomics); ``_write_kernel``: the block's first tie ordinals and output slot from its
+   superblock's and the blocks before it in the superblock, then ordered compaction, kept = strictly inside, or tied at ``T_hi`` with
    ordinal ``>= skip_hi``, or tied at ``T_lo`` with ordinal ``<= take_lo``; writes int64
    indices and values, the residual ``v`` with kept positions ``+0.0`` (error feedback),
    or the dense pruned tensor.
@@ -40,7 +41,10 @@ full table is in README.md):
 
 from __future__ import annotations
 
+import array
+import functools
 import inspect
+import operator
 import os
 import threading
 from collections import OrderedDict
@@ -74,7 +78,8 @@ __all__ = [
 
 # Elements per program of the counting/compaction passes. 2048 lets one program hold a
 # block in registers with 8 warps (8 elements per thread) and keeps the per-block tables
-# small (25M elements -> 12k blocks, 300 KB of int64). Not tuned on a GPU yet.
+# small (25M elements -> 12k blocks). Not tuned on a GPU yet (1024 halves the registers of
+# the gather and write passes on sm_90: 35 and 56 instead of 64 and 105).
 BLOCK = 2048
 # Histogram passes: each program loops over CHUNK elements TILE at a time and issues one
 # atomic per non-empty bin at the end (2048 bins per 64K elements instead of one atomic per
@@ -99,9 +104,9 @@ VALIDATE_LANES = 8
 # Superblocks per step of the per-layer scan (one program per layer).
 SCAN_TILE = 1024
 SCAN_WARPS = 8
-# Blocks per step of the same scans when they run fused in the last program of a data pass
-# (FUSE_TAILS): small, so that the tail does not raise the register count (and lower the
-# occupancy) of the whole pass.
+# Superblocks per step of the same scan when it runs fused in the last program of a count
+# pass (FUSE_TAILS): small, so that the tail does not raise the register count (and lower
+# the occupancy) of the whole pass.
 FUSED_SCAN_TILE = 512
 # Programs per layer of the sampled path's sample histogram (one program per layer left
 # the SMs idle for a single big tensor: 0.12 ms for a 25M tensor on an H200).
@@ -114,10 +119,10 @@ FUSE_TAILS = os.environ.get("DGP_TRITON_FUSE", "0") == "1"
 # Warps per program of the data passes (gather, count, write, histograms). Not tuned yet.
 NUM_WARPS = 8
 # Register caps (ptxas ``.maxnreg``) of the gather and write passes; 0: the compiler's
-# choice. Both passes are issue-bound at low occupancy on an H200 (ncu: write 102 registers,
-# 24% occupancy; gather 77, 36%); for sm_90 ptxas fits the write pass in 80 registers
-# with 16 bytes of spills (3 programs of 8 warps per SM instead of 2), in 64 with 40.
-# Swept by bench/gpu_profile.py; not measured yet.
+# choice. Both passes were issue-bound at low occupancy on an H200 (ncu: write 102
+# registers, 24% occupancy; gather 77, 36%); the write pass now takes 105 on sm_90 (2
+# programs of 8 warps per SM), 80 would allow 3. Swept by bench/gpu_profile.py; not
+# measured yet.
 GATHER_MAXNREG = 0
 WRITE_MAXNREG = 0
 # Persistent data passes (gather, write): PERSISTENT programs per SM (in the interpreter:
@@ -1072,8 +1077,11 @@ def _block_table(ns: Sequence[int], size: int) -> Tuple[List[int], List[int], Li
 
 
 def _to_device(parts: Sequence[Sequence[int]], device: torch.device) -> List[Tensor]:
-    """Int64 tensors of ``parts`` on ``device`` in one (pinned, asynchronous) transfer."""
-    host = torch.tensor([x for p in parts for x in p], dtype=torch.int64)
+    """Int64 tensors of ``parts`` on ``device`` in one (pinned, asynchronous) transfer.
+    (Through an ``array``: half the host time of ``torch.tensor`` on a list of a few
+    hundred pointers.)"""
+    flat = array.array("q", [x for p in parts for x in p])
+    host = torch.frombuffer(flat, dtype=torch.int64) if flat else torch.empty(0, dtype=torch.int64)
     if device.type == "cuda":
         host = host.pin_memory().to(device, non_blocking=True)
     return list(torch.split(host, [len(p) for p in parts]))
@@ -1222,7 +1230,7 @@ def band_multi_triton(
     sampled = bool(sampled and plan.n_blocks)
     table = [t.data_ptr() for x in (gs, e_list, d_list) for t in x]
     cfg = _Mode(dtype, has_e, dense is not None, want_sparse and total > 0,
-                all(p % 16 == 0 for p in table), FUSE_TAILS)
+                functools.reduce(operator.or_, table, 0) & 15 == 0, FUSE_TAILS)
     table += [out_idx.data_ptr(), out_val.data_ptr()]
     flags = None
     if sampled and USE_CUDA_GRAPHS and device.type == "cuda":
