@@ -57,6 +57,11 @@ if [ "$PART" = tests ] || [ "$PART" = all ]; then
     -k "matches_cpp_kernel or cuda" > "$OUT/tests_more.log" 2>&1
   echo "tests_more rc=$?" >> "$OUT/tests_more.log"
   tail -4 "$OUT/tests_more.log"
+  stamp "dgp bench --gpu on (the CLI's CPU table, then the GPU benchmark), small"
+  { echo "===== dgp bench --gpu on --quick --threads 16 --size 2000000"
+    timeout 120 $PY -m dgp_kernels.cli bench --gpu on --quick --threads 16 --size 2000000 2>&1 | tail -40
+    echo "dgp bench rc=${PIPESTATUS[0]}"; } >> "$OUT/tests_more.log"
+  tail -3 "$OUT/tests_more.log"
 fi
 
 if [ "$PART" = bench ] || [ "$PART" = all ]; then
