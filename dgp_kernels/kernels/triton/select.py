@@ -33,8 +33,9 @@ full table is in README.md):
    ``(T_lo, T_hi)`` and ties of each boundary, also summed per superblock of ``SUPER``
    blocks; ``_scan_kernel``: per-layer prefix sums over the superblocks (no per-element
    atomics); ``_write_kernel``: the block's first tie ordinals and output slot from its
-   superblock's and the blocks before it in the superblock, then ordered compaction, kept = strictly inside, or tied at ``T_hi`` with
-   ordinal ``>= skip_hi``, or tied at ``T_lo`` with ordinal ``<= take_lo``; writes int64
+   superblock's and the blocks before it in the superblock, then ordered compaction: kept =
+   strictly inside, or tied at ``T_hi`` with ordinal ``>= skip_hi``, or tied at ``T_lo``
+   with ordinal ``<= take_lo``; writes int64
    indices and values, the residual ``v`` with kept positions ``+0.0`` (error feedback),
    or the dense pruned tensor.
 """
@@ -944,7 +945,8 @@ def _block_prefix(pid, seg, cnt, num_blocks, seg_first, seg_sbf, skip_hi, end_hi
     ol0 = tl.load(sb_ord_lo + sb)
     oh = oh0 + ((tot >> 21) & 0x1FFFFF)
     ol = ol0 + (tot >> 42)
-    kh = tl.maximum(tl.minimum(oh, tl.load(end_hi + seg) + 1) - tl.maximum(oh0, tl.load(skip_hi + seg)), 0)
+    skip, endh = tl.load(skip_hi + seg), tl.load(end_hi + seg)
+    kh = tl.maximum(tl.minimum(oh, endh + 1) - tl.maximum(oh0, skip), 0)
     kl = tl.maximum(tl.minimum(ol, tl.load(take_lo + seg) + 1) - ol0, 0)
     return oh, ol, tl.load(sb_out + sb) + (tot & 0x1FFFFF) + kh + kl
 
