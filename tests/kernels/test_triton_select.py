@@ -7,6 +7,7 @@ CUDA kernels; the device that is not available skips with its reason.
 """
 
 import os
+import re
 import sys
 
 import pytest
@@ -425,6 +426,17 @@ def test_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failures" in proc.stdout
+    # the static resource report (registers, spills, SASS size) of one variant, with a
+    # module constant changed first
+    proc = subprocess.run(
+        [sys.executable, "-m", "dgp_kernels.kernels.triton.compile_check", "--resources",
+         "--set", "BLOCK=1024", "--match", "write float32 ef=1 sparse=1 aligned=1 persist=0"],
+        env=env, capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("ok")]
+    assert len(line) == 1 and re.search(r"regs=\d+ stack=\d+ local=\d+ sass=\d+$", line[0]), line
 
 
 @pytest.mark.parametrize("device", DEVICES)

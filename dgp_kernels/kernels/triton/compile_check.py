@@ -2,19 +2,29 @@
 
     python -m dgp_kernels.kernels.triton.compile_check            # sm_90 (H100)
     python -m dgp_kernels.kernels.triton.compile_check --arch 80  # A100
+    python -m dgp_kernels.kernels.triton.compile_check --resources --match "write float32"
 
 The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute, not that they
 lower to PTX: this runs Triton's real compiler (and the ptxas bundled with the triton
 wheel) on each (dtype, error feedback, output) variant the launcher can ask for, so a
 GPU-only compile error shows up in CI. Must run with ``TRITON_INTERPRET`` unset (the test
 starts it in a subprocess). Prints one line per variant; exit status 1 if any fails.
+``--resources`` adds what ptxas gave each variant (registers, stack = spills, local
+memory: they decide how many programs share an SM) and its SASS instruction count (static,
+both branches of every ``if``), read from the cubin with the ``cuobjdump`` in the triton
+wheel; ``--match`` keeps the variants whose label holds the text; ``--set BLOCK=1024``
+(repeatable) changes a module constant of ``select`` first. A static view of the kernels
+on a machine without a GPU, not a timing.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 # dtype name -> (torch dtype, triton pointer type of the data, of the candidate keys)
@@ -157,9 +167,30 @@ def _variants(ts, torch):
     return out
 
 
+def _resources(cubin: bytes, triton) -> str:
+    """``regs=.. stack=.. local=.. sass=..`` of one cubin (cuobjdump from the triton wheel;
+    spilled registers show as stack bytes)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", usage)
+    n_ins = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M))
+    if not m:
+        return f"sass={n_ins}"
+    return f"regs={m.group(1)} stack={m.group(2)} local={m.group(3)} sass={n_ins}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90)")
+    parser.add_argument("--resources", action="store_true",
+                        help="also print registers, stack, spills and SASS instructions")
+    parser.add_argument("--match", default="", help="only the variants whose label holds this")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=INT",
+                        help="set a module constant of select first, e.g. BLOCK=1024")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
@@ -171,9 +202,17 @@ def main(argv=None) -> int:
 
     from . import select as ts
 
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not hasattr(ts, name) or not value:
+            print(f"compile_check: --set {item!r}: no such constant NAME=INT in select")
+            return 2
+        setattr(ts, name, type(getattr(ts, name))(int(value)))
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for fn, sig, consts, label in _variants(ts, torch):
+        if args.match not in label:
+            continue
         t0 = time.perf_counter()
         src = ASTSource(
             fn=fn,
@@ -190,8 +229,9 @@ def main(argv=None) -> int:
             else:
                 warps = ts.NUM_WARPS
             k = triton.compile(src, target=target, options={"num_warps": warps})
+            extra = f" {_resources(k.asm['cubin'], triton)}" if args.resources else ""
             print(f"ok   sm_{args.arch} {label:<40} shared={k.metadata.shared:>6} B "
-                  f"{time.perf_counter() - t0:.1f}s")
+                  f"{time.perf_counter() - t0:.1f}s{extra}")
         except Exception as exc:  # report every failing variant, not just the first
             failures += 1
             print(f"FAIL sm_{args.arch} {label}: {type(exc).__name__}: {exc}")
