@@ -81,10 +81,11 @@ def _variants(ts, torch):
             for fuse in fusions:
                 out.append((ts._sample_kernel, dict(
                     g_ptrs=i64, e_ptrs=i64, seg_n=i64, hist="*i32", tick="*i32", rank0=i64,
-                    rank=i64, active=i64, range_a=i64, range_b=i64, wide=i64),
+                    rank=i64, active=i64, range_a=i64, range_b=i64, rstart=i64, wide=i64),
                     dict(c, SHIFT=shift, NBINS=1 << ts.FIRST_DIGIT_BITS, SAMPLE_=ts.SAMPLE,
                          SPLIT=ts.SAMPLE_SPLIT, TILE_=ts.TILE, FUSE=fuse,
-                         SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK, REL=ts.REL_BINS),
+                         SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK, REL=ts.REL_BINS,
+                         FINE=ts.FINE_BITS),
                     f"sample {tag} fuse={int(fuse)}"))
             refine_sig = dict(g_ptrs=i64, e_ptrs=i64, seg_n=i64, chk_seg=i64, chk_start=i64,
                               cand_off=i64, cand_key="*" + kt, prefix_a=i64, prefix_b=i64,
@@ -97,7 +98,7 @@ def _variants(ts, torch):
                         c, FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift,
                         DMASK=(1 << ts.FIRST_DIGIT_BITS) - 1, NBINS=nb, TILE_=ts.TILE,
                         CHUNK_=ts.CAND_CHUNK, FUSE=fuse, WIDTH=nb.bit_length() - 1,
-                        APPEND=False, FINAL=False, COMPACT=False),
+                        APPEND=False, FINAL=False, COMPACT=False, KEYRANGE=True),
                         f"refine {tag} first digit of candidates rel={int(rel)} fuse={int(fuse)}"))
             for from_cand, widths in ((True, widths_cand), (False, widths_data)):
                 pshift = shift
@@ -110,7 +111,7 @@ def _variants(ts, torch):
                                  DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=max(1 << w, 32),
                                  TILE_=ts.TILE, CHUNK_=ts.CAND_CHUNK if from_cand else ts.CHUNK,
                                  FUSE=fuse, WIDTH=w, APPEND=True, FINAL=j == len(widths) - 1,
-                                 COMPACT=compact),
+                                 COMPACT=compact, KEYRANGE=False),
                             f"refine {tag} digit={w} cand={int(from_cand)} level={j} "
                             f"fuse={int(fuse)} compact={int(compact)}"))
                     pshift -= w
@@ -157,8 +158,9 @@ def _variants(ts, torch):
             f"locate width={width} shared={int(shared)} append={int(append)} rel={int(rel)} "
             f"final={int(final)}"))
     out.append((ts._range_kernel, dict(hist="*i32", seg_n=i64, rank0=i64, rank=i64, active=i64,
-                range_a=i64, range_b=i64, wide=i64), dict(NBINS=1 << f, SAMPLE_=ts.SAMPLE,
-                SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK, REL=ts.REL_BINS), "range"))
+                range_a=i64, range_b=i64, rstart=i64, wide=i64), dict(
+                NBINS=1 << f, SAMPLE_=ts.SAMPLE, SIGMAS=ts.SAMPLE_SIGMAS, SLACK=ts.SAMPLE_SLACK,
+                REL=ts.REL_BINS, FINE=ts.FINE_BITS, SHIFT=31 - f), "range"))
     out.append((ts._validate_kernel, dict(totals=i64, range_a=i64, rank=i64, active=i64,
                 cand_cap=i64, cand_fill=i64, flags=i64, S="i32", seg_n=i64, tail_n=i64),
                 dict(LANES=ts.VALIDATE_LANES, WIDE_MISSES=ts.REL_FIRST_DIGIT), "validate"))

@@ -17,9 +17,9 @@ interpreter, which runs programs one after another, executes them as the GPU wou
 full table is in README.md):
 
 1. Boundary ranges. Sampled path (large calls): ``_sample_kernel`` histograms the first
-   11-bit key digit of a strided sample per layer, ``_range_kernel`` turns it into digit
-   ranges that hold rank ``k_top`` (upper boundary) and ``k_top + k_keep - 1`` (lower)
-   with high probability. Exact path (small calls, and the fallback): ``_hist_kernel``
+   11-bit key digit of a strided sample per layer (and that digit extended by
+   ``FINE_BITS``), ``_range_kernel`` turns them into key ranges that hold rank ``k_top``
+   (upper boundary) and ``k_top + k_keep - 1`` (lower) with high probability. Exact path (small calls, and the fallback): ``_hist_kernel``
    histograms every key, ``_locate_kernel`` finds the two buckets exactly.
 2. ``_gather_kernel``: per block, the count of keys strictly between the two ranges (all
    kept) and the keys inside them appended to a per-layer candidate slot; on the sampled
@@ -94,6 +94,11 @@ CAND_CHUNK = 4 * TILE
 # slot at level 1 (a few percent of the candidates), so that the later levels (fp32: 2 of
 # 5, fp64: 5 of 7) read only those instead of every candidate.
 COMPACT_CANDIDATES = True
+# The sampled path's ranges are key ranges, narrowed from the first digit to 2^-FINE_BITS
+# of it by a second, finer histogram of the sample (one relaxed atomic per sampled entry):
+# for float32 randn the candidates fall from ~14% to ~6% of the layer (a 600K-entry layer:
+# 14.2% -> 5.8%; 1/64 instead of 1/8 of an octave per bucket); 0: whole first digits.
+FINE_BITS = 3
 # Blocks per superblock: the count passes add each block's counts into its superblock, the
 # per-layer scan runs over superblocks (a 25M tensor: 191 instead of 12,208 blocks, in one
 # program), and the write pass adds the counts of the at most SUPER - 1 blocks before it in
@@ -450,11 +455,16 @@ def _gather_block(
     else:
         v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, FULL == 2)
     key = _key(v, KIND)
-    dig = (key >> SHIFT).to(tl.int32)  # 11-bit digits: int32 compares
-    ha = tl.load(range_a + 2 * seg).to(tl.int32)  # -1 for an empty band: matches nothing
-    hb = tl.load(range_b + 2 * seg).to(tl.int32)
-    la = tl.load(range_a + 2 * seg + 1).to(tl.int32)
-    lb = tl.load(range_b + 2 * seg + 1).to(tl.int32)
+    if SAMPLED:  # key ranges from the sample (32-bit keys: int32 compares)
+        dig = key
+    else:  # single first-digit buckets: 11-bit digits, int32 compares
+        dig = (key >> SHIFT).to(tl.int32)
+    ha = tl.load(range_a + 2 * seg)  # -1 for an empty band: matches nothing
+    hb = tl.load(range_b + 2 * seg)
+    la = tl.load(range_a + 2 * seg + 1)
+    lb = tl.load(range_b + 2 * seg + 1)
+    if not (SAMPLED and KIND == 1):  # (float64 key ranges stay int64)
+        ha, hb, la, lb = ha.to(tl.int32), hb.to(tl.int32), la.to(tl.int32), lb.to(tl.int32)
     in_h = m & (dig >= ha) & (dig <= hb)
     in_l = m & (dig >= la) & (dig <= lb) & (~in_h)
     strict = m & (dig > lb) & (dig < ha)
@@ -497,17 +507,21 @@ def _gather_block(
 
 @triton.jit
 def _sample_kernel(
-    g_ptrs, e_ptrs, seg_n, hist, tick, rank0, rank, active, range_a, range_b, wide,
+    g_ptrs, e_ptrs, seg_n, hist, tick, rank0, rank, active, range_a, range_b, rstart, wide,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     SHIFT: tl.constexpr,
     NBINS: tl.constexpr, SAMPLE_: tl.constexpr, SPLIT: tl.constexpr, TILE_: tl.constexpr,
     FUSE: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr, REL: tl.constexpr,
+    FINE: tl.constexpr,
 ):
     """Sampled path, phase 1: first-digit histogram of ``min(n, SAMPLE_)`` entries of one
     layer at a fixed stride (all of it when ``n <= SAMPLE_``, so small layers are exact).
     Program ``(seg, p)`` takes the ``p``-th of ``SPLIT`` parts of the sample and adds its
-    histogram into the zeroed ``hist`` row (one atomic per non-empty bin). ``FUSE``: the
-    layer's last program then runs :func:`_range_layer` (else ``_range_kernel`` does)."""
+    histogram into the zeroed ``hist`` row (one atomic per non-empty bin), and, ``FINE``,
+    the histogram of the first digit extended by ``FINE`` more bits into the layer's row of
+    ``NBINS << FINE`` bins after all S coarse rows (one relaxed atomic per sampled entry:
+    the bins are many and the sample small). ``FUSE``: the layer's last program then runs
+    :func:`_range_layer` (else ``_range_kernel`` does)."""
     seg = tl.program_id(0)
     part = tl.program_id(1)
     n = tl.load(seg_n + seg)
@@ -524,40 +538,64 @@ def _sample_kernel(
         m = i < hi
         key = _key(_load_v(g_base, e_base, i * stride, m, KIND, HAS_E, True), KIND)
         h += _masked_histogram((key >> SHIFT).to(tl.int32), m, NBINS, TILE_)
+        if FINE > 0:
+            frow = hist + tl.num_programs(0) * NBINS + seg.to(tl.int64) * (NBINS << FINE)
+            tl.atomic_add(frow + (key >> (SHIFT - FINE)).to(tl.int32), 1, mask=m, sem="relaxed")
     bins = tl.arange(0, NBINS)
     tl.atomic_add(hist + seg.to(tl.int64) * NBINS + bins, h, mask=h != 0, sem="relaxed")
     if FUSE:
         if _last_program(tick, seg, SPLIT - 1):
-            _range_layer(seg, hist, seg_n, rank0, rank, active, range_a, range_b, wide,
-                         NBINS, SAMPLE_, SIGMAS, SLACK, REL)
+            _range_layer(seg, hist, seg_n, rank0, rank, active, range_a, range_b, rstart, wide,
+                         NBINS, SAMPLE_, SIGMAS, SLACK, REL, FINE, SHIFT)
 
 
 @triton.jit
-def _sample_range(row, rho, d, s, exact, NBINS: tl.constexpr):
-    """Digits ``[a, b]`` spanning sample ranks ``rho - d .. rho + d (+1)``; a side that hits
-    the end of the sample runs to the end of the digit range (the layer's extreme values
-    need not be in the sample)."""
+def _sample_range(row, frow, rho, d, s, exact, NBINS: tl.constexpr, FINE: tl.constexpr,
+                  SHIFT: tl.constexpr):
+    """Keys ``[ka, kb]`` spanning sample ranks ``rho - d .. rho + d (+1)``, and the first
+    digits ``a``, ``b`` of those ends: the first digit holding each end's rank, narrowed
+    (``FINE``) to the ``2^FINE``-th of that digit holding it (``frow``: the layer's row of
+    first digits extended by ``FINE`` bits). A side that hits the end of the sample runs to
+    the end of the key range (the layer's extreme values need not be in the sample)."""
     top = rho - d
     bottom = rho + d + (1 - exact.to(tl.int64))
-    b, _r0, _s0 = _locate_row(row, tl.maximum(top, 0), NBINS, NBINS)
-    a, _r1, _s1 = _locate_row(row, tl.minimum(bottom, s - 1), NBINS, NBINS)
-    b = tl.where((top <= 0) & (~exact), NBINS - 1, b)
-    a = tl.where((bottom >= s - 1) & (~exact), 0, a)
-    return a, b
+    b, r_b, _s0 = _locate_row(row, tl.maximum(top, 0), NBINS, NBINS)
+    a, r_a, _s1 = _locate_row(row, tl.minimum(bottom, s - 1), NBINS, NBINS)
+    b64 = b.to(tl.int64)  # keys in int64 (float64's 63-bit keys)
+    a64 = a.to(tl.int64)
+    if FINE > 0:  # the sub-bucket of each end's digit that holds its rank
+        fb, _r2, _s2 = _locate_row(frow + (b64 << FINE), r_b, 1 << FINE, 1 << FINE)
+        fa, _r3, _s3 = _locate_row(frow + (a64 << FINE), r_a, 1 << FINE, 1 << FINE)
+        kb = ((((b64 << FINE) | fb) + 1) << (SHIFT - FINE)) - 1
+        ka = ((a64 << FINE) | fa) << (SHIFT - FINE)
+    else:
+        kb = ((b64 + 1) << SHIFT) - 1
+        ka = a64 << SHIFT
+    run_top = (top <= 0) & (~exact)
+    run_bottom = (bottom >= s - 1) & (~exact)
+    b = tl.where(run_top, NBINS - 1, b)
+    kb = tl.where(run_top, kb * 0 + ((NBINS << SHIFT) - 1), kb)  # every key up to NaN's
+    a = tl.where(run_bottom, 0, a)
+    ka = tl.where(run_bottom, 0, ka)
+    return a, b, ka, kb
 
 
 @triton.jit
 def _range_layer(
-    seg, hist, seg_n, rank0, rank, active, range_a, range_b, wide,
+    seg, hist, seg_n, rank0, rank, active, range_a, range_b, rstart, wide,
     NBINS: tl.constexpr, SAMPLE_: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr,
-    REL: tl.constexpr,
+    REL: tl.constexpr, FINE: tl.constexpr, SHIFT: tl.constexpr,
 ):
-    """Sampled path: digit ranges that hold each boundary's rank of layer ``seg`` with high
-    probability. In sample space a boundary sits at rank ``rho = R * s / n`` give or take a
-    binomial ``sqrt(s p (1 - p))``; the range spans the digits at ranks ``rho -/+ (SIGMAS *
-    that + SLACK)`` (exactly ``rho`` when the whole layer was sampled). Overlapping ranges
-    merge. ``wide[seg]`` = 1 when a range of an active layer spans more than ``REL`` digits.
-    Copies the layer's two ranks from the plan's ``rank0`` into the call's ``rank``."""
+    """Sampled path: key ranges ``[range_a, range_b]`` that hold each boundary's rank of
+    layer ``seg`` with high probability (see :func:`_sample_range`), and the first digit of
+    each range's start (``rstart``). In sample space a boundary sits at rank
+    ``rho = R * s / n`` give or take a binomial ``sqrt(s p (1 - p))``; the range spans the
+    keys at ranks ``rho -/+ (SIGMAS * that + SLACK)`` (exactly ``rho`` when the whole layer
+    was sampled). Ranges that share a first digit merge (so that no later digit level ever
+    sees keys of both in one bucket). ``wide[seg]`` = 1 when a range of an active layer
+    spans more than ``REL`` first digits. Copies the layer's two ranks from the plan's
+    ``rank0`` into the call's ``rank``."""
+    frow = hist + tl.num_programs(0) * NBINS + seg.to(tl.int64) * (NBINS << FINE)
     n = tl.load(seg_n + seg)
     act = tl.load(active + seg) != 0
     s = tl.minimum(n, SAMPLE_)
@@ -568,19 +606,23 @@ def _range_layer(
     rho = (rr_hi * s) // tl.maximum(n, 1)
     p = rho.to(tl.float32) / sf
     d = tl.where(exact, 0, (SIGMAS * tl.sqrt(sf * p * (1.0 - p)) + SLACK).to(tl.int64))
-    a_hi, b_hi = _sample_range(row, rho, d, s, exact, NBINS)
+    a_hi, b_hi, ka_hi, kb_hi = _sample_range(row, frow, rho, d, s, exact, NBINS, FINE, SHIFT)
     rr_lo = tl.load(rank0 + 2 * seg + 1)
     rho = (rr_lo * s) // tl.maximum(n, 1)
     p = rho.to(tl.float32) / sf
     d = tl.where(exact, 0, (SIGMAS * tl.sqrt(sf * p * (1.0 - p)) + SLACK).to(tl.int64))
-    a_lo, b_lo = _sample_range(row, rho, d, s, exact, NBINS)
+    a_lo, b_lo, ka_lo, kb_lo = _sample_range(row, frow, rho, d, s, exact, NBINS, FINE, SHIFT)
     merge = b_lo >= a_hi
     a_hi = tl.where(merge, a_lo, a_hi)
     b_lo = tl.where(merge, b_hi, b_lo)
-    tl.store(range_a + 2 * seg, tl.where(act, a_hi, -1).to(tl.int64))
-    tl.store(range_b + 2 * seg, tl.where(act, b_hi, -1).to(tl.int64))
-    tl.store(range_a + 2 * seg + 1, tl.where(act, a_lo, -1).to(tl.int64))
-    tl.store(range_b + 2 * seg + 1, tl.where(act, b_lo, -1).to(tl.int64))
+    ka_hi = tl.where(merge, ka_lo, ka_hi)
+    kb_lo = tl.where(merge, kb_hi, kb_lo)
+    tl.store(range_a + 2 * seg, tl.where(act, ka_hi, -1).to(tl.int64))
+    tl.store(range_b + 2 * seg, tl.where(act, kb_hi, -1).to(tl.int64))
+    tl.store(range_a + 2 * seg + 1, tl.where(act, ka_lo, -1).to(tl.int64))
+    tl.store(range_b + 2 * seg + 1, tl.where(act, kb_lo, -1).to(tl.int64))
+    tl.store(rstart + 2 * seg, tl.where(act, a_hi, -1).to(tl.int64))
+    tl.store(rstart + 2 * seg + 1, tl.where(act, a_lo, -1).to(tl.int64))
     too_wide = (b_hi - a_hi >= REL) | (b_lo - a_lo >= REL)
     tl.store(wide + seg, (act & too_wide).to(tl.int64))
     tl.store(rank + 2 * seg, rr_hi)
@@ -589,13 +631,13 @@ def _range_layer(
 
 @triton.jit
 def _range_kernel(
-    hist, seg_n, rank0, rank, active, range_a, range_b, wide,
+    hist, seg_n, rank0, rank, active, range_a, range_b, rstart, wide,
     NBINS: tl.constexpr, SAMPLE_: tl.constexpr, SIGMAS: tl.constexpr, SLACK: tl.constexpr,
-    REL: tl.constexpr,
+    REL: tl.constexpr, FINE: tl.constexpr, SHIFT: tl.constexpr,
 ):
     """Sampled path: :func:`_range_layer` of every layer, one program each."""
-    _range_layer(tl.program_id(0), hist, seg_n, rank0, rank, active, range_a, range_b, wide,
-                 NBINS, SAMPLE_, SIGMAS, SLACK, REL)
+    _range_layer(tl.program_id(0), hist, seg_n, rank0, rank, active, range_a, range_b, rstart,
+                 wide, NBINS, SAMPLE_, SIGMAS, SLACK, REL, FINE, SHIFT)
 
 
 @triton.jit
@@ -707,15 +749,17 @@ def _refine_kernel(
     REL: tl.constexpr, PSHIFT: tl.constexpr, DSHIFT: tl.constexpr, DMASK: tl.constexpr,
     NBINS: tl.constexpr, TILE_: tl.constexpr, CHUNK_: tl.constexpr,
     FUSE: tl.constexpr, WIDTH: tl.constexpr, APPEND: tl.constexpr, FINAL: tl.constexpr,
-    COMPACT: tl.constexpr,
+    COMPACT: tl.constexpr, KEYRANGE: tl.constexpr,
 ):
     """Phase 2: histogram of the next digit of the keys whose higher bits lie in
     ``[prefix_a, prefix_b]`` of the upper (row ``2*seg``) or lower (row ``2*seg+1``)
     boundary of their layer (one value, the prefix found so far, except for the first
     level of the sampled path, which starts from digit ranges). Keys come from the layer's
     candidate slot (``FROM_CAND``; ``seg_n`` then holds slot fill counts) or are recomputed
-    from the data (the fallback for huge boundary buckets). ``REL``: the digit is the
-    first digit minus the start of the row's range (``NBINS`` covers every range).
+    from the data (the fallback for huge boundary buckets). ``KEYRANGE`` (the sampled
+    path's first level): ``[prefix_a, prefix_b]`` are key ranges, not digit prefixes.
+    ``REL``: the digit is the first digit minus that of the row's range start (``NBINS``
+    covers every range).
     ``FUSE``: the layer's last program then locates the level's boundary digits
     (:func:`_locate_layer` with ``WIDTH``, ``APPEND``, ``REL``, ``FINAL``; else
     ``_locate_kernel`` does); the ticket counts every level's programs (``level`` levels
@@ -746,13 +790,17 @@ def _refine_kernel(
             key = _key(_load_v(g_base, e_base, offs, m, KIND, HAS_E, True), KIND)
         top = key >> PSHIFT
         if REL:
-            d_hi = (top - a_hi).to(tl.int32)
-            d_lo = (top - a_lo).to(tl.int32)
+            d_hi = (top - (a_hi >> PSHIFT)).to(tl.int32)
+            d_lo = (top - (a_lo >> PSHIFT)).to(tl.int32)
         else:
             d_hi = ((key >> DSHIFT) & DMASK).to(tl.int32)
             d_lo = d_hi
-        m_hi = m & (top >= a_hi) & (top <= b_hi)
-        m_lo = m & (top >= a_lo) & (top <= b_lo)
+        if KEYRANGE:
+            m_hi = m & (key >= a_hi) & (key <= b_hi)
+            m_lo = m & (key >= a_lo) & (key <= b_lo)
+        else:
+            m_hi = m & (top >= a_hi) & (top <= b_hi)
+            m_lo = m & (top >= a_lo) & (top <= b_lo)
         h_hi += _masked_histogram(d_hi, m_hi, NBINS, TILE_)
         h_lo += _masked_histogram(d_lo, m_lo, NBINS, TILE_)
         if COMPACT:
@@ -1367,7 +1415,8 @@ def _launch(plan: _Plan, ptrs: Tensor, S: int, cfg: _Mode, sampled: bool, nan_me
                 st.rank, *thresholds, S, *(compacted[::-1] if compact else dummy),
                 FROM_CAND=st.cand_key is not None, REL=False, PSHIFT=pshift,
                 DSHIFT=pshift - w, DMASK=(1 << w) - 1, NBINS=nbins, TILE_=TILE, CHUNK_=chunk,
-                FUSE=fuse, WIDTH=w, APPEND=True, FINAL=final, COMPACT=compact, **common,
+                FUSE=fuse, WIDTH=w, APPEND=True, FINAL=final, COMPACT=compact, KEYRANGE=False,
+                **common,
             )
             if compact:  # later levels: the copied keys, in the same slots
                 src = (compacted[0], *src[1:4], compacted[1])
@@ -1597,21 +1646,24 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, fuse) -> _State:
     nbins = REL_BINS if rel else nb1
     # zeroed workspaces: tickets, sample histograms, refine histograms | flags, slot
     # fills, tail sizes
-    st, ws32, ws64 = _new_state(plan, S, device, S * nb1 + 2 * S * nbins,
+    fine = FINE_BITS if FINE_BITS <= shift else 0
+    nh = S * nb1 + S * (nb1 << fine) if fine else S * nb1  # coarse rows, then fine rows
+    st, ws32, ws64 = _new_state(plan, S, device, nh + 2 * S * nbins,
                                 5 * S + 1 + 2 * S * VALIDATE_LANES)
-    hist, h = ws32[:S * nb1].view(S, nb1), ws32[S * nb1:].view(2 * S, nbins)
+    hist, h = ws32[:nh], ws32[nh:].view(2 * S, nbins)
     totals, ws64 = ws64[:2 * S * VALIDATE_LANES], ws64[2 * S * VALIDATE_LANES:]
     flags, fill, tail_n = ws64[:3 * S + 1], ws64[3 * S + 1:4 * S + 1], ws64[4 * S + 1:]
-    ranges = torch.empty((2, 2 * S), **i64)
-    range_args = (plan.rank0, st.rank, plan.active, ranges[0], ranges[1], flags[2 * S:])
-    range_consts = dict(SIGMAS=SAMPLE_SIGMAS, SLACK=SAMPLE_SLACK, REL=REL_BINS)
+    ranges = torch.empty((3, 2 * S), **i64)  # key ranges [a, b], first digit of a
+    range_args = (plan.rank0, st.rank, plan.active, ranges[0], ranges[1], ranges[2],
+                  flags[2 * S:])
+    range_consts = dict(SIGMAS=SAMPLE_SIGMAS, SLACK=SAMPLE_SLACK, REL=REL_BINS, FINE=fine)
     _sample_kernel[(S, SAMPLE_SPLIT)](
         g_ptrs, e_ptrs, plan.seg_n, hist, st.tick[0], *range_args, SHIFT=shift, NBINS=nb1,
         SAMPLE_=SAMPLE, SPLIT=SAMPLE_SPLIT, TILE_=TILE, FUSE=fuse, **range_consts, **common,
     )
     if not fuse:
         _range_kernel[(S,)](hist, plan.seg_n, *range_args, NBINS=nb1, SAMPLE_=SAMPLE,
-                            **range_consts)
+                            SHIFT=shift, **range_consts)
     cand_key = torch.empty(max(plan.n_cap, 1), dtype=torch.int64 if key_bits > 31 else torch.int32,
                            device=device)
     blk_cand = torch.empty((2, plan.n_blocks), **i64)
@@ -1637,7 +1689,7 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, fuse) -> _State:
     # start in REL_BINS bins (ranges wider than that were marked missed), or over all
     # first digits when REL_FIRST_DIGIT is off.
     if rel:
-        st.prefix = ranges[0]  # the locate adds each relative digit to its range start
+        st.prefix = ranges[2]  # the locate adds each relative digit to its range's first digit
     width = REL_BINS.bit_length() - 1 if rel else FIRST_DIGIT_BITS
     locate = (st.prefix, st.rank, plan.active, st.rank, *st.thresholds, S)
     if plan.n_cap_chunks:
@@ -1646,7 +1698,7 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, fuse) -> _State:
             ranges[0], ranges[1], h, st.tick[2], plan.cap_nchk, 0, *locate, st.rank, st.rank,
             FROM_CAND=True, REL=rel, PSHIFT=shift, DSHIFT=shift, DMASK=nb1 - 1, NBINS=nbins,
             TILE_=TILE, CHUNK_=CAND_CHUNK, FUSE=fuse, WIDTH=width, APPEND=False, FINAL=False,
-            COMPACT=False, **common,
+            COMPACT=False, KEYRANGE=True, **common,
         )
     if not fuse:
         _locate_kernel[(S,)](
