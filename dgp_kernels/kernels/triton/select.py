@@ -1481,7 +1481,8 @@ _GRAPHS: "OrderedDict[tuple, _Graph]" = OrderedDict()
 # Launch constants a captured graph has baked in (beyond the plan's key and the mode).
 _TUNING = ("NUM_WARPS", "TILE", "CHUNK", "SCAN_TILE", "SCAN_WARPS", "FUSED_SCAN_TILE",
            "SAMPLE_SPLIT", "PERSISTENT", "PIPELINE_STAGES", "GATHER_MAXNREG", "WRITE_MAXNREG",
-           "REL_FIRST_DIGIT", "REL_BINS", "SAMPLE_SIGMAS", "SAMPLE_SLACK", "CAND_MIN")
+           "REL_FIRST_DIGIT", "REL_BINS", "SAMPLE_SIGMAS", "SAMPLE_SLACK", "CAND_MIN",
+           "FINE_BITS", "COMPACT_CANDIDATES", "VALIDATE_LANES")
 
 
 def _tuning() -> tuple:
