@@ -68,7 +68,7 @@ if [ "$PART" = bench ] || [ "$PART" = all ]; then
   wait $BUILD
   tail -2 "$OUT/build.log"
   stamp "bench_triton: ours (default and variants) vs authors vs topk vs clone, one process"
-  timeout 200 $PY bench/bench_triton.py --reps 20 \
+  timeout 180 $PY bench/bench_triton.py --reps 20 \
     --variant graphs:USE_CUDA_GRAPHS=1 \
     --variant fused:FUSE_TAILS=1 \
     --variant fused+graphs:FUSE_TAILS=1,USE_CUDA_GRAPHS=1 \
@@ -79,7 +79,7 @@ if [ "$PART" = bench ] || [ "$PART" = all ]; then
   grep -E "^#|ours|x\*\*" "$OUT/bench.log" | tail -60
 
   stamp "gpu_profile (copy ceiling, per-kernel times, knob sweep with kernel device times)"
-  timeout 240 $PY bench/gpu_profile.py --reps 20 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
+  timeout 280 $PY bench/gpu_profile.py --reps 20 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1
   echo "profile rc=$?" >> "$OUT/profile.log"
   cat "$OUT/profile.log" | tail -60
 
