@@ -1382,9 +1382,12 @@ def _launch(plan: _Plan, ptrs: Tensor, S: int, cfg: _Mode, sampled: bool, nan_me
     # Phase 2', the remaining digits: exact boundary keys, over the candidate slots or,
     # when the boundary buckets are huge, over the data.
     pshift = key_bits - FIRST_DIGIT_BITS
-    level_hists = torch.zeros(sum(2 * S * max(1 << w, 32) for w in widths), dtype=torch.int32,
-                              device=plan.seg_n.device)
-    level_hists = torch.split(level_hists, [2 * S * max(1 << w, 32) for w in widths])
+    if st.cand_key is not None:
+        level_hists = st.cand_levels
+    else:  # (the data fallback: wider digits, histograms of their own)
+        sizes = _level_sizes(S, widths)
+        level_hists = torch.split(
+            torch.zeros(sum(sizes), dtype=torch.int32, device=plan.seg_n.device), sizes)
     if st.cand_key is not None:
         src = (st.cand_n, st.c_seg, st.c_start, st.cand_off, st.cand_key)
         n_refine, nchk, chunk = st.c_chunks, st.c_nchk, CAND_CHUNK
@@ -1397,8 +1400,7 @@ def _launch(plan: _Plan, ptrs: Tensor, S: int, cfg: _Mode, sampled: bool, nan_me
         compact_at = -1
     compacted = None
     if compact_at >= 0 and n_refine:
-        fill2 = torch.zeros(S, dtype=torch.int64, device=st.cand_key.device)
-        compacted = (fill2, torch.empty_like(st.cand_key))
+        compacted = (st.fill2, torch.empty_like(st.cand_key))
     dummy = (st.rank, st.rank)  # (cand2, fill2) of the levels that copy nothing
     for level, w in enumerate(widths):
         # >= 32 bins: older triton lowers tl.histogram with a warp-ballot scheme that
@@ -1539,6 +1541,8 @@ class _State:
     sb_cnt: Tensor  # [n_sb] zeroed: packed count sums of each superblock (_finish_count)
     sb_ord: Tensor  # [3, n_sb] first T_hi / T_lo tie ordinal, first output slot
     tick: Tensor  # int32 [4, S] zeroed tickets of the fused tails (see _last_program)
+    cand_levels: Tuple[Tensor, ...]  # zeroed histograms of the candidate digit levels
+    fill2: Tensor  # [S] zeroed: keys each layer copies at the compacting level
     refine_levels: int = 0  # candidate digit levels already resolved (the ticket counts on)
     # candidate slots (None: refine and count over the data)
     cand_n: Optional[Tensor] = None  # [S] candidates in each slot
@@ -1554,21 +1558,30 @@ class _State:
     tail_n: Optional[Tensor] = None  # [S] layer sizes for the tail (0: missed)
 
 
-def _new_state(plan: _Plan, S: int, device, zeros32: int,
+def _level_sizes(S: int, widths: Sequence[int]) -> List[int]:
+    """Entries of each digit level's histograms (two rows of >= 32 bins per layer)."""
+    return [2 * S * max(1 << w, 32) for w in widths]
+
+
+def _new_state(plan: _Plan, S: int, device, dtype: torch.dtype, zeros32: int,
                zeros64: int = 0) -> Tuple[_State, Tensor, Tensor]:
-    """Fresh state in a few workspaces, plus zeroed int32 and int64 workspaces of
-    ``zeros32`` / ``zeros64`` entries for the caller (histograms, flags)."""
+    """Fresh state in a few workspaces (two zeroed ones: one memset each), plus zeroed
+    int32 and int64 workspaces of ``zeros32`` / ``zeros64`` entries for the caller
+    (histograms, flags)."""
     nb = max(plan.n_blocks, 1)
     nsb = max(plan.n_sb, 1)
+    levels = _level_sizes(S, _KINDS[dtype][2])  # the candidate digit levels
     w64 = torch.empty(9 * S + 3 * nsb, dtype=torch.int64, device=device)
-    z32 = torch.zeros(4 * S + zeros32, dtype=torch.int32, device=device)
-    z64 = torch.zeros(nsb + zeros64, dtype=torch.int64, device=device)
+    z32 = torch.zeros(4 * S + sum(levels) + zeros32, dtype=torch.int32, device=device)
+    z64 = torch.zeros(nsb + S + zeros64, dtype=torch.int64, device=device)
     st = _State(
         prefix=w64[:2 * S], rank=w64[2 * S:4 * S],
         thresholds=tuple(w64[4 * S:9 * S].view(5, S)),
         cnt=torch.empty((3, nb), dtype=torch.int32, device=device),
-        sb_cnt=z64[:nsb], sb_ord=w64[9 * S:].view(3, nsb), tick=z32[:4 * S].view(4, S))
-    return st, z32[4 * S:], z64[nsb:]
+        sb_cnt=z64[:nsb], sb_ord=w64[9 * S:].view(3, nsb), tick=z32[:4 * S].view(4, S),
+        cand_levels=torch.split(z32[4 * S:4 * S + sum(levels)], levels),
+        fill2=z64[nsb:nsb + S])
+    return st, z32[4 * S + sum(levels):], z64[nsb + S:]
 
 
 def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candidates,
@@ -1579,7 +1592,7 @@ def _boundaries_full(plan, ptrs, S, dtype, key_bits, common, nan_message, candid
     g_ptrs, e_ptrs = ptrs[0], ptrs[1]
     shift = key_bits - FIRST_DIGIT_BITS
     nb1 = 1 << FIRST_DIGIT_BITS
-    st, hist, _ = _new_state(plan, S, device, S * nb1)
+    st, hist, _ = _new_state(plan, S, device, dtype, S * nb1)
     flags = torch.zeros(2 * S, dtype=torch.int64, device=device)  # [NaN, candidates] per layer
     locate = (st.prefix, plan.rank0, st.rank, plan.active)
     if plan.n_chunks:
@@ -1649,7 +1662,7 @@ def _boundaries_sampled(plan, ptrs, S, dtype, key_bits, common, fuse) -> _State:
     # fills, tail sizes
     fine = FINE_BITS if FINE_BITS <= shift else 0
     nh = S * nb1 + S * (nb1 << fine) if fine else S * nb1  # coarse rows, then fine rows
-    st, ws32, ws64 = _new_state(plan, S, device, nh + 2 * S * nbins,
+    st, ws32, ws64 = _new_state(plan, S, device, dtype, nh + 2 * S * nbins,
                                 5 * S + 1 + 2 * S * VALIDATE_LANES)
     hist, h = ws32[:nh], ws32[nh:].view(2 * S, nbins)
     totals, ws64 = ws64[:2 * S * VALIDATE_LANES], ws64[2 * S * VALIDATE_LANES:]
