@@ -126,7 +126,7 @@ FUSE_TAILS = os.environ.get("DGP_TRITON_FUSE", "0") == "1"
 NUM_WARPS = 8
 # Register caps (ptxas ``.maxnreg``) of the gather and write passes; 0: the compiler's
 # choice. Both passes were issue-bound at low occupancy on an H200 (ncu: write 102
-# registers, 24% occupancy; gather 77, 36%); the write pass now takes 105 on sm_90 (2
+# registers, 24% occupancy; gather 77, 36%); the write pass now takes 96 on sm_90 (2
 # programs of 8 warps per SM), 80 would allow 3. Swept by bench/gpu_profile.py; not
 # measured yet.
 GATHER_MAXNREG = 0
@@ -1069,14 +1069,14 @@ def _write_block(
     key = _key(v, KIND)
     th, tlo = _key_thresholds(t_hi, t_lo, seg, KIND != 1)
     kept = m & (key > tlo) & (key < th)
-    ord_hi0, ord_lo0, first = _block_prefix(pid, seg, cnt, num_blocks, seg_first, seg_sbf,
-                                            skip_hi, end_hi, take_lo, sb_ord_hi, sb_ord_lo,
-                                            sb_out, SUPER)
     # The tie rule only in blocks holding a boundary key (``cnt[1..2]``: usually one block
     # per layer for each boundary): the ordinal of each tied entry inside its tie group =
     # entries of the group before it in index order (earlier blocks: ``ord_*0``, this block:
     # exclusive cumsum of both tie flags at once, in 16-bit halves; BLOCK_ <= 2048).
     if tl.load(cnt + num_blocks + pid) + tl.load(cnt + 2 * num_blocks + pid) > 0:
+        ord_hi0, ord_lo0, _first = _block_prefix(
+            pid, seg, cnt, num_blocks, seg_first, seg_sbf, skip_hi, end_hi, take_lo,
+            sb_ord_hi, sb_ord_lo, sb_out, SUPER)
         eq_hi = m & (key == th)
         eq_lo = m & (key == tlo)
         e2 = eq_hi.to(tl.int32) | (eq_lo.to(tl.int32) << 16)
@@ -1088,7 +1088,10 @@ def _write_block(
             | (eq_hi & (ord_hi >= tl.load(skip_hi + seg)) & (ord_hi <= tl.load(end_hi + seg)))
             | (eq_lo & (ord_lo <= tl.load(take_lo + seg)))
         )
-    if WRITE_SPARSE:
+    if WRITE_SPARSE:  # (the dense outputs need no slot: only tie blocks take the prefix)
+        _oh, _ol, first = _block_prefix(pid, seg, cnt, num_blocks, seg_first, seg_sbf,
+                                        skip_hi, end_hi, take_lo, sb_ord_hi, sb_ord_lo,
+                                        sb_out, SUPER)
         k = kept.to(tl.int32)
         cs = tl.cumsum(k, axis=0) - k  # int32 slot inside the block's output range
         # output tensors by pointer table (like the inputs), so that a captured CUDA graph
