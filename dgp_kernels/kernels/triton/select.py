@@ -80,7 +80,7 @@ __all__ = [
 # Elements per program of the counting/compaction passes. 2048 lets one program hold a
 # block in registers with 8 warps (8 elements per thread) and keeps the per-block tables
 # small (25M elements -> 12k blocks). Not tuned on a GPU yet (1024 halves the registers of
-# the gather and write passes on sm_90: 35 and 56 instead of 64 and 105).
+# the gather and write passes on sm_90: 34 and 55 instead of 61 and 96).
 BLOCK = 2048
 # Histogram passes: each program loops over CHUNK elements TILE at a time and issues one
 # atomic per non-empty bin at the end (2048 bins per 64K elements instead of one atomic per
