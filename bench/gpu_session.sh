@@ -72,6 +72,7 @@ if [ "$PART" = bench ] || [ "$PART" = all ]; then
     --variant graphs:USE_CUDA_GRAPHS=1 \
     --variant fused:FUSE_TAILS=1 \
     --variant fused+graphs:FUSE_TAILS=1,USE_CUDA_GRAPHS=1 \
+    --variant fused+graphs+wreg80:FUSE_TAILS=1,USE_CUDA_GRAPHS=1,WRITE_MAXNREG=80 \
     --variant persist:FUSE_TAILS=1,PERSISTENT=3,BLOCK=1024 \
     --variant persist+graphs:FUSE_TAILS=1,PERSISTENT=3,BLOCK=1024,USE_CUDA_GRAPHS=1 \
     > "$OUT/bench.log" 2>&1

@@ -52,21 +52,23 @@ __all__ = [
 # Schemas: the single definition of every dgp:: op. C++/Triton files only implement them.
 # --------------------------------------------------------------------------------------
 _lib = torch.library.Library("dgp", "DEF")
-_lib.define("select(Tensor g, float top, float keep) -> (Tensor indices, Tensor values)")
-_lib.define(
+# cudagraph_unsafe: on CUDA every op reads a few flags back to the host once per call (NaN,
+# sample misses), which a CUDA graph capture cannot hold; torch.compile's
+# mode="reduce-overhead" leaves the ops out of its graphs. (DGP_CUDA_GRAPHS=1 makes the
+# Triton backend capture and replay its own kernels instead.)
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+for _schema in (
+    "select(Tensor g, float top, float keep) -> (Tensor indices, Tensor values)",
     "select_ef(Tensor g, Tensor(a!) residual, float top, float keep) "
-    "-> (Tensor indices, Tensor values)"
-)
-_lib.define("prune(Tensor g, float top, float keep) -> Tensor")
-_lib.define("prune_(Tensor(a!) g, float top, float keep) -> ()")
-_lib.define(
+    "-> (Tensor indices, Tensor values)",
+    "prune(Tensor g, float top, float keep) -> Tensor",
+    "prune_(Tensor(a!) g, float top, float keep) -> ()",
     "select_multi(Tensor[] gs, float top, float keep) "
-    "-> (Tensor indices, Tensor values, Tensor offsets)"
-)
-_lib.define(
+    "-> (Tensor indices, Tensor values, Tensor offsets)",
     "select_ef_multi(Tensor[] gs, Tensor(a!)[] residuals, float top, float keep) "
-    "-> (Tensor indices, Tensor values, Tensor offsets)"
-)
+    "-> (Tensor indices, Tensor values, Tensor offsets)",
+):
+    _lib.define(_schema, tags=_TAGS)
 
 OP_NAMES = ("select", "select_ef", "prune", "prune_", "select_multi", "select_ef_multi")
 

@@ -198,3 +198,14 @@ def test_compile_dynamic_shapes_select():
     for n in (100, 201, 333, 1000):
         g = _g(n, seed=n)
         assert_tree_same(compiled(g), _ops_fn_select(g), f"dynamic n={n}")
+
+
+@pytest.mark.parametrize("op", ["select", "select_ef", "prune", "prune_", "select_multi",
+                                "select_ef_multi"])
+def test_ops_are_tagged_cudagraph_unsafe(op):
+    """On CUDA each op reads a few flags back to the host once per call, which a CUDA graph
+    capture cannot hold: the schema says so, so that torch.compile's cudagraph modes leave
+    the ops out of their graphs instead of failing inside a capture."""
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip(f"torch {torch.__version__} has no cudagraph_unsafe tag")
+    assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.dgp, op).default.tags

@@ -130,6 +130,9 @@ NUM_WARPS = 8
 # programs of 8 warps per SM), 80 would allow 3. Swept by bench/gpu_profile.py; not
 # measured yet.
 GATHER_MAXNREG = 0
+# The data passes index a layer in int32 (half the instructions of int64 indexing); block,
+# tile and chunk ends must stay below 2^31 too.
+MAX_LAYER = (1 << 31) - (1 << 16)
 WRITE_MAXNREG = 0
 # Persistent data passes (gather, write): PERSISTENT programs per SM (in the interpreter:
 # programs) loop over the blocks, the full ones with PIPELINE_STAGES-deep software
@@ -290,6 +293,29 @@ def _key_thresholds(t_hi, t_lo, seg, KEY32: tl.constexpr):
 
 
 @triton.jit
+def _rows(x, N: tl.constexpr, VEC: tl.constexpr):
+    """The 1-D block ``x`` of ``N`` entries as a ``[N // VEC, VEC]`` matrix (row-major: no
+    data moves). With ``VEC`` = the entries of one 16-byte vector load, a row is what one
+    thread holds."""
+    return tl.reshape(x, [N // VEC, VEC])
+
+
+@triton.jit
+def _excl_cumsum(x2):
+    """Exclusive prefix sums of the row-major entries of the int32 matrix ``x2`` (a
+    :func:`_rows` view): ``tl.cumsum(x, 0) - x`` of the 1-D block, as a matrix. The rows'
+    sums, their exclusive scan, plus the scan inside each row: only one sum per row
+    crosses threads. On the 1-D block, ``tl.cumsum`` took the one-entry-per-thread layout
+    of the scatter store it fed and scanned every register across the block, and the store
+    needed its key, mask and pointer moved through shared memory; stores of ``x2``-shaped
+    operands keep the load's layout (sm_90, Triton 3.6, sampled float32 gather with EF, a
+    full block: about 930 -> 660 SASS instructions with the constant mask of full blocks,
+    and no shared-memory round trips)."""
+    rs = tl.sum(x2, axis=1)
+    return (tl.cumsum(rs, axis=0) - rs)[:, None] + (tl.cumsum(x2, axis=1) - x2)
+
+
+@triton.jit
 def _key(v, KIND: tl.constexpr):
     """Sign-cleared bit pattern of ``v``: orders ``|v|`` (int32, int64 for float64)."""
     if KIND == 0:
@@ -302,6 +328,8 @@ def _key(v, KIND: tl.constexpr):
 
 
 # tl.histogram takes a mask in recent Triton (3.6 and 3.9 do); older 3.x needs a workaround.
+# entries of one 16-byte vector of the data per KIND (float32, float64, float16, bfloat16)
+_VEC = tl.constexpr((4, 2, 8, 8))
 _HIST_MASK = tl.constexpr("mask" in inspect.signature(tl.histogram).parameters)
 
 
@@ -405,55 +433,53 @@ def _gather_kernel(
     then falls back). ``FUSE`` (sampled): the block that completes a layer then runs
     :func:`_validate_layer` (else ``_validate_kernel`` does).
 
+    The blocks come as two lists from the plan: the full ones (``full_ids``:
+    unmasked, vectorised, no per-entry bound) and the partial ones (``part_ids``: masked).
     One program per block, or, ``PERSIST``, a grid of a few programs per SM that loop over
-    the full blocks (``full_ids``) with ``STAGES``-deep software pipelining of the loads
-    (cp.async on sm_80+), then over the partial ones (``part_ids``, masked)."""
+    the full blocks with ``STAGES``-deep software pipelining of the loads (cp.async on
+    sm_80+), then over the partial ones."""
+    a = (g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a, range_b, cnt, blk_cstart,
+         blk_ccount, cand_off, cand_cap, cand_fill, cand_key, totals, flags, S, tick,
+         seg_first, seg_nblk, rank, active, tail_n, num_blocks)
     if PERSIST:
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         for t in tl.range(pid, n_full, nprog, num_stages=STAGES):
-            _gather_block(
-                tl.load(full_ids + t), 1, g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a,
-                range_b, cnt, blk_cstart, blk_ccount, cand_off, cand_cap, cand_fill, cand_key,
-                totals, flags, S, tick, seg_first, seg_nblk, rank, active, tail_n, num_blocks,
-                DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, LANES,
-                WIDE_MISSES)
+            _gather_block(tl.load(full_ids + t), 1, a, DT, KIND, HAS_E, ALIGNED, SAMPLED,
+                          INF_KEY, SHIFT, BLOCK_, FUSE, LANES, WIDE_MISSES)
         for t in range(pid, n_part, nprog):
-            _gather_block(
-                tl.load(part_ids + t), 2, g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a,
-                range_b, cnt, blk_cstart, blk_ccount, cand_off, cand_cap, cand_fill, cand_key,
-                totals, flags, S, tick, seg_first, seg_nblk, rank, active, tail_n, num_blocks,
-                DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, LANES,
-                WIDE_MISSES)
-    else:
-        _gather_block(
-            tl.program_id(0), 0, g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a,
-            range_b, cnt, blk_cstart, blk_ccount, cand_off, cand_cap, cand_fill, cand_key,
-            totals, flags, S, tick, seg_first, seg_nblk, rank, active, tail_n, num_blocks,
-            DT, KIND, HAS_E, ALIGNED, SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, LANES,
-            WIDE_MISSES)
+            _gather_block(tl.load(part_ids + t), 2, a, DT, KIND, HAS_E, ALIGNED, SAMPLED,
+                          INF_KEY, SHIFT, BLOCK_, FUSE, LANES, WIDE_MISSES)
+    else:  # one program per block: the full blocks, then the partial ones
+        pid = tl.program_id(0)
+        if pid < n_full:
+            _gather_block(tl.load(full_ids + pid), 1, a, DT, KIND, HAS_E, ALIGNED, SAMPLED,
+                          INF_KEY, SHIFT, BLOCK_, FUSE, LANES, WIDE_MISSES)
+        else:
+            _gather_block(tl.load(part_ids + (pid - n_full)), 2, a, DT, KIND, HAS_E, ALIGNED,
+                          SAMPLED, INF_KEY, SHIFT, BLOCK_, FUSE, LANES, WIDE_MISSES)
 
 
 @triton.jit
 def _gather_block(
-    pid, FULL: tl.constexpr,
-    g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a, range_b, cnt, blk_cstart, blk_ccount,
-    cand_off, cand_cap, cand_fill, cand_key, totals, flags, S,
-    tick, seg_first, seg_nblk, rank, active, tail_n, num_blocks,
+    pid, FULL: tl.constexpr, a,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     SAMPLED: tl.constexpr,
     INF_KEY: tl.constexpr, SHIFT: tl.constexpr, BLOCK_: tl.constexpr,
     FUSE: tl.constexpr, LANES: tl.constexpr, WIDE_MISSES: tl.constexpr,
 ):
     """Block ``pid`` of :func:`_gather_kernel`. ``FULL``: 1 the block lies inside its layer
-    (unmasked, vectorised loads), 2 it may not (masked), 0 decide at run time."""
+    (unmasked, vectorised loads, and no per-entry bound: the mask is a constant that the
+    compiler folds away), 2 it may not (masked). ``a``: the kernel's runtime arguments."""
+    (g_ptrs, e_ptrs, seg_n, blk_seg, blk_start, range_a, range_b, cnt, blk_cstart, blk_ccount,
+     cand_off, cand_cap, cand_fill, cand_key, totals, flags, S, tick, seg_first, seg_nblk,
+     rank, active, tail_n, num_blocks) = a
     seg = tl.load(blk_seg + pid)
     offs, m, n, start = _block_offsets(blk_start, seg_n, pid, seg, BLOCK_)
+    if FULL == 1:
+        m = tl.full([BLOCK_], 1, tl.int1)
     g_base = _base(g_ptrs, seg, DT, ALIGNED)
     e_base = _base(e_ptrs, seg, DT, ALIGNED)
-    if FULL == 0:
-        v = _block_v(g_base, e_base, offs, m, start + BLOCK_ <= n, KIND, HAS_E)
-    else:
-        v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, FULL == 2)
+    v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, FULL == 2)
     key = _key(v, KIND)
     if SAMPLED:  # key ranges from the sample (32-bit keys: int32 compares)
         dig = key
@@ -496,9 +522,11 @@ def _gather_block(
         rel = tl.atomic_add(cand_fill + seg, nc, sem="relaxed")
         base = tl.load(cand_off + seg) + rel
         tl.store(blk_cstart + pid, base)
-        cs = tl.cumsum(c, axis=0) - c  # int32 position inside the block's reservation
+        c2 = _rows(c, BLOCK_, _VEC[KIND])
+        cs = _excl_cumsum(c2)  # int32 position in the block's reservation
         room = tl.maximum(tl.minimum(tl.load(cand_cap + seg) - rel, BLOCK_), 0).to(tl.int32)
-        tl.store((cand_key + base) + cs, key, mask=(c != 0) & (cs < room))
+        tl.store((cand_key + base) + cs, _rows(key, BLOCK_, _VEC[KIND]),
+                 mask=(c2 != 0) & (cs < room))
     if FUSE and SAMPLED:
         if _last_program(tick, seg, tl.load(seg_nblk + seg) - 1):
             _validate_layer(seg, totals, range_a, rank, active, cand_cap, cand_fill, flags, S,
@@ -801,6 +829,11 @@ def _refine_kernel(
         else:
             m_hi = m & (top >= a_hi) & (top <= b_hi)
             m_lo = m & (top >= a_lo) & (top <= b_lo)
+        if REL:  # (in range by construction: a range spanning more bins marks the layer
+            # missed and empties its slot; the GPU's histogram would wrap an out-of-range
+            # digit into a bin where the interpreter drops it, so make them agree anyway)
+            m_hi = m_hi & (d_hi >= 0) & (d_hi < NBINS)
+            m_lo = m_lo & (d_lo >= 0) & (d_lo < NBINS)
         h_hi += _masked_histogram(d_hi, m_hi, NBINS, TILE_)
         h_lo += _masked_histogram(d_lo, m_lo, NBINS, TILE_)
         if COMPACT:
@@ -808,6 +841,8 @@ def _refine_kernel(
             nk = tl.sum(k, axis=0)
             if nk > 0:
                 at = tl.atomic_add(fill2 + seg, nk, sem="relaxed")
+                # (a plain cumsum: the candidate keys' loads are not vectorised, so the
+                # matrix view would move them through shared memory: 64 -> 128 registers)
                 tl.store(cand2 + c_base + at + (tl.cumsum(k, axis=0) - k), key, mask=k != 0)
     bins = tl.arange(0, NBINS)
     row = seg.to(tl.int64) * 2
@@ -834,7 +869,7 @@ def _count_kernel(
     offs, m, n, start = _block_offsets(blk_start, seg_n, pid, seg, BLOCK_)
     g_base = _base(g_ptrs, seg, DT, ALIGNED)
     e_base = _base(e_ptrs, seg, DT, ALIGNED)
-    key = _key(_block_v(g_base, e_base, offs, m, start + BLOCK_ <= n, KIND, HAS_E), KIND)
+    key = _key(_block_v(g_base, e_base, offs, m, start <= n - BLOCK_, KIND, HAS_E), KIND)
     th, tlo = _key_thresholds(t_hi, t_lo, seg, KIND != 1)
     pa = tl.sum((m & (key > tlo) & (key < th)).to(tl.int32) | ((m & (key == th)).to(tl.int32) << 16),
                 axis=0)  # 16-bit fields (BLOCK_ <= 2048)
@@ -1011,44 +1046,42 @@ def _write_kernel(
     """Phase 3b: ordered compaction of each block with the tie rule at both thresholds.
     Writes nothing at all when ``stop[0]`` is set (the sampled path found a NaN in the call:
     the launcher raises after the pass, and no residual or input may have changed).
-    One program per block, or, ``PERSIST``, a few programs per SM looping over the full
-    blocks with pipelined loads, then over the partial ones (as :func:`_gather_kernel`)."""
+    The full blocks, then the partial ones, one program per block or, ``PERSIST``, a few
+    programs per SM looping over them with pipelined loads (as :func:`_gather_kernel`)."""
+    a = (g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start, t_hi, t_lo, skip_hi, end_hi,
+         take_lo, seg_first, seg_sbf, sb_ord_hi, sb_ord_lo, sb_out, o_ptrs, cnt, num_blocks,
+         stop)
     if PERSIST:
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         for t in tl.range(pid, n_full, nprog, num_stages=STAGES):
-            _write_block(
-                tl.load(full_ids + t), 1, g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
-                t_hi, t_lo, skip_hi, end_hi, take_lo, seg_first, seg_sbf, sb_ord_hi,
-                sb_ord_lo, sb_out, o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED,
-                WRITE_SPARSE, WRITE_E, WRITE_DENSE, BLOCK_, SUPER)
+            _write_block(tl.load(full_ids + t), 1, a, DT, KIND, HAS_E, ALIGNED, WRITE_SPARSE,
+                         WRITE_E, WRITE_DENSE, BLOCK_, SUPER)
         for t in range(pid, n_part, nprog):
-            _write_block(
-                tl.load(part_ids + t), 2, g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
-                t_hi, t_lo, skip_hi, end_hi, take_lo, seg_first, seg_sbf, sb_ord_hi,
-                sb_ord_lo, sb_out, o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED,
-                WRITE_SPARSE, WRITE_E, WRITE_DENSE, BLOCK_, SUPER)
-    else:
-        _write_block(
-            tl.program_id(0), 0, g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
-            t_hi, t_lo, skip_hi, end_hi, take_lo, seg_first, seg_sbf, sb_ord_hi, sb_ord_lo,
-            sb_out, o_ptrs, cnt, num_blocks, stop, DT, KIND, HAS_E, ALIGNED, WRITE_SPARSE,
-            WRITE_E, WRITE_DENSE, BLOCK_, SUPER)
+            _write_block(tl.load(part_ids + t), 2, a, DT, KIND, HAS_E, ALIGNED, WRITE_SPARSE,
+                         WRITE_E, WRITE_DENSE, BLOCK_, SUPER)
+    else:  # one program per block: the full blocks, then the partial ones
+        pid = tl.program_id(0)
+        if pid < n_full:
+            _write_block(tl.load(full_ids + pid), 1, a, DT, KIND, HAS_E, ALIGNED,
+                         WRITE_SPARSE, WRITE_E, WRITE_DENSE, BLOCK_, SUPER)
+        else:
+            _write_block(tl.load(part_ids + (pid - n_full)), 2, a, DT, KIND, HAS_E, ALIGNED,
+                         WRITE_SPARSE, WRITE_E, WRITE_DENSE, BLOCK_, SUPER)
 
 
 @triton.jit
 def _write_block(
-    pid, FULL: tl.constexpr,
-    g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start,
-    t_hi, t_lo, skip_hi, end_hi, take_lo, seg_first, seg_sbf, sb_ord_hi, sb_ord_lo, sb_out,
-    o_ptrs, cnt, num_blocks, stop,
+    pid, FULL: tl.constexpr, a,
     DT: tl.constexpr, KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
     WRITE_SPARSE: tl.constexpr, WRITE_E: tl.constexpr, WRITE_DENSE: tl.constexpr,
     BLOCK_: tl.constexpr, SUPER: tl.constexpr,
 ):
-    """Block ``pid`` of :func:`_write_kernel`. ``FULL``: 0 decide at run time whether the
-    block lies inside its layer; 2 masked; 1 it does in the plan, so the loads are
-    unmasked (vectorised, pipelined) and only the stores carry one block-wide flag: the
-    tail's size may be 0 (a layer the sample missed) or the call may ``stop``."""
+    """Block ``pid`` of :func:`_write_kernel`. ``FULL``: 1 the block lies inside its layer
+    in the plan, so the loads are unmasked (vectorised, pipelined) and the stores carry
+    one block-wide flag (the tail's size may be 0: a layer the sample missed, or the call
+    may ``stop``); 2 masked. ``a``: the kernel's runtime arguments."""
+    (g_ptrs, e_ptrs, d_ptrs, seg_n, blk_seg, blk_start, t_hi, t_lo, skip_hi, end_hi, take_lo,
+     seg_first, seg_sbf, sb_ord_hi, sb_ord_lo, sb_out, o_ptrs, cnt, num_blocks, stop) = a
     seg = tl.load(blk_seg + pid)
     offs, m, n, start = _block_offsets(blk_start, seg_n, pid, seg, BLOCK_)
     n = tl.where(tl.load(stop) != 0, 0, n)  # a NaN in the call: write nothing
@@ -1056,16 +1089,11 @@ def _write_block(
     e_base = _base(e_ptrs, seg, DT, ALIGNED)
     if FULL == 1:
         # uniform over the block, so the stores under it stay vectorised
-        m = tl.full([BLOCK_], 1, tl.int1) & (start + BLOCK_ <= n)
+        m = tl.full([BLOCK_], 1, tl.int1) & (start <= n - BLOCK_)
         v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, False)
-        full = False  # store under the uniform mask
     else:
         m = offs < n
-        full = start + BLOCK_ <= n
-        if FULL == 0:
-            v = _block_v(g_base, e_base, offs, m, full, KIND, HAS_E)
-        else:
-            v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, True)
+        v = _load_v(g_base, e_base, offs, m, KIND, HAS_E, True)
     key = _key(v, KIND)
     th, tlo = _key_thresholds(t_hi, t_lo, seg, KIND != 1)
     kept = m & (key > tlo) & (key < th)
@@ -1080,7 +1108,7 @@ def _write_block(
         eq_hi = m & (key == th)
         eq_lo = m & (key == tlo)
         e2 = eq_hi.to(tl.int32) | (eq_lo.to(tl.int32) << 16)
-        c2 = tl.cumsum(e2, axis=0) - e2
+        c2 = tl.reshape(_excl_cumsum(_rows(e2, BLOCK_, _VEC[KIND])), [BLOCK_])
         ord_hi = ord_hi0 + (c2 & 0xFFFF)
         ord_lo = ord_lo0 + (c2 >> 16)
         kept = (
@@ -1092,26 +1120,21 @@ def _write_block(
         _oh, _ol, first = _block_prefix(pid, seg, cnt, num_blocks, seg_first, seg_sbf,
                                         skip_hi, end_hi, take_lo, sb_ord_hi, sb_ord_lo,
                                         sb_out, SUPER)
-        k = kept.to(tl.int32)
-        cs = tl.cumsum(k, axis=0) - k  # int32 slot inside the block's output range
+        kept2 = _rows(kept, BLOCK_, _VEC[KIND])
+        cs = _excl_cumsum(kept2.to(tl.int32))  # int32 slot inside the block's output range
         # output tensors by pointer table (like the inputs), so that a captured CUDA graph
         # writes into each call's fresh outputs
         out_idx = tl.load(o_ptrs).to(tl.pointer_type(tl.int64))
         out_val = tl.load(o_ptrs + 1).to(tl.pointer_type(DT))
-        tl.store((out_idx + first) + cs, offs.to(tl.int64), mask=kept)
-        tl.store((out_val + first) + cs, v, mask=kept)
+        tl.store((out_idx + first) + cs, _rows(offs, BLOCK_, _VEC[KIND]).to(tl.int64),
+                 mask=kept2)
+        tl.store((out_val + first) + cs, _rows(v, BLOCK_, _VEC[KIND]), mask=kept2)
     zero = tl.zeros_like(v)  # +0.0
     if WRITE_E:
-        if full:
-            tl.store(e_base + offs, tl.where(kept, zero, v))
-        else:
-            tl.store(e_base + offs, tl.where(kept, zero, v), mask=m)
+        tl.store(e_base + offs, tl.where(kept, zero, v), mask=m)
     if WRITE_DENSE:
         d_base = _base(d_ptrs, seg, DT, ALIGNED)
-        if full:
-            tl.store(d_base + offs, tl.where(kept, v, zero))
-        else:
-            tl.store(d_base + offs, tl.where(kept, v, zero), mask=m)
+        tl.store(d_base + offs, tl.where(kept, v, zero), mask=m)
 
 
 # --------------------------------------------------------------------------------------
@@ -1192,8 +1215,11 @@ def _capacity(n: int) -> int:
 
 
 def _plan(ns: Tuple[int, ...], top: float, keep: float, device: torch.device) -> _Plan:
-    key = (ns, float(top), float(keep), str(device), SAMPLE, CAND_FRACTION, BLOCK, CAND_CHUNK,
-           CHUNK, SUPER)
+    # per stream: a plan's tables are copied on the stream that built it, and freed into
+    # that stream's pool when the cache drops the plan
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (ns, float(top), float(keep), str(device), stream, SAMPLE, CAND_FRACTION, BLOCK,
+           CAND_CHUNK, CHUNK, SUPER)
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
@@ -1264,8 +1290,27 @@ def band_multi_triton(
                          f"{SUPER} * {BLOCK}")
     S = len(gs)
     dtype, device = gs[0].dtype, gs[0].device
-    has_e = residuals is not None
     ns = tuple(g.numel() for g in gs)
+    for i, n in enumerate(ns):
+        if n > MAX_LAYER:
+            raise ValueError(
+                f"tensor {i} of the call has {n} elements; the Triton kernels index a layer "
+                f"with 32-bit integers and take at most {MAX_LAYER} (2^31 - 2^16) elements "
+                "per tensor: split it into smaller layers, or run it through "
+                "dgp_kernels.ops.reference (pure torch, any size, slower)")
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "dgp ops cannot run inside a CUDA graph capture: each call reads a few flags "
+                "back to the host (NaN, sample misses). Call them outside the capture; "
+                "DGP_CUDA_GRAPHS=1 makes dgp_kernels capture and replay its own kernels.")
+        if device.index != torch.cuda.current_device():
+            # Triton launches on the current device and stream: run on the tensors' own
+            with torch.cuda.device(device):
+                return band_multi_triton(
+                    gs, top, keep, residuals=residuals, dense=dense, want_sparse=want_sparse,
+                    nan_message=nan_message, candidates=candidates, sampled=sampled)
+    has_e = residuals is not None
     plan = _plan(ns, top, keep, device)
     total = plan.total
     e_list = residuals if has_e else gs
@@ -1507,8 +1552,6 @@ def _graph_launch(plan: _Plan, table: List[int], S: int, cfg: _Mode) -> Optional
     (``_GRAPH_CACHE_SIZE``). Returns the graph's flags, or None (run eagerly). The caller
     holds ``_GRAPH_LOCK`` until it has read the flags, so host threads take turns; the key
     includes the stream, so calls on different streams use different graphs."""
-    if torch.cuda.is_current_stream_capturing():
-        return None
     key = (plan.key, cfg, _tuning(), torch.cuda.current_stream().cuda_stream)
     entry = _GRAPHS.get(key)
     host = torch.tensor(table, dtype=torch.int64).pin_memory()
