@@ -563,6 +563,36 @@ def test_cuda_graph_replays_match_reference(dtype, fused, monkeypatch):
     assert_same(es, es_ref)
 
 
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="CUDA graphs need a CUDA device")
+def test_inside_a_user_cuda_graph_capture_raises_clearly():
+    """Each call reads flags back to the host, which a capture cannot hold: a clear error
+    before anything is queued, and the op still works after the capture."""
+    g = _randn(5000, 11).float().cuda()
+    e = _residual_like(g, 12)
+    ts.select_ef_triton(g, e.clone(), 0.05, 0.2)  # compiled outside the capture
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            ts.select_ef_triton(g, e, 0.05, 0.2)
+    torch.cuda.synchronize()
+    e_ref = e.cpu().clone()
+    assert_same(ts.select_ef_triton(g, e, 0.05, 0.2),
+                reference.select_ef(g.cpu(), e_ref, 0.05, 0.2))
+
+
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET or torch.cuda.device_count() < 2,
+                    reason="needs two CUDA devices")
+def test_tensors_on_a_device_that_is_not_current():
+    """Triton launches on the current device: the launcher switches to the tensors' own."""
+    gs = [_randn(n, 13 + n).float().to("cuda:1") for n in (3000, 2_000_000)]
+    es = [_residual_like(g, 14) for g in gs]
+    es_ref = [e.cpu().clone() for e in es]
+    with torch.cuda.device(0):
+        got = ts.select_ef_multi_triton(gs, es, 0.05, 0.2)
+    assert got[0].device == torch.device("cuda:1")
+    assert_same(got, reference.select_ef_multi([g.cpu() for g in gs], es_ref, 0.05, 0.2))
+    assert_same(es, es_ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("knobs", [
     dict(BLOCK=512, NUM_WARPS=4),
