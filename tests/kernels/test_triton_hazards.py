@@ -1,15 +1,17 @@
 """Hazards of the Triton backend that only layers near or above 2^31 elements reach.
 
 The data passes index a layer in int32 (``_block_offsets``), so the launcher must refuse a
-layer it cannot index, and the kernels' "is this block entirely inside its layer" test must
-not wrap around near 2^31. Neither can be run end to end on a CPU (a 2^31-element layer is
-8 GiB of float32 and hours in the interpreter), so:
+layer it cannot index (before, a 2^31-element layer ran with wrapped offsets, and the last
+block of a 2^31 - 1 one, taken for a full block by a wrapped ``start + BLOCK <= n``, wrote
+one entry past the layer), and the blocks of the largest layer it accepts must stay inside
+it. Neither can be run end to end on a CPU (a 2^31-element layer is 8 GiB of float32 and
+hours in the interpreter), so:
 
 * the refusal is checked on ``meta`` tensors with the launch replaced by a sentinel (the
   layer sizes, not the data, decide it);
-* the block test is checked on the write kernel alone, with the segment table pointing the
-  last block of a ``2^31 - 1``-element layer at a small buffer whose last entry lies just
-  past the layer's end (the interpreter wraps int32 sums as the GPU does).
+* the blocks are checked on the write kernel alone, with the segment table pointing a block
+  of the largest accepted layer at a small buffer whose entries past the block's share of
+  the layer must stay untouched (the interpreter wraps int32 sums as the GPU does).
 """
 
 import os
@@ -66,23 +68,32 @@ def test_select_refuses_a_2_31_element_tensor(monkeypatch):
     assert not _accepts(monkeypatch, [2**31], fn=lambda gs: ts.select_triton(gs[0]))
 
 
+def test_the_limit_is_just_under_2_31(monkeypatch):
+    assert _accepts(monkeypatch, [ts.MAX_LAYER])
+    assert not _accepts(monkeypatch, [ts.MAX_LAYER + 1])
+    assert ts.MAX_LAYER + 2 * 2048 < 2**31  # a block (or tile) end past the layer's stays int32
+
+
 @pytest.mark.skipif(not INTERPRET, reason="points the kernel at CPU buffers through the "
                     "interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without a GPU)")
 @pytest.mark.parametrize("dense", [False, True], ids=["residual", "dense"])
-def test_last_block_of_a_2_31_minus_1_layer_writes_nothing_past_its_end(monkeypatch, dense):
-    n = 2**31 - 1
-    if not _accepts(monkeypatch, [n]):
-        pytest.skip("the launcher refuses layers this large, so the kernel never sees one")
-    monkeypatch.undo()
+@pytest.mark.parametrize("full", [False, True], ids=["last-block", "full-block"])
+def test_blocks_of_the_largest_layer_write_only_inside_it(dense, full):
+    """The largest layer the launcher accepts (``MAX_LAYER - 1`` entries, not a multiple of
+    BLOCK): its last (partial) block writes nothing past the layer's end, and a full block
+    just before it writes exactly its own entries (int32 offsets near 2^31; the interpreter
+    wraps int32 sums as the GPU does). The segment table points the block at a small
+    buffer: entry ``start + j`` of the layer is buffer entry ``j``."""
+    n = ts.MAX_LAYER - 1
     B = ts.BLOCK
-    start = (n - 1) // B * B  # the layer's last block
-    past = n - start  # buffer index of entry n: one past the layer's end
-    assert past < B  # the block is partial: its last lanes lie outside the layer
-    g = torch.ones(B, dtype=torch.float32)
-    e = torch.full((B,), 5.0)
-    out = torch.full((B,), 7.0)
+    last = (n - 1) // B * B
+    assert last + B > n  # the layer's last block is partial
+    start = last - B if full else last
+    inside = min(n - start, B)  # entries of the block inside the layer
+    g = torch.ones(B + 8, dtype=torch.float32)
+    e = torch.full((B + 8,), 5.0)
+    out = torch.full((B + 8,), 7.0)
     i64 = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
-    # segment table entries such that entry `start + j` of the layer is buffer entry j
     g_ptr = i64([g.data_ptr() - start * g.element_size()])
     e_ptr = i64([e.data_ptr() - start * e.element_size()])
     d_ptr = i64([out.data_ptr() - start * out.element_size()])
@@ -91,14 +102,12 @@ def test_last_block_of_a_2_31_minus_1_layer_writes_nothing_past_its_end(monkeypa
         g_ptr, e_ptr, d_ptr, i64([n]), one, i64([start]),
         i64([-1]), i64([2**63 - 1]), one, one, one,  # nothing kept (T_hi = -1), no ties
         one, one, one, one, one, i64([0, 0]), torch.zeros(3, dtype=torch.int32), 1,
-        one, one, 0, one, 0,
+        one, one, int(full), one, int(not full),  # the block as a full or a partial one
         DT=ts.tl.float32, KIND=0, HAS_E=not dense, ALIGNED=False, WRITE_SPARSE=False,
         WRITE_E=not dense, WRITE_DENSE=dense, BLOCK_=B, PERSIST=False, STAGES=1,
         SUPER=ts.SUPER, num_warps=ts.NUM_WARPS,
     )
-    target, inside, untouched = (out, 0.0, 7.0) if dense else (e, 6.0, 5.0)
-    assert bool((target[:past] == inside).all()), "the layer's own entries were not written"
-    assert target[past:].tolist() == [untouched] * (B - past), (
-        "the write pass stored past the end of a layer of 2^31 - 1 elements "
-        "(int32 `start + BLOCK_ <= n` wrapped, so the partial block was treated as full)"
-    )
+    target, written, untouched = (out, 0.0, 7.0) if dense else (e, 6.0, 5.0)
+    assert bool((target[:inside] == written).all()), "the layer's own entries were not written"
+    assert target[inside:].tolist() == [untouched] * (B + 8 - inside), (
+        "the write pass stored past the end of its block or layer near 2^31 entries")
