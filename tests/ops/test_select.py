@@ -719,6 +719,54 @@ def test_inputs_reach_every_cpp_analysis_path():
         _C.path_counts(True)
 
 
+def _slot_overflow_input(kind: str, n: int = 300_017) -> torch.Tensor:
+    """float32 layers for the sampled path's candidate slots: ``tie90`` (90% of the entries
+    one value, both boundaries inside it: the slot overflows), ``toptie`` (the upper boundary
+    inside a tie group of 12.5%: its slot overflows), ``randn`` (the slots fill normally)."""
+    gen = torch.Generator().manual_seed(5)
+    if kind == "randn":
+        return torch.randn(n, generator=gen)
+    if kind == "tie90":
+        x = torch.full((n,), 1.0)
+        k = n // 20
+        x[:k] = 2.0 + torch.rand(k, generator=gen)
+        x[-k:] = -torch.rand(k, generator=gen) * 0.5
+    else:
+        x = torch.randn(n, generator=gen) * 0.1
+        k = n // 50
+        x[:k] = 5.0 + torch.rand(k, generator=gen)
+        x[k:k + n // 8] = -1.0
+    return x[torch.randperm(n, generator=gen)]
+
+
+@pytest.mark.parametrize("simd", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("kind", ["tie90", "toptie", "randn"])
+def test_float32_count_sweeps_overflow_and_fill_their_slots(simd, kind):
+    """The float32 counting sweeps (scalar, AVX2, AVX-512; the SIMD ones append branch-free,
+    always storing a whole vector into the slot's slack) on layers whose candidate slots
+    overflow (the sampled path falls back) and on one where they fill normally: bit-exact
+    with the reference, error feedback included, and that path taken."""
+    _C = _cpp_module()
+    if _C is None or not hasattr(_C, "set_simd_level"):
+        pytest.skip("needs the C++ kernel")
+    levels = ["scalar", "avx2", "avx512"]
+    if levels.index(simd) > levels.index(_C.simd_best()):
+        pytest.skip(f"this CPU has no {simd}")
+    g = _slot_overflow_input(kind)
+    e = torch.zeros_like(g)  # (mostly zero, so that the tie groups survive g + e)
+    e[::997] = 0.25
+    e_ref = e.clone()
+    want = ref.select_ef(g, e_ref, 0.05, 0.2)
+    _C.path_counts(True)
+    with cpp_mode(simd=simd):
+        got = torch.ops.dgp.select_ef(g, e, 0.05, 0.2)
+    counts = _C.path_counts(True)
+    assert_tree_same(got, want, f"select_ef {kind} {simd}")
+    assert_tree_same(e, e_ref, "residual")
+    path = "sampled" if kind == "randn" else "sampled_fallback"
+    assert counts.get(path, 0) == 1, counts
+
+
 # --------------------------------------------------------------------------------------
 # Hypothesis: generated cases through the op path.
 # --------------------------------------------------------------------------------------
