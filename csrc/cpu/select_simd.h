@@ -198,32 +198,33 @@ __attribute__((target("avx2,popcnt"))) void write_f32_avx2(
         _mm256_and_si256(_mm256_cmpgt_epi32(k, vklo), _mm256_cmpgt_epi32(vkhi, k));
     const int in = _mm256_movemask_ps(_mm256_castsi256_ps(inv));
     if constexpr (EF) _mm256_storeu_ps(e + i, _mm256_andnot_ps(_mm256_castsi256_ps(inv), v));
-    if (in) {
-      const int cnt = __builtin_popcount(in);
-      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[in]));
-      const __m256 cv = _mm256_permutevar8x32_ps(v, perm);
-      const __m256i off = _mm256_permutevar8x32_epi32(iota, perm);
-      const __m256i base = _mm256_set1_epi64x(i);
-      const __m256i i0 = _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(off)));
-      const __m256i i1 =
-          _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(off, 1)));
-      if (pos + 8 <= out_end) {
-        _mm256_storeu_ps(val + pos, cv);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos), i0);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos + 4), i1);
-      } else {
-        alignas(32) float tv[8];
-        alignas(32) int64_t ti[8];
-        _mm256_store_ps(tv, cv);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(ti), i0);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(ti + 4), i1);
-        for (int j = 0; j < cnt; ++j) {
-          val[pos + j] = tv[j];
-          idx[pos + j] = ti[j];
-        }
+    // Branch-free on `in` (an 8-entry vector holds no kept entry ~17% of the time at the
+    // defaults, too often for the predictor): an empty vector stores lanes that the next
+    // kept entries overwrite (pos does not move), inside the slice (pos + 8 <= out_end).
+    const int cnt = __builtin_popcount(in);
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[in]));
+    const __m256 cv = _mm256_permutevar8x32_ps(v, perm);
+    const __m256i off = _mm256_permutevar8x32_epi32(iota, perm);
+    const __m256i base = _mm256_set1_epi64x(i);
+    const __m256i i0 = _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(off)));
+    const __m256i i1 =
+        _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(off, 1)));
+    if (pos + 8 <= out_end) {
+      _mm256_storeu_ps(val + pos, cv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos), i0);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos + 4), i1);
+    } else if (cnt) {
+      alignas(32) float tv[8];
+      alignas(32) int64_t ti[8];
+      _mm256_store_ps(tv, cv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ti), i0);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ti + 4), i1);
+      for (int j = 0; j < cnt; ++j) {
+        val[pos + j] = tv[j];
+        idx[pos + j] = ti[j];
       }
-      pos += cnt;
     }
+    pos += cnt;
   }
   write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, idx, val);
 }
