@@ -381,17 +381,22 @@ void count_chunk_scalar(const T* g, const T* e, int64_t lo, int64_t hi,
   for (int64_t i = lo; i < hi; ++i) {
     const K k = key_of(load_v<T, EF>(g, e, i));
     kmax = std::max(kmax, k);
-    if (k > br.a_hi) {
-      ++above;
-    } else if (k >= br.b_hi) {
-      if (nh >= cap_h) { out.overflow = true; break; }
-      ch[nh++] = k;
-    } else if (k > br.a_lo) {
-      ++mid;
-    } else if (k >= br.b_lo) {
-      if (nl >= cap_l) { out.overflow = true; break; }
-      cl[nl++] = k;
-    }
+    // The classes of the chain "above a_hi / else at least b_hi / else above a_lo / else at
+    // least b_lo", without branches (a chain of data-dependent branches was mispredicted
+    // about one entry in four): each candidate is stored unconditionally into the slot
+    // (nh <= cap_h before the store; the slot has kSimdSlack spare entries) and counted
+    // when it is one.
+    const bool c_above = k > br.a_hi;
+    const bool c_h = !c_above & (k >= br.b_hi);
+    const bool c_mid = !c_above & !c_h & (k > br.a_lo);
+    const bool c_l = !c_above & !c_h & !c_mid & (k >= br.b_lo);
+    above += c_above;
+    mid += c_mid;
+    ch[nh] = k;
+    nh += c_h;
+    cl[nl] = k;
+    nl += c_l;
+    if (nh > cap_h || nl > cap_l) { out.overflow = true; break; }
   }
   out.kmax = kmax;
   out.above = above;
@@ -670,12 +675,30 @@ struct Classifier {
 template <typename T, bool EF, Sink S>
 void write_scalar(const T* g, T* e, T* dense, int64_t lo, int64_t hi,
                   const Classifier<typename KeyTraits<T>::K>& cls, int64_t& o_hi,
-                  int64_t& o_lo, int64_t& pos, int64_t* idx, T* val) {
+                  int64_t& o_lo, int64_t& pos_io, int64_t* idx, T* val, int64_t out_end = -1) {
+  // Entries that are not a boundary key are classified without branches (the classifier's
+  // chain was mispredicted on about one entry in five). With the slice's end known
+  // (`out_end` >= 0), the sparse append is branch-free too: every entry is written at the
+  // next slot, which only a kept one claims (the slot past the slice's end, another
+  // thread's, is never written).
+  int64_t pos = pos_io;
   for (int64_t i = lo; i < hi; ++i) {
     const T v = load_v<T, EF>(g, e, i);
-    const bool kept = cls(key_of(v), o_hi, o_lo);
+    const auto k = key_of(v);
+    bool kept;
+    if (__builtin_expect((k == cls.khi) | (k == cls.klo), 0)) {
+      kept = cls(k, o_hi, o_lo);
+    } else {
+      kept = (k > cls.klo) & (k < cls.khi);
+    }
     if constexpr (S == Sink::kSparse) {
-      if (kept) {
+      if (out_end >= 0) {
+        if (pos < out_end) {
+          idx[pos] = i;
+          val[pos] = v;
+        }
+        pos += kept;
+      } else if (kept) {
         idx[pos] = i;
         val[pos] = v;
         ++pos;
@@ -687,6 +710,7 @@ void write_scalar(const T* g, T* e, T* dense, int64_t lo, int64_t hi,
       if (!kept) const_cast<T*>(g)[i] = T(0);
     }
   }
+  pos_io = pos;
 }
 
 }  // namespace dgp
