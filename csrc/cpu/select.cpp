@@ -126,16 +126,16 @@ bool write_chunk(const LayerIO<T>& io, const Plan<typename KeyTraits<T>::K>& p, 
     } else if (s == Simd::kAvx2) {
       write_f32_avx2<EF>(io.g, io.e, lo, hi, cls, o_hi, o_lo, pos, end, io.idx, io.val);
     } else {
-      write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, io.idx, io.val,
-                             end);
+      write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, end, io.idx,
+                             io.val);
     }
 #else
-    write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, io.idx, io.val,
-                           end);
+    write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, end, io.idx,
+                           io.val);
 #endif
   } else {
-    write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, io.idx, io.val,
-                           end);
+    write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, end, io.idx,
+                           io.val);
   }
   if constexpr (S == Sink::kSparse) return pos == end;
   return true;

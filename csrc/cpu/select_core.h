@@ -675,12 +675,11 @@ struct Classifier {
 template <typename T, bool EF, Sink S>
 void write_scalar(const T* g, T* e, T* dense, int64_t lo, int64_t hi,
                   const Classifier<typename KeyTraits<T>::K>& cls, int64_t& o_hi,
-                  int64_t& o_lo, int64_t& pos_io, int64_t* idx, T* val, int64_t out_end = -1) {
+                  int64_t& o_lo, int64_t& pos_io, int64_t out_end, int64_t* idx, T* val) {
   // Entries that are not a boundary key are classified without branches (the classifier's
-  // chain was mispredicted on about one entry in five). With the slice's end known
-  // (`out_end` >= 0), the sparse append is branch-free too: every entry is written at the
-  // next slot, which only a kept one claims (the slot past the slice's end, another
-  // thread's, is never written).
+  // chain was mispredicted on about one entry in five), and the sparse append is
+  // branch-free too: every entry is written at the next slot, which only a kept one claims
+  // (`out_end`: the slice's end; the slot past it, another thread's, is never written).
   int64_t pos = pos_io;
   for (int64_t i = lo; i < hi; ++i) {
     const T v = load_v<T, EF>(g, e, i);
@@ -692,17 +691,11 @@ void write_scalar(const T* g, T* e, T* dense, int64_t lo, int64_t hi,
       kept = (k > cls.klo) & (k < cls.khi);
     }
     if constexpr (S == Sink::kSparse) {
-      if (out_end >= 0) {
-        if (pos < out_end) {
-          idx[pos] = i;
-          val[pos] = v;
-        }
-        pos += kept;
-      } else if (kept) {
+      if (pos < out_end) {
         idx[pos] = i;
         val[pos] = v;
-        ++pos;
       }
+      pos += kept;
       if constexpr (EF) e[i] = kept ? T(0) : v;
     } else if constexpr (S == Sink::kDense) {
       dense[i] = kept ? v : T(0);

@@ -71,7 +71,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) void write_
     const __mmask16 tie = _mm512_cmpeq_epu32_mask(k, vkhi) | _mm512_cmpeq_epu32_mask(k, vklo);
     if (tie) {
       write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, i + 16, cls, o_hi, o_lo, pos,
-                                             idx, val);
+                                             out_end, idx, val);
       continue;
     }
     const __mmask16 in = _mm512_cmpgt_epu32_mask(k, vklo) & _mm512_cmplt_epu32_mask(k, vkhi);
@@ -98,7 +98,8 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) void write_
       pos += cnt;
     }
   }
-  write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, idx, val);
+  write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, out_end,
+                                         idx, val);
 }
 
 // Counting sweep of the sampled path (see analyze_sampled): per 16 entries, five unsigned
@@ -191,7 +192,7 @@ __attribute__((target("avx2,popcnt"))) void write_f32_avx2(
         _mm256_or_si256(_mm256_cmpeq_epi32(k, vkhi), _mm256_cmpeq_epi32(k, vklo))));
     if (tie) {
       write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, i + 8, cls, o_hi, o_lo, pos,
-                                             idx, val);
+                                             out_end, idx, val);
       continue;
     }
     const __m256i inv =
@@ -226,7 +227,8 @@ __attribute__((target("avx2,popcnt"))) void write_f32_avx2(
     }
     pos += cnt;
   }
-  write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, idx, val);
+  write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, out_end,
+                                         idx, val);
 }
 
 // Appends the lanes of `k` selected by `mask` (may be empty) to `dst[n..]` with the
