@@ -73,8 +73,10 @@ _OPS = ("wire_encode", "wire_decode", "wire_validate", "wire_accumulate")
 
 
 def _has_cpp() -> bool:
-    import dgp_kernels  # noqa: F401  (loads _C, which registers the C++ kernels)
+    from .. import native
 
+    if native.load() is None:  # the loader warns once, naming the cause and the fix
+        return False
     return all(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"dgp::{op}", "CPU") for op in _OPS
     )
