@@ -57,15 +57,16 @@ _lib = torch.library.Library("dgp", "DEF")
 # mode="reduce-overhead" leaves the ops out of its graphs. (DGP_CUDA_GRAPHS=1 makes the
 # Triton backend capture and replay its own kernels instead.)
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+# The band arguments default to DEFAULT_TOP / DEFAULT_KEEP, as in the Python wrappers, so
+# torch.ops.dgp.prune(g) works too.
+_BAND = f"float top={DEFAULT_TOP!r}, float keep={DEFAULT_KEEP!r}"
 for _schema in (
-    "select(Tensor g, float top, float keep) -> (Tensor indices, Tensor values)",
-    "select_ef(Tensor g, Tensor(a!) residual, float top, float keep) "
-    "-> (Tensor indices, Tensor values)",
-    "prune(Tensor g, float top, float keep) -> Tensor",
-    "prune_(Tensor(a!) g, float top, float keep) -> ()",
-    "select_multi(Tensor[] gs, float top, float keep) "
-    "-> (Tensor indices, Tensor values, Tensor offsets)",
-    "select_ef_multi(Tensor[] gs, Tensor(a!)[] residuals, float top, float keep) "
+    f"select(Tensor g, {_BAND}) -> (Tensor indices, Tensor values)",
+    f"select_ef(Tensor g, Tensor(a!) residual, {_BAND}) -> (Tensor indices, Tensor values)",
+    f"prune(Tensor g, {_BAND}) -> Tensor",
+    f"prune_(Tensor(a!) g, {_BAND}) -> ()",
+    f"select_multi(Tensor[] gs, {_BAND}) -> (Tensor indices, Tensor values, Tensor offsets)",
+    f"select_ef_multi(Tensor[] gs, Tensor(a!)[] residuals, {_BAND}) "
     "-> (Tensor indices, Tensor values, Tensor offsets)",
 ):
     _lib.define(_schema, tags=_TAGS)
