@@ -126,3 +126,74 @@ def test_module_entry_point_subprocess():
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "ours_ef / clone" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------
+# The command family: defaults in --help, output folders checked before any work
+# --------------------------------------------------------------------------------------
+def _subparsers():
+    import argparse
+
+    from dgp_kernels.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "bench"])
+def test_help_states_every_default(command):
+    """Every option that has a default says it in its help text."""
+    import argparse
+
+    p = _subparsers()[command]
+    checked = 0
+    for a in p._actions:
+        if isinstance(a, (argparse._HelpAction, argparse._StoreTrueAction)):
+            continue
+        assert a.help, f"dgp {command} {a.option_strings}: no help"
+        if a.default is None and command != "bench" and "default" not in a.help:
+            # no default value: the help must still say what happens without the option
+            # (bench's only such options are --json/--markdown: "also write ...")
+            pytest.fail(f"dgp {command} {a.option_strings}: help does not say the default")
+        if a.default not in (None, False):
+            assert "default" in a.help, f"dgp {command} {a.option_strings}: {a.help!r}"
+        checked += 1
+    assert checked >= 5
+    text = p.format_help()
+    assert "%(default)" not in text
+
+
+def test_help_shows_train_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("--clients CLIENTS number of clients (default: 10)", "(default: 150)",
+                   "learning rate (default: 0.1)", "local batch size (default: 32)",
+                   "compressors (default: 0)", "(default: none dgp)", "dgp:top=0.02,keep=0.1"):
+        assert needle in text, needle
+
+
+def test_evaluate_unwritable_out_fails_before_running(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    bad = tmp_path / "file" / "run"
+    assert main(["evaluate", "--quick", "--no-progress", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot create the folder" in err
+
+
+def test_evaluate_bad_defense_leaves_no_folder(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["evaluate", "--quick", "--no-progress", "--defenses", "none,dgp:top",
+                 "--out", str(out)]) == 2
+    assert "expected param=value pairs" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_prepare_out_dir(tmp_path):
+    from dgp_kernels.cli import default_out_dir, prepare_out_dir
+
+    target = tmp_path / "a" / "b"
+    assert prepare_out_dir(str(target)) == str(target) and target.is_dir()
+    assert prepare_out_dir(str(target)) == str(target)  # an existing folder is fine
+    assert default_out_dir("train").startswith(os.path.join("runs", "train-"))

@@ -14,7 +14,7 @@ Only torch is needed to import this package; the built-in ``digits`` data needs
 scikit-learn, the progress bar tqdm, the plots matplotlib (``pip install "dgp_kernels[eval]"``).
 """
 
-from .config import Fault, SimConfig, parse_defense_params
+from .config import Fault, SimConfig, parse_defenses
 from .data import available_datasets, dataset_info, load_dataset
 from .multiseed import MultiSeedResult, SeedStats, SeedSummaryRow, parse_seeds, simulate_seeds
 from .results import SimResult
@@ -31,7 +31,7 @@ __all__ = [
     "build_model",
     "dataset_info",
     "load_dataset",
-    "parse_defense_params",
+    "parse_defenses",
     "parse_seeds",
     "simulate",
     "simulate_seeds",
