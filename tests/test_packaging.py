@@ -54,6 +54,17 @@ def test_ops_callable_with_schema_defaults():
     assert int((x != 0).sum()) == 200
     i, v, off = torch.ops.dgp.select_multi([g, g[:10]])
     assert off.tolist() == [0, 200, 202]
+    # an empty list runs the Python composite kernel, called without the default arguments
+    for args in (([],), ([], DEFAULT_TOP, DEFAULT_KEEP), ([], 0.1, 0.3)):
+        assert torch.ops.dgp.select_multi(*args)[2].tolist() == [0]
+        assert torch.ops.dgp.select_ef_multi(args[0], [], *args[1:])[2].tolist() == [0]
+
+
+def test_compile_with_schema_defaults():
+    """torch.compile traces the ops through their fake kernels with the defaults left out."""
+    g = torch.randn(300, generator=torch.Generator().manual_seed(1))
+    fn = torch.compile(lambda x: torch.ops.dgp.prune(x * 2), backend="eager", fullgraph=True)
+    assert torch.equal(fn(g), reference.prune(g * 2, DEFAULT_TOP, DEFAULT_KEEP))
 
 
 # --------------------------------------------------------------------------------------
@@ -104,3 +115,25 @@ def test_loader_reports_the_running_state():
         assert info.cpu == "reference" and info.reason == native.reason()
     else:
         assert info.cpu == "cpp" and native.reason() is None
+
+
+def test_readme_using_it_examples_run():
+    """The Python examples of the README's "Using it" section run and print what they say."""
+    import subprocess
+    import sys
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## Using it"):]
+    section = section[:section.index("\n## ", 5)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 2
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    outs = []
+    for block in blocks:
+        proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,
+                              timeout=120, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(proc.stdout)
+    assert "(0, 0) (0, 1)" in outs[0] and "tensor(True)" in outs[0]
+    assert "16., 17., 18., 19.,  0.]" in outs[0] and outs[0].rstrip().endswith("True")

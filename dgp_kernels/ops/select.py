@@ -58,7 +58,9 @@ _lib = torch.library.Library("dgp", "DEF")
 # Triton backend capture and replay its own kernels instead.)
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 # The band arguments default to DEFAULT_TOP / DEFAULT_KEEP, as in the Python wrappers, so
-# torch.ops.dgp.prune(g) works too.
+# torch.ops.dgp.prune(g) works too. The dispatcher leaves trailing arguments equal to their
+# defaults out when it calls a Python kernel, so every Python kernel of these ops (fake,
+# reference, Triton) declares the same defaults.
 _BAND = f"float top={DEFAULT_TOP!r}, float keep={DEFAULT_KEEP!r}"
 for _schema in (
     f"select(Tensor g, {_BAND}) -> (Tensor indices, Tensor values)",
@@ -86,23 +88,29 @@ def _fake_k_keep(n, top: float, keep: float):
 
 
 @torch.library.register_fake("dgp::select")
-def _select_fake(g: Tensor, top: float, keep: float) -> Tuple[Tensor, Tensor]:
+def _select_fake(
+    g: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+) -> Tuple[Tensor, Tensor]:
     k = _fake_k_keep(g.numel(), top, keep)
     return g.new_empty((k,), dtype=torch.int64), g.new_empty((k,))
 
 
 @torch.library.register_fake("dgp::select_ef")
-def _select_ef_fake(g: Tensor, residual: Tensor, top: float, keep: float):
+def _select_ef_fake(
+    g: Tensor, residual: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+):
     return _select_fake(g, top, keep)
 
 
 @torch.library.register_fake("dgp::prune")
-def _prune_fake(g: Tensor, top: float, keep: float) -> Tensor:
+def _prune_fake(g: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP) -> Tensor:
     return torch.empty_like(g, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("dgp::prune_")
-def _prune_inplace_fake(g: Tensor, top: float, keep: float) -> None:
+def _prune_inplace_fake(
+    g: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+) -> None:
     return None
 
 
@@ -125,39 +133,43 @@ def _multi_fake(gs: List[Tensor], top: float, keep: float):
 
 
 @torch.library.register_fake("dgp::select_multi")
-def _select_multi_fake(gs: List[Tensor], top: float, keep: float):
+def _select_multi_fake(
+    gs: List[Tensor], top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+):
     return _multi_fake(gs, top, keep)
 
 
 @torch.library.register_fake("dgp::select_ef_multi")
-def _select_ef_multi_fake(gs: List[Tensor], residuals: List[Tensor], top: float, keep: float):
+def _select_ef_multi_fake(
+    gs: List[Tensor], residuals: List[Tensor], top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+):
     return _multi_fake(gs, top, keep)
 
 
 # --------------------------------------------------------------------------------------
 # Reference kernels, registered for the dispatch keys no native backend covers.
 # --------------------------------------------------------------------------------------
-def _ref_select(g, top, keep):
+def _ref_select(g, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     return reference.select(g, top, keep)
 
 
-def _ref_select_ef(g, residual, top, keep):
+def _ref_select_ef(g, residual, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     return reference.select_ef(g, residual, top, keep)
 
 
-def _ref_prune(g, top, keep):
+def _ref_prune(g, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     return reference.prune(g, top, keep)
 
 
-def _ref_prune_(g, top, keep):
+def _ref_prune_(g, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     reference.prune_(g, top, keep)
 
 
-def _ref_select_multi(gs, top, keep):
+def _ref_select_multi(gs, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     return reference.select_multi(gs, top, keep)
 
 
-def _ref_select_ef_multi(gs, residuals, top, keep):
+def _ref_select_ef_multi(gs, residuals, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     return reference.select_ef_multi(gs, residuals, top, keep)
 
 
