@@ -87,11 +87,8 @@ def test_missing_output_directory_fails_before_running(capsys, tmp_path):
     assert "--json" in err and "does not exist" in err
 
 
+@pytest.mark.no_cuda
 def test_bench_gpu_on_without_cuda_fails_clearly(capsys):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present")
     assert main(TINY + ["--gpu", "on"]) == 2
     assert "--gpu on" in capsys.readouterr().err
 

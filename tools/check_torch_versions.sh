@@ -36,7 +36,8 @@ for v in $TORCH_VERSIONS; do
        [ "$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null)" != "$v" ]; then
         rm -rf "$venv"
         "$PYTHON" -m venv "$venv"
-        "$venv/bin/pip" install -q "torch==$v" numpy setuptools wheel ninja
+        "$venv/bin/pip" install -q "torch==$v" numpy setuptools wheel ninja > "$WORK/venv-$v.log" 2>&1 \
+            || { tail -n 40 "$WORK/venv-$v.log"; exit 1; }
     fi
     before="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
     echo "-- torch before install: $before"

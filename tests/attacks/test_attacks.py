@@ -311,7 +311,7 @@ def test_rtf_calibration_thresholds_follow_the_data():
         get_attack("rtf", calibration=cal).thresholds((3, 16, 16))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_attack_runs_on_cuda(tiny_lenet):
     model = tiny_lenet.cuda()
     x = smooth_images(1, 1).cuda()

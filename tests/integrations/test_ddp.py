@@ -207,8 +207,8 @@ def test_state_rejects_bad_arguments():
         ddp.dgp_hook(object(), None)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not torch.distributed.is_nccl_available(),
-                    reason="needs CUDA and NCCL")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.distributed.is_nccl_available(), reason="this torch has no NCCL")
 def test_nccl_on_cuda(tmp_path):
     world = min(2, torch.cuda.device_count())  # NCCL needs one GPU per rank
     out = str(tmp_path)
