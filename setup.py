@@ -57,8 +57,9 @@ if torch is None and _needs_extension():
     sys.exit(
         "dgp_kernels: building the C++ extension needs torch installed in the build "
         "environment, and the build must see it: install torch first (e.g. `pip install "
-        "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`), then `pip install "
-        "--no-build-isolation .` (or `python -m build --no-isolation`)."
+        "torch==2.13.0`), then `pip install --no-build-isolation .` (or `python -m build "
+        "--no-isolation`). An isolated build would compile against a torch it downloads "
+        "itself, not the one you run."
     )
 
 
