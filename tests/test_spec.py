@@ -60,7 +60,7 @@ def test_simconfig_accepts_a_spec():
         SimConfig(defense="dgp:top=0.1", defense_params={"top": 0.2})
     with pytest.raises(ValueError, match="SimConfig.defense: defense 'dgp:top'"):
         SimConfig(defense="dgp:top")
-    with pytest.raises(ValueError, match=r"SimConfig.defense 'dgp:top=0.9,keep=0.5': "):
+    with pytest.raises(ValueError, match=r"defense 'dgp': .*top"):
         SimConfig(defense="dgp:top=0.9,keep=0.5").validate()
 
 

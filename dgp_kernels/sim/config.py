@@ -254,6 +254,9 @@ class SimConfig:
                 )
         # Build one compressor (and the broadcaster) to check the parameters now, with
         # the compressor's own error naming the parameter.
+        # The message names the defense as the caller wrote it: the spec behind the flag
+        # (--defenses 'dgp:top=0.9,keep=0.5': ...) or the config's defense ('dgp').
+        what = f"{names['defense']} {spec!r}" if names and "defense" in names else f"defense {self.defense!r}"
         try:
             compressor_params(self, client=0, checked=False)
             if self.defense == "adgp":
@@ -261,7 +264,7 @@ class SimConfig:
 
                 Broadcaster(**broadcaster_params(self))
         except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{n('defense')} {spec!r}: {exc}") from None
+            raise type(exc)(f"{what}: {exc}") from None
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -295,7 +298,7 @@ def _client_seed(config: SimConfig, client: int, given: Optional[int]) -> int:
 def compressor_params(config: SimConfig, client: int, checked: bool = True) -> Dict[str, Any]:
     """The keyword arguments of client ``client``'s compressor, after building a throwaway
     one to check them (errors name the parameter; with ``checked`` they also name the
-    defense)."""
+    defense; :meth:`SimConfig.validate` passes False and names it itself)."""
     import inspect
 
     from ..compressor import get_compressor
@@ -315,8 +318,7 @@ def compressor_params(config: SimConfig, client: int, checked: bool = True) -> D
     try:
         get_compressor(config.defense, **params)
     except (TypeError, ValueError) as exc:
-        raise type(exc)(f"defense {format_spec(config.defense, config.defense_params)!r}: "
-                        f"{exc}") from None
+        raise type(exc)(f"defense {config.defense!r}: {exc}") from None
     return params
 
 
