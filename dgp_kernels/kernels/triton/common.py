@@ -32,7 +32,8 @@ REL_BINS = tl.constexpr(32)
 # three 2048/1024-bin levels over the 3.7M candidates of a 25M tensor took 1.67 ms on an
 # H200, 32 bins about 0.03 ms per level).
 RANGE_BITS = tl.constexpr(8)
-TAIL_BITS = tl.constexpr(5)  # digit bits of the refinement levels that one program runs (32 bins)
+TAIL_BITS = tl.constexpr(5)  # digit bits of the refinement levels that one program runs
+TAIL_BINS = tl.constexpr(32)  # = 2^TAIL_BITS
 
 # dtype -> (KIND, key bits, digit widths after the first over candidates, over the data):
 # each set of widths sums to key bits - FIRST_DIGIT_BITS. Over the data (the exact path's

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    TAIL_BITS, base, finish_layer, key_of, last_program, load_v, locate_row, masked_histogram,
+    TAIL_BINS, TAIL_BITS, base, finish_layer, key_of, last_program, load_v, locate_row, masked_histogram,
     narrow,
 )
 
@@ -147,7 +147,7 @@ def tail_refine(seg, keys2, cnt, cap, bnd, active, flags, tail_n, thr, S,
     thresholds. A slot that overflowed (``cnt > cap``) marks the layer missed instead."""
     NB2 = 2 * S
     KEY32: tl.constexpr = KIND != 1
-    NBINS: tl.constexpr = 1 << TAIL_BITS
+    NBINS: tl.constexpr = TAIL_BINS
     act = tl.load(active + seg) != 0
     missed = tl.load(flags + S + seg) != 0
     over = act & (~missed) & (cnt > cap)
