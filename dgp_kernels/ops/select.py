@@ -3,7 +3,7 @@
 Backends implement these schemas and register themselves for a dispatch key:
 
 * ``csrc/cpu/select.cpp`` -> ``CPU`` (C++/OpenMP radix select), when ``dgp_kernels._C`` is built;
-* ``dgp_kernels/kernels/triton/select.py`` -> ``CUDA`` (when triton and a GPU are present);
+* ``dgp_kernels/kernels/triton/ops.py`` -> ``CUDA`` (when triton and a GPU are present);
 * :mod:`dgp_kernels.ops.reference` -> every key no native backend covers (the fallback).
 
 Semantics shared by all of them (../shared/DESIGN.md §2):
@@ -54,7 +54,7 @@ __all__ = [
 _lib = torch.library.Library("dgp", "DEF")
 # cudagraph_unsafe: on CUDA every op reads a few flags back to the host once per call (NaN,
 # sample misses), which a CUDA graph capture cannot hold; torch.compile's
-# mode="reduce-overhead" leaves the ops out of its graphs. (DGP_CUDA_GRAPHS=1 makes the
+# mode="reduce-overhead" leaves the ops out of its graphs. (``dgp_kernels.kernels.triton.cuda_graphs()`` makes the
 # Triton backend capture and replay its own kernels instead.)
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 for _schema in (
