@@ -53,7 +53,7 @@ VALUE_DTYPES = ("float32", "bfloat16", "float16")
 def resnet18_gradients(kind: str = "random", seed: int = 0) -> List[torch.Tensor]:
     """The 62 gradient tensors: ``randn`` with the model's shapes, or one real backward."""
     if kind == "real":
-        from dgp_kernels.benchmarks import model_gradients  # the lead's helper (same gradients as bench_select)
+        from dgp_kernels.speed import model_gradients  # the lead's helper (same gradients as bench_select)
 
         return list(model_gradients("resnet18_cifar", "real", batch=8, seed=seed)[0])
     if kind != "random":

@@ -7,7 +7,7 @@ Not part of `pytest`.
                               [--clients 10] [--lr 0.1] [--threads 1] [--runs]
                               [--out bench/results/ef_gap]
 
-``--study ef-gap`` runs :func:`dgp_kernels.sim.efgap.ef_gap_study` on the default simulator
+``--study ef-gap`` runs ``bench/studies/efgap.py``'s ``ef_gap_study`` on the default simulator
 configuration (built-in digits, convnet_small, FedSGD, 10 clients, 150 rounds, one thread):
 ``none``, ``dgp`` (defaults), ``dgp`` with ``top=0`` (same band width, no top cut) and
 ``dgp`` without error feedback, over the seeds in sequence, and writes ``ef_gap.md``,
@@ -61,7 +61,7 @@ if os.path.dirname(HERE) not in sys.path:  # `python bench/bench_sim.py` from a 
 
 import dgp_kernels  # noqa: E402
 from dgp_kernels.sim import SimConfig, build_model, load_dataset, simulate  # noqa: E402
-from dgp_kernels.sim.data import iid_split  # noqa: E402
+from dgp_kernels.cases.datasets import iid_split  # noqa: E402
 
 
 def _environment(device: str) -> Dict[str, str]:
@@ -138,7 +138,7 @@ def sim_rounds(cfg: SimConfig) -> List[Tuple[float, float]]:
 
 def study_ef_gap(args: argparse.Namespace) -> int:
     """``--study ef-gap``: see the module docstring."""
-    from dgp_kernels.sim.efgap import ef_gap_study, write_ef_gap
+    from bench.studies.efgap import ef_gap_study, write_ef_gap
     from dgp_kernels.sim.multiseed import parse_seeds
 
     seeds = parse_seeds(args.seeds)

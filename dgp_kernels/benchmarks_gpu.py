@@ -5,7 +5,7 @@
     dgp bench                                    # runs this too when a GPU is present
 
 Inputs: one 25M-element float32 ``randn`` tensor; the 62 gradient shapes of the CIFAR
-ResNet-18 (``dgp_kernels.sim.models.resnet18_cifar``, 11.2M elements); the 161 parameter
+ResNet-18 (``dgp_kernels.cases.models.resnet18_cifar``, 11.2M elements); the 161 parameter
 shapes of an ImageNet ResNet-50 (torchvision layout, 25.6M elements, generated below, no
 torchvision). Values are ``randn`` (the selection's cost does not depend on the layer
 having been produced by a backward pass, only on sizes and the value distribution).
@@ -70,9 +70,9 @@ def peak_bandwidth(name: str) -> Optional[float]:
 # Inputs
 # --------------------------------------------------------------------------------------
 def resnet18_shapes() -> Tuple[List[Tuple[int, ...]], str]:
-    from dgp_kernels.sim.models import resnet18_cifar
+    from dgp_kernels.cases.models import resnet18_cifar
 
-    return [tuple(p.shape) for p in resnet18_cifar().parameters()], "dgp_kernels.sim.models"
+    return [tuple(p.shape) for p in resnet18_cifar().parameters()], "dgp_kernels.cases.models"
 
 
 def resnet50_shapes(num_classes: int = 1000) -> List[Tuple[int, ...]]:

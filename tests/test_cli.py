@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dgp_kernels import benchmarks
+from dgp_kernels import speed as benchmarks
 from dgp_kernels.cli import main
 
 TINY = ["bench", "--quick", "--size", "2000", "--model", "lenet_sigmoid", "--threads", "1",

@@ -87,7 +87,7 @@ struct Counts {
   int64_t n = 0, k_top = 0, k_keep = 0;
 };
 
-// DESIGN.md §2.1 counts, in double; must match dgp_kernels/ops/_checks.py:band_counts.
+// DESIGN.md §2.1 counts, in double; must match dgp_kernels/ops/checks.py:band_counts.
 inline Counts band_counts(int64_t n, double top, double keep) {
   Counts c;
   c.n = n;

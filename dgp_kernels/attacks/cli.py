@@ -134,7 +134,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         out = f"runs/evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
     progress = not args.no_progress
     try:
-        result = run_evaluation(cfg, progress=progress)
+        # The simulator is wired in here: the attacks package does not import it.
+        from ..sim import simulate_defense
+
+        result = run_evaluation(cfg, progress=progress, trainer=simulate_defense)
     except FileNotFoundError as exc:
         return _fail(str(exc))
     paths = write_report(result, out, progress=progress)

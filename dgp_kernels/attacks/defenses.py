@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..codec import decode, encode
 from ..codec.payload import SparsePayload
 from ..compressor import get_compressor
-from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP
+from ..ops import DEFAULT_KEEP, DEFAULT_TOP
 
 __all__ = [
     "DEFENSE_PARAMS",

@@ -19,15 +19,14 @@ from torch import Tensor
 
 from .. import ops
 from ..codec.payload import LayerPayload, SparsePayload
-from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP, check_fractions
+from ..checks import check_bool, check_fractions, dtype_name
+from ..ops import DEFAULT_KEEP, DEFAULT_TOP
 from .base import (
     Compressor,
     cast_values,
-    check_bool,
     check_grad_list,
     check_no_nan,
     check_value_dtype,
-    dtype_name,
     register_compressor,
 )
 

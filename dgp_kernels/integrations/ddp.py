@@ -78,7 +78,8 @@ from ..compressor import (
     available_compressors,
     get_compressor,
 )
-from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP, check_fractions
+from ..checks import check_fractions
+from ..ops import DEFAULT_KEEP, DEFAULT_TOP
 
 __all__ = ["DGPHookState", "StepStats", "dgp_hook"]
 

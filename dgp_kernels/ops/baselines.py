@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import DEFAULT_KEEP, DEFAULT_TOP, band_counts
+from .checks import DEFAULT_KEEP, DEFAULT_TOP, band_counts
 
 __all__ = ["authors_dgp", "single_topk", "clone_all"]
 

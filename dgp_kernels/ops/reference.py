@@ -21,7 +21,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from ._checks import (
+from .checks import (
     band_counts,
     check_fractions,
     check_grad,

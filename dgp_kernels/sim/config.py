@@ -101,7 +101,7 @@ class SimConfig:
     Attributes:
         dataset: ``digits`` (built in, offline), ``mnist``, ``cifar10``, ``cifar100`` (from
             ``data_root``).
-        model: a name of :data:`dgp_kernels.sim.models.MODELS`; built with the dataset's
+        model: a name of :data:`dgp_kernels.cases.models.MODELS`; built with the dataset's
             ``num_classes``/``channels`` (and ``image_size`` when the model takes it).
         defense: compressor name (``none``, ``dgp``, ``adgp``, ``topk``, ``randk``, ``dp``,
             ``qsgd``); each client gets its own compressor object (own error feedback).
@@ -167,8 +167,8 @@ class SimConfig:
     # ---------------------------------------------------------------------------------
     def validate(self) -> "SimConfig":
         """Check every field (raises ``TypeError``/``ValueError`` naming it); returns self."""
-        from .data import available_datasets
-        from .models import MODELS
+        from ..cases.datasets import available_datasets
+        from ..cases.models import MODELS
 
         _check_choice(self.dataset, "dataset", available_datasets())
         _check_choice(self.model, "model", sorted(MODELS))
@@ -263,17 +263,13 @@ def _client_seed(config: SimConfig, client: int, given: Optional[int]) -> int:
 def compressor_params(config: SimConfig, client: int) -> Dict[str, Any]:
     """The keyword arguments of client ``client``'s compressor, after building a throwaway
     one to check them (errors name the parameter)."""
-    import inspect
-
-    from ..compressor import get_compressor
-    from ..compressor.base import _REGISTRY
+    from ..compressor import COMPRESSORS, get_compressor
 
     params = dict(config.defense_params)
     if config.defense == "adgp":
         for k in ADGP_BROADCASTER_PARAMS:
             params.pop(k, None)
-    cls = _REGISTRY.get(config.defense)
-    accepted = inspect.signature(cls.__init__).parameters if cls is not None else {}
+    accepted = COMPRESSORS.parameters(config.defense) if config.defense in COMPRESSORS else []
     if "seed" in accepted:
         params["seed"] = _client_seed(config, client, params.get("seed"))
     try:
@@ -285,7 +281,7 @@ def compressor_params(config: SimConfig, client: int) -> Dict[str, Any]:
 
 def broadcaster_params(config: SimConfig) -> Dict[str, Any]:
     """ADGP broadcaster band (``top``/``keep`` from ``defense_params``, else the DGP defaults)."""
-    from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP
+    from ..ops import DEFAULT_KEEP, DEFAULT_TOP
 
     p = config.defense_params
     return {"top": p.get("top", DEFAULT_TOP), "keep": p.get("keep", DEFAULT_KEEP)}

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 import dgp_kernels
 from dgp_kernels.ops import reference as ref
-from dgp_kernels.ops._checks import band_counts
+from dgp_kernels.ops import band_counts
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 DTYPE_IDS = ("f32", "f64", "f16", "bf16")

@@ -30,8 +30,7 @@ def register() -> bool:
         from . import select as _select
     except ImportError:
         return False
-    from ...ops.select import _lib
+    from ...ops import register_kernels
 
-    for name, fn in _select.IMPLS.items():
-        _lib.impl(name, fn, "CUDA")
+    register_kernels(_select.IMPLS, "CUDA")
     return True

@@ -58,7 +58,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...ops import reference
-from ...ops._checks import (
+from ...ops.checks import (
     band_counts,
     check_fractions,
     check_grad,

@@ -16,7 +16,7 @@ Nothing is ever downloaded: missing files raise ``FileNotFoundError`` naming the
 Every loader returns ``x`` float32 ``[N, C, H, W]`` in ``[0, 1]`` and ``y`` int64 ``[N]``.
 
 Add a dataset: a ``_load_<name>(root, split)`` returning that pair, an entry in
-``_INFO`` and ``_LOADERS``, and a reader test on tiny files in ``tests/sim/test_data.py``.
+``_INFO`` and ``_LOADERS``, and a reader test on tiny files in ``tests/cases/test_datasets.py``.
 """
 
 from __future__ import annotations

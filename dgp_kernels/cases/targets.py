@@ -7,7 +7,7 @@
   (astronaut 0, chelsea 1, coffee 2, ... for 10 classes). Grayscale photos are replicated to
   three channels and the RGBA logo is composited on white.
 * ``digits`` — scikit-learn's 8x8 handwritten digits (bundled, offline), through
-  :func:`dgp_kernels.sim.data.load_dataset` (its fixed test split), 1 channel, true labels.
+  :func:`dgp_kernels.cases.datasets.load_dataset` (its fixed test split), 1 channel, true labels.
 * ``mnist``, ``cifar10``, ``cifar100`` — from a local directory (``root``), through the same
   loader; a clear ``FileNotFoundError`` names the expected files when they are absent.
 
@@ -21,7 +21,7 @@ Every loader returns a :class:`TargetSet`: ``images`` float32 ``[N, C, H, W]`` i
 
 Add a source: write a function returning a :class:`TargetSet`, add its name to
 ``_SOURCES`` (and to ``dgp evaluate --dataset``), and a shape/range test in
-``tests/attacks/test_data.py``.
+``tests/cases/test_targets.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from . import datasets
 
 __all__ = [
     "PHOTO_NAMES",
@@ -234,10 +236,8 @@ def select_by_class(labels: Tensor, n: int, num_classes: int, *, start: int = 0)
 
 def _load_labelled(source: str, n: int, *, size: Optional[int], root: Optional[str],
                    start: int) -> TargetSet:
-    from ..sim import data as sim_data
-
-    x, y = sim_data.load_dataset(source, root=root, split="test")
-    info = sim_data.dataset_info(source)
+    x, y = datasets.load_dataset(source, root=root, split="test")
+    info = datasets.dataset_info(source)
     num_classes = int(info["num_classes"])
     idx = select_by_class(y, n, num_classes, start=start)
     images = _resize_batch(x[idx].to(torch.float32), size).contiguous()

@@ -44,7 +44,7 @@ import torch
 import dgp_kernels
 from dgp_kernels.ops import DEFAULT_KEEP, DEFAULT_TOP
 from dgp_kernels.ops.baselines import authors_dgp, clone_all, single_topk
-from dgp_kernels.sim.models import MODELS, get_model
+from dgp_kernels.cases.models import MODELS, get_model
 
 __all__ = [
     "BenchConfig",

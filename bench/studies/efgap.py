@@ -1,4 +1,4 @@
-"""The error-feedback gap study (issue 5): why DGP can trail ``none`` on the default run.
+"""The error-feedback gap study: why DGP can trail ``none`` on the default run.
 
 DGP sends the band of ranks ``[k_top, k_top + k_keep)`` of ``|g + e|`` and never the
 ``top`` largest entries. With error feedback, an entry held back at the top stays in the
@@ -18,9 +18,9 @@ the gradient's L2 norms, the largest residual entry, the share of the residual's
 norm on never-sent coordinates and the share of the gradient's squared norm there, and the
 fraction of this round's top-held entries that were never sent.
 
-    from dgp_kernels.sim.efgap import ef_gap_study, write_ef_gap
+    from bench.studies.efgap import ef_gap_study, write_ef_gap   # from the repository root
     study = ef_gap_study(seeds=range(5))
-    write_ef_gap(study, "bench/results/ef_gap")
+    write_ef_gap(study, "bench/results/ef_gap")                   # generated, not tracked
 
 ``python bench/bench_sim.py --study ef-gap`` runs it from the command line.
 """
@@ -34,9 +34,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .config import SimConfig
-from .multiseed import MultiSeedResult, describe, simulate_seeds
-from .results import SimResult, seed_curves
+from dgp_kernels.optional import pyplot
+from dgp_kernels.sim import MultiSeedResult, SimConfig, SimResult, simulate_seeds
+from dgp_kernels.sim.multiseed import describe, file_stem
+from dgp_kernels.sim.results import seed_curves
 
 __all__ = ["EF_GAP_METRICS", "EF_GAP_VARIANTS", "EFGapStudy", "ef_gap_metrics", "ef_gap_study",
            "collapse_round", "linear_fit", "tail_accuracy", "write_ef_gap"]
@@ -134,14 +135,12 @@ class EFGapStudy:
         """Rebuild a study from the ``runs`` folder :func:`write_ef_gap` writes with
         ``runs=True`` (its ``summary.json`` and per-run JSON files), e.g. to redraw or
         re-tabulate without re-running."""
-        from .multiseed import _file_stem
-
         with open(os.path.join(runs_dir, "summary.json")) as f:
             meta = json.load(f)
         multi = MultiSeedResult(labels=list(meta["labels"]), seeds=list(meta["seeds"]),
                                 baseline=meta["baseline"])
         for lab in multi.labels:
-            multi.runs[lab] = [SimResult.from_json(os.path.join(runs_dir, f"{_file_stem(lab)}-seed{s}.json"))
+            multi.runs[lab] = [SimResult.from_json(os.path.join(runs_dir, f"{file_stem(lab)}-seed{s}.json"))
                                for s in multi.seeds]
         metrics = {lab: [ef_gap_metrics(r) for r in multi.runs[lab]]
                    for lab in multi.labels if multi.runs[lab][0].config.diagnostics}
@@ -407,9 +406,7 @@ def plot_ef_gap(study: EFGapStudy, path: str) -> str:
     """One PNG, four panels: accuracy (mean, min-max band over seeds) of every run; for the
     DGP runs the never-sent fraction, the residual / gradient norm ratio (log) and the
     largest residual entry vs round. Needs matplotlib."""
-    from .results import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
     colors: Dict[str, str] = {}
     ax = axes[0][0]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dgp_kernels.sim.models import (
+from dgp_kernels.cases.models import (
     MODELS,
     convnet_small,
     get_model,

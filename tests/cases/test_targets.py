@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dgp_kernels.attacks.data import (
+from dgp_kernels.cases.targets import (
     PHOTO_NAMES,
     TargetSet,
     available_target_sources,

@@ -1,4 +1,4 @@
-"""The error-feedback gap study on a tiny run: its per-round metrics have the right ranges
+"""The error-feedback gap study (bench/studies/efgap.py) on a tiny run: its per-round metrics have the right ranges
 and directions, the variants differ the way their definitions say, and the files are
 written."""
 
@@ -8,8 +8,8 @@ import math
 import pytest
 
 from dgp_kernels.sim import SimConfig
-from dgp_kernels.sim.efgap import (EF_GAP_METRICS, EFGapStudy, ef_gap_metrics, ef_gap_study, linear_fit,
-                                   write_ef_gap)
+from bench.studies.efgap import (EF_GAP_METRICS, EFGapStudy, ef_gap_metrics, ef_gap_study, linear_fit,
+                                 write_ef_gap)
 
 ROUNDS = 6
 
@@ -110,7 +110,7 @@ def test_diagnostics_do_not_change_the_run(study):
 
 
 def test_tail_accuracy(study):
-    from dgp_kernels.sim.efgap import tail_accuracy
+    from bench.studies.efgap import tail_accuracy
 
     res = study.multi.runs["dgp"][0]
     accs = [r["test_accuracy"] for r in res.rounds]
@@ -125,7 +125,7 @@ def test_tail_accuracy(study):
 
 def test_collapse_round():
     from dgp_kernels.sim import SimResult
-    from dgp_kernels.sim.efgap import collapse_round
+    from bench.studies.efgap import collapse_round
 
     def res(accs):
         rounds = [{"round": i, "test_accuracy": a} for i, a in enumerate(accs)]
