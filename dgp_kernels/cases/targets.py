@@ -32,6 +32,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..checks import check_int
+from ..optional import require
 from . import datasets
 
 __all__ = [
@@ -106,29 +108,19 @@ class TargetSet:
 
 
 def _check_count(n: object, name: str = "n") -> int:
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"{name} must be an int, got {type(n).__name__} {n!r}")
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n!r}")
-    return n
+    return check_int(n, name, min_value=1)
 
 
 def _check_size(size: object) -> int:
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise TypeError(f"size must be an int, got {type(size).__name__} {size!r}")
-    if size < 4:
-        raise ValueError(f"size must be >= 4 pixels, got {size!r}")
-    return size
+    return check_int(size, "size", min_value=4)
 
 
 def _import_skimage():
-    try:
-        import skimage.data
-        import skimage.transform
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the photo targets need scikit-image: pip install \"dgp_kernels[eval]\""
-        ) from exc
+    """``skimage`` with its ``data`` and ``transform`` submodules loaded."""
+    require("skimage.data", extra="eval", purpose="the photo targets")
+    require("skimage.transform", extra="eval", purpose="the photo targets")
+    import skimage
+
     return skimage
 
 

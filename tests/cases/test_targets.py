@@ -56,7 +56,7 @@ def test_photos_bad_arguments():
         load_photos(1, size=2)
     with pytest.raises(TypeError, match="n must be an int"):
         load_photos(1.5)
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
         load_photos(0)
 
 
