@@ -3,14 +3,19 @@
 * no module imports an underscore name (or an underscore module) of another subpackage;
 * ``sim`` and ``attacks`` do not import each other (their ``cli.py`` modules, which wire
   the command line, may use both);
-* no module imports a layer above its own (docs/architecture.md lists the layers).
+* no module imports a layer above its own (docs/architecture.md lists the layers);
+* no tracked file links or points outside the repository.
 """
 
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
 from pathlib import Path
 from typing import Iterator, List, Tuple
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "dgp_kernels"
@@ -140,3 +145,67 @@ def test_the_scan_sees_imports():
     simulator importing the compressors and the cases."""
     seen = {(_owner(me), _owner(t)) for _, me, _, t, _ in _internal_imports()}
     assert ("sim", "compressor") in seen and ("sim", "cases") in seen and ("attacks", "cases") in seen
+
+
+# --------------------------------------------------------------------------------------
+# Links out of the repository
+# --------------------------------------------------------------------------------------
+def _tracked_text_files() -> List[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+        names = [n for n in out.stdout.decode().split("\0") if n]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an sdist)
+        names = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file()]
+    files = []
+    for n in names:
+        p = ROOT / n
+        if not p.is_file() or p.suffix in (".png", ".so", ".gz", ".pkl", ".whl"):
+            continue
+        try:
+            p.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        files.append(p)
+    return files
+
+
+# A path that climbs out of the repository to the sibling folder of design notes, or names
+# those notes; absolute paths of the machines the project was built on.
+OUTSIDE = re.compile(r"\.\./shared\b|\bshared/(DESIGN|STYLE)\.md|\bDESIGN\.md|\bSTYLE\.md|(?<![\w.])/work/")
+MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_no_file_points_outside_the_repository():
+    me = Path(__file__).resolve()
+    bad = []
+    for p in _tracked_text_files():
+        if p.resolve() == me:
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if OUTSIDE.search(line):
+                bad.append(f"{_rel(p)}:{i}: {line.strip()[:120]}")
+    assert not bad, "references outside the repository:\n" + "\n".join(bad)
+
+
+def test_markdown_links_stay_inside_the_repository():
+    bad = []
+    for p in _tracked_text_files():
+        if p.suffix != ".md":
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            for target in MD_LINK.findall(line):
+                if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+                    continue  # a URL or an anchor in the same file
+                dest = (p.parent / target.split("#")[0]).resolve()
+                if ROOT not in dest.parents and dest != ROOT:
+                    bad.append(f"{_rel(p)}:{i}: {target} leaves the repository")
+                elif not dest.exists():
+                    bad.append(f"{_rel(p)}:{i}: {target} does not exist")
+    assert not bad, "markdown links that leave the repository or are broken:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("text,hit", [("see ../shared/DESIGN.md §2", True),
+                                      ("docs/semantics.md", False),
+                                      ("/work/main/x", True)])
+def test_the_outside_pattern(text, hit):
+    assert bool(OUTSIDE.search(text)) is hit

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Defense specs: 'none', 'dgp' (defaults top=0.05,keep=0.2), 'dgp:top=0.05,keep=0.2', "
         "'topk:keep=0.2', 'randk:keep=0.2', 'dp:sigma=0.01' (Gaussian noise of std sigma, no "
         "clipping unless clip= is given), 'qsgd:levels=8'. The attack side applies each one "
-        "once, without error feedback (DESIGN.md section 5).\n"
+        "once, without error feedback, as the DGP paper's evaluation does.\n"
         "Attacks: dlg idlg ig dlg-adaptive ig-adaptive ig-dgp-aware rtf (or 'all')."
     )
     g = parser.add_argument_group("grid")

@@ -1,4 +1,4 @@
-"""ADGP — aligned dual gradient pruning (DESIGN.md §2.5).
+"""ADGP — aligned dual gradient pruning.
 
 All clients of a round send values at the **same** positions, chosen per layer by a
 trusted :class:`Broadcaster`; uploads then carry values only

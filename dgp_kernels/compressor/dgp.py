@@ -1,7 +1,7 @@
 """DGP (dual gradient pruning) and classic top-k pruning compressors.
 
 ``dgp``: per tensor, send the band of ranks ``[k_top, k_top + k_keep)`` of ``|g + e|``
-(DESIGN.md §2.1-2.2) and keep everything else in the error-feedback residual ``e``. All
+(docs/semantics.md) and keep everything else in the error-feedback residual ``e``. All
 layers go through one multi-tensor op call (``select_ef_multi`` with error feedback,
 ``select_multi`` without).
 
@@ -137,7 +137,7 @@ class TopKCompressor(DGPCompressor):
     values per layer as ``dgp``.
 
     ``error_feedback`` defaults to **False**: this is the pruning defense the literature
-    compares against (Zhu et al.'s DLG defense; the DGP authors' baseline, DESIGN.md §5)
+    compares against (Zhu et al.'s DLG defense; the DGP authors' baseline)
     and it is a single-round operator there — with error feedback every coordinate is
     eventually released through the residual, which changes both what an attacker sees in
     a round and the accuracy. Turn it on for a communication-efficiency baseline

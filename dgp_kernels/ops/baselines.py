@@ -7,7 +7,7 @@
 * :func:`clone_all` — ``clone()`` of every tensor: the memory-bandwidth yardstick (one read,
   one write of each tensor).
 
-These are baselines, not implementations of the contract in ../shared/DESIGN.md §2:
+These are baselines, not implementations of the contract in docs/semantics.md:
 ``torch.topk`` does not promise which of several equal magnitudes it returns, so on ties
 the authors' band can differ from ours (the counts are the same). On tie-free inputs
 :func:`authors_dgp` keeps exactly the entries :func:`dgp_kernels.select` keeps

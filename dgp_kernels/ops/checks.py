@@ -22,7 +22,7 @@ COUNT_EPS = 1e-6
 
 
 def band_counts(n: int, top: float, keep: float) -> Tuple[int, int]:
-    """``(k_top, k_keep)`` for a tensor of ``n`` entries (DESIGN.md §2.1), in double."""
+    """``(k_top, k_keep)`` for a tensor of ``n`` entries (docs/semantics.md), in double."""
     k_top = int(math.floor(float(top) * n + COUNT_EPS))
     k_top = min(k_top, n)
     k_keep = int(math.floor(float(keep) * n + COUNT_EPS))

@@ -6,7 +6,7 @@ Backends implement these schemas and register themselves for a dispatch key:
 * ``dgp_kernels/kernels/triton/select.py`` -> ``CUDA`` (when triton and a GPU are present);
 * :mod:`dgp_kernels.ops.reference` -> every key no native backend covers (the fallback).
 
-Semantics shared by all of them (../shared/DESIGN.md §2):
+Semantics shared by all of them (docs/semantics.md):
 
 * shapes: ``g`` any shape and strides, ``n = g.numel()``; ``k_top = floor(top*n + 1e-6)``,
   ``k_keep = min(floor(keep*n + 1e-6), n - k_top)``; outputs have exactly ``k_keep`` entries;

@@ -107,8 +107,8 @@ class SimConfig:
             ``qsgd``); each client gets its own compressor object (own error feedback).
         defense_params: keyword arguments of that compressor (``{"top": 0.05}``); for
             ``adgp`` also ``top``/``keep`` (the broadcaster's band) and ``positions``
-            (``"aggregate"``: band of the previous aggregate, the default rule of
-            DESIGN.md §2.5; ``"fresh"``: band of the broadcaster's own gradient each round).
+            (``"aggregate"``: band of the previous aggregate, the default rule, see
+            :mod:`dgp_kernels.compressor.adgp`; ``"fresh"``: band of the broadcaster's own gradient each round).
             Random compressors get ``seed + client`` per client (``seed`` defaults to a
             value derived from ``SimConfig.seed``).
         clients: number of clients N.
@@ -135,8 +135,8 @@ class SimConfig:
         diagnostics: also record error-feedback diagnostics per round (residual norms on
             never-sent coordinates; see :func:`~dgp_kernels.sim.simulate`).
         threads: torch intra-op threads during the run (restored afterwards); ``None``
-            leaves torch's setting. Small models run fastest on 1 thread here (the
-            2-vCPU machine stalls in OpenMP regions, DESIGN.md §6); results are bitwise
+            leaves torch's setting. Small models run fastest on 1 thread here (an OpenMP
+            region can stall ~8 ms on a 2-vCPU machine); results are bitwise
             reproducible for a fixed thread count.
     """
 

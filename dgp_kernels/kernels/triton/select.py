@@ -2,7 +2,7 @@
 
 Implements every ``dgp::`` op of :mod:`dgp_kernels.ops.select` for CUDA tensors (and, under
 ``TRITON_INTERPRET=1``, for CPU tensors, which is how CI checks them without a GPU).
-Semantics are the contract of ../shared/DESIGN.md §2, bit for bit:
+Semantics are the contract of docs/semantics.md, bit for bit:
 
 * ``v = g`` or, with error feedback, ``v = g + e`` rounded once to the storage dtype exactly as
   torch does (float16/bfloat16 add in float32 and round to nearest even once);
@@ -141,7 +141,7 @@ WRITE_MAXNREG = 0
 # Off until measured on a GPU (bench/gpu_profile.py sweeps it).
 PERSISTENT = 0
 PIPELINE_STAGES = 3
-FIRST_DIGIT_BITS = 11  # DESIGN.md §4: the first 11-bit digit covers the float exponent
+FIRST_DIGIT_BITS = 11  # the first 11-bit digit covers the float exponent
 # Candidate path while the boundary buckets hold at most max(CAND_MIN, n / CAND_FRACTION)
 # entries in all: randn data puts ~3% and ~6% of n in the buckets of ranks 5% and 25%
 # (an 11-bit digit of float32 is 1/8 of an octave). Beyond that (all zeros, all equal,
