@@ -1,4 +1,4 @@
-"""Step time of the DGP DDP communication hook vs plain DDP all-reduce (issue 7 item 6).
+"""Step time of the DGP DDP communication hook vs plain DDP all-reduce.
 Not part of `pytest`.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_ddp.py                  # both models, 2 ranks

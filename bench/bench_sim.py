@@ -1,4 +1,4 @@
-"""Simulator overhead on the CIFAR ResNet-18, and the error-feedback gap study (issue 5).
+"""Simulator overhead on the CIFAR ResNet-18, and the error-feedback gap study.
 Not part of `pytest`.
 
     python bench/bench_sim.py [--rounds 3] [--clients 10] [--batch 32] [--threads 1,2]
@@ -30,7 +30,7 @@ by the simulator's own loader), ``--rounds`` rounds of which the first is warm-u
 Per-round times exclude evaluation (``SimResult.rounds[i]["round_s"]``; one test sample is
 evaluated after the last round only), and each round's local-training seconds are timed
 too (``local_s``). Reported: median seconds per round over the timed rounds; the overhead
-end to end, ``sim none / baseline - 1`` (issue bar: <= 20 %), which drifts with the load
+end to end, ``sim none / baseline - 1``, which drifts with the load
 of a shared machine between runs; the overhead in-run, ``(round - local) / local`` of
 ``sim none`` minus the same for the baseline: the time the payload path adds relative to
 the local computation of the same rounds (robust to load drift); DGP's extra seconds per

@@ -1,4 +1,4 @@
-"""Print the comparison table of issue 2 item 6 (the same as ``dgp bench``).
+"""Print the CPU comparison table: ours vs the authors' operator, topk, clone (``dgp bench``).
 
     python bench/select_table.py --quick --size 2000000 --threads 1
 
