@@ -21,14 +21,8 @@ from .. import ops
 from ..codec.payload import LayerPayload, SparsePayload
 from ..checks import check_bool, check_fractions, dtype_name
 from ..ops import DEFAULT_KEEP, DEFAULT_TOP
-from .base import (
-    Compressor,
-    cast_values,
-    check_grad_list,
-    check_no_nan,
-    check_value_dtype,
-    register_compressor,
-)
+from .base import Compressor, cast_values, check_grad_list, check_no_nan, check_value_dtype
+from .base import register_compressor
 
 __all__ = ["DGPCompressor", "TopKCompressor"]
 

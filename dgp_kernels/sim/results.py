@@ -45,20 +45,22 @@ class SimResult:
     num_params: int = 0
     model_state: Optional[Dict[str, Tensor]] = None
 
-    @property
-    def final_accuracy(self) -> float:
-        """Test accuracy after the last round (it is always evaluated)."""
+    def last(self, key: str) -> float:
+        """The last round's recorded ``key`` (``test_accuracy``, ``test_loss``, ...), skipping
+        rounds without an evaluation; NaN when no round recorded it."""
         for r in reversed(self.rounds):
-            if r.get("test_accuracy") is not None:
-                return float(r["test_accuracy"])
+            if r.get(key) is not None:
+                return float(r[key])
         return float("nan")
 
     @property
+    def final_accuracy(self) -> float:
+        """Test accuracy after the last round (it is always evaluated)."""
+        return self.last("test_accuracy")
+
+    @property
     def final_loss(self) -> float:
-        for r in reversed(self.rounds):
-            if r.get("test_loss") is not None:
-                return float(r["test_loss"])
-        return float("nan")
+        return self.last("test_loss")
 
     @property
     def total_upload_bytes(self) -> int:
