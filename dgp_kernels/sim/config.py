@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..checks import check_choice, check_float, check_int
+
 __all__ = [
     "ALGORITHMS",
     "DEFENSES",
@@ -68,30 +70,17 @@ class Fault:
 
 
 def _check_int(value: object, name: str, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"SimConfig.{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < lo:
-        raise ValueError(f"SimConfig.{name} must be >= {lo}, got {value!r}")
-    return value
+    return check_int(value, f"SimConfig.{name}", min_value=lo)
 
 
 def _check_float(value: object, name: str, lo: float, hi: float = math.inf, *,
                  lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"SimConfig.{name} must be a number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    bad = not math.isfinite(v) or v > hi or (v <= lo if lo_open else v < lo)
-    if bad:
-        lo_txt = f"> {lo}" if lo_open else f">= {lo}"
-        hi_txt = "" if hi == math.inf else f" and <= {hi}"
-        raise ValueError(f"SimConfig.{name} must be a finite number {lo_txt}{hi_txt}, got {value!r}")
-    return v
+    return check_float(value, f"SimConfig.{name}", min_value=lo, max_value=hi,
+                       min_inclusive=not lo_open)
 
 
 def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"SimConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
+    return check_choice(value, f"SimConfig.{name}", choices)
 
 
 @dataclass
