@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from .config import SimConfig
+from ..checks import check_seed
 from ..optional import pyplot
 from .results import SimResult, finish_accuracy_plot, seed_curves
 from .simulator import simulate
@@ -140,9 +141,8 @@ def _check_seeds(seeds: Iterable[int]) -> List[int]:
     out = list(seeds)
     if not out:
         raise ValueError("seeds must hold at least one seed")
-    for s in out:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ValueError(f"seeds must be ints >= 0, got {s!r}")
+    for i, s in enumerate(out):
+        check_seed(s, f"seeds[{i}]")
     if len(set(out)) != len(out):
         raise ValueError(f"seeds lists a seed twice: {out}")
     return out
