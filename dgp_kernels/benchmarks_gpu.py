@@ -5,7 +5,7 @@
     python -m dgp_kernels.benchmarks_gpu --variant b1k:block=1024 --variant w4:num_warps=4
 
 Inputs: one 25M-element float32 ``randn`` tensor; the 62 gradient shapes of the CIFAR
-ResNet-18 (``dgp_kernels.sim.models.resnet18_cifar``, 11.2M elements); the 161 parameter
+ResNet-18 (``dgp_kernels.cases.models.resnet18_cifar``, 11.2M elements); the 161 parameter
 shapes of an ImageNet ResNet-50 (torchvision layout, 25.6M elements, generated below, no
 torchvision). Values are ``randn`` (the selection's cost does not depend on the layer
 having been produced by a backward pass, only on sizes and the value distribution).
@@ -72,9 +72,9 @@ def peak_bandwidth(name: str) -> Optional[float]:
 # Inputs
 # --------------------------------------------------------------------------------------
 def resnet18_shapes() -> Tuple[List[Tuple[int, ...]], str]:
-    from dgp_kernels.sim.models import resnet18_cifar
+    from dgp_kernels.cases.models import resnet18_cifar
 
-    return [tuple(p.shape) for p in resnet18_cifar().parameters()], "dgp_kernels.sim.models"
+    return [tuple(p.shape) for p in resnet18_cifar().parameters()], "dgp_kernels.cases.models"
 
 
 def resnet50_shapes(num_classes: int = 1000) -> List[Tuple[int, ...]]:

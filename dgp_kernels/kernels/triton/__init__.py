@@ -30,10 +30,9 @@ def register() -> bool:
         from .ops import IMPLS
     except ImportError:
         return False
-    from ...ops.select import _lib
+    from ...ops import register_kernels
 
-    for name, fn in IMPLS.items():
-        _lib.impl(name, fn, "CUDA")
+    register_kernels(IMPLS, "CUDA")
     return True
 
 
