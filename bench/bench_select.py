@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import dgp_kernels
-from dgp_kernels.benchmarks import model_gradients
+from dgp_kernels.speed import model_gradients
 from dgp_kernels.ops.baselines import authors_dgp, clone_all, single_topk
 
 SIZE = int(os.environ.get("DGP_BENCH_SIZE", "25000000"))

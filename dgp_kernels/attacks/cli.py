@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Defense specs: 'none', 'dgp' (defaults top=0.05,keep=0.2), 'dgp:top=0.05,keep=0.2', "
         "'topk:keep=0.2', 'randk:keep=0.2', 'dp:sigma=0.01' (Gaussian noise of std sigma, no "
         "clipping unless clip= is given), 'qsgd:levels=8'. The attack side applies each one "
-        "once, without error feedback. The same spec syntax as `dgp train --defenses`; a word "
-        "may hold a comma list (none,dgp:top=0.1,keep=0.2).\n"
+        "once, without error feedback, as the DGP paper's evaluation does. The same spec "
+        "syntax as `dgp train --defenses`; a word may hold a comma list "
+        "(none,dgp:top=0.1,keep=0.2).\n"
         "Attacks: dlg idlg ig dlg-adaptive ig-adaptive ig-dgp-aware rtf (or 'all')."
     )
     g = parser.add_argument_group("grid")
@@ -140,7 +141,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     assert isinstance(cfg, EvalConfig)
     progress = not args.no_progress
     try:
-        result = run_evaluation(cfg, progress=progress)
+        # The simulator is wired in here: the attacks package does not import it.
+        from ..sim import simulate_defense
+
+        result = run_evaluation(cfg, progress=progress, trainer=simulate_defense)
     except FileNotFoundError as exc:
         return _fail(str(exc))
     paths = write_report(result, out, progress=progress)

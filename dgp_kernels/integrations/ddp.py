@@ -41,7 +41,7 @@ first time, the residuals of its parameters are moved over from the buckets that
 them before, so no owed error is lost. DGP's band is per parameter tensor, so the
 bucketing never changes what is sent.
 
-``compressor="adgp"`` (aligned DGP, DESIGN.md §2.5) keeps DDP's all-reduce: every rank
+``compressor="adgp"`` (aligned DGP, :mod:`dgp_kernels.compressor.adgp`) keeps DDP's all-reduce: every rank
 sends values at the same positions, so the values of all ranks can be summed by an
 ordinary all-reduce. The positions of each step are chosen by rank 0 (the broadcaster) as
 the DGP band of its own ``g + e`` per parameter and broadcast as a bitmap (``numel / 8``
@@ -78,7 +78,8 @@ from ..compressor import (
     available_compressors,
     get_compressor,
 )
-from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP, check_fractions
+from ..checks import check_fractions
+from ..ops import DEFAULT_KEEP, DEFAULT_TOP
 
 __all__ = ["DGPHookState", "StepStats", "dgp_hook"]
 
