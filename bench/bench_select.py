@@ -114,7 +114,7 @@ def test_copy(benchmark, case, threads):
 # --------------------------------------------------------------------------------------
 # GPU (issue 4): the same inputs as CUDA tensors; skipped without a CUDA device. Each timed
 # call ends with torch.cuda.synchronize(), so the wall time is the device time plus launch
-# overhead (bench/bench_triton.py gives CUDA-event times and bandwidth).
+# overhead (dgp_kernels/benchmarks_gpu.py gives CUDA-event times and bandwidth).
 # --------------------------------------------------------------------------------------
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

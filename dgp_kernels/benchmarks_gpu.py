@@ -228,7 +228,7 @@ def time_method(fn: Callable, gs, es, reps: int, warmup: int) -> List[float]:
 def run(args) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("bench_triton: skipped, no CUDA device (torch.cuda.is_available() is False); "
+        print("benchmarks_gpu: skipped, no CUDA device (torch.cuda.is_available() is False); "
               "the Triton kernels are checked on CPU by tests/kernels under TRITON_INTERPRET=1")
         return 0
     import dgp_kernels
@@ -242,8 +242,8 @@ def run(args) -> int:
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU smoke run (timings meaningless)"
     peak = peak_bandwidth(dev)
     info = dgp_kernels.backend_info()
-    print(f"# bench_triton: {dev} | peak {peak / 1e12 if peak else float('nan'):.2f} TB/s "
-          f"(nominal, table in bench_triton.py) | torch {torch.__version__} | triton "
+    print(f"# benchmarks_gpu: {dev} | peak {peak / 1e12 if peak else float('nan'):.2f} TB/s "
+          f"(nominal, table in dgp_kernels/benchmarks_gpu.py) | torch {torch.__version__} | triton "
           f"{triton_version} | dgp_kernels {dgp_kernels.__version__} | CUDA backend: "
           f"{info.cuda} | {platform.node()}")
     clock = ""

@@ -113,6 +113,23 @@ def load_v(g_base, e_base, offs, m, KIND: tl.constexpr, HAS_E: tl.constexpr,
 
 
 @triton.jit
+def load_block(g_ptrs, e_ptrs, seg, start, n, FULL: tl.constexpr, DT: tl.constexpr,
+               KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
+               BLOCK_: tl.constexpr):
+    """``(offs, m, v, key)`` of the block of ``BLOCK_`` entries from ``start`` of layer
+    ``seg`` (size ``n``). ``FULL``: the block lies inside its layer, so the mask is a
+    constant the compiler folds away and the loads are unmasked 16-byte vectors."""
+    offs = start + tl.arange(0, BLOCK_)
+    if FULL:
+        m = tl.full([BLOCK_], 1, tl.int1)
+    else:
+        m = offs < n
+    v = load_v(base(g_ptrs, seg, DT, ALIGNED), base(e_ptrs, seg, DT, ALIGNED), offs, m, KIND,
+               HAS_E, not FULL)
+    return offs, m, v, key_of(v, KIND)
+
+
+@triton.jit
 def base(ptrs, seg, DT: tl.constexpr, ALIGNED: tl.constexpr):
     """Data pointer of layer ``seg`` from a pointer table; ``ALIGNED``: the launcher checked
     that every pointer of the call is 16-byte aligned, so tell the compiler (vector loads)."""

@@ -39,6 +39,19 @@ def _window(bnd, row, NB2, KEY32: tl.constexpr):
 
 
 @triton.jit
+def _chunk(chk_seg, chk_start, src_n, bnd, S, CHUNK_: tl.constexpr, KEY32: tl.constexpr):
+    """This program's chunk: its layer, start and end, and both boundary windows."""
+    NB2 = 2 * S
+    pid = tl.program_id(0)
+    seg = tl.load(chk_seg + pid)
+    start = tl.load(chk_start + pid).to(tl.int32)
+    end = tl.minimum(start + CHUNK_, tl.load(src_n + seg).to(tl.int32))
+    lo_h, hk_h, rem_h = _window(bnd, 2 * seg, NB2, KEY32)
+    lo_l, hk_l, rem_l = _window(bnd, 2 * seg + 1, NB2, KEY32)
+    return seg, start, end, lo_h, hk_h, rem_h, lo_l, hk_l, rem_l
+
+
+@triton.jit
 def refine_kernel(
     g_ptrs, e_ptrs, src_n, chk_seg, chk_start, chk_nchk, src_off, keys, bnd, hist, tick,
     thr, S,
@@ -51,14 +64,8 @@ def refine_kernel(
     ``NBINS`` bins (one relaxed atomic per non-empty bin); the layer's last program then
     narrows both windows to the digit holding each rank."""
     NB2 = 2 * S
-    KEY32: tl.constexpr = KIND != 1
-    pid = tl.program_id(0)
-    seg = tl.load(chk_seg + pid)
-    start = tl.load(chk_start + pid).to(tl.int32)
-    n = tl.load(src_n + seg).to(tl.int32)
-    lo_h, hk_h, rem_h = _window(bnd, 2 * seg, NB2, KEY32)
-    lo_l, hk_l, rem_l = _window(bnd, 2 * seg + 1, NB2, KEY32)
-    end = tl.minimum(start + CHUNK_, n)
+    seg, start, end, lo_h, hk_h, rem_h, lo_l, hk_l, rem_l = _chunk(
+        chk_seg, chk_start, src_n, bnd, S, CHUNK_, KIND != 1)
     h_hi = tl.zeros([NBINS], dtype=tl.int32)
     h_lo = tl.zeros([NBINS], dtype=tl.int32)
     for off in range(start, end, TILE_):
@@ -100,14 +107,8 @@ def compact_kernel(
     ``cap2[seg]``; one relaxed atomic per tile reserves a range); the layer's last program
     runs :func:`tail_refine`."""
     NB2 = 2 * S
-    KEY32: tl.constexpr = KIND != 1
-    pid = tl.program_id(0)
-    seg = tl.load(chk_seg + pid)
-    start = tl.load(chk_start + pid).to(tl.int32)
-    n = tl.load(src_n + seg).to(tl.int32)
-    lo_h, hk_h, rem_h = _window(bnd, 2 * seg, NB2, KEY32)
-    lo_l, hk_l, rem_l = _window(bnd, 2 * seg + 1, NB2, KEY32)
-    end = tl.minimum(start + CHUNK_, n)
+    seg, start, end, lo_h, hk_h, rem_h, lo_l, hk_l, rem_l = _chunk(
+        chk_seg, chk_start, src_n, bnd, S, CHUNK_, KIND != 1)
     src = keys + tl.load(src_off + seg)
     dst = keys2 + tl.load(off2 + seg)
     cap = tl.load(cap2 + seg)
@@ -173,7 +174,8 @@ def tail_refine(seg, keys2, cnt, cap, bnd, active, flags, tail_n, thr, S,
             for off in range(0, cnt, TILE_):
                 offs = off + tl.arange(0, TILE_)
                 m = offs < cnt
-                key = tl.load(keys2 + offs, mask=m, other=0)
+                # (through L2: other programs of the launch wrote the slot)
+                key = tl.load(keys2 + offs, mask=m, other=0, cache_modifier=".cg")
                 m_hi = m & (key >= lo_h) & (key <= hk_h) & (rem_h > 0)
                 m_lo = m & (key >= lo_l) & (key <= hk_l) & (rem_l > 0)
                 h_hi += masked_histogram(((key - lo_h) >> sh_h).to(tl.int32), m_hi, NBINS, TILE_)

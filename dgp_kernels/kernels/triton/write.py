@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import VEC, base, excl_cumsum, key_of, load_v, rows
+from .common import VEC, base, excl_cumsum, load_block, rows
 
 # 0x4000000000000000 (bit 62) marks a published descriptor word (its counts below it)
 
@@ -100,15 +100,8 @@ def _write_block(
     vectorised loads and stores); else masked."""
     (g_ptrs, e_ptrs, d_ptrs, o_ptrs, seg_first, active, thr, out_off, desc, S, NBLK) = a
     V: tl.constexpr = VEC[KIND]
-    offs = start + tl.arange(0, BLOCK_)
-    if FULL:
-        m = tl.full([BLOCK_], 1, tl.int1)
-    else:
-        m = offs < n
-    g_base = base(g_ptrs, seg, DT, ALIGNED)
-    e_base = base(e_ptrs, seg, DT, ALIGNED)
-    v = load_v(g_base, e_base, offs, m, KIND, HAS_E, not FULL)
-    key = key_of(v, KIND)
+    offs, m, v, key = load_block(g_ptrs, e_ptrs, seg, start, n, FULL, DT, KIND, HAS_E,
+                                 ALIGNED, BLOCK_)
     act = tl.load(active + seg) != 0
     th = tl.where(act, tl.load(thr + seg), -1)  # -1: an empty band keeps nothing
     tlo = tl.where(act, tl.load(thr + S + seg), 0x7FFFFFFFFFFFFFFF)
@@ -154,7 +147,7 @@ def _write_block(
         tl.store((out_val + first_slot) + cs, rows(v, BLOCK_, V), mask=kept2)
     zero = tl.zeros_like(v)  # +0.0
     if WRITE_E:
-        tl.store(e_base + offs, tl.where(kept, zero, v), mask=m)
+        tl.store(base(e_ptrs, seg, DT, ALIGNED) + offs, tl.where(kept, zero, v), mask=m)
     if WRITE_DENSE:
         d_base = base(d_ptrs, seg, DT, ALIGNED)
         tl.store(d_base + offs, tl.where(kept, v, zero), mask=m)
