@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -226,17 +227,42 @@ def _wire_dtype_id(dtype: torch.dtype, name: str) -> int:
         raise TypeError(f"{name} has dtype {dtype}; the wire carries float32, bfloat16 or float16 values") from None
 
 
-def _resolve_backend(backend: Optional[str]) -> str:
+def _resolve_backend(backend: Optional[str], on_device: bool = False) -> str:
+    """``None`` -> ``"triton"`` for tensors on a GPU, else ``"cpp"`` when built, else
+    ``"python"``. ``"triton"`` may be forced on CPU tensors (Triton's interpreter, tests)."""
     if backend is None:
+        if on_device:
+            return "triton"
         return "cpp" if _CPP else "python"
-    if backend not in ("cpp", "python"):
-        raise ValueError(f"backend must be None, 'cpp' or 'python', got {backend!r}")
+    if backend not in ("cpp", "python", "triton"):
+        raise ValueError(f"backend must be None, 'cpp', 'python' or 'triton', got {backend!r}")
     if backend == "cpp" and not _CPP:
         raise RuntimeError(
             "backend='cpp' but the C++ codec kernels are not built; build dgp_kernels._C with "
             "`pip install --no-build-isolation -e .`"
         )
     return backend
+
+
+def _triton_codec():
+    """The device codec modules (imported on first use: triton is optional)."""
+    try:
+        from ..kernels.triton import codec_decode, codec_encode
+    except ImportError as exc:
+        raise RuntimeError(f"backend='triton' needs the triton package (pip install 'dgp_kernels[triton]'): {exc}") from None
+    return codec_encode, codec_decode
+
+
+def _check_triton_device(device: torch.device, name: str) -> None:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"backend='triton' with {name} on the CPU runs only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is first imported (the tests do)"
+        )
+
+
+def _on_device(t) -> bool:
+    return isinstance(t, Tensor) and t.device.type not in ("cpu", "meta")
 
 
 def _reraise(exc: Exception) -> None:
@@ -311,16 +337,22 @@ def encode(
         force_coding: ``None`` (each layer gets the smallest exact index coding), one coding
             name for every layer, or a per-layer sequence of names/``None``; names are
             ``"implicit" "bitmap" "varint" "rice" "raw32" "raw64"``. For tests and studies.
-        backend: ``None``, ``"cpp"`` or ``"python"`` (identical bytes).
+        backend: ``None`` (``"triton"`` when the values are on a GPU, else ``"cpp"`` when
+            built, else ``"python"``), ``"cpp"``, ``"python"`` (identical bytes; tensors
+            are copied to the host) or ``"triton"`` (the device encoder: implicit, bitmap,
+            raw32 and raw64 only; forced on CPU tensors it needs ``TRITON_INTERPRET=1``).
+            Unforced, the device encoder picks the smallest of the codings it writes (ties
+            to the lowest id): its bytes equal the CPU encoder's given the same codings.
 
     Returns:
-        the payload bytes. Raises :class:`PayloadError` for invalid layer contents (indices
+        the payload bytes (``"triton"``: a 1-D uint8 tensor on the values' device, after
+        one host sync that checks the indices). Raises :class:`PayloadError` for invalid layer contents (indices
         unsorted, repeated or out of range, ``k > numel``, bad meta), ``TypeError`` for
         unsupported dtypes and ``ValueError`` for an impossible ``force_coding``.
     """
     if not isinstance(payload, SparsePayload):
         raise TypeError(f"payload must be a SparsePayload, got {type(payload).__name__}")
-    be = _resolve_backend(backend)
+    be = _resolve_backend(backend, any(_on_device(getattr(l, "values", None)) for l in payload.layers))
     if value_dtype is not None:
         if isinstance(value_dtype, str):
             if value_dtype not in VALUE_DTYPES:
@@ -336,6 +368,11 @@ def encode(
         if len(fc) != L:
             raise ValueError(f"force_coding has {len(fc)} entries for {L} layers")
         codings = [_coding_id(c, i) for i, c in enumerate(fc)]
+    if be == "triton":
+        data, bad = encode_on_device(payload, value_dtype, codings)
+        if bool(bad.any()):  # the one host sync of a device encode
+            _host_plan_error(payload, value_dtype, codings, int(bad.nonzero()[0, 0]))
+        return data
     indices: List[Optional[Tensor]] = []
     values: List[Tensor] = []
     numels: List[int] = []
@@ -378,6 +415,90 @@ def encode(
         )
     except (ValueError, RuntimeError) as exc:
         _reraise(exc)
+
+
+def _device_layers(payload: SparsePayload, value_dtype, device=None):
+    """(indices, values in the wire dtype, numels, dtype ids, device) for the device
+    encoder; tensors stay on (or move to) one device. Shape-level checks only."""
+    idxs, vals, numels, vds = [], [], [], []
+    for i, layer in enumerate(payload.layers):
+        if not isinstance(layer, LayerPayload):
+            raise TypeError(f"payload.layers[{i}] must be a LayerPayload, got {type(layer).__name__}")
+        v = layer.values
+        if not isinstance(v, Tensor):
+            raise TypeError(f"payload.layers[{i}].values must be a tensor, got {type(v).__name__}")
+        if device is None:
+            device = v.device
+        v = v.detach().reshape(-1).to(device)
+        if value_dtype is not None:
+            v = v.to(value_dtype)
+        elif v.dtype == torch.float64:
+            v = v.to(torch.float32)
+        vds.append(_wire_dtype_id(v.dtype, f"payload.layers[{i}].values"))
+        ix = layer.indices
+        if ix is not None:
+            if not isinstance(ix, Tensor) or ix.dtype.is_floating_point or ix.dtype.is_complex or ix.dtype == torch.bool:
+                raise TypeError(f"payload.layers[{i}].indices must be an integer tensor or None")
+            ix = ix.detach().reshape(-1).to(device=device, dtype=torch.int64)
+            if ix.numel() != v.numel():
+                raise PayloadError(f"layer {i}: {ix.numel()} indices but {v.numel()} values")
+        n = _as_int(layer.numel)
+        if n is None or n < 0:
+            raise PayloadError(f"layer {i}: numel must be a non-negative int, got {layer.numel!r}")
+        idxs.append(ix)
+        vals.append(v.contiguous())
+        numels.append(int(n))
+    return idxs, vals, numels, vds, device if device is not None else torch.device("cpu")
+
+
+def _host_plan_error(payload: SparsePayload, value_dtype, codings: Sequence[int], upto: int) -> None:
+    """Raise what the CPU encoder raises for layers ``0..upto`` (host copies; error path)."""
+    idxs, vals, numels, vds, _ = _device_layers(payload, value_dtype, torch.device("cpu"))
+    aligned = bool(payload.aligned)
+    for j in range(min(upto + 1, len(numels))):
+        _py.plan_layer(numels[j], int(vals[j].numel()), _np_idx(idxs[j]), vds[j], codings[j], aligned, j)
+    raise RuntimeError(f"device encoder flagged layer {upto}, which the CPU encoder accepts")  # not reached
+
+
+def encode_on_device(payload: SparsePayload, value_dtype=None, codings: Optional[Sequence[int]] = None
+                     ) -> Tuple[Tensor, Tensor]:
+    """The device encoder without its host sync: ``(bytes, bad)``, both on the values'
+    device. ``bytes``: the wire-format v1 payload (uint8); ``bad``: int32 ``[L]``, nonzero
+    where a layer's indices are not strictly increasing in ``[0, numel)`` (then ``bytes``
+    is not a valid payload; read it whenever convenient, e.g. with other flags of a step).
+    ``codings``: coding ids per layer (-1: the smallest device coding). ``value_dtype`` a
+    torch dtype or None. Shape-level errors (``k > numel``, an impossible forced coding)
+    raise at once, as in :func:`encode`. Launches: see ``kernels/triton/codec_encode.py``.
+    """
+    enc, _ = _triton_codec()
+    L = len(payload.layers)
+    codings = [-1] * L if codings is None else list(codings)
+    idxs, vals, numels, vds, device = _device_layers(payload, value_dtype)
+    _check_triton_device(device, "the payload")
+    aligned = bool(payload.aligned)
+    chosen = []
+    for i in range(L):
+        n, k, f, ix = numels[i], int(vals[i].numel()), codings[i], idxs[i]
+        if f in (_py.VARINT, _py.RICE):
+            raise ValueError(f"force_coding for layer {i}: the triton codec writes implicit, bitmap, raw32 "
+                             f"or raw64, not {CODING_NAMES[f]!r}")
+        if ix is not None and ix.device != device:
+            raise ValueError(f"payload.layers[{i}].indices is on {ix.device}, the values on {device}")
+        bad = n > _py.MAX_NUMEL or k > n or (ix is not None and aligned)
+        bad = bad or (ix is None and not aligned and k != n)
+        if ix is None or aligned:
+            bad = bad or f not in (-1, _py.IMPLICIT)
+            c = _py.IMPLICIT
+        elif f == -1 or (f == _py.IMPLICIT and k == n):
+            c = enc.choose_coding(n, k, True, False)
+        else:
+            bad = bad or f == _py.IMPLICIT or (f == _py.RAW32 and n > _py.RAW32_MAX_NUMEL)
+            c = f
+        if bad:
+            _host_plan_error(payload, value_dtype, codings, i)
+        chosen.append(c)
+    meta = _serialize_meta(payload.meta)
+    return enc.encode_device(idxs, vals, numels, vds, chosen, aligned, meta, len(payload.meta))
 
 
 def _meta_pairs(d: memoryview, off: int, length: int, count: int) -> Tuple[Tuple[str, int], ...]:
