@@ -637,10 +637,11 @@ def decode_accumulate(
     Every payload is validated completely before anything is added, so a rejected client
     contributes nothing and ``out`` is never half-updated.
     """
-    be = _resolve_backend(backend)
     if isinstance(payloads, (bytes, bytearray, memoryview, Tensor)):
         raise TypeError("payloads must be a sequence of payloads (one per client), not a single payload")
     payloads = list(payloads)
+    first_out = out if isinstance(out, Tensor) else next(iter(out), None) if isinstance(out, (list, tuple)) else None
+    be = _resolve_backend(backend, _on_device(first_out) and all(_on_device(p) for p in payloads))
     if isinstance(out, Tensor):
         ns = _check_numels(numels, "numels")
         if ns is None:
@@ -667,9 +668,16 @@ def decode_accumulate(
                 raise ValueError(f"weights[{i}] must be finite, got {w!r}")
     aligned_idx: List[Tensor] = []
     if indices is not None:
-        aligned_idx = [_check_positions(p, o.numel(), i) for i, (p, o) in enumerate(zip(indices, outs))]
-        if len(aligned_idx) != len(outs) or len(list(indices)) != len(outs):
-            raise ValueError(f"indices has {len(list(indices))} tensors for {len(outs)} layers")
+        indices = list(indices)
+        if len(indices) != len(outs):
+            raise ValueError(f"indices has {len(indices)} tensors for {len(outs)} layers")
+        if be == "triton":
+            aligned_idx = _check_positions_device(indices, outs)
+        else:
+            aligned_idx = [_check_positions(p, o.numel(), i) for i, (p, o) in enumerate(zip(indices, outs))]
+    if be == "triton":
+        return _accumulate_triton(payloads, weights, out, outs, aligned_idx if indices is not None else None,
+                                  bool(allow_nonfinite), bool(strict))
     try:
         if outs and outs[0].device.type != "cpu":
             status = _accumulate_staged(payloads, weights, outs, aligned_idx, bool(allow_nonfinite),
@@ -787,3 +795,129 @@ def _check_positions(p, numel: int, layer: int) -> Tensor:
     if p.numel() and (bool((p[1:] <= p[:-1]).any()) or int(p[0]) < 0 or int(p[-1]) >= numel):
         raise ValueError(f"indices[{layer}] must be strictly increasing in [0, {numel})")
     return p
+
+
+def _check_positions_device(indices, outs: List[Tensor]) -> List[Tensor]:
+    """Broadcast positions on the buffers' device, checked with one host read in all."""
+    dev = outs[0].device
+    ps, oks = [], []
+    for i, (p, o) in enumerate(zip(indices, outs)):
+        if not isinstance(p, Tensor) or p.dtype.is_floating_point or p.dtype == torch.bool:
+            raise TypeError(f"indices[{i}] must be an integer tensor of broadcast positions")
+        p = p.detach().reshape(-1).to(device=dev, dtype=torch.int64)
+        if p.numel():
+            oks.append(((p[1:] <= p[:-1]).any() | (p[0] < 0) | (p[-1] >= o.numel())).reshape(1))
+        else:
+            oks.append(torch.zeros(1, dtype=torch.bool, device=dev))
+        ps.append(p)
+    if oks:
+        bad = torch.cat(oks).tolist()
+        for i, b in enumerate(bad):
+            if b:
+                raise ValueError(f"indices[{i}] must be strictly increasing in [0, {outs[i].numel()})")
+    return ps
+
+
+def _pack_payloads(payloads, device: torch.device) -> Tuple[Tensor, Tensor, Tensor, int, List[int]]:
+    """One uint8 buffer on ``device`` holding every payload, with int64 starts and lengths."""
+    ts = []
+    for c, p in enumerate(payloads):
+        if isinstance(p, Tensor):
+            if p.dtype != torch.uint8 or p.dim() != 1:
+                raise TypeError(f"payloads[{c}] must be bytes or a 1-D uint8 tensor, got {p.dtype} {tuple(p.shape)}")
+            ts.append(p.to(device))
+        else:
+            ts.append(_as_byte_tensor(p, f"payloads[{c}]").to(device))
+    lens = [int(t.numel()) for t in ts]
+    starts = [0]
+    for n in lens[:-1]:
+        starts.append(starts[-1] + n)
+    buf = torch.cat(ts) if ts else torch.empty(0, dtype=torch.uint8, device=device)
+    meta = torch.tensor(starts + lens, dtype=torch.int64).to(device) if ts else torch.empty(0, dtype=torch.int64, device=device)
+    return buf, meta[: len(ts)], meta[len(ts):], max(lens, default=0), lens
+
+
+def accumulate_on_device(buf: Tensor, starts: Tensor, lens: Tensor, max_len: int, out: Tensor,
+                         numels: Sequence[int], weights: Optional[Tensor] = None,
+                         positions: Optional[Tensor] = None, aligned_ks: Optional[Sequence[int]] = None,
+                         allow_nonfinite: bool = False, all_or_nothing: bool = False) -> Tensor:
+    """The device decode-and-accumulate without any host sync (the DDP hook's entry point).
+
+    ``buf`` uint8 holds the clients' payloads at ``starts[c]`` with lengths ``lens[c]``
+    (int64 device tensors, e.g. an all-gathered size vector; every range inside ``buf``,
+    ``max(lens) <= max_len``); ``out`` flat float32 (the layers of ``numels`` back to back,
+    mutated in place). Returns the int32 ``[C + 1]`` status vector on the device: per
+    client 0 accepted (added), 1 rejected, 2 needs the host (varint or Rice streams);
+    ``status[C]``: bit 0 some client rejected, bit 1 some client needs the host, bit 2 the
+    call added nothing (bit 1, or bit 0 with ``all_or_nothing``). Semantics and arithmetic
+    as :func:`decode_accumulate`; launches in ``kernels/triton/codec_decode.py``.
+    """
+    _, dec = _triton_codec()
+    _check_triton_device(buf.device, "the payload buffer")
+    return dec.accumulate_device(buf, starts, lens, max_len, list(numels), out, weights, positions,
+                                 aligned_ks, allow_nonfinite, all_or_nothing)
+
+
+def _accumulate_triton(payloads, weights, out, outs: List[Tensor], aligned_idx: Optional[List[Tensor]],
+                       allow_nonfinite: bool, strict: bool) -> AccumulateReport:
+    """``decode_accumulate`` on the buffers' device: validate and add there, then read the
+    ``C + 1`` status words back once. Clients using varint/Rice streams (the device does
+    not walk them) send the whole call to the host-validated path, on untouched buffers.
+    Rejection messages are the CPU validator's, recomputed from the rejected clients' bytes
+    (only when a client is rejected)."""
+    device = outs[0].device if outs else torch.device("cpu")
+    _check_triton_device(device, "the out buffers")
+    numels = [int(o.numel()) for o in outs]
+    buf, starts, lens, max_len, _ = _pack_payloads(payloads, device)
+    if isinstance(out, Tensor):
+        flat, copy_back = out, False
+    else:
+        flat, copy_back = _flat_view(outs)
+    w = torch.tensor(weights, dtype=torch.float32).to(device) if weights is not None else None
+    aks = [int(a.numel()) for a in aligned_idx] if aligned_idx is not None else None
+    pos = torch.cat(aligned_idx) if aligned_idx else None
+    status = accumulate_on_device(buf, starts, lens, max_len, flat, numels, w, pos, aks, allow_nonfinite,
+                                  strict).tolist()  # the one device-to-host read
+    C = len(payloads)
+    if status[C] & 2:  # varint / Rice somewhere: validate and decode on the host instead
+        return decode_accumulate([_host_bytes(p) for p in payloads], out, weights,
+                                 numels=numels if isinstance(out, Tensor) else None,
+                                 indices=aligned_idx, strict=strict, allow_nonfinite=allow_nonfinite,
+                                 backend="cpp" if _CPP else "python")
+    if copy_back and not status[C] & 4:
+        for o, part in zip(outs, flat.split(numels)):
+            o.view(-1).copy_(part)
+    rejected = [RejectedPayload(c, _why(_host_bytes(payloads[c]), numels, aks, allow_nonfinite))
+                for c in range(C) if status[c]]
+    if strict and rejected:
+        first = rejected[0]
+        raise PayloadError(f"client {first.client}: {first.reason}"
+                           + (f" (and {len(rejected) - 1} more rejected)" if len(rejected) > 1 else ""))
+    accepted = tuple(c for c in range(C) if not status[c])
+    wsum = float(len(accepted)) if weights is None else math.fsum(weights[c] for c in accepted)
+    return AccumulateReport(accepted=accepted, rejected=tuple(rejected), weight_sum=wsum)
+
+
+def _flat_view(outs: List[Tensor]) -> Tuple[Tensor, bool]:
+    """One flat float32 tensor over the layers: a view when they are back to back in one
+    storage, else a copy (``True``: copy the result back)."""
+    if not outs:
+        return torch.empty(0, dtype=torch.float32), False
+    base = outs[0]
+    st = base.untyped_storage()
+    off = base.storage_offset()
+    ok = True
+    for o in outs:
+        if o.untyped_storage().data_ptr() != st.data_ptr() or o.storage_offset() != off:
+            ok = False
+            break
+        off += o.numel()
+    if ok:
+        return base.as_strided((sum(o.numel() for o in outs),), (1,)), False
+    return torch.cat([o.reshape(-1) for o in outs]), True
+
+
+def _host_bytes(p) -> bytes:
+    if isinstance(p, Tensor):
+        return p.detach().cpu().numpy().tobytes()
+    return bytes(p)

@@ -127,8 +127,9 @@ def _parse_kernel(buf, starts, lens, crcs, lay, rec, status, L, has_aligned: tl.
     lm = ls < L
     ibase = start + table_end
     o = c * (L * 5) + ls * 5
-    tl.store(rec + o + 2, tl.load(rec + o + 2, mask=lm & ok, other=0) + ibase, mask=lm & ok)
-    tl.store(rec + o + 3, tl.load(rec + o + 3, mask=lm & ok, other=0) + ibase + itot, mask=lm & ok)
+    lmo = tl.where(ok, lm, False)
+    tl.store(rec + o + 2, tl.load(rec + o + 2, mask=lmo, other=0) + ibase, mask=lmo)
+    tl.store(rec + o + 3, tl.load(rec + o + 3, mask=lmo, other=0) + ibase + itot, mask=lmo)
     st = tl.where(ok, tl.where(host, 2, 0), 1)
     tl.store(status + c, st.to(tl.int32))
 
@@ -142,7 +143,7 @@ def _bits(buf, iabs, x, lim, m):
 @triton.jit
 def _raw_index(buf, iabs, j, lim, m, wide):
     lo = load_le(buf, iabs + tl.where(wide, 8, 4) * j, tl.where(m, lim, 0), 4)
-    hi = load_le(buf, iabs + 8 * j + 4, tl.where(m & wide, lim, 0), 4)
+    hi = load_le(buf, iabs + 8 * j + 4, tl.where(tl.where(wide, m, False), lim, 0), 4)
     return lo | (hi << 32)
 
 
@@ -166,21 +167,21 @@ def _check_kernel(buf, starts, lens, lay, blk, rec, status, cnt, bad, L, NB,
     numel = tl.load(lay + 6 * layer)
     x = x0 + tl.arange(0, BLOCK_).to(tl.int64)
     # bitmap: x < 8 * ceil(numel / 8) (padding bits included)
-    mb = live & (coding == 1) & (x < 8 * (numel // 8 + ((numel & 7) != 0).to(tl.int64)))
+    mb = tl.where(live & (coding == 1), x < 8 * (numel // 8 + ((numel & 7) != 0).to(tl.int64)), False)
     bits = _bits(buf, iabs, x, lim, mb)
     err = tl.max((bits * (x >= numel).to(tl.int64)), 0) != 0
     tl.store(cnt + pid, tl.sum(bits * (x < numel).to(tl.int64), 0))
     # raw32 / raw64: entries x < k
-    mr = live & ((coding == 4) | (coding == 5)) & (x < k)
+    mr = tl.where(live & ((coding == 4) | (coding == 5)), x < k, False)
     wide = coding == 5
     v = _raw_index(buf, iabs, x, lim, mr, wide)
     pv = _raw_index(buf, iabs, x - 1, lim, mr & (x > 0), wide)
     pv = tl.where(x > 0, pv, -1)
     err |= tl.max((mr & ((v < 0) | (v >= numel) | (v <= pv))).to(tl.int32), 0) != 0
     if CHECK_VALUES:
-        mv = live & (x < k)
+        mv = tl.where(live, x < k, False)
         u = load_le(buf, vabs + tl.where(vd == 1, 4, 2) * x, tl.where(mv, lim, 0), 2)
-        u4 = u | (load_le(buf, vabs + 4 * x + 2, tl.where(mv & (vd == 1), lim, 0), 2) << 16)
+        u4 = u | (load_le(buf, vabs + 4 * x + 2, tl.where(tl.where(vd == 1, mv, False), lim, 0), 2) << 16)
         nf = tl.where(vd == 1, (u4 & 0x7F800000) == 0x7F800000,
              tl.where(vd == 2, (u & 0x7F80) == 0x7F80, (u & 0x7C00) == 0x7C00))
         err |= tl.max((mv & nf).to(tl.int32), 0) != 0
@@ -233,7 +234,7 @@ def _f16_to_f32(u):
 def _value(buf, vabs, j, vd, lim, m):
     lim_m = tl.where(m, lim, 0)
     u = load_le(buf, vabs + tl.where(vd == 1, 4, 2) * j, lim_m, 2)
-    u4 = u | (load_le(buf, vabs + 4 * j + 2, tl.where(m & (vd == 1), lim, 0), 2) << 16)
+    u4 = u | (load_le(buf, vabs + 4 * j + 2, tl.where(tl.where(vd == 1, m, False), lim, 0), 2) << 16)
     f32 = u4.to(tl.int32).to(tl.float32, bitcast=True)
     bf = (u << 16).to(tl.int32).to(tl.float32, bitcast=True)
     return tl.where(vd == 1, f32, tl.where(vd == 2, bf, _f16_to_f32(u)))
@@ -266,27 +267,28 @@ def _accumulate_kernel(buf, starts, lens, lay, blk, rec, status, cnt, cum, weigh
         wide = coding == 5
         # list codings: first entry >= x0 by binary search, then up to BLOCK entries
         lo = tl.zeros((), tl.int64)
-        hi = tl.where(live & is_list, k, 0)
-        for _ in range(nsteps):  # ceil(log2(k + 1)) <= nsteps
-            act = lo < hi
-            mid = (lo + hi) // 2
-            pm = tl.load(positions + poff + mid, mask=act & aligned_l, other=0)
-            rv = _raw_index(buf, iabs, mid, lim, act & ~aligned_l, wide)
-            below = tl.where(aligned_l, pm, rv) < x0
-            lo = tl.where(act & below, mid + 1, lo)
-            hi = tl.where(act & ~below, mid, hi)
+        if live & is_list:
+            hi = k
+            for _ in range(nsteps):  # ceil(log2(k + 1)) <= nsteps
+                act = lo < hi
+                mid = (lo + hi) // 2
+                pm = tl.load(positions + poff + mid, mask=act & aligned_l, other=0)
+                rv = _raw_index(buf, iabs, mid, lim, act & ~aligned_l, wide)
+                below = tl.where(aligned_l, pm, rv) < x0
+                lo = tl.where(act & below, mid + 1, lo)
+                hi = tl.where(act & ~below, mid, hi)
         j = lo + tl.arange(0, BLOCK_).to(tl.int64)
-        jm = live & is_list & (j < k)
-        pl = tl.where(aligned_l, tl.load(positions + poff + j, mask=jm & aligned_l, other=0),
-                      _raw_index(buf, iabs, j, lim, jm & ~aligned_l, wide))
+        jm = tl.where(live & is_list, j < k, False)
+        pl = tl.where(aligned_l, tl.load(positions + poff + j, mask=tl.where(aligned_l, jm, False), other=0),
+                      _raw_index(buf, iabs, j, lim, tl.where(aligned_l, False, jm), wide))
         sel_l = jm & (pl < x0 + BLOCK_)
         # dense codings: implicit (all positions) and bitmap (prefix count + in-block rank)
-        mbit = live & (coding == 1) & xm
+        mbit = tl.where(live & (coding == 1), xm, False)
         bits = _bits(buf, iabs, x, lim, mbit)
         pre = tl.load(cum + c * NB + b) - tl.load(cnt + c * NB + b) \
             - (tl.load(cum + c * NB + fb) - tl.load(cnt + c * NB + fb))
         rank = pre + tl.cumsum(bits, 0) - bits
-        sel_d = live & xm & (((coding == 0) & ~aligned_l) | ((coding == 1) & (bits != 0)))
+        sel_d = tl.where(live & (coding == 0) & ~aligned_l, xm, tl.where(live & (coding == 1), mbit & (bits != 0), False))
         pos = tl.where(is_list, pl, x)
         vidx = tl.where(is_list, j, tl.where(coding == 1, rank, x))
         sel = tl.where(is_list, sel_l, sel_d)
@@ -398,12 +400,12 @@ def _extract_kernel(buf, starts, lens, lay, blk, rec, cnt, cum, koff, idx_out, L
     iabs = tl.load(rec + r + 2)
     base = tl.load(koff + layer)
     x = x0 + tl.arange(0, BLOCK_).to(tl.int64)
-    mb = (coding == 1) & (x < numel)
+    mb = tl.where(coding == 1, x < numel, False)
     bits = _bits(buf, iabs, x, lim, mb)
     pre = tl.load(cum + b) - tl.load(cnt + b) - (tl.load(cum + fb) - tl.load(cnt + fb))
     rank = pre + tl.cumsum(bits, 0) - bits
     tl.store(idx_out + base + rank, x, mask=mb & (bits != 0))
-    mr = ((coding == 4) | (coding == 5)) & (x < k)
+    mr = tl.where((coding == 4) | (coding == 5), x < k, False)
     tl.store(idx_out + base + x, _raw_index(buf, iabs, x, lim, mr, coding == 5), mask=mr)
 
 
