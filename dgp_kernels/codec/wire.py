@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -520,9 +521,12 @@ def decode(
             layer count or another numel for any layer is rejected.
         allow_nonfinite: accept NaN/inf values (rejected by default: one client's NaN would
             poison the aggregate).
+        backend: ``None`` (``"triton"`` for a uint8 tensor on a GPU), ``"cpp"``,
+            ``"python"`` or ``"triton"`` (validated on the device, tensors returned there;
+            three small device-to-host reads: header, meta + layer table, status).
 
     Returns:
-        a :class:`SparsePayload`: indices int64 (``None`` for implicit positions: dense
+        a :class:`SparsePayload` (on the payload's device for ``"triton"``): indices int64 (``None`` for implicit positions: dense
         layers and aligned payloads), values in the wire dtype (float32 / bfloat16 /
         float16). float32 round trips are exact.
 
@@ -530,8 +534,10 @@ def decode(
         PayloadError: for any malformed, truncated, corrupted or mismatched payload, with
         what and where (layer, byte offset).
     """
-    be = _resolve_backend(backend)
+    be = _resolve_backend(backend, _on_device(data))
     exp = _check_numels(expected_numels, "expected_numels")
+    if be == "triton":
+        return _decode_triton(data, exp, bool(allow_nonfinite))
     try:
         if be == "cpp":
             t = _as_byte_tensor(data, "data")
@@ -921,3 +927,71 @@ def _host_bytes(p) -> bytes:
     if isinstance(p, Tensor):
         return p.detach().cpu().numpy().tobytes()
     return bytes(p)
+
+
+def _host_table(region: bytes, n: int):
+    """Lenient read of header, meta and layer table (sizes for the device decoder's grids):
+    ``(flags, meta pairs, [(numel, k, nbytes, coding, vdtype)])`` or None when they do not
+    even fit (then the payload is invalid and the host decoder says why)."""
+    if len(region) < 16:
+        return None
+    magic, version, flags, L, num_meta = _py._HEADER.unpack_from(region, 0)
+    pos = 16
+    for _ in range(num_meta):
+        if pos >= len(region):
+            return None
+        pos += 1 + region[pos] + 8
+    if pos + 28 * L > len(region):
+        return None
+    try:
+        _, meta = _py.parse_meta(region[16:pos], 16, num_meta)
+    except PayloadError:
+        return None
+    table = [_py._ENTRY.unpack_from(region, pos + 28 * i)[:5] for i in range(L)]
+    return flags, tuple(meta), table
+
+
+def _decode_triton(data, exp: Optional[List[int]], allow_nonfinite: bool) -> SparsePayload:
+    _, dec = _triton_codec()
+    t = data if isinstance(data, Tensor) else _as_byte_tensor(data, "data")
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise TypeError(f"data must be bytes or a 1-D uint8 tensor, got {t.dtype} {tuple(t.shape)}")
+    device = t.device
+    _check_triton_device(device, "data")
+    n = int(t.numel())
+
+    def on_host() -> SparsePayload:  # the host decoder: its PayloadError, or its result moved over
+        sp = decode(_host_bytes(t), exp, allow_nonfinite=allow_nonfinite, backend="cpp" if _CPP else "python")
+        return SparsePayload(tuple(LayerPayload(l.numel, None if l.indices is None else l.indices.to(device),
+                                                l.values.to(device)) for l in sp.layers), sp.aligned, sp.meta)
+
+    if n < _py.HEADER_BYTES + _py.CRC_BYTES:
+        return on_host()
+    L, num_meta = struct.unpack("<II", _host_bytes(t[8:16]))
+    if L * _py.LAYER_BYTES > n or num_meta * 10 > n:
+        return on_host()
+    head = _host_table(_host_bytes(t[: min(n, 16 + 264 * num_meta + _py.LAYER_BYTES * L)]), n)
+    if head is None:
+        return on_host()
+    flags, meta, table = head
+    numels = exp if exp is not None else [row[0] for row in table]
+    if len(numels) != len(table) or any(x > 8 * n + 8 for x in numels):
+        return on_host()  # shapes the payload cannot fill (or a layer-count mismatch): host decoder
+    starts = torch.zeros(1, dtype=torch.int64, device=device)
+    lens = torch.full((1,), n, dtype=torch.int64, device=device)
+    v = dec.validate_device(t, starts, lens, n, numels, None, allow_nonfinite, False, accept_aligned=True)
+    st = torch.cat([v.status.long(), v.rec[: 5 * len(numels)]]).tolist()
+    if st[0] != 0:
+        return on_host()  # rejected (PayloadError with the CPU message) or varint / Rice streams
+    rec = [st[2 + 5 * i: 2 + 5 * i + 5] for i in range(len(numels))]
+    codings = [r[0] for r in rec]
+    ks = [r[1] for r in rec]
+    idx = dec.extract_indices(t, starts, lens, v, numels, ks, codings)
+    layers = []
+    for i, (coding, k, _ioff, voff, vd) in enumerate(rec):
+        size = _py.VALUE_SIZE[vd]
+        chunk = t[voff: voff + k * size]
+        if voff % size:
+            chunk = chunk.clone()
+        layers.append(LayerPayload(numel=numels[i], indices=idx[i], values=chunk.view(_py.ID_DTYPES[vd])))
+    return SparsePayload(layers=tuple(layers), aligned=bool(flags & _py.FLAG_ALIGNED), meta=meta)

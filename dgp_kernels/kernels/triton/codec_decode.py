@@ -48,7 +48,7 @@ MAX_PAYLOAD_C: tl.constexpr = tl.constexpr(MAX_PAYLOAD)
 
 @triton.jit
 def _parse_kernel(buf, starts, lens, crcs, lay, rec, status, L, has_aligned: tl.constexpr,
-                  LP: tl.constexpr):
+                  check_ak: tl.constexpr, LP: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
     start = tl.load(starts + c)
     n = tl.load(lens + c)
@@ -98,7 +98,7 @@ def _parse_kernel(buf, starts, lens, crcs, lay, rec, status, L, has_aligned: tl.
             ok &= tl.where(coding == 3, param <= 63, param == 0)
             ok &= numel == tl.load(lay + 6 * l)
             ok &= (~aligned) | (coding == 0)
-            if has_aligned:
+            if check_ak:
                 ok &= (~aligned) | (k == tl.load(lay + 6 * l + 4))
             vs = tl.where(vd == 1, 4, 2)
             ok &= k <= room // vs
@@ -340,9 +340,11 @@ class Validation:
 
 def validate_device(buf: Tensor, starts: Tensor, lens: Tensor, max_len: int, numels: Sequence[int],
                     aligned_ks: Optional[Sequence[int]], allow_nonfinite: bool,
-                    all_or_nothing: bool) -> Validation:
+                    all_or_nothing: bool, accept_aligned: bool = False) -> Validation:
     """Launches 1-6 of the module docstring. ``buf`` uint8, ``starts``/``lens`` int64 ``[C]``
-    on its device (every ``[start, start + len)`` inside ``buf``, ``len <= max_len``)."""
+    on its device (every ``[start, start + len)`` inside ``buf``, ``len <= max_len``).
+    Aligned payloads are accepted when ``aligned_ks`` is given (and their ``k`` must match
+    it) or, with ``accept_aligned`` (``decode``), without a check of ``k``."""
     device = buf.device
     C, L = int(starts.numel()), len(numels)
     lay, blk, nb = _tables(numels, aligned_ks, device)
@@ -353,7 +355,8 @@ def validate_device(buf: Tensor, starts: Tensor, lens: Tensor, max_len: int, num
     LP = triton.next_power_of_2(max(L, 1))
     if C:
         _parse_kernel[(C,)](buf, starts, lens, crcs, lay, rec, status, L,
-                            has_aligned=aligned_ks is not None, LP=LP)
+                            has_aligned=aligned_ks is not None or accept_aligned,
+                            check_ak=aligned_ks is not None, LP=LP)
     cnt = torch.zeros(max(C * nb, 1), dtype=torch.int64, device=device)
     bad = torch.zeros(max(C, 1), dtype=torch.int32, device=device)
     if C and nb:
