@@ -161,7 +161,7 @@ def test_device_codec_path_with_gloo_matches_the_host_path_bitwise(tmp_path):
         # encode, all-gathers and decode-accumulate with the Triton codec: bitwise the
         # host codec's result (the simulation replays the host path in one process)
         assert torch.equal(res[r]["dgp"]["params"], sim["params"]), f"rank {r}"
-        assert res[r]["dgp"]["steps"][0]["buckets"] >= 2  # several buckets per step
+        assert max(s["buckets"] for s in res[r]["dgp"]["steps"]) >= 2  # several buckets per step (after the rebuild)
         assert torch.equal(res[r]["adgp"]["params"], res[0]["adgp"]["params"])
     sim_a = w.simulate(world, "adgp", {"top": 0.05, "keep": 0.2}, steps=w.DEVICE_STEPS)
     torch.testing.assert_close(res[0]["adgp"]["params"], sim_a["params"], rtol=0, atol=1e-6)

@@ -28,6 +28,7 @@ callers guarantee.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Tuple
 
 import torch
@@ -40,6 +41,23 @@ CRC_LANES = 256
 CRC_LANE_BYTES = 16
 CRC_CHUNK = CRC_LANES * CRC_LANE_BYTES  # bytes per program of the chunk pass
 COMBINE_TILE = 256
+
+
+_LAUNCH_LOCK = threading.RLock()
+
+
+def serialized(fn):
+    """Run ``fn`` (a launch sequence) under one process-wide lock. Triton's interpreter keeps
+    global state per launch, so two threads launching at once (the DDP hook encodes in the
+    backward thread while a collective's callback decodes) corrupt each other there; on a
+    GPU the lock only orders the host-side enqueueing (microseconds), never device work."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _LAUNCH_LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .codec_common import crc32_ranges, load_le, load_u8
+from .codec_common import crc32_ranges, load_le, load_u8, serialized
 
 BLOCK = 1024  # positions per program of the check / accumulate passes (a multiple of 8)
 REC = 5       # per (client, layer): coding, k, index stream offset, value stream offset, dtype
@@ -338,6 +338,7 @@ class Validation:
         self.lay, self.blk, self.nb = lay, blk, nb
 
 
+@serialized
 def validate_device(buf: Tensor, starts: Tensor, lens: Tensor, max_len: int, numels: Sequence[int],
                     aligned_ks: Optional[Sequence[int]], allow_nonfinite: bool,
                     all_or_nothing: bool, accept_aligned: bool = False) -> Validation:
@@ -367,6 +368,7 @@ def validate_device(buf: Tensor, starts: Tensor, lens: Tensor, max_len: int, num
     return Validation(status, rec, cnt, cum, lay, blk, nb)
 
 
+@serialized
 def accumulate_device(buf: Tensor, starts: Tensor, lens: Tensor, max_len: int, numels: Sequence[int],
                       out: Tensor, weights: Optional[Tensor] = None, positions: Optional[Tensor] = None,
                       aligned_ks: Optional[Sequence[int]] = None, allow_nonfinite: bool = False,
@@ -412,6 +414,7 @@ def _extract_kernel(buf, starts, lens, lay, blk, rec, cnt, cum, koff, idx_out, L
     tl.store(idx_out + base + x, _raw_index(buf, iabs, x, lim, mr, coding == 5), mask=mr)
 
 
+@serialized
 def extract_indices(buf: Tensor, starts: Tensor, lens: Tensor, v: Validation, numels: Sequence[int],
                     ks: Sequence[int], codings: Sequence[int]) -> List[Optional[Tensor]]:
     """int64 indices per layer of a validated single payload (``None`` for implicit)."""

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .codec_common import crc32_ranges
+from .codec_common import crc32_ranges, serialized
 
 IMPLICIT, BITMAP, VARINT, RICE, RAW32, RAW64 = range(6)
 DEVICE_CODINGS = (IMPLICIT, BITMAP, RAW32, RAW64)
@@ -176,6 +176,7 @@ def layout(numels: Tuple[int, ...], ks: Tuple[int, ...], vdtypes: Tuple[int, ...
     return Layout(numels, ks, vdtypes, codings, aligned, meta, num_meta)
 
 
+@serialized
 def encode_device(indices: Sequence[Optional[Tensor]], values: Sequence[Tensor], numels: Sequence[int],
                   vdtypes: Sequence[int], codings: Sequence[int], aligned: bool, meta: bytes,
                   num_meta: int) -> Tuple[Tensor, Tensor]:
