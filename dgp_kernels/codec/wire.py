@@ -39,10 +39,12 @@ __all__ = [
     "CODING_NAMES",
     "AccumulateReport",
     "RejectedPayload",
+    "accumulate_on_device",
     "cpp_available",
     "decode",
     "decode_accumulate",
     "encode",
+    "encode_on_device",
 ]
 
 CODING_NAMES = _py.CODING_NAMES  # ("implicit", "bitmap", "varint", "rice", "raw32", "raw64")
