@@ -297,3 +297,21 @@ def test_every_codec_kernel_compiles_for_sm90():
     if "ptxas" in r.stdout + r.stderr and "not found" in r.stdout + r.stderr:
         pytest.skip("no ptxas in this triton install")
     assert r.returncode == 0 and "0 failures" in r.stdout, r.stdout + r.stderr
+
+
+def test_resnet18_device_payload_size_from_the_shapes():
+    """DGP defaults, float32 values: bitmap everywhere a layer is sparse, at most 0.232x the
+    dense float32 bytes (the layout is shape arithmetic: no kernel runs)."""
+    import math
+
+    from dgp_kernels.kernels.triton.codec_encode import layout
+    from dgp_kernels.ops._checks import band_counts
+
+    from ..codec._helpers import resnet18_cifar_shapes
+
+    numels = tuple(math.prod(s) for s in resnet18_cifar_shapes())
+    ks = tuple(band_counts(n, 0.05, 0.2)[1] for n in numels)
+    codings = tuple(choose_coding(n, k, True, False) for n, k in zip(numels, ks))
+    assert set(codings) == {wire.CODING_NAMES.index("bitmap")}
+    total = layout(numels, ks, (1,) * len(numels), codings, False, b"", 0).total
+    assert total / (4 * sum(numels)) <= 0.232
