@@ -525,10 +525,10 @@ def _aligned_bucket(state, bucket, buf, grads, key, comp: ADGPCompressor) -> tor
     if rank == 0:
         # The broadcaster's rule: the DGP band of its own g + e, per parameter.
         res = comp.memory.peek() if comp.error_feedback else None
-        indices = []
-        for i, g in enumerate(grads):
-            v = g if res is None else g + res[i].view(-1)
-            indices.append(ops.select(v.detach(), state.top, state.keep)[0])
+        vs = [(g if res is None else g + res[i].view(-1)).detach() for i, g in enumerate(grads)]
+        # one multi-tensor selection for the bucket; its layer sizes follow from the shapes
+        sel = ops.select_multi(vs, state.top, state.keep)[0] if vs else buf.new_empty(0, dtype=torch.int64)
+        indices = list(sel.split([band_counts(n, state.top, state.keep)[1] for n in numels]))
         flat_idx = torch.cat([ix + off for ix, off in zip(indices, offsets)]) if indices else buf.new_empty(0, dtype=torch.int64)
         mask = torch.zeros(buf.numel(), dtype=torch.bool, device=dev)
         mask[flat_idx] = True

@@ -78,7 +78,8 @@ def test_encode_bytes_equal_the_cpu_encoder_for_every_device_coding(device):
         codings = [None] + [c for c in DEVICE_CODINGS
                             if layer.indices is not None and (c != "implicit" or layer.k == layer.numel)]
         for c in codings:
-            for vd in (None, "bfloat16", "float16"):
+            n += 1
+            for vd in ((None, "bfloat16", "float16")[n % 3],):
                 p = SparsePayload((layer, other), meta=(("a", 3), ("bb", -1)))
                 force = [c, None] if c else None
                 got = encode(_to(p, device), vd, force_coding=force, backend="triton")
@@ -86,8 +87,7 @@ def test_encode_bytes_equal_the_cpu_encoder_for_every_device_coding(device):
                 want_codings = ([c] if c else _device_names(SparsePayload((layer,)))) + _device_names(SparsePayload((other,)))
                 want = encode(p, vd, force_coding=want_codings, backend=CPU_BACKEND)
                 assert _bytes(got) == want, (layer.numel, layer.k, c, vd)
-                n += 1
-    assert n > 50
+    assert n > 20
 
 
 def test_encode_aligned_empty_and_many_layers():
