@@ -315,3 +315,21 @@ def test_resnet18_device_payload_size_from_the_shapes():
     assert set(codings) == {wire.CODING_NAMES.index("bitmap")}
     total = layout(numels, ks, (1,) * len(numels), codings, False, b"", 0).total
     assert total / (4 * sum(numels)) <= 0.232
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensors_take_the_device_codec_by_default():
+    pays = _clients()
+    dev = [torch.frombuffer(bytearray(p), dtype=torch.uint8).cuda() for p in pays]
+    init = [torch.randn(n, generator=torch.Generator().manual_seed(9)) for n in NUMELS]
+    a = [t.cuda() for t in init]
+    b = [t.clone() for t in init]
+    ra = decode_accumulate(dev, a, [1.5, 0.25, 3.0, 1.0, -0.7])  # backend None: triton
+    rb = decode_accumulate(pays, b, [1.5, 0.25, 3.0, 1.0, -0.7], backend=CPU_BACKEND)
+    assert ra == rb
+    assert all(torch.equal(x.cpu().view(torch.int32), y.view(torch.int32)) for x, y in zip(a, b))
+    p = SparsePayload(tuple(random_layer(n, n // 5, i) for i, n in enumerate(NUMELS)))
+    data = encode(_to(p, "cuda"))  # backend None: triton, bytes on the GPU
+    assert data.is_cuda and _bytes(data) == encode(p, force_coding=_device_names(p), backend=CPU_BACKEND)
+    q = decode(data, NUMELS)
+    assert all(l.values.is_cuda for l in q.layers)
