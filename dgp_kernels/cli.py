@@ -6,7 +6,7 @@ Subcommands:
   train     collaborative-learning simulator: accuracy and bytes per defense
             (dgp_kernels.sim.cli)
   bench     timing table of our ops vs the DGP authors' operator, topk and clone
-            (dgp_kernels.benchmarks)
+            (dgp_kernels.speed)
 
 Add a subcommand: write ``add_arguments(parser)`` and ``run_from_args(args) -> int`` in the
 module that owns the work, then register both in ``_SUBCOMMANDS`` below.
@@ -47,7 +47,7 @@ _SUBCOMMANDS = {
     "bench": (
         "time our band selection against the DGP authors' operator, a single topk and "
         "clone(), on a model's gradients and one large tensor",
-        *_lazy(".benchmarks"),
+        *_lazy(".speed"),
     ),
 }
 

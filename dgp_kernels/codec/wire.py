@@ -32,6 +32,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..checks import VALUE_DTYPES
 from . import _wire_py as _py
 from .payload import LayerPayload, PayloadError, SparsePayload
 
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 CODING_NAMES = _py.CODING_NAMES  # ("implicit", "bitmap", "varint", "rice", "raw32", "raw64")
-VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 BytesLike = Union[bytes, bytearray, memoryview, Tensor]
 

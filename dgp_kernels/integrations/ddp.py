@@ -41,7 +41,7 @@ first time, the residuals of its parameters are moved over from the buckets that
 them before, so no owed error is lost. DGP's band is per parameter tensor, so the
 bucketing never changes what is sent.
 
-``compressor="adgp"`` (aligned DGP, DESIGN.md §2.5) keeps DDP's all-reduce: every rank
+``compressor="adgp"`` (aligned DGP, :mod:`dgp_kernels.compressor.adgp`) keeps DDP's all-reduce: every rank
 sends values at the same positions, so the values of all ranks can be summed by an
 ordinary all-reduce. The positions of each step are chosen by rank 0 (the broadcaster) as
 the DGP band of its own ``g + e`` per parameter and broadcast as a bitmap (``numel / 8``
@@ -83,7 +83,7 @@ from torch import Tensor
 
 from .. import ops
 from ..codec import decode_accumulate, encode
-from ..codec.wire import VALUE_DTYPES, accumulate_on_device, encode_on_device
+from ..codec import accumulate_on_device, encode_on_device
 from ..codec.payload import SparsePayload
 from ..compressor import (
     ADGPCompressor,
@@ -92,7 +92,9 @@ from ..compressor import (
     available_compressors,
     get_compressor,
 )
-from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP, band_counts, check_fractions
+from ..checks import VALUE_DTYPES, check_fractions
+from ..ops import DEFAULT_KEEP, DEFAULT_TOP
+from ..ops.checks import band_counts
 
 __all__ = ["DGPHookState", "StepStats", "dgp_hook"]
 

@@ -3,10 +3,10 @@
 Backends implement these schemas and register themselves for a dispatch key:
 
 * ``csrc/cpu/select.cpp`` -> ``CPU`` (C++/OpenMP radix select), when ``dgp_kernels._C`` is built;
-* ``dgp_kernels/kernels/triton/select.py`` -> ``CUDA`` (when triton and a GPU are present);
+* ``dgp_kernels/kernels/triton/ops.py`` -> ``CUDA`` (when triton and a GPU are present);
 * :mod:`dgp_kernels.ops.reference` -> every key no native backend covers (the fallback).
 
-Semantics shared by all of them (../shared/DESIGN.md §2):
+Semantics shared by all of them (docs/semantics.md):
 
 * shapes: ``g`` any shape and strides, ``n = g.numel()``; ``k_top = floor(top*n + 1e-6)``,
   ``k_keep = min(floor(keep*n + 1e-6), n - k_top)``; outputs have exactly ``k_keep`` entries;
@@ -21,13 +21,13 @@ Semantics shared by all of them (../shared/DESIGN.md §2):
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import reference
-from ._checks import (
+from .checks import (
     DEFAULT_KEEP,
     DEFAULT_TOP,
     band_counts,
@@ -54,7 +54,7 @@ __all__ = [
 _lib = torch.library.Library("dgp", "DEF")
 # cudagraph_unsafe: on CUDA every op reads a few flags back to the host once per call (NaN,
 # sample misses), which a CUDA graph capture cannot hold; torch.compile's
-# mode="reduce-overhead" leaves the ops out of its graphs. (DGP_CUDA_GRAPHS=1 makes the
+# mode="reduce-overhead" leaves the ops out of its graphs. (``dgp_kernels.kernels.triton.cuda_graphs()`` makes the
 # Triton backend capture and replay its own kernels instead.)
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 for _schema in (
@@ -176,10 +176,16 @@ _lib.impl("select_multi", _ref_select_multi, "CompositeExplicitAutograd")
 _lib.impl("select_ef_multi", _ref_select_ef_multi, "CompositeExplicitAutograd")
 
 
+def register_kernels(impls: Dict[str, Callable[..., Any]], dispatch_key: str) -> None:
+    """Serve the dgp ops named in ``impls`` (op name -> implementation) for
+    ``dispatch_key`` ("CPU", "CUDA"); how a backend written in Python plugs in."""
+    for op, fn in impls.items():
+        _lib.impl(op, fn, dispatch_key)
+
+
 def register_reference(dispatch_key: str) -> None:
     """Serve every dgp op from the pure-torch reference for ``dispatch_key`` ("CPU", "CUDA")."""
-    for op, fn in _REFERENCE_IMPLS.items():
-        _lib.impl(op, fn, dispatch_key)
+    register_kernels(_REFERENCE_IMPLS, dispatch_key)
 
 
 # --------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ scikit-learn, the progress bar tqdm, the plots matplotlib (``pip install "dgp_ke
 """
 
 from .config import Fault, SimConfig, parse_defense_params
-from .data import available_datasets, dataset_info, load_dataset
+from ..cases.datasets import available_datasets, dataset_info, load_dataset
 from .multiseed import MultiSeedResult, SeedStats, SeedSummaryRow, parse_seeds, simulate_seeds
 from .results import SimResult
-from .simulator import build_model, simulate
+from .simulator import build_model, simulate, simulate_defense
 
 __all__ = [
     "Fault",
@@ -34,5 +34,6 @@ __all__ = [
     "parse_defense_params",
     "parse_seeds",
     "simulate",
+    "simulate_defense",
     "simulate_seeds",
 ]

@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..checks import check_choice, check_float, check_int
+
 __all__ = [
     "ALGORITHMS",
     "DEFENSES",
@@ -68,30 +70,17 @@ class Fault:
 
 
 def _check_int(value: object, name: str, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"SimConfig.{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < lo:
-        raise ValueError(f"SimConfig.{name} must be >= {lo}, got {value!r}")
-    return value
+    return check_int(value, f"SimConfig.{name}", min_value=lo)
 
 
 def _check_float(value: object, name: str, lo: float, hi: float = math.inf, *,
                  lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"SimConfig.{name} must be a number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    bad = not math.isfinite(v) or v > hi or (v <= lo if lo_open else v < lo)
-    if bad:
-        lo_txt = f"> {lo}" if lo_open else f">= {lo}"
-        hi_txt = "" if hi == math.inf else f" and <= {hi}"
-        raise ValueError(f"SimConfig.{name} must be a finite number {lo_txt}{hi_txt}, got {value!r}")
-    return v
+    return check_float(value, f"SimConfig.{name}", min_value=lo, max_value=hi,
+                       min_inclusive=not lo_open)
 
 
 def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"SimConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
+    return check_choice(value, f"SimConfig.{name}", choices)
 
 
 @dataclass
@@ -101,14 +90,14 @@ class SimConfig:
     Attributes:
         dataset: ``digits`` (built in, offline), ``mnist``, ``cifar10``, ``cifar100`` (from
             ``data_root``).
-        model: a name of :data:`dgp_kernels.sim.models.MODELS`; built with the dataset's
+        model: a name of :data:`dgp_kernels.cases.models.MODELS`; built with the dataset's
             ``num_classes``/``channels`` (and ``image_size`` when the model takes it).
         defense: compressor name (``none``, ``dgp``, ``adgp``, ``topk``, ``randk``, ``dp``,
             ``qsgd``); each client gets its own compressor object (own error feedback).
         defense_params: keyword arguments of that compressor (``{"top": 0.05}``); for
             ``adgp`` also ``top``/``keep`` (the broadcaster's band) and ``positions``
-            (``"aggregate"``: band of the previous aggregate, the default rule of
-            DESIGN.md §2.5; ``"fresh"``: band of the broadcaster's own gradient each round).
+            (``"aggregate"``: band of the previous aggregate, the default rule, see
+            :mod:`dgp_kernels.compressor.adgp`; ``"fresh"``: band of the broadcaster's own gradient each round).
             Random compressors get ``seed + client`` per client (``seed`` defaults to a
             value derived from ``SimConfig.seed``).
         clients: number of clients N.
@@ -135,8 +124,8 @@ class SimConfig:
         diagnostics: also record error-feedback diagnostics per round (residual norms on
             never-sent coordinates; see :func:`~dgp_kernels.sim.simulate`).
         threads: torch intra-op threads during the run (restored afterwards); ``None``
-            leaves torch's setting. Small models run fastest on 1 thread here (the
-            2-vCPU machine stalls in OpenMP regions, DESIGN.md §6); results are bitwise
+            leaves torch's setting. Small models run fastest on 1 thread here (an OpenMP
+            region can stall ~8 ms on a 2-vCPU machine); results are bitwise
             reproducible for a fixed thread count.
     """
 
@@ -167,8 +156,8 @@ class SimConfig:
     # ---------------------------------------------------------------------------------
     def validate(self) -> "SimConfig":
         """Check every field (raises ``TypeError``/``ValueError`` naming it); returns self."""
-        from .data import available_datasets
-        from .models import MODELS
+        from ..cases.datasets import available_datasets
+        from ..cases.models import MODELS
 
         _check_choice(self.dataset, "dataset", available_datasets())
         _check_choice(self.model, "model", sorted(MODELS))
@@ -263,17 +252,13 @@ def _client_seed(config: SimConfig, client: int, given: Optional[int]) -> int:
 def compressor_params(config: SimConfig, client: int) -> Dict[str, Any]:
     """The keyword arguments of client ``client``'s compressor, after building a throwaway
     one to check them (errors name the parameter)."""
-    import inspect
-
-    from ..compressor import get_compressor
-    from ..compressor.base import _REGISTRY
+    from ..compressor import COMPRESSORS, get_compressor
 
     params = dict(config.defense_params)
     if config.defense == "adgp":
         for k in ADGP_BROADCASTER_PARAMS:
             params.pop(k, None)
-    cls = _REGISTRY.get(config.defense)
-    accepted = inspect.signature(cls.__init__).parameters if cls is not None else {}
+    accepted = COMPRESSORS.parameters(config.defense) if config.defense in COMPRESSORS else []
     if "seed" in accepted:
         params["seed"] = _client_seed(config, client, params.get("seed"))
     try:
@@ -285,7 +270,7 @@ def compressor_params(config: SimConfig, client: int) -> Dict[str, Any]:
 
 def broadcaster_params(config: SimConfig) -> Dict[str, Any]:
     """ADGP broadcaster band (``top``/``keep`` from ``defense_params``, else the DGP defaults)."""
-    from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP
+    from ..ops import DEFAULT_KEEP, DEFAULT_TOP
 
     p = config.defense_params
     return {"top": p.get("top", DEFAULT_TOP), "keep": p.get("keep", DEFAULT_KEEP)}

@@ -18,7 +18,7 @@ from dgp_kernels.attacks import (
 from dgp_kernels.attacks import metrics as M
 from dgp_kernels.attacks.matching import GradientObjective
 from dgp_kernels.attacks.rtf import ImprintBlock
-from dgp_kernels.sim.models import convnet_small, lenet_sigmoid
+from dgp_kernels.cases.models import convnet_small, lenet_sigmoid
 
 from .conftest import smooth_images
 

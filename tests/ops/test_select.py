@@ -11,7 +11,7 @@ What is checked, and how:
   ``-0.0`` vs ``+0.0`` and ``inf`` are checked exactly), dtypes, shapes, and the whole
   storage of every mutated argument (gaps of a sliced view must stay untouched);
 * the reference itself is checked against a brute-force Python oracle (sort
-  ``(-|x|, index)`` tuples) and the count formula of DESIGN.md §2.1, so it is not trusted
+  ``(-|x|, index)`` tuples) and the count formula of docs/semantics.md, so it is not trusted
   blindly;
 * adversarial inputs, every dtype, hypothesis-generated cases, non-contiguous layouts,
   large tensors (300k and 3M elements) with heavy ties at both thresholds, multi-tensor
@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 import dgp_kernels
 from dgp_kernels.ops import reference as ref
-from dgp_kernels.ops._checks import band_counts
+from dgp_kernels.ops import band_counts
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 DTYPE_IDS = ("f32", "f64", "f16", "bf16")
@@ -316,7 +316,7 @@ def run_both(path: Path, op: str, *args: Any) -> Any:
 # Independent oracle: plain Python, no torch sorting.
 # --------------------------------------------------------------------------------------
 def counts_formula(n: int, top: float, keep: float):
-    """DESIGN.md §2.1 written out again, independently of ``band_counts``."""
+    """The counts of docs/semantics.md written out again, independently of ``band_counts``."""
     k_top = math.floor(top * n + 1e-6)
     k_keep = min(math.floor(keep * n + 1e-6), n - k_top)
     return k_top, k_keep

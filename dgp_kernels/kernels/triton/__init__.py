@@ -30,23 +30,27 @@ def register() -> bool:
         from .ops import IMPLS
     except ImportError:
         return False
-    from ...ops.select import _lib
+    from ...ops import register_kernels
 
-    for name, fn in IMPLS.items():
-        _lib.impl(name, fn, "CUDA")
+    register_kernels(IMPLS, "CUDA")
     return True
+
+
+_PUBLIC = {
+    "Tuning": "tuning", "DEFAULT": "tuning", "cuda_graphs": "graphs", "CallInfo": "launch",
+    "band_multi_triton": "launch", "select_triton": "ops", "select_ef_triton": "ops",
+    "prune_triton": "ops", "prune_inplace_triton": "ops", "select_multi_triton": "ops",
+    "select_ef_multi_triton": "ops",
+}
 
 
 def __getattr__(name):
     # The public pieces, imported on first use so that ``import dgp_kernels`` never needs
-    # triton: ``Tuning`` / ``DEFAULT`` (how a call is split into launches) and
-    # ``cuda_graphs`` (opt-in graph replay for the ``torch.ops.dgp.*`` ops).
-    if name in ("Tuning", "DEFAULT"):
-        from . import tuning
+    # triton: ``Tuning`` / ``DEFAULT`` (how a call is split into launches), ``cuda_graphs``
+    # (opt-in graph replay for the ``torch.ops.dgp.*`` ops), ``CallInfo`` (what a call did),
+    # the launcher and the op implementations (which take ``tuning=`` and ``info=``).
+    if name in _PUBLIC:
+        import importlib
 
-        return getattr(tuning, name)
-    if name == "cuda_graphs":
-        from .graphs import cuda_graphs
-
-        return cuda_graphs
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     raise AttributeError(name)

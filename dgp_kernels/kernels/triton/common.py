@@ -32,7 +32,8 @@ REL_BINS = tl.constexpr(32)
 # three 2048/1024-bin levels over the 3.7M candidates of a 25M tensor took 1.67 ms on an
 # H200, 32 bins about 0.03 ms per level).
 RANGE_BITS = tl.constexpr(8)
-TAIL_BITS = tl.constexpr(5)  # digit bits of the refinement levels that one program runs (32 bins)
+TAIL_BITS = tl.constexpr(5)  # digit bits of the refinement levels that one program runs
+TAIL_BINS = tl.constexpr(32)  # = 2^TAIL_BITS
 
 # dtype -> (KIND, key bits, digit widths after the first over candidates, over the data):
 # each set of widths sums to key bits - FIRST_DIGIT_BITS. Over the data (the exact path's
@@ -109,6 +110,23 @@ def load_v(g_base, e_base, offs, m, KIND: tl.constexpr, HAS_E: tl.constexpr,
     else:
         v = g
     return v
+
+
+@triton.jit
+def load_block(g_ptrs, e_ptrs, seg, start, n, FULL: tl.constexpr, DT: tl.constexpr,
+               KIND: tl.constexpr, HAS_E: tl.constexpr, ALIGNED: tl.constexpr,
+               BLOCK_: tl.constexpr):
+    """``(offs, m, v, key)`` of the block of ``BLOCK_`` entries from ``start`` of layer
+    ``seg`` (size ``n``). ``FULL``: the block lies inside its layer, so the mask is a
+    constant the compiler folds away and the loads are unmasked 16-byte vectors."""
+    offs = start + tl.arange(0, BLOCK_)
+    if FULL:
+        m = tl.full([BLOCK_], 1, tl.int1)
+    else:
+        m = offs < n
+    v = load_v(base(g_ptrs, seg, DT, ALIGNED), base(e_ptrs, seg, DT, ALIGNED), offs, m, KIND,
+               HAS_E, not FULL)
+    return offs, m, v, key_of(v, KIND)
 
 
 @triton.jit

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    VEC, base, excl_cumsum, key_of, last_program, load_v, locate_row, masked_histogram, rows,
+    VEC, base, excl_cumsum, key_of, last_program, load_block, load_v, locate_row,
+    masked_histogram, rows,
 )
 from .sample import validate_layer
 
@@ -123,14 +124,8 @@ def _gather_block(
     (g_ptrs, e_ptrs, bnd, cand_off, cand_cap, cand_fill, cand_key, totals, flags, tick,
      seg_nblk, active, tail_n, seg_n, S) = a
     NB2 = 2 * S
-    offs = start + tl.arange(0, BLOCK_)
-    if FULL:
-        m = tl.full([BLOCK_], 1, tl.int1)
-    else:
-        m = offs < n
-    g_base = base(g_ptrs, seg, DT, ALIGNED)
-    e_base = base(e_ptrs, seg, DT, ALIGNED)
-    key = key_of(load_v(g_base, e_base, offs, m, KIND, HAS_E, not FULL), KIND)
+    _offs, m, _v, key = load_block(g_ptrs, e_ptrs, seg, start, n, FULL, DT, KIND, HAS_E,
+                                   ALIGNED, BLOCK_)
     ha = tl.load(bnd + 2 * seg)  # -1 for an empty band: matches nothing
     la = tl.load(bnd + 2 * seg + 1)
     hb = tl.load(bnd + NB2 + 2 * seg)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ...ops import reference
-from ...ops._checks import check_fractions, check_grad, check_grads, check_residual, check_residuals
+from ...ops.checks import check_fractions, check_grad, check_grads, check_residual, check_residuals
 from . import graphs
 from .launch import CallInfo, band_multi_triton
 from .tuning import DEFAULT, Tuning

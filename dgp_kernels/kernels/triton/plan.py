@@ -19,7 +19,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ...ops._checks import band_counts
+from ...ops.checks import band_counts
 from .tuning import Tuning
 
 CACHE_SIZE = 16

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    TAIL_BITS, base, finish_layer, key_of, last_program, load_v, locate_row, masked_histogram,
+    TAIL_BINS, TAIL_BITS, base, finish_layer, key_of, last_program, load_v, locate_row, masked_histogram,
     narrow,
 )
 
@@ -39,6 +39,19 @@ def _window(bnd, row, NB2, KEY32: tl.constexpr):
 
 
 @triton.jit
+def _chunk(chk_seg, chk_start, src_n, bnd, S, CHUNK_: tl.constexpr, KEY32: tl.constexpr):
+    """This program's chunk: its layer, start and end, and both boundary windows."""
+    NB2 = 2 * S
+    pid = tl.program_id(0)
+    seg = tl.load(chk_seg + pid)
+    start = tl.load(chk_start + pid).to(tl.int32)
+    end = tl.minimum(start + CHUNK_, tl.load(src_n + seg).to(tl.int32))
+    lo_h, hk_h, rem_h = _window(bnd, 2 * seg, NB2, KEY32)
+    lo_l, hk_l, rem_l = _window(bnd, 2 * seg + 1, NB2, KEY32)
+    return seg, start, end, lo_h, hk_h, rem_h, lo_l, hk_l, rem_l
+
+
+@triton.jit
 def refine_kernel(
     g_ptrs, e_ptrs, src_n, chk_seg, chk_start, chk_nchk, src_off, keys, bnd, hist, tick,
     thr, S,
@@ -51,14 +64,8 @@ def refine_kernel(
     ``NBINS`` bins (one relaxed atomic per non-empty bin); the layer's last program then
     narrows both windows to the digit holding each rank."""
     NB2 = 2 * S
-    KEY32: tl.constexpr = KIND != 1
-    pid = tl.program_id(0)
-    seg = tl.load(chk_seg + pid)
-    start = tl.load(chk_start + pid).to(tl.int32)
-    n = tl.load(src_n + seg).to(tl.int32)
-    lo_h, hk_h, rem_h = _window(bnd, 2 * seg, NB2, KEY32)
-    lo_l, hk_l, rem_l = _window(bnd, 2 * seg + 1, NB2, KEY32)
-    end = tl.minimum(start + CHUNK_, n)
+    seg, start, end, lo_h, hk_h, rem_h, lo_l, hk_l, rem_l = _chunk(
+        chk_seg, chk_start, src_n, bnd, S, CHUNK_, KIND != 1)
     h_hi = tl.zeros([NBINS], dtype=tl.int32)
     h_lo = tl.zeros([NBINS], dtype=tl.int32)
     for off in range(start, end, TILE_):
@@ -100,14 +107,8 @@ def compact_kernel(
     ``cap2[seg]``; one relaxed atomic per tile reserves a range); the layer's last program
     runs :func:`tail_refine`."""
     NB2 = 2 * S
-    KEY32: tl.constexpr = KIND != 1
-    pid = tl.program_id(0)
-    seg = tl.load(chk_seg + pid)
-    start = tl.load(chk_start + pid).to(tl.int32)
-    n = tl.load(src_n + seg).to(tl.int32)
-    lo_h, hk_h, rem_h = _window(bnd, 2 * seg, NB2, KEY32)
-    lo_l, hk_l, rem_l = _window(bnd, 2 * seg + 1, NB2, KEY32)
-    end = tl.minimum(start + CHUNK_, n)
+    seg, start, end, lo_h, hk_h, rem_h, lo_l, hk_l, rem_l = _chunk(
+        chk_seg, chk_start, src_n, bnd, S, CHUNK_, KIND != 1)
     src = keys + tl.load(src_off + seg)
     dst = keys2 + tl.load(off2 + seg)
     cap = tl.load(cap2 + seg)
@@ -147,7 +148,7 @@ def tail_refine(seg, keys2, cnt, cap, bnd, active, flags, tail_n, thr, S,
     thresholds. A slot that overflowed (``cnt > cap``) marks the layer missed instead."""
     NB2 = 2 * S
     KEY32: tl.constexpr = KIND != 1
-    NBINS: tl.constexpr = 1 << TAIL_BITS
+    NBINS: tl.constexpr = TAIL_BINS
     act = tl.load(active + seg) != 0
     missed = tl.load(flags + S + seg) != 0
     over = act & (~missed) & (cnt > cap)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import VEC, base, excl_cumsum, key_of, load_v, rows
+from .common import VEC, base, excl_cumsum, load_block, rows
 
-VALID = tl.constexpr(1 << 62)  # a published descriptor word (its counts below)
+# 0x4000000000000000 (bit 62) marks a published descriptor word (its counts below it)
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def write_kernel(
 ):
     """``seg_n``: the layers' sizes for this pass (0: a layer the sampled path missed, left
     to the exact rerun); ``stop[0]`` set: the call holds a NaN and nothing is written.
-    ``desc``: int64 ``[3, NBLK]`` zeroed descriptors (block counts; inclusive prefix in two
+    ``desc``: int64 ``[3, NBLK]`` zeroed descriptors (a published word has bit 62 set; (block counts; inclusive prefix in two
     words)."""
     vid = tl.atomic_add(ticket, 1, sem="relaxed")
     seg = tl.load(blk_seg + vid)
@@ -74,10 +74,10 @@ def _lookback(desc, NBLK, vid, first, LB: tl.constexpr):
         a = tl.load(desc + idx, mask=m, other=0, volatile=True)
         i0 = tl.load(desc + NBLK + idx, mask=m, other=0, volatile=True)
         i1 = tl.load(desc + 2 * NBLK + idx, mask=m, other=0, volatile=True)
-        inc = m & ((i0 & VALID) != 0) & ((i1 & VALID) != 0)
+        inc = m & ((i0 & 0x4000000000000000) != 0) & ((i1 & 0x4000000000000000) != 0)
         p = tl.min(tl.where(inc, i, LB), axis=0)  # the nearest inclusive prefix
         need = m & (i < p)
-        ready = tl.sum((need & ((a & VALID) == 0)).to(tl.int32), axis=0) == 0
+        ready = tl.sum((need & ((a & 0x4000000000000000) == 0)).to(tl.int32), axis=0) == 0
         if ready:
             aa = tl.where(need, a, 0)
             at_p = i == p
@@ -100,15 +100,8 @@ def _write_block(
     vectorised loads and stores); else masked."""
     (g_ptrs, e_ptrs, d_ptrs, o_ptrs, seg_first, active, thr, out_off, desc, S, NBLK) = a
     V: tl.constexpr = VEC[KIND]
-    offs = start + tl.arange(0, BLOCK_)
-    if FULL:
-        m = tl.full([BLOCK_], 1, tl.int1)
-    else:
-        m = offs < n
-    g_base = base(g_ptrs, seg, DT, ALIGNED)
-    e_base = base(e_ptrs, seg, DT, ALIGNED)
-    v = load_v(g_base, e_base, offs, m, KIND, HAS_E, not FULL)
-    key = key_of(v, KIND)
+    offs, m, v, key = load_block(g_ptrs, e_ptrs, seg, start, n, FULL, DT, KIND, HAS_E,
+                                 ALIGNED, BLOCK_)
     act = tl.load(active + seg) != 0
     th = tl.where(act, tl.load(thr + seg), -1)  # -1: an empty band keeps nothing
     tlo = tl.where(act, tl.load(thr + S + seg), 0x7FFFFFFFFFFFFFFF)
@@ -121,14 +114,14 @@ def _write_block(
     # the block's counts in 12-bit fields (BLOCK_ <= 2048): one reduction
     own = tl.sum(strict.to(tl.int64) | (eq_hi.to(tl.int64) << 12) | (eq_lo.to(tl.int64) << 24),
                  axis=0)
-    tl.atomic_xchg(desc + vid, own | VALID, sem="relaxed")
+    tl.atomic_xchg(desc + vid, own | 0x4000000000000000, sem="relaxed")
     first = tl.load(seg_first + seg)
     x0, x1, x2 = _lookback(desc, NBLK, vid, first, LB)
     c0 = own & 0xFFF
     c1 = (own >> 12) & 0xFFF
     c2 = (own >> 24) & 0xFFF
-    tl.atomic_xchg(desc + NBLK + vid, VALID | ((x0 + c0) << 31) | (x1 + c1), sem="relaxed")
-    tl.atomic_xchg(desc + 2 * NBLK + vid, VALID | (x2 + c2), sem="relaxed")
+    tl.atomic_xchg(desc + NBLK + vid, 0x4000000000000000 | ((x0 + c0) << 31) | (x1 + c1), sem="relaxed")
+    tl.atomic_xchg(desc + 2 * NBLK + vid, 0x4000000000000000 | (x2 + c2), sem="relaxed")
     skip = tl.load(thr + 2 * S + seg)
     endh = tl.load(thr + 3 * S + seg)
     take = tl.load(thr + 4 * S + seg)
@@ -154,7 +147,7 @@ def _write_block(
         tl.store((out_val + first_slot) + cs, rows(v, BLOCK_, V), mask=kept2)
     zero = tl.zeros_like(v)  # +0.0
     if WRITE_E:
-        tl.store(e_base + offs, tl.where(kept, zero, v), mask=m)
+        tl.store(base(e_ptrs, seg, DT, ALIGNED) + offs, tl.where(kept, zero, v), mask=m)
     if WRITE_DENSE:
         d_base = base(d_ptrs, seg, DT, ALIGNED)
         tl.store(d_base + offs, tl.where(kept, v, zero), mask=m)

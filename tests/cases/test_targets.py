@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dgp_kernels.attacks.data import (
+from dgp_kernels.cases.targets import (
     PHOTO_NAMES,
     TargetSet,
     available_target_sources,
@@ -56,7 +56,7 @@ def test_photos_bad_arguments():
         load_photos(1, size=2)
     with pytest.raises(TypeError, match="n must be an int"):
         load_photos(1.5)
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
         load_photos(0)
 
 

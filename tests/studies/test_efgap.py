@@ -1,4 +1,4 @@
-"""The error-feedback gap study on a tiny run: its per-round metrics have the right ranges
+"""The error-feedback gap study (bench/studies/efgap.py) on a tiny run: its per-round metrics have the right ranges
 and directions, the variants differ the way their definitions say, and the files are
 written."""
 
@@ -8,8 +8,8 @@ import math
 import pytest
 
 from dgp_kernels.sim import SimConfig
-from dgp_kernels.sim.efgap import (EF_GAP_METRICS, EFGapStudy, ef_gap_metrics, ef_gap_study, linear_fit,
-                                   write_ef_gap)
+from bench.studies.efgap import (EF_GAP_METRICS, EFGapStudy, ef_gap_metrics, ef_gap_study, linear_fit,
+                                 write_ef_gap)
 
 ROUNDS = 6
 
@@ -72,7 +72,7 @@ def test_summary_and_files(study, tmp_path):
         sum(m["never_sent_fraction"][-1] for m in study.metrics["dgp"]) / 2)
     paths = write_ef_gap(study, str(tmp_path), runs=True, extra={"note": "test"})
     md = open(paths["md"]).read()
-    assert "Bar: within 1 point" in md and "| dgp top=0 |" in md and "no residual" in md
+    assert "Paired difference against none" in md and "| dgp top=0 |" in md and "no residual" in md
     d = json.loads(open(paths["json"]).read())
     assert d["seeds"] == [0, 1] and d["environment"] == {"note": "test"}
     assert len(d["per_seed"]) == 8 and len(d["curves"]["dgp"]["never_sent_fraction"]["mean"]) == ROUNDS
@@ -110,7 +110,7 @@ def test_diagnostics_do_not_change_the_run(study):
 
 
 def test_tail_accuracy(study):
-    from dgp_kernels.sim.efgap import tail_accuracy
+    from bench.studies.efgap import tail_accuracy
 
     res = study.multi.runs["dgp"][0]
     accs = [r["test_accuracy"] for r in res.rounds]
@@ -125,7 +125,7 @@ def test_tail_accuracy(study):
 
 def test_collapse_round():
     from dgp_kernels.sim import SimResult
-    from dgp_kernels.sim.efgap import collapse_round
+    from bench.studies.efgap import collapse_round
 
     def res(accs):
         rounds = [{"round": i, "test_accuracy": a} for i, a in enumerate(accs)]

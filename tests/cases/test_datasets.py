@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dgp_kernels.sim import data as simdata
-from dgp_kernels.sim.data import (
+from dgp_kernels.cases import datasets as simdata
+from dgp_kernels.cases.datasets import (
     available_datasets,
     dataset_info,
     dirichlet_split,

@@ -10,13 +10,13 @@
   sub-folder.
 
 torchvision's dataset classes are used when torchvision imports (it does not beside the
-CPU torch 2.13 build, see DESIGN.md §6); otherwise the same files are read directly here.
+CPU torch 2.13 build: "operator torchvision::nms does not exist"); otherwise the same files are read directly here.
 Nothing is ever downloaded: missing files raise ``FileNotFoundError`` naming them.
 
 Every loader returns ``x`` float32 ``[N, C, H, W]`` in ``[0, 1]`` and ``y`` int64 ``[N]``.
 
 Add a dataset: a ``_load_<name>(root, split)`` returning that pair, an entry in
-``_INFO`` and ``_LOADERS``, and a reader test on tiny files in ``tests/sim/test_data.py``.
+``_INFO`` and ``_LOADERS``, and a reader test on tiny files in ``tests/cases/test_datasets.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..optional import require
 
 __all__ = [
     "available_datasets",
@@ -103,13 +105,8 @@ def load_dataset(name: str, root: Optional[str] = None, split: str = "train") ->
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
     """(images float32 [1797, 64] in [0, 16], labels int64), read once per process."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the built-in 'digits' dataset needs scikit-learn: pip install \"dgp_kernels[eval]\""
-        ) from exc
-    bunch = load_digits()
+    sk_datasets = require("sklearn.datasets", extra="eval", purpose="the built-in 'digits' dataset")
+    bunch = sk_datasets.load_digits()
     return np.asarray(bunch.data, dtype=np.float32), np.asarray(bunch.target, dtype=np.int64)
 
 

@@ -7,7 +7,7 @@
   (astronaut 0, chelsea 1, coffee 2, ... for 10 classes). Grayscale photos are replicated to
   three channels and the RGBA logo is composited on white.
 * ``digits`` — scikit-learn's 8x8 handwritten digits (bundled, offline), through
-  :func:`dgp_kernels.sim.data.load_dataset` (its fixed test split), 1 channel, true labels.
+  :func:`dgp_kernels.cases.datasets.load_dataset` (its fixed test split), 1 channel, true labels.
 * ``mnist``, ``cifar10``, ``cifar100`` — from a local directory (``root``), through the same
   loader; a clear ``FileNotFoundError`` names the expected files when they are absent.
 
@@ -21,7 +21,7 @@ Every loader returns a :class:`TargetSet`: ``images`` float32 ``[N, C, H, W]`` i
 
 Add a source: write a function returning a :class:`TargetSet`, add its name to
 ``_SOURCES`` (and to ``dgp evaluate --dataset``), and a shape/range test in
-``tests/attacks/test_data.py``.
+``tests/cases/test_targets.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ..checks import check_int
+from ..optional import require
+from . import datasets
 
 __all__ = [
     "PHOTO_NAMES",
@@ -104,29 +108,19 @@ class TargetSet:
 
 
 def _check_count(n: object, name: str = "n") -> int:
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"{name} must be an int, got {type(n).__name__} {n!r}")
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n!r}")
-    return n
+    return check_int(n, name, min_value=1)
 
 
 def _check_size(size: object) -> int:
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise TypeError(f"size must be an int, got {type(size).__name__} {size!r}")
-    if size < 4:
-        raise ValueError(f"size must be >= 4 pixels, got {size!r}")
-    return size
+    return check_int(size, "size", min_value=4)
 
 
 def _import_skimage():
-    try:
-        import skimage.data
-        import skimage.transform
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the photo targets need scikit-image: pip install \"dgp_kernels[eval]\""
-        ) from exc
+    """``skimage`` with its ``data`` and ``transform`` submodules loaded."""
+    require("skimage.data", extra="eval", purpose="the photo targets")
+    require("skimage.transform", extra="eval", purpose="the photo targets")
+    import skimage
+
     return skimage
 
 
@@ -234,10 +228,8 @@ def select_by_class(labels: Tensor, n: int, num_classes: int, *, start: int = 0)
 
 def _load_labelled(source: str, n: int, *, size: Optional[int], root: Optional[str],
                    start: int) -> TargetSet:
-    from ..sim import data as sim_data
-
-    x, y = sim_data.load_dataset(source, root=root, split="test")
-    info = sim_data.dataset_info(source)
+    x, y = datasets.load_dataset(source, root=root, split="test")
+    info = datasets.dataset_info(source)
     num_classes = int(info["num_classes"])
     idx = select_by_class(y, n, num_classes, start=start)
     images = _resize_batch(x[idx].to(torch.float32), size).contiguous()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dgp_kernels.sim.models import (
+from dgp_kernels.cases.models import (
     MODELS,
     convnet_small,
     get_model,
@@ -15,7 +15,7 @@ def _params(model):
 
 
 def test_resnet18_cifar_counts():
-    # DESIGN.md §4: the CIFAR ResNet-18 has 11.2M parameters in 62 tensors.
+    # The CIFAR ResNet-18 has 11.2M parameters in 62 tensors.
     params = _params(resnet18_cifar())
     assert len(params) == 62
     assert sum(p.numel() for p in params) == 11_173_962

@@ -12,35 +12,22 @@ from typing import Sequence, Tuple
 
 import torch
 
+from ..checks import FRACTION_SUM_TOL, check_fractions  # noqa: F401  (one wording for every layer)
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 DEFAULT_TOP = 0.05
 DEFAULT_KEEP = 0.20
-# Tolerance on top + keep <= 1 (so 0.7 + 0.3, stored as 1.0000000000000002, passes).
-FRACTION_SUM_TOL = 1e-9
 # Absorbs binary representation error in the counts: floor(0.3 * 10) would be 2.
 COUNT_EPS = 1e-6
 
 
 def band_counts(n: int, top: float, keep: float) -> Tuple[int, int]:
-    """``(k_top, k_keep)`` for a tensor of ``n`` entries (DESIGN.md §2.1), in double."""
+    """``(k_top, k_keep)`` for a tensor of ``n`` entries (docs/semantics.md), in double."""
     k_top = int(math.floor(float(top) * n + COUNT_EPS))
     k_top = min(k_top, n)
     k_keep = int(math.floor(float(keep) * n + COUNT_EPS))
     k_keep = max(0, min(k_keep, n - k_top))
     return k_top, k_keep
-
-
-def check_fractions(top: float, keep: float) -> None:
-    for name, val in (("top", top), ("keep", keep)):
-        if isinstance(val, bool) or not isinstance(val, (int, float)):
-            raise TypeError(f"{name} must be a float in [0, 1], got {type(val).__name__} {val!r}")
-        if not math.isfinite(val) or val < 0.0 or val > 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {val!r}")
-    if top + keep > 1.0 + FRACTION_SUM_TOL:
-        raise ValueError(
-            f"top + keep must be <= 1 (they are fractions of the same tensor), "
-            f"got top={top!r} + keep={keep!r} = {top + keep!r}"
-        )
 
 
 def check_grad(g: object, name: str) -> None:

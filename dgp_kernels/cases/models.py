@@ -11,7 +11,7 @@
 
 Add a model: write a function returning an ``nn.Module`` (keyword arguments only, with
 defaults), add it to ``MODELS`` and a parameter-count/forward-shape test in
-``tests/test_models.py``.
+``tests/cases/test_models.py``.
 """
 
 from __future__ import annotations
