@@ -82,8 +82,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
-from ..codec import decode_accumulate, encode
-from ..codec import accumulate_on_device, encode_on_device
+from ..codec import accumulate_on_device, decode_accumulate, encode, encode_on_device
 from ..codec.payload import SparsePayload
 from ..compressor import (
     ADGPCompressor,

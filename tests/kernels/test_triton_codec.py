@@ -305,7 +305,7 @@ def test_resnet18_device_payload_size_from_the_shapes():
     import math
 
     from dgp_kernels.kernels.triton.codec_encode import layout
-    from dgp_kernels.ops._checks import band_counts
+    from dgp_kernels.ops.checks import band_counts
 
     from ..codec._helpers import resnet18_cifar_shapes
 
