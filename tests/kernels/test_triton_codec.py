@@ -333,3 +333,23 @@ def test_cuda_tensors_take_the_device_codec_by_default():
     assert data.is_cuda and _bytes(data) == encode(p, force_coding=_device_names(p), backend=CPU_BACKEND)
     q = decode(data, NUMELS)
     assert all(l.values.is_cuda for l in q.layers)
+
+
+def test_accumulate_with_more_layers_than_one_parse_tile():
+    """140 layers: the parser walks the table in tiles of 128 entries with running sums
+    (empty layers keep the interpreter's grid small; the filled ones sit in both tiles)."""
+    numels = [0] * 140
+    for i, n in ((3, 40), (129, 17), (131, 9), (139, 33)):
+        numels[i] = n
+    layers = tuple(random_layer(n, n // 3, i) for i, n in enumerate(numels))
+    good = encode(SparsePayload(layers), force_coding=["raw32" if i % 2 else "bitmap" for i in range(140)],
+                  backend=CPU_BACKEND)
+    from ..codec._helpers import get_field, set_field
+
+    bad = set_field(good, 135, "nbytes", 1)  # a stream for an empty layer; checksum recomputed
+    worse = set_field(good, 131, "k", get_field(good, 131, "k") + 1)
+    a, b = [torch.ones(n) for n in numels], [torch.ones(n) for n in numels]
+    ra = decode_accumulate([good, bad, worse, good], a, backend="triton")
+    rb = decode_accumulate([good, bad, worse, good], b, backend=CPU_BACKEND)
+    assert ra == rb and ra.accepted == (0, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -37,7 +37,7 @@ def _variants():
     ]
     for ha, ck in ((False, False), (True, False), (True, True)):
         out.append((cd._parse_kernel, dict(buf=u8, starts=i64, lens=i64, crcs=i64, lay=i64, rec=i64, status=i32,
-                                           L="i32"), dict(has_aligned=ha, check_ak=ck, LP=64),
+                                           L="i32"), dict(has_aligned=ha, check_ak=ck, TILE=64),
                     f"decode parse aligned={int(ha)} check_k={int(ck)}"))
     for cv in (False, True):
         out.append((cd._check_kernel, dict(buf=u8, starts=i64, lens=i64, lay=i64, blk=i64, rec=i64, status=i32,

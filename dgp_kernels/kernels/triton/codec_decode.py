@@ -10,7 +10,7 @@ grid). A call is a fixed sequence of launches with **no host sync**:
 | # | kernel | grid | does |
 |---|---|---|---|
 | 1-2 | ``crc32_ranges`` (``codec_common``) | clients x 4 KiB chunks, clients | CRC-32 of each payload body |
-| 3 | ``_parse_kernel`` | clients | header, checksum, flags, meta, layer count, every layer-table rule, stream lengths adding up exactly; writes per (client, layer) the coding, ``k`` and absolute stream offsets, and the client's status |
+| 3 | ``_parse_kernel`` | clients | header, checksum, flags, meta, layer count, every layer-table rule (128 entries at a time, running sums carried), stream lengths adding up exactly; writes per (client, layer) the coding, ``k`` and absolute stream offsets, and the client's status |
 | 4 | ``_check_kernel`` | clients x position blocks | bitmap bits (count per block, padding bits), raw32/raw64 indices (range, strict increase), values (NaN/inf) |
 | 5 | ``torch.cumsum`` | | per client, running bitmap counts over the blocks |
 | 6 | ``_finalize_kernel`` | 1 | bitmap popcount == ``k`` per layer; final status per client and the call's flags |
@@ -48,7 +48,7 @@ MAX_PAYLOAD_C: tl.constexpr = tl.constexpr(MAX_PAYLOAD)
 
 @triton.jit
 def _parse_kernel(buf, starts, lens, crcs, lay, rec, status, L, has_aligned: tl.constexpr,
-                  check_ak: tl.constexpr, LP: tl.constexpr):
+                  check_ak: tl.constexpr, TILE: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
     start = tl.load(starts + c)
     n = tl.load(lens + c)
@@ -84,52 +84,60 @@ def _parse_kernel(buf, starts, lens, crcs, lay, rec, status, L, has_aligned: tl.
     itot = tl.zeros((), tl.int64)
     vtot = tl.zeros((), tl.int64)
     host = tl.zeros((), tl.int1)
-    for l in range(L):
-        if ok:
-            e = start + pos + 28 * l
-            numel = load_le(buf, e, lim, 8)
-            k = load_le(buf, e + 8, lim, 8)
-            nb = load_le(buf, e + 16, lim, 8)
-            coding = load_u8(buf, e + 24, lim)
-            vd = load_u8(buf, e + 25, lim)
-            param = load_u8(buf, e + 26, lim)
-            ok &= (numel >= 0) & (k >= 0) & (k <= numel) & (nb >= 0)
-            ok &= (coding < 6) & (vd >= 1) & (vd <= 3) & (load_u8(buf, e + 27, lim) == 0)
-            ok &= tl.where(coding == 3, param <= 63, param == 0)
-            ok &= numel == tl.load(lay + 6 * l)
-            ok &= (~aligned) | (coding == 0)
-            if check_ak:
-                ok &= (~aligned) | (k == tl.load(lay + 6 * l + 4))
-            vs = tl.where(vd == 1, 4, 2)
-            ok &= k <= room // vs
-            kc = tl.minimum(k, room)  # keeps every product below 2^63 (room < 2^56)
-            cb = (kc + 7) // 8
-            need = tl.where(coding == 0, (nb == 0) & (aligned | (k == numel)),
-                   tl.where(coding == 1, nb == numel // 8 + ((numel & 7) != 0).to(tl.int64),
-                   tl.where(coding == 2, nb >= kc,
-                   tl.where(coding == 3, (nb >= cb) & (nb - cb >= (kc * param + 7) // 8),
-                   tl.where(coding == 4, nb == 4 * kc, (kc <= room // 8) & (nb == 8 * kc))))))
-            ok &= need
-            ok &= nb <= room - itot
-            base = c * (L * 5) + l * 5
-            tl.store(rec + base, coding)
-            tl.store(rec + base + 1, kc)
-            tl.store(rec + base + 2, itot)
-            tl.store(rec + base + 3, vtot)
-            tl.store(rec + base + 4, vd)
-            itot += tl.where(ok, nb, 0)
-            ok &= kc * vs <= room - itot - vtot
-            vtot += tl.where(ok, kc * vs, 0)
-            host |= (coding == 2) | (coding == 3)
-    ok &= itot + vtot == room
-    # absolute offsets (only used when ok)
-    ls = tl.arange(0, LP).to(tl.int64)
-    lm = ls < L
+    # The layer table, TILE entries at a time. Every term is checked to be >= 0 and the
+    # stream lengths must add up to the room exactly, which implies every running-sum
+    # check of the serial parser (no prefix can pass the room when the total equals it).
     ibase = start + table_end
-    o = c * (L * 5) + ls * 5
-    lmo = tl.where(ok, lm, False)
-    tl.store(rec + o + 2, tl.load(rec + o + 2, mask=lmo, other=0) + ibase, mask=lmo)
-    tl.store(rec + o + 3, tl.load(rec + o + 3, mask=lmo, other=0) + ibase + itot, mask=lmo)
+    for t0 in range(0, L, TILE):
+        ls = t0 + tl.arange(0, TILE).to(tl.int64)
+        lm = tl.where(ok, ls < L, False)
+        limv = tl.where(lm, lim, 0)
+        e = start + pos + 28 * ls
+        numel = load_le(buf, e, limv, 8)
+        k = load_le(buf, e + 8, limv, 8)
+        nb = load_le(buf, e + 16, limv, 8)
+        coding = load_u8(buf, e + 24, limv)
+        vd = load_u8(buf, e + 25, limv)
+        param = load_u8(buf, e + 26, limv)
+        okl = (numel >= 0) & (k >= 0) & (k <= numel) & (nb >= 0) & (nb <= room)
+        okl &= (coding < 6) & (vd >= 1) & (vd <= 3) & (load_u8(buf, e + 27, limv) == 0)
+        okl &= tl.where(coding == 3, param <= 63, param == 0)
+        okl &= numel == tl.load(lay + 6 * ls, mask=lm, other=0)
+        okl &= tl.where(aligned, coding == 0, True)
+        if check_ak:
+            okl &= tl.where(aligned, k == tl.load(lay + 6 * ls + 4, mask=lm, other=0), True)
+        vs = tl.where(vd == 1, 4, 2)
+        okl &= k <= room // vs
+        kc = tl.minimum(tl.maximum(k, 0), room)  # keeps every product below 2^63 (room < 2^56)
+        cb = (kc + 7) // 8
+        need = tl.where(coding == 0, (nb == 0) & (tl.where(aligned, True, k == numel)),
+               tl.where(coding == 1, nb == numel // 8 + ((numel & 7) != 0).to(tl.int64),
+               tl.where(coding == 2, nb >= kc,
+               tl.where(coding == 3, (nb >= cb) & (nb - cb >= (kc * param + 7) // 8),
+               tl.where(coding == 4, nb == 4 * kc, (kc <= room // 8) & (nb == 8 * kc))))))
+        okl &= need
+        ok &= tl.max(tl.where(lm, (~okl).to(tl.int32), 0), 0) == 0
+        nbv = tl.where(lm & okl, nb, 0)
+        vbv = tl.where(lm & okl, kc * vs, 0)
+        ioff = itot + tl.cumsum(nbv, 0) - nbv
+        voff = vtot + tl.cumsum(vbv, 0) - vbv
+        base = c * (L * 5) + ls * 5
+        tl.store(rec + base, coding, mask=lm)
+        tl.store(rec + base + 1, kc, mask=lm)
+        tl.store(rec + base + 2, ibase + ioff, mask=lm)
+        tl.store(rec + base + 3, voff, mask=lm)  # made absolute below, once itot is known
+        tl.store(rec + base + 4, vd, mask=lm)
+        host |= tl.max(tl.where(lm & ((coding == 2) | (coding == 3)), 1, 0), 0) != 0
+        itot += tl.sum(nbv, 0)
+        vtot += tl.sum(vbv, 0)
+        ok &= itot + vtot <= room  # the sums stay below 2^63 tile after tile
+    ok &= itot + vtot == room
+    vbase = ibase + itot
+    for t0 in range(0, L, TILE):
+        ls = t0 + tl.arange(0, TILE).to(tl.int64)
+        lm = tl.where(ok, ls < L, False)
+        o = c * (L * 5) + ls * 5 + 3
+        tl.store(rec + o, tl.load(rec + o, mask=lm, other=0) + vbase, mask=lm)
     st = tl.where(ok, tl.where(host, 2, 0), 1)
     tl.store(status + c, st.to(tl.int32))
 
@@ -357,7 +365,7 @@ def validate_device(buf: Tensor, starts: Tensor, lens: Tensor, max_len: int, num
     if C:
         _parse_kernel[(C,)](buf, starts, lens, crcs, lay, rec, status, L,
                             has_aligned=aligned_ks is not None or accept_aligned,
-                            check_ak=aligned_ks is not None, LP=LP)
+                            check_ak=aligned_ks is not None, TILE=min(LP, 128))
     cnt = torch.zeros(max(C * nb, 1), dtype=torch.int64, device=device)
     bad = torch.zeros(max(C, 1), dtype=torch.int32, device=device)
     if C and nb:
