@@ -174,7 +174,8 @@ def tail_refine(seg, keys2, cnt, cap, bnd, active, flags, tail_n, thr, S,
             for off in range(0, cnt, TILE_):
                 offs = off + tl.arange(0, TILE_)
                 m = offs < cnt
-                key = tl.load(keys2 + offs, mask=m, other=0)
+                # (through L2: other programs of the launch wrote the slot)
+                key = tl.load(keys2 + offs, mask=m, other=0, cache_modifier=".cg")
                 m_hi = m & (key >= lo_h) & (key <= hk_h) & (rem_h > 0)
                 m_lo = m & (key >= lo_l) & (key <= hk_l) & (rem_l > 0)
                 h_hi += masked_histogram(((key - lo_h) >> sh_h).to(tl.int32), m_hi, NBINS, TILE_)
