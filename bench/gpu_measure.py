@@ -14,6 +14,9 @@ Writes into ``--out`` (each step time-boxed, so a failure never hides the others
 * ``profile.txt``: per call of the default path, the device launches the profiler saw
   (kernels, memsets, copies) against the launcher's own count, the kernels' device times,
   and the host synchronisations, for the 25M tensor and the ResNet-18 list;
+* ``codec.json``: the device codec (``bench/bench_gpu_codec.py``): encode, decode-accumulate
+  of 8 clients, a ResNet-18 DDP step (world size 1, NCCL) with and without the hook, each
+  with its exactness check;
 * ``sweep.csv`` / ``sweep.txt``: one ``Tuning`` field at a time around the default, each
   setting checked bit for bit against the reference and timed (CUDA-event medians);
   the fastest exact setting per field is what to pick the default from;
@@ -157,6 +160,16 @@ def step_profile(out, device, smoke):
     return lines[:1]
 
 
+def step_codec(out, smoke):
+    import json
+
+    from bench.bench_gpu_codec import gpu_codec_rows
+
+    result = gpu_codec_rows(smoke=smoke, repeat=2 if smoke else 20)
+    _log(out, "codec.json", json.dumps(result, indent=1, default=str) + "\n")
+    return [str(r)[:200] for r in result["rows"]]
+
+
 def step_sweep(out, device, smoke, budget):
     from dgp_kernels.kernels.triton import DEFAULT, select_ef_multi_triton
 
@@ -215,6 +228,10 @@ def main(argv=None) -> int:
         summary += ["tests: " + " | ".join(step_tests(args.out, args.tests_budget))]
     summary += ["bench: " + s for s in step_bench(args.out, smoke)]
     summary += ["profile: " + s for s in step_profile(args.out, device, smoke)]
+    try:
+        summary += ["codec: " + s for s in step_codec(args.out, smoke)]
+    except Exception as exc:  # (a failure here must not hide the sweep)
+        summary.append(f"codec: FAILED {type(exc).__name__}: {exc}")
     summary += ["sweep: " + s for s in step_sweep(args.out, device, smoke, args.sweep_budget)]
     summary.append(f"total {time.time() - t0:.0f} s")
     _log(args.out, "summary.txt", "\n".join(summary) + "\n")
