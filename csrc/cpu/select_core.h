@@ -16,7 +16,7 @@
 //               (no atomics), and, with error feedback, residual = v with kept entries 0.
 //
 // The analysis never writes user memory, so a NaN (found in the first level) aborts before
-// anything is modified. Small layers use nth_element on a key copy instead of histograms.
+// anything is modified. Small layers use a radix descent on a key copy (analyze_direct).
 // Chunks are static slices [c*n/C, (c+1)*n/C) so every pass sees the same partition.
 #pragma once
 
@@ -147,44 +147,6 @@ inline int digit_schedule(int key_bits, int64_t n, int* digits) {
     }
   }
   return nd;
-}
-
-// Layers up to this size are analysed with nth_element on a copy of their keys: cheaper
-// than clearing and scanning radix histograms for a few thousand entries.
-constexpr int64_t kDirectMax = 4096;
-
-template <typename T, bool EF>
-void analyze_direct(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p) {
-  using K = typename KeyTraits<T>::K;
-  const int64_t n = p.cnt.n;
-  static thread_local std::vector<K> keys;
-  keys.resize(static_cast<size_t>(n));
-  bool nan = false;
-  for (int64_t i = 0; i < n; ++i) {
-    K k = key_of(load_v<T, EF>(g, e, i));
-    nan |= k > KeyTraits<T>::kInf;
-    keys[i] = k;
-  }
-  if (nan) {
-    p.has_nan = true;
-    return;
-  }
-  const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
-  std::nth_element(keys.begin(), keys.begin() + r_hi, keys.end(), std::greater<K>());
-  p.khi = keys[r_hi];
-  std::nth_element(keys.begin() + r_hi, keys.begin() + r_lo, keys.end(), std::greater<K>());
-  p.klo = keys[r_lo];
-  int64_t gt_hi = 0, gt_lo = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    gt_hi += keys[i] > p.khi;
-    gt_lo += keys[i] > p.klo;
-  }
-  p.s_hi = p.cnt.k_top - gt_hi;
-  p.t_lo = p.cnt.k_top + p.cnt.k_keep - gt_lo;
-  p.nchunks = 1;
-  p.out_off = {0, p.cnt.k_keep};
-  p.ord_hi = {0};
-  p.ord_lo = {0};
 }
 
 // Given the exact boundary keys and, per chunk, the counts of keys > K and == K at both
@@ -406,7 +368,7 @@ void count_chunk_scalar(const T* g, const T* e, int64_t lo, int64_t hi,
 }
 
 // Keys at descending ranks `ranks[0..R)` (strictly increasing, each < cnt) among
-// data[0..cnt); writes them to out[0..R) and clobbers nothing but `data`'s order.
+// data[0..cnt); writes them to out[0..R) and changes nothing but `data`'s order.
 // Radix descent: one min/max pass, one 2^11-bucket histogram of (k - lo) >> s, and for each
 // bucket that holds a requested rank, its members are gathered and the same is done on them
 // (each level narrows the key range 2^11-fold, so two levels almost always leave a handful;
@@ -470,6 +432,55 @@ void select_desc_ranks(K* data, int64_t cnt, const int64_t* ranks, int R, K* out
     }
     cum += c;
   }
+}
+
+// Layers up to this size are analysed on one thread from a copy of their keys: one
+// branch-free key sweep (NaN check included), one radix descent for both boundary ranks
+// (select_desc_ranks: an 11-bit histogram of the key range, then of the few entries of the
+// boundary buckets), and one counting sweep over the key copy. Below ~2^15 entries that
+// beats histograms over the whole key width (their clearing and scanning cost more than n)
+// and the sampled path (its sample is a large share of n).
+constexpr int64_t kDirectMax = int64_t(1) << 15;
+
+template <typename T, bool EF>
+void analyze_direct(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p) {
+  using K = typename KeyTraits<T>::K;
+  const int64_t n = p.cnt.n;
+  static thread_local std::vector<K> keys_tl;
+  keys_tl.resize(static_cast<size_t>(n));
+  K* keys = keys_tl.data();
+  K kmax = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const K k = key_of(load_v<T, EF>(g, e, i));
+    kmax = std::max(kmax, k);
+    keys[i] = k;
+  }
+  if (kmax > KeyTraits<T>::kInf) {
+    p.has_nan = true;
+    return;
+  }
+  const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
+  K kk[2];
+  if (r_hi == r_lo) {
+    select_desc_ranks(keys, n, &r_hi, 1, kk);
+    kk[1] = kk[0];
+  } else {
+    const int64_t rr[2] = {r_hi, r_lo};
+    select_desc_ranks(keys, n, rr, 2, kk);
+  }
+  p.khi = kk[0];
+  p.klo = kk[1];
+  int64_t gt_hi = 0, gt_lo = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    gt_hi += keys[i] > p.khi;
+    gt_lo += keys[i] > p.klo;
+  }
+  p.s_hi = p.cnt.k_top - gt_hi;
+  p.t_lo = p.cnt.k_top + p.cnt.k_keep - gt_lo;
+  p.nchunks = 1;
+  p.out_off = {0, p.cnt.k_keep};
+  p.ord_hi = {0};
+  p.ord_lo = {0};
 }
 
 // Sample positions: one per stratum of n/m entries, at a hashed offset inside it.

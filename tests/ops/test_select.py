@@ -250,8 +250,9 @@ def cpp_mode(simd: Optional[str] = None, sampling: Optional[bool] = None):
 
 def _cpp_modes() -> List[tuple]:
     """(name, kwargs for cpp_mode, dtypes, min_numel) of every forced C++ path that runs code
-    the default path does not: each SIMD level below the best (float32 compaction), and the
-    radix analysis with sampling off (layers of >= 2^17 entries, kSampleMin)."""
+    the default path does not: each SIMD level below the best (the counting and write sweeps
+    of every dtype), and the radix analysis with sampling off (layers of >= 2^15 entries,
+    kSampleMin)."""
     _C = _cpp_module()
     modes = []
     if _C is None:
@@ -259,7 +260,7 @@ def _cpp_modes() -> List[tuple]:
     if hasattr(_C, "set_simd_level") and hasattr(_C, "simd_best"):
         levels = ["scalar", "avx2", "avx512"]
         best = levels.index(_C.simd_best())
-        modes += [(f"cpp-{lvl}", dict(simd=lvl), (torch.float32,), 0) for lvl in levels[:best]]
+        modes += [(f"cpp-{lvl}", dict(simd=lvl), DTYPES, 0) for lvl in levels[:best]]
     if hasattr(_C, "set_sampling"):
         modes.append(("cpp-radix", dict(sampling=False), DTYPES, 1 << 15))  # kSampleMin in csrc/cpu/select_core.h
     return modes
@@ -577,7 +578,7 @@ def test_random_shapes(backend, dtype, top, keep):
 @pytest.mark.parametrize("top,keep", FRACTIONS, ids=FRACTION_IDS)
 def test_adversarial(backend, dtype, kind, top, keep):
     backend.require((dtype,), 4097)
-    # Up to 4096 entries the C++ kernel uses nth_element on a copy; 4097 takes the radix path.
+    # Sizes around the SIMD vector widths and the direct path's small-n cut-offs.
     for n in (1, 5, 31, 64, 1000, 4097):
         g = make_values(kind, n, dtype, seed=n, top=top, keep=keep)
         # A residual that is zero (v = g + 0 turns -0.0 into +0.0) or of the same kind.
@@ -589,12 +590,13 @@ def test_adversarial(backend, dtype, kind, top, keep):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("top,keep", [(0.05, 0.2), (0.7, 0.3), (0.0, 1.0)], ids=["default", "t0.7-k0.3", "all"])
-def test_adversarial_medium(backend, dtype, kind, top, keep):
-    """Between the direct (<= 4096) and the sampled (>= 2^17) sizes: multi-digit radix."""
-    n = 20_000
+@pytest.mark.parametrize("n", [20_000, 40_000])
+def test_adversarial_medium(backend, dtype, kind, top, keep, n):
+    """Either side of the direct path's limit (2^15, kDirectMax): the direct path at 20,000;
+    at 40,000 the sampled path with its radix fallback (and, forced, the radix path)."""
     backend.require((dtype,), n)
-    g = make_values(kind, n, dtype, seed=n, top=top, keep=keep).reshape(100, 200)
-    e = make_values(kind, n, dtype, seed=n + 7, top=top, keep=keep).reshape(100, 200)
+    g = make_values(kind, n, dtype, seed=n, top=top, keep=keep).reshape(100, -1)
+    e = make_values(kind, n, dtype, seed=n + 7, top=top, keep=keep).reshape(100, -1)
     e[torch.isnan(g + e)] = 0.0
     check_all_ops(backend, g, top, keep, residual=e, ops=("select", "select_ef"))
 
@@ -694,21 +696,23 @@ def test_large_unaligned_views(backend):
 def test_inputs_reach_every_cpp_analysis_path():
     """The inputs above are meant to drive each analysis path of the C++ kernel; check that
     they still do (``_C.path_counts``), so a changed heuristic cannot silently leave a path
-    untested. Paths: nth_element on small layers, radix histograms, sampled brackets, and
-    the sampled path's fallback (a bracket that misses its rank, e.g. 90% exact zeros)."""
+    untested. Paths: the direct radix descent on small layers, radix histograms (sampling
+    off), sampled brackets, and the sampled path's fallback (a bracket that misses its
+    rank, e.g. 90% exact zeros)."""
     _C = _cpp_module()
     if _C is None or not hasattr(_C, "path_counts"):
         pytest.skip("needs the C++ kernel with path counters")
     inputs = {
-        "direct": make_values("band_tie", 1000, torch.float32),
-        "radix": make_values("band_tie", 20_000, torch.float32),
+        "direct": make_values("band_tie", 20_000, torch.float32),
+        "radix": make_values("band_tie", 40_000, torch.float32),
         "sampled": make_values("band_tie", 300_000, torch.float32),
         "sampled_fallback": make_values("zeros90", 300_000, torch.float16, seed=300_000),
     }
     _C.path_counts(True)
     try:
         for path, g in inputs.items():
-            torch.ops.dgp.select(g, 0.05, 0.2)
+            with cpp_mode(sampling=path != "radix"):
+                torch.ops.dgp.select(g, 0.05, 0.2)
             counts = _C.path_counts(True)
             assert counts.get(path, 0) >= 1, f"{path} input took {counts}"
         with cpp_mode(sampling=False):
