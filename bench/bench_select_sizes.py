@@ -11,7 +11,7 @@ slows every method alike), median over rounds of the per-call time:
 | key | what |
 |---|---|
 | ``select`` | ``dgp_kernels.select(g)`` (the public wrapper, defaults top=0.05 keep=0.20) |
-| ``select_ef`` | ``dgp_kernels.select_ef(g, e)`` (residual zeroed before each round, untimed) |
+| ``select_ef`` | ``dgp_kernels.select_ef(g, e)`` (each call gets its own zeroed residual, made untimed) |
 | ``topk`` | ``torch.topk(g.abs(), n // 5)`` (the abs included: the selection it replaces) |
 | ``partition`` | ``np.partition(np.abs(a), n - n // 5)`` on a float32 numpy copy (numpy has no bf16) |
 | ``copy`` | ``buf.copy_(g)``: one read and one write of the tensor, the bandwidth yardstick |
@@ -65,24 +65,26 @@ def _header() -> Dict[str, object]:
     }
 
 
-def _time_methods(methods, setup, n: int, rounds: int, batch_us: float) -> Dict[str, float]:
-    """Median per-call microseconds of each method, interleaved round-robin."""
+def _time_methods(methods, n: int, rounds: int, batch_us: float) -> Dict[str, float]:
+    """Median per-call microseconds of each method, interleaved round-robin.
+
+    ``methods[name](reps)`` returns a callable that is called ``reps`` times in a row per
+    round (it may prepare per-call inputs first, untimed, e.g. fresh zeroed residuals)."""
     names = list(methods)
     reps = {}
     for k in names:  # warm-up, and the batch size that makes one batch ~batch_us
-        setup()
-        methods[k]()
+        f = methods[k](2)
+        f()
         t0 = time.perf_counter()
-        setup()
-        methods[k]()
+        f()
         dt = max(time.perf_counter() - t0, 1e-7) * 1e6
-        reps[k] = max(1, min(10_000, int(batch_us / dt)))
+        reps[k] = max(1, min(2_000, int(batch_us / dt)))
     times = {k: [] for k in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for k in order:
-            setup()
-            f, m = methods[k], reps[k]
+            m = reps[k]
+            f = methods[k](m)
             t0 = time.perf_counter()
             for _ in range(m):
                 f()
@@ -104,19 +106,24 @@ def sweep(sizes: List[int], dtypes: List[str], threads: List[int], rounds: int =
                 for n in sizes:
                     gen = torch.Generator().manual_seed(n)
                     g = torch.randn(n, generator=gen).to(dtype)
-                    e = torch.zeros_like(g)
                     buf = torch.empty_like(g)
                     a = g.float().numpy()
                     k = n // 5
+
+                    def select_ef(reps, g=g):
+                        # one zeroed residual per call: every call does the same work
+                        it = iter([torch.zeros_like(g) for _ in range(reps)])
+                        return lambda: dgp_kernels.select_ef(g, next(it))
+
                     methods = {
-                        "select": lambda: dgp_kernels.select(g),
-                        "select_ef": lambda: dgp_kernels.select_ef(g, e),
-                        "topk": lambda: torch.topk(g.abs(), k),
-                        "partition": lambda: np.partition(np.abs(a), n - k),
-                        "copy": lambda: buf.copy_(g),
+                        "select": lambda reps: (lambda: dgp_kernels.select(g)),
+                        "select_ef": select_ef,
+                        "topk": lambda reps: (lambda: torch.topk(g.abs(), k)),
+                        "partition": lambda reps: (lambda: np.partition(np.abs(a), n - k)),
+                        "copy": lambda reps: (lambda: buf.copy_(g)),
                     }
                     rr = rounds if n < 10_000_000 else max(3, rounds // 3)
-                    med = _time_methods(methods, e.zero_, n, rr, batch_us)
+                    med = _time_methods(methods, n, rr, batch_us)
                     row = {"threads": t, "dtype": dname, "n": n, **{f"{m}_us": v for m, v in med.items()}}
                     out["rows"].append(row)
                     if verbose:

@@ -6,7 +6,10 @@ environment this process was started with (``OMP_WAIT_POLICY`` set or not).
 
 One process times, interleaved round-robin, ``select_ef_multi`` over the whole list and one
 ``select_ef`` call per tensor (residuals zeroed before each repeat, untimed), plus ``copy_``
-of the same tensors, and prints medians in ms as one JSON line.
+of the same tensors, and prints medians in ms as one JSON line. ``--no-torch-ops`` times our
+calls alone (no ``copy_``, no zeroing): torch's own parallel ops run in OpenMP regions whose
+idle workers keep spinning after them unless ``OMP_WAIT_POLICY=PASSIVE`` is set, which slows
+whatever runs next, ours included.
 
 ``--compare`` is the driver: it starts this script as child processes, alternately without
 ``OMP_WAIT_POLICY`` and with ``OMP_WAIT_POLICY=PASSIVE`` (``--pairs`` times each), optionally
@@ -69,7 +72,9 @@ def child(args) -> None:
         for b, g in zip(bufs, gs):
             b.copy_(g)
 
-    methods = {"multi": multi, "per_layer": per_layer, "copy": copy}
+    methods = {"multi": multi, "per_layer": per_layer}
+    if not args.no_torch_ops:
+        methods["copy"] = copy
     times = {k: [] for k in methods}
     for m in methods.values():
         m()
@@ -77,8 +82,9 @@ def child(args) -> None:
         names = list(methods)
         names = names[r % len(names):] + names[: r % len(names)]
         for k in names:
-            for e in res:
-                e.zero_()
+            if not args.no_torch_ops:
+                for e in res:
+                    e.zero_()
             t0 = time.perf_counter()
             methods[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
@@ -100,7 +106,8 @@ def compare(args) -> None:
                     env["OMP_WAIT_POLICY"] = "PASSIVE"
                 out = subprocess.run(
                     [sys.executable, __file__, "--threads", str(args.threads),
-                     "--repeats", str(args.repeats)],
+                     "--repeats", str(args.repeats)]
+                    + (["--no-torch-ops"] if args.no_torch_ops else []),
                     env=env, capture_output=True, text=True, check=True).stdout
                 runs[envname].append(json.loads(out.strip().splitlines()[-1]))
     finally:
@@ -109,7 +116,7 @@ def compare(args) -> None:
             busy.wait()
     print(f"threads={args.threads} busy={args.busy} pairs={args.pairs} "
           f"load={os.getloadavg()[0]:.2f} torch={torch.__version__}")
-    for k in ("multi", "per_layer", "copy"):
+    for k in runs["default"][0]:
         d = statistics.median(r[k] for r in runs["default"])
         p = statistics.median(r[k] for r in runs["PASSIVE"])
         print(f"{k:10s} default {d:8.2f} ms  PASSIVE {p:8.2f} ms  default/PASSIVE {d / p:5.2f}")
@@ -122,6 +129,9 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--busy", action="store_true")
     ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--no-torch-ops", action="store_true",
+                    help="time only our calls: no copy_ row, residuals not re-zeroed (torch's "
+                         "own parallel ops leave OpenMP workers spinning after them)")
     args = ap.parse_args()
     compare(args) if args.compare else child(args)
 

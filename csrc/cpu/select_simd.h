@@ -1,10 +1,11 @@
 // SIMD write passes (ordered compaction) for float32, chosen at run time.
 //
 // Built with per-function target attributes (never -march=native), so one binary runs on
-// any x86-64 and uses AVX-512 or AVX2 only where the CPU has it. Every vector of entries
-// with no boundary-key tie is compacted branch-free; a vector holding a tie is handed to
-// the scalar classifier, which owns the tie ordinals. Results are bit-identical to the
-// scalar pass by construction (same classification, same order).
+// any x86-64 and uses AVX-512 or AVX2 only where the CPU has it. Every vector is compacted
+// on the vector path; in a vector holding a boundary-key tie only the tie lanes are
+// classified one by one (tie_keep_bits: the scalar Classifier's ordinal rule, lane order).
+// Results are bit-identical to the scalar pass by construction (same classification, same
+// order).
 //
 // Zen 4 note: vpcompressps with a *memory* destination is microcoded and slow there, so we
 // compress into a register and store the whole vector (or a masked store near the end of
@@ -52,7 +53,36 @@ inline Simd detect_simd() {
   return Simd::kScalar;
 }
 
+// Kept bits of the lanes of one vector that equal a boundary key (`tie_hi`: lanes == khi,
+// `tie_lo`: lanes == klo), in lane order, advancing the tie ordinals exactly as the scalar
+// Classifier does entry by entry (a lane equal to khi never advances o_lo). Only tie lanes
+// are visited, so a vector holding a tie stays on the vector path.
+template <typename K>
+inline uint32_t tie_keep_bits(const Classifier<K>& cls, uint32_t tie_hi, uint32_t tie_lo,
+                              int64_t& o_hi, int64_t& o_lo) {
+  uint32_t kept = 0;
+  for (uint32_t m = tie_hi; m; m &= m - 1) {
+    const int64_t o = o_hi++;
+    const bool k = cls.same ? (o >= cls.s_hi && o < cls.t_lo) : (o >= cls.s_hi);
+    kept |= static_cast<uint32_t>(k) << __builtin_ctz(m);
+  }
+  for (uint32_t m = tie_lo & ~tie_hi; m; m &= m - 1)
+    kept |= static_cast<uint32_t>(o_lo++ < cls.t_lo) << __builtin_ctz(m);
+  return kept;
+}
+
 #if DGP_X86
+// 8 lanes of 32 bits, all ones where bit j of `bits` is set.
+__attribute__((target("avx2"))) inline __m256i lanes_of_bits8(int bits) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), sel), sel);
+}
+
+// 4 lanes of 64 bits, all ones where bit j of `bits` is set.
+__attribute__((target("avx2"))) inline __m256i lanes_of_bits4(int bits) {
+  const __m256i sel = _mm256_setr_epi64x(1, 2, 4, 8);
+  return _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(bits), sel), sel);
+}
 
 template <bool EF>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) void write_f32_avx512(
@@ -73,13 +103,9 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) void write_
     __m512 v = _mm512_loadu_ps(g + i);
     if constexpr (EF) v = _mm512_add_ps(v, _mm512_loadu_ps(e + i));
     const __m512i k = _mm512_and_si512(_mm512_castps_si512(v), kmask);
-    const __mmask16 tie = _mm512_cmpeq_epu32_mask(k, vkhi) | _mm512_cmpeq_epu32_mask(k, vklo);
-    if (tie) {
-      write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, i + 16, cls, o_hi, o_lo, pos,
-                                             out_end, idx, val);
-      continue;
-    }
-    const __mmask16 in = _mm512_cmpgt_epu32_mask(k, vklo) & _mm512_cmplt_epu32_mask(k, vkhi);
+    const __mmask16 tie_hi = _mm512_cmpeq_epu32_mask(k, vkhi), tie_lo = _mm512_cmpeq_epu32_mask(k, vklo);
+    __mmask16 in = _mm512_cmpgt_epu32_mask(k, vklo) & _mm512_cmplt_epu32_mask(k, vkhi);
+    if (tie_hi | tie_lo) in |= static_cast<__mmask16>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
     if constexpr (EF) _mm512_storeu_ps(e + i, _mm512_maskz_mov_ps(static_cast<__mmask16>(~in), v));
     if (in) {
       const int cnt = __builtin_popcount(in);
@@ -193,16 +219,14 @@ __attribute__((target("avx2,popcnt"))) void write_f32_avx2(
     __m256 v = _mm256_loadu_ps(g + i);
     if constexpr (EF) v = _mm256_add_ps(v, _mm256_loadu_ps(e + i));
     const __m256i k = _mm256_and_si256(_mm256_castps_si256(v), kmask);
-    const int tie = _mm256_movemask_ps(_mm256_castsi256_ps(
-        _mm256_or_si256(_mm256_cmpeq_epi32(k, vkhi), _mm256_cmpeq_epi32(k, vklo))));
-    if (tie) {
-      write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, i + 8, cls, o_hi, o_lo, pos,
-                                             out_end, idx, val);
-      continue;
+    const int tie_hi = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vkhi)));
+    const int tie_lo = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vklo)));
+    __m256i inv = _mm256_and_si256(_mm256_cmpgt_epi32(k, vklo), _mm256_cmpgt_epi32(vkhi, k));
+    int in = _mm256_movemask_ps(_mm256_castsi256_ps(inv));
+    if (tie_hi | tie_lo) {
+      in |= static_cast<int>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+      inv = lanes_of_bits8(in);
     }
-    const __m256i inv =
-        _mm256_and_si256(_mm256_cmpgt_epi32(k, vklo), _mm256_cmpgt_epi32(vkhi, k));
-    const int in = _mm256_movemask_ps(_mm256_castsi256_ps(inv));
     if constexpr (EF) _mm256_storeu_ps(e + i, _mm256_andnot_ps(_mm256_castsi256_ps(inv), v));
     // Branch-free on `in` (an 8-entry vector holds no kept entry ~17% of the time at the
     // defaults, too often for the predictor): an empty vector stores lanes that the next
@@ -388,13 +412,9 @@ __attribute__((target(DGP_AVX512))) void write_h16_avx512(
   for (; i + 16 <= hi; i += 16) {
     const __m512i raw = load16_avx512<T, EF>(g, e, i);
     const __m512i k = _mm512_and_si512(raw, kmask);
-    const __mmask16 tie = _mm512_cmpeq_epu32_mask(k, vkhi) | _mm512_cmpeq_epu32_mask(k, vklo);
-    if (tie) {
-      write_scalar<T, EF, Sink::kSparse>(g, e, nullptr, i, i + 16, cls, o_hi, o_lo, pos,
-                                         out_end, idx, val);
-      continue;
-    }
-    const __mmask16 in = _mm512_cmpgt_epu32_mask(k, vklo) & _mm512_cmplt_epu32_mask(k, vkhi);
+    const __mmask16 tie_hi = _mm512_cmpeq_epu32_mask(k, vkhi), tie_lo = _mm512_cmpeq_epu32_mask(k, vklo);
+    __mmask16 in = _mm512_cmpgt_epu32_mask(k, vklo) & _mm512_cmplt_epu32_mask(k, vkhi);
+    if (tie_hi | tie_lo) in |= static_cast<__mmask16>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
     if constexpr (EF)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(e + i),
                           _mm512_cvtepi32_epi16(_mm512_maskz_mov_epi32(static_cast<__mmask16>(~in), raw)));
@@ -519,15 +539,14 @@ __attribute__((target("avx2,popcnt,f16c"))) void write_h16_avx2(
   for (; i + 8 <= hi; i += 8) {
     const __m256i raw = load16_avx2<T, EF>(g, e, i);
     const __m256i k = _mm256_and_si256(raw, kmask);
-    const int tie = _mm256_movemask_ps(_mm256_castsi256_ps(
-        _mm256_or_si256(_mm256_cmpeq_epi32(k, vkhi), _mm256_cmpeq_epi32(k, vklo))));
-    if (tie) {
-      write_scalar<T, EF, Sink::kSparse>(g, e, nullptr, i, i + 8, cls, o_hi, o_lo, pos,
-                                         out_end, idx, val);
-      continue;
+    const int tie_hi = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vkhi)));
+    const int tie_lo = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vklo)));
+    __m256i inv = _mm256_and_si256(_mm256_cmpgt_epi32(k, vklo), _mm256_cmpgt_epi32(vkhi, k));
+    int in = _mm256_movemask_ps(_mm256_castsi256_ps(inv));
+    if (tie_hi | tie_lo) {
+      in |= static_cast<int>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+      inv = lanes_of_bits8(in);
     }
-    const __m256i inv = _mm256_and_si256(_mm256_cmpgt_epi32(k, vklo), _mm256_cmpgt_epi32(vkhi, k));
-    const int in = _mm256_movemask_ps(_mm256_castsi256_ps(inv));
     if constexpr (EF)
       _mm_storeu_si128(reinterpret_cast<__m128i*>(e + i), narrow16_avx2(_mm256_andnot_si256(inv, raw)));
     const int cnt = __builtin_popcount(in);
@@ -613,13 +632,9 @@ __attribute__((target(DGP_AVX512))) void write_f64_avx512(
     __m512d v = _mm512_loadu_pd(g + i);
     if constexpr (EF) v = _mm512_add_pd(v, _mm512_loadu_pd(e + i));
     const __m512i k = _mm512_and_si512(_mm512_castpd_si512(v), kmask);
-    const __mmask8 tie = _mm512_cmpeq_epu64_mask(k, vkhi) | _mm512_cmpeq_epu64_mask(k, vklo);
-    if (tie) {
-      write_scalar<double, EF, Sink::kSparse>(g, e, nullptr, i, i + 8, cls, o_hi, o_lo, pos,
-                                              out_end, idx, val);
-      continue;
-    }
-    const __mmask8 in = _mm512_cmpgt_epu64_mask(k, vklo) & _mm512_cmplt_epu64_mask(k, vkhi);
+    const __mmask8 tie_hi = _mm512_cmpeq_epu64_mask(k, vkhi), tie_lo = _mm512_cmpeq_epu64_mask(k, vklo);
+    __mmask8 in = _mm512_cmpgt_epu64_mask(k, vklo) & _mm512_cmplt_epu64_mask(k, vkhi);
+    if (tie_hi | tie_lo) in |= static_cast<__mmask8>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
     if constexpr (EF) _mm512_storeu_pd(e + i, _mm512_maskz_mov_pd(static_cast<__mmask8>(~in), v));
     const int cnt = __builtin_popcount(in);
     const __m512d cv = _mm512_maskz_compress_pd(in, v);
@@ -722,15 +737,14 @@ __attribute__((target("avx2,popcnt"))) void write_f64_avx2(
     __m256d v = _mm256_loadu_pd(g + i);
     if constexpr (EF) v = _mm256_add_pd(v, _mm256_loadu_pd(e + i));
     const __m256i k = _mm256_and_si256(_mm256_castpd_si256(v), kmask);
-    const int tie = _mm256_movemask_pd(_mm256_castsi256_pd(
-        _mm256_or_si256(_mm256_cmpeq_epi64(k, vkhi), _mm256_cmpeq_epi64(k, vklo))));
-    if (tie) {
-      write_scalar<double, EF, Sink::kSparse>(g, e, nullptr, i, i + 4, cls, o_hi, o_lo, pos,
-                                              out_end, idx, val);
-      continue;
+    const int tie_hi = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(k, vkhi)));
+    const int tie_lo = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(k, vklo)));
+    __m256i inv = _mm256_and_si256(_mm256_cmpgt_epi64(k, vklo), _mm256_cmpgt_epi64(vkhi, k));
+    int in = _mm256_movemask_pd(_mm256_castsi256_pd(inv));
+    if (tie_hi | tie_lo) {
+      in |= static_cast<int>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+      inv = lanes_of_bits4(in);
     }
-    const __m256i inv = _mm256_and_si256(_mm256_cmpgt_epi64(k, vklo), _mm256_cmpgt_epi64(vkhi, k));
-    const int in = _mm256_movemask_pd(_mm256_castsi256_pd(inv));
     if constexpr (EF) _mm256_storeu_pd(e + i, _mm256_andnot_pd(_mm256_castsi256_pd(inv), v));
     const int cnt = __builtin_popcount(in);
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[in]));
