@@ -172,7 +172,13 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
       return;
     }
     if (!parallel && p.cnt.n <= kDirectMax) {
-      analyze_direct<T, EF>(io.g, io.e, p);
+      analyze_direct<T, EF>(io.g, io.e, p, [&](K* keys, K& kmin, K& kmax) {
+#if DGP_X86
+        return keys_simd<T, EF>(simd_current(), io.g, io.e, io.n, keys, kmin, kmax);
+#else
+        return false;
+#endif
+      });
       g_path_count[0]++;
       return;
     }

@@ -460,8 +460,10 @@ struct KeyBuckets {
   }
 };
 
-template <typename T, bool EF>
-void analyze_direct(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p) {
+// `keys_fn(keys, kmin, kmax)` writes the n keys and their min/max with a vector kernel and
+// returns true, or returns false (no kernel for this dtype and CPU: the scalar loop runs).
+template <typename T, bool EF, typename KeysFn>
+void analyze_direct(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, KeysFn&& keys_fn) {
   using K = typename KeyTraits<T>::K;
   const int64_t n = p.cnt.n;
   // Key copy, then candidates of the (at most two) boundary buckets behind it.
@@ -469,11 +471,13 @@ void analyze_direct(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p) {
   buf_tl.resize(static_cast<size_t>(2 * n + 2));
   K* keys = buf_tl.data();
   K kmax = 0, kmin = std::numeric_limits<K>::max();
-  for (int64_t i = 0; i < n; ++i) {
-    const K k = key_of(load_v<T, EF>(g, e, i));
-    kmax = std::max(kmax, k);
-    kmin = std::min(kmin, k);
-    keys[i] = k;
+  if (!keys_fn(keys, kmin, kmax)) {
+    for (int64_t i = 0; i < n; ++i) {
+      const K k = key_of(load_v<T, EF>(g, e, i));
+      kmax = std::max(kmax, k);
+      kmin = std::min(kmin, k);
+      keys[i] = k;
+    }
   }
   if (kmax > KeyTraits<T>::kInf) {
     p.has_nan = true;
