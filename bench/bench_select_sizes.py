@@ -17,6 +17,8 @@ slows every method alike), median over rounds of the per-call time:
 | ``copy`` | ``buf.copy_(g)``: one read and one write of the tensor, the bandwidth yardstick |
 
 Small sizes repeat each call in a batch (``--batch-us``, default ~2 ms per batch) and divide.
+Rows give the median and the minimum over rounds (on a shared machine other processes only
+ever add time, so the minimum is the steadier comparison; both are printed and stored).
 The header names the CPU, core count, torch and dgp_kernels versions, the backend and SIMD
 level, ``OMP_WAIT_POLICY`` (normally unset) and the load average before and after. Printed
 ratios: ``select_ef / topk`` and ``select / topk`` per row, and ``dtype / float32`` of
@@ -65,8 +67,8 @@ def _header() -> Dict[str, object]:
     }
 
 
-def _time_methods(methods, n: int, rounds: int, batch_us: float) -> Dict[str, float]:
-    """Median per-call microseconds of each method, interleaved round-robin.
+def _time_methods(methods, n: int, rounds: int, batch_us: float) -> Dict[str, tuple]:
+    """(median, min) per-call microseconds of each method, interleaved round-robin.
 
     ``methods[name](reps)`` returns a callable that is called ``reps`` times in a row per
     round (it may prepare per-call inputs first, untimed, e.g. fresh zeroed residuals)."""
@@ -89,7 +91,7 @@ def _time_methods(methods, n: int, rounds: int, batch_us: float) -> Dict[str, fl
             for _ in range(m):
                 f()
             times[k].append((time.perf_counter() - t0) * 1e6 / m)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
 def sweep(sizes: List[int], dtypes: List[str], threads: List[int], rounds: int = 9,
@@ -124,7 +126,9 @@ def sweep(sizes: List[int], dtypes: List[str], threads: List[int], rounds: int =
                     }
                     rr = rounds if n < 10_000_000 else max(3, rounds // 3)
                     med = _time_methods(methods, n, rr, batch_us)
-                    row = {"threads": t, "dtype": dname, "n": n, **{f"{m}_us": v for m, v in med.items()}}
+                    row = {"threads": t, "dtype": dname, "n": n,
+                           **{f"{m}_us": v[0] for m, v in med.items()},
+                           **{f"{m}_min_us": v[1] for m, v in med.items()}}
                     out["rows"].append(row)
                     if verbose:
                         print(_fmt_row(row), flush=True)
@@ -137,8 +141,10 @@ def sweep(sizes: List[int], dtypes: List[str], threads: List[int], rounds: int =
 def _fmt_row(r: Dict[str, object]) -> str:
     return (f"t={r['threads']} {r['dtype']:8s} n={r['n']:>11,d}  select {r['select_us']:10.1f}  "
             f"select_ef {r['select_ef_us']:10.1f}  topk {r['topk_us']:10.1f}  "
-            f"partition {r['partition_us']:10.1f}  copy {r['copy_us']:9.1f} us   "
-            f"ef/topk {r['select_ef_us'] / r['topk_us']:5.2f}  sel/topk {r['select_us'] / r['topk_us']:5.2f}")
+            f"partition {r['partition_us']:10.1f}  copy {r['copy_us']:9.1f} us (medians)  "
+            f"ef/topk {r['select_ef_us'] / r['topk_us']:5.2f}  sel/topk {r['select_us'] / r['topk_us']:5.2f}  "
+            f"| mins: ef {r['select_ef_min_us']:.1f} sel {r['select_min_us']:.1f} topk {r['topk_min_us']:.1f} "
+            f"ef/topk {r['select_ef_min_us'] / r['topk_min_us']:5.2f} sel/topk {r['select_min_us'] / r['topk_min_us']:5.2f}")
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
@@ -167,7 +173,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         if d != "float32" and (t, "float32", n) in by:
             f = by[(t, "float32", n)]
             print(f"t={t} n={n:>11,d} {d}/float32: select_ef {r['select_ef_us'] / f['select_ef_us']:.2f}x  "
-                  f"select {r['select_us'] / f['select_us']:.2f}x")
+                  f"select {r['select_us'] / f['select_us']:.2f}x (medians); select_ef "
+                  f"{r['select_ef_min_us'] / f['select_ef_min_us']:.2f}x  select "
+                  f"{r['select_min_us'] / f['select_min_us']:.2f}x (mins)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=1)

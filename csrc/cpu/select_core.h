@@ -689,7 +689,7 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
   const int64_t n_lo = merged ? nh : nl;
   if (!(before_lo <= r_lo && r_lo < before_lo + n_lo)) return false;
 
-  // Exact keys: nth_element over the gathered candidates (order inside chunks is irrelevant
+  // Exact keys: a radix descent over the gathered candidates (order inside chunks is irrelevant
   // to the per-chunk counts taken afterwards).
   auto gather = [&](const K* src, const std::vector<int64_t>& base, bool hi_side) {
     std::vector<K> all;

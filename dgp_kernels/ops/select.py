@@ -2,7 +2,7 @@
 
 Backends implement these schemas and register themselves for a dispatch key:
 
-* ``csrc/cpu/select.cpp`` -> ``CPU`` (C++/OpenMP radix select), when ``dgp_kernels._C`` is built;
+* ``csrc/cpu/select.cpp`` -> ``CPU`` (C++ radix select, SIMD, its own thread pool), when ``dgp_kernels._C`` is built;
 * ``dgp_kernels/kernels/triton/select.py`` -> ``CUDA`` (when triton and a GPU are present);
 * :mod:`dgp_kernels.ops.reference` -> every key no native backend covers (the fallback).
 
