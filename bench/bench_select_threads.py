@@ -34,7 +34,7 @@ def resnet18_grads():
     """The CIFAR ResNet-18 gradient list (real gradients when the model code is available,
     else ``randn`` tensors of the same 62 shapes)."""
     try:
-        from dgp_kernels.benchmarks import model_gradients
+        from dgp_kernels.speed import model_gradients
 
         return model_gradients("resnet18_cifar", "real", batch=8, seed=0)[0]
     except Exception:  # the model code moved or is absent: same shapes, random values

@@ -357,7 +357,7 @@ def write_report(result: EvalResult, directory: str, *, figures: bool = True,
         "## Definitions",
         "",
         "* Defense: the single-round operator applied once to the client's gradient, without "
-        "error feedback (DESIGN.md §5), through the registered compressor and the wire codec; "
+        "error feedback (as in the DGP paper), through the registered compressor and the wire codec; "
         "the attacker gets the dense gradient decoded from the payload (zeros where nothing was "
         "sent), the sent mask (a sparse payload carries its indices) and, for dgp/topk, the band "
         "rule (top, keep).",

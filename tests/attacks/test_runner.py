@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dgp_kernels.attacks import available_attacks, metrics
-from dgp_kernels.attacks.data import load_photos
+from dgp_kernels.cases.targets import load_photos
 from dgp_kernels.attacks.report import format_summary, summary_rows, write_report
 from dgp_kernels.attacks.runner import (
     DEFAULT_DEFENSES,
@@ -203,7 +203,9 @@ def test_default_config_grid():
 
 @pytest.mark.slow
 def test_utility_runs_the_simulator_per_defense():
-    out = run_utility(["none", "dgp"], rounds=1, progress=False, clients=2)
+    from dgp_kernels.sim import simulate_defense
+
+    out = run_utility(["none", "dgp"], trainer=simulate_defense, rounds=1, progress=False, clients=2)
     assert [u.defense for u in out] == ["none", "dgp:top=0.05,keep=0.2"]
     for u in out:
         assert 0.0 <= u.final_accuracy <= 1.0 and u.rounds == 1 and u.dense_bytes > 0
