@@ -995,3 +995,50 @@ def test_wrapper_does_not_modify_g():
 def test_ci_uses_the_cpp_kernel():
     info = dgp_kernels.backend_info()
     assert info.cpu == "cpp", f"CPU ops are served by {info.cpu!r}: {info.reason}"
+
+
+_FORK_CASE: dict = {}
+
+
+def _fork_child(q):
+    # Inputs and expected outputs were made in the parent (before the fork); the child runs
+    # only the op, at 2 threads, on its own fresh pool.
+    c = _FORK_CASE
+    torch.set_num_threads(2)
+    got = torch.ops.dgp.select_ef(c["g"], c["e"], 0.05, 0.2)
+    q.put(bool(torch.equal(got[0], c["idx"]) and torch.equal(bits(got[1]), bits(c["val"]))
+               and torch.equal(bits(c["e"]), bits(c["e_ref"]))))
+
+
+def test_thread_pool_after_fork():
+    """The C++ kernel's thread pool, used at 2 threads in the parent, works in a forked child
+    (which gets a fresh pool: the parent's worker threads do not exist there)."""
+    import multiprocessing as mp
+
+    if _cpp_module() is None or "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs the C++ kernel and fork()")
+    g = make_values("band_tie", 600_000, torch.float32, seed=11)
+    e = make_values("randn", 600_000, torch.float32, seed=12)
+    e_ref = e.clone()
+    idx, val = ref.select_ef(g, e_ref, 0.05, 0.2)
+    _FORK_CASE.update(g=g, e=e, e_ref=e_ref, idx=idx, val=val)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.ops.dgp.select(g, 0.05, 0.2)  # starts the parent's pool workers
+    finally:
+        torch.set_num_threads(prev)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_fork_child, args=(q,))
+    p.start()
+    try:
+        ok = q.get(timeout=120)
+    except Exception:
+        ok = None
+    p.join(10)
+    if p.is_alive():
+        p.kill()
+    _FORK_CASE.clear()
+    assert ok is not None, "the forked child gave no result in 120 s (thread pool deadlock?)"
+    assert ok, "the forked child's result differs from the reference"
