@@ -1,4 +1,4 @@
-"""Band-selection ops (issue 2, "Tests"): every ``torch.ops.dgp`` op against the reference.
+"""Band-selection ops: every ``torch.ops.dgp`` op against the reference.
 
 What is checked, and how:
 
