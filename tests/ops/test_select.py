@@ -997,48 +997,44 @@ def test_ci_uses_the_cpp_kernel():
     assert info.cpu == "cpp", f"CPU ops are served by {info.cpu!r}: {info.reason}"
 
 
-_FORK_CASE: dict = {}
-
-
-def _fork_child(q):
-    # Inputs and expected outputs were made in the parent (before the fork); the child runs
-    # only the op, at 2 threads, on its own fresh pool.
-    c = _FORK_CASE
-    torch.set_num_threads(2)
-    got = torch.ops.dgp.select_ef(c["g"], c["e"], 0.05, 0.2)
-    q.put(bool(torch.equal(got[0], c["idx"]) and torch.equal(bits(got[1]), bits(c["val"]))
-               and torch.equal(bits(c["e"]), bits(c["e_ref"]))))
+_FORK_SCRIPT = r"""
+import os, sys, torch, dgp_kernels
+from dgp_kernels.ops import reference as ref
+# torch's own ops stay on one thread, so libgomp never starts its pool in this process:
+# libgomp is not fork-safe, and a child's first parallel region would hang on the parent's
+torch.set_num_threads(1)
+gen = torch.Generator().manual_seed(11)
+g = torch.randn(600_000, generator=gen)
+g[::7] = 0.5  # ties across the boundaries
+e = torch.randn(600_000, generator=gen)
+e_ref = e.clone()
+idx, val = ref.select_ef(g, e_ref, 0.05, 0.2)
+torch.set_num_threads(2)
+torch.ops.dgp.select(g, 0.05, 0.2)  # starts the parent's pool workers
+pid = os.fork()
+if pid == 0:
+    got = torch.ops.dgp.select_ef(g, e, 0.05, 0.2)  # 2 threads: the child's fresh pool
+    torch.set_num_threads(1)
+    ok = (torch.equal(got[0], idx) and torch.equal(got[1].view(torch.int32), val.view(torch.int32))
+          and torch.equal(e.view(torch.int32), e_ref.view(torch.int32)))
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def test_thread_pool_after_fork():
     """The C++ kernel's thread pool, used at 2 threads in the parent, works in a forked child
-    (which gets a fresh pool: the parent's worker threads do not exist there)."""
+    (which gets a fresh pool: the parent's worker threads do not exist there). In a fresh
+    process, so that no earlier test has started libgomp's threads in the parent."""
     import multiprocessing as mp
+    import subprocess
+    import sys
 
     if _cpp_module() is None or "fork" not in mp.get_all_start_methods():
         pytest.skip("needs the C++ kernel and fork()")
-    g = make_values("band_tie", 600_000, torch.float32, seed=11)
-    e = make_values("randn", 600_000, torch.float32, seed=12)
-    e_ref = e.clone()
-    idx, val = ref.select_ef(g, e_ref, 0.05, 0.2)
-    _FORK_CASE.update(g=g, e=e, e_ref=e_ref, idx=idx, val=val)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        torch.ops.dgp.select(g, 0.05, 0.2)  # starts the parent's pool workers
-    finally:
-        torch.set_num_threads(prev)
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_fork_child, args=(q,))
-    p.start()
-    try:
-        ok = q.get(timeout=120)
-    except Exception:
-        ok = None
-    p.join(10)
-    if p.is_alive():
-        p.kill()
-    _FORK_CASE.clear()
-    assert ok is not None, "the forked child gave no result in 120 s (thread pool deadlock?)"
-    assert ok, "the forked child's result differs from the reference"
+    proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (
+        f"the forked child failed (rc {proc.returncode}: 3 = wrong bits, negative = killed): "
+        f"{proc.stderr[-2000:]}")
