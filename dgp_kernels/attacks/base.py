@@ -178,7 +178,8 @@ class Attack(ABC):
         progress: bool = False,
     ) -> List[Reconstruction]:
         """Run the attack once per setting of a tuning grid and return one
-        :class:`Reconstruction` per setting (its ``setting`` filled in), in order.
+        :class:`Reconstruction` per setting (its ``setting`` filled in, its ``seconds`` the
+        wall time of the whole grid), in order.
 
         A setting maps constructor arguments in :attr:`tunable` to values and may hold
         ``restart`` (int >= 0): settings with the same ``restart`` start from the same random
@@ -186,6 +187,9 @@ class Attack(ABC):
         starts. This default runs the settings one after the other; attacks that can run
         them together (Inverting Gradients: one vectorised optimisation) override it.
         """
+        import time
+
+        start = time.perf_counter()
         out: List[Reconstruction] = []
         for s in settings:
             params = check_setting(s, self.tunable, type(self).__name__)
@@ -194,6 +198,8 @@ class Attack(ABC):
             rec = attack(shared_grads, threat, seed=seed * 1_000 + restart, progress=progress)
             rec.setting = dict(s)
             out.append(rec)
+        for rec in out:
+            rec.seconds = time.perf_counter() - start  # the wall time of the whole grid
         return out
 
     def with_params(self, **params) -> "Attack":
