@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Defense specs: 'none', 'dgp' (defaults top=0.05,keep=0.2), 'dgp:top=0.05,keep=0.2', "
         "'topk:keep=0.2', 'randk:keep=0.2', 'dp:sigma=0.01' (Gaussian noise of std sigma, no "
         "clipping unless clip= is given), 'qsgd:levels=8'. The attack side applies each one "
-        "once, without error feedback (DESIGN.md section 5).\n"
+        "once, without error feedback (one round's upload).\n"
         "Attacks: dlg idlg ig dlg-adaptive ig-adaptive ig-dgp-aware rtf (or 'all')."
     )
     g = parser.add_argument_group("grid")
@@ -51,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="directory holding MNIST/CIFAR files (torchvision layout or the "
                         "standard archives' contents)")
     g.add_argument("--images", type=int, default=None, metavar="N",
-                   help="number of target images (default 1: the astronaut photo; more photos follow "
-                        "in a fixed order, see dgp_kernels/attacks/data.py)")
+                   help="number of target images (default 4: astronaut, chelsea, coffee, rocket; "
+                        "--quick: 1)")
     g.add_argument("--image-size", type=int, default=None, metavar="PX",
                    help="side of the (square) target images; default 32 for photos, the "
                         "dataset's own size otherwise")
@@ -67,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b = parser.add_argument_group("budget")
     preset = b.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true",
-                        help="smoke run: a quarter of the default iterations, four defenses, "
-                             "30 simulator rounds")
+                        help="smoke run: a quarter of the default iterations, one image, four "
+                             "defenses, the reduced tuning grid, 30 simulator rounds")
     preset.add_argument("--full", action="store_true",
                         help="the literature's iteration counts (Inverting Gradients 24,000 "
                              "steps, DLG 300 L-BFGS steps): hours on a CPU, use --device cuda")
@@ -81,6 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--threads", type=int, default=1,
                    help="torch threads while attacking (default 1: the attacked models are tiny "
                         "and more threads only wait on each other)")
+    b.add_argument("--workers", type=int, default=0, metavar="P",
+                   help="processes attacking images in parallel (default 0: one per CPU core, "
+                        "at most one per image)")
+    b.add_argument("--no-tuning", action="store_true",
+                   help="run every attack once with its budget instead of its tuning grid")
+    b.add_argument("--suite", action="store_true",
+                   help="after the main run, also run batches of 4 and 8 photos, resnet18_cifar, "
+                        "FedAvg updates (5 local steps) and unknown labels on the primary "
+                        "defenses; writes suite.md (hours on a CPU)")
 
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR",
@@ -123,6 +132,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             utility=not args.no_utility,
             utility_rounds=args.utility_rounds,
             threads=args.threads,
+            workers=args.workers,
+            tuning=not args.no_tuning,
         )
     except (ValueError, TypeError, FileNotFoundError) as exc:
         return _fail(str(exc))
@@ -139,6 +150,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     paths = write_report(result, out, progress=progress)
     print(format_summary(result))
+    if args.suite:
+        from .report import write_suite_report
+        from .runner import run_suite, suite_configs
+
+        suite = run_suite(suite_configs(cfg), progress=progress)
+        print(f"suite: {write_suite_report(suite, out)}")
     print(f"\nreport: {paths.report}")
     print(f"results: {paths.json}  {paths.csv}")
     for p in paths.images:

@@ -1,6 +1,6 @@
 """The attack-side defenses: what an eavesdropper or the server sees of one client's gradient.
 
-As in the DGP paper's attack evaluation (DESIGN.md §5), each defense is the *single-round*
+As in the DGP paper's attack evaluation, each defense is the *single-round*
 operator applied to the shared gradient, without error feedback (error feedback changes what
 is sent in later rounds, not what one round's upload reveals). It runs through the registered
 compressors (:func:`dgp_kernels.compressor.get_compressor`) and the real wire codec: the

@@ -65,7 +65,14 @@ __all__ = [
     "default_attacks",
     "default_config",
     "run_evaluation",
+    "run_suite",
     "run_utility",
+    "setting_label",
+    "suite_configs",
+    "client_update",
+    "SUITE_VARIANTS",
+    "TUNING_GRIDS",
+    "QUICK_GRIDS",
 ]
 
 #: PSNR is capped here (an exact copy has infinite PSNR; Robbing the Fed gets close).
@@ -624,6 +631,26 @@ class EvalResult:
         vals = [getattr(r, key) for r in self.attacks if r.defense == defense and r.attack == attack]
         return float(sum(vals) / len(vals)) if vals else float("nan")
 
+    def values(self, defense: str, attack: str, key: str) -> List[float]:
+        """``key`` of every image for one (defense, attack), in image order (empty if not run)."""
+        rows = sorted((r for r in self.attacks if r.defense == defense and r.attack == attack), key=lambda r: r.image)
+        return [getattr(r, key) for r in rows]
+
+    def best_rows(self, defense: str, *, passive: bool = False,
+                  attacks: Optional[Sequence[str]] = None) -> List[AttackRecord]:
+        """Per image, the record with the highest leakage under ``defense`` over the attacks
+        (all, the passive ones, or ``attacks``) and, through the records, over the settings:
+        the leakage the evaluator reports for the defense. Image order; empty if none ran."""
+        best: Dict[int, AttackRecord] = {}
+        for r in self.attacks:
+            if r.defense != defense or (passive and r.attack in ACTIVE_ATTACKS):
+                continue
+            if attacks is not None and r.attack not in attacks:
+                continue
+            if r.image not in best or r.leakage > best[r.image].leakage:
+                best[r.image] = r
+        return [best[i] for i in sorted(best)]
+
     def best_attack(self, defense: str, *, passive: bool = False) -> Optional[str]:
         """The attack with the highest mean leakage under ``defense`` (``None`` if none ran);
         ``passive=True`` leaves out the active (malicious-server) attacks."""
@@ -907,6 +934,68 @@ def _run(cfg: EvalConfig, device: str, progress: bool, targets: Optional[TargetS
         pass
     machine["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     return result
+
+
+# --------------------------------------------------------------------------------------
+# The suite: beyond one image per gradient and one model
+# --------------------------------------------------------------------------------------
+#: The ``--suite`` variants, each run on the :data:`PRIMARY_DEFENSES` with the base run's
+#: budgets and tuning grid: batches of 4 and 8 photos behind one gradient, a batch-norm
+#: model, FedAvg updates of several local steps, and labels unknown to the attacker.
+SUITE_VARIANTS: Tuple[str, ...] = ("batch4", "batch8", "resnet18", "fedavg", "unknown-labels")
+
+
+def suite_configs(base: EvalConfig, *, batch_sizes: Sequence[int] = (4, 8), bn_model: str = "resnet18_cifar",
+                  local_steps: int = 5, local_lr: float = 0.1,
+                  defenses: Optional[Sequence[str]] = None) -> List[Tuple[str, EvalConfig]]:
+    """The suite's configurations derived from ``base`` (see :data:`SUITE_VARIANTS`):
+
+    * ``batch4``/``batch8``: ``batch_sizes`` photos behind one gradient (one batch);
+    * ``resnet18``: ``bn_model`` (default ``resnet18_cifar``, batch norm in training mode)
+      instead of the base model, one photo per gradient;
+    * ``fedavg``: FedAvg updates of ``local_steps`` SGD steps of rate ``local_lr``;
+    * ``unknown-labels``: no labels for the attacker (idlg replaces dlg; IG uses the iDLG rule).
+
+    ``defenses`` defaults to the base grid's :data:`PRIMARY_DEFENSES` (all of them when
+    none is in the base grid); every variant keeps the base grid's attacks on them."""
+    import dataclasses
+
+    base_grid = {parse_defense(d).label: a for d, a in base.grid}
+    if defenses is None:
+        defenses = [d for d in PRIMARY_DEFENSES if d in base_grid] or list(PRIMARY_DEFENSES)
+    all_attacks = available_attacks()
+    grid = []
+    for d in defenses:
+        spec = parse_defense(d)
+        grid.append((spec.label, list(base_grid.get(spec.label) or default_attacks(spec, all_attacks))))
+    out: List[Tuple[str, EvalConfig]] = []
+
+    def variant(name: str, **kw) -> None:
+        g = [(d, list(a)) for d, a in kw.pop("grid", grid)]
+        cfg = dataclasses.replace(base, grid=g, utility=False, **kw)
+        used = {a for _, atks in g for a in atks}
+        cfg.attack_params = {a: dict(base.attack_params.get(a) or attack_params(a)) for a in used}
+        cfg.tuning = {a: [dict(x) for x in (base.tuning.get(a) or [{}])] for a in used if a in base.tuning}
+        cfg.validate()
+        out.append((name, cfg))
+
+    for b in batch_sizes:
+        variant(f"batch{b}", batch_size=int(b), images=int(b))
+    variant("resnet18" if bn_model == "resnet18_cifar" else bn_model, model=bn_model)
+    variant("fedavg", local_steps=int(local_steps), local_lr=float(local_lr))
+    unknown = [(d, ["idlg" if a == "dlg" else a for a in atks]) for d, atks in grid]
+    variant("unknown-labels", known_labels=False, grid=unknown)
+    return out
+
+
+def run_suite(configs: Sequence[Tuple[str, EvalConfig]], *, progress: bool = True,
+              targets: Optional[Dict[str, TargetSet]] = None) -> List[Tuple[str, EvalResult]]:
+    """Run each ``(name, config)`` of :func:`suite_configs`; ``targets`` may override the
+    images per name (tests pass tiny ones)."""
+    out = []
+    for name, cfg in configs:
+        out.append((name, run_evaluation(cfg, progress=progress, targets=(targets or {}).get(name))))
+    return out
 
 
 def _ordered(rec_images: Tensor, x: Tensor) -> Tensor:

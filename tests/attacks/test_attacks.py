@@ -453,3 +453,23 @@ def test_ig_breaching_tv_option_runs(tiny_lenet):
         rec.objective, rel=1e-4)
     with pytest.raises(ValueError, match="tv must be one of"):
         get_attack("ig", tv="l2")
+
+
+def test_ig_grid_on_a_batch_norm_model_runs_row_by_row():
+    """ResNet-18 in training mode updates batch-norm statistics, which the vectorised path
+    cannot do: the settings run one after the other."""
+    from dgp_kernels.attacks.inverting import _has_running_stats
+    from dgp_kernels.sim.models import resnet18_cifar
+
+    torch.manual_seed(0)
+    model = resnet18_cifar(num_classes=4)
+    assert _has_running_stats(model)
+    x = smooth_images(1, 1, size=16)
+    y = torch.tensor([1])
+    grads = compute_gradients(model, x, y)
+    threat = ThreatModel(model, (3, 16, 16), 4, labels=y)
+    settings = [{"tv_weight": 1e-4}, {"tv_weight": 0.2, "restart": 1}]
+    recs = get_attack("ig", iterations=1).run_grid(grads, threat, settings)
+    assert [r.setting for r in recs] == settings
+    for r in recs:
+        assert r.images.shape == (1, 3, 16, 16) and math.isfinite(r.objective)

@@ -118,7 +118,10 @@ def test_json_csv_report_and_pngs(tiny_result, tmp_path):
     assert len(rows) == len(tiny_result.attacks)
     assert {"defense", "attack", "psnr", "floor", "leakage", "ssim", "upload_bytes", "idlg_label_acc"} <= set(rows[0])
     md = open(paths.report).read()
-    assert "## Summary: the best attack per defense" in md
+    assert "## Summary: the reported leakage per defense" in md
+    assert "DESIGN" not in md and "§" not in md  # the report stands alone
+    assert "n = 2 images, 1 seed" in md  # sample size next to the numbers
+    assert "## Per image" in md and "not run" in md
     assert "iDLG label acc" in md and "not measured" in md
     for d, atks in tiny_result.config.grid:
         assert f"`{d}`" in md
@@ -364,3 +367,54 @@ def test_attack_failure_names_attack_and_defense(monkeypatch):
     monkeypatch.setattr(runner_mod, "get_attack", lambda name, **p: Broken() if name == "ig" else real(name, **p))
     with pytest.raises(ValueError, match="attack 'ig' on defense 'dgp:top=0.05,keep=0.2' \\(batch 0\\): boom"):
         run_evaluation(_tiny_config(grid=[("dgp", ["ig"])], images=1), progress=False)
+
+
+def test_suite_variants_on_tiny_settings(tmp_path):
+    """--suite: batches, a batch-norm model, FedAvg updates, unknown labels, each on the
+    primary defenses with the base grid and tuning; suite.md sums them up."""
+    from dgp_kernels.attacks.report import write_suite_report
+    from dgp_kernels.attacks.runner import run_suite, suite_configs
+
+    base = _tiny_config(grid=[("none", ["dlg", "ig"]), ("dgp", ["ig-adaptive"]), ("dp:sigma=0.01", ["ig"])],
+                        tuning={"ig": [{"tv_weight": 1e-4}, {"tv_weight": 0.2}]}, images=1, image_size=16,
+                        attack_params={"dlg": {"iterations": 1, "max_iter": 2}, "ig": {"iterations": 2},
+                                       "ig-adaptive": {"iterations": 2}, "idlg": {"iterations": 1, "max_iter": 2}})
+    assert [n for n, _ in suite_configs(base)] == ["batch4", "batch8", "resnet18", "fedavg", "unknown-labels"]
+    assert dict(suite_configs(base))["resnet18"].model == "resnet18_cifar"
+    # tiny: batches of 2, the small ConvNet in place of ResNet-18 (its batch-norm path is
+    # tested in test_attacks), 2 local steps
+    configs = suite_configs(base, batch_sizes=(2,), bn_model="convnet_small", local_steps=2)
+    names = [n for n, _ in configs]
+    assert names == ["batch2", "convnet_small", "fedavg", "unknown-labels"]
+    cfg = dict(configs)
+    assert [d for d, _ in cfg["batch2"].grid] == ["none", "dgp:top=0.05,keep=0.2"]  # primary defenses only
+    assert cfg["batch2"].batch_size == 2 and cfg["batch2"].images == 2
+    assert cfg["convnet_small"].model == "convnet_small"
+    assert cfg["fedavg"].local_steps == 2
+    assert not cfg["unknown-labels"].known_labels and "idlg" in dict(cfg["unknown-labels"].grid)["none"]
+    assert all(c.tuning["ig"] == base.tuning["ig"] for c in cfg.values())
+    results = run_suite(configs, progress=False)
+    for name, r in results:
+        assert {x.defense for x in r.attacks} == {"none", "dgp:top=0.05,keep=0.2"}
+        assert all(math.isfinite(x.psnr) for x in r.attacks)
+    r_unknown = dict(results)["unknown-labels"]
+    assert {x.label_source for x in r_unknown.attacks} <= {"inferred", "optimised"}
+    path = write_suite_report(results, str(tmp_path), figures=False)
+    md = open(path).read()
+    for name in names:
+        assert f"| {name} |" in md
+        assert os.path.exists(tmp_path / f"suite-{name}" / "report.md")
+
+
+def test_headline_states_what_dgp_stops_with_the_runs_numbers(tmp_path):
+    cfg = _tiny_config(grid=[("none", ["dlg", "ig", "rtf"]), ("dgp", ["dlg-adaptive", "ig-adaptive", "rtf"]),
+                             ("topk:keep=0.2", ["ig-adaptive", "rtf"])], images=2)
+    r = run_evaluation(cfg, progress=False)
+    md = open(write_report(r, str(tmp_path), figures=True).report).read()
+    head = md.split("## In plain words", 1)[1].split("## Summary", 1)[0]
+    assert "DGP stops pixel-exact reconstruction" in head and "does not stop" in head
+    assert "Top-k at the same density" in head and "malicious server" in head
+    dlg_none = r.best_rows("none", attacks=["dlg"])
+    mean_psnr = sum(x.psnr for x in dlg_none) / len(dlg_none)
+    assert f"{mean_psnr:.1f} dB" in head
+    assert "n = 2 images, 1 seed" in head
