@@ -473,3 +473,42 @@ def test_ig_grid_on_a_batch_norm_model_runs_row_by_row():
     assert [r.setting for r in recs] == settings
     for r in recs:
         assert r.images.shape == (1, 3, 16, 16) and math.isfinite(r.objective)
+
+
+# --------------------------------------------------------------------------------------
+# Multi-round attacker (error feedback)
+# --------------------------------------------------------------------------------------
+def test_error_feedback_sends_more_coordinates_over_rounds(tiny_lenet):
+    from dgp_kernels.attacks.multiround import accumulate, multi_round_uploads
+
+    x, y, grads = _case(tiny_lenet)
+    ef = multi_round_uploads(grads, "dgp:top=0.05,keep=0.2", 4, model=tiny_lenet)
+    no_ef = multi_round_uploads(grads, "dgp:top=0.05,keep=0.2", 4, error_feedback=False, model=tiny_lenet)
+    assert len(ef) == 4 and ef[0].sent_fraction == pytest.approx(0.2, abs=0.03)
+    # without error feedback every round is the same upload
+    for u in no_ef[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(u.shared_grads, no_ef[0].shared_grads))
+    acc_no = accumulate(no_ef)
+    assert acc_no.sent_fraction == pytest.approx(no_ef[0].sent_fraction)
+    # with it, later rounds send coordinates the first one withheld
+    acc = accumulate(ef)
+    assert acc.sent_fraction > ef[0].sent_fraction + 0.05
+    assert acc.upload_bytes == sum(u.upload_bytes for u in ef)
+    for i in range(len(grads)):
+        assert torch.allclose(acc.shared_grads[i], sum(u.shared_grads[i] for u in ef) / 4)
+    # the first round with error feedback is the single-round operator
+    assert all(torch.equal(a, b) for a, b in zip(ef[0].shared_grads, no_ef[0].shared_grads))
+    with pytest.raises(ValueError, match="rounds"):
+        multi_round_uploads(grads, "dgp", 0)
+
+
+def test_attack_rounds_scores_single_and_accumulated(tiny_lenet):
+    from dgp_kernels.attacks.multiround import attack_rounds
+
+    x, y, _ = _case(tiny_lenet)
+    out = attack_rounds(tiny_lenet, x, y, "dgp", 3, params={"iterations": 5},
+                        settings=[{"tv_weight": 1e-4}, {"tv_weight": 0.2}])
+    assert out["rounds"] == 3 and out["defense"] == "dgp:top=0.05,keep=0.2"
+    for case in ("single", "accumulated"):
+        assert math.isfinite(out[case]["psnr"]) and out[case]["setting"] in ({"tv_weight": 1e-4}, {"tv_weight": 0.2})
+    assert out["accumulated"]["sent_fraction"] > out["single"]["sent_fraction"]
