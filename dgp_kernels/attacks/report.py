@@ -107,6 +107,7 @@ def summary_rows(result: EvalResult) -> List[Dict[str, object]]:
             "images": n,
             "psnr": _stats([r.psnr for r in best])[0],
             "floor": _stats([r.floor for r in best])[0],
+            "gray_floor": _stats([r.gray_floor for r in best])[0],
             "leakage": lm,
             "leakage_min": llo,
             "leakage_max": lhi,
@@ -132,9 +133,9 @@ def _summary_table(result: EvalResult) -> List[str]:
     n = len({r.image for r in result.attacks})
     lines = [
         f"| defense | upload / gradient | leakage dB, mean [min, max] over {n} image(s) | most often best attack "
-        "| PSNR dB | floor dB | SSIM | passive attacks only: leakage dB | attacker's own pick: leakage dB "
-        "| iDLG label acc | test acc (sim) | sim upload / dense |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| PSNR dB | floor dB | gray floor dB | SSIM | passive attacks only: leakage dB "
+        "| attacker's own pick: leakage dB | iDLG label acc | test acc (sim) | sim upload / dense |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary_rows(result):
         rng = ("" if r["images"] <= 1 else f" [{_fmt(r['leakage_min'])}, {_fmt(r['leakage_max'])}]")
@@ -142,7 +143,7 @@ def _summary_table(result: EvalResult) -> List[str]:
         lines.append(
             f"| `{r['defense']}` | {_bytes(r['upload_bytes'])} ({_pct(r['upload_ratio'])}) "
             f"| **{_fmt(r['leakage'])}**{rng} | {r['best_attack'] or '–'} | {_fmt(r['psnr'])} | {_fmt(r['floor'])} "
-            f"| {_fmt(r['ssim'], 3)} | {_fmt(r['passive_leakage'])}{prng} ({r['best_passive'] or '–'}) "
+            f"| {_fmt(r['gray_floor'])} | {_fmt(r['ssim'], 3)} | {_fmt(r['passive_leakage'])}{prng} ({r['best_passive'] or '–'}) "
             f"| {_fmt(r['objective_leakage'])} | {_pct(r['idlg_label_acc'])} "
             f"| {_pct(r['test_accuracy'])} | {_pct(r['train_upload_ratio'])} |"
         )
@@ -513,7 +514,8 @@ def write_report(result: EvalResult, directory: str, *, figures: bool = True,
         "",
         "Leakage = PSNR - floor, where the floor is the PSNR of the flat mean-colour image of "
         "the target (what an attack scores without learning anything; it knows the mean "
-        "colour for free, so the floor is a strict one). The reported leakage of a defense is, "
+        "colour for free, so the floor is a strict one); the gray floor is the PSNR of a flat "
+        "mid-gray image, a lower reference (PSNR - gray floor = leakage + (floor - gray floor)). The reported leakage of a defense is, "
         "per image, the best over every attack and every tuning setting, averaged over the "
         f"images ({_sample(result)}; min and max over the images in brackets). "
         "'Attacker's own pick' is what a real attacker gets choosing each attack's setting by "

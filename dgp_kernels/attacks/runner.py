@@ -508,7 +508,9 @@ class AttackRecord:
     a batch, split evenly). With a tuning grid the row is the best of ``settings_tried``
     settings by PSNR (``setting`` names it, :func:`setting_label`);
     ``leakage_by_objective`` is the leakage of the setting with the lowest attack objective,
-    the choice an attacker makes without the true image.
+    the choice an attacker makes without the true image. ``gray_floor`` is the PSNR of a
+    flat mid-gray image (:func:`~dgp_kernels.attacks.metrics.gray_floor_psnr`), a lower
+    reference than ``floor``.
     """
 
     defense: str
@@ -529,6 +531,7 @@ class AttackRecord:
     setting: str = "default"
     settings_tried: int = 1
     leakage_by_objective: float = float("nan")
+    gray_floor: float = float("nan")
 
 
 @dataclass
@@ -1018,6 +1021,7 @@ def _score(rec, x: Tensor, y: Tensor, idx: List[int], targets: TargetSet, defens
     s = metrics.ssim(imgs, x).cpu()
     e = metrics.mse(imgs, x).cpu()
     f = metrics.floor_psnr(x).cpu()
+    gf = metrics.gray_floor_psnr(x).cpu()
     labels = rec.labels.detach().cpu().long()
     if x.shape[0] > 1:
         # Labels of a batch come as a multiset: credit each true label found in it.
@@ -1043,6 +1047,7 @@ def _score(rec, x: Tensor, y: Tensor, idx: List[int], targets: TargetSet, defens
             label=int(targets.labels[i]), psnr=pv, ssim=float(s[j]), mse=float(e[j]), floor=fv,
             leakage=pv - fv, label_pred=int(pred[j]) if j < len(pred) else -1,
             label_correct=correct[j], label_source=rec.label_source, seconds=per, batch=batch,
+            gray_floor=float(gf[j]),
         ))
     return out
 
