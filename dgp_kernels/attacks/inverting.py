@@ -102,6 +102,9 @@ class InvertingGradients(Attack):
         band_weight: weight of the DGP band penalty (needs ``adaptive``).
         band_start: fraction of the iterations after which the band penalty is on.
         log_every: record the objective every this many steps.
+        init: ``"randn"`` (standard normal, breaching) or ``"uniform"`` (uniform in [0, 1]: a
+            start inside the box; with ``boxed`` a normal start has about half its pixels
+            clipped to black after the first step).
         vectorize: run the restarts / grid settings as one batched optimisation with
             ``torch.func.vmap`` (the same arithmetic as one after the other, several times
             faster on small models); models whose batch norm tracks running statistics
@@ -110,7 +113,7 @@ class InvertingGradients(Attack):
 
     default_adaptive = False
     default_band_weight = 0.0
-    tunable = ("tv_weight", "lr", "iterations", "tv", "band_weight", "band_start")
+    tunable = ("tv_weight", "lr", "iterations", "tv", "band_weight", "band_start", "init")
 
     def __init__(
         self,
@@ -127,6 +130,7 @@ class InvertingGradients(Attack):
         band_start: float = 0.5,
         log_every: int = 10,
         vectorize: bool = True,
+        init: str = "randn",
     ) -> None:
         self.iterations = check_count(iterations, "iterations")
         self.lr = check_number(lr, "lr", positive=True)
@@ -151,12 +155,13 @@ class InvertingGradients(Attack):
         if self.band_start > 1:
             raise ValueError(f"band_start must be in [0, 1], got {band_start!r}")
         self.log_every = check_count(log_every, "log_every")
+        self.init = check_choice(init, "init", ("randn", "uniform"))
 
     # ----------------------------------------------------------------------------------
     def __call__(
         self, shared_grads: List[Tensor], threat: ThreatModel, *, seed: int = 0, progress: bool = False
     ) -> Reconstruction:
-        settings = [{"restart": r} for r in range(self.restarts)]
+        settings: List[Dict[str, object]] = [{"restart": r} for r in range(self.restarts)]
         recs = self.run_grid(shared_grads, threat, settings, seed=seed, progress=progress)
         best = min(recs, key=lambda r: r.objective if r.objective == r.objective else float("inf"))
         best.setting = {}
@@ -173,7 +178,7 @@ class InvertingGradients(Attack):
         progress: bool = False,
     ) -> List[Reconstruction]:
         """One reconstruction per setting (see :meth:`Attack.run_grid`). Settings may vary
-        ``tv_weight`` and ``lr`` (and ``restart``); all settings run together as one
+        ``tv_weight``, ``lr``, ``init`` (and ``restart``); all settings run together as one
         optimisation of ``len(settings)`` independent rows. Settings that change another
         tunable argument (``iterations``, ``tv``, the band) run in separate groups."""
         start = time.perf_counter()
@@ -182,7 +187,7 @@ class InvertingGradients(Attack):
         parsed = [check_setting(s, self.tunable, type(self).__name__) for s in settings]
         groups: Dict[tuple, List[int]] = {}
         for i, p in enumerate(parsed):
-            key = tuple(sorted((k, v) for k, v in p.items() if k not in ("tv_weight", "lr")))
+            key = tuple(sorted((k, v) for k, v in p.items() if k not in ("tv_weight", "lr", "init")))
             groups.setdefault(key, []).append(i)
         out: List[Optional[Reconstruction]] = [None] * len(settings)
         for key, rows in groups.items():
@@ -190,7 +195,8 @@ class InvertingGradients(Attack):
             lrs = [check_number(parsed[i].get("lr", attack.lr), "lr", positive=True) for i in rows]
             tvs = [check_number(parsed[i].get("tv_weight", attack.tv_weight), "tv_weight") for i in rows]
             restarts = [int(settings[i].get("restart", 0)) for i in rows]
-            recs = attack._optimise(shared_grads, threat, lrs, tvs, restarts, seed, progress)
+            inits = [check_choice(parsed[i].get("init", attack.init), "init", ("randn", "uniform")) for i in rows]
+            recs = attack._optimise(shared_grads, threat, lrs, tvs, restarts, inits, seed, progress)
             for i, rec in zip(rows, recs):
                 rec.setting = dict(settings[i])
                 out[i] = rec
@@ -202,7 +208,8 @@ class InvertingGradients(Attack):
 
     # ----------------------------------------------------------------------------------
     def _optimise(self, shared_grads: List[Tensor], threat: ThreatModel, lrs: List[float],
-                  tvs: List[float], restarts: List[int], seed: int, progress: bool) -> List[Reconstruction]:
+                  tvs: List[float], restarts: List[int], inits: List[str], seed: int,
+                  progress: bool) -> List[Reconstruction]:
         shared = check_shared_grads(shared_grads, threat)
         device = shared[0].device
         labels, source = resolve_labels(shared, threat, self.labels if threat.labels is not None else "infer")
@@ -214,8 +221,9 @@ class InvertingGradients(Attack):
         shape = (threat.batch_size, *threat.image_shape)
         k = len(lrs)
         gen = torch.Generator(device=device).manual_seed(int(seed))
-        inits = torch.randn((max(restarts) + 1, *shape), generator=gen, device=device)
-        x = inits[torch.tensor(restarts, device=device)].clone()  # [K, B, C, H, W]
+        normal = torch.randn((max(restarts) + 1, *shape), generator=gen, device=device)
+        uniform = torch.rand((max(restarts) + 1, *shape), generator=gen, device=device)
+        x = torch.stack([(uniform if kind == "uniform" else normal)[r] for r, kind in zip(restarts, inits)])
         lr = torch.tensor(lrs, device=device, dtype=x.dtype).view(k, *([1] * len(shape)))
         tvw = torch.tensor(tvs, device=device, dtype=x.dtype)
         rows = self._row_objectives(model, objective, labels, threat.loss_fn, tvw)

@@ -512,3 +512,17 @@ def test_attack_rounds_scores_single_and_accumulated(tiny_lenet):
     for case in ("single", "accumulated"):
         assert math.isfinite(out[case]["psnr"]) and out[case]["setting"] in ({"tv_weight": 1e-4}, {"tv_weight": 0.2})
     assert out["accumulated"]["sent_fraction"] > out["single"]["sent_fraction"]
+
+
+def test_ig_uniform_start_and_per_row_inits(tiny_lenet):
+    """Rows of one grid may start from normal or uniform noise; a row equals the same
+    setting run alone."""
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    attack = get_attack("ig", iterations=4)
+    both = attack.run_grid(grads, threat, [{"init": "randn"}, {"init": "uniform", "restart": 1}])
+    alone = get_attack("ig", iterations=4, init="uniform").run_grid(grads, threat, [{"restart": 1}])
+    assert torch.allclose(both[1].images, alone[0].images, atol=1e-6)
+    assert not torch.allclose(both[0].images, both[1].images)
+    with pytest.raises(ValueError, match="init"):
+        get_attack("ig", init="zeros")

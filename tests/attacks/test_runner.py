@@ -196,6 +196,7 @@ def test_default_config_grid():
     assert cfg.tuning["ig-adaptive"] == TUNING_GRIDS["ig-adaptive"]
     assert {s["tv_weight"] for s in cfg.tuning["ig"]} == {1e-4, 0.005, 0.2}
     assert len({s["lr"] for s in cfg.tuning["ig"]}) == 2 and len({s["restart"] for s in cfg.tuning["ig"]}) == 2
+    assert len(cfg.tuning["ig"]) == 12
     quick = default_config(quick=True, device="cpu", iteration_scale=2.0)
     assert quick.images == 1 and len(quick.grid) < len(cfg.grid) and quick.tuning_name == "quick"
     assert quick.tuning["ig"] == QUICK_GRIDS["ig"] and len(quick.tuning["ig"]) < len(cfg.tuning["ig"])
