@@ -216,30 +216,40 @@ def _headline(result: EvalResult) -> List[str]:
     if "none" in grid and dgp is not None:
         none_dlg, dgp_dlg = fam("none", fam_dlg), fam(dgp, fam_dlg)
         if none_dlg and dgp_dlg:
+            stops = mean_of(dgp_dlg, "psnr") < min(30.0, mean_of(none_dlg, "psnr") - 10.0)
             lines.append(
-                f"* **DGP stops pixel-exact reconstruction.** From the undefended gradient the DLG family "
-                f"rebuilds the photos at {rng(none_dlg, 'psnr')} PSNR; under `{dgp}` its best "
-                f"(boxed adaptive DLG included) reaches {_fmt(mean_of(dgp_dlg, 'psnr'))} dB, "
-                f"{_fmt(mean_of(dgp_dlg, 'leakage'))} dB against the floor of "
-                f"{_fmt(mean_of(dgp_dlg, 'floor'))} dB.")
+                f"* **{'DGP stops' if stops else 'DGP does not stop'} pixel-exact reconstruction.** From the "
+                f"undefended gradient the DLG family rebuilds the photos at {rng(none_dlg, 'psnr')} PSNR; "
+                f"under `{dgp}` its best (boxed adaptive DLG included) reaches "
+                f"{_fmt(mean_of(dgp_dlg, 'psnr'))} dB, {_fmt(mean_of(dgp_dlg, 'leakage'))} dB against the "
+                f"floor of {_fmt(mean_of(dgp_dlg, 'floor'))} dB.")
         none_ig, dgp_ig = fam("none", fam_ig), fam(dgp, fam_ig)
         if none_ig and dgp_ig:
-            diff = mean_of(dgp_ig, "leakage") - mean_of(none_ig, "leakage")
+            d_l, n_l = mean_of(dgp_ig, "leakage"), mean_of(none_ig, "leakage")
+            diff = d_l - n_l
+            if d_l > 0:
+                head = "DGP does not stop a tuned coarse reconstruction."
+                tail = ("about as well as from an undefended gradient" if abs(diff) <= 1.5 else
+                        ("better than" if diff > 0 else "less well than") + " from an undefended gradient")
+                tail = f"an attacker matching only the sent coordinates gets a coarse image {tail}."
+            else:
+                head = "DGP keeps the tuned coarse reconstruction below the floor here."
+                tail = "the best Inverting-Gradients attacker learns less than the image's mean colour."
             lines.append(
-                f"* **DGP does not stop a tuned coarse reconstruction.** The tuned Inverting-Gradients "
-                f"family recovers {_fmt(mean_of(dgp_ig, 'leakage'))} dB above the floor under `{dgp}` "
-                f"(SSIM {_fmt(mean_of(dgp_ig, 'ssim'), 2)}) against {_fmt(mean_of(none_ig, 'leakage'))} dB "
+                f"* **{head}** The tuned Inverting-Gradients family recovers {_fmt(d_l)} dB above the "
+                f"floor under `{dgp}` (SSIM {_fmt(mean_of(dgp_ig, 'ssim'), 2)}) against {_fmt(n_l)} dB "
                 f"(SSIM {_fmt(mean_of(none_ig, 'ssim'), 2)}) from the undefended gradient "
-                f"({'+' if diff >= 0 else ''}{_fmt(diff)} dB): an attacker matching only the sent "
-                "coordinates gets a coarse image about as well as from an undefended gradient.")
+                f"({'+' if diff >= 0 else ''}{_fmt(diff)} dB): {tail}")
         topk = next((d for d in grid if d.startswith("topk")), None)
         if topk is not None:
             t_rows, d_rows = result.best_rows(topk, passive=True), result.best_rows(dgp, passive=True)
             if t_rows and d_rows:
+                t_l, d_l = mean_of(t_rows, "leakage"), mean_of(d_rows, "leakage")
+                verdict = ("behaves about the same as DGP" if abs(t_l - d_l) <= 1.5 else
+                           "leaks more than DGP" if t_l > d_l else "leaks less than DGP")
                 lines.append(
-                    f"* **Top-k at the same density behaves about the same against passive attackers:** "
-                    f"best passive leakage {_fmt(mean_of(t_rows, 'leakage'))} dB under `{topk}` vs "
-                    f"{_fmt(mean_of(d_rows, 'leakage'))} dB under `{dgp}`.")
+                    f"* **Top-k at the same density {verdict} against passive attackers:** best passive "
+                    f"leakage {_fmt(t_l)} dB under `{topk}` vs {_fmt(d_l)} dB under `{dgp}`.")
         if "rtf" in grid.get("none", []) and "rtf" in grid.get(dgp, []):
             rn, rd = result.values("none", "rtf", "psnr"), result.values(dgp, "rtf", "psnr")
             extra = ""
