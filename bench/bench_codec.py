@@ -1,4 +1,4 @@
-"""Wire codec throughput and payload sizes (issue 3 item 6). Not part of `pytest`.
+"""Wire codec throughput and payload sizes. Not part of `pytest`.
 
     pytest bench/bench_codec.py --benchmark-only --benchmark-group-by=group
     DGP_BENCH_THREADS=1 DGP_BENCH_ROUNDS=3 pytest bench/bench_codec.py
@@ -7,7 +7,8 @@
 Input: the DGP band (top 5 %, keep 20 %, ``dgp_kernels.select_multi``) of the CIFAR
 ResNet-18's 62 gradient tensors (11,173,962 entries; ``randn`` with the model's shapes by
 default, or one real forward/backward with ``--grads real``). Throughput is in GB/s of
-*dense float32 gradient* (44.7 MB per client), the figure issue 3 sets the 1 GB/s bar on:
+*dense float32 gradient* (44.7 MB per client), so it compares directly with the rate at
+which gradients are produced:
 
 * ``encode``: ``SparsePayload -> bytes`` (coding choice, index and value streams, CRC32);
 * ``decode``: ``bytes -> SparsePayload`` with full validation;
@@ -53,7 +54,7 @@ VALUE_DTYPES = ("float32", "bfloat16", "float16")
 def resnet18_gradients(kind: str = "random", seed: int = 0) -> List[torch.Tensor]:
     """The 62 gradient tensors: ``randn`` with the model's shapes, or one real backward."""
     if kind == "real":
-        from dgp_kernels.benchmarks import model_gradients  # the lead's helper (same gradients as bench_select)
+        from dgp_kernels.speed import model_gradients  # the lead's helper (same gradients as bench_select)
 
         return list(model_gradients("resnet18_cifar", "real", batch=8, seed=seed)[0])
     if kind != "random":

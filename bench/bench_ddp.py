@@ -1,4 +1,4 @@
-"""Step time of the DGP DDP communication hook vs plain DDP all-reduce (issue 7 item 6).
+"""Step time of the DGP DDP communication hook vs plain DDP all-reduce.
 Not part of `pytest`.
 
     OMP_WAIT_POLICY=PASSIVE python bench/bench_ddp.py                  # both models, 2 ranks
@@ -64,7 +64,7 @@ def _rank(rank: int, world: int, port: int, args: Dict, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from dgp_kernels.integrations.ddp import DGPHookState, dgp_hook
-    from dgp_kernels.sim.models import get_model
+    from dgp_kernels.cases.models import get_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import dgp_kernels
-from dgp_kernels.benchmarks import model_gradients
+from dgp_kernels.speed import model_gradients
 from dgp_kernels.ops.baselines import authors_dgp, clone_all, single_topk
 
 SIZE = int(os.environ.get("DGP_BENCH_SIZE", "25000000"))
@@ -114,7 +114,7 @@ def test_copy(benchmark, case, threads):
 # --------------------------------------------------------------------------------------
 # GPU (issue 4): the same inputs as CUDA tensors; skipped without a CUDA device. Each timed
 # call ends with torch.cuda.synchronize(), so the wall time is the device time plus launch
-# overhead (bench/bench_triton.py gives CUDA-event times and bandwidth).
+# overhead (dgp_kernels/benchmarks_gpu.py gives CUDA-event times and bandwidth).
 # --------------------------------------------------------------------------------------
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

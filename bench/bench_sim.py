@@ -1,4 +1,4 @@
-"""Simulator overhead on the CIFAR ResNet-18, and the error-feedback gap study (issue 5).
+"""Simulator overhead on the CIFAR ResNet-18, and the error-feedback gap study.
 Not part of `pytest`.
 
     python bench/bench_sim.py [--rounds 3] [--clients 10] [--batch 32] [--threads 1,2]
@@ -7,7 +7,7 @@ Not part of `pytest`.
                               [--clients 10] [--lr 0.1] [--threads 1] [--runs]
                               [--out bench/results/ef_gap]
 
-``--study ef-gap`` runs :func:`dgp_kernels.sim.efgap.ef_gap_study` on the default simulator
+``--study ef-gap`` runs ``bench/studies/efgap.py``'s ``ef_gap_study`` on the default simulator
 configuration (built-in digits, convnet_small, FedSGD, 10 clients, 150 rounds, one thread):
 ``none``, ``dgp`` (defaults), ``dgp`` with ``top=0`` (same band width, no top cut) and
 ``dgp`` without error feedback, over the seeds in sequence, and writes ``ef_gap.md``,
@@ -30,7 +30,7 @@ by the simulator's own loader), ``--rounds`` rounds of which the first is warm-u
 Per-round times exclude evaluation (``SimResult.rounds[i]["round_s"]``; one test sample is
 evaluated after the last round only), and each round's local-training seconds are timed
 too (``local_s``). Reported: median seconds per round over the timed rounds; the overhead
-end to end, ``sim none / baseline - 1`` (issue bar: <= 20 %), which drifts with the load
+end to end, ``sim none / baseline - 1``, which drifts with the load
 of a shared machine between runs; the overhead in-run, ``(round - local) / local`` of
 ``sim none`` minus the same for the baseline: the time the payload path adds relative to
 the local computation of the same rounds (robust to load drift); DGP's extra seconds per
@@ -61,7 +61,7 @@ if os.path.dirname(HERE) not in sys.path:  # `python bench/bench_sim.py` from a 
 
 import dgp_kernels  # noqa: E402
 from dgp_kernels.sim import SimConfig, build_model, load_dataset, simulate  # noqa: E402
-from dgp_kernels.sim.data import iid_split  # noqa: E402
+from dgp_kernels.cases.datasets import iid_split  # noqa: E402
 
 
 def _environment(device: str) -> Dict[str, str]:
@@ -138,7 +138,7 @@ def sim_rounds(cfg: SimConfig) -> List[Tuple[float, float]]:
 
 def study_ef_gap(args: argparse.Namespace) -> int:
     """``--study ef-gap``: see the module docstring."""
-    from dgp_kernels.sim.efgap import ef_gap_study, write_ef_gap
+    from bench.studies.efgap import ef_gap_study, write_ef_gap
     from dgp_kernels.sim.multiseed import parse_seeds
 
     seeds = parse_seeds(args.seeds)

@@ -1,17 +1,18 @@
 """Which native backends are loaded, decided once at import from what is installed.
 
-The C++ extension ``dgp_kernels._C`` registers the CPU kernels of every ``dgp::`` op when
-imported. When it is missing (a source checkout that was never built) the pure-torch
-reference serves the CPU key instead and a single warning says so. CUDA tensors are served
-by the Triton kernels when triton imports, else by the reference.
+The C++ extension ``dgp_kernels._C`` (loaded by :mod:`dgp_kernels.native`) registers the
+CPU kernels of every ``dgp::`` op. When it is missing or cannot be loaded the pure-torch
+reference serves the CPU key instead, and the loader's single warning says why and how to
+fix it. CUDA tensors are served by the Triton kernels when triton imports, else by the
+reference.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+from . import native
 from .ops import register_reference
 
 
@@ -26,20 +27,11 @@ class BackendInfo:
 
 
 def _load_cpu() -> tuple[str, str, Optional[str]]:
-    try:
-        from . import _C  # noqa: F401  (importing registers the CPU kernels)
-    except ImportError as exc:  # never built, or built against another torch
-        reason = f"{type(exc).__name__}: {exc}"
-        warnings.warn(
-            "dgp_kernels: the C++ extension dgp_kernels._C is not available "
-            f"({reason}); CPU tensors use the slow pure-torch reference. Build it with "
-            "`pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    lib = native.load()  # warns once when the extension is missing or cannot be loaded
+    if lib is None:
         register_reference("CPU")
-        return "reference", "none", reason
-    return "cpp", _C.simd_level(), None
+        return "reference", "none", native.reason()
+    return "cpp", lib.simd_level(), None
 
 
 def _load_cuda() -> str:

@@ -1,11 +1,11 @@
-"""GPU benchmark of the Triton band selection (issue 4 item 4). Skips without CUDA.
+"""GPU benchmark of the Triton band selection. Skips without CUDA.
 
-    python bench/bench_triton.py                 # 25M float32, ResNet-18, ResNet-50
-    python bench/bench_triton.py --reps 50 --size 25000000 --markdown out.md
-    dgp bench                                    # runs this too when a GPU is present
+    dgp bench --gpu on                           # 25M float32, ResNet-18, ResNet-50
+    python -m dgp_kernels.benchmarks_gpu --reps 50 --markdown out.md
+    python -m dgp_kernels.benchmarks_gpu --variant b1k:block=1024 --variant w4:num_warps=4
 
 Inputs: one 25M-element float32 ``randn`` tensor; the 62 gradient shapes of the CIFAR
-ResNet-18 (``dgp_kernels.sim.models.resnet18_cifar``, 11.2M elements); the 161 parameter
+ResNet-18 (``dgp_kernels.cases.models.resnet18_cifar``, 11.2M elements); the 161 parameter
 shapes of an ImageNet ResNet-50 (torchvision layout, 25.6M elements, generated below, no
 torchvision). Values are ``randn`` (the selection's cost does not depend on the layer
 having been produced by a backward pass, only on sizes and the value distribution).
@@ -13,13 +13,15 @@ having been produced by a backward pass, only on sizes and the value distributio
 Methods, each with (``_ef``) and without error feedback, measured in the same process:
 
 * ``ours``: ``dgp_kernels.select_ef_multi`` / ``select_multi`` on CUDA tensors (the Triton
-  kernels registered for the CUDA key; the header says which backend served them);
+  kernels registered for the CUDA key; the header says which backend served them), eager;
+* ``ours[graphs]``: the same inside ``dgp_kernels.kernels.triton.cuda_graphs()`` (each call
+  replays a captured CUDA graph);
 * ``authors``: the DGP authors' operator, two ``torch.topk`` + two ``scatter_`` masks per
   tensor (``dgp_kernels.ops.baselines.authors_dgp``);
 * ``topk``: one ``torch.topk`` of ``k_keep`` per tensor (classic gradient pruning, no EF);
 * ``clone``: ``clone()`` of every tensor, the bandwidth yardstick;
-* ``ours[NAME]`` (``--variant NAME:KNOB=v,...``): ours with launcher constants set, e.g.
-  fused tails or CUDA graphs, timed in the same process as the rest.
+* ``ours[NAME]`` (``--variant NAME:field=v,...``): ours with fields of the launcher's
+  ``Tuning`` changed, timed in the same process as the rest.
 
 Timing: CUDA events around each call on the current stream, after ``--warmup`` untimed calls
 (the first compiles the kernels); residuals are zeroed before each call outside the events.
@@ -70,9 +72,9 @@ def peak_bandwidth(name: str) -> Optional[float]:
 # Inputs
 # --------------------------------------------------------------------------------------
 def resnet18_shapes() -> Tuple[List[Tuple[int, ...]], str]:
-    from dgp_kernels.sim.models import resnet18_cifar
+    from dgp_kernels.cases.models import resnet18_cifar
 
-    return [tuple(p.shape) for p in resnet18_cifar().parameters()], "dgp_kernels.sim.models"
+    return [tuple(p.shape) for p in resnet18_cifar().parameters()], "dgp_kernels.cases.models"
 
 
 def resnet50_shapes(num_classes: int = 1000) -> List[Tuple[int, ...]]:
@@ -111,37 +113,40 @@ def _methods():
     }
 
 
-def _with_knobs(fn: Callable, knobs: Dict[str, str]) -> Callable:
-    """``fn`` run with module constants of the Triton launcher set (e.g. ``FUSE_TAILS=1``,
-    ``USE_CUDA_GRAPHS=1``, ``PERSISTENT=3``), restored after each call."""
-    from dgp_kernels.kernels.triton import select as ts
+def _with_tuning(base: str, changes: Dict[str, str]) -> Callable:
+    """Ours (``base``: ``ours_ef`` or ``ours``) through the Triton wrappers with the default
+    ``Tuning`` changed by ``changes`` (field name -> text)."""
+    from dgp_kernels.kernels.triton import DEFAULT, select_ef_multi_triton, select_multi_triton
 
-    for name in knobs:
-        if not hasattr(ts, name):
-            raise SystemExit(f"bench_triton: --variant knob {name!r} is not a constant of "
-                             "dgp_kernels.kernels.triton.select")
+    fields = {f: type(getattr(DEFAULT, f)) for f in DEFAULT.__dataclass_fields__}
+    for name in changes:
+        if name not in fields:
+            raise SystemExit(f"benchmarks_gpu: --variant field {name!r} is not a field of "
+                             f"Tuning ({', '.join(fields)})")
+    tuning = DEFAULT.replace(**{k: fields[k](v) for k, v in changes.items()})
+    if base == "ours_ef":
+        return lambda gs, es: select_ef_multi_triton(gs, es, TOP, KEEP, tuning=tuning)
+    return lambda gs, es: select_multi_triton(gs, TOP, KEEP, tuning=tuning)
+
+
+def _with_graphs(fn: Callable) -> Callable:
+    """``fn`` with CUDA-graph replay on (``cuda_graphs()``)."""
+    from dgp_kernels.kernels.triton import cuda_graphs
 
     def call(gs, es):
-        old = {name: getattr(ts, name) for name in knobs}
-        for name, value in knobs.items():
-            setattr(ts, name, type(old[name])(int(value)) if not isinstance(old[name], float)
-                    else float(value))
-        try:
+        with cuda_graphs():
             return fn(gs, es)
-        finally:
-            for name, value in old.items():
-                setattr(ts, name, value)
 
     return call
 
 
 def parse_variant(text: str) -> Tuple[str, Dict[str, str]]:
-    """``'fused:FUSE_TAILS=1,USE_CUDA_GRAPHS=1'`` -> ``('fused', {...})``."""
+    """``'b1k:block=1024,num_warps=4'`` -> ``('b1k', {...})``."""
     name, _, spec = text.partition(":")
-    knobs = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
-    if not name or not knobs:
-        raise SystemExit(f"bench_triton: --variant {text!r} is not NAME:KNOB=v[,KNOB=v]")
-    return name, knobs
+    changes = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+    if not name or not changes:
+        raise SystemExit(f"benchmarks_gpu: --variant {text!r} is not NAME:field=v[,field=v]")
+    return name, changes
 
 
 def mandatory_bytes(gs: Sequence[torch.Tensor], method: str) -> int:
@@ -158,19 +163,19 @@ def mandatory_bytes(gs: Sequence[torch.Tensor], method: str) -> int:
     return (3 if ef else 1) * n * s + k * (8 + s)
 
 
-def _count_sample_misses() -> Optional[Dict[str, int]]:
-    """Count how often the Triton launcher's sampled path holds both boundaries."""
+def sample_misses(gs: Sequence[torch.Tensor], reps: int = 5) -> str:
+    """How often the sampled path held every layer's boundaries on these inputs (layers
+    it misses are rerun on the exact path)."""
     try:
-        from dgp_kernels.kernels.triton import select as ts
+        from dgp_kernels.kernels.triton import CallInfo, select_ef_multi_triton
     except ImportError:
-        return None
-    counts = {"hit": 0, "miss": 0}
-
-    def record(missed):
-        counts["miss" if missed else "hit"] += 1
-
-    ts._record_sampled = record
-    return counts
+        return "n/a"
+    missed = 0
+    for _ in range(reps):
+        info = CallInfo()
+        select_ef_multi_triton(gs, [torch.zeros_like(g) for g in gs], TOP, KEEP, info=info)
+        missed += len(info.missed)
+    return f"{missed} layer misses in {reps} calls"
 
 
 def check_exact(gs: Sequence[torch.Tensor]) -> str:
@@ -223,7 +228,7 @@ def time_method(fn: Callable, gs, es, reps: int, warmup: int) -> List[float]:
 def run(args) -> int:
     device = "cpu" if args.cpu_smoke else "cuda"
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("bench_triton: skipped, no CUDA device (torch.cuda.is_available() is False); "
+        print("benchmarks_gpu: skipped, no CUDA device (torch.cuda.is_available() is False); "
               "the Triton kernels are checked on CPU by tests/kernels under TRITON_INTERPRET=1")
         return 0
     import dgp_kernels
@@ -237,18 +242,18 @@ def run(args) -> int:
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU smoke run (timings meaningless)"
     peak = peak_bandwidth(dev)
     info = dgp_kernels.backend_info()
-    print(f"# bench_triton: {dev} | peak {peak / 1e12 if peak else float('nan'):.2f} TB/s "
-          f"(nominal, table in bench_triton.py) | torch {torch.__version__} | triton "
+    print(f"# benchmarks_gpu: {dev} | peak {peak / 1e12 if peak else float('nan'):.2f} TB/s "
+          f"(nominal, table in dgp_kernels/benchmarks_gpu.py) | torch {torch.__version__} | triton "
           f"{triton_version} | dgp_kernels {dgp_kernels.__version__} | CUDA backend: "
           f"{info.cuda} | {platform.node()}")
-    try:
-        from dgp_kernels.kernels.triton import select as ts
-
-        graphs = "on" if ts.USE_CUDA_GRAPHS else "off (DGP_CUDA_GRAPHS=1 turns them on)"
-    except ImportError:
-        graphs = "n/a"
+    clock = ""
+    if device == "cuda":
+        try:  # the SM clock now (boost clocks vary: say which one the numbers saw)
+            clock = f" | SM clock {torch.cuda.clock_rate()} MHz"
+        except Exception:  # (needs pynvml)
+            clock = ""
     print(f"# top={TOP} keep={KEEP}; reps={args.reps} warmup={args.warmup}; times are CUDA-event "
-          f"medians (min) in ms; GB/s = mandatory bytes / median; CUDA graphs: {graphs}")
+          f"medians (min) in ms; GB/s = mandatory bytes / median{clock}")
     if device == "cuda" and info.cuda != "triton":
         print("# WARNING: CUDA tensors are not served by the Triton kernels (is triton "
               "installed?); 'ours' is the pure-torch reference")
@@ -264,18 +269,22 @@ def run(args) -> int:
         inputs = {"tensor smoke": [(args.size,)], "layers smoke": [(30, 20), (7,), (0,), (5, 5)]}
     methods = _methods()
     variants = [parse_variant(v) for v in args.variant or []]
-    for vname, knobs in variants:
+    if info.cuda == "triton" or args.cpu_smoke:
         for base in ("ours_ef", "ours"):
             fn, uses_ef = methods[base]
-            methods[f"{base}[{vname}]"] = (_with_knobs(fn, knobs), uses_ef)
-        print(f"# variant {vname}: ours with " + ", ".join(f"{k}={v}" for k, v in knobs.items()))
-    misses = _count_sample_misses()
+            methods[f"{base}[graphs]"] = (_with_graphs(fn), uses_ef)
+        for vname, changes in variants:
+            for base, uses_ef in (("ours_ef", True), ("ours", False)):
+                methods[f"{base}[{vname}]"] = (_with_tuning(base, changes), uses_ef)
+            print(f"# variant {vname}: ours with Tuning(" +
+                  ", ".join(f"{k}={v}" for k, v in changes.items()) + ")")
     rows = []
     for label, shapes in inputs.items():
         gs = [torch.randn(s, device=device, generator=gen) for s in shapes]
         es = [torch.zeros_like(g) for g in gs]
         n = sum(g.numel() for g in gs)
-        print(f"# {label}: ours bit-exact vs the reference (same device): {check_exact(gs)}")
+        print(f"# {label}: ours bit-exact vs the reference (same device): {check_exact(gs)}; "
+              f"sampled path: {sample_misses(gs)}")
         results: Dict[str, float] = {}
         for name, (fn, uses_ef) in methods.items():
             if name.startswith("authors") and args.skip_authors:
@@ -292,15 +301,13 @@ def run(args) -> int:
             torch.cuda.empty_cache()
         # speed-ups against the authors, per input
         pairs = [("ours_ef", "authors_ef"), ("ours", "authors")]
-        pairs += [(f"{o}[{v}]", t) for v, _ in variants for o, t in pairs[:2]]
+        pairs += [(f"{o}[{v}]", t) for v in ["graphs"] + [v for v, _ in variants]
+                  for o, t in pairs[:2]]
         for ours, theirs in pairs:
             if ours in results and theirs in results:
                 rows.append((label, n, f"{theirs}/{ours}", results[theirs] / results[ours],
                              math.nan, math.nan, "x"))
 
-    if misses is not None:
-        print(f"# sampled path: {misses['hit']} calls found every boundary in the sample, "
-              f"{misses['miss']} missed some (those layers reran on the exact path)")
     header = "| input | elements | method | median ms | min ms | GB/s | of peak |"
     lines = [header, "|---|---:|---|---:|---:|---:|---:|"]
     for label, n, name, med, mn, gbs, frac in rows:
@@ -324,10 +331,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls (the first compiles)")
     p.add_argument("--skip-authors", action="store_true", help="skip the slow two-topk baseline")
     p.add_argument("--markdown", help="also write the table to this file")
-    p.add_argument("--variant", action="append", metavar="NAME:KNOB=v[,KNOB=v]",
-                   help="also time ours with constants of dgp_kernels.kernels.triton.select "
-                        "set, in the same process (repeatable), e.g. "
-                        "'fused:FUSE_TAILS=1' or 'graphs:USE_CUDA_GRAPHS=1'")
+    p.add_argument("--variant", action="append", metavar="NAME:field=v[,field=v]",
+                   help="also time ours with fields of the Triton Tuning changed, in the same "
+                        "process (repeatable), e.g. 'b1k:block=1024'")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run the script's logic on small CPU tensors (no GPU; not a benchmark)")
     return run(p.parse_args(argv))

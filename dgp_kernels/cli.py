@@ -6,17 +6,50 @@ Subcommands:
   train     collaborative-learning simulator: accuracy and bytes per defense
             (dgp_kernels.sim.cli)
   bench     timing table of our ops vs the DGP authors' operator, topk and clone
-            (dgp_kernels.benchmarks)
+            (dgp_kernels.speed)
 
 Add a subcommand: write ``add_arguments(parser)`` and ``run_from_args(args) -> int`` in the
 module that owns the work, then register both in ``_SUBCOMMANDS`` below.
+
+Conventions every subcommand follows: defenses are given as specs (``dgp:top=0.1``,
+:mod:`dgp_kernels.spec`); every option's help states its default; errors name the flag and
+exit with status 2 before any work starts; the output folder is checked and created
+(:func:`prepare_out_dir`) before the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
 from typing import Optional, Sequence
+
+__all__ = ["build_parser", "default_out_dir", "main", "prepare_out_dir"]
+
+
+def default_out_dir(command: str) -> str:
+    """``runs/<command>-<UTC timestamp>``: the default output folder of a subcommand."""
+    return os.path.join("runs", f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+
+
+def prepare_out_dir(path: str, flag: str = "--out") -> str:
+    """Create the output folder ``path`` (and its parents) and check that a file can be
+    written in it, before a run that may take minutes. Raises ``ValueError`` naming ``flag``
+    when it cannot be created or written; returns ``path``."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path!r}: cannot create the folder ({exc.strerror or exc})") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {path!r}: cannot write in the folder ({exc.strerror or exc})") from None
+    return path
 
 
 def _lazy(module: str):
@@ -47,7 +80,7 @@ _SUBCOMMANDS = {
     "bench": (
         "time our band selection against the DGP authors' operator, a single topk and "
         "clone(), on a model's gradients and one large tensor",
-        *_lazy(".benchmarks"),
+        *_lazy(".speed"),
     ),
 }
 

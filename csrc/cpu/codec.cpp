@@ -29,7 +29,7 @@ namespace w = ::dgp::wire;
 constexpr const char* kPayloadError = "PayloadError: ";
 
 // Work below this many values is done on one thread: an OpenMP region can stall ~8 ms on
-// this project's 2-vCPU machines (DESIGN.md §6), more than a small model's whole decode.
+// 2-vCPU machines with the default OMP_WAIT_POLICY, more than a small model's whole decode.
 constexpr int64_t kParallelMinValues = 1 << 18;
 
 uint8_t wire_dtype_of(const at::Tensor& v, int64_t layer) {

@@ -1,6 +1,6 @@
 // Exact DGP band selection on the CPU: the torch-free core behind csrc/cpu/select.cpp.
 //
-// Semantics (../shared/DESIGN.md §2.1): rank entries by |v| descending, ties by ascending
+// Semantics (docs/semantics.md): rank entries by |v| descending, ties by ascending
 // flat index; keep ranks [k_top, k_top + k_keep). |v| is ordered by the integer key
 // bits(v) & ~sign, so the two boundary entries are found by radix selection on keys only:
 //
@@ -87,7 +87,7 @@ struct Counts {
   int64_t n = 0, k_top = 0, k_keep = 0;
 };
 
-// DESIGN.md §2.1 counts, in double; must match dgp_kernels/ops/_checks.py:band_counts.
+// The counts of docs/semantics.md, in double; must match dgp_kernels/ops/checks.py:band_counts.
 inline Counts band_counts(int64_t n, double top, double keep) {
   Counts c;
   c.n = n;

@@ -11,6 +11,7 @@ Examples::
     dgp evaluate                                   # built-in default, a few minutes on 2 CPU cores
     dgp evaluate --quick --no-utility              # smoke run (under a minute)
     dgp evaluate --defenses none "dgp:top=0.05,keep=0.2" "topk:keep=0.2" --attacks dlg ig-adaptive
+    dgp evaluate --defenses none,dgp:top=0.1,topk      # the same comma lists as dgp train
     dgp evaluate --dataset cifar10 --data-root ~/data --images 8 --full --device cuda
 """
 
@@ -33,13 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Defense specs: 'none', 'dgp' (defaults top=0.05,keep=0.2), 'dgp:top=0.05,keep=0.2', "
         "'topk:keep=0.2', 'randk:keep=0.2', 'dp:sigma=0.01' (Gaussian noise of std sigma, no "
         "clipping unless clip= is given), 'qsgd:levels=8'. The attack side applies each one "
-        "once, without error feedback (one round's upload).\n"
+        "once, without error feedback, as the DGP paper's evaluation does. The same spec "
+        "syntax as `dgp train --defenses`; a word may hold a comma list "
+        "(none,dgp:top=0.1,keep=0.2).\n"
         "Attacks: dlg idlg ig dlg-adaptive ig-adaptive ig-dgp-aware rtf (or 'all')."
     )
     g = parser.add_argument_group("grid")
     g.add_argument("--defenses", nargs="+", metavar="SPEC", default=None,
-                   help="defense specs (default: none, DGP at three (top, keep) points incl. the "
-                        "defaults, top-k 20%%, DP at three noise levels, qsgd)")
+                   help="defense specs, see below (default: none, DGP at three (top, keep) "
+                        "points incl. the defaults, top-k 20%%, DP at three noise levels, qsgd; "
+                        "--quick: none, dgp, topk:keep=0.2, dp:sigma=0.01)")
     g.add_argument("--attacks", nargs="+", metavar="NAME", default=None,
                    help="attack names or 'all' (default: every attack that differs on the "
                         "undefended, DGP-default and top-k 20%% rows; the strongest of each "
@@ -49,13 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "scikit-learn's digits (offline), or MNIST/CIFAR from --data-root")
     g.add_argument("--data-root", default=None, metavar="DIR",
                    help="directory holding MNIST/CIFAR files (torchvision layout or the "
-                        "standard archives' contents)")
+                        "standard archives' contents); not needed for photos and digits "
+                        "(default: none)")
     g.add_argument("--images", type=int, default=None, metavar="N",
                    help="number of target images (default 4: astronaut, chelsea, coffee, rocket; "
                         "--quick: 1)")
     g.add_argument("--image-size", type=int, default=None, metavar="PX",
-                   help="side of the (square) target images; default 32 for photos, the "
-                        "dataset's own size otherwise")
+                   help="side of the (square) target images (default: 32 for photos, the "
+                        "dataset's own size otherwise)")
     g.add_argument("--model", choices=_MODELS, default="lenet_sigmoid",
                    help="client model the gradient is computed on (default: DLG's sigmoid LeNet)")
     g.add_argument("--batch-size", type=int, default=1, metavar="B",
@@ -74,10 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "steps, DLG 300 L-BFGS steps): hours on a CPU, use --device cuda")
     b.add_argument("--iterations", type=float, default=None, metavar="SCALE",
                    help="multiply every attack's default iteration count by SCALE "
-                        "(applied after --quick/--full)")
+                        "(applied after --quick/--full) (default: 1)")
     b.add_argument("--device", default="auto",
-                   help="torch device for the attacks: auto (cuda when available), cpu, cuda, cuda:1")
-    b.add_argument("--seed", type=int, default=0, help="seed of models, defenses and attacks")
+                   help="torch device for the attacks: auto (cuda when available), cpu, cuda, "
+                        "cuda:1 (default: %(default)s)")
+    b.add_argument("--seed", type=int, default=0,
+                   help="seed of models, defenses and attacks (default: %(default)s)")
     b.add_argument("--threads", type=int, default=1,
                    help="torch threads while attacking (default 1: the attacked models are tiny "
                         "and more threads only wait on each other)")
@@ -93,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR",
-                   help="output directory (default runs/evaluate-<timestamp>)")
+                   help="output folder, created before the run (default: "
+                        "runs/evaluate-<UTC timestamp>)")
     o.add_argument("--no-utility", action="store_true",
                    help="skip the short simulator runs that give each defense's accuracy and "
                         "upload bytes for the privacy-utility-communication plot")
@@ -110,10 +118,13 @@ def _fail(msg: str) -> int:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``dgp evaluate``; returns the process exit status (0 ok, 2 bad arguments)."""
+    from ..cli import default_out_dir, prepare_out_dir
+    from ..spec import split_specs
+    from .report import format_summary, write_report
     from .runner import EvalConfig, default_config, run_evaluation
-    from .report import write_report, format_summary
 
     try:
+        defenses = None if args.defenses is None else split_specs(args.defenses)
         cfg = default_config(
             quick=bool(args.quick),
             full=bool(args.full),
@@ -124,7 +135,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             model=args.model,
             batch_size=args.batch_size,
             known_labels=args.labels == "known",
-            defenses=args.defenses,
+            defenses=defenses,
             attacks=_split_attacks(args.attacks),
             iteration_scale=args.iterations,
             device=args.device,
@@ -135,17 +146,16 @@ def run_from_args(args: argparse.Namespace) -> int:
             workers=args.workers,
             tuning=not args.no_tuning,
         )
+        out = prepare_out_dir(args.out or default_out_dir("evaluate"), "--out")
     except (ValueError, TypeError, FileNotFoundError) as exc:
         return _fail(str(exc))
     assert isinstance(cfg, EvalConfig)
-    out = args.out
-    if out is None:
-        import time
-
-        out = f"runs/evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
     progress = not args.no_progress
     try:
-        result = run_evaluation(cfg, progress=progress)
+        # The simulator is wired in here: the attacks package does not import it.
+        from ..sim import simulate_defense
+
+        result = run_evaluation(cfg, progress=progress, trainer=simulate_defense)
     except FileNotFoundError as exc:
         return _fail(str(exc))
     paths = write_report(result, out, progress=progress)

@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from ..codec import decode, encode
 from ..codec.payload import SparsePayload
 from ..compressor import get_compressor
-from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP
+from ..ops import DEFAULT_KEEP, DEFAULT_TOP
+from ..spec import parse_spec
 
 __all__ = [
     "DEFENSE_PARAMS",
@@ -159,11 +160,7 @@ def parse_defense(spec: object) -> DefenseSpec:
     """
     if isinstance(spec, DefenseSpec):
         return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"defense spec must be a str, got {type(spec).__name__} {spec!r}")
-    text = spec.strip()
-    name, _, rest = text.partition(":")
-    name = name.strip().lower()
+    name, raw = parse_spec(spec)  # the syntax shared with dgp train and SimConfig
     if name not in DEFENSE_PARAMS:
         hint = " (adgp is a training-time protocol; its single-round operator is dgp)" if name == "adgp" else ""
         raise ValueError(
@@ -172,24 +169,13 @@ def parse_defense(spec: object) -> DefenseSpec:
         )
     allowed = DEFENSE_PARAMS[name]
     given: Dict[str, Any] = {}
-    if rest.strip():
-        for item in rest.split(","):
-            key, eq, val = item.partition("=")
-            key, val = key.strip(), val.strip()
-            if not eq or not key or not val:
-                raise ValueError(
-                    f"defense {spec!r}: expected param=value pairs separated by commas, got {item!r}"
-                )
-            if key not in allowed:
-                raise ValueError(
-                    f"defense {spec!r}: {name} has no parameter {key!r}; its parameters are: "
-                    f"{', '.join(allowed) or '(none)'}"
-                )
-            if key in given:
-                raise ValueError(f"defense {spec!r}: parameter {key!r} given twice")
-            given[key] = _parse_value(spec, key, val, allowed[key])
-    elif ":" in text:
-        raise ValueError(f"defense {spec!r}: nothing after ':' (write {name!r} for the defaults)")
+    for key, val in raw.items():
+        if key not in allowed:
+            raise ValueError(
+                f"defense {spec!r}: {name} has no parameter {key!r}; its parameters are: "
+                f"{', '.join(allowed) or '(none)'}"
+            )
+        given[key] = _parse_value(spec, key, val, allowed[key])
     if name == "dp":
         if "sigma" in given and "noise_multiplier" in given:
             raise ValueError(f"defense {spec!r}: give sigma or noise_multiplier, not both")

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..ops import band_counts  # DGP's per-layer counts: the attacker knows the rule
+from ..ops import band_counts  # DGP's per-layer counts (docs/semantics.md): the attacker knows the rule
 
 __all__ = [
     "GradientObjective",

@@ -39,14 +39,14 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import metrics
 from .base import ThreatModel, available_attacks, compute_gradients, get_attack, infer_labels_idlg
-from .data import TargetSet, load_targets
+from ..cases.targets import TargetSet, load_targets
 from .defenses import DefendedGradient, DefenseSpec, apply_defense, parse_defense
 
 __all__ = [
@@ -211,11 +211,11 @@ class EvalConfig:
 
     Attributes:
         grid: ``(defense spec, attack names)`` pairs: which attacks run on which defense.
-        dataset: target source (:func:`~dgp_kernels.attacks.data.load_targets`).
+        dataset: target source (:func:`~dgp_kernels.cases.targets.load_targets`).
         images: number of target images.
         image_size: square side of the targets (``None``: the source's default).
         data_root: directory of MNIST/CIFAR files.
-        model: client model name (:data:`dgp_kernels.sim.models.MODELS`).
+        model: client model name (:data:`dgp_kernels.cases.models.MODELS`).
         batch_size: images behind one shared gradient.
         known_labels: give the attacks (except idlg/rtf) the true labels.
         attack_params: constructor arguments per attack name (iteration budgets).
@@ -298,7 +298,7 @@ class EvalConfig:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 4):
             raise ValueError(f"image_size must be None or an int >= 4, got {self.image_size!r}")
-        from ..sim.models import MODELS
+        from ..cases.models import MODELS
 
         for name in ("model", "utility_model"):
             if getattr(self, name) not in MODELS:
@@ -717,7 +717,7 @@ def _build_model(cfg: EvalConfig, targets: TargetSet, seed: int, device: str) ->
     training mode as the client uses it."""
     import inspect
 
-    from ..sim.models import get_model, MODELS
+    from ..cases.models import get_model, MODELS
 
     c, h, _ = targets.image_shape
     kw: Dict[str, Any] = {"num_classes": targets.num_classes, "channels": c}
@@ -743,18 +743,23 @@ def _finite(x: float, cap: float = PSNR_CAP_DB) -> float:
     return min(float(x), cap)
 
 
-def run_evaluation(cfg: EvalConfig, *, progress: bool = True, targets: Optional[TargetSet] = None) -> EvalResult:
+def run_evaluation(cfg: EvalConfig, *, progress: bool = True, targets: Optional[TargetSet] = None,
+                   trainer: Optional[Callable[..., Any]] = None) -> EvalResult:
     """Run the grid of ``cfg`` (see the module docstring) and, when ``cfg.utility``, the
-    simulator runs; returns an :class:`EvalResult`.
+    training runs; returns an :class:`EvalResult`.
 
-    ``targets`` overrides the images ``cfg`` would load (tests pass tiny ones).
+    ``targets`` overrides the images ``cfg`` would load (tests pass tiny ones). ``trainer``
+    runs the training for the utility columns (see :func:`run_utility`); pass
+    :func:`dgp_kernels.sim.simulate_defense` (``dgp evaluate`` does). The attacks do not
+    import the simulator, so without a trainer the utility runs are skipped and
+    ``EvalResult.utility_note`` says so.
     """
     cfg.validate()
     device = _resolve_device(cfg.device)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, device, progress, targets)
+        return _run(cfg, device, progress, targets, trainer)
     finally:
         torch.set_num_threads(saved_threads)
 
@@ -865,7 +870,8 @@ def _run_batch(cfg: EvalConfig, device: str, targets: TargetSet, b_i: int, idx: 
     return out
 
 
-def _run(cfg: EvalConfig, device: str, progress: bool, targets: Optional[TargetSet]) -> EvalResult:
+def _run(cfg: EvalConfig, device: str, progress: bool, targets: Optional[TargetSet],
+         trainer: Optional[Callable[..., Any]]) -> EvalResult:
     machine = _machine_info(device)
     t_start = time.perf_counter()
     if targets is None:
@@ -922,10 +928,13 @@ def _run(cfg: EvalConfig, device: str, progress: bool, targets: Optional[TargetS
     machine["attack_seconds"] = round(time.perf_counter() - t_start, 2)
     result = EvalResult(config=cfg, targets=targets, attacks=records, defenses=defense_records,
                         reconstructions=recon, machine=machine, tuning_rows=tuning_rows)
-    if cfg.utility:
+    if cfg.utility and trainer is None:
+        result.utility_note = ("utility runs skipped: no trainer given "
+                               "(run_evaluation(..., trainer=dgp_kernels.sim.simulate_defense))")
+    elif cfg.utility:
         t_u = time.perf_counter()
         try:
-            result.utility = run_utility(specs, rounds=cfg.utility_rounds, seed=cfg.seed,
+            result.utility = run_utility(specs, trainer=trainer, rounds=cfg.utility_rounds, seed=cfg.seed,
                                          device=device, progress=progress, model=cfg.utility_model)
         except ImportError as exc:
             result.utility_note = f"utility runs skipped: {exc}"
@@ -1057,22 +1066,24 @@ def _score(rec, x: Tensor, y: Tensor, idx: List[int], targets: TargetSet, defens
 # --------------------------------------------------------------------------------------
 # Utility: accuracy and bytes from the simulator
 # --------------------------------------------------------------------------------------
-def run_utility(specs: Sequence[object], *, rounds: int = 40, seed: int = 0, device: str = "cpu",
-                progress: bool = True, clients: int = 10, dataset: str = "digits",
-                model: str = "mlp") -> List[UtilityRecord]:
-    """Train with each defense in the simulator (FedSGD, error feedback as each compressor
-    defaults: on for DGP, off for top-k) and record the final test accuracy and the mean
-    upload bytes per client per round. Short runs on the built-in digits by default."""
-    from ..sim import SimConfig, simulate
+def run_utility(specs: Sequence[object], *, trainer: Callable[..., Any], rounds: int = 40,
+                seed: int = 0, device: str = "cpu", progress: bool = True, clients: int = 10,
+                dataset: str = "digits", model: str = "mlp") -> List[UtilityRecord]:
+    """Train with each defense (FedSGD, error feedback as each compressor defaults: on for
+    DGP, off for top-k) and record the final test accuracy and the mean upload bytes per
+    client per round. Short runs on the built-in digits by default.
 
+    ``trainer`` does the training: it is called as ``trainer(defense, defense_params,
+    dataset=, model=, clients=, rounds=, seed=, device=, progress=)`` and returns a result
+    with ``rounds`` (dicts with ``upload_bytes`` and ``participants``), ``final_accuracy``
+    and ``dense_bytes``: :func:`dgp_kernels.sim.simulate_defense` is one (the attacks do not
+    import the simulator; the caller wires it in)."""
     out: List[UtilityRecord] = []
     for spec in specs:
         spec = parse_defense(spec)
         t0 = time.perf_counter()
-        cfg = SimConfig(dataset=dataset, model=model, defense=spec.name,
-                        defense_params=spec.compressor_params(), clients=clients, rounds=rounds,
-                        seed=seed, device=device)
-        res = simulate(cfg, progress=progress)
+        res = trainer(spec.name, spec.compressor_params(), dataset=dataset, model=model,
+                      clients=clients, rounds=rounds, seed=seed, device=device, progress=progress)
         sent = [(r["upload_bytes"], len(r["participants"])) for r in res.rounds]
         per_round = sum(b for b, _ in sent) / max(1, sum(c for _, c in sent))
         out.append(UtilityRecord(

@@ -9,10 +9,12 @@ from .wire import (
     CODING_NAMES,
     AccumulateReport,
     RejectedPayload,
+    accumulate_on_device,
     cpp_available,
     decode,
     decode_accumulate,
     encode,
+    encode_on_device,
 )
 
 __all__ = [
@@ -24,10 +26,12 @@ __all__ = [
     "RoundBytes",
     "SparsePayload",
     "TrafficLog",
+    "accumulate_on_device",
     "cpp_available",
     "decode",
     "decode_accumulate",
     "dense_nbytes",
     "encode",
+    "encode_on_device",
     "payload_nbytes",
 ]

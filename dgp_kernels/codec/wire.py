@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -30,6 +32,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..checks import VALUE_DTYPES
 from . import _wire_py as _py
 from .payload import LayerPayload, PayloadError, SparsePayload
 
@@ -37,14 +40,15 @@ __all__ = [
     "CODING_NAMES",
     "AccumulateReport",
     "RejectedPayload",
+    "accumulate_on_device",
     "cpp_available",
     "decode",
     "decode_accumulate",
     "encode",
+    "encode_on_device",
 ]
 
 CODING_NAMES = _py.CODING_NAMES  # ("implicit", "bitmap", "varint", "rice", "raw32", "raw64")
-VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 BytesLike = Union[bytes, bytearray, memoryview, Tensor]
 
@@ -73,8 +77,10 @@ _OPS = ("wire_encode", "wire_decode", "wire_validate", "wire_accumulate")
 
 
 def _has_cpp() -> bool:
-    import dgp_kernels  # noqa: F401  (loads _C, which registers the C++ kernels)
+    from .. import native
 
+    if native.load() is None:  # the loader warns once, naming the cause and the fix
+        return False
     return all(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"dgp::{op}", "CPU") for op in _OPS
     )
@@ -226,17 +232,42 @@ def _wire_dtype_id(dtype: torch.dtype, name: str) -> int:
         raise TypeError(f"{name} has dtype {dtype}; the wire carries float32, bfloat16 or float16 values") from None
 
 
-def _resolve_backend(backend: Optional[str]) -> str:
+def _resolve_backend(backend: Optional[str], on_device: bool = False) -> str:
+    """``None`` -> ``"triton"`` for tensors on a GPU, else ``"cpp"`` when built, else
+    ``"python"``. ``"triton"`` may be forced on CPU tensors (Triton's interpreter, tests)."""
     if backend is None:
+        if on_device:
+            return "triton"
         return "cpp" if _CPP else "python"
-    if backend not in ("cpp", "python"):
-        raise ValueError(f"backend must be None, 'cpp' or 'python', got {backend!r}")
+    if backend not in ("cpp", "python", "triton"):
+        raise ValueError(f"backend must be None, 'cpp', 'python' or 'triton', got {backend!r}")
     if backend == "cpp" and not _CPP:
         raise RuntimeError(
             "backend='cpp' but the C++ codec kernels are not built; build dgp_kernels._C with "
             "`pip install --no-build-isolation -e .`"
         )
     return backend
+
+
+def _triton_codec():
+    """The device codec modules (imported on first use: triton is optional)."""
+    try:
+        from ..kernels.triton import codec_decode, codec_encode
+    except ImportError as exc:
+        raise RuntimeError(f"backend='triton' needs the triton package (pip install 'dgp_kernels[triton]'): {exc}") from None
+    return codec_encode, codec_decode
+
+
+def _check_triton_device(device: torch.device, name: str) -> None:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"backend='triton' with {name} on the CPU runs only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is first imported (the tests do)"
+        )
+
+
+def _on_device(t) -> bool:
+    return isinstance(t, Tensor) and t.device.type not in ("cpu", "meta")
 
 
 def _reraise(exc: Exception) -> None:
@@ -311,16 +342,22 @@ def encode(
         force_coding: ``None`` (each layer gets the smallest exact index coding), one coding
             name for every layer, or a per-layer sequence of names/``None``; names are
             ``"implicit" "bitmap" "varint" "rice" "raw32" "raw64"``. For tests and studies.
-        backend: ``None``, ``"cpp"`` or ``"python"`` (identical bytes).
+        backend: ``None`` (``"triton"`` when the values are on a GPU, else ``"cpp"`` when
+            built, else ``"python"``), ``"cpp"``, ``"python"`` (identical bytes; tensors
+            are copied to the host) or ``"triton"`` (the device encoder: implicit, bitmap,
+            raw32 and raw64 only; forced on CPU tensors it needs ``TRITON_INTERPRET=1``).
+            Unforced, the device encoder picks the smallest of the codings it writes (ties
+            to the lowest id): its bytes equal the CPU encoder's given the same codings.
 
     Returns:
-        the payload bytes. Raises :class:`PayloadError` for invalid layer contents (indices
+        the payload bytes (``"triton"``: a 1-D uint8 tensor on the values' device, after
+        one host sync that checks the indices). Raises :class:`PayloadError` for invalid layer contents (indices
         unsorted, repeated or out of range, ``k > numel``, bad meta), ``TypeError`` for
         unsupported dtypes and ``ValueError`` for an impossible ``force_coding``.
     """
     if not isinstance(payload, SparsePayload):
         raise TypeError(f"payload must be a SparsePayload, got {type(payload).__name__}")
-    be = _resolve_backend(backend)
+    be = _resolve_backend(backend, any(_on_device(getattr(l, "values", None)) for l in payload.layers))
     if value_dtype is not None:
         if isinstance(value_dtype, str):
             if value_dtype not in VALUE_DTYPES:
@@ -336,6 +373,11 @@ def encode(
         if len(fc) != L:
             raise ValueError(f"force_coding has {len(fc)} entries for {L} layers")
         codings = [_coding_id(c, i) for i, c in enumerate(fc)]
+    if be == "triton":
+        data, bad = encode_on_device(payload, value_dtype, codings)
+        if bool(bad.any()):  # the one host sync of a device encode
+            _host_plan_error(payload, value_dtype, codings, int(bad.nonzero()[0, 0]))
+        return data
     indices: List[Optional[Tensor]] = []
     values: List[Tensor] = []
     numels: List[int] = []
@@ -380,6 +422,90 @@ def encode(
         _reraise(exc)
 
 
+def _device_layers(payload: SparsePayload, value_dtype, device=None):
+    """(indices, values in the wire dtype, numels, dtype ids, device) for the device
+    encoder; tensors stay on (or move to) one device. Shape-level checks only."""
+    idxs, vals, numels, vds = [], [], [], []
+    for i, layer in enumerate(payload.layers):
+        if not isinstance(layer, LayerPayload):
+            raise TypeError(f"payload.layers[{i}] must be a LayerPayload, got {type(layer).__name__}")
+        v = layer.values
+        if not isinstance(v, Tensor):
+            raise TypeError(f"payload.layers[{i}].values must be a tensor, got {type(v).__name__}")
+        if device is None:
+            device = v.device
+        v = v.detach().reshape(-1).to(device)
+        if value_dtype is not None:
+            v = v.to(value_dtype)
+        elif v.dtype == torch.float64:
+            v = v.to(torch.float32)
+        vds.append(_wire_dtype_id(v.dtype, f"payload.layers[{i}].values"))
+        ix = layer.indices
+        if ix is not None:
+            if not isinstance(ix, Tensor) or ix.dtype.is_floating_point or ix.dtype.is_complex or ix.dtype == torch.bool:
+                raise TypeError(f"payload.layers[{i}].indices must be an integer tensor or None")
+            ix = ix.detach().reshape(-1).to(device=device, dtype=torch.int64)
+            if ix.numel() != v.numel():
+                raise PayloadError(f"layer {i}: {ix.numel()} indices but {v.numel()} values")
+        n = _as_int(layer.numel)
+        if n is None or n < 0:
+            raise PayloadError(f"layer {i}: numel must be a non-negative int, got {layer.numel!r}")
+        idxs.append(ix)
+        vals.append(v.contiguous())
+        numels.append(int(n))
+    return idxs, vals, numels, vds, device if device is not None else torch.device("cpu")
+
+
+def _host_plan_error(payload: SparsePayload, value_dtype, codings: Sequence[int], upto: int) -> None:
+    """Raise what the CPU encoder raises for layers ``0..upto`` (host copies; error path)."""
+    idxs, vals, numels, vds, _ = _device_layers(payload, value_dtype, torch.device("cpu"))
+    aligned = bool(payload.aligned)
+    for j in range(min(upto + 1, len(numels))):
+        _py.plan_layer(numels[j], int(vals[j].numel()), _np_idx(idxs[j]), vds[j], codings[j], aligned, j)
+    raise RuntimeError(f"device encoder flagged layer {upto}, which the CPU encoder accepts")  # not reached
+
+
+def encode_on_device(payload: SparsePayload, value_dtype=None, codings: Optional[Sequence[int]] = None
+                     ) -> Tuple[Tensor, Tensor]:
+    """The device encoder without its host sync: ``(bytes, bad)``, both on the values'
+    device. ``bytes``: the wire-format v1 payload (uint8); ``bad``: int32 ``[L]``, nonzero
+    where a layer's indices are not strictly increasing in ``[0, numel)`` (then ``bytes``
+    is not a valid payload; read it whenever convenient, e.g. with other flags of a step).
+    ``codings``: coding ids per layer (-1: the smallest device coding). ``value_dtype`` a
+    torch dtype or None. Shape-level errors (``k > numel``, an impossible forced coding)
+    raise at once, as in :func:`encode`. Launches: see ``kernels/triton/codec_encode.py``.
+    """
+    enc, _ = _triton_codec()
+    L = len(payload.layers)
+    codings = [-1] * L if codings is None else list(codings)
+    idxs, vals, numels, vds, device = _device_layers(payload, value_dtype)
+    _check_triton_device(device, "the payload")
+    aligned = bool(payload.aligned)
+    chosen = []
+    for i in range(L):
+        n, k, f, ix = numels[i], int(vals[i].numel()), codings[i], idxs[i]
+        if f in (_py.VARINT, _py.RICE):
+            raise ValueError(f"force_coding for layer {i}: the triton codec writes implicit, bitmap, raw32 "
+                             f"or raw64, not {CODING_NAMES[f]!r}")
+        if ix is not None and ix.device != device:
+            raise ValueError(f"payload.layers[{i}].indices is on {ix.device}, the values on {device}")
+        bad = n > _py.MAX_NUMEL or k > n or (ix is not None and aligned)
+        bad = bad or (ix is None and not aligned and k != n)
+        if ix is None or aligned:
+            bad = bad or f not in (-1, _py.IMPLICIT)
+            c = _py.IMPLICIT
+        elif f == -1 or (f == _py.IMPLICIT and k == n):
+            c = enc.choose_coding(n, k, True, False)
+        else:
+            bad = bad or f == _py.IMPLICIT or (f == _py.RAW32 and n > _py.RAW32_MAX_NUMEL)
+            c = f
+        if bad:
+            _host_plan_error(payload, value_dtype, codings, i)
+        chosen.append(c)
+    meta = _serialize_meta(payload.meta)
+    return enc.encode_device(idxs, vals, numels, vds, chosen, aligned, meta, len(payload.meta))
+
+
 def _meta_pairs(d: memoryview, off: int, length: int, count: int) -> Tuple[Tuple[str, int], ...]:
     return tuple(_py.parse_meta(d[off: off + length], off, count)[1])
 
@@ -399,9 +525,12 @@ def decode(
             layer count or another numel for any layer is rejected.
         allow_nonfinite: accept NaN/inf values (rejected by default: one client's NaN would
             poison the aggregate).
+        backend: ``None`` (``"triton"`` for a uint8 tensor on a GPU), ``"cpp"``,
+            ``"python"`` or ``"triton"`` (validated on the device, tensors returned there;
+            three small device-to-host reads: header, meta + layer table, status).
 
     Returns:
-        a :class:`SparsePayload`: indices int64 (``None`` for implicit positions: dense
+        a :class:`SparsePayload` (on the payload's device for ``"triton"``): indices int64 (``None`` for implicit positions: dense
         layers and aligned payloads), values in the wire dtype (float32 / bfloat16 /
         float16). float32 round trips are exact.
 
@@ -409,8 +538,10 @@ def decode(
         PayloadError: for any malformed, truncated, corrupted or mismatched payload, with
         what and where (layer, byte offset).
     """
-    be = _resolve_backend(backend)
+    be = _resolve_backend(backend, _on_device(data))
     exp = _check_numels(expected_numels, "expected_numels")
+    if be == "triton":
+        return _decode_triton(data, exp, bool(allow_nonfinite))
     try:
         if be == "cpp":
             t = _as_byte_tensor(data, "data")
@@ -516,10 +647,11 @@ def decode_accumulate(
     Every payload is validated completely before anything is added, so a rejected client
     contributes nothing and ``out`` is never half-updated.
     """
-    be = _resolve_backend(backend)
     if isinstance(payloads, (bytes, bytearray, memoryview, Tensor)):
         raise TypeError("payloads must be a sequence of payloads (one per client), not a single payload")
     payloads = list(payloads)
+    first_out = out if isinstance(out, Tensor) else next(iter(out), None) if isinstance(out, (list, tuple)) else None
+    be = _resolve_backend(backend, _on_device(first_out) and all(_on_device(p) for p in payloads))
     if isinstance(out, Tensor):
         ns = _check_numels(numels, "numels")
         if ns is None:
@@ -546,9 +678,16 @@ def decode_accumulate(
                 raise ValueError(f"weights[{i}] must be finite, got {w!r}")
     aligned_idx: List[Tensor] = []
     if indices is not None:
-        aligned_idx = [_check_positions(p, o.numel(), i) for i, (p, o) in enumerate(zip(indices, outs))]
-        if len(aligned_idx) != len(outs) or len(list(indices)) != len(outs):
-            raise ValueError(f"indices has {len(list(indices))} tensors for {len(outs)} layers")
+        indices = list(indices)
+        if len(indices) != len(outs):
+            raise ValueError(f"indices has {len(indices)} tensors for {len(outs)} layers")
+        if be == "triton":
+            aligned_idx = _check_positions_device(indices, outs)
+        else:
+            aligned_idx = [_check_positions(p, o.numel(), i) for i, (p, o) in enumerate(zip(indices, outs))]
+    if be == "triton":
+        return _accumulate_triton(payloads, weights, out, outs, aligned_idx if indices is not None else None,
+                                  bool(allow_nonfinite), bool(strict))
     try:
         if outs and outs[0].device.type != "cpu":
             status = _accumulate_staged(payloads, weights, outs, aligned_idx, bool(allow_nonfinite),
@@ -666,3 +805,197 @@ def _check_positions(p, numel: int, layer: int) -> Tensor:
     if p.numel() and (bool((p[1:] <= p[:-1]).any()) or int(p[0]) < 0 or int(p[-1]) >= numel):
         raise ValueError(f"indices[{layer}] must be strictly increasing in [0, {numel})")
     return p
+
+
+def _check_positions_device(indices, outs: List[Tensor]) -> List[Tensor]:
+    """Broadcast positions on the buffers' device, checked with one host read in all."""
+    dev = outs[0].device
+    ps, oks = [], []
+    for i, (p, o) in enumerate(zip(indices, outs)):
+        if not isinstance(p, Tensor) or p.dtype.is_floating_point or p.dtype == torch.bool:
+            raise TypeError(f"indices[{i}] must be an integer tensor of broadcast positions")
+        p = p.detach().reshape(-1).to(device=dev, dtype=torch.int64)
+        if p.numel():
+            oks.append(((p[1:] <= p[:-1]).any() | (p[0] < 0) | (p[-1] >= o.numel())).reshape(1))
+        else:
+            oks.append(torch.zeros(1, dtype=torch.bool, device=dev))
+        ps.append(p)
+    if oks:
+        bad = torch.cat(oks).tolist()
+        for i, b in enumerate(bad):
+            if b:
+                raise ValueError(f"indices[{i}] must be strictly increasing in [0, {outs[i].numel()})")
+    return ps
+
+
+def _pack_payloads(payloads, device: torch.device) -> Tuple[Tensor, Tensor, Tensor, int, List[int]]:
+    """One uint8 buffer on ``device`` holding every payload, with int64 starts and lengths."""
+    ts = []
+    for c, p in enumerate(payloads):
+        if isinstance(p, Tensor):
+            if p.dtype != torch.uint8 or p.dim() != 1:
+                raise TypeError(f"payloads[{c}] must be bytes or a 1-D uint8 tensor, got {p.dtype} {tuple(p.shape)}")
+            ts.append(p.to(device))
+        else:
+            ts.append(_as_byte_tensor(p, f"payloads[{c}]").to(device))
+    lens = [int(t.numel()) for t in ts]
+    starts = [0]
+    for n in lens[:-1]:
+        starts.append(starts[-1] + n)
+    buf = torch.cat(ts) if ts else torch.empty(0, dtype=torch.uint8, device=device)
+    meta = torch.tensor(starts + lens, dtype=torch.int64).to(device) if ts else torch.empty(0, dtype=torch.int64, device=device)
+    return buf, meta[: len(ts)], meta[len(ts):], max(lens, default=0), lens
+
+
+def accumulate_on_device(buf: Tensor, starts: Tensor, lens: Tensor, max_len: int, out: Tensor,
+                         numels: Sequence[int], weights: Optional[Tensor] = None,
+                         positions: Optional[Tensor] = None, aligned_ks: Optional[Sequence[int]] = None,
+                         allow_nonfinite: bool = False, all_or_nothing: bool = False) -> Tensor:
+    """The device decode-and-accumulate without any host sync (the DDP hook's entry point).
+
+    ``buf`` uint8 holds the clients' payloads at ``starts[c]`` with lengths ``lens[c]``
+    (int64 device tensors, e.g. an all-gathered size vector; every range inside ``buf``,
+    ``max(lens) <= max_len``); ``out`` flat float32 (the layers of ``numels`` back to back,
+    mutated in place). Returns the int32 ``[C + 1]`` status vector on the device: per
+    client 0 accepted (added), 1 rejected, 2 needs the host (varint or Rice streams);
+    ``status[C]``: bit 0 some client rejected, bit 1 some client needs the host, bit 2 the
+    call added nothing (bit 1, or bit 0 with ``all_or_nothing``). Semantics and arithmetic
+    as :func:`decode_accumulate`; launches in ``kernels/triton/codec_decode.py``.
+    """
+    _, dec = _triton_codec()
+    _check_triton_device(buf.device, "the payload buffer")
+    return dec.accumulate_device(buf, starts, lens, max_len, list(numels), out, weights, positions,
+                                 aligned_ks, allow_nonfinite, all_or_nothing)
+
+
+def _accumulate_triton(payloads, weights, out, outs: List[Tensor], aligned_idx: Optional[List[Tensor]],
+                       allow_nonfinite: bool, strict: bool) -> AccumulateReport:
+    """``decode_accumulate`` on the buffers' device: validate and add there, then read the
+    ``C + 1`` status words back once. Clients using varint/Rice streams (the device does
+    not walk them) send the whole call to the host-validated path, on untouched buffers.
+    Rejection messages are the CPU validator's, recomputed from the rejected clients' bytes
+    (only when a client is rejected)."""
+    device = outs[0].device if outs else torch.device("cpu")
+    _check_triton_device(device, "the out buffers")
+    numels = [int(o.numel()) for o in outs]
+    buf, starts, lens, max_len, _ = _pack_payloads(payloads, device)
+    if isinstance(out, Tensor):
+        flat, copy_back = out, False
+    else:
+        flat, copy_back = _flat_view(outs)
+    w = torch.tensor(weights, dtype=torch.float32).to(device) if weights is not None else None
+    aks = [int(a.numel()) for a in aligned_idx] if aligned_idx is not None else None
+    pos = torch.cat(aligned_idx) if aligned_idx else None
+    status = accumulate_on_device(buf, starts, lens, max_len, flat, numels, w, pos, aks, allow_nonfinite,
+                                  strict).tolist()  # the one device-to-host read
+    C = len(payloads)
+    if status[C] & 2:  # varint / Rice somewhere: validate and decode on the host instead
+        return decode_accumulate([_host_bytes(p) for p in payloads], out, weights,
+                                 numels=numels if isinstance(out, Tensor) else None,
+                                 indices=aligned_idx, strict=strict, allow_nonfinite=allow_nonfinite,
+                                 backend="cpp" if _CPP else "python")
+    if copy_back and not status[C] & 4:
+        for o, part in zip(outs, flat.split(numels)):
+            o.view(-1).copy_(part)
+    rejected = [RejectedPayload(c, _why(_host_bytes(payloads[c]), numels, aks, allow_nonfinite))
+                for c in range(C) if status[c]]
+    if strict and rejected:
+        first = rejected[0]
+        raise PayloadError(f"client {first.client}: {first.reason}"
+                           + (f" (and {len(rejected) - 1} more rejected)" if len(rejected) > 1 else ""))
+    accepted = tuple(c for c in range(C) if not status[c])
+    wsum = float(len(accepted)) if weights is None else math.fsum(weights[c] for c in accepted)
+    return AccumulateReport(accepted=accepted, rejected=tuple(rejected), weight_sum=wsum)
+
+
+def _flat_view(outs: List[Tensor]) -> Tuple[Tensor, bool]:
+    """One flat float32 tensor over the layers: a view when they are back to back in one
+    storage, else a copy (``True``: copy the result back)."""
+    if not outs:
+        return torch.empty(0, dtype=torch.float32), False
+    base = outs[0]
+    st = base.untyped_storage()
+    off = base.storage_offset()
+    ok = True
+    for o in outs:
+        if o.untyped_storage().data_ptr() != st.data_ptr() or o.storage_offset() != off:
+            ok = False
+            break
+        off += o.numel()
+    if ok:
+        return base.as_strided((sum(o.numel() for o in outs),), (1,)), False
+    return torch.cat([o.reshape(-1) for o in outs]), True
+
+
+def _host_bytes(p) -> bytes:
+    if isinstance(p, Tensor):
+        return p.detach().cpu().numpy().tobytes()
+    return bytes(p)
+
+
+def _host_table(region: bytes, n: int):
+    """Lenient read of header, meta and layer table (sizes for the device decoder's grids):
+    ``(flags, meta pairs, [(numel, k, nbytes, coding, vdtype)])`` or None when they do not
+    even fit (then the payload is invalid and the host decoder says why)."""
+    if len(region) < 16:
+        return None
+    magic, version, flags, L, num_meta = _py._HEADER.unpack_from(region, 0)
+    pos = 16
+    for _ in range(num_meta):
+        if pos >= len(region):
+            return None
+        pos += 1 + region[pos] + 8
+    if pos + 28 * L > len(region):
+        return None
+    try:
+        _, meta = _py.parse_meta(region[16:pos], 16, num_meta)
+    except PayloadError:
+        return None
+    table = [_py._ENTRY.unpack_from(region, pos + 28 * i)[:5] for i in range(L)]
+    return flags, tuple(meta), table
+
+
+def _decode_triton(data, exp: Optional[List[int]], allow_nonfinite: bool) -> SparsePayload:
+    _, dec = _triton_codec()
+    t = data if isinstance(data, Tensor) else _as_byte_tensor(data, "data")
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise TypeError(f"data must be bytes or a 1-D uint8 tensor, got {t.dtype} {tuple(t.shape)}")
+    device = t.device
+    _check_triton_device(device, "data")
+    n = int(t.numel())
+
+    def on_host() -> SparsePayload:  # the host decoder: its PayloadError, or its result moved over
+        sp = decode(_host_bytes(t), exp, allow_nonfinite=allow_nonfinite, backend="cpp" if _CPP else "python")
+        return SparsePayload(tuple(LayerPayload(l.numel, None if l.indices is None else l.indices.to(device),
+                                                l.values.to(device)) for l in sp.layers), sp.aligned, sp.meta)
+
+    if n < _py.HEADER_BYTES + _py.CRC_BYTES:
+        return on_host()
+    L, num_meta = struct.unpack("<II", _host_bytes(t[8:16]))
+    if L * _py.LAYER_BYTES > n or num_meta * 10 > n:
+        return on_host()
+    head = _host_table(_host_bytes(t[: min(n, 16 + 264 * num_meta + _py.LAYER_BYTES * L)]), n)
+    if head is None:
+        return on_host()
+    flags, meta, table = head
+    numels = exp if exp is not None else [row[0] for row in table]
+    if len(numels) != len(table) or any(x > 8 * n + 8 for x in numels):
+        return on_host()  # shapes the payload cannot fill (or a layer-count mismatch): host decoder
+    starts = torch.zeros(1, dtype=torch.int64, device=device)
+    lens = torch.full((1,), n, dtype=torch.int64, device=device)
+    v = dec.validate_device(t, starts, lens, n, numels, None, allow_nonfinite, False, accept_aligned=True)
+    st = torch.cat([v.status.long(), v.rec[: 5 * len(numels)]]).tolist()
+    if st[0] != 0:
+        return on_host()  # rejected (PayloadError with the CPU message) or varint / Rice streams
+    rec = [st[2 + 5 * i: 2 + 5 * i + 5] for i in range(len(numels))]
+    codings = [r[0] for r in rec]
+    ks = [r[1] for r in rec]
+    idx = dec.extract_indices(t, starts, lens, v, numels, ks, codings)
+    layers = []
+    for i, (coding, k, _ioff, voff, vd) in enumerate(rec):
+        size = _py.VALUE_SIZE[vd]
+        chunk = t[voff: voff + k * size]
+        if voff % size:
+            chunk = chunk.clone()
+        layers.append(LayerPayload(numel=numels[i], indices=idx[i], values=chunk.view(_py.ID_DTYPES[vd])))
+    return SparsePayload(layers=tuple(layers), aligned=bool(flags & _py.FLAG_ALIGNED), meta=meta)

@@ -7,6 +7,7 @@ Registered names: ``none``, ``dgp``, ``adgp``, ``topk``, ``randk``, ``dp``, ``qs
 """
 
 from .base import (
+    COMPRESSORS,
     VALUE_DTYPES,
     Compressor,
     Memory,
@@ -19,6 +20,7 @@ from .adgp import ADGPCompressor, AlignedPositions, Broadcaster, aggregate_align
 from .baselines import QSGD_LEVELS_META, DPCompressor, NoneCompressor, QSGDCompressor, RandKCompressor
 
 __all__ = [
+    "COMPRESSORS",
     "VALUE_DTYPES",
     "Compressor",
     "Memory",

@@ -1,4 +1,4 @@
-"""ADGP — aligned dual gradient pruning (DESIGN.md §2.5).
+"""ADGP — aligned dual gradient pruning.
 
 All clients of a round send values at the **same** positions, chosen per layer by a
 trusted :class:`Broadcaster`; uploads then carry values only
@@ -56,17 +56,16 @@ from torch import Tensor
 
 from .. import ops
 from ..codec.payload import LayerPayload, PayloadError, SparsePayload
-from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP, check_fractions
+from ..checks import check_bool, check_fractions, dtype_name
+from ..ops import DEFAULT_KEEP, DEFAULT_TOP
 from .base import (
     error_feedback_values,
     Compressor,
     Like,
     cast_values,
-    check_bool,
     check_grad_list,
     check_layers_fit,
     check_value_dtype,
-    dtype_name,
     register_compressor,
 )
 

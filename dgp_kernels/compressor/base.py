@@ -15,32 +15,27 @@ class with ``@register_compressor("name")``. See ``README.md`` beside this file.
 
 from __future__ import annotations
 
-import math
 import secrets
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from ..checks import VALUE_DTYPES, check_dtype, dtype_name
 from ..codec.payload import PayloadError, SparsePayload
-from ..ops._checks import SUPPORTED_DTYPES
+from ..ops import SUPPORTED_DTYPES
+from ..registry import Registry
 
 __all__ = [
     "Compressor",
     "Memory",
+    "COMPRESSORS",
     "register_compressor",
     "get_compressor",
     "available_compressors",
     "VALUE_DTYPES",
 ]
-
-#: Value dtypes a payload may carry (the wire format's value types).
-VALUE_DTYPES: Dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 #: Version of the dict layout written by :meth:`Compressor.state_dict`.
 STATE_VERSION = 1
@@ -53,59 +48,7 @@ Like = Union[Tensor, torch.Size, Tuple[int, ...], List[int]]
 # --------------------------------------------------------------------------------------
 def check_value_dtype(value: object, name: str = "value_dtype") -> torch.dtype:
     """Accept ``torch.float32``/``bfloat16``/``float16`` or their names; return the dtype."""
-    if isinstance(value, torch.dtype):
-        if value in VALUE_DTYPES.values():
-            return value
-        raise ValueError(
-            f"{name} must be one of {sorted(VALUE_DTYPES)}, got {value}"
-        )
-    if isinstance(value, str):
-        key = value[len("torch."):] if value.startswith("torch.") else value
-        if key in VALUE_DTYPES:
-            return VALUE_DTYPES[key]
-        raise ValueError(f"{name} must be one of {sorted(VALUE_DTYPES)}, got {value!r}")
-    raise TypeError(
-        f"{name} must be a torch.dtype or one of {sorted(VALUE_DTYPES)}, "
-        f"got {type(value).__name__} {value!r}"
-    )
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
-def check_float(
-    value: object, name: str, *, min_value: float, min_inclusive: bool = True
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    v = float(value)
-    bad = not math.isfinite(v) or (v < min_value if min_inclusive else v <= min_value)
-    if bad:
-        op = ">=" if min_inclusive else ">"
-        raise ValueError(f"{name} must be a finite number {op} {min_value}, got {value!r}")
-    return v
-
-
-def check_int(value: object, name: str, *, min_value: int, max_value: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < min_value or (max_value is not None and value > max_value):
-        hi = f" and <= {max_value}" if max_value is not None else ""
-        raise ValueError(f"{name} must be an int >= {min_value}{hi}, got {value!r}")
-    return int(value)
-
-
-def check_seed(value: object, name: str = "seed") -> Optional[int]:
-    if value is None:
-        return None
-    return check_int(value, name, min_value=0, max_value=2**63 - 1)
+    return check_dtype(value, name, VALUE_DTYPES)
 
 
 def check_grad_list(grads: object, name: str = "grads") -> List[Tensor]:
@@ -488,32 +431,13 @@ def decompress_payload(
 # --------------------------------------------------------------------------------------
 # Registry.
 # --------------------------------------------------------------------------------------
-_REGISTRY: Dict[str, Type[Compressor]] = {}
-C = TypeVar("C", bound=Type[Compressor])
+#: The compressors by name (``none``, ``dgp``, ``adgp``, ``topk``, ``randk``, ``dp``, ``qsgd``).
+COMPRESSORS: Registry[Compressor] = Registry("compressor", Compressor)
 
-
-def register_compressor(name: str) -> Callable[[C], C]:
-    """Class decorator: make ``get_compressor(name, **params)`` build this class."""
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"compressor name must be a non-empty str, got {name!r}")
-
-    def deco(cls: C) -> C:
-        if not (isinstance(cls, type) and issubclass(cls, Compressor)):
-            raise TypeError(f"@register_compressor({name!r}) must decorate a Compressor subclass")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(
-                f"compressor name {name!r} is already registered by {_REGISTRY[name].__qualname__}"
-            )
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def available_compressors() -> List[str]:
-    """Registered compressor names, sorted."""
-    return sorted(_REGISTRY)
+#: Class decorator: make ``get_compressor(name, **params)`` build this class.
+register_compressor = COMPRESSORS.register
+#: Registered compressor names, sorted.
+available_compressors = COMPRESSORS.names
 
 
 def get_compressor(name: str, **params: Any) -> Compressor:
@@ -523,21 +447,4 @@ def get_compressor(name: str, **params: Any) -> Compressor:
     naming an unknown parameter (and listing the accepted ones); the constructor's own
     ``TypeError``/``ValueError`` naming a parameter of the wrong type or value.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"compressor name must be a str, got {type(name).__name__} {name!r}")
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise ValueError(
-            f"unknown compressor {name!r}; known compressors: {', '.join(available_compressors())}"
-        )
-    import inspect
-
-    sig = inspect.signature(cls.__init__)
-    accepted = [p for p in sig.parameters if p != "self"]
-    for key in params:
-        if key not in accepted:
-            raise TypeError(
-                f"compressor {name!r} has no parameter {key!r}; its parameters are: "
-                f"{', '.join(accepted) or '(none)'}"
-            )
-    return cls(**params)
+    return COMPRESSORS.build(name, **params)

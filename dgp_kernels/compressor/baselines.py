@@ -22,21 +22,10 @@ import torch
 from torch import Tensor
 
 from ..codec.payload import LayerPayload, SparsePayload
-from ..ops._checks import DEFAULT_KEEP, band_counts, check_fractions
-from .base import (
-    error_feedback_values,
-    Compressor,
-    cast_values,
-    check_bool,
-    check_float,
-    check_grad_list,
-    check_int,
-    check_no_nan,
-    check_seed,
-    check_value_dtype,
-    dtype_name,
-    register_compressor,
-)
+from ..checks import check_bool, check_float, check_fractions, check_int, check_seed, dtype_name
+from ..ops import DEFAULT_KEEP, band_counts
+from .base import Compressor, cast_values, check_grad_list, check_no_nan, check_value_dtype
+from .base import error_feedback_values, register_compressor
 
 __all__ = ["NoneCompressor", "RandKCompressor", "DPCompressor", "QSGDCompressor", "QSGD_LEVELS_META"]
 

@@ -1,7 +1,7 @@
 """DGP (dual gradient pruning) and classic top-k pruning compressors.
 
 ``dgp``: per tensor, send the band of ranks ``[k_top, k_top + k_keep)`` of ``|g + e|``
-(DESIGN.md §2.1-2.2) and keep everything else in the error-feedback residual ``e``. All
+(docs/semantics.md) and keep everything else in the error-feedback residual ``e``. All
 layers go through one multi-tensor op call (``select_ef_multi`` with error feedback,
 ``select_multi`` without).
 
@@ -19,17 +19,10 @@ from torch import Tensor
 
 from .. import ops
 from ..codec.payload import LayerPayload, SparsePayload
-from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP, check_fractions
-from .base import (
-    Compressor,
-    cast_values,
-    check_bool,
-    check_grad_list,
-    check_no_nan,
-    check_value_dtype,
-    dtype_name,
-    register_compressor,
-)
+from ..checks import check_bool, check_fractions, dtype_name
+from ..ops import DEFAULT_KEEP, DEFAULT_TOP
+from .base import Compressor, cast_values, check_grad_list, check_no_nan, check_value_dtype
+from .base import register_compressor
 
 __all__ = ["DGPCompressor", "TopKCompressor"]
 
@@ -138,7 +131,7 @@ class TopKCompressor(DGPCompressor):
     values per layer as ``dgp``.
 
     ``error_feedback`` defaults to **False**: this is the pruning defense the literature
-    compares against (Zhu et al.'s DLG defense; the DGP authors' baseline, DESIGN.md §5)
+    compares against (Zhu et al.'s DLG defense; the DGP authors' baseline)
     and it is a single-round operator there — with error feedback every coordinate is
     eventually released through the residual, which changes both what an attacker sees in
     a round and the accuracy. Turn it on for a communication-efficiency baseline

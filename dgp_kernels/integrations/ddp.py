@@ -41,7 +41,7 @@ first time, the residuals of its parameters are moved over from the buckets that
 them before, so no owed error is lost. DGP's band is per parameter tensor, so the
 bucketing never changes what is sent.
 
-``compressor="adgp"`` (aligned DGP, DESIGN.md §2.5) keeps DDP's all-reduce: every rank
+``compressor="adgp"`` (aligned DGP, :mod:`dgp_kernels.compressor.adgp`) keeps DDP's all-reduce: every rank
 sends values at the same positions, so the values of all ranks can be summed by an
 ordinary all-reduce. The positions of each step are chosen by rank 0 (the broadcaster) as
 the DGP band of its own ``g + e`` per parameter and broadcast as a bitmap (``numel / 8``
@@ -51,7 +51,20 @@ variant that reaches every coordinate, see :mod:`dgp_kernels.compressor.adgp`.)
 
 Devices: the bucket's device decides everything — compression runs there (C++ kernel on
 CPU, Triton on CUDA), the collectives use tensors on that device (gloo for CPU, NCCL for
-CUDA), and the result is returned there. Encoding and decoding run on the CPU.
+CUDA), and the result is returned there. For CPU buckets the payloads are encoded and
+decoded by the CPU codec. For CUDA buckets (``codec="auto"`` with ``dgp``, ``topk`` or
+``randk``; or ``codec="triton"``) they never leave the device: the Triton encoder writes
+the payload (bitmap / raw32 / implicit index streams, whose sizes follow from the shapes),
+the size and payload all-gathers run on the bucket's device, and the Triton decoder
+validates every rank's payload and sums them in rank order into the float32 buffer
+(bit-identical to the CPU path), all queued without a host sync; the hook returns the
+all-gather's future at once. The only read back is one small flag word per bucket,
+collected and read once at the start of the next step (:meth:`DGPHookState.check`): a
+rejected payload (never expected between ranks that trust each other) made that bucket's
+update zero and raises there. Every rank must produce payloads of the same length (true
+for compressors whose ``k`` follows from the shapes, with the device codings); the sizes
+are all-gathered and checked on the device. Selection itself (``ops.select_multi``) and
+the compressors still read a few small values per call (NaN check, layer offsets).
 
 Failure: a collective that fails (a peer rank died, or the process group's timeout passed)
 raises ``RuntimeError`` from ``loss.backward()`` naming the bucket and rank. With gloo a
@@ -69,7 +82,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
-from ..codec import decode_accumulate, encode
+from ..codec import accumulate_on_device, decode_accumulate, encode, encode_on_device
 from ..codec.payload import SparsePayload
 from ..compressor import (
     ADGPCompressor,
@@ -78,7 +91,9 @@ from ..compressor import (
     available_compressors,
     get_compressor,
 )
-from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP, check_fractions
+from ..checks import VALUE_DTYPES, check_fractions
+from ..ops import DEFAULT_KEEP, DEFAULT_TOP
+from ..ops.checks import band_counts
 
 __all__ = ["DGPHookState", "StepStats", "dgp_hook"]
 
@@ -134,6 +149,12 @@ class DGPHookState:
             ``"float32"``/``"bfloat16"``/``"float16"`` to re-encode values (sparse mode;
             lossy types drop the rounding error; prefer the compressor's own
             ``value_dtype``, which feeds it back).
+        codec: where sparse-mode payloads are encoded and decoded. ``"auto"``: on the
+            bucket's GPU (Triton) for CUDA buckets with ``"dgp"``, ``"topk"`` or
+            ``"randk"`` (their payload size follows from the shapes, so every rank's
+            payload has the same length: see the module docstring), else on the CPU.
+            ``"host"``: always on the CPU. ``"triton"``: always with the device codec (on a
+            CPU bucket only in Triton's interpreter: tests).
 
     Attributes:
         steps: list of :class:`StepStats`, one per completed backward pass.
@@ -149,6 +170,7 @@ class DGPHookState:
         *,
         value_dtype: Optional[str] = None,
         keep_layouts: int = 4,
+        codec: str = "auto",
     ) -> None:
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(
@@ -162,6 +184,10 @@ class DGPHookState:
             raise ValueError(f"value_dtype must be None, 'float32', 'bfloat16' or 'float16', got {value_dtype!r}")
         if isinstance(keep_layouts, bool) or not isinstance(keep_layouts, int) or keep_layouts < 0:
             raise ValueError(f"keep_layouts must be an int >= 0, got {keep_layouts!r}")
+        if codec not in ("auto", "host", "triton"):
+            raise ValueError(f"codec must be 'auto', 'host' or 'triton', got {codec!r}")
+        self.codec = codec
+        self._pending: List[Tuple[int, int, Tensor]] = []  # (step, bucket, device flag word)
         self.process_group = process_group
         self.value_dtype = value_dtype
         self.aligned = False
@@ -294,6 +320,29 @@ class DGPHookState:
         self._compressors.clear()
         self._orphans = staged
 
+    def check(self) -> None:
+        """Read the device codec's flags of the steps so far (one small device-to-host copy)
+        and raise ``RuntimeError`` if a payload was rejected or an encode saw bad indices
+        (that bucket's averaged gradient was then zero: nothing is added on a rejection).
+        The hook calls this itself at the start of every step, so a failure surfaces one
+        step late from ``loss.backward()``; call it after the last step too."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flags = torch.stack([f.reshape(()).to(torch.int64) for _, _, f in pending]).tolist()
+        for (step, index, _), f in zip(pending, flags):
+            if f:
+                what = "an encoded payload had invalid indices" if f & 8 else "a rank's payload was rejected"
+                raise RuntimeError(f"dgp_hook: step {step}, bucket {index}: {what} by the device codec "
+                                   f"(flags {f}); the bucket's update of that step was zero")
+
+    def _use_device_codec(self, buf: Tensor) -> bool:
+        if self.codec == "host":
+            return False
+        if self.codec == "triton":
+            return True
+        return buf.device.type == "cuda" and self.compressor_name in ("dgp", "topk", "randk")
+
     def residual(self, key: ParamKey) -> Optional[Tensor]:
         """The residual currently held for one parameter (``None`` when it has none)."""
         for bkey, comp in self._compressors.items():
@@ -350,9 +399,13 @@ def dgp_hook(state: DGPHookState, bucket: dist.GradBucket) -> torch.futures.Futu
         )
     grads = list(buf.split(sizes)) if sizes else []
     key: BucketKey = tuple(_param_key(p) for p in params)
+    if state._cur[0] == 0 and state._pending:
+        state.check()  # the previous step's device flags: the one small read per step
     comp = state.compressor_for(key, grads)
     if state.aligned:
         return _aligned_bucket(state, bucket, buf, grads, key, comp)
+    if state._use_device_codec(buf):
+        return _sparse_bucket_device(state, bucket, buf, grads, sizes, key, comp)
     return _sparse_bucket(state, bucket, buf, grads, sizes, key, comp)
 
 
@@ -397,6 +450,46 @@ def _sparse_bucket(state, bucket, buf, grads, sizes, key, comp) -> torch.futures
     return work.get_future().then(finish)
 
 
+def _sparse_bucket_device(state, bucket, buf, grads, sizes, key, comp) -> torch.futures.Future[Tensor]:
+    """The sparse exchange with the device codec: encode, both all-gathers and the
+    decode-accumulate stay on the bucket's device, with no host sync (module docstring)."""
+    pg, world, rank = _group_info(state)
+    dev = buf.device
+    payload: SparsePayload = comp.compress(grads)
+    vd = VALUE_DTYPES[state.value_dtype] if state.value_dtype is not None else None
+    data, enc_bad = encode_on_device(payload, vd)
+    n = int(data.numel())  # from the shapes: the host knows it without reading anything
+    try:
+        size_t = torch.full((1,), n, dtype=torch.int64, device=dev)
+        all_sizes = torch.empty(world, dtype=torch.int64, device=dev)
+        _all_gather_single(all_sizes, size_t, group=pg)
+        gathered = torch.empty(world * n, dtype=torch.uint8, device=dev)
+        work = _all_gather_single(gathered, data.to(dev), group=pg, async_op=True)
+    except RuntimeError as exc:
+        raise _fail("all-gather", bucket.index(), rank, exc) from exc
+    state._record(bucket.index(), key, buf.numel(), n, n + 8, buf.numel() * buf.element_size(),
+                  bucket.is_last())
+    index, step = bucket.index(), state.step if not bucket.is_last() else state.step - 1
+
+    def finish(fut: torch.futures.Future) -> Tensor:
+        try:
+            fut.wait()
+        except RuntimeError as exc:
+            raise _fail("all-gather", index, rank, exc) from exc
+        starts = torch.arange(world, dtype=torch.int64, device=dev) * n
+        lens = torch.clamp(all_sizes, max=n)  # a peer's other size cannot reach past its slot
+        acc = torch.zeros(buf.numel(), dtype=torch.float32, device=dev)
+        # all or nothing: ranks trust each other, so a rejected payload is a bug, and every
+        # rank would see it alike; the flag is read at the next step (State.check).
+        status = accumulate_on_device(gathered, starts, lens, n, acc, sizes, all_or_nothing=True)
+        bad = enc_bad.amax().to(torch.int32) if enc_bad.numel() else torch.zeros((), dtype=torch.int32, device=dev)
+        state._pending.append((step, index, (status[world] & 5) | (bad.to(status.device) << 3)))
+        acc.div_(world)
+        return acc.to(dtype=buf.dtype)
+
+    return work.get_future().then(finish)
+
+
 def _pack_bits(mask: Tensor) -> Tensor:
     """bool ``[n]`` -> uint8 ``[ceil(n/8)]``, bit ``i % 8`` (LSB first) of byte ``i // 8``.
 
@@ -433,10 +526,10 @@ def _aligned_bucket(state, bucket, buf, grads, key, comp: ADGPCompressor) -> tor
     if rank == 0:
         # The broadcaster's rule: the DGP band of its own g + e, per parameter.
         res = comp.memory.peek() if comp.error_feedback else None
-        indices = []
-        for i, g in enumerate(grads):
-            v = g if res is None else g + res[i].view(-1)
-            indices.append(ops.select(v.detach(), state.top, state.keep)[0])
+        vs = [(g if res is None else g + res[i].view(-1)).detach() for i, g in enumerate(grads)]
+        # one multi-tensor selection for the bucket; its layer sizes follow from the shapes
+        sel = ops.select_multi(vs, state.top, state.keep)[0] if vs else buf.new_empty(0, dtype=torch.int64)
+        indices = list(sel.split([band_counts(n, state.top, state.keep)[1] for n in numels]))
         flat_idx = torch.cat([ix + off for ix, off in zip(indices, offsets)]) if indices else buf.new_empty(0, dtype=torch.int64)
         mask = torch.zeros(buf.numel(), dtype=torch.bool, device=dev)
         mask[flat_idx] = True
@@ -448,9 +541,11 @@ def _aligned_bucket(state, bucket, buf, grads, key, comp: ADGPCompressor) -> tor
     except RuntimeError as exc:
         raise _fail("position broadcast", bucket.index(), rank, exc) from exc
     if rank != 0:
-        flat_idx = torch.nonzero(_unpack_bits(bitmap, buf.numel())).view(-1)  # one pass, sorted
-        starts = torch.searchsorted(flat_idx, torch.tensor(offsets + [buf.numel()], device=dev)).tolist()
-        indices = [flat_idx[a:b] - off for a, b, off in zip(starts[:-1], starts[1:], offsets)]
+        # The band sizes follow from the shapes: nonzero with a static size and a split by
+        # the known counts need no host sync (one pass, sorted).
+        ks = [band_counts(n, state.top, state.keep)[1] for n in numels]
+        flat_idx = torch.nonzero_static(_unpack_bits(bitmap, buf.numel()), size=sum(ks)).view(-1)
+        indices = [part - off for part, off in zip(flat_idx.split(ks), offsets)]
     positions = AlignedPositions(tuple(indices), tuple(numels))
     comp.set_positions(positions)
     payload = comp.compress(grads)

@@ -1,10 +1,11 @@
 """The public op surface: ``torch.ops.dgp.*`` schemas, fake kernels and wrappers."""
 
 from . import reference
-from ._checks import DEFAULT_KEEP, DEFAULT_TOP, SUPPORTED_DTYPES, band_counts
+from .checks import DEFAULT_KEEP, DEFAULT_TOP, SUPPORTED_DTYPES, band_counts
 from .select import (
     prune,
     prune_,
+    register_kernels,
     register_reference,
     select,
     select_ef,
@@ -21,6 +22,7 @@ __all__ = [
     "prune",
     "prune_",
     "reference",
+    "register_kernels",
     "register_reference",
     "select",
     "select_ef",

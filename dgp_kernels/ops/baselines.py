@@ -7,7 +7,7 @@
 * :func:`clone_all` — ``clone()`` of every tensor: the memory-bandwidth yardstick (one read,
   one write of each tensor).
 
-These are baselines, not implementations of the contract in ../shared/DESIGN.md §2:
+These are baselines, not implementations of the contract in docs/semantics.md:
 ``torch.topk`` does not promise which of several equal magnitudes it returns, so on ties
 the authors' band can differ from ours (the counts are the same). On tie-free inputs
 :func:`authors_dgp` keeps exactly the entries :func:`dgp_kernels.select` keeps
@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import DEFAULT_KEEP, DEFAULT_TOP, band_counts
+from .checks import DEFAULT_KEEP, DEFAULT_TOP, band_counts
 
 __all__ = ["authors_dgp", "single_topk", "clone_all"]
 

@@ -4,7 +4,7 @@ Every backend (C++ CPU, Triton, CUDA) must agree with these functions bit for bi
 same indices, same values, same residual. They are written for clarity, not speed:
 one stable sort of the magnitude keys per tensor (O(n log n)), on any device.
 
-Semantics (../shared/DESIGN.md §2):
+Semantics (docs/semantics.md):
 
 * counts: ``k_top = floor(top * n + 1e-6)``,
   ``k_keep = min(floor(keep * n + 1e-6), n - k_top)`` in double precision;
@@ -21,7 +21,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from ._checks import (
+from .checks import (
     band_counts,
     check_fractions,
     check_grad,

@@ -3,10 +3,10 @@
 Backends implement these schemas and register themselves for a dispatch key:
 
 * ``csrc/cpu/select.cpp`` -> ``CPU`` (C++/OpenMP radix select), when ``dgp_kernels._C`` is built;
-* ``dgp_kernels/kernels/triton/select.py`` -> ``CUDA`` (when triton and a GPU are present);
+* ``dgp_kernels/kernels/triton/ops.py`` -> ``CUDA`` (when triton and a GPU are present);
 * :mod:`dgp_kernels.ops.reference` -> every key no native backend covers (the fallback).
 
-Semantics shared by all of them (../shared/DESIGN.md §2):
+Semantics shared by all of them (docs/semantics.md):
 
 * shapes: ``g`` any shape and strides, ``n = g.numel()``; ``k_top = floor(top*n + 1e-6)``,
   ``k_keep = min(floor(keep*n + 1e-6), n - k_top)``; outputs have exactly ``k_keep`` entries;
@@ -21,13 +21,13 @@ Semantics shared by all of them (../shared/DESIGN.md §2):
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import reference
-from ._checks import (
+from .checks import (
     DEFAULT_KEEP,
     DEFAULT_TOP,
     band_counts,
@@ -54,18 +54,21 @@ __all__ = [
 _lib = torch.library.Library("dgp", "DEF")
 # cudagraph_unsafe: on CUDA every op reads a few flags back to the host once per call (NaN,
 # sample misses), which a CUDA graph capture cannot hold; torch.compile's
-# mode="reduce-overhead" leaves the ops out of its graphs. (DGP_CUDA_GRAPHS=1 makes the
+# mode="reduce-overhead" leaves the ops out of its graphs. (``dgp_kernels.kernels.triton.cuda_graphs()`` makes the
 # Triton backend capture and replay its own kernels instead.)
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+# The band arguments default to DEFAULT_TOP / DEFAULT_KEEP, as in the Python wrappers, so
+# torch.ops.dgp.prune(g) works too. The dispatcher leaves trailing arguments equal to their
+# defaults out when it calls a Python kernel, so every Python kernel of these ops (fake,
+# reference, Triton) declares the same defaults.
+_BAND = f"float top={DEFAULT_TOP!r}, float keep={DEFAULT_KEEP!r}"
 for _schema in (
-    "select(Tensor g, float top, float keep) -> (Tensor indices, Tensor values)",
-    "select_ef(Tensor g, Tensor(a!) residual, float top, float keep) "
-    "-> (Tensor indices, Tensor values)",
-    "prune(Tensor g, float top, float keep) -> Tensor",
-    "prune_(Tensor(a!) g, float top, float keep) -> ()",
-    "select_multi(Tensor[] gs, float top, float keep) "
-    "-> (Tensor indices, Tensor values, Tensor offsets)",
-    "select_ef_multi(Tensor[] gs, Tensor(a!)[] residuals, float top, float keep) "
+    f"select(Tensor g, {_BAND}) -> (Tensor indices, Tensor values)",
+    f"select_ef(Tensor g, Tensor(a!) residual, {_BAND}) -> (Tensor indices, Tensor values)",
+    f"prune(Tensor g, {_BAND}) -> Tensor",
+    f"prune_(Tensor(a!) g, {_BAND}) -> ()",
+    f"select_multi(Tensor[] gs, {_BAND}) -> (Tensor indices, Tensor values, Tensor offsets)",
+    f"select_ef_multi(Tensor[] gs, Tensor(a!)[] residuals, {_BAND}) "
     "-> (Tensor indices, Tensor values, Tensor offsets)",
 ):
     _lib.define(_schema, tags=_TAGS)
@@ -85,23 +88,29 @@ def _fake_k_keep(n, top: float, keep: float):
 
 
 @torch.library.register_fake("dgp::select")
-def _select_fake(g: Tensor, top: float, keep: float) -> Tuple[Tensor, Tensor]:
+def _select_fake(
+    g: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+) -> Tuple[Tensor, Tensor]:
     k = _fake_k_keep(g.numel(), top, keep)
     return g.new_empty((k,), dtype=torch.int64), g.new_empty((k,))
 
 
 @torch.library.register_fake("dgp::select_ef")
-def _select_ef_fake(g: Tensor, residual: Tensor, top: float, keep: float):
+def _select_ef_fake(
+    g: Tensor, residual: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+):
     return _select_fake(g, top, keep)
 
 
 @torch.library.register_fake("dgp::prune")
-def _prune_fake(g: Tensor, top: float, keep: float) -> Tensor:
+def _prune_fake(g: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP) -> Tensor:
     return torch.empty_like(g, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("dgp::prune_")
-def _prune_inplace_fake(g: Tensor, top: float, keep: float) -> None:
+def _prune_inplace_fake(
+    g: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+) -> None:
     return None
 
 
@@ -124,39 +133,43 @@ def _multi_fake(gs: List[Tensor], top: float, keep: float):
 
 
 @torch.library.register_fake("dgp::select_multi")
-def _select_multi_fake(gs: List[Tensor], top: float, keep: float):
+def _select_multi_fake(
+    gs: List[Tensor], top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+):
     return _multi_fake(gs, top, keep)
 
 
 @torch.library.register_fake("dgp::select_ef_multi")
-def _select_ef_multi_fake(gs: List[Tensor], residuals: List[Tensor], top: float, keep: float):
+def _select_ef_multi_fake(
+    gs: List[Tensor], residuals: List[Tensor], top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+):
     return _multi_fake(gs, top, keep)
 
 
 # --------------------------------------------------------------------------------------
 # Reference kernels, registered for the dispatch keys no native backend covers.
 # --------------------------------------------------------------------------------------
-def _ref_select(g, top, keep):
+def _ref_select(g, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     return reference.select(g, top, keep)
 
 
-def _ref_select_ef(g, residual, top, keep):
+def _ref_select_ef(g, residual, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     return reference.select_ef(g, residual, top, keep)
 
 
-def _ref_prune(g, top, keep):
+def _ref_prune(g, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     return reference.prune(g, top, keep)
 
 
-def _ref_prune_(g, top, keep):
+def _ref_prune_(g, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     reference.prune_(g, top, keep)
 
 
-def _ref_select_multi(gs, top, keep):
+def _ref_select_multi(gs, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     return reference.select_multi(gs, top, keep)
 
 
-def _ref_select_ef_multi(gs, residuals, top, keep):
+def _ref_select_ef_multi(gs, residuals, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     return reference.select_ef_multi(gs, residuals, top, keep)
 
 
@@ -176,10 +189,16 @@ _lib.impl("select_multi", _ref_select_multi, "CompositeExplicitAutograd")
 _lib.impl("select_ef_multi", _ref_select_ef_multi, "CompositeExplicitAutograd")
 
 
+def register_kernels(impls: Dict[str, Callable[..., Any]], dispatch_key: str) -> None:
+    """Serve the dgp ops named in ``impls`` (op name -> implementation) for
+    ``dispatch_key`` ("CPU", "CUDA"); how a backend written in Python plugs in."""
+    for op, fn in impls.items():
+        _lib.impl(op, fn, dispatch_key)
+
+
 def register_reference(dispatch_key: str) -> None:
     """Serve every dgp op from the pure-torch reference for ``dispatch_key`` ("CPU", "CUDA")."""
-    for op, fn in _REFERENCE_IMPLS.items():
-        _lib.impl(op, fn, dispatch_key)
+    register_kernels(_REFERENCE_IMPLS, dispatch_key)
 
 
 # --------------------------------------------------------------------------------------

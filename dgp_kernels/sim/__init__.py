@@ -14,11 +14,11 @@ Only torch is needed to import this package; the built-in ``digits`` data needs
 scikit-learn, the progress bar tqdm, the plots matplotlib (``pip install "dgp_kernels[eval]"``).
 """
 
-from .config import Fault, SimConfig, parse_defense_params
-from .data import available_datasets, dataset_info, load_dataset
+from .config import Fault, SimConfig, parse_defenses
+from ..cases.datasets import available_datasets, dataset_info, load_dataset
 from .multiseed import MultiSeedResult, SeedStats, SeedSummaryRow, parse_seeds, simulate_seeds
 from .results import SimResult
-from .simulator import build_model, simulate
+from .simulator import build_model, simulate, simulate_defense
 
 __all__ = [
     "Fault",
@@ -31,8 +31,9 @@ __all__ = [
     "build_model",
     "dataset_info",
     "load_dataset",
-    "parse_defense_params",
+    "parse_defenses",
     "parse_seeds",
     "simulate",
+    "simulate_defense",
     "simulate_seeds",
 ]

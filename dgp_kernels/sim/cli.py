@@ -6,9 +6,9 @@ the plotting stack are imported in :func:`run_from_args`.
 
 Example::
 
-    dgp train --defenses none,dgp,topk,dp --rounds 150 --out runs/digits
-    dgp train --defenses dgp --defense-param dgp.top=0.02 --defense-param dgp.keep=0.1
-    dgp train --defenses none,dgp --seeds 5          # seeds 0..4: mean ± std, paired difference
+    dgp train --defenses none dgp topk dp --rounds 150 --out runs/digits
+    dgp train --defenses none "dgp:top=0.02,keep=0.1" "dgp:error_feedback=false"
+    dgp train --defenses none dgp --seeds 5          # seeds 0..4: mean ± std, paired difference
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import TYPE_CHECKING, List
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,60 +29,97 @@ _DEFAULTS = dict(dataset="digits", model="convnet_small", clients=10, rounds=150
                  participation=1.0, split="iid", alpha=0.5, seed=0, device="cpu", eval_every=1,
                  test_limit=0)
 
+#: SimConfig field -> the flag that sets it (error messages name the flag).
+FLAGS = {
+    "dataset": "--dataset", "model": "--model", "defense": "--defenses",
+    "defense_params": "--defenses", "clients": "--clients", "rounds": "--rounds",
+    "algorithm": "--algorithm", "batch_size": "--batch-size", "lr": "--lr",
+    "momentum": "--momentum", "weight_decay": "--weight-decay", "lr_steps": "--lr-steps",
+    "local_epochs": "--local-epochs", "participation": "--participation", "split": "--split",
+    "alpha": "--alpha", "seed": "--seed", "data_root": "--data-root", "device": "--device",
+    "eval_every": "--eval-every", "test_limit": "--test-limit", "threads": "--threads",
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``dgp train`` options on ``parser``."""
     d = _DEFAULTS
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "defense specs: NAME or NAME:KEY=VALUE,... (the syntax of `dgp evaluate --defenses`\n"
+        "and of SimConfig(defense=...)); NAME is none, dgp, adgp, topk, randk, dp or qsgd and\n"
+        "the keys are that compressor's keyword arguments, e.g.\n"
+        "  dgp:top=0.02,keep=0.1   dgp:error_feedback=false   dgp:value_dtype=bfloat16\n"
+        "  dp:clip=1,noise_multiplier=0.01   qsgd:levels=15   adgp:positions=fresh\n"
+    )
     g = parser.add_argument_group("run")
-    g.add_argument("--defenses", default="none,dgp",
-                   help="comma-separated defenses (compressor names: none, dgp, adgp, topk, randk, "
-                        "dp, qsgd); one run each, same seed (default: none,dgp)")
-    g.add_argument("--defense-param", action="append", default=[], metavar="DEFENSE.PARAM=VALUE",
-                   help="a compressor parameter, repeatable: dgp.top=0.05, dgp.keep=0.2, "
-                        "dgp.error_feedback=false, dgp.value_dtype=bfloat16, dp.clip=1, "
-                        "dp.noise_multiplier=0.01, qsgd.levels=15, adgp.positions=fresh")
-    g.add_argument("--out", default=None,
-                   help="output directory (default: runs/train-<UTC timestamp>)")
+    g.add_argument("--defenses", nargs="+", default=["none", "dgp"], metavar="SPEC",
+                   help="defense specs, one run each with the same seed; a word may also hold "
+                        "a comma list (none,dgp:top=0.1) (default: none dgp)")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder, created before the run (default: runs/train-<UTC "
+                        "timestamp>)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--diagnostics", action="store_true",
                    help="also record error-feedback residual norms per round")
     g.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: the small default models run "
-                        "fastest on one thread on a 2-vCPU machine; raise it for resnet18_cifar)")
+                   help="torch intra-op threads (the small default models run fastest on one "
+                        "thread on a 2-vCPU machine; raise it for resnet18_cifar) "
+                        "(default: %(default)s)")
     g = parser.add_argument_group("data and model")
     g.add_argument("--dataset", default=d["dataset"],
-                   help="digits (built in, offline), mnist, cifar10, cifar100 (default: digits)")
-    g.add_argument("--data-root", default=None,
-                   help="directory holding the MNIST/CIFAR files (torchvision layout or the raw "
-                        "archives' folders)")
+                   help="digits (built in, offline), mnist, cifar10, cifar100 "
+                        "(default: %(default)s)")
+    g.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder holding the MNIST/CIFAR files (torchvision layout or the raw "
+                        "archives' folders); not needed for digits (default: none)")
     g.add_argument("--model", default=d["model"],
-                   help="convnet_small, lenet_sigmoid, resnet18_cifar (default: convnet_small)")
-    g.add_argument("--device", default=d["device"], help="torch device for local training")
+                   help="mlp, convnet_small, lenet_sigmoid, resnet18_cifar "
+                        "(default: %(default)s)")
+    g.add_argument("--device", default=d["device"],
+                   help="torch device for local training (default: %(default)s)")
     g = parser.add_argument_group("federation")
-    g.add_argument("--algorithm", default=d["algorithm"], choices=("fedsgd", "fedavg"))
-    g.add_argument("--clients", type=int, default=d["clients"])
-    g.add_argument("--rounds", type=int, default=d["rounds"])
+    g.add_argument("--algorithm", default=d["algorithm"], choices=("fedsgd", "fedavg"),
+                   help="fedsgd: one gradient per client per round; fedavg: local epochs, "
+                        "clients send model deltas (default: %(default)s)")
+    g.add_argument("--clients", type=int, default=d["clients"],
+                   help="number of clients (default: %(default)s)")
+    g.add_argument("--rounds", type=int, default=d["rounds"],
+                   help="communication rounds (default: %(default)s)")
     g.add_argument("--participation", type=float, default=d["participation"],
-                   help="fraction of clients sampled per round (default 1.0)")
-    g.add_argument("--split", default=d["split"], choices=("iid", "dirichlet"))
-    g.add_argument("--alpha", type=float, default=d["alpha"], help="Dirichlet concentration")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"])
-    g.add_argument("--lr", type=float, default=d["lr"])
-    g.add_argument("--lr-steps", default="",
-                   help="learning-rate steps ROUND:LR,... e.g. 100:0.01,140:0.005")
-    g.add_argument("--momentum", type=float, default=d["momentum"])
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    g.add_argument("--local-epochs", type=int, default=d["local_epochs"], help="FedAvg only")
+                   help="fraction of clients sampled per round (default: %(default)s)")
+    g.add_argument("--split", default=d["split"], choices=("iid", "dirichlet"),
+                   help="how the data is split across clients (default: %(default)s)")
+    g.add_argument("--alpha", type=float, default=d["alpha"],
+                   help="Dirichlet concentration of --split dirichlet (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="local batch size (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d["lr"],
+                   help="learning rate (default: %(default)s)")
+    g.add_argument("--lr-steps", default="", metavar="ROUND:LR,...",
+                   help="learning-rate steps, e.g. 100:0.01,140:0.005 (default: none)")
+    g.add_argument("--momentum", type=float, default=d["momentum"],
+                   help="SGD momentum (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"],
+                   help="SGD weight decay (default: %(default)s)")
+    g.add_argument("--local-epochs", type=int, default=d["local_epochs"],
+                   help="local epochs per round, fedavg only (default: %(default)s)")
     seeds = g.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=d["seed"])
+    seeds.add_argument("--seed", type=int, default=d["seed"],
+                       help="seed of the model, split, sampling, batches and compressors "
+                            "(default: %(default)s)")
     seeds.add_argument("--seeds", default=None, metavar="SEEDS",
                        help="run every defense once per seed: a count (5 -> seeds 0..4) or a "
                             "comma list (0,1,2,3,4; 7, for the single seed 7); the summary gives "
-                            "mean ± std over seeds and the paired difference to none")
-    g.add_argument("--eval-every", type=int, default=d["eval_every"])
+                            "mean ± std over seeds and the paired difference to none "
+                            "(default: one run, --seed)")
+    g.add_argument("--eval-every", type=int, default=d["eval_every"],
+                   help="evaluate on the test split every this many rounds, and after the "
+                        "last (default: %(default)s)")
     g.add_argument("--test-limit", type=int, default=d["test_limit"],
-                   help="evaluate on at most this many test samples (0: all)")
+                   help="evaluate on at most this many test samples, 0 for all "
+                        "(default: %(default)s)")
 
 
 def _parse_lr_steps(text: str):
@@ -110,22 +146,19 @@ def run_from_args(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    from .config import SimConfig, parse_defense_params
+    from ..cli import default_out_dir, prepare_out_dir
+    from .config import SimConfig, parse_defenses
     from .multiseed import parse_seeds
     from .results import plot_results, write_summary
     from .simulator import simulate
 
-    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
-    if not defenses:
-        raise ValueError("--defenses is empty; give e.g. none,dgp")
-    if len(set(defenses)) != len(defenses):
-        raise ValueError(f"--defenses lists a defense twice: {args.defenses!r}")
-    params = parse_defense_params(args.defense_param, defenses)
-    seeds = None if args.seeds is None else parse_seeds(args.seeds)
+    specs = parse_defenses(args.defenses, "--defenses")
+    defenses = [name for name, _ in specs]
+    seeds = None if args.seeds is None else parse_seeds(args.seeds)  # errors name --seeds
     configs = []
-    for name in defenses:
+    for name, params in specs:
         cfg = SimConfig(
-            dataset=args.dataset, model=args.model, defense=name, defense_params=params[name],
+            dataset=args.dataset, model=args.model, defense=name, defense_params=params,
             clients=args.clients, rounds=args.rounds, algorithm=args.algorithm,
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
             weight_decay=args.weight_decay, lr_steps=_parse_lr_steps(args.lr_steps),
@@ -134,9 +167,8 @@ def _run(args: argparse.Namespace) -> int:
             eval_every=args.eval_every, test_limit=args.test_limit, diagnostics=args.diagnostics,
             threads=args.threads,
         )
-        configs.append(cfg.validate())  # every config checked before the first run starts
-    out = args.out or os.path.join("runs", "train-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
-    os.makedirs(out, exist_ok=True)
+        configs.append(cfg.validate(FLAGS))  # every config checked before the first run starts
+    out = prepare_out_dir(args.out or default_out_dir("train"), "--out")
     if seeds is not None:
         return _run_seeds(args, configs, seeds, defenses, out)
     results = []

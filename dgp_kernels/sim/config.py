@@ -1,9 +1,9 @@
 """Simulator configuration: :class:`SimConfig` (one run), :class:`Fault` (an injected client
-failure) and the parsing of ``--defense-param NAME.KEY=VALUE`` strings.
+failure) and the parsing of defense specs (``dgp:top=0.1,keep=0.2``, :mod:`dgp_kernels.spec`).
 
 Every field is checked once, in :meth:`SimConfig.validate` (called by
-:func:`~dgp_kernels.sim.simulate`), with a ``TypeError``/``ValueError`` that names the field,
-its value and what is allowed.
+:func:`~dgp_kernels.sim.simulate`), with a ``TypeError``/``ValueError`` that names the field
+(or the command-line flag it came from), its value and what is allowed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..checks import check_choice, check_float, check_int
+from ..spec import format_spec, parse_spec, parse_value, split_specs
+
 __all__ = [
     "ALGORITHMS",
     "DEFENSES",
@@ -19,7 +22,7 @@ __all__ = [
     "SPLITS",
     "Fault",
     "SimConfig",
-    "parse_defense_params",
+    "parse_defenses",
     "parse_value",
 ]
 
@@ -67,31 +70,18 @@ class Fault:
             raise ValueError(f"Fault.kind must be one of {FAULT_KINDS}, got {self.kind!r}")
 
 
+# ``name`` is the whole label of the value in messages ("SimConfig.rounds", "--rounds").
 def _check_int(value: object, name: str, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"SimConfig.{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < lo:
-        raise ValueError(f"SimConfig.{name} must be >= {lo}, got {value!r}")
-    return value
+    return check_int(value, name, min_value=lo)
 
 
 def _check_float(value: object, name: str, lo: float, hi: float = math.inf, *,
                  lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"SimConfig.{name} must be a number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    bad = not math.isfinite(v) or v > hi or (v <= lo if lo_open else v < lo)
-    if bad:
-        lo_txt = f"> {lo}" if lo_open else f">= {lo}"
-        hi_txt = "" if hi == math.inf else f" and <= {hi}"
-        raise ValueError(f"SimConfig.{name} must be a finite number {lo_txt}{hi_txt}, got {value!r}")
-    return v
+    return check_float(value, name, min_value=lo, max_value=hi, min_inclusive=not lo_open)
 
 
 def _check_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"SimConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
+    return check_choice(value, name, choices)
 
 
 @dataclass
@@ -101,14 +91,16 @@ class SimConfig:
     Attributes:
         dataset: ``digits`` (built in, offline), ``mnist``, ``cifar10``, ``cifar100`` (from
             ``data_root``).
-        model: a name of :data:`dgp_kernels.sim.models.MODELS`; built with the dataset's
+        model: a name of :data:`dgp_kernels.cases.models.MODELS`; built with the dataset's
             ``num_classes``/``channels`` (and ``image_size`` when the model takes it).
         defense: compressor name (``none``, ``dgp``, ``adgp``, ``topk``, ``randk``, ``dp``,
             ``qsgd``); each client gets its own compressor object (own error feedback).
+            A defense spec (``"dgp:top=0.1,keep=0.2"``, :mod:`dgp_kernels.spec`) is accepted
+            too: its parameters move into ``defense_params``.
         defense_params: keyword arguments of that compressor (``{"top": 0.05}``); for
             ``adgp`` also ``top``/``keep`` (the broadcaster's band) and ``positions``
-            (``"aggregate"``: band of the previous aggregate, the default rule of
-            DESIGN.md §2.5; ``"fresh"``: band of the broadcaster's own gradient each round).
+            (``"aggregate"``: band of the previous aggregate, the default rule, see
+            :mod:`dgp_kernels.compressor.adgp`; ``"fresh"``: band of the broadcaster's own gradient each round).
             Random compressors get ``seed + client`` per client (``seed`` defaults to a
             value derived from ``SimConfig.seed``).
         clients: number of clients N.
@@ -135,8 +127,8 @@ class SimConfig:
         diagnostics: also record error-feedback diagnostics per round (residual norms on
             never-sent coordinates; see :func:`~dgp_kernels.sim.simulate`).
         threads: torch intra-op threads during the run (restored afterwards); ``None``
-            leaves torch's setting. Small models run fastest on 1 thread here (the
-            2-vCPU machine stalls in OpenMP regions, DESIGN.md §6); results are bitwise
+            leaves torch's setting. Small models run fastest on 1 thread here (an OpenMP
+            region can stall ~8 ms on a 2-vCPU machine); results are bitwise
             reproducible for a fixed thread count.
     """
 
@@ -165,71 +157,102 @@ class SimConfig:
     threads: Optional[int] = None
 
     # ---------------------------------------------------------------------------------
-    def validate(self) -> "SimConfig":
-        """Check every field (raises ``TypeError``/``ValueError`` naming it); returns self."""
-        from .data import available_datasets
-        from .models import MODELS
+    def __post_init__(self) -> None:
+        # A defense spec string ("dgp:top=0.1,keep=0.2", the syntax of dgp_kernels.spec)
+        # is split into ``defense`` and ``defense_params`` here, so the stored config (and
+        # its JSON) always holds the plain name and a dict.
+        if isinstance(self.defense, str) and ":" in self.defense:
+            name, params = _spec_params(self.defense, "SimConfig.defense")
+            if isinstance(self.defense_params, Mapping):
+                both = sorted(set(params) & set(self.defense_params))
+                if both:
+                    raise ValueError(
+                        f"SimConfig: {both} given both in defense {self.defense!r} and in "
+                        "defense_params; give each parameter once"
+                    )
+                params = {**self.defense_params, **params}
+            self.defense, self.defense_params = name, params
 
-        _check_choice(self.dataset, "dataset", available_datasets())
-        _check_choice(self.model, "model", sorted(MODELS))
-        _check_choice(self.defense, "defense", DEFENSES)
+    # ---------------------------------------------------------------------------------
+    def validate(self, names: Optional[Mapping[str, str]] = None) -> "SimConfig":
+        """Check every field (raises ``TypeError``/``ValueError`` naming it); returns self.
+
+        ``names`` maps field names to what the messages call them (the command line passes
+        ``{"rounds": "--rounds", ...}``); fields not in it are called ``SimConfig.<field>``.
+        """
+        from ..cases.datasets import available_datasets
+        from ..cases.models import MODELS
+
+        def n(field_name: str) -> str:
+            return (names or {}).get(field_name, f"SimConfig.{field_name}")
+
+        _check_choice(self.dataset, n("dataset"), available_datasets())
+        _check_choice(self.model, n("model"), sorted(MODELS))
+        _check_choice(self.defense, n("defense"), DEFENSES)
         if not isinstance(self.defense_params, Mapping):
             raise TypeError(
-                f"SimConfig.defense_params must be a dict of compressor keyword arguments, "
+                f"{n('defense_params')} must be a dict of compressor keyword arguments, "
                 f"got {type(self.defense_params).__name__}"
             )
         for k in self.defense_params:
             if not isinstance(k, str):
-                raise TypeError(f"SimConfig.defense_params keys must be str, got {k!r}")
-        _check_int(self.clients, "clients", 1)
-        _check_int(self.rounds, "rounds", 1)
-        _check_choice(self.algorithm, "algorithm", ALGORITHMS)
-        _check_int(self.batch_size, "batch_size", 1)
-        _check_float(self.lr, "lr", 0.0, lo_open=True)
-        _check_float(self.momentum, "momentum", 0.0, 1.0)
-        _check_float(self.weight_decay, "weight_decay", 0.0)
+                raise TypeError(f"{n('defense_params')} keys must be str, got {k!r}")
+        _check_int(self.clients, n("clients"), 1)
+        _check_int(self.rounds, n("rounds"), 1)
+        _check_choice(self.algorithm, n("algorithm"), ALGORITHMS)
+        _check_int(self.batch_size, n("batch_size"), 1)
+        _check_float(self.lr, n("lr"), 0.0, lo_open=True)
+        _check_float(self.momentum, n("momentum"), 0.0, 1.0)
+        _check_float(self.weight_decay, n("weight_decay"), 0.0)
         if not isinstance(self.lr_steps, (list, tuple)):
-            raise TypeError(f"SimConfig.lr_steps must be a list of [round, lr] pairs, got {self.lr_steps!r}")
+            raise TypeError(f"{n('lr_steps')} must be a list of [round, lr] pairs, got {self.lr_steps!r}")
         for i, step in enumerate(self.lr_steps):
             if not isinstance(step, (list, tuple)) or len(step) != 2:
-                raise ValueError(f"SimConfig.lr_steps[{i}] must be a [round, lr] pair, got {step!r}")
-            _check_int(step[0], f"lr_steps[{i}][0]", 0)
-            _check_float(step[1], f"lr_steps[{i}][1]", 0.0, lo_open=True)
-        _check_int(self.local_epochs, "local_epochs", 1)
-        _check_float(self.participation, "participation", 0.0, 1.0, lo_open=True)
-        _check_choice(self.split, "split", SPLITS)
-        _check_float(self.alpha, "alpha", 0.0, lo_open=True)
-        _check_int(self.seed, "seed", 0)
+                raise ValueError(f"{n('lr_steps')}[{i}] must be a [round, lr] pair, got {step!r}")
+            _check_int(step[0], f"{n('lr_steps')}[{i}] round", 0)
+            _check_float(step[1], f"{n('lr_steps')}[{i}] lr", 0.0, lo_open=True)
+        _check_int(self.local_epochs, n("local_epochs"), 1)
+        _check_float(self.participation, n("participation"), 0.0, 1.0, lo_open=True)
+        _check_choice(self.split, n("split"), SPLITS)
+        _check_float(self.alpha, n("alpha"), 0.0, lo_open=True)
+        _check_int(self.seed, n("seed"), 0)
         if self.data_root is not None and not isinstance(self.data_root, str):
-            raise TypeError(f"SimConfig.data_root must be a str path or None, got {self.data_root!r}")
+            raise TypeError(f"{n('data_root')} must be a str path or None, got {self.data_root!r}")
         if not isinstance(self.device, str):
-            raise TypeError(f"SimConfig.device must be a str such as 'cpu' or 'cuda', got {self.device!r}")
+            raise TypeError(f"{n('device')} must be a str such as 'cpu' or 'cuda', got {self.device!r}")
         try:
             import torch
 
             torch.device(self.device)
         except (RuntimeError, ValueError) as exc:
-            raise ValueError(f"SimConfig.device {self.device!r} is not a torch device: {exc}") from None
-        _check_int(self.eval_every, "eval_every", 1)
-        _check_int(self.test_limit, "test_limit", 0)
+            raise ValueError(f"{n('device')} {self.device!r} is not a torch device: {exc}") from None
+        _check_int(self.eval_every, n("eval_every"), 1)
+        _check_int(self.test_limit, n("test_limit"), 0)
         if self.threads is not None:
-            _check_int(self.threads, "threads", 1)
+            _check_int(self.threads, n("threads"), 1)
         if not isinstance(self.diagnostics, bool):
-            raise TypeError(f"SimConfig.diagnostics must be a bool, got {self.diagnostics!r}")
+            raise TypeError(f"{n('diagnostics')} must be a bool, got {self.diagnostics!r}")
+        spec = format_spec(self.defense, self.defense_params)
         if self.defense == "adgp":
             rule = self.defense_params.get("positions", "aggregate")
             if rule not in ADGP_POSITION_RULES:
                 raise ValueError(
-                    f"SimConfig.defense_params['positions'] (adgp) must be one of "
+                    f"{n('defense')} {spec!r}: positions must be one of "
                     f"{', '.join(ADGP_POSITION_RULES)}; got {rule!r}"
                 )
         # Build one compressor (and the broadcaster) to check the parameters now, with
         # the compressor's own error naming the parameter.
-        compressor_params(self, client=0)
-        if self.defense == "adgp":
-            from ..compressor import Broadcaster
+        # The message names the defense as the caller wrote it: the spec behind the flag
+        # (--defenses 'dgp:top=0.9,keep=0.5': ...) or the config's defense ('dgp').
+        what = f"{names['defense']} {spec!r}" if names and "defense" in names else f"defense {self.defense!r}"
+        try:
+            compressor_params(self, client=0, checked=False)
+            if self.defense == "adgp":
+                from ..compressor import Broadcaster
 
-            Broadcaster(**broadcaster_params(self))
+                Broadcaster(**broadcaster_params(self))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{what}: {exc}") from None
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -260,22 +283,22 @@ def _client_seed(config: SimConfig, client: int, given: Optional[int]) -> int:
     return (int(base) + client) % (2**63 - 1)
 
 
-def compressor_params(config: SimConfig, client: int) -> Dict[str, Any]:
+def compressor_params(config: SimConfig, client: int, checked: bool = True) -> Dict[str, Any]:
     """The keyword arguments of client ``client``'s compressor, after building a throwaway
-    one to check them (errors name the parameter)."""
-    import inspect
-
-    from ..compressor import get_compressor
-    from ..compressor.base import _REGISTRY
+    one to check them (errors name the parameter; with ``checked`` they also name the
+    defense; :meth:`SimConfig.validate` passes False and names it itself)."""
+    from ..compressor import COMPRESSORS, get_compressor
 
     params = dict(config.defense_params)
     if config.defense == "adgp":
         for k in ADGP_BROADCASTER_PARAMS:
             params.pop(k, None)
-    cls = _REGISTRY.get(config.defense)
-    accepted = inspect.signature(cls.__init__).parameters if cls is not None else {}
+    accepted = COMPRESSORS.parameters(config.defense) if config.defense in COMPRESSORS else []
     if "seed" in accepted:
         params["seed"] = _client_seed(config, client, params.get("seed"))
+    if not checked:
+        get_compressor(config.defense, **params)
+        return params
     try:
         get_compressor(config.defense, **params)
     except (TypeError, ValueError) as exc:
@@ -285,53 +308,40 @@ def compressor_params(config: SimConfig, client: int) -> Dict[str, Any]:
 
 def broadcaster_params(config: SimConfig) -> Dict[str, Any]:
     """ADGP broadcaster band (``top``/``keep`` from ``defense_params``, else the DGP defaults)."""
-    from ..ops._checks import DEFAULT_KEEP, DEFAULT_TOP
+    from ..ops import DEFAULT_KEEP, DEFAULT_TOP
 
     p = config.defense_params
     return {"top": p.get("top", DEFAULT_TOP), "keep": p.get("keep", DEFAULT_KEEP)}
 
 
-# --------------------------------------------------------------------------------------
-# "--defense-param dgp.top=0.05" parsing
-# --------------------------------------------------------------------------------------
-def parse_value(text: str) -> Any:
-    """A CLI value: ``true``/``false`` -> bool, ``none`` -> None, an int literal -> int, a
-    float literal -> float, anything else stays a str (e.g. ``bfloat16``)."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
+def _spec_params(spec: str, what: str) -> Tuple[str, Dict[str, Any]]:
+    """(name, parameters) of a defense spec string, values converted by :func:`parse_value`."""
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text.strip()
+        name, raw = parse_spec(spec)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    return name, {k: parse_value(v) for k, v in raw.items()}
 
 
-def parse_defense_params(items: Sequence[str], defenses: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """``["dgp.top=0.05", "dp.clip=2"]`` -> ``{"dgp": {"top": 0.05}, "dp": {"clip": 2}}``.
+def parse_defenses(items: Sequence[str], what: str = "defenses") -> List[Tuple[str, Dict[str, Any]]]:
+    """Defense specs (``["none", "dgp:top=0.1,keep=0.2"]``; a word may hold a comma list of
+    specs, :func:`dgp_kernels.spec.split_specs`) -> ``[(name, params), ...]``.
 
-    Raises ``ValueError`` for a malformed item or a defense not in ``defenses``.
+    Raises ``ValueError`` prefixed with ``what`` for a malformed spec, an empty list or a
+    defense listed twice. Names and parameters are checked by :meth:`SimConfig.validate`.
     """
-    out: Dict[str, Dict[str, Any]] = {d: {} for d in defenses}
-    for item in items:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(
-                f"--defense-param {item!r} must look like DEFENSE.PARAM=VALUE, e.g. dgp.top=0.05"
-            )
-        key, value = item.split("=", 1)
-        name, param = key.split(".", 1)
-        name, param = name.strip(), param.strip()
-        if name not in out:
-            raise ValueError(
-                f"--defense-param {item!r} is for defense {name!r}, which is not among the "
-                f"defenses of this run ({', '.join(defenses)})"
-            )
-        if not param:
-            raise ValueError(f"--defense-param {item!r} names no parameter")
-        out[name][param] = parse_value(value)
+    try:
+        specs = split_specs(items)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    if not specs:
+        raise ValueError(f"{what} is empty; give e.g. none dgp:top=0.05")
+    out = [_spec_params(s, what) for s in specs]
+    names = [name for name, _ in out]
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        raise ValueError(
+            f"{what} lists {', '.join(twice)} twice: one run per defense name (results are "
+            "filed by it)"
+        )
     return out

@@ -12,8 +12,8 @@ the part of that noise the two runs share; their mean gets a Student-t 95 % inte
     for row in runs.summary():
         row.label, row.accuracy.mean, row.accuracy.std, row.diff_vs_baseline
 
-Only the standard library and torch (through the simulator) are needed; plots live in
-:mod:`dgp_kernels.sim.results`.
+Only the standard library and torch (through the simulator) are needed; the plots need
+matplotlib.
 """
 
 from __future__ import annotations
@@ -27,14 +27,19 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from .config import SimConfig
-from .results import SimResult
+from ..checks import check_seed
+from ..optional import pyplot
+from .results import SimResult, finish_accuracy_plot, seed_curves
+from .simulator import simulate
 
 __all__ = [
     "MultiSeedResult",
     "SeedStats",
     "SeedSummaryRow",
     "describe",
+    "file_stem",
     "parse_seeds",
+    "plot_seed_results",
     "simulate_seeds",
     "t_quantile_975",
 ]
@@ -136,9 +141,8 @@ def _check_seeds(seeds: Iterable[int]) -> List[int]:
     out = list(seeds)
     if not out:
         raise ValueError("seeds must hold at least one seed")
-    for s in out:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ValueError(f"seeds must be ints >= 0, got {s!r}")
+    for i, s in enumerate(out):
+        check_seed(s, f"seeds[{i}]")
     if len(set(out)) != len(out):
         raise ValueError(f"seeds lists a seed twice: {out}")
     return out
@@ -244,11 +248,11 @@ class MultiSeedResult:
         """Write every run (``<label>-seed<s>.json`` / ``.csv``), ``seeds.csv`` (one row per
         label and seed), ``summary.json`` (config, seeds, per-seed rows, summary rows),
         ``summary.md`` and, with ``plots``, the two PNGs of
-        :func:`~dgp_kernels.sim.results.plot_seed_results`. Returns ``name -> path``."""
+        :func:`plot_seed_results`. Returns ``name -> path``."""
         os.makedirs(out_dir, exist_ok=True)
         paths: Dict[str, str] = {}
         for label in self.labels:
-            stem = _file_stem(label)
+            stem = file_stem(label)
             for seed, res in zip(self.seeds, self.runs[label]):
                 p = os.path.join(out_dir, f"{stem}-seed{seed}")
                 res.to_json(p + ".json")
@@ -268,14 +272,35 @@ class MultiSeedResult:
         with open(paths["summary_md"], "w") as f:
             f.write(self.markdown() + "\n")
         if plots:
-            from .results import plot_seed_results
-
             for p in plot_seed_results(self, out_dir):
                 paths[os.path.splitext(os.path.basename(p))[0]] = p
         return paths
 
 
-def _file_stem(label: str) -> str:
+def plot_seed_results(multi: "MultiSeedResult", out_dir: str) -> List[str]:
+    """Multi-seed versions of :func:`plot_results`: per label the mean accuracy over seeds
+    (line) and the min-max band over seeds (shaded), vs round (``accuracy_vs_round.png``)
+    and vs the mean cumulative upload (``accuracy_vs_upload.png``, log x). Returns the
+    paths. Needs matplotlib."""
+    plt = pyplot()
+    paths = []
+    for kind in ("round", "upload"):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for label in multi.labels:
+            xs, mean, lo, hi = seed_curves(multi.runs[label], "test_accuracy", kind)
+            line, = ax.plot(xs, [100 * v for v in mean], label=label, linewidth=1.4)
+            ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi],
+                            color=line.get_color(), alpha=0.18, linewidth=0)
+        cfg = multi.runs[multi.labels[0]][0].config
+        title = (f"{cfg.algorithm} {cfg.dataset} {cfg.model}, {cfg.clients} clients, "
+                 f"{len(multi.seeds)} seeds (mean, min-max band)")
+        paths.append(finish_accuracy_plot(
+            plt, fig, ax, kind, "cumulative upload (bytes, all clients; mean over seeds)", title,
+            out_dir))
+    return paths
+
+
+def file_stem(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
@@ -356,8 +381,6 @@ def simulate_seeds(configs: Sequence[SimConfig], seeds: Iterable[int], *,
     elif baseline not in labels:
         raise ValueError(f"baseline {baseline!r} is not among the labels {labels}")
     per_seed = {s: [dataclasses.replace(c, seed=s).validate() for c in configs] for s in seeds}
-
-    from .simulator import simulate
 
     out = MultiSeedResult(labels=list(labels), seeds=seeds, baseline=baseline,
                           runs={lab: [] for lab in labels})

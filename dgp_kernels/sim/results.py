@@ -7,16 +7,14 @@ import csv
 import json
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
+from ..optional import pyplot
 from .config import SimConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .multiseed import MultiSeedResult
-
-__all__ = ["CSV_FIELDS", "SimResult", "plot_results", "plot_seed_results", "seed_curves",
+__all__ = ["CSV_FIELDS", "SimResult", "finish_accuracy_plot", "plot_results", "seed_curves",
            "summary_rows", "write_summary"]
 
 #: Columns of :meth:`SimResult.to_csv` (``dropped`` is the number of dropped clients).
@@ -47,20 +45,22 @@ class SimResult:
     num_params: int = 0
     model_state: Optional[Dict[str, Tensor]] = None
 
-    @property
-    def final_accuracy(self) -> float:
-        """Test accuracy after the last round (it is always evaluated)."""
+    def last(self, key: str) -> float:
+        """The last round's recorded ``key`` (``test_accuracy``, ``test_loss``, ...), skipping
+        rounds without an evaluation; NaN when no round recorded it."""
         for r in reversed(self.rounds):
-            if r.get("test_accuracy") is not None:
-                return float(r["test_accuracy"])
+            if r.get(key) is not None:
+                return float(r[key])
         return float("nan")
 
     @property
+    def final_accuracy(self) -> float:
+        """Test accuracy after the last round (it is always evaluated)."""
+        return self.last("test_accuracy")
+
+    @property
     def final_loss(self) -> float:
-        for r in reversed(self.rounds):
-            if r.get("test_loss") is not None:
-                return float(r["test_loss"])
-        return float("nan")
+        return self.last("test_loss")
 
     @property
     def total_upload_bytes(self) -> int:
@@ -165,22 +165,11 @@ def write_summary(results: Sequence[SimResult], stem: str) -> Dict[str, Any]:
     return {"rows": rows, "markdown": md}
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("plots need matplotlib: pip install \"dgp_kernels[eval]\"") from exc
-    return plt
-
-
 def plot_results(results: Sequence[SimResult], out_dir: str) -> List[str]:
     """Two PNGs, one curve per run: ``accuracy_vs_round.png`` and
     ``accuracy_vs_upload.png`` (accuracy vs cumulative upload bytes, log x). Returns the
     paths. Needs matplotlib (``pip install "dgp_kernels[eval]"``)."""
-    plt = _pyplot()
+    plt = pyplot()
     paths = []
     for kind in ("round", "upload"):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -195,12 +184,12 @@ def plot_results(results: Sequence[SimResult], out_dir: str) -> List[str]:
             ax.plot(xs, ys, label=res.config.defense, linewidth=1.4)
         cfg = results[0].config if results else None
         title = f"{cfg.algorithm} {cfg.dataset} {cfg.model}, {cfg.clients} clients" if cfg else None
-        paths.append(_finish_accuracy_plot(plt, fig, ax, kind, "cumulative upload (bytes, all clients)",
+        paths.append(finish_accuracy_plot(plt, fig, ax, kind, "cumulative upload (bytes, all clients)",
                                            title, out_dir))
     return paths
 
 
-def _finish_accuracy_plot(plt, fig, ax, kind: str, upload_label: str, title: Optional[str],
+def finish_accuracy_plot(plt, fig, ax, kind: str, upload_label: str, title: Optional[str],
                           out_dir: str) -> str:
     """Axes, title, grid and legend of an accuracy-vs-``kind`` plot; saves
     ``accuracy_vs_<kind>.png`` in ``out_dir``, closes the figure and returns the path."""
@@ -246,26 +235,3 @@ def seed_curves(runs: Sequence[SimResult], key: str = "test_accuracy",
         lo.append(min(vals))
         hi.append(max(vals))
     return xs, mean, lo, hi
-
-
-def plot_seed_results(multi: "MultiSeedResult", out_dir: str) -> List[str]:
-    """Multi-seed versions of :func:`plot_results`: per label the mean accuracy over seeds
-    (line) and the min-max band over seeds (shaded), vs round (``accuracy_vs_round.png``)
-    and vs the mean cumulative upload (``accuracy_vs_upload.png``, log x). Returns the
-    paths. Needs matplotlib."""
-    plt = _pyplot()
-    paths = []
-    for kind in ("round", "upload"):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        for label in multi.labels:
-            xs, mean, lo, hi = seed_curves(multi.runs[label], "test_accuracy", kind)
-            line, = ax.plot(xs, [100 * v for v in mean], label=label, linewidth=1.4)
-            ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi],
-                            color=line.get_color(), alpha=0.18, linewidth=0)
-        cfg = multi.runs[multi.labels[0]][0].config
-        title = (f"{cfg.algorithm} {cfg.dataset} {cfg.model}, {cfg.clients} clients, "
-                 f"{len(multi.seeds)} seeds (mean, min-max band)")
-        paths.append(_finish_accuracy_plot(
-            plt, fig, ax, kind, "cumulative upload (bytes, all clients; mean over seeds)", title,
-            out_dir))
-    return paths

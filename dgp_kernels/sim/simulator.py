@@ -59,12 +59,13 @@ from ..compressor import (
     get_compressor,
 )
 from ..ops import band_counts
+from ..optional import progress_bar
 from .config import Fault, SimConfig, broadcaster_params, compressor_params
-from .data import dataset_info, dirichlet_split, iid_split, load_dataset
-from .models import get_model
+from ..cases.datasets import dataset_info, dirichlet_split, iid_split, load_dataset
+from ..cases.models import get_model
 from .results import SimResult
 
-__all__ = ["build_model", "simulate", "broadcast_nbytes", "positions_nbytes"]
+__all__ = ["build_model", "simulate", "simulate_defense", "broadcast_nbytes", "positions_nbytes"]
 
 log = logging.getLogger("dgp_kernels.sim")
 
@@ -77,7 +78,7 @@ def build_model(config: SimConfig) -> nn.Module:
     model takes it, ``image_size``), initialised from ``config.seed`` without touching the
     caller's global RNG."""
     info = dataset_info(config.dataset)
-    from .models import MODELS
+    from ..cases.models import MODELS
 
     fn = MODELS[config.model]
     accepted = inspect.signature(fn).parameters
@@ -218,16 +219,6 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> T
 # --------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------
-def _progress_bar(total: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the progress bar needs tqdm: pip install \"dgp_kernels[eval]\" (or progress=False)"
-        ) from exc
-    return tqdm(total=total, desc=desc, unit="round", leave=True, dynamic_ncols=True)
-
-
 def _faults_by_key(faults: Optional[Iterable[Fault]]) -> Dict[Tuple[int, int], str]:
     out: Dict[Tuple[int, int], str] = {}
     for f in faults or ():
@@ -300,6 +291,17 @@ def simulate(config: SimConfig, *, progress: bool = True,
         torch.set_num_threads(threads_before)
 
 
+def simulate_defense(defense: str, defense_params: Optional[Dict[str, Any]] = None, *,
+                     progress: bool = True, **config: Any) -> SimResult:
+    """One training run under ``defense`` (a compressor name with its parameters): the
+    trainer the attack evaluation takes for its utility columns
+    (:func:`dgp_kernels.attacks.runner.run_evaluation`). ``config`` holds any other
+    :class:`SimConfig` fields (``rounds``, ``clients``, ``dataset``, ``model``, ``seed``,
+    ``device``, ...)."""
+    cfg = SimConfig(defense=defense, defense_params=dict(defense_params or {}), **config)
+    return simulate(cfg, progress=progress)
+
+
 def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int], str],
               desc: Optional[str] = None) -> SimResult:
     device = torch.device(config.device)
@@ -368,7 +370,7 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
             return [lp.detach() - gp.detach() for lp, gp in zip(lparams, params)]
 
     result = SimResult(config=config, dense_bytes=dense_bytes, num_params=sum(numels))
-    bar = _progress_bar(config.rounds, desc or config.defense) if progress else None
+    bar = progress_bar(config.rounds, desc or config.defense, unit="round", enabled=progress)
     cum_upload = 0
     t0 = time.perf_counter()
     eval_s = 0.0

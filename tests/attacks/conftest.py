@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dgp_kernels.sim.models import lenet_sigmoid
+from dgp_kernels.cases.models import lenet_sigmoid
 
 
 def smooth_images(n: int, seed: int, size: int = 8, channels: int = 3) -> torch.Tensor:

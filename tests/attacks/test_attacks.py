@@ -20,7 +20,7 @@ from dgp_kernels.attacks import (
 from dgp_kernels.attacks import metrics as M
 from dgp_kernels.attacks.matching import GradientObjective
 from dgp_kernels.attacks.rtf import ImprintBlock
-from dgp_kernels.sim.models import convnet_small, lenet_sigmoid
+from dgp_kernels.cases.models import convnet_small, lenet_sigmoid
 
 from .conftest import smooth_images
 
@@ -313,7 +313,7 @@ def test_rtf_calibration_thresholds_follow_the_data():
         get_attack("rtf", calibration=cal).thresholds((3, 16, 16))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_attack_runs_on_cuda(tiny_lenet):
     model = tiny_lenet.cuda()
     x = smooth_images(1, 1).cuda()
@@ -459,7 +459,7 @@ def test_ig_grid_on_a_batch_norm_model_runs_row_by_row():
     """ResNet-18 in training mode updates batch-norm statistics, which the vectorised path
     cannot do: the settings run one after the other."""
     from dgp_kernels.attacks.inverting import _has_running_stats
-    from dgp_kernels.sim.models import resnet18_cifar
+    from dgp_kernels.cases.models import resnet18_cifar
 
     torch.manual_seed(0)
     model = resnet18_cifar(num_classes=4)

@@ -98,7 +98,7 @@ def test_quick_and_full_are_exclusive(capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.no_cuda
 def test_cuda_requested_without_cuda(capsys, tmp_path):
     assert main(TINY[:-2] + ["--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err

@@ -11,8 +11,8 @@ from dgp_kernels.attacks.defenses import (
     sent_mask_from_payload,
 )
 from dgp_kernels.codec import encode
-from dgp_kernels.ops._checks import band_counts
-from dgp_kernels.sim.models import lenet_sigmoid
+from dgp_kernels.ops import band_counts
+from dgp_kernels.cases.models import lenet_sigmoid
 
 
 @pytest.fixture(scope="module")

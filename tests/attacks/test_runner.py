@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dgp_kernels.attacks import available_attacks, compute_gradients, metrics
-from dgp_kernels.attacks.data import load_photos
+from dgp_kernels.cases.targets import load_photos
 from dgp_kernels.attacks.report import format_summary, summary_rows, write_report
 from dgp_kernels.attacks.runner import (
     DEFAULT_DEFENSES,
@@ -284,7 +284,7 @@ def test_two_worker_processes_give_the_same_records():
 def test_fedavg_update_is_the_mean_gradient_along_the_local_steps():
     torch.manual_seed(0)
     from dgp_kernels.attacks.runner import client_update
-    from dgp_kernels.sim.models import lenet_sigmoid
+    from dgp_kernels.cases.models import lenet_sigmoid
 
     model = lenet_sigmoid(num_classes=4, channels=3, image_size=8)
     x = load_photos(1, size=8).images
@@ -333,7 +333,9 @@ def test_bad_tuning_grids(tuning, match):
 
 @pytest.mark.slow
 def test_utility_runs_the_simulator_per_defense():
-    out = run_utility(["none", "dgp"], rounds=1, progress=False, clients=2)
+    from dgp_kernels.sim import simulate_defense
+
+    out = run_utility(["none", "dgp"], trainer=simulate_defense, rounds=1, progress=False, clients=2)
     assert [u.defense for u in out] == ["none", "dgp:top=0.05,keep=0.2"]
     for u in out:
         assert 0.0 <= u.final_accuracy <= 1.0 and u.rounds == 1 and u.dense_bytes > 0

@@ -27,7 +27,7 @@ def resnet18_cifar_shapes() -> List[Tuple[int, ...]]:
     """The 62 parameter shapes of the CIFAR ResNet-18 (11,173,962 entries), in model order.
 
     Hardcoded (not imported from dgp_kernels.sim) so the codec tests stand alone;
-    test_wire.py checks it against ``dgp_kernels.sim.models.resnet18_cifar`` when present.
+    test_wire.py checks it against ``dgp_kernels.cases.models.resnet18_cifar`` when present.
     """
     shapes: List[Tuple[int, ...]] = [(64, 3, 3, 3), (64,), (64,)]
     cin = 64

@@ -94,7 +94,7 @@ def test_out_buffers_on_two_devices_are_refused():
         decode_accumulate([], [torch.zeros(3), torch.zeros(3, device="meta")])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("weighted", [False, True])
 def test_cuda_buffers_match_cpu(weighted):
     datas = _clients(11)

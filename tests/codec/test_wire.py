@@ -326,7 +326,7 @@ def test_nonfinite_values_rejected_unless_allowed(backend):
 
 # --------------------------------------------------------------------------- sizes
 def test_resnet18_shapes_match_the_simulator_model():
-    models = pytest.importorskip("dgp_kernels.sim.models")
+    models = pytest.importorskip("dgp_kernels.cases.models")
     shapes = [tuple(p.shape) for p in models.resnet18_cifar().parameters()]
     assert shapes == resnet18_cifar_shapes()
 

@@ -218,6 +218,39 @@ def test_hypothesis_valid_payloads_round_trip(layers, coding, dtype):
                                                                  want.values.to(getattr(torch, dtype)))))
 
 
+_DEVICE_BASES = [b for b in BASES if b.name in ("bitmap+implicit", "raw32-bf16", "raw64-f16", "aligned")]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("base", _DEVICE_BASES, ids=lambda b: b.name)
+def test_device_decoder_on_these_mutants(base):
+    """The device decoder (Triton; the interpreter here) on a sample of this file's mutants
+    (truncations and edited table fields, checksums recomputed): all of them as the clients
+    of one call, against the C++/Python accumulator (same verdicts, same float32 bits)."""
+    d = base.data
+    rng = random.Random(len(d))
+    muts = [recrc(d[:n]) for n in sorted(rng.sample(range(4, len(d)), 6))]
+    L = struct.unpack_from("<I", d, 8)[0]
+    t = table_offset(d)
+    for _ in range(8):
+        off, fmt = rng.choice(_FIELDS)
+        b = bytearray(d)
+        v = rng.choice([x for x in _BOUNDARY if x < (1 << (8 * struct.calcsize(fmt)))])
+        struct.pack_into(fmt, b, t + ENTRY * rng.randrange(max(L, 1)) + off, v)
+        muts.append(recrc(bytes(b)))
+    muts.append(d)
+    results = []
+    for be in ["triton"] + BACKENDS:
+        out = [x.clone() for x in base.init]
+        rep = decode_accumulate(muts, out, indices=base.positions, backend=be)
+        results.append((rep.accepted, [r.reason for r in rep.rejected], _bits(out)))
+    for acc, reasons, bits in results[1:]:
+        assert acc == results[0][0] and reasons == results[0][1]
+        assert all(torch.equal(a, b) for a, b in zip(bits, results[0][2]))
+    assert results[0][0][-1] == len(muts) - 1  # the unmutated payload is accepted
+
+
 def test_zz_fuzz_volume():
     """Runs last in this file (pytest keeps file order): the suite exercised thousands."""
     if STATS["mutants"] == 0:
@@ -225,3 +258,4 @@ def test_zz_fuzz_volume():
     print(f"fuzz: {STATS}")
     assert STATS["mutants"] >= 3000 * min(SCALE, 1)
     assert STATS["rejected"] > 0.5 * STATS["mutants"]
+

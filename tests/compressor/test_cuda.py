@@ -1,4 +1,4 @@
-"""Compressors on CUDA tensors: same payloads as on the CPU (skipped without a GPU)."""
+"""Compressors on CUDA tensors: same payloads as on the CPU (collected only with a GPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dgp_kernels.compressor import Broadcaster, aggregate_aligned, decompress_al
 
 from ._helpers import assert_payloads_equal, make_grads
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.cuda  # collected only where a CUDA device is present
 
 
 def _cpu(p):

@@ -73,9 +73,16 @@ def test_value_dtype_spellings():
         assert get_compressor("dgp", value_dtype=spelling).value_dtype == torch.bfloat16
 
 
-def test_register_a_new_compressor_and_errors(monkeypatch):
-    # A private copy of the registry, so the global one only holds the real compressors.
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+@pytest.fixture
+def registry_restored():
+    """The global registry holds only the real compressors after the test."""
+    before = set(base.COMPRESSORS.names())
+    yield
+    for name in set(base.COMPRESSORS.names()) - before:
+        base.COMPRESSORS.unregister(name)
+
+
+def test_register_a_new_compressor_and_errors(registry_restored):
 
     @register_compressor("test-identity")
     class Identity(Compressor):

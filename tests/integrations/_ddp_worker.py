@@ -82,18 +82,20 @@ def _init(rank: int, world: int, port: int, timeout_s: float) -> None:
     )
 
 
-def _train(rank: int, compressor: str, params: Dict) -> Dict:
+def _train(rank: int, compressor: str, params: Dict, steps: int = STEPS, codec: str = "auto",
+           bucket_cap_mb: float = 0.0002) -> Dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from dgp_kernels.integrations.ddp import DGPHookState, dgp_hook
 
-    model = DDP(make_model(), bucket_cap_mb=0.0002)  # ~200 bytes: one bucket per tensor after the rebuild
-    state = DGPHookState(compressor=compressor, params=params)
+    # default ~200 bytes: one bucket per tensor after the rebuild
+    model = DDP(make_model(), bucket_cap_mb=bucket_cap_mb)
+    state = DGPHookState(compressor=compressor, params=params, codec=codec)
     model.register_comm_hook(state, dgp_hook)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     snaps: List[torch.Tensor] = []
     losses: List[float] = []
-    for step in range(STEPS):
+    for step in range(steps):
         x, y = batch(rank, step)
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
@@ -101,6 +103,7 @@ def _train(rank: int, compressor: str, params: Dict) -> Dict:
         opt.step()
         losses.append(float(loss))
         snaps.append(flat_params(model.module))
+    state.check()  # the device codec's flags of the last step
     return {
         "params": torch.stack(snaps),
         "losses": losses,
@@ -122,6 +125,31 @@ def train_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         }
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # every rank has saved: nobody tears the group down under another
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    _exit_now()
+
+
+DEVICE_STEPS = 3
+
+
+def device_codec_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """The hook's device path on CPU tensors: the Triton codec forced (interpreter), both
+    modes, a few steps, two buckets per step (the interpreter is slow)."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    import torch.distributed as dist
+
+    try:
+        _init(rank, world, port, 120.0)
+        result = {
+            "dgp": _train(rank, "dgp", {"top": 0.05, "keep": 0.2}, DEVICE_STEPS, "triton", 0.001),
+            "adgp": _train(rank, "adgp", {"top": 0.05, "keep": 0.2}, DEVICE_STEPS, "triton", 0.001),
+        }
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
@@ -174,7 +202,7 @@ def failure_worker(idx: int, ports: List[int], out_dir: str, timeout_s: float) -
         raise
 
 
-def simulate(world: int, compressor: str, params: Dict) -> Dict:
+def simulate(world: int, compressor: str, params: Dict, steps: int = STEPS) -> Dict:
     """One process replaying ``world`` ranks: one compressor (with error feedback) per rank,
     the decoded payloads summed in rank order in float32 and divided by ``world``, then SGD.
     For ``"adgp"``, rank 0's compressor state decides the positions (the broadcaster)."""
@@ -193,7 +221,7 @@ def simulate(world: int, compressor: str, params: Dict) -> Dict:
         top, keep = (p.pop("top"), p.pop("keep")) if compressor == "adgp" else (None, None)
         comps = [get_compressor(compressor, **p) for _ in range(world)]
         snaps = []
-        for step in range(STEPS):
+        for step in range(steps):
             grads = []
             for r in range(world):
                 x, y = batch(r, step)

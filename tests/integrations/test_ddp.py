@@ -146,6 +146,40 @@ def test_dead_or_hung_rank_makes_the_survivor_fail_within_the_timeout(tmp_path):
     assert "Timed out" in hang_msg or "timeout" in hang_msg.lower(), hang_msg
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs a GPU or TRITON_INTERPRET=1 for the Triton codec")
+def test_device_codec_path_with_gloo_matches_the_host_path_bitwise(tmp_path):
+    pytest.importorskip("triton")
+    world = 2
+    out = str(tmp_path)
+    codes = _run(w.device_codec_worker, world, (out,), 400.0)
+    assert codes == [0] * world, f"ranks exited with {codes}:\n{_errors(out)}"
+    res = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    sim = w.simulate(world, "dgp", {"top": 0.05, "keep": 0.2}, steps=w.DEVICE_STEPS)
+    for r in range(world):
+        # encode, all-gathers and decode-accumulate with the Triton codec: bitwise the
+        # host codec's result (the simulation replays the host path in one process)
+        assert torch.equal(res[r]["dgp"]["params"], sim["params"]), f"rank {r}"
+        assert max(s["buckets"] for s in res[r]["dgp"]["steps"]) >= 2  # several buckets per step (after the rebuild)
+        assert torch.equal(res[r]["adgp"]["params"], res[0]["adgp"]["params"])
+    sim_a = w.simulate(world, "adgp", {"top": 0.05, "keep": 0.2}, steps=w.DEVICE_STEPS)
+    torch.testing.assert_close(res[0]["adgp"]["params"], sim_a["params"], rtol=0, atol=1e-6)
+
+
+def test_state_check_raises_on_a_device_flag():
+    state = DGPHookState(codec="triton")
+    state._pending.append((3, 1, torch.tensor(1, dtype=torch.int32)))
+    with pytest.raises(RuntimeError, match="step 3, bucket 1: a rank's payload was rejected"):
+        state.check()
+    state.check()  # cleared
+    state._pending.append((0, 0, torch.tensor(8, dtype=torch.int32)))
+    with pytest.raises(RuntimeError, match="invalid indices"):
+        state.check()
+    with pytest.raises(ValueError, match="codec must be"):
+        DGPHookState(codec="gpu")
+
+
 # --------------------------------------------------------------------------------------
 # In-process checks of the state (no process group needed).
 # --------------------------------------------------------------------------------------
@@ -207,8 +241,8 @@ def test_state_rejects_bad_arguments():
         ddp.dgp_hook(object(), None)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not torch.distributed.is_nccl_available(),
-                    reason="needs CUDA and NCCL")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.distributed.is_nccl_available(), reason="this torch has no NCCL")
 def test_nccl_on_cuda(tmp_path):
     world = min(2, torch.cuda.device_count())  # NCCL needs one GPU per rank
     out = str(tmp_path)

@@ -11,10 +11,7 @@ import dgp_kernels  # noqa: F401  (registers the ops)
 
 from ..ops.test_select import assert_tree_same, make_values
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.version.cuda is None,
-    reason="no CUDA device: the CUDA dispatch key (Triton kernels) is never hit",
-)
+pytestmark = pytest.mark.cuda  # (the CUDA dispatch key is only hit with a CUDA device)
 
 
 def _g(n, dtype=torch.float32, seed=0, kind="band_tie"):

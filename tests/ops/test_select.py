@@ -11,7 +11,7 @@ What is checked, and how:
   ``-0.0`` vs ``+0.0`` and ``inf`` are checked exactly), dtypes, shapes, and the whole
   storage of every mutated argument (gaps of a sliced view must stay untouched);
 * the reference itself is checked against a brute-force Python oracle (sort
-  ``(-|x|, index)`` tuples) and the count formula of DESIGN.md §2.1, so it is not trusted
+  ``(-|x|, index)`` tuples) and the count formula of docs/semantics.md, so it is not trusted
   blindly;
 * adversarial inputs, every dtype, hypothesis-generated cases, non-contiguous layouts,
   large tensors (300k and 3M elements) with heavy ties at both thresholds, multi-tensor
@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 import dgp_kernels
 from dgp_kernels.ops import reference as ref
-from dgp_kernels.ops._checks import band_counts
+from dgp_kernels.ops import band_counts
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 DTYPE_IDS = ("f32", "f64", "f16", "bf16")
@@ -154,7 +154,9 @@ def _tensors(args: Sequence[Any]) -> List[torch.Tensor]:
 # of a backend. To add one (e.g. the Triton launchers under TRITON_INTERPRET=1), append a
 # ``Path`` to PATHS. ``max_numel`` skips inputs too large for a slow path (the Triton
 # interpreter: ~1e5); ``dtypes`` and ``min_numel`` say where a forced variant runs different
-# code from the default path, so tests skip the cases where it would only repeat "op".
+# code from the default path. A test declares the inputs it gives its path with
+# ``@path_inputs(dtypes, max_n)``, and tests/ops/conftest.py leaves out at collection the
+# (test, path) pairs where the forced path would only repeat "op".
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Path:
@@ -174,12 +176,18 @@ class Path:
         if n > self.max_numel:
             pytest.skip(f"path {self.name} is limited to {self.max_numel} elements")
 
-    def require(self, dtypes: Sequence[torch.dtype] = DTYPES, max_n: int = 1 << 62) -> None:
-        """Skip a test whose dtypes / largest input the path handles like the default path."""
-        if not any(d in self.dtypes for d in dtypes):
-            pytest.skip(f"path {self.name} only differs from 'op' for {self.dtypes}")
-        if max_n < self.min_numel:
-            pytest.skip(f"path {self.name} only differs from 'op' from {self.min_numel} elements")
+    def runs_own_code(self, dtypes: Sequence[torch.dtype] = DTYPES, max_n: int = 1 << 62) -> bool:
+        """Whether inputs of these dtypes / this largest size reach code of this path that the
+        default path does not run (else a test on them would only repeat "op")."""
+        return any(d in self.dtypes for d in dtypes) and max_n >= self.min_numel
+
+
+def path_inputs(dtypes: Any = "dtype", max_n: Any = 1 << 62):
+    """Declare the inputs a ``backend`` test gives its path: ``dtypes`` a tuple of dtypes or
+    the name of the test's dtype parameter, ``max_n`` the largest input's size, an int or the
+    name of a parameter. Pairs with a path that would run the default code on them, or with
+    inputs too large for the path, are not collected (tests/ops/conftest.py)."""
+    return pytest.mark.path_inputs(dtypes=dtypes, max_n=max_n)
 
 
 def _call_op(op: str, *args: Any) -> Any:
@@ -316,7 +324,7 @@ def run_both(path: Path, op: str, *args: Any) -> Any:
 # Independent oracle: plain Python, no torch sorting.
 # --------------------------------------------------------------------------------------
 def counts_formula(n: int, top: float, keep: float):
-    """DESIGN.md §2.1 written out again, independently of ``band_counts``."""
+    """The counts of docs/semantics.md written out again, independently of ``band_counts``."""
     k_top = math.floor(top * n + 1e-6)
     k_keep = min(math.floor(keep * n + 1e-6), n - k_top)
     return k_top, k_keep
@@ -490,8 +498,8 @@ def test_counts_match_exact_decimal_arithmetic():
 
 
 @pytest.mark.parametrize("top,keep", FRACTIONS + [(0.07, 0.57), (1 / 3, 2 / 3), (0.001, 0.999)])
+@path_inputs((torch.float32,), 1001)
 def test_output_sizes_follow_counts(backend, top, keep):
-    backend.require((torch.float32,), 1001)
     for n in list(range(0, 67)) + [99, 100, 101, 999, 1000, 1001]:
         g = make_values("randn", n, torch.float32, seed=n)
         idx, val = backend("select", g, top, keep)
@@ -563,8 +571,8 @@ SHAPES = [(), (0,), (1,), (2,), (7,), (31,), (32,), (33,), (100,), (3, 0, 2), (6
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("top,keep", [(0.05, 0.2), (0.0, 1.0), (0.3, 0.7), (0.01, 0.5)])
+@path_inputs("dtype", 8191)
 def test_random_shapes(backend, dtype, top, keep):
-    backend.require((dtype,), 8191)
     for i, shape in enumerate(SHAPES):
         n = math.prod(shape)
         g = make_values("wide", n, dtype, seed=i).reshape(shape)
@@ -575,8 +583,8 @@ def test_random_shapes(backend, dtype, top, keep):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("top,keep", FRACTIONS, ids=FRACTION_IDS)
+@path_inputs("dtype", 4097)
 def test_adversarial(backend, dtype, kind, top, keep):
-    backend.require((dtype,), 4097)
     # Up to 4096 entries the C++ kernel uses nth_element on a copy; 4097 takes the radix path.
     for n in (1, 5, 31, 64, 1000, 4097):
         g = make_values(kind, n, dtype, seed=n, top=top, keep=keep)
@@ -589,10 +597,10 @@ def test_adversarial(backend, dtype, kind, top, keep):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("top,keep", [(0.05, 0.2), (0.7, 0.3), (0.0, 1.0)], ids=["default", "t0.7-k0.3", "all"])
+@path_inputs("dtype", 20_000)
 def test_adversarial_medium(backend, dtype, kind, top, keep):
     """Between the direct (<= 4096) and the sampled (>= 2^17) sizes: multi-digit radix."""
     n = 20_000
-    backend.require((dtype,), n)
     g = make_values(kind, n, dtype, seed=n, top=top, keep=keep).reshape(100, 200)
     e = make_values(kind, n, dtype, seed=n + 7, top=top, keep=keep).reshape(100, 200)
     e[torch.isnan(g + e)] = 0.0
@@ -600,9 +608,9 @@ def test_adversarial_medium(backend, dtype, kind, top, keep):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@path_inputs("dtype", 10)
 def test_inf_plus_finite_residual_and_overflow(backend, dtype):
     """g + residual may overflow to ±inf; it ranks highest and is kept/dropped by rank."""
-    backend.require((dtype,), 10)
     big = torch.finfo(dtype).max
     g = torch.tensor([big, -big, 1.0, math.inf, -2.0, 0.0, -0.0, 3.0, big, 0.5], dtype=dtype)
     e = torch.tensor([big, -big, -1.0, 5.0, -math.inf, -0.0, -0.0, -3.0, -big, 0.0], dtype=dtype)
@@ -612,8 +620,8 @@ def test_inf_plus_finite_residual_and_overflow(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@path_inputs("dtype", 4200)
 def test_non_contiguous_layouts(backend, dtype):
-    backend.require((dtype,), 4200)
     big = make_values("few_distinct", 60 * 70, dtype, seed=3).reshape(60, 70)
     res_big = make_values("randn", 60 * 70, dtype, seed=4).reshape(60, 70)
     views = {
@@ -639,8 +647,8 @@ def test_non_contiguous_layouts(backend, dtype):
 
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 5, 2), (), (1,)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@path_inputs("dtype", 1)
 def test_empty_and_single(backend, shape, dtype):
-    backend.require((dtype,), 1)
     n = math.prod(shape)
     g = make_values("randn", n, dtype, seed=1).reshape(shape)
     e = make_values("randn", n, dtype, seed=2).reshape(shape)
@@ -670,9 +678,8 @@ LARGE_CASES = [
 
 @pytest.mark.parametrize("kind,n,dtype,fr,ops", LARGE_CASES,
                          ids=[f"{c[0]}-{c[1]}-{c[2]}".replace("torch.", "") for c in LARGE_CASES])
+@path_inputs("dtype", "n")
 def test_large(backend, kind, n, dtype, fr, ops):
-    backend.require((dtype,), n)
-    backend.skip_if_too_large(n)
     top, keep = fr
     g = make_values(kind, n, dtype, seed=n, top=top, keep=keep)
     if n > 1_000_000:
@@ -681,11 +688,11 @@ def test_large(backend, kind, n, dtype, fr, ops):
     check_all_ops(backend, g, top, keep, residual=e, ops=ops)
 
 
+@path_inputs((torch.float32,), 300_000)
 def test_large_unaligned_views(backend):
     """Contiguous views at odd element offsets: SIMD loads/stores that are not vector aligned,
     g and residual misaligned differently."""
     n = 300_000
-    backend.require((torch.float32,), n)
     g = make_values("band_tie", n + 16, torch.float32, seed=3)[3 : 3 + n]
     e = make_values("randn", n + 16, torch.float32, seed=4)[13 : 13 + n]
     check_all_ops(backend, g, 0.05, 0.2, residual=e, ops=("select", "select_ef", "prune_"))
@@ -772,8 +779,8 @@ def test_float32_count_sweeps_overflow_and_fill_their_slots(simd, kind):
 # --------------------------------------------------------------------------------------
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=band_cases(max_n=200), shape_seed=st.integers(0, 3), data=st.data())
+@path_inputs(DTYPES, 200)
 def test_hypothesis_ops_match_reference(backend, case, shape_seed, data):
-    backend.require(DTYPES, 200)
     g, top, keep = case
     if g.dtype not in backend.dtypes:  # a forced path that runs the default code here
         return
@@ -804,8 +811,8 @@ def _model_like(dtype: torch.dtype, seed: int = 0) -> List[torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("top,keep", [(0.05, 0.2), (0.0, 1.0), (0.3, 0.7), (0.1, 0.0)])
+@path_inputs("dtype", 5120)
 def test_multi_matches_single(backend, dtype, top, keep):
-    backend.require((dtype,), 5120)
     gs = _model_like(dtype)
     # Make one layer non-contiguous.
     gs[6] = make_values("wide", 512 * 10, dtype, seed=9).reshape(512, 10).t()
@@ -832,8 +839,8 @@ def test_multi_matches_single(backend, dtype, top, keep):
         assert_same(em, e1, f"layer {i} residual")
 
 
+@path_inputs(DTYPES, 0)
 def test_multi_empty_list(backend):
-    backend.require(max_n=0)
     idx, val, off = backend("select_multi", [], 0.05, 0.2)
     assert idx.shape == (0,) and idx.dtype == torch.int64
     assert val.shape == (0,) and val.is_floating_point()
@@ -844,17 +851,17 @@ def test_multi_empty_list(backend):
     assert dgp_kernels.select_ef_multi([], [])[2].tolist() == [0]
 
 
+@path_inputs((torch.float32,), 5)
 def test_multi_all_empty_and_single(backend):
-    backend.require((torch.float32,), 5)
     for gs in ([torch.empty(0)], [torch.empty(0), torch.empty(3, 0)], [torch.tensor(2.0)], [torch.ones(1)] * 5):
         for top, keep in [(0.05, 0.2), (0.0, 1.0)]:
             run_both(backend, "select_multi", gs, top, keep)
             run_both(backend, "select_ef_multi", gs, [torch.zeros_like(g) for g in gs], top, keep)
 
 
+@path_inputs((torch.float32,), 300_000)
 def test_multi_many_layers(backend):
     """Many small layers and one large one (a kernel that parallelises across layers)."""
-    backend.require((torch.float32,), 300_000)
     gs = [make_values("band_tie", n, torch.float32, seed=n) for n in range(0, 300)]
     # One layer above kParMin (2^18: split into per-thread chunks) and the sampling size.
     gs.insert(150, make_values("band_tie", 300_000, torch.float32, seed=1))
@@ -881,8 +888,8 @@ def _check_conservation(g, e_old, e_new, idx, val):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@path_inputs("dtype", 1200)
 def test_error_feedback_conservation(backend, dtype):
-    backend.require((dtype,), 1200)
     gen = torch.Generator().manual_seed(0)
     shapes = [(40, 30), (7,), (0,), (300,), (16, 3, 3)]
     residuals = [torch.zeros(s, dtype=dtype) for s in shapes]
@@ -907,9 +914,8 @@ def test_error_feedback_conservation(backend, dtype):
 # --------------------------------------------------------------------------------------
 # Determinism: threads and repeated calls.
 # --------------------------------------------------------------------------------------
+@path_inputs(DTYPES, 400_000)
 def test_same_output_for_1_and_2_threads_and_repeats(backend):
-    backend.require(DTYPES, 400_000)
-    backend.skip_if_too_large(400_000)
     big = make_values("band_tie", 400_000, torch.float32, seed=11)
     bf = make_values("randn", 200_000, torch.bfloat16, seed=12)
     gs = [big.reshape(400, 1000), bf, make_values("zeros90", 5000, torch.float32, seed=13)]

@@ -284,7 +284,7 @@ def test_residual_on_another_device_wrapper():
     expect_error("wrapper", ValueError, r"residuals\[0\]", "select_ef_multi", [g], [torch.zeros(3, 4, device="meta")], 0.05, 0.2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_residual_on_another_device_cuda(caller):
     g = torch.randn(3, 4)
     expect_error(caller, (ValueError, RuntimeError), "residual|device", "select_ef", g, torch.zeros(3, 4, device="cuda"), 0.05, 0.2)

@@ -1,5 +1,6 @@
 """`dgp train`: writes JSON/CSV per defense, the summary and the PNG plots; bad options exit 2
-with a message naming them; parameter parsing; defaults agree with SimConfig."""
+with a message naming the flag, before the output folder is made; defense specs; defaults
+agree with SimConfig."""
 
 import argparse
 import csv
@@ -12,16 +13,16 @@ import pytest
 from dgp_kernels.cli import main
 from dgp_kernels.sim import SimConfig, SimResult
 from dgp_kernels.sim import cli as simcli
-from dgp_kernels.sim.config import parse_defense_params, parse_value
+from dgp_kernels.sim.config import parse_defenses, parse_value
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_train_writes_results(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--defenses", "none,dgp,topk", "--model", "mlp", "--clients", "3",
-               "--rounds", "3", "--threads", "1", "--no-progress", "--out", str(out),
-               "--defense-param", "dgp.keep=0.3", "--eval-every", "2"])
+    rc = main(["train", "--defenses", "none,dgp:keep=0.3", "topk", "--model", "mlp",
+               "--clients", "3", "--rounds", "3", "--threads", "1", "--no-progress",
+               "--out", str(out), "--eval-every", "2"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "| defense |" in text and "keep=0.3" in text
@@ -49,29 +50,52 @@ def test_train_writes_results(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--defenses", "none,soteria"], "SimConfig.defense must be one of"),
-    (["--defense-param", "dgp.top"], "DEFENSE.PARAM=VALUE"),
-    (["--defense-param", "dp.clip=1"], "not among the defenses"),
-    (["--defenses", "dgp", "--defense-param", "dgp.top=0.9", "--defense-param", "dgp.keep=0.5"],
-     "defense 'dgp'"),
-    (["--clients", "0"], "SimConfig.clients"),
+    (["--defenses", "none,soteria"], "--defenses must be one of"),
+    (["--defenses", "dgp:top"], "expected param=value pairs"),
+    (["--defenses", "top=0.1"], "no defense name"),
+    (["--defenses", "dgp:top=0.9,keep=0.5"], "--defenses 'dgp:top=0.9,keep=0.5': "),
+    (["--defenses", "dgp:topp=0.1"], "--defenses 'dgp:topp=0.1': "),
+    (["--clients", "0"], "--clients must be an int >= 1, got 0"),
+    (["--rounds", "0"], "--rounds must be an int >= 1, got 0"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    (["--participation", "1.5"], "--participation must be"),
+    (["--model", "vgg"], "--model must be one of"),
     (["--lr-steps", "10-0.1"], "ROUND:LR"),
+    (["--lr-steps", "10:-1"], "--lr-steps[0] lr must be"),
     (["--dataset", "cifar10"], "needs root="),
-    (["--defenses", "dgp,dgp"], "twice"),
+    (["--defenses", "dgp,dgp:top=0.1"], "twice"),
+    (["--seeds", "0,0"], "--seeds"),
 ])
 def test_bad_options_exit_2(tmp_path, capsys, argv, match):
-    rc = main(["train", "--rounds", "1", "--no-progress", "--no-plots", "--out", str(tmp_path)] + argv)
+    out = tmp_path / "out"
+    rc = main(["train", "--rounds", "1", "--no-progress", "--no-plots", "--out", str(out)] + argv)
     assert rc == 2
-    assert match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert match in err and "SimConfig" not in err, err
+    if "--dataset" not in argv:  # bad options are found before the output folder is made
+        assert not out.exists()
 
 
-def test_parse_defense_params():
-    got = parse_defense_params(["dgp.top=0.02", "dgp.error_feedback=false",
-                                "dgp.value_dtype=bfloat16", "qsgd.levels=15", "dp.seed=none"],
-                               ["dgp", "qsgd", "dp", "none"])
-    assert got == {"dgp": {"top": 0.02, "error_feedback": False, "value_dtype": "bfloat16"},
-                   "qsgd": {"levels": 15}, "dp": {"seed": None}, "none": {}}
+def test_unwritable_out_fails_before_running(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    bad = tmp_path / "file" / "run"  # a folder under a regular file cannot be created
+    assert main(["train", "--rounds", "1", "--no-progress", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot create the folder" in err
+    assert main(["train", "--rounds", "1", "--no-progress", "--out",
+                 str(tmp_path / "file")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_parse_defenses():
+    got = parse_defenses(["none,dgp:top=0.02,error_feedback=false,value_dtype=bfloat16",
+                          "qsgd:levels=15", "dp:seed=none"])
+    assert got == [("none", {}),
+                   ("dgp", {"top": 0.02, "error_feedback": False, "value_dtype": "bfloat16"}),
+                   ("qsgd", {"levels": 15}), ("dp", {"seed": None})]
     assert parse_value("1e-3") == 1e-3 and parse_value("TRUE") is True and parse_value("x y") == "x y"
+    with pytest.raises(ValueError, match="--defenses is empty"):
+        parse_defenses([], "--defenses")
 
 
 def test_cli_defaults_match_simconfig():

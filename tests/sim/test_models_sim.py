@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dgp_kernels.sim import SimConfig, build_model
-from dgp_kernels.sim.models import MODELS, get_model, mlp
+from dgp_kernels.cases.models import MODELS, get_model, mlp
 
 
 def test_mlp_shapes_and_errors():

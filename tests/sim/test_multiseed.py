@@ -105,8 +105,10 @@ def test_simulate_seeds_rejects_bad_input():
         simulate_seeds([cfg], [0], baseline="dgp", progress=False)
     with pytest.raises(ValueError, match="twice"):
         simulate_seeds([cfg], [0, 0], progress=False)
-    with pytest.raises(ValueError, match="seeds must be ints"):
+    with pytest.raises(ValueError, match=r"seeds\[0\] must be an int >= 0"):
         simulate_seeds([cfg], [-1], progress=False)
+    with pytest.raises(TypeError, match=r"seeds\[1\] must be an int"):
+        simulate_seeds([cfg], [0, 1.0], progress=False)
     with pytest.raises(TypeError, match="SimConfig"):
         simulate_seeds([{"defense": "none"}], [0], progress=False)
 

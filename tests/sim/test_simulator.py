@@ -233,7 +233,7 @@ def test_lr_steps_and_diagnostics():
     ("dataset", "svhn", ValueError, "SimConfig.dataset must be one of"),
     ("model", "vgg", ValueError, "SimConfig.model"),
     ("defense", "soteria", ValueError, "SimConfig.defense must be one of"),
-    ("clients", 0, ValueError, "SimConfig.clients must be >= 1"),
+    ("clients", 0, ValueError, "SimConfig.clients must be an int >= 1"),
     ("clients", 2.5, TypeError, "SimConfig.clients must be an int"),
     ("rounds", True, TypeError, "SimConfig.rounds"),
     ("lr", 0.0, ValueError, "SimConfig.lr"),

@@ -1,7 +1,7 @@
-"""Triton kernels for CUDA tensors (issue #4); see README.md in this folder.
+"""Triton kernels for CUDA tensors; see README.md in this folder.
 
 ``register()`` is called once by :mod:`dgp_kernels._backend` at import. It registers the
-launchers of :mod:`.select` as the ``CUDA`` implementation of every ``dgp::`` op, or
+wrappers of :mod:`.ops` as the ``CUDA`` implementation of every ``dgp::`` op, or
 returns False (registering nothing, so CUDA falls back to the reference) when triton is
 not importable or this torch build has no GPU backend. ``import dgp_kernels`` therefore
 never needs triton, and on a CPU-only torch it does not pay triton's import time.
@@ -27,11 +27,30 @@ def register() -> bool:
     try:
         import triton  # noqa: F401
 
-        from . import select as _select
+        from .ops import IMPLS
     except ImportError:
         return False
-    from ...ops.select import _lib
+    from ...ops import register_kernels
 
-    for name, fn in _select.IMPLS.items():
-        _lib.impl(name, fn, "CUDA")
+    register_kernels(IMPLS, "CUDA")
     return True
+
+
+_PUBLIC = {
+    "Tuning": "tuning", "DEFAULT": "tuning", "cuda_graphs": "graphs", "CallInfo": "launch",
+    "band_multi_triton": "launch", "select_triton": "ops", "select_ef_triton": "ops",
+    "prune_triton": "ops", "prune_inplace_triton": "ops", "select_multi_triton": "ops",
+    "select_ef_multi_triton": "ops",
+}
+
+
+def __getattr__(name):
+    # The public pieces, imported on first use so that ``import dgp_kernels`` never needs
+    # triton: ``Tuning`` / ``DEFAULT`` (how a call is split into launches), ``cuda_graphs``
+    # (opt-in graph replay for the ``torch.ops.dgp.*`` ops), ``CallInfo`` (what a call did),
+    # the launcher and the op implementations (which take ``tuning=`` and ``info=``).
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(name)

@@ -1,0 +1,542 @@
+"""``dgp bench``: our band selection against the DGP authors' operator, topk and clone.
+
+From one process, for (a) the gradient list of a model (default: the CIFAR ResNet-18, 62
+tensors, 11.2M elements) and (b) one large float32 tensor (default 25M elements, ``randn``),
+at each thread count, it times:
+
+* ``ours_ef``      — :func:`dgp_kernels.select_ef_multi` (fused error feedback, all layers in
+  one call); residuals are zeroed before every repetition, outside the timed region, so
+  every repetition does the same work;
+* ``ours``         — :func:`dgp_kernels.select_multi`;
+* ``ours_layer``   — :func:`dgp_kernels.select` called once per tensor;
+* ``authors_ef``   — the DGP authors' operator with error feedback (two ``torch.topk`` +
+  scatter masks per tensor, :func:`dgp_kernels.ops.baselines.authors_dgp`), residuals reset
+  the same way;
+* ``topk``         — one ``torch.topk`` of ``k_keep`` per tensor (classic gradient pruning);
+* ``clone``        — ``clone()`` of every tensor, the memory-bandwidth yardstick;
+* ``copy``         — ``copy_`` into preallocated buffers (bandwidth without allocation).
+
+Timing: ``time.perf_counter`` around each call, after ``warmup`` untimed calls of every
+method; the methods are interleaved round-robin within each repetition (with a rotating
+start) so that a noisy shared machine slows them alike. Reported: min and median ms and two
+ratios from the medians: ``ours_ef / clone`` (our cost in units of a copy of the
+gradients) and ``authors_ef / ours_ef`` (the speed-up over the authors' operator).
+
+Add a method: write a zero-argument callable in :func:`_methods` (plus a ``reset`` for any
+state it mutates), give it a key and a label; the tables, JSON and ratios pick it up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, TextIO
+
+import torch
+
+import dgp_kernels
+from dgp_kernels.ops import DEFAULT_KEEP, DEFAULT_TOP
+from dgp_kernels.ops.baselines import authors_dgp, clone_all, single_topk
+from dgp_kernels.cases.models import MODELS, get_model
+
+__all__ = [
+    "BenchConfig",
+    "BenchHeader",
+    "BenchReport",
+    "CaseResult",
+    "MethodTiming",
+    "add_arguments",
+    "config_from_args",
+    "format_markdown",
+    "format_table",
+    "main",
+    "model_gradients",
+    "run",
+    "run_from_args",
+]
+
+DEFAULT_SIZE = 25_000_000
+DEFAULT_REPEATS = 10
+QUICK_REPEATS = 3
+
+
+# --------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchConfig:
+    threads: List[int] = field(default_factory=lambda: [1, 2])
+    size: int = DEFAULT_SIZE  # elements of the single large tensor; 0 skips that case
+    repeats: int = DEFAULT_REPEATS
+    warmup: int = 1
+    model: str = "resnet18_cifar"
+    grads: str = "real"  # "real": one forward/backward; "random": randn of the same shapes
+    batch: int = 8
+    top: float = DEFAULT_TOP
+    keep: float = DEFAULT_KEEP
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchHeader:
+    platform: str
+    cpu_model: str
+    logical_cores: int
+    usable_cores: int
+    python: str
+    torch_version: str
+    dgp_version: str
+    backend: str
+    omp_wait_policy: str
+    load_start: float  # 1-minute load average when the run started (-1 if unknown)
+    top: float
+    keep: float
+    repeats: int
+    warmup: int
+
+
+@dataclass(frozen=True)
+class MethodTiming:
+    key: str
+    label: str
+    min_ms: float
+    median_ms: float
+    times_ms: List[float]
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: str  # "model" or "tensor"
+    description: str
+    threads: int
+    n_tensors: int
+    numel: int
+    timings: List[MethodTiming]
+    ours_ef_over_clone: float  # medians
+    authors_over_ours_ef: float  # medians
+    ours_ef_over_clone_min: float
+    authors_over_ours_ef_min: float
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    header: BenchHeader
+    cases: List[CaseResult]
+    load_end: float  # 1-minute load average when the run ended (-1 if unknown)
+
+
+@dataclass(frozen=True)
+class _Method:
+    key: str
+    label: str
+    fn: Callable[[], object]
+    reset: Optional[Callable[[], None]] = None
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and machine description
+# --------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _backend_text() -> str:
+    info = dgp_kernels.backend_info()
+    text = f"cpu={info.cpu} (simd {info.cpu_simd}), cuda={info.cuda}"
+    if info.reason:
+        text += f"; C++ extension not loaded: {info.reason}"
+    return text
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return -1.0
+
+
+def machine_header(config: BenchConfig) -> BenchHeader:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    return BenchHeader(
+        platform=platform.platform(),
+        cpu_model=_cpu_model(),
+        logical_cores=os.cpu_count() or 1,
+        usable_cores=usable,
+        python=platform.python_version(),
+        torch_version=torch.__version__,
+        dgp_version=dgp_kernels.__version__,
+        backend=_backend_text(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
+        load_start=_load(),
+        top=config.top,
+        keep=config.keep,
+        repeats=config.repeats,
+        warmup=config.warmup,
+    )
+
+
+def model_gradients(name: str, grads: str = "real", batch: int = 8, seed: int = 0):
+    """``(tensors, description)``: the parameter gradients of model ``name`` (float32, CPU).
+
+    ``grads="real"``: one forward/backward (cross-entropy) of a freshly initialised model on
+    a random batch of ``batch`` images 3x32x32 with random labels. ``grads="random"``:
+    ``randn`` tensors with the same shapes (faster, no model compute).
+    """
+    if grads not in ("real", "random"):
+        raise ValueError(f"grads must be 'real' or 'random', got {grads!r}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = get_model(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if grads == "random":
+        tensors = [torch.randn(p.shape, generator=gen) for p in params]
+        how = f"random (randn with the model's {len(tensors)} parameter shapes, seed {seed})"
+    else:
+        x = torch.randn(batch, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        tensors = [t.detach().clone() for t in torch.autograd.grad(loss, params)]
+        how = f"real (one forward/backward on a random batch of {batch}x3x32x32, seed {seed})"
+    return tensors, f"{name} gradients: {how}"
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+def _methods(gs: List[torch.Tensor], top: float, keep: float) -> List[_Method]:
+    res_ours = [torch.zeros_like(g) for g in gs]
+    res_authors = [torch.zeros_like(g) for g in gs]
+    bufs = [torch.empty_like(g) for g in gs]
+
+    def zero(res):
+        def reset():
+            for e in res:
+                e.zero_()
+
+        return reset
+
+    many = len(gs) > 1
+    return [
+        _Method("ours_ef", "ours select_ef_multi",
+                lambda: dgp_kernels.select_ef_multi(gs, res_ours, top, keep), zero(res_ours)),
+        _Method("ours", "ours select_multi", lambda: dgp_kernels.select_multi(gs, top, keep)),
+        _Method("ours_layer", "ours select, per layer" if many else "ours select",
+                lambda: [dgp_kernels.select(g, top, keep) for g in gs]),
+        _Method("authors_ef", "authors 2x topk+scatter, EF",
+                lambda: authors_dgp(gs, res_authors, top, keep), zero(res_authors)),
+        _Method("topk", "single topk per layer", lambda: single_topk(gs, keep)),
+        _Method("clone", "clone", lambda: clone_all(gs)),
+        # copy_ into preallocated buffers: bandwidth without allocation/page faults (clone()
+        # of 25M floats measured 6-43 ms here depending on page faults, copy_ ~6 ms).
+        _Method("copy", "copy_ into existing buffers",
+                lambda: [b.copy_(g) for b, g in zip(bufs, gs)]),
+    ]
+
+
+def _time_interleaved(methods: Sequence[_Method], repeats: int, warmup: int) -> List[MethodTiming]:
+    for _ in range(warmup):
+        for m in methods:
+            if m.reset:
+                m.reset()
+            m.fn()
+    times = {m.key: [] for m in methods}
+    for r in range(repeats):
+        start = r % len(methods)  # rotate who goes first: no method always follows another
+        for m in list(methods[start:]) + list(methods[:start]):
+            if m.reset:
+                m.reset()
+            t0 = time.perf_counter()
+            out = m.fn()
+            t1 = time.perf_counter()
+            del out  # freeing outputs stays outside the timed region
+            times[m.key].append((t1 - t0) * 1e3)
+    return [
+        MethodTiming(m.key, m.label, min(times[m.key]), statistics.median(times[m.key]),
+                     times[m.key])
+        for m in methods
+    ]
+
+
+def _check_agreement(gs, top, keep) -> None:
+    """Cheap sanity check, untimed: with a zero residual select_ef_multi == select_multi."""
+    res = [torch.zeros_like(g) for g in gs]
+    a = dgp_kernels.select_ef_multi(gs, res, top, keep)
+    b = dgp_kernels.select_multi(gs, top, keep)
+    if not (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])):
+        raise RuntimeError("select_ef_multi with a zero residual disagrees with select_multi")
+
+
+def run_case(case: str, description: str, gs: List[torch.Tensor], threads: int,
+             config: BenchConfig) -> CaseResult:
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        timings = _time_interleaved(_methods(gs, config.top, config.keep),
+                                    config.repeats, config.warmup)
+    finally:
+        torch.set_num_threads(prev)
+    by = {t.key: t for t in timings}
+    return CaseResult(
+        case=case,
+        description=description,
+        threads=threads,
+        n_tensors=len(gs),
+        numel=sum(g.numel() for g in gs),
+        timings=timings,
+        ours_ef_over_clone=by["ours_ef"].median_ms / by["clone"].median_ms,
+        authors_over_ours_ef=by["authors_ef"].median_ms / by["ours_ef"].median_ms,
+        ours_ef_over_clone_min=by["ours_ef"].min_ms / by["clone"].min_ms,
+        authors_over_ours_ef_min=by["authors_ef"].min_ms / by["ours_ef"].min_ms,
+    )
+
+
+def _say(msg: str, stream: TextIO) -> None:
+    print(msg, file=stream, flush=True)
+
+
+def run(config: BenchConfig, progress: Optional[TextIO] = None) -> BenchReport:
+    """Run every case at every thread count; progress lines go to ``progress`` (default: the
+    current ``sys.stderr``), flushed as each case finishes."""
+    progress = progress if progress is not None else sys.stderr
+    header = machine_header(config)
+    inputs = []
+    gs, desc = model_gradients(config.model, config.grads, config.batch, config.seed)
+    inputs.append(("model", desc, gs))
+    if config.size > 0:
+        gen = torch.Generator().manual_seed(config.seed + 1)
+        big = torch.randn(config.size, generator=gen)
+        inputs.append(("tensor", f"one float32 tensor of {config.size:,} elements (randn)", [big]))
+    for _, _, tensors in inputs:
+        _check_agreement(tensors, config.top, config.keep)
+    cases = []
+    for case, desc, tensors in inputs:
+        for t in config.threads:
+            _say(f"[dgp bench] {desc}; {t} thread(s): {config.repeats} repeats ...", progress)
+            t0 = time.perf_counter()
+            res = run_case(case, desc, tensors, t, config)
+            by = {m.key: m for m in res.timings}
+            _say(
+                f"[dgp bench]   done in {time.perf_counter() - t0:.1f} s: median ours_ef "
+                f"{_ms(by['ours_ef'].median_ms)} ms, clone {_ms(by['clone'].median_ms)} ms, "
+                f"authors_ef {_ms(by['authors_ef'].median_ms)} ms",
+                progress,
+            )
+            cases.append(res)
+    return BenchReport(header=header, cases=cases, load_end=_load())
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+def _ms(x: float) -> str:
+    """Milliseconds with about 3-4 significant digits (0.042, 4.31, 512.3)."""
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.1f}"
+
+
+def _ratio_line(c: CaseResult) -> str:
+    return (f"ours_ef / clone = {c.ours_ef_over_clone:.2f}; "
+            f"authors_ef / ours_ef = {c.authors_over_ours_ef:.1f}")
+
+
+def _header_pairs(report: BenchReport) -> List[tuple]:
+    h = report.header
+    omp = h.omp_wait_policy
+    if omp == "unset":
+        omp = "unset (OpenMP default; PASSIVE avoids ~8 ms stalls per parallel region here)"
+    return [
+        ("machine", f"{h.platform}; CPU {h.cpu_model}; {h.logical_cores} logical cores "
+                    f"({h.usable_cores} usable)"),
+        ("versions", f"python {h.python}; torch {h.torch_version}; dgp_kernels {h.dgp_version}"),
+        ("backend", h.backend),
+        ("OMP_WAIT_POLICY", omp),
+        # Other processes on a shared machine slow every method; the load says how busy it was.
+        ("load", f"1-min load average {h.load_start:.2f} at start, {report.load_end:.2f} at end "
+                 f"({h.usable_cores} usable cores)"),
+        ("settings", f"top={h.top:g} keep={h.keep:g}; float32; {h.repeats} timed repeats after "
+                     f"{h.warmup} warm-up, methods interleaved round-robin; "
+                     "time.perf_counter, ms"),
+    ]
+
+
+def _groups(report: BenchReport):
+    """Cases grouped by input (same description), keeping order."""
+    groups = {}
+    for c in report.cases:
+        groups.setdefault((c.case, c.description), []).append(c)
+    return list(groups.items())
+
+
+def _note(report: BenchReport) -> List[str]:
+    if "cpu=reference" in report.header.backend:
+        return ["NOTE: 'ours' ran on the slow pure-torch reference (C++ extension not built); "
+                "these are not the C++ kernel's numbers."]
+    return []
+
+
+def format_table(report: BenchReport) -> str:
+    """Plain-text report: header lines, one aligned table per input, the ratios."""
+    lines = ["dgp bench: DGP band selection (ours) vs the authors' operator, topk and clone"]
+    pairs = _header_pairs(report)
+    width = max(len(k) for k, _ in pairs)
+    lines += [f"{k:<{width}}  {v}" for k, v in pairs]
+    lines += _note(report)
+    for i, ((_, desc), cases) in enumerate(_groups(report)):
+        c0 = cases[0]
+        lines += ["", f"({chr(ord('a') + i)}) {desc}; {c0.n_tensors} tensor(s), "
+                      f"{c0.numel:,} elements"]
+        lw = max(len(t.label) for c in cases for t in c.timings)
+        head = (f"{'threads':>7}  {'method':<{lw}}  {'min ms':>10}  {'median ms':>10}  "
+                f"{'/ clone':>8}")
+        lines += [head, "-" * len(head)]
+        for c in cases:
+            clone = next(t for t in c.timings if t.key == "clone").median_ms
+            for t in c.timings:
+                lines.append(f"{c.threads:>7}  {t.label:<{lw}}  {_ms(t.min_ms):>10}  "
+                             f"{_ms(t.median_ms):>10}  {t.median_ms / clone:>8.2f}")
+        for c in cases:
+            lines.append(f"ratios, {c.threads} thread(s), medians: {_ratio_line(c)}")
+    return "\n".join(lines) + "\n"
+
+
+def format_markdown(report: BenchReport) -> str:
+    """The same report as Markdown (for bench/RESULTS.md)."""
+    lines = ["| field | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _header_pairs(report)]
+    if _note(report):
+        lines += [""] + _note(report)
+    for i, ((_, desc), cases) in enumerate(_groups(report)):
+        c0 = cases[0]
+        lines += ["", f"**({chr(ord('a') + i)}) {desc}; {c0.n_tensors} tensor(s), "
+                      f"{c0.numel:,} elements**", "",
+                  "| threads | method | min ms | median ms | / clone |",
+                  "|---:|---|---:|---:|---:|"]
+        for c in cases:
+            clone = next(t for t in c.timings if t.key == "clone").median_ms
+            for t in c.timings:
+                lines.append(f"| {c.threads} | {t.label} | {_ms(t.min_ms)} | {_ms(t.median_ms)} "
+                             f"| {t.median_ms / clone:.2f} |")
+        lines.append("")
+        for c in cases:
+            lines.append(f"- {c.threads} thread(s), medians: {_ratio_line(c)}")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(report: BenchReport) -> str:
+    return json.dumps(dataclasses.asdict(report), indent=2)
+
+
+# --------------------------------------------------------------------------------------
+# Command line (wired into `dgp bench` by dgp_kernels.cli)
+# --------------------------------------------------------------------------------------
+def _thread_list(text: str) -> List[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of positive thread counts like '1,2', got {text!r}")
+    return values
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_thread_list, default=[1, 2], metavar="LIST",
+                   help="comma-separated thread counts, each set with torch.set_num_threads "
+                        "(default: 1,2)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK_REPEATS} timed repeats instead of {DEFAULT_REPEATS} "
+                        "(unless --repeats is given)")
+    p.add_argument("--size", type=_int_at_least(0), default=DEFAULT_SIZE, metavar="N",
+                   help=f"elements of the single large tensor, 0 to skip it "
+                        f"(default: {DEFAULT_SIZE:_})")
+    p.add_argument("--repeats", type=_int_at_least(1), default=None, metavar="R",
+                   help=f"timed repetitions per method (default: {DEFAULT_REPEATS}, "
+                        f"--quick: {QUICK_REPEATS})")
+    p.add_argument("--warmup", type=_int_at_least(0), default=1, metavar="W",
+                   help="untimed calls of every method before timing (default: 1)")
+    p.add_argument("--model", choices=sorted(MODELS), default="resnet18_cifar",
+                   help="model whose gradient list is case (a) (default: resnet18_cifar)")
+    p.add_argument("--grads", choices=("real", "random"), default="real",
+                   help="real: one forward/backward on a random batch; random: randn tensors "
+                        "of the same shapes (default: real)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default: 0)")
+    p.add_argument("--gpu", choices=("auto", "on", "off"), default="auto",
+                   help="also run the GPU benchmark (dgp_kernels.benchmarks_gpu: Triton kernels "
+                        "vs the authors' operator on 25M, ResNet-18 and ResNet-50 inputs): "
+                        "auto = when a CUDA device is present (default: auto)")
+    p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    repeats = args.repeats if args.repeats is not None else (
+        QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    return BenchConfig(threads=list(args.threads), size=args.size, repeats=repeats,
+                       warmup=args.warmup, model=args.model, grads=args.grads, seed=args.seed)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    # Check output paths before a run that may take minutes, not after it.
+    for opt in ("json", "markdown"):
+        path = getattr(args, opt)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            print(f"dgp bench: error: --{opt} {path!r}: directory "
+                  f"{os.path.dirname(os.path.abspath(path))!r} does not exist", file=sys.stderr)
+            return 2
+    gpu = getattr(args, "gpu", "auto")
+    if gpu == "on" and not torch.cuda.is_available():
+        print("dgp bench: error: --gpu on, but torch.cuda.is_available() is False",
+              file=sys.stderr)
+        return 2
+    report = run(config_from_args(args))
+    sys.stdout.write(format_table(report))
+    sys.stdout.flush()
+    if gpu == "on" or (gpu == "auto" and torch.cuda.is_available()):
+        from . import benchmarks_gpu
+
+        print("\n## GPU (CUDA tensors)\n")
+        benchmarks_gpu.main(["--size", str(args.size or benchmarks_gpu.DEFAULT_SIZE)])
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(to_json(report) + "\n")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(report))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``dgp bench`` as a standalone program (used by bench/select_table.py)."""
+    parser = argparse.ArgumentParser(prog="select_table", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
