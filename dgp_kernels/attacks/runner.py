@@ -410,7 +410,7 @@ def default_config(
     utility: bool = True,
     utility_rounds: Optional[int] = None,
     threads: int = 1,
-    workers: int = 0,
+    workers: int = 1,
     tuning: Optional[bool] = None,
     local_steps: int = 1,
     local_lr: float = 0.01,
@@ -423,8 +423,10 @@ def default_config(
     list runs on every defense. With unknown labels, idlg replaces dlg in the default lists.
     ``quick`` quarters the iterations, takes one image, four defenses and the reduced
     :data:`QUICK_GRIDS`; ``full`` uses the literature's iteration counts. ``tuning=False``
-    runs every attack once with its budget. ``workers`` (0: one per CPU core, at most one
-    per image) processes run the images in parallel.
+    runs every attack once with its budget. ``workers`` processes run the images in
+    parallel (0: one per CPU core, at most one per image; ``dgp evaluate`` passes 0). They
+    are spawned, so a script that runs with ``workers != 1`` needs the usual
+    ``if __name__ == "__main__":`` guard.
     """
     if quick and full:
         raise ValueError("quick and full are exclusive")
