@@ -1,4 +1,4 @@
-"""pytest-benchmark suites for DGP band selection (issue 2 item 6). Not part of `pytest`.
+"""pytest-benchmark suites for DGP band selection. Not part of `pytest`.
 
     pytest bench/bench_select.py --benchmark-only --benchmark-group-by=group
     DGP_BENCH_SIZE=2000000 DGP_BENCH_THREADS=1 DGP_BENCH_ROUNDS=3 pytest bench/bench_select.py
@@ -112,7 +112,7 @@ def test_copy(benchmark, case, threads):
 
 
 # --------------------------------------------------------------------------------------
-# GPU (issue 4): the same inputs as CUDA tensors; skipped without a CUDA device. Each timed
+# GPU: the same inputs as CUDA tensors; skipped without a CUDA device. Each timed
 # call ends with torch.cuda.synchronize(), so the wall time is the device time plus launch
 # overhead (dgp_kernels/benchmarks_gpu.py gives CUDA-event times and bandwidth).
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Everything a lent GPU should measure for the Triton backend, in one call (< 8 minutes).
+"""Everything a GPU machine should measure for the Triton backend, in one call (< 8 minutes).
 
     OUT=/tmp/out bash bench/gpu_measure.sh          # build, then this script
     python bench/gpu_measure.py --out /tmp/out      # (the C++ extension built already)

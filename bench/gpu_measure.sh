@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (< 8 minutes): environment, C++ build, then bench/gpu_measure.py
+# One call on a GPU machine (< 8 minutes): environment, C++ build, then bench/gpu_measure.py
 # (CUDA tests, benchmark table eager and with graphs, launch counts from the profiler, the
 # tuning sweep). Everything lands in $OUT. Uses the machine's own python/torch/triton; the
 # package is imported from the checkout (PYTHONPATH), nothing is installed.

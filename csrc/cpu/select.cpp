@@ -2,7 +2,7 @@
 //
 // This file only implements: argument checks (TORCH_CHECK_VALUE/TYPE, so Python sees
 // ValueError/TypeError with the same wording as the wrappers), the layer scheduler
-// (OpenMP across small layers, and across chunks within large ones), the run-time SIMD
+// (a fork-join pool across small layers, and across chunks within large ones), the run-time SIMD
 // choice, and thin ATen adapters around the torch-free core in select_core.h.
 #include <Python.h>
 
@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <omp.h>
 
 #include <atomic>
 #include <cstdio>
@@ -22,6 +21,7 @@
 
 #include "select_core.h"
 #include "select_simd.h"
+#include "thread_pool.h"
 
 namespace dgp {
 
@@ -58,9 +58,16 @@ struct LayerIO {
   T* val = nullptr;
 };
 
-// Layers at least this large are split into one chunk per thread; smaller ones are spread
-// over threads whole (ResNet-18: 8 of its 62 tensors, 10.7M of 11.2M entries, are split).
+// Layers at least this large are split into chunks worked on by several threads; smaller
+// ones are spread over threads whole, and only when the call's small layers hold at least
+// this many entries in all: a fork-join costs ~5-30 us (more when another process holds a
+// core), a 2^18-entry layer ~150 us of one thread's sweeps (ResNet-18: 8 of its 62
+// tensors, 10.7M of 11.2M entries, are split).
 constexpr int64_t kParMin = int64_t(1) << 18;
+// Target entries per chunk of a split layer on the sampled path: several chunks per thread,
+// handed out one at a time, so a thread that loses its core to another process delays the
+// call by one chunk, not by half the layer.
+constexpr int64_t kChunkTarget = int64_t(1) << 18;
 // Chunk histograms are uint32: keep chunks below 2^31 entries.
 constexpr int64_t kMaxChunk = int64_t(1) << 31;
 
@@ -92,25 +99,16 @@ auto count_fn(const LayerIO<T>& io) {
   return [&io](int64_t lo, int64_t hi, const Bracket<K>& br, K* ch, int64_t cap_h, K* cl,
                int64_t cap_l, ChunkCount<K>& out) {
 #if DGP_X86
-    if constexpr (std::is_same_v<T, float>) {
-      const Simd s = simd_current();
-      if (s == Simd::kAvx512) {
-        count_f32_avx512<EF>(io.g, io.e, lo, hi, br, ch, cap_h, cl, cap_l, out);
-        return;
-      }
-      if (s == Simd::kAvx2) {
-        count_f32_avx2<EF>(io.g, io.e, lo, hi, br, ch, cap_h, cl, cap_l, out);
-        return;
-      }
-    }
+    if (count_simd<T, EF>(simd_current(), io.g, io.e, lo, hi, br, ch, cap_h, cl, cap_l, out))
+      return;
 #endif
     count_chunk_scalar<T, EF>(io.g, io.e, lo, hi, br, ch, cap_h, cl, cap_l, out);
   };
 }
 
 // Returns false when the chunk did not write exactly the entries its plan promised (an
-// internal invariant; checked by the caller outside the parallel region, since nothing may
-// throw across an OpenMP construct).
+// internal invariant; checked by the caller after the fork-join, since nothing may throw
+// inside a pool task).
 template <typename T, bool EF, Sink S>
 bool write_chunk(const LayerIO<T>& io, const Plan<typename KeyTraits<T>::K>& p, int c) {
   const int C = p.nchunks;
@@ -118,25 +116,15 @@ bool write_chunk(const LayerIO<T>& io, const Plan<typename KeyTraits<T>::K>& p, 
   Classifier<typename KeyTraits<T>::K> cls{p.khi, p.klo, p.s_hi, p.t_lo, p.khi == p.klo};
   int64_t o_hi = p.ord_hi[c], o_lo = p.ord_lo[c], pos = p.out_off[c];
   const int64_t end = p.out_off[c + 1];
-  if constexpr (std::is_same_v<T, float> && S == Sink::kSparse) {
+  bool done = false;
 #if DGP_X86
-    const Simd s = simd_current();
-    if (s == Simd::kAvx512) {
-      write_f32_avx512<EF>(io.g, io.e, lo, hi, cls, o_hi, o_lo, pos, end, io.idx, io.val);
-    } else if (s == Simd::kAvx2) {
-      write_f32_avx2<EF>(io.g, io.e, lo, hi, cls, o_hi, o_lo, pos, end, io.idx, io.val);
-    } else {
-      write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, end, io.idx,
-                             io.val);
-    }
-#else
-    write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, end, io.idx,
-                           io.val);
+  if constexpr (S == Sink::kSparse)
+    done = write_simd<T, EF>(simd_current(), io.g, io.e, lo, hi, cls, o_hi, o_lo, pos, end,
+                             io.idx, io.val);
 #endif
-  } else {
+  if (!done)
     write_scalar<T, EF, S>(io.g, io.e, io.dense, lo, hi, cls, o_hi, o_lo, pos, end, io.idx,
                            io.val);
-  }
   if constexpr (S == Sink::kSparse) return pos == end;
   return true;
 }
@@ -144,6 +132,10 @@ bool write_chunk(const LayerIO<T>& io, const Plan<typename KeyTraits<T>::K>& p, 
 // Runs the whole band selection for a list of layers. Every layer is analysed (and checked
 // for NaN) before anything is written. Returns the index of the first layer holding a NaN
 // (nothing written), or -1 on success.
+//
+// Threads (ThreadPool, never an OpenMP region): one fork-join analyses all small layers,
+// each split layer's counting sweep is one fork-join, and one more writes every chunk of
+// every layer. A call whose layers are all small runs on the calling thread only.
 template <typename T, bool EF, Sink S>
 int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, int threads) {
   using K = typename KeyTraits<T>::K;
@@ -156,33 +148,42 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
     if (threads > 1 && L[l].n >= kParMin) split.push_back(l);
     else whole.push_back(l);
   }
-  auto chunks_for = [&](int64_t n) {
+  ThreadPool& pool = ThreadPool::get();
+  auto radix_chunks = [&](int64_t n) {
     int64_t C = threads;
     while (n / C >= kMaxChunk) C *= 2;
     return static_cast<int>(C);
   };
+  auto sampled_chunks = [&](int64_t n) {
+    const int64_t C = std::max<int64_t>(threads, std::min<int64_t>(n / kChunkTarget, 64));
+    return static_cast<int>(std::max<int64_t>(C, radix_chunks(n)));
+  };
   auto seq = [](int C, auto&& f) {
     for (int c = 0; c < C; ++c) f(c);
   };
-  auto par = [threads](int C, auto&& f) {
-#pragma omp parallel for schedule(static, 1) num_threads(threads)
-    for (int c = 0; c < C; ++c) f(c);
-  };
+  auto par = [&](int C, auto&& f) { pool.run(C, threads, [&](int64_t c) { f(static_cast<int>(c)); }); };
 
   // Phase 1: analysis (reads only).
-  auto analyze = [&](int64_t l, int C, bool parallel) {
+  auto analyze = [&](int64_t l, bool parallel) {
     Plan<K>& p = plans[l];
     const LayerIO<T>& io = L[l];
     if (p.cnt.k_keep == 0) {
       scan_nan<T, EF>(io.g, io.e, p);
       return;
     }
-    if (C == 1 && p.cnt.n <= kDirectMax) {
-      analyze_direct<T, EF>(io.g, io.e, p);
+    if (!parallel && p.cnt.n <= kDirectMax) {
+      analyze_direct<T, EF>(io.g, io.e, p, [&](K* keys, K& kmin, K& kmax) {
+#if DGP_X86
+        return keys_simd<T, EF>(simd_current(), io.g, io.e, io.n, keys, kmin, kmax);
+#else
+        return false;
+#endif
+      });
       g_path_count[0]++;
       return;
     }
     if (p.cnt.n >= kSampleMin && sample_enabled()) {
+      const int C = parallel ? sampled_chunks(p.cnt.n) : 1;
       const bool ok =
           parallel ? analyze_sampled<T, EF>(io.g, io.e, p, C, [&](auto&& f) { par(C, f); },
                                             count_fn<T, EF>(io))
@@ -196,6 +197,7 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
     } else {
       g_path_count[1]++;
     }
+    const int C = parallel ? radix_chunks(p.cnt.n) : 1;
     if (parallel) {
       analyze_radix<T, EF>(io.g, io.e, p, C, [&](auto&& f) { par(C, f); });
     } else {
@@ -205,30 +207,26 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
   const int64_t nw = static_cast<int64_t>(whole.size());
   int64_t whole_elems = 0;
   for (int64_t l : whole) whole_elems += L[l].n;
-  // Entering a parallel region costs microseconds (milliseconds when a core is busy and
-  // the OpenMP wait policy spins): only spread whole layers when there is real work.
-  const bool par_whole = threads > 1 && nw > 1 && whole_elems >= kParMin;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (par_whole)
-  for (int64_t j = 0; j < nw; ++j) analyze(whole[j], 1, false);
-  for (int64_t l : split) analyze(l, chunks_for(L[l].n), true);
+  const int whole_threads = (threads > 1 && nw > 1 && whole_elems >= kParMin) ? threads : 1;
+  pool.run(nw, whole_threads, [&](int64_t j) { analyze(whole[j], false); });
+  for (int64_t l : split) analyze(l, true);
   for (int64_t l = 0; l < nl; ++l)
     if (plans[l].has_nan) return l;
 
-  // Phase 2: ordered compaction / writes.
-  std::atomic<bool> consistent{true};
+  // Phase 2: ordered compaction / writes, every chunk of every layer in one fork-join.
   // Reverse order: the layers analysed last are still in L3 (ResNet-18's last layers are
   // its largest), so their second read is cheaper. Output slots are precomputed, so the
   // order changes nothing in the results.
-  for (auto it = split.rbegin(); it != split.rend(); ++it) {
-    const int64_t l = *it;
-    const Plan<K>& p = plans[l];
-    par(p.nchunks, [&](int c) {
-      if (!write_chunk<T, EF, S>(L[l], p, c)) consistent = false;
-    });
-  }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (par_whole)
-  for (int64_t j = nw - 1; j >= 0; --j)
-    if (!write_chunk<T, EF, S>(L[whole[j]], plans[whole[j]], 0)) consistent = false;
+  std::vector<std::pair<int64_t, int>> tasks;
+  for (auto it = split.rbegin(); it != split.rend(); ++it)
+    for (int c = 0; c < plans[*it].nchunks; ++c) tasks.emplace_back(*it, c);
+  for (int64_t j = nw - 1; j >= 0; --j) tasks.emplace_back(whole[j], 0);
+  std::atomic<bool> consistent{true};
+  const int write_threads = split.empty() ? whole_threads : threads;
+  pool.run(static_cast<int64_t>(tasks.size()), write_threads, [&](int64_t t) {
+    const auto [l, c] = tasks[t];
+    if (!write_chunk<T, EF, S>(L[l], plans[l], c)) consistent = false;
+  });
   TORCH_INTERNAL_ASSERT(consistent.load(), "dgp: a compaction chunk wrote a different number "
                         "of entries than planned (please report this input)");
   return -1;

@@ -16,7 +16,7 @@
 //               (no atomics), and, with error feedback, residual = v with kept entries 0.
 //
 // The analysis never writes user memory, so a NaN (found in the first level) aborts before
-// anything is modified. Small layers use nth_element on a key copy instead of histograms.
+// anything is modified. Small layers use a radix descent on a key copy (analyze_direct).
 // Chunks are static slices [c*n/C, (c+1)*n/C) so every pass sees the same partition.
 #pragma once
 
@@ -147,44 +147,6 @@ inline int digit_schedule(int key_bits, int64_t n, int* digits) {
     }
   }
   return nd;
-}
-
-// Layers up to this size are analysed with nth_element on a copy of their keys: cheaper
-// than clearing and scanning radix histograms for a few thousand entries.
-constexpr int64_t kDirectMax = 4096;
-
-template <typename T, bool EF>
-void analyze_direct(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p) {
-  using K = typename KeyTraits<T>::K;
-  const int64_t n = p.cnt.n;
-  static thread_local std::vector<K> keys;
-  keys.resize(static_cast<size_t>(n));
-  bool nan = false;
-  for (int64_t i = 0; i < n; ++i) {
-    K k = key_of(load_v<T, EF>(g, e, i));
-    nan |= k > KeyTraits<T>::kInf;
-    keys[i] = k;
-  }
-  if (nan) {
-    p.has_nan = true;
-    return;
-  }
-  const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
-  std::nth_element(keys.begin(), keys.begin() + r_hi, keys.end(), std::greater<K>());
-  p.khi = keys[r_hi];
-  std::nth_element(keys.begin() + r_hi, keys.begin() + r_lo, keys.end(), std::greater<K>());
-  p.klo = keys[r_lo];
-  int64_t gt_hi = 0, gt_lo = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    gt_hi += keys[i] > p.khi;
-    gt_lo += keys[i] > p.klo;
-  }
-  p.s_hi = p.cnt.k_top - gt_hi;
-  p.t_lo = p.cnt.k_top + p.cnt.k_keep - gt_lo;
-  p.nchunks = 1;
-  p.out_off = {0, p.cnt.k_keep};
-  p.ord_hi = {0};
-  p.ord_lo = {0};
 }
 
 // Given the exact boundary keys and, per chunk, the counts of keys > K and == K at both
@@ -406,7 +368,7 @@ void count_chunk_scalar(const T* g, const T* e, int64_t lo, int64_t hi,
 }
 
 // Keys at descending ranks `ranks[0..R)` (strictly increasing, each < cnt) among
-// data[0..cnt); writes them to out[0..R) and clobbers nothing but `data`'s order.
+// data[0..cnt); writes them to out[0..R) and changes nothing but `data`'s order.
 // Radix descent: one min/max pass, one 2^11-bucket histogram of (k - lo) >> s, and for each
 // bucket that holds a requested rank, its members are gathered and the same is done on them
 // (each level narrows the key range 2^11-fold, so two levels almost always leave a handful;
@@ -470,6 +432,145 @@ void select_desc_ranks(K* data, int64_t cnt, const int64_t* ranks, int R, K* out
     }
     cum += c;
   }
+}
+
+// Layers up to this size are analysed on one thread from a copy of their keys, in three
+// sweeps of the copy: keys with their min/max (NaN check included), one histogram of the
+// key range (about n/4 buckets), one branch-free gather of the two boundary buckets; then
+// the exact keys and the counts above them come from the gathered few percent of n
+// (select_desc_ranks). Below ~2^15 entries that beats histograms over the whole key width
+// (their clearing and scanning cost more than n) and the sampled path (its sample is a
+// large share of n).
+constexpr int64_t kDirectMax = int64_t(1) << 15;
+
+// Key range [lo, hi] mapped to at most 2^bits buckets: bucket(k) = (k - lo) >> shift.
+template <typename K>
+struct KeyBuckets {
+  K lo;
+  int shift;
+  int64_t nb;
+  KeyBuckets(K lo_, K hi_, int bits) : lo(lo_) {
+    const uint64_t range = static_cast<uint64_t>(hi_ - lo_);
+    const int w = range ? 64 - __builtin_clzll(range) : 0;
+    shift = w > bits ? w - bits : 0;
+    nb = static_cast<int64_t>(range >> shift) + 1;
+  }
+  inline uint32_t operator()(K k) const {
+    return static_cast<uint32_t>(static_cast<uint64_t>(k - lo) >> shift);
+  }
+};
+
+// `keys_fn(keys, kmin, kmax)` writes the n keys and their min/max with a vector kernel and
+// returns true, or returns false (no kernel for this dtype and CPU: the scalar loop runs).
+template <typename T, bool EF, typename KeysFn>
+void analyze_direct(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, KeysFn&& keys_fn) {
+  using K = typename KeyTraits<T>::K;
+  const int64_t n = p.cnt.n;
+  // Key copy, then candidates of the (at most two) boundary buckets behind it.
+  static thread_local std::vector<K> buf_tl;
+  buf_tl.resize(static_cast<size_t>(2 * n + 2));
+  K* keys = buf_tl.data();
+  K kmax = 0, kmin = std::numeric_limits<K>::max();
+  if (!keys_fn(keys, kmin, kmax)) {
+    for (int64_t i = 0; i < n; ++i) {
+      const K k = key_of(load_v<T, EF>(g, e, i));
+      kmax = std::max(kmax, k);
+      kmin = std::min(kmin, k);
+      keys[i] = k;
+    }
+  }
+  if (kmax > KeyTraits<T>::kInf) {
+    p.has_nan = true;
+    return;
+  }
+  const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
+  // One histogram of the key range with about n/4 buckets (at most 2^11, an L1-resident
+  // table; at least 2^6): the boundary buckets then hold a few percent of n on smooth data.
+  const int bits = std::max(6, std::min(11, 63 - __builtin_clzll(static_cast<uint64_t>(n) | 1) - 2));
+  const KeyBuckets<K> bk(kmin, kmax, bits);
+  uint32_t h[4][int64_t(1) << 11];
+  const bool four = n >= 16 * bk.nb;  // interleaved tables: repeated buckets serialise
+  std::memset(h[0], 0, sizeof(uint32_t) * static_cast<size_t>(bk.nb));
+  int64_t i0 = 0;
+  if (four) {
+    for (int t = 1; t < 4; ++t) std::memset(h[t], 0, sizeof(uint32_t) * static_cast<size_t>(bk.nb));
+    for (; i0 + 4 <= n; i0 += 4) {
+      h[0][bk(keys[i0])]++;
+      h[1][bk(keys[i0 + 1])]++;
+      h[2][bk(keys[i0 + 2])]++;
+      h[3][bk(keys[i0 + 3])]++;
+    }
+    for (int64_t b = 0; b < bk.nb; ++b) h[0][b] += h[1][b] + h[2][b] + h[3][b];
+  }
+  for (int64_t i = i0; i < n; ++i) h[0][bk(keys[i])]++;
+  // Boundary buckets and the counts above them.
+  int64_t b_hi = -1, b_lo = -1, above_hi = 0, above_lo = 0, cum = 0;
+  for (int64_t b = bk.nb - 1; b >= 0 && b_lo < 0; --b) {
+    const int64_t c = h[0][b];
+    if (b_hi < 0 && cum + c > r_hi) {
+      b_hi = b;
+      above_hi = cum;
+    }
+    if (cum + c > r_lo) {
+      b_lo = b;
+      above_lo = cum;
+    }
+    cum += c;
+  }
+  // One branch-free gather of both buckets' keys (each append lands in its slot's next
+  // entry, which only a member claims).
+  K* ch = keys + n;
+  const int64_t nh_cap = h[0][b_hi];
+  K* cl = ch + nh_cap + 1;
+  int64_t nh = 0, nl = 0;
+  const uint32_t ubh = static_cast<uint32_t>(b_hi), ubl = static_cast<uint32_t>(b_lo);
+  if (b_hi == b_lo) {
+    for (int64_t i = 0; i < n; ++i) {
+      ch[nh] = keys[i];
+      nh += bk(keys[i]) == ubh;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t b = bk(keys[i]);
+      ch[nh] = keys[i];
+      nh += b == ubh;
+      cl[nl] = keys[i];
+      nl += b == ubl;
+    }
+  }
+  // Exact keys inside the gathered buckets, and the counts of larger keys.
+  auto count_gt = [](const K* a, int64_t m, K key) {
+    int64_t c = 0;
+    for (int64_t j = 0; j < m; ++j) c += a[j] > key;
+    return c;
+  };
+  int64_t gt_hi, gt_lo;
+  if (b_hi == b_lo) {
+    const int64_t rr[2] = {r_hi - above_hi, r_lo - above_hi};
+    K kk[2];
+    if (rr[0] == rr[1]) {
+      select_desc_ranks(ch, nh, rr, 1, kk);
+      kk[1] = kk[0];
+    } else {
+      select_desc_ranks(ch, nh, rr, 2, kk);
+    }
+    p.khi = kk[0];
+    p.klo = kk[1];
+    gt_hi = above_hi + count_gt(ch, nh, p.khi);
+    gt_lo = above_hi + count_gt(ch, nh, p.klo);
+  } else {
+    const int64_t rh = r_hi - above_hi, rl = r_lo - above_lo;
+    select_desc_ranks(ch, nh, &rh, 1, &p.khi);
+    select_desc_ranks(cl, nl, &rl, 1, &p.klo);
+    gt_hi = above_hi + count_gt(ch, nh, p.khi);
+    gt_lo = above_lo + count_gt(cl, nl, p.klo);
+  }
+  p.s_hi = p.cnt.k_top - gt_hi;
+  p.t_lo = p.cnt.k_top + p.cnt.k_keep - gt_lo;
+  p.nchunks = 1;
+  p.out_off = {0, p.cnt.k_keep};
+  p.ord_hi = {0};
+  p.ord_lo = {0};
 }
 
 // Sample positions: one per stratum of n/m entries, at a hashed offset inside it.
@@ -588,7 +689,7 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
   const int64_t n_lo = merged ? nh : nl;
   if (!(before_lo <= r_lo && r_lo < before_lo + n_lo)) return false;
 
-  // Exact keys: nth_element over the gathered candidates (order inside chunks is irrelevant
+  // Exact keys: a radix descent over the gathered candidates (order inside chunks is irrelevant
   // to the per-chunk counts taken afterwards).
   auto gather = [&](const K* src, const std::vector<int64_t>& base, bool hi_side) {
     std::vector<K> all;

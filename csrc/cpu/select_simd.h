@@ -1,10 +1,11 @@
 // SIMD write passes (ordered compaction) for float32, chosen at run time.
 //
 // Built with per-function target attributes (never -march=native), so one binary runs on
-// any x86-64 and uses AVX-512 or AVX2 only where the CPU has it. Every vector of entries
-// with no boundary-key tie is compacted branch-free; a vector holding a tie is handed to
-// the scalar classifier, which owns the tie ordinals. Results are bit-identical to the
-// scalar pass by construction (same classification, same order).
+// any x86-64 and uses AVX-512 or AVX2 only where the CPU has it. Every vector is compacted
+// on the vector path; in a vector holding a boundary-key tie only the tie lanes are
+// classified one by one (tie_keep_bits: the scalar Classifier's ordinal rule, lane order).
+// Results are bit-identical to the scalar pass by construction (same classification, same
+// order).
 //
 // Zen 4 note: vpcompressps with a *memory* destination is microcoded and slow there, so we
 // compress into a register and store the whole vector (or a masked store near the end of
@@ -14,6 +15,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "select_core.h"
 
@@ -40,14 +43,46 @@ inline Simd detect_simd() {
 #if DGP_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("f16c"))
     return Simd::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) return Simd::kAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") &&
+      __builtin_cpu_supports("f16c"))
+    return Simd::kAvx2;
 #endif
   return Simd::kScalar;
 }
 
+// Kept bits of the lanes of one vector that equal a boundary key (`tie_hi`: lanes == khi,
+// `tie_lo`: lanes == klo), in lane order, advancing the tie ordinals exactly as the scalar
+// Classifier does entry by entry (a lane equal to khi never advances o_lo). Only tie lanes
+// are visited, so a vector holding a tie stays on the vector path.
+template <typename K>
+inline uint32_t tie_keep_bits(const Classifier<K>& cls, uint32_t tie_hi, uint32_t tie_lo,
+                              int64_t& o_hi, int64_t& o_lo) {
+  uint32_t kept = 0;
+  for (uint32_t m = tie_hi; m; m &= m - 1) {
+    const int64_t o = o_hi++;
+    const bool k = cls.same ? (o >= cls.s_hi && o < cls.t_lo) : (o >= cls.s_hi);
+    kept |= static_cast<uint32_t>(k) << __builtin_ctz(m);
+  }
+  for (uint32_t m = tie_lo & ~tie_hi; m; m &= m - 1)
+    kept |= static_cast<uint32_t>(o_lo++ < cls.t_lo) << __builtin_ctz(m);
+  return kept;
+}
+
 #if DGP_X86
+// 8 lanes of 32 bits, all ones where bit j of `bits` is set.
+__attribute__((target("avx2"))) inline __m256i lanes_of_bits8(int bits) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), sel), sel);
+}
+
+// 4 lanes of 64 bits, all ones where bit j of `bits` is set.
+__attribute__((target("avx2"))) inline __m256i lanes_of_bits4(int bits) {
+  const __m256i sel = _mm256_setr_epi64x(1, 2, 4, 8);
+  return _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(bits), sel), sel);
+}
 
 template <bool EF>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) void write_f32_avx512(
@@ -68,13 +103,9 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) void write_
     __m512 v = _mm512_loadu_ps(g + i);
     if constexpr (EF) v = _mm512_add_ps(v, _mm512_loadu_ps(e + i));
     const __m512i k = _mm512_and_si512(_mm512_castps_si512(v), kmask);
-    const __mmask16 tie = _mm512_cmpeq_epu32_mask(k, vkhi) | _mm512_cmpeq_epu32_mask(k, vklo);
-    if (tie) {
-      write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, i + 16, cls, o_hi, o_lo, pos,
-                                             out_end, idx, val);
-      continue;
-    }
-    const __mmask16 in = _mm512_cmpgt_epu32_mask(k, vklo) & _mm512_cmplt_epu32_mask(k, vkhi);
+    const __mmask16 tie_hi = _mm512_cmpeq_epu32_mask(k, vkhi), tie_lo = _mm512_cmpeq_epu32_mask(k, vklo);
+    __mmask16 in = _mm512_cmpgt_epu32_mask(k, vklo) & _mm512_cmplt_epu32_mask(k, vkhi);
+    if (tie_hi | tie_lo) in |= static_cast<__mmask16>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
     if constexpr (EF) _mm512_storeu_ps(e + i, _mm512_maskz_mov_ps(static_cast<__mmask16>(~in), v));
     if (in) {
       const int cnt = __builtin_popcount(in);
@@ -188,16 +219,14 @@ __attribute__((target("avx2,popcnt"))) void write_f32_avx2(
     __m256 v = _mm256_loadu_ps(g + i);
     if constexpr (EF) v = _mm256_add_ps(v, _mm256_loadu_ps(e + i));
     const __m256i k = _mm256_and_si256(_mm256_castps_si256(v), kmask);
-    const int tie = _mm256_movemask_ps(_mm256_castsi256_ps(
-        _mm256_or_si256(_mm256_cmpeq_epi32(k, vkhi), _mm256_cmpeq_epi32(k, vklo))));
-    if (tie) {
-      write_scalar<float, EF, Sink::kSparse>(g, e, nullptr, i, i + 8, cls, o_hi, o_lo, pos,
-                                             out_end, idx, val);
-      continue;
+    const int tie_hi = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vkhi)));
+    const int tie_lo = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vklo)));
+    __m256i inv = _mm256_and_si256(_mm256_cmpgt_epi32(k, vklo), _mm256_cmpgt_epi32(vkhi, k));
+    int in = _mm256_movemask_ps(_mm256_castsi256_ps(inv));
+    if (tie_hi | tie_lo) {
+      in |= static_cast<int>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+      inv = lanes_of_bits8(in);
     }
-    const __m256i inv =
-        _mm256_and_si256(_mm256_cmpgt_epi32(k, vklo), _mm256_cmpgt_epi32(vkhi, k));
-    const int in = _mm256_movemask_ps(_mm256_castsi256_ps(inv));
     if constexpr (EF) _mm256_storeu_ps(e + i, _mm256_andnot_ps(_mm256_castsi256_ps(inv), v));
     // Branch-free on `in` (an 8-entry vector holds no kept entry ~17% of the time at the
     // defaults, too often for the predictor): an empty vector stores lanes that the next
@@ -292,6 +321,625 @@ __attribute__((target("avx2,popcnt"))) void count_f32_avx2(
   out.nl = nl;
   if (!out.overflow)
     count_chunk_scalar<float, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+}
+
+// ------------------------------------------------------------------ bfloat16 / float16
+// 16 entries per AVX-512 step (8 per AVX2 step), keys widened to 32-bit lanes so the
+// compares and compresses are the float32 ones; candidates and values are narrowed back to
+// 16 bits before the store. With error feedback, v = g + e is computed as c10 and torch do:
+// both widened to float, one float add, rounded once to the 16-bit format (bfloat16: round
+// to nearest even on the bit pattern, which is c10's round_to_nearest_even for every
+// non-NaN float; float16: vcvtps2ph with round-to-nearest-even, the IEEE conversion c10
+// implements). A NaN sum rounds to a NaN in both formats, so the key test catches it.
+template <typename T>
+struct Is16 : std::integral_constant<bool, std::is_same_v<T, c10::BFloat16> ||
+                                               std::is_same_v<T, c10::Half>> {};
+
+#define DGP_AVX512 "avx512f,avx512vl,avx512dq,avx512bw,popcnt,f16c"
+
+// 16 raw 16-bit entries of v (widened to 32-bit lanes) at i.
+template <typename T, bool EF>
+__attribute__((target(DGP_AVX512))) inline __m512i load16_avx512(const T* g, const T* e,
+                                                                 int64_t i) {
+  const __m512i gr = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i)));
+  if constexpr (!EF) {
+    return gr;
+  } else {
+    const __m512i er =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + i)));
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m512 s = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(gr, 16)),
+                                     _mm512_castsi512_ps(_mm512_slli_epi32(er, 16)));
+      const __m512i u = _mm512_castps_si512(s);
+      const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                             _mm512_set1_epi32(1)),
+                                            _mm512_set1_epi32(0x7fff));
+      return _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    } else {
+      const __m512 s = _mm512_add_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(gr)),
+                                     _mm512_cvtph_ps(_mm512_cvtepi32_epi16(er)));
+      return _mm512_cvtepu16_epi32(_mm512_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+}
+
+template <typename T, bool EF>
+__attribute__((target(DGP_AVX512))) void count_h16_avx512(
+    const T* g, const T* e, int64_t lo, int64_t hi, const Bracket<uint16_t>& br, uint16_t* ch,
+    int64_t cap_h, uint16_t* cl, int64_t cap_l, ChunkCount<uint16_t>& out) {
+  const __m512i kmask = _mm512_set1_epi32(0x7fff);
+  const __m512i a_hi = _mm512_set1_epi32(br.a_hi), b_hi = _mm512_set1_epi32(br.b_hi);
+  const __m512i a_lo = _mm512_set1_epi32(br.a_lo), b_lo = _mm512_set1_epi32(br.b_lo);
+  __m512i kmax = _mm512_setzero_si512();
+  int64_t above = 0, mid = 0, nh = 0, nl = 0;
+  int64_t i = lo;
+  for (; i + 16 <= hi; i += 16) {
+    const __m512i k = _mm512_and_si512(load16_avx512<T, EF>(g, e, i), kmask);
+    kmax = _mm512_max_epu32(kmax, k);
+    const __mmask16 m_above = _mm512_cmpgt_epu32_mask(k, a_hi);
+    const __mmask16 m_geh = _mm512_cmpge_epu32_mask(k, b_hi);
+    const __mmask16 m_h = m_geh & static_cast<__mmask16>(~m_above);
+    const __mmask16 m_mid = _mm512_cmpgt_epu32_mask(k, a_lo) & static_cast<__mmask16>(~m_geh);
+    const __mmask16 m_l = _mm512_cmpge_epu32_mask(k, b_lo) & _mm512_cmple_epu32_mask(k, a_lo);
+    above += __builtin_popcount(m_above);
+    mid += __builtin_popcount(m_mid);
+    // branch-free appends into the slack, as in count_f32_avx512 (16 keys of 16 bits)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ch + nh),
+                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(m_h, k)));
+    nh += __builtin_popcount(m_h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cl + nl),
+                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(m_l, k)));
+    nl += __builtin_popcount(m_l);
+    if (nh > cap_h || nl > cap_l) { out.overflow = true; break; }
+  }
+  out.kmax = static_cast<uint16_t>(_mm512_reduce_max_epu32(kmax));
+  out.above = above;
+  out.mid = mid;
+  out.nh = nh;
+  out.nl = nl;
+  if (!out.overflow) count_chunk_scalar<T, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+}
+
+template <typename T, bool EF>
+__attribute__((target(DGP_AVX512))) void write_h16_avx512(
+    const T* g, T* e, int64_t lo, int64_t hi, const Classifier<uint16_t>& cls, int64_t& o_hi,
+    int64_t& o_lo, int64_t& pos, int64_t out_end, int64_t* idx, T* val) {
+  const __m512i kmask = _mm512_set1_epi32(0x7fff);
+  const __m512i vkhi = _mm512_set1_epi32(cls.khi), vklo = _mm512_set1_epi32(cls.klo);
+  const __m512i iota0 = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i iota1 = _mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8);
+  int64_t i = lo;
+  for (; i + 16 <= hi; i += 16) {
+    const __m512i raw = load16_avx512<T, EF>(g, e, i);
+    const __m512i k = _mm512_and_si512(raw, kmask);
+    const __mmask16 tie_hi = _mm512_cmpeq_epu32_mask(k, vkhi), tie_lo = _mm512_cmpeq_epu32_mask(k, vklo);
+    __mmask16 in = _mm512_cmpgt_epu32_mask(k, vklo) & _mm512_cmplt_epu32_mask(k, vkhi);
+    if (tie_hi | tie_lo) in |= static_cast<__mmask16>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+    if constexpr (EF)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(e + i),
+                          _mm512_cvtepi32_epi16(_mm512_maskz_mov_epi32(static_cast<__mmask16>(~in), raw)));
+    const int cnt = __builtin_popcount(in);
+    const int c0 = __builtin_popcount(in & 0xff);
+    const __m256i cv = _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(in, raw));
+    const __m512i base = _mm512_set1_epi64(i);
+    const __m512i i0 = _mm512_maskz_compress_epi64(static_cast<__mmask8>(in & 0xff),
+                                                   _mm512_add_epi64(base, iota0));
+    const __m512i i1 = _mm512_maskz_compress_epi64(static_cast<__mmask8>(in >> 8),
+                                                   _mm512_add_epi64(base, iota1));
+    // Branch-free when the slice has room for whole vectors (an empty vector's stores are
+    // overwritten by the next kept entries), masked stores near its end.
+    if (pos + 16 <= out_end) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(val + pos), cv);
+      _mm512_storeu_si512(idx + pos, i0);
+      _mm512_storeu_si512(idx + pos + c0, i1);
+    } else if (cnt) {
+      _mm256_mask_storeu_epi16(val + pos, static_cast<__mmask16>((1u << cnt) - 1), cv);
+      _mm512_mask_storeu_epi64(idx + pos, static_cast<__mmask8>((1u << c0) - 1), i0);
+      _mm512_mask_storeu_epi64(idx + pos + c0, static_cast<__mmask8>((1u << (cnt - c0)) - 1), i1);
+    }
+    pos += cnt;
+  }
+  write_scalar<T, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, out_end, idx,
+                                     val);
+}
+
+// 8 raw 16-bit entries of v (in 32-bit lanes) at i; AVX2 + F16C.
+template <typename T, bool EF>
+__attribute__((target("avx2,popcnt,f16c"))) inline __m256i load16_avx2(const T* g, const T* e,
+                                                                       int64_t i) {
+  const __m256i gr = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i)));
+  if constexpr (!EF) {
+    return gr;
+  } else {
+    const __m128i e16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e + i));
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m256i er = _mm256_cvtepu16_epi32(e16);
+      const __m256 s = _mm256_add_ps(_mm256_castsi256_ps(_mm256_slli_epi32(gr, 16)),
+                                     _mm256_castsi256_ps(_mm256_slli_epi32(er, 16)));
+      const __m256i u = _mm256_castps_si256(s);
+      const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                             _mm256_set1_epi32(1)),
+                                            _mm256_set1_epi32(0x7fff));
+      return _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+    } else {
+      const __m256 s =
+          _mm256_add_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i))),
+                        _mm256_cvtph_ps(e16));
+      return _mm256_cvtepu16_epi32(_mm256_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+}
+
+// 8 32-bit lanes holding 16-bit values -> 8 packed uint16 (values < 2^16: no saturation).
+__attribute__((target("avx2"))) inline __m128i narrow16_avx2(__m256i x) {
+  return _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+}
+
+// Appends the lanes of `k` selected by `mask` as 16-bit keys (whole 8-key store into the slack).
+__attribute__((target("avx2,popcnt"))) inline void append16_avx2(const Avx2Lut& lut, __m256i k,
+                                                                 int mask, uint16_t* dst,
+                                                                 int64_t& n) {
+  const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[mask]));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + n),
+                   narrow16_avx2(_mm256_permutevar8x32_epi32(k, perm)));
+  n += __builtin_popcount(mask);
+}
+
+template <typename T, bool EF>
+__attribute__((target("avx2,popcnt,f16c"))) void count_h16_avx2(
+    const T* g, const T* e, int64_t lo, int64_t hi, const Bracket<uint16_t>& br, uint16_t* ch,
+    int64_t cap_h, uint16_t* cl, int64_t cap_l, ChunkCount<uint16_t>& out) {
+  const Avx2Lut& lut = avx2_lut();
+  // 16-bit bounds (0xffff = "no bound") fit signed 32-bit lanes as they are.
+  const __m256i kmask = _mm256_set1_epi32(0x7fff);
+  const __m256i a_hi = _mm256_set1_epi32(br.a_hi), b_hi = _mm256_set1_epi32(br.b_hi);
+  const __m256i a_lo = _mm256_set1_epi32(br.a_lo), b_lo = _mm256_set1_epi32(br.b_lo);
+  const __m256i ones = _mm256_set1_epi32(-1);
+  __m256i kmax = _mm256_setzero_si256();
+  int64_t above = 0, mid = 0, nh = 0, nl = 0;
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) {
+    const __m256i k = _mm256_and_si256(load16_avx2<T, EF>(g, e, i), kmask);
+    kmax = _mm256_max_epi32(kmax, k);
+    const __m256i gt_ahi = _mm256_cmpgt_epi32(k, a_hi);
+    const __m256i ge_bhi = _mm256_xor_si256(_mm256_cmpgt_epi32(b_hi, k), ones);
+    const __m256i gt_alo = _mm256_cmpgt_epi32(k, a_lo);
+    const __m256i ge_blo = _mm256_xor_si256(_mm256_cmpgt_epi32(b_lo, k), ones);
+    const int m_above = _mm256_movemask_ps(_mm256_castsi256_ps(gt_ahi));
+    const int m_h = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(gt_ahi, ge_bhi)));
+    const int m_mid = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(ge_bhi, gt_alo)));
+    const int m_l = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(gt_alo, ge_blo)));
+    above += __builtin_popcount(m_above);
+    mid += __builtin_popcount(m_mid);
+    append16_avx2(lut, k, m_h, ch, nh);
+    append16_avx2(lut, k, m_l, cl, nl);
+    if (nh > cap_h || nl > cap_l) { out.overflow = true; break; }
+  }
+  alignas(32) uint32_t km[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(km), kmax);
+  uint32_t kmx = 0;
+  for (uint32_t x : km) kmx = x > kmx ? x : kmx;
+  out.kmax = static_cast<uint16_t>(kmx);
+  out.above = above;
+  out.mid = mid;
+  out.nh = nh;
+  out.nl = nl;
+  if (!out.overflow) count_chunk_scalar<T, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+}
+
+template <typename T, bool EF>
+__attribute__((target("avx2,popcnt,f16c"))) void write_h16_avx2(
+    const T* g, T* e, int64_t lo, int64_t hi, const Classifier<uint16_t>& cls, int64_t& o_hi,
+    int64_t& o_lo, int64_t& pos, int64_t out_end, int64_t* idx, T* val) {
+  const Avx2Lut& lut = avx2_lut();
+  const __m256i kmask = _mm256_set1_epi32(0x7fff);
+  const __m256i vkhi = _mm256_set1_epi32(cls.khi), vklo = _mm256_set1_epi32(cls.klo);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) {
+    const __m256i raw = load16_avx2<T, EF>(g, e, i);
+    const __m256i k = _mm256_and_si256(raw, kmask);
+    const int tie_hi = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vkhi)));
+    const int tie_lo = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vklo)));
+    __m256i inv = _mm256_and_si256(_mm256_cmpgt_epi32(k, vklo), _mm256_cmpgt_epi32(vkhi, k));
+    int in = _mm256_movemask_ps(_mm256_castsi256_ps(inv));
+    if (tie_hi | tie_lo) {
+      in |= static_cast<int>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+      inv = lanes_of_bits8(in);
+    }
+    if constexpr (EF)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(e + i), narrow16_avx2(_mm256_andnot_si256(inv, raw)));
+    const int cnt = __builtin_popcount(in);
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[in]));
+    const __m128i cv = narrow16_avx2(_mm256_permutevar8x32_epi32(raw, perm));
+    const __m256i off = _mm256_permutevar8x32_epi32(iota, perm);
+    const __m256i base = _mm256_set1_epi64x(i);
+    const __m256i i0 = _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(off)));
+    const __m256i i1 = _mm256_add_epi64(base, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(off, 1)));
+    if (pos + 8 <= out_end) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(val + pos), cv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos), i0);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos + 4), i1);
+    } else if (cnt) {
+      alignas(16) uint16_t tv[8];
+      alignas(32) int64_t ti[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(tv), cv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ti), i0);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ti + 4), i1);
+      for (int j = 0; j < cnt; ++j) {
+        std::memcpy(val + pos + j, tv + j, sizeof(uint16_t));
+        idx[pos + j] = ti[j];
+      }
+    }
+    pos += cnt;
+  }
+  write_scalar<T, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, out_end, idx,
+                                     val);
+}
+
+// ------------------------------------------------------------------ float64
+// 8 entries per AVX-512 step, 4 per AVX2 step; 63-bit keys. AVX2 compares are signed
+// 64-bit: keys are < 2^63, and the "no bound" value (all ones) is clamped to 2^63 - 1,
+// above every key, which keeps each compare's outcome.
+template <bool EF>
+__attribute__((target(DGP_AVX512))) void count_f64_avx512(
+    const double* g, const double* e, int64_t lo, int64_t hi, const Bracket<uint64_t>& br,
+    uint64_t* ch, int64_t cap_h, uint64_t* cl, int64_t cap_l, ChunkCount<uint64_t>& out) {
+  const __m512i kmask = _mm512_set1_epi64(0x7fffffffffffffffll);
+  const __m512i a_hi = _mm512_set1_epi64(static_cast<int64_t>(br.a_hi));
+  const __m512i b_hi = _mm512_set1_epi64(static_cast<int64_t>(br.b_hi));
+  const __m512i a_lo = _mm512_set1_epi64(static_cast<int64_t>(br.a_lo));
+  const __m512i b_lo = _mm512_set1_epi64(static_cast<int64_t>(br.b_lo));
+  __m512i kmax = _mm512_setzero_si512();
+  int64_t above = 0, mid = 0, nh = 0, nl = 0;
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) {
+    __m512d v = _mm512_loadu_pd(g + i);
+    if constexpr (EF) v = _mm512_add_pd(v, _mm512_loadu_pd(e + i));
+    const __m512i k = _mm512_and_si512(_mm512_castpd_si512(v), kmask);
+    kmax = _mm512_max_epu64(kmax, k);
+    const __mmask8 m_above = _mm512_cmpgt_epu64_mask(k, a_hi);
+    const __mmask8 m_geh = _mm512_cmpge_epu64_mask(k, b_hi);
+    const __mmask8 m_h = m_geh & static_cast<__mmask8>(~m_above);
+    const __mmask8 m_mid = _mm512_cmpgt_epu64_mask(k, a_lo) & static_cast<__mmask8>(~m_geh);
+    const __mmask8 m_l = _mm512_cmpge_epu64_mask(k, b_lo) & _mm512_cmple_epu64_mask(k, a_lo);
+    above += __builtin_popcount(m_above);
+    mid += __builtin_popcount(m_mid);
+    _mm512_storeu_si512(ch + nh, _mm512_maskz_compress_epi64(m_h, k));
+    nh += __builtin_popcount(m_h);
+    _mm512_storeu_si512(cl + nl, _mm512_maskz_compress_epi64(m_l, k));
+    nl += __builtin_popcount(m_l);
+    if (nh > cap_h || nl > cap_l) { out.overflow = true; break; }
+  }
+  out.kmax = _mm512_reduce_max_epu64(kmax);
+  out.above = above;
+  out.mid = mid;
+  out.nh = nh;
+  out.nl = nl;
+  if (!out.overflow) count_chunk_scalar<double, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+}
+
+template <bool EF>
+__attribute__((target(DGP_AVX512))) void write_f64_avx512(
+    const double* g, double* e, int64_t lo, int64_t hi, const Classifier<uint64_t>& cls,
+    int64_t& o_hi, int64_t& o_lo, int64_t& pos, int64_t out_end, int64_t* idx, double* val) {
+  const __m512i kmask = _mm512_set1_epi64(0x7fffffffffffffffll);
+  const __m512i vkhi = _mm512_set1_epi64(static_cast<int64_t>(cls.khi));
+  const __m512i vklo = _mm512_set1_epi64(static_cast<int64_t>(cls.klo));
+  const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  int64_t i = lo;
+  for (; i + 8 <= hi; i += 8) {
+    __m512d v = _mm512_loadu_pd(g + i);
+    if constexpr (EF) v = _mm512_add_pd(v, _mm512_loadu_pd(e + i));
+    const __m512i k = _mm512_and_si512(_mm512_castpd_si512(v), kmask);
+    const __mmask8 tie_hi = _mm512_cmpeq_epu64_mask(k, vkhi), tie_lo = _mm512_cmpeq_epu64_mask(k, vklo);
+    __mmask8 in = _mm512_cmpgt_epu64_mask(k, vklo) & _mm512_cmplt_epu64_mask(k, vkhi);
+    if (tie_hi | tie_lo) in |= static_cast<__mmask8>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+    if constexpr (EF) _mm512_storeu_pd(e + i, _mm512_maskz_mov_pd(static_cast<__mmask8>(~in), v));
+    const int cnt = __builtin_popcount(in);
+    const __m512d cv = _mm512_maskz_compress_pd(in, v);
+    const __m512i ci = _mm512_maskz_compress_epi64(in, _mm512_add_epi64(_mm512_set1_epi64(i), iota));
+    if (pos + 8 <= out_end) {
+      _mm512_storeu_pd(val + pos, cv);
+      _mm512_storeu_si512(idx + pos, ci);
+    } else if (cnt) {
+      const __mmask8 m = static_cast<__mmask8>((1u << cnt) - 1);
+      _mm512_mask_storeu_pd(val + pos, m, cv);
+      _mm512_mask_storeu_epi64(idx + pos, m, ci);
+    }
+    pos += cnt;
+  }
+  write_scalar<double, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, out_end,
+                                          idx, val);
+}
+
+// Permutations that move the set lanes of a 4-bit mask of 64-bit lanes to the front, as
+// pairs of 32-bit lane indices (for vpermd).
+struct Avx2Lut4 {
+  alignas(32) int32_t perm[16][8];
+  Avx2Lut4() {
+    for (int m = 0; m < 16; ++m) {
+      int j = 0;
+      for (int b = 0; b < 4; ++b)
+        if (m & (1 << b)) {
+          perm[m][2 * j] = 2 * b;
+          perm[m][2 * j + 1] = 2 * b + 1;
+          ++j;
+        }
+      for (; j < 4; ++j) perm[m][2 * j] = perm[m][2 * j + 1] = 0;
+    }
+  }
+};
+inline const Avx2Lut4& avx2_lut4() {
+  static const Avx2Lut4 lut;
+  return lut;
+}
+
+template <bool EF>
+__attribute__((target("avx2,popcnt"))) void count_f64_avx2(
+    const double* g, const double* e, int64_t lo, int64_t hi, const Bracket<uint64_t>& br,
+    uint64_t* ch, int64_t cap_h, uint64_t* cl, int64_t cap_l, ChunkCount<uint64_t>& out) {
+  const Avx2Lut4& lut = avx2_lut4();
+  auto clamp = [](uint64_t b) {
+    return static_cast<int64_t>(b > 0x7fffffffffffffffull ? 0x7fffffffffffffffull : b);
+  };
+  const __m256i kmask = _mm256_set1_epi64x(0x7fffffffffffffffll);
+  const __m256i a_hi = _mm256_set1_epi64x(clamp(br.a_hi)), b_hi = _mm256_set1_epi64x(clamp(br.b_hi));
+  const __m256i a_lo = _mm256_set1_epi64x(clamp(br.a_lo)), b_lo = _mm256_set1_epi64x(clamp(br.b_lo));
+  const __m256i ones = _mm256_set1_epi64x(-1);
+  uint64_t kmx = 0;
+  int64_t above = 0, mid = 0, nh = 0, nl = 0;
+  int64_t i = lo;
+  for (; i + 4 <= hi; i += 4) {
+    __m256d v = _mm256_loadu_pd(g + i);
+    if constexpr (EF) v = _mm256_add_pd(v, _mm256_loadu_pd(e + i));
+    const __m256i k = _mm256_and_si256(_mm256_castpd_si256(v), kmask);
+    const __m256i gt_ahi = _mm256_cmpgt_epi64(k, a_hi);
+    const __m256i ge_bhi = _mm256_xor_si256(_mm256_cmpgt_epi64(b_hi, k), ones);
+    const __m256i gt_alo = _mm256_cmpgt_epi64(k, a_lo);
+    const __m256i ge_blo = _mm256_xor_si256(_mm256_cmpgt_epi64(b_lo, k), ones);
+    // NaN keys exceed the infinity key: one compare keeps the running maximum's job.
+    const __m256i nan = _mm256_cmpgt_epi64(k, _mm256_set1_epi64x(0x7ff0000000000000ll));
+    if (_mm256_movemask_pd(_mm256_castsi256_pd(nan))) kmx = 0xffffffffffffffffull >> 1;
+    const int m_above = _mm256_movemask_pd(_mm256_castsi256_pd(gt_ahi));
+    const int m_h = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_andnot_si256(gt_ahi, ge_bhi)));
+    const int m_mid = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_andnot_si256(ge_bhi, gt_alo)));
+    const int m_l = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_andnot_si256(gt_alo, ge_blo)));
+    above += __builtin_popcount(m_above);
+    mid += __builtin_popcount(m_mid);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ch + nh),
+                        _mm256_permutevar8x32_epi32(k, _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_h]))));
+    nh += __builtin_popcount(m_h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cl + nl),
+                        _mm256_permutevar8x32_epi32(k, _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_l]))));
+    nl += __builtin_popcount(m_l);
+    if (nh > cap_h || nl > cap_l) { out.overflow = true; break; }
+  }
+  out.kmax = kmx;
+  out.above = above;
+  out.mid = mid;
+  out.nh = nh;
+  out.nl = nl;
+  if (!out.overflow) count_chunk_scalar<double, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+}
+
+template <bool EF>
+__attribute__((target("avx2,popcnt"))) void write_f64_avx2(
+    const double* g, double* e, int64_t lo, int64_t hi, const Classifier<uint64_t>& cls,
+    int64_t& o_hi, int64_t& o_lo, int64_t& pos, int64_t out_end, int64_t* idx, double* val) {
+  const Avx2Lut4& lut = avx2_lut4();
+  const __m256i kmask = _mm256_set1_epi64x(0x7fffffffffffffffll);
+  const __m256i vkhi = _mm256_set1_epi64x(static_cast<int64_t>(cls.khi));
+  const __m256i vklo = _mm256_set1_epi64x(static_cast<int64_t>(cls.klo));
+  const __m256i iota = _mm256_setr_epi64x(0, 1, 2, 3);
+  int64_t i = lo;
+  for (; i + 4 <= hi; i += 4) {
+    __m256d v = _mm256_loadu_pd(g + i);
+    if constexpr (EF) v = _mm256_add_pd(v, _mm256_loadu_pd(e + i));
+    const __m256i k = _mm256_and_si256(_mm256_castpd_si256(v), kmask);
+    const int tie_hi = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(k, vkhi)));
+    const int tie_lo = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(k, vklo)));
+    __m256i inv = _mm256_and_si256(_mm256_cmpgt_epi64(k, vklo), _mm256_cmpgt_epi64(vkhi, k));
+    int in = _mm256_movemask_pd(_mm256_castsi256_pd(inv));
+    if (tie_hi | tie_lo) {
+      in |= static_cast<int>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+      inv = lanes_of_bits4(in);
+    }
+    if constexpr (EF) _mm256_storeu_pd(e + i, _mm256_andnot_pd(_mm256_castsi256_pd(inv), v));
+    const int cnt = __builtin_popcount(in);
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[in]));
+    const __m256i cv = _mm256_permutevar8x32_epi32(_mm256_castpd_si256(v), perm);
+    const __m256i ci = _mm256_permutevar8x32_epi32(_mm256_add_epi64(_mm256_set1_epi64x(i), iota), perm);
+    if (pos + 4 <= out_end) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(val + pos), cv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos), ci);
+    } else if (cnt) {
+      alignas(32) int64_t tv[4], ti[4];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tv), cv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ti), ci);
+      for (int j = 0; j < cnt; ++j) {
+        std::memcpy(val + pos + j, tv + j, sizeof(double));
+        idx[pos + j] = ti[j];
+      }
+    }
+    pos += cnt;
+  }
+  write_scalar<double, EF, Sink::kSparse>(g, e, nullptr, i, hi, cls, o_hi, o_lo, pos, out_end,
+                                          idx, val);
+}
+
+// ------------------------------------------------------------------ key sweeps
+// Keys of v = g (+ e) for the direct path of small layers, with their min and max (the NaN
+// check). Vector kernels where the scalar loop is slow: every dtype on AVX-512, the 16-bit
+// formats on AVX2 (their scalar conversions cost ~5 ns an entry with error feedback).
+template <typename T, bool EF>
+__attribute__((target(DGP_AVX512))) void keys_avx512(const T* g, const T* e, int64_t n,
+                                                     typename KeyTraits<T>::K* keys,
+                                                     typename KeyTraits<T>::K& kmin,
+                                                     typename KeyTraits<T>::K& kmax) {
+  using K = typename KeyTraits<T>::K;
+  int64_t i = 0;
+  K mn = kmin, mx = kmax;
+  if constexpr (std::is_same_v<T, double>) {
+    const __m512i kmask = _mm512_set1_epi64(0x7fffffffffffffffll);
+    __m512i vmn = _mm512_set1_epi64(-1), vmx = _mm512_setzero_si512();
+    for (; i + 8 <= n; i += 8) {
+      __m512d v = _mm512_loadu_pd(g + i);
+      if constexpr (EF) v = _mm512_add_pd(v, _mm512_loadu_pd(e + i));
+      const __m512i k = _mm512_and_si512(_mm512_castpd_si512(v), kmask);
+      vmn = _mm512_min_epu64(vmn, k);
+      vmx = _mm512_max_epu64(vmx, k);
+      _mm512_storeu_si512(keys + i, k);
+    }
+    mn = std::min<K>(mn, _mm512_reduce_min_epu64(vmn));
+    mx = std::max<K>(mx, _mm512_reduce_max_epu64(vmx));
+  } else {
+    __m512i vmn = _mm512_set1_epi32(-1), vmx = _mm512_setzero_si512();
+    for (; i + 16 <= n; i += 16) {
+      __m512i k;
+      if constexpr (std::is_same_v<T, float>) {
+        __m512 v = _mm512_loadu_ps(g + i);
+        if constexpr (EF) v = _mm512_add_ps(v, _mm512_loadu_ps(e + i));
+        k = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
+        _mm512_storeu_si512(keys + i, k);
+      } else {
+        k = _mm512_and_si512(load16_avx512<T, EF>(g, e, i), _mm512_set1_epi32(0x7fff));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + i), _mm512_cvtepi32_epi16(k));
+      }
+      vmn = _mm512_min_epu32(vmn, k);
+      vmx = _mm512_max_epu32(vmx, k);
+    }
+    mn = std::min<K>(mn, static_cast<K>(_mm512_reduce_min_epu32(vmn)));
+    mx = std::max<K>(mx, static_cast<K>(_mm512_reduce_max_epu32(vmx)));
+  }
+  for (; i < n; ++i) {
+    const K k = key_of(load_v<T, EF>(g, e, i));
+    mn = std::min(mn, k);
+    mx = std::max(mx, k);
+    keys[i] = k;
+  }
+  kmin = mn;
+  kmax = mx;
+}
+
+template <typename T, bool EF>
+__attribute__((target("avx2,popcnt,f16c,sse4.1"))) void keys_h16_avx2(const T* g, const T* e,
+                                                                      int64_t n, uint16_t* keys,
+                                                                      uint16_t& kmin,
+                                                                      uint16_t& kmax) {
+  int64_t i = 0;
+  uint16_t mn = kmin, mx = kmax;
+  __m256i vmn = _mm256_set1_epi32(0xffff), vmx = _mm256_setzero_si256();
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = _mm256_and_si256(load16_avx2<T, EF>(g, e, i), _mm256_set1_epi32(0x7fff));
+    vmn = _mm256_min_epi32(vmn, k);
+    vmx = _mm256_max_epi32(vmx, k);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(keys + i), narrow16_avx2(k));
+  }
+  alignas(32) int32_t a[8], b[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a), vmn);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(b), vmx);
+  for (int j = 0; j < 8; ++j) {
+    mn = std::min<uint16_t>(mn, static_cast<uint16_t>(a[j]));
+    mx = std::max<uint16_t>(mx, static_cast<uint16_t>(b[j]));
+  }
+  for (; i < n; ++i) {
+    const uint16_t k = key_of(load_v<T, EF>(g, e, i));
+    mn = std::min(mn, k);
+    mx = std::max(mx, k);
+    keys[i] = k;
+  }
+  kmin = mn;
+  kmax = mx;
+}
+
+template <typename T, bool EF>
+inline bool keys_simd(Simd s, const T* g, const T* e, int64_t n, typename KeyTraits<T>::K* keys,
+                      typename KeyTraits<T>::K& kmin, typename KeyTraits<T>::K& kmax) {
+  if (s == Simd::kAvx512) {
+    keys_avx512<T, EF>(g, e, n, keys, kmin, kmax);
+    return true;
+  }
+  if constexpr (Is16<T>::value) {
+    if (s == Simd::kAvx2) {
+      keys_h16_avx2<T, EF>(g, e, n, keys, kmin, kmax);
+      return true;
+    }
+  }
+  return false;
+}
+
+// Run-time dispatch of the counting and write sweeps by dtype and SIMD level. Each returns
+// false when it has no vector kernel for (T, level); the caller then runs the scalar pass.
+template <typename T, bool EF>
+inline bool count_simd(Simd s, const T* g, const T* e, int64_t lo, int64_t hi,
+                       const Bracket<typename KeyTraits<T>::K>& br, typename KeyTraits<T>::K* ch,
+                       int64_t cap_h, typename KeyTraits<T>::K* cl, int64_t cap_l,
+                       ChunkCount<typename KeyTraits<T>::K>& out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (s == Simd::kAvx512) {
+      count_f32_avx512<EF>(g, e, lo, hi, br, ch, cap_h, cl, cap_l, out);
+      return true;
+    }
+    if (s == Simd::kAvx2) {
+      count_f32_avx2<EF>(g, e, lo, hi, br, ch, cap_h, cl, cap_l, out);
+      return true;
+    }
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (s == Simd::kAvx512) {
+      count_f64_avx512<EF>(g, e, lo, hi, br, ch, cap_h, cl, cap_l, out);
+      return true;
+    }
+    if (s == Simd::kAvx2) {
+      count_f64_avx2<EF>(g, e, lo, hi, br, ch, cap_h, cl, cap_l, out);
+      return true;
+    }
+  } else if constexpr (Is16<T>::value) {
+    if (s == Simd::kAvx512) {
+      count_h16_avx512<T, EF>(g, e, lo, hi, br, ch, cap_h, cl, cap_l, out);
+      return true;
+    }
+    if (s == Simd::kAvx2) {
+      count_h16_avx2<T, EF>(g, e, lo, hi, br, ch, cap_h, cl, cap_l, out);
+      return true;
+    }
+  }
+  return false;
+}
+
+template <typename T, bool EF>
+inline bool write_simd(Simd s, const T* g, T* e, int64_t lo, int64_t hi,
+                       const Classifier<typename KeyTraits<T>::K>& cls, int64_t& o_hi,
+                       int64_t& o_lo, int64_t& pos, int64_t out_end, int64_t* idx, T* val) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (s == Simd::kAvx512) {
+      write_f32_avx512<EF>(g, e, lo, hi, cls, o_hi, o_lo, pos, out_end, idx, val);
+      return true;
+    }
+    if (s == Simd::kAvx2) {
+      write_f32_avx2<EF>(g, e, lo, hi, cls, o_hi, o_lo, pos, out_end, idx, val);
+      return true;
+    }
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (s == Simd::kAvx512) {
+      write_f64_avx512<EF>(g, e, lo, hi, cls, o_hi, o_lo, pos, out_end, idx, val);
+      return true;
+    }
+    if (s == Simd::kAvx2) {
+      write_f64_avx2<EF>(g, e, lo, hi, cls, o_hi, o_lo, pos, out_end, idx, val);
+      return true;
+    }
+  } else if constexpr (Is16<T>::value) {
+    if (s == Simd::kAvx512) {
+      write_h16_avx512<T, EF>(g, e, lo, hi, cls, o_hi, o_lo, pos, out_end, idx, val);
+      return true;
+    }
+    if (s == Simd::kAvx2) {
+      write_h16_avx2<T, EF>(g, e, lo, hi, cls, o_hi, o_lo, pos, out_end, idx, val);
+      return true;
+    }
+  }
+  return false;
 }
 
 #endif  // DGP_X86

@@ -50,9 +50,13 @@ def check_residual(g: torch.Tensor, e: object, name: str) -> None:
         )
 
 
+def _check_list(xs: object, name: str) -> None:
+    if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
+
+
 def check_grads(gs: Sequence[torch.Tensor], name: str) -> None:
-    if isinstance(gs, torch.Tensor) or not isinstance(gs, (list, tuple)):
-        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(gs).__name__}")
+    _check_list(gs, name)
     for i, g in enumerate(gs):
         check_grad(g, f"{name}[{i}]")
     if gs:
@@ -68,10 +72,7 @@ def check_grads(gs: Sequence[torch.Tensor], name: str) -> None:
 
 def check_residuals(gs: Sequence[torch.Tensor], residuals: object) -> None:
     """A list of residuals pairing up with ``gs`` (same length; each matches its gradient)."""
-    if isinstance(residuals, torch.Tensor) or not isinstance(residuals, (list, tuple)):
-        raise TypeError(
-            f"residuals must be a list or tuple of tensors, got {type(residuals).__name__}"
-        )
+    _check_list(residuals, "residuals")
     if len(residuals) != len(gs):
         raise ValueError(
             f"residuals has {len(residuals)} tensors but gs has {len(gs)}; "

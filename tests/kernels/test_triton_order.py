@@ -29,7 +29,6 @@ import triton.language as tl  # noqa: E402
 from dgp_kernels.ops import reference  # noqa: E402
 from dgp_kernels.kernels.triton import ops as T  # noqa: E402
 from dgp_kernels.kernels.triton.launch import CallInfo  # noqa: E402
-from dgp_kernels.kernels.triton.tuning import Tuning  # noqa: E402
 
 from .test_triton_select import (  # noqa: E402,F401  (forced_path is a fixture)
     _layers,

@@ -1,4 +1,4 @@
-"""Band-selection ops (issue 2, "Tests"): every ``torch.ops.dgp`` op against the reference.
+"""Band-selection ops: every ``torch.ops.dgp`` op against the reference.
 
 What is checked, and how:
 
@@ -258,8 +258,9 @@ def cpp_mode(simd: Optional[str] = None, sampling: Optional[bool] = None):
 
 def _cpp_modes() -> List[tuple]:
     """(name, kwargs for cpp_mode, dtypes, min_numel) of every forced C++ path that runs code
-    the default path does not: each SIMD level below the best (float32 compaction), and the
-    radix analysis with sampling off (layers of >= 2^17 entries, kSampleMin)."""
+    the default path does not: each SIMD level below the best (the counting and write sweeps
+    of every dtype), and the radix analysis with sampling off (layers of >= 2^15 entries,
+    kSampleMin)."""
     _C = _cpp_module()
     modes = []
     if _C is None:
@@ -267,7 +268,7 @@ def _cpp_modes() -> List[tuple]:
     if hasattr(_C, "set_simd_level") and hasattr(_C, "simd_best"):
         levels = ["scalar", "avx2", "avx512"]
         best = levels.index(_C.simd_best())
-        modes += [(f"cpp-{lvl}", dict(simd=lvl), (torch.float32,), 0) for lvl in levels[:best]]
+        modes += [(f"cpp-{lvl}", dict(simd=lvl), DTYPES, 0) for lvl in levels[:best]]
     if hasattr(_C, "set_sampling"):
         modes.append(("cpp-radix", dict(sampling=False), DTYPES, 1 << 15))  # kSampleMin in csrc/cpu/select_core.h
     return modes
@@ -585,7 +586,7 @@ def test_random_shapes(backend, dtype, top, keep):
 @pytest.mark.parametrize("top,keep", FRACTIONS, ids=FRACTION_IDS)
 @path_inputs("dtype", 4097)
 def test_adversarial(backend, dtype, kind, top, keep):
-    # Up to 4096 entries the C++ kernel uses nth_element on a copy; 4097 takes the radix path.
+    # Sizes around the SIMD vector widths and the direct path's small-n cut-offs.
     for n in (1, 5, 31, 64, 1000, 4097):
         g = make_values(kind, n, dtype, seed=n, top=top, keep=keep)
         # A residual that is zero (v = g + 0 turns -0.0 into +0.0) or of the same kind.
@@ -597,12 +598,13 @@ def test_adversarial(backend, dtype, kind, top, keep):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("top,keep", [(0.05, 0.2), (0.7, 0.3), (0.0, 1.0)], ids=["default", "t0.7-k0.3", "all"])
-@path_inputs("dtype", 20_000)
-def test_adversarial_medium(backend, dtype, kind, top, keep):
-    """Between the direct (<= 4096) and the sampled (>= 2^17) sizes: multi-digit radix."""
-    n = 20_000
-    g = make_values(kind, n, dtype, seed=n, top=top, keep=keep).reshape(100, 200)
-    e = make_values(kind, n, dtype, seed=n + 7, top=top, keep=keep).reshape(100, 200)
+@pytest.mark.parametrize("n", [20_000, 40_000])
+@path_inputs("dtype", "n")
+def test_adversarial_medium(backend, dtype, kind, top, keep, n):
+    """Either side of the direct path's limit (2^15, kDirectMax): the direct path at 20,000;
+    at 40,000 the sampled path with its radix fallback (and, forced, the radix path)."""
+    g = make_values(kind, n, dtype, seed=n, top=top, keep=keep).reshape(100, -1)
+    e = make_values(kind, n, dtype, seed=n + 7, top=top, keep=keep).reshape(100, -1)
     e[torch.isnan(g + e)] = 0.0
     check_all_ops(backend, g, top, keep, residual=e, ops=("select", "select_ef"))
 
@@ -701,21 +703,23 @@ def test_large_unaligned_views(backend):
 def test_inputs_reach_every_cpp_analysis_path():
     """The inputs above are meant to drive each analysis path of the C++ kernel; check that
     they still do (``_C.path_counts``), so a changed heuristic cannot silently leave a path
-    untested. Paths: nth_element on small layers, radix histograms, sampled brackets, and
-    the sampled path's fallback (a bracket that misses its rank, e.g. 90% exact zeros)."""
+    untested. Paths: the direct radix descent on small layers, radix histograms (sampling
+    off), sampled brackets, and the sampled path's fallback (a bracket that misses its
+    rank, e.g. 90% exact zeros)."""
     _C = _cpp_module()
     if _C is None or not hasattr(_C, "path_counts"):
         pytest.skip("needs the C++ kernel with path counters")
     inputs = {
-        "direct": make_values("band_tie", 1000, torch.float32),
-        "radix": make_values("band_tie", 20_000, torch.float32),
+        "direct": make_values("band_tie", 20_000, torch.float32),
+        "radix": make_values("band_tie", 40_000, torch.float32),
         "sampled": make_values("band_tie", 300_000, torch.float32),
         "sampled_fallback": make_values("zeros90", 300_000, torch.float16, seed=300_000),
     }
     _C.path_counts(True)
     try:
         for path, g in inputs.items():
-            torch.ops.dgp.select(g, 0.05, 0.2)
+            with cpp_mode(sampling=path != "radix"):
+                torch.ops.dgp.select(g, 0.05, 0.2)
             counts = _C.path_counts(True)
             assert counts.get(path, 0) >= 1, f"{path} input took {counts}"
         with cpp_mode(sampling=False):
@@ -991,3 +995,50 @@ def test_wrapper_does_not_modify_g():
 def test_ci_uses_the_cpp_kernel():
     info = dgp_kernels.backend_info()
     assert info.cpu == "cpp", f"CPU ops are served by {info.cpu!r}: {info.reason}"
+
+
+_FORK_CASE: dict = {}
+
+
+def _fork_child(q):
+    # Inputs and expected outputs were made in the parent (before the fork); the child runs
+    # only the op, at 2 threads, on its own fresh pool.
+    c = _FORK_CASE
+    torch.set_num_threads(2)
+    got = torch.ops.dgp.select_ef(c["g"], c["e"], 0.05, 0.2)
+    q.put(bool(torch.equal(got[0], c["idx"]) and torch.equal(bits(got[1]), bits(c["val"]))
+               and torch.equal(bits(c["e"]), bits(c["e_ref"]))))
+
+
+def test_thread_pool_after_fork():
+    """The C++ kernel's thread pool, used at 2 threads in the parent, works in a forked child
+    (which gets a fresh pool: the parent's worker threads do not exist there)."""
+    import multiprocessing as mp
+
+    if _cpp_module() is None or "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs the C++ kernel and fork()")
+    g = make_values("band_tie", 600_000, torch.float32, seed=11)
+    e = make_values("randn", 600_000, torch.float32, seed=12)
+    e_ref = e.clone()
+    idx, val = ref.select_ef(g, e_ref, 0.05, 0.2)
+    _FORK_CASE.update(g=g, e=e, e_ref=e_ref, idx=idx, val=val)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.ops.dgp.select(g, 0.05, 0.2)  # starts the parent's pool workers
+    finally:
+        torch.set_num_threads(prev)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_fork_child, args=(q,))
+    p.start()
+    try:
+        ok = q.get(timeout=120)
+    except Exception:
+        ok = None
+    p.join(10)
+    if p.is_alive():
+        p.kill()
+    _FORK_CASE.clear()
+    assert ok is not None, "the forked child gave no result in 120 s (thread pool deadlock?)"
+    assert ok, "the forked child's result differs from the reference"

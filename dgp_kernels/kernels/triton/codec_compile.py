@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def _variants():
@@ -60,28 +59,15 @@ def main(argv=None) -> int:
         print("codec_compile: the kernels were defined for Triton's interpreter (TRITON_INTERPRET=1), "
               "which compiles nothing: run without it")
         return 2
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from .compile_check import compile_all
 
-    target = GPUTarget("cuda", args.arch, 32)
-    failures = 0
+    chosen = []
     for fn, sig, consts, label in variants:
-        t0 = time.perf_counter()
-        src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
-                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        try:
-            opts = {"num_warps": 4}
-            if fn.__name__ == "_accumulate_kernel":
-                opts["enable_fp_fusion"] = False  # as launched: no FMA in out + w * v
-            k = triton.compile(src, target=target, options=opts)
-            print(f"ok   sm_{args.arch} {label:<40} shared {k.metadata.shared:>5} B "
-                  f"{time.perf_counter() - t0:.1f}s")
-        except Exception as exc:  # report every failing kernel, not only the first
-            failures += 1
-            print(f"FAIL sm_{args.arch} {label}: {type(exc).__name__}: {exc}")
-    print(f"{failures} failures")
-    return 1 if failures else 0
+        options = {"num_warps": 4}
+        if fn.__name__ == "_accumulate_kernel":
+            options["enable_fp_fusion"] = False  # as launched: no FMA in out + w * v
+        chosen.append((fn, sig, consts, options, label))
+    return 1 if compile_all(chosen, args.arch) else 0
 
 
 if __name__ == "__main__":

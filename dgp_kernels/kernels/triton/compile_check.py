@@ -100,6 +100,35 @@ def _resources(cubin: bytes, triton) -> str:
     return f"regs={m.group(1)} stack={m.group(2)} local={m.group(3)} sass={n_ins}"
 
 
+def compile_all(variants, arch: int, resources: bool = False) -> int:
+    """Compile ``(kernel, signature, constexprs, options, label)`` variants for sm_``arch``;
+    print one line per variant and return the number of failures (every failing variant
+    is reported, not just the first)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    failures = 0
+    for fn, sig, consts, options, label in variants:
+        t0 = time.perf_counter()
+        src = ASTSource(
+            fn=fn,
+            signature={**sig, **{k: "constexpr" for k in consts}},
+            constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+        )
+        try:
+            k = triton.compile(src, target=target, options=options)
+            extra = f" {_resources(k.asm['cubin'], triton)}" if resources else ""
+            print(f"ok   sm_{arch} {label:<60} shared={k.metadata.shared:>6} B "
+                  f"{time.perf_counter() - t0:.1f}s{extra}")
+        except Exception as exc:
+            failures += 1
+            print(f"FAIL sm_{arch} {label}: {type(exc).__name__}: {exc}")
+    print(f"{failures} failures")
+    return failures
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90)")
@@ -113,9 +142,6 @@ def main(argv=None) -> int:
         print("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
         return 2
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from .tuning import DEFAULT
 
@@ -129,27 +155,10 @@ def main(argv=None) -> int:
             return 2
         changes[name] = type(getattr(DEFAULT, name))(value)
     tuning = DEFAULT.replace(**changes)
-    target = GPUTarget("cuda", args.arch, 32)
-    failures = 0
-    for fn, sig, consts, warps, label in variants(tuning, torch):
-        if args.match not in label:
-            continue
-        t0 = time.perf_counter()
-        src = ASTSource(
-            fn=fn,
-            signature={**sig, **{k: "constexpr" for k in consts}},
-            constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-        )
-        try:
-            k = triton.compile(src, target=target, options={"num_warps": warps})
-            extra = f" {_resources(k.asm['cubin'], triton)}" if args.resources else ""
-            print(f"ok   sm_{args.arch} {label:<60} shared={k.metadata.shared:>6} B "
-                  f"{time.perf_counter() - t0:.1f}s{extra}")
-        except Exception as exc:  # report every failing variant, not just the first
-            failures += 1
-            print(f"FAIL sm_{args.arch} {label}: {type(exc).__name__}: {exc}")
-    print(f"{failures} failures")
-    return 1 if failures else 0
+    chosen = [(fn, sig, consts, {"num_warps": warps}, label)
+              for fn, sig, consts, warps, label in variants(tuning, torch)
+              if args.match in label]
+    return 1 if compile_all(chosen, args.arch, args.resources) else 0
 
 
 if __name__ == "__main__":

@@ -106,7 +106,6 @@ def compact_kernel(
     appended to the layer's second slot (``keys2`` from ``off2[seg]``, at most
     ``cap2[seg]``; one relaxed atomic per tile reserves a range); the layer's last program
     runs :func:`tail_refine`."""
-    NB2 = 2 * S
     seg, start, end, lo_h, hk_h, rem_h, lo_l, hk_l, rem_l = _chunk(
         chk_seg, chk_start, src_n, bnd, S, CHUNK_, KIND != 1)
     src = keys + tl.load(src_off + seg)
