@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g = parser.add_argument_group("grid")
     g.add_argument("--defenses", nargs="+", metavar="SPEC", default=None,
-                   help="defense specs, see below (default: none, DGP at three (top, keep) "
-                        "points incl. the defaults, top-k 20%%, DP at three noise levels, qsgd; "
+                   help="defense specs, see below (default: none, DGP at two (top, keep) "
+                        "points incl. the defaults, top-k 20%%, DP at two noise levels, qsgd; "
                         "--quick: none, dgp, topk:keep=0.2, dp:sigma=0.01)")
     g.add_argument("--attacks", nargs="+", metavar="NAME", default=None,
                    help="attack names or 'all' (default: every attack that differs on the "
