@@ -40,6 +40,7 @@ __all__ = [
     "infer_labels_idlg",
     "compute_gradients",
     "check_shared_grads",
+    "check_setting",
     "last_linear_index",
 ]
 
@@ -129,6 +130,11 @@ class Reconstruction:
         label_source: ``"known"``, ``"inferred"`` or ``"optimised"``.
         losses: the attack objective per logged step (empty for analytic attacks).
         seconds: wall time of the attack.
+        objective: the attack objective at the returned images (optimisation attacks return
+            the lowest-objective iterate they visited); NaN for analytic attacks.
+        setting: the hyper-parameters behind this reconstruction when it is one point of a
+            tuning grid (:meth:`Attack.run_grid`), e.g. ``{"tv_weight": 0.2, "lr": 0.1,
+            "restart": 0}``; empty otherwise.
     """
 
     images: Tensor
@@ -136,6 +142,8 @@ class Reconstruction:
     label_source: str
     losses: List[float] = field(default_factory=list)
     seconds: float = 0.0
+    objective: float = float("nan")
+    setting: Dict[str, object] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------
@@ -156,6 +164,53 @@ class Attack(ABC):
         self, shared_grads: List[Tensor], threat: ThreatModel, *, seed: int = 0, progress: bool = False
     ) -> Reconstruction:
         """Rebuild the client's batch from ``shared_grads`` (see the module docstring)."""
+
+    #: Constructor arguments a tuning grid may vary (besides ``restart``, the init index).
+    tunable: ClassVar[Tuple[str, ...]] = ()
+
+    def run_grid(
+        self,
+        shared_grads: List[Tensor],
+        threat: ThreatModel,
+        settings: Sequence[Dict[str, object]],
+        *,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> List[Reconstruction]:
+        """Run the attack once per setting of a tuning grid and return one
+        :class:`Reconstruction` per setting (its ``setting`` filled in, its ``seconds`` the
+        wall time of the whole grid), in order.
+
+        A setting maps constructor arguments in :attr:`tunable` to values and may hold
+        ``restart`` (int >= 0): settings with the same ``restart`` start from the same random
+        initialisation (drawn from ``seed``), so the grid compares hyper-parameters on paired
+        starts. This default runs the settings one after the other; attacks that can run
+        them together (Inverting Gradients: one vectorised optimisation) override it.
+        """
+        import time
+
+        start = time.perf_counter()
+        out: List[Reconstruction] = []
+        for s in settings:
+            params = check_setting(s, self.tunable, type(self).__name__)
+            restart = int(s.get("restart", 0))
+            attack = self.with_params(**params)
+            rec = attack(shared_grads, threat, seed=seed * 1_000 + restart, progress=progress)
+            rec.setting = dict(s)
+            out.append(rec)
+        for rec in out:
+            rec.seconds = time.perf_counter() - start  # the wall time of the whole grid
+        return out
+
+    def with_params(self, **params) -> "Attack":
+        """A copy of this attack with some constructor arguments replaced (checked again).
+        Constructor arguments are read back from the attributes of the same name."""
+        import inspect
+
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        kw = {n: getattr(self, n) for n in names if hasattr(self, n)}
+        kw.update(params)
+        return type(self)(**kw)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
@@ -209,6 +264,24 @@ def get_attack(name: str, **params) -> Attack:
 # --------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------
+def check_setting(setting: object, tunable: Sequence[str], owner: str) -> Dict[str, object]:
+    """Check one tuning-grid setting: a dict of ``tunable`` constructor arguments plus an
+    optional ``restart`` int >= 0. Returns the constructor arguments (without ``restart``);
+    ``TypeError``/``ValueError`` naming the key otherwise."""
+    if not isinstance(setting, dict):
+        raise TypeError(f"a tuning setting must be a dict, got {type(setting).__name__}")
+    out: Dict[str, object] = {}
+    for k, v in setting.items():
+        if k == "restart":
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"setting restart must be an int >= 0, got {v!r}")
+            continue
+        if k not in tunable:
+            raise ValueError(f"{owner} cannot tune {k!r}; tunable: {', '.join(tunable) or '(none)'}, restart")
+        out[k] = v
+    return out
+
+
 def compute_gradients(
     model: nn.Module, images: Tensor, labels: Tensor, loss_fn: Callable = torch.nn.functional.cross_entropy
 ) -> List[Tensor]:

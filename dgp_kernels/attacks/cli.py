@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g = parser.add_argument_group("grid")
     g.add_argument("--defenses", nargs="+", metavar="SPEC", default=None,
-                   help="defense specs, see below (default: none, DGP at three (top, keep) "
-                        "points incl. the defaults, top-k 20%%, DP at three noise levels, qsgd; "
+                   help="defense specs, see below (default: none, DGP at two (top, keep) "
+                        "points incl. the defaults, top-k 20%%, DP at two noise levels, qsgd; "
                         "--quick: none, dgp, topk:keep=0.2, dp:sigma=0.01)")
     g.add_argument("--attacks", nargs="+", metavar="NAME", default=None,
                    help="attack names or 'all' (default: every attack that differs on the "
@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "standard archives' contents); not needed for photos and digits "
                         "(default: none)")
     g.add_argument("--images", type=int, default=None, metavar="N",
-                   help="number of target images (default 1: the astronaut photo; more photos follow "
-                        "in a fixed order, see dgp_kernels/attacks/data.py)")
+                   help="number of target images (default 4: astronaut, chelsea, coffee, rocket; "
+                        "--quick: 1)")
     g.add_argument("--image-size", type=int, default=None, metavar="PX",
                    help="side of the (square) target images (default: 32 for photos, the "
                         "dataset's own size otherwise)")
@@ -72,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b = parser.add_argument_group("budget")
     preset = b.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true",
-                        help="smoke run: a quarter of the default iterations, four defenses, "
-                             "30 simulator rounds")
+                        help="smoke run: a quarter of the default iterations, one image, four "
+                             "defenses, the reduced tuning grid, 30 simulator rounds")
     preset.add_argument("--full", action="store_true",
                         help="the literature's iteration counts (Inverting Gradients 24,000 "
                              "steps, DLG 300 L-BFGS steps): hours on a CPU, use --device cuda")
@@ -88,6 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--threads", type=int, default=1,
                    help="torch threads while attacking (default 1: the attacked models are tiny "
                         "and more threads only wait on each other)")
+    b.add_argument("--workers", type=int, default=0, metavar="P",
+                   help="processes attacking images in parallel (default 0: one per CPU core, "
+                        "at most one per image)")
+    b.add_argument("--no-tuning", action="store_true",
+                   help="run every attack once with its budget instead of its tuning grid")
+    b.add_argument("--suite", action="store_true",
+                   help="after the main run, also run batches of 4 and 8 photos, resnet18_cifar, "
+                        "FedAvg updates (5 local steps) and unknown labels on the primary "
+                        "defenses; writes suite.md (hours on a CPU)")
 
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="DIR",
@@ -134,6 +143,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             utility=not args.no_utility,
             utility_rounds=args.utility_rounds,
             threads=args.threads,
+            workers=args.workers,
+            tuning=not args.no_tuning,
         )
         out = prepare_out_dir(args.out or default_out_dir("evaluate"), "--out")
     except (ValueError, TypeError, FileNotFoundError) as exc:
@@ -149,6 +160,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     paths = write_report(result, out, progress=progress)
     print(format_summary(result))
+    if args.suite:
+        from .report import write_suite_report
+        from .runner import run_suite, suite_configs
+
+        suite = run_suite(suite_configs(cfg), progress=progress)
+        print(f"suite: {write_suite_report(suite, out)}")
     print(f"\nreport: {paths.report}")
     print(f"results: {paths.json}  {paths.csv}")
     for p in paths.images:

@@ -1,23 +1,36 @@
 """Deep Leakage from Gradients (DLG, Zhu et al. 2019) and iDLG (Zhao et al. 2020).
 
-DLG: dummy images (random normal) and, when labels are unknown, dummy label logits (random
-normal, turned into soft labels by a softmax) are optimised jointly with L-BFGS (lr 1) to
-minimise the euclidean distance ``sum_i ||grad_i(dummy) - shared_i||^2`` over all layers.
-Pixels are not boxed during the optimisation (as in DLG); the result is clipped to [0, 1].
-Jointly optimised labels use DLG's soft cross-entropy (:func:`~.matching.soft_cross_entropy`),
-so they assume the client's loss is cross-entropy; known or inferred labels use
-``threat.loss_fn``. torch's L-BFGS without a line search (DLG's setting) can diverge from
-an unlucky start; the last finite state is kept, and ``line_search="strong_wolfe"`` or
-``restarts`` make the attack more robust (the tests use the line search).
+DLG: dummy images and, when labels are unknown, dummy label logits (random normal, turned
+into soft labels by a softmax) are optimised jointly with L-BFGS (lr 1) to minimise the
+euclidean distance ``sum_i ||grad_i(dummy) - shared_i||^2`` over all layers. Jointly
+optimised labels use DLG's soft cross-entropy (:func:`~.matching.soft_cross_entropy`), so
+they assume the client's loss is cross-entropy; known or inferred labels use
+``threat.loss_fn``.
 
 iDLG: the label is first read off the last layer's weight gradient
 (:func:`~dgp_kernels.attacks.base.infer_labels_idlg`), then DLG runs with that fixed label.
 
 ``dlg-adaptive``: the distance only counts the coordinates that were actually sent
-(``threat.sent_mask``, else the non-zero ones), so pruned zeros do not mislead it.
+(``threat.sent_mask``, else the non-zero ones), so pruned zeros do not mislead it. It is
+boxed by default: it starts from uniform noise inside [0, 1], every objective evaluation
+sees the pixels clipped to [0, 1] and the pixels are projected back into [0, 1] after every
+L-BFGS step, with a strong-Wolfe line search (unboxed, most pixels of a sparse-gradient
+reconstruction end outside [0, 1] and are clipped away at the end).
 
 One L-BFGS *iteration* is one ``optimizer.step(closure)`` of up to ``max_iter`` function
 evaluations (torch's default 20, as in DLG's code, which ran 300 of them).
+
+What differs from the papers:
+
+* The returned images are the **lowest-objective point the optimiser evaluated** (every
+  closure call of every L-BFGS step is a candidate), not the last iterate: torch's L-BFGS
+  without a line search can jump to a worse point or diverge to NaN after reaching a good
+  one. ``Reconstruction.objective`` is the distance at the returned point.
+* ``restarts`` (independent initialisations, the lowest objective wins), ``boxed``,
+  ``init`` and ``line_search`` are options the DLG paper does not have; with the defaults of
+  ``dlg``/``idlg`` (``restarts=1``, unboxed, normal init, no line search) the optimisation
+  is DLG's. The result is clipped to [0, 1] for scoring, as DLG's figures show it.
+* ``tolerance`` stops a restart early once the distance falls below it (0 = never).
 """
 
 from __future__ import annotations
@@ -43,6 +56,8 @@ from .matching import (
 
 __all__ = ["DLG", "IDLG", "AdaptiveDLG"]
 
+_INITS = ("randn", "uniform")
+
 
 @register_attack("dlg")
 class DLG(Attack):
@@ -53,12 +68,17 @@ class DLG(Attack):
         lr: L-BFGS learning rate (DLG: 1).
         max_iter: evaluations per L-BFGS step (torch default 20).
         history_size: L-BFGS memory.
-        line_search: ``None`` (DLG) or ``"strong_wolfe"``.
-        restarts: independent random initialisations; the one with the lowest final
-            gradient distance is returned.
+        line_search: ``None`` (DLG) or ``"strong_wolfe"``; ``dlg-adaptive`` defaults to the
+            line search.
+        restarts: independent random initialisations; the one with the lowest objective is
+            returned.
         labels: ``"auto"`` (known labels when the threat model has them, else optimised
             jointly), ``"optimise"`` (always optimised jointly) or ``"infer"`` (iDLG rule).
         adaptive: match only the coordinates that were sent.
+        boxed: evaluate the objective on pixels clipped to [0, 1] and project the pixels
+            back into [0, 1] after every step (default: on for ``dlg-adaptive`` only).
+        init: ``"randn"`` (standard normal, DLG) or ``"uniform"`` (uniform in [0, 1]; the
+            default of ``dlg-adaptive``).
         tolerance: stop a restart once the distance falls below this (0 = never).
         log_every: record the objective every this many steps in ``Reconstruction.losses``.
     """
@@ -66,6 +86,10 @@ class DLG(Attack):
     label_policies = ("auto", "optimise", "infer")
     default_labels = "auto"
     default_adaptive = False
+    default_boxed = False
+    default_init = "randn"
+    default_line_search: Optional[str] = None
+    tunable = ("lr", "line_search", "max_iter", "iterations", "init", "boxed")
 
     def __init__(
         self,
@@ -73,10 +97,12 @@ class DLG(Attack):
         lr: float = 1.0,
         max_iter: int = 20,
         history_size: int = 100,
-        line_search: Optional[str] = None,
+        line_search: Optional[str] = "default",
         restarts: int = 1,
         labels: Optional[str] = None,
         adaptive: Optional[bool] = None,
+        boxed: Optional[bool] = None,
+        init: Optional[str] = None,
         tolerance: float = 0.0,
         log_every: int = 1,
     ) -> None:
@@ -84,15 +110,21 @@ class DLG(Attack):
         self.lr = check_number(lr, "lr", positive=True)
         self.max_iter = check_count(max_iter, "max_iter")
         self.history_size = check_count(history_size, "history_size")
+        if line_search == "default":
+            line_search = self.default_line_search
         if line_search not in (None, "strong_wolfe"):
             raise ValueError(f"line_search must be None or 'strong_wolfe', got {line_search!r}")
         self.line_search = line_search
         self.restarts = check_count(restarts, "restarts")
         self.labels = check_choice(self.default_labels if labels is None else labels, "labels", self.label_policies)
         adaptive = self.default_adaptive if adaptive is None else adaptive
-        if not isinstance(adaptive, bool):
-            raise TypeError(f"adaptive must be a bool, got {type(adaptive).__name__}")
+        boxed = self.default_boxed if boxed is None else boxed
+        for name, value in (("adaptive", adaptive), ("boxed", boxed)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         self.adaptive = adaptive
+        self.boxed = boxed
+        self.init = check_choice(self.default_init if init is None else init, "init", _INITS)
         self.tolerance = check_number(tolerance, "tolerance")
         self.log_every = check_count(log_every, "log_every")
 
@@ -108,10 +140,14 @@ class DLG(Attack):
         params = list(model.parameters())
         shape = (threat.batch_size, *threat.image_shape)
         gen = torch.Generator(device=device).manual_seed(int(seed))
-        best = None  # (distance, images, label logits, losses)
+        best = None  # (objective, images, label logits, losses)
         bar = Progress(self.iterations * self.restarts, progress, self.name)
         for _ in range(self.restarts):
-            x = torch.randn(shape, generator=gen, device=device).requires_grad_(True)
+            if self.init == "uniform":
+                x = torch.rand(shape, generator=gen, device=device)
+            else:
+                x = torch.randn(shape, generator=gen, device=device)
+            x.requires_grad_(True)
             opt_params = [x]
             logits = None
             if labels is None:
@@ -125,45 +161,47 @@ class DLG(Attack):
                 history_size=self.history_size,
                 line_search_fn=self.line_search,
             )
+            # the lowest objective seen at any evaluation, and the point it was seen at
+            run_best = {"value": float("inf"), "x": x.detach().clone(),
+                        "logits": None if logits is None else logits.detach().clone()}
 
             def closure() -> Tensor:
+                xi = x.clamp(0, 1) if self.boxed else x
                 if logits is None:
-                    dummy = dummy_gradients(model, params, x, labels, threat.loss_fn)
+                    dummy = dummy_gradients(model, params, xi, labels, threat.loss_fn)
                 else:
-                    dummy = dummy_gradients(model, params, x, logits, soft_cross_entropy)
+                    dummy = dummy_gradients(model, params, xi, logits, soft_cross_entropy)
                 obj = objective(dummy)
                 grads = torch.autograd.grad(obj, opt_params)
                 for p, g in zip(opt_params, grads):
                     p.grad = g
+                value = float(obj.detach())
+                if value == value and value < run_best["value"] and bool(torch.isfinite(x).all()):
+                    run_best["value"] = value
+                    run_best["x"] = xi.detach().clone()
+                    run_best["logits"] = None if logits is None else logits.detach().clone()
                 return obj.detach()
 
             losses: List[float] = []
-            last_good = (float("inf"), x.detach().clone(), None if logits is None else logits.detach().clone())
             for it in range(self.iterations):
                 value = float(opt.step(closure))
+                if self.boxed:
+                    with torch.no_grad():
+                        x.clamp_(0, 1)
                 bar.update(value)
                 if it % self.log_every == 0 or it == self.iterations - 1:
                     losses.append(value)
                 if not (value == value and value < float("inf")) or not bool(torch.isfinite(x).all()):
-                    break  # L-BFGS diverged: keep the last finite state
-                last_good = (value, x.detach().clone(), None if logits is None else logits.detach().clone())
-                if value <= self.tolerance:
+                    break  # L-BFGS diverged: the best point seen so far is kept
+                if run_best["value"] <= self.tolerance:
                     break
-            # the distance at the state we keep (opt.step returns the value *before* its step)
-            with torch.enable_grad():
-                xs = last_good[1].requires_grad_(True)
-                if last_good[2] is None:
-                    dummy = dummy_gradients(model, params, xs, labels, threat.loss_fn)
-                else:
-                    dummy = dummy_gradients(model, params, xs, last_good[2], soft_cross_entropy)
-                final = float(objective(dummy).detach())
-            if final != final:
-                final = float("inf")
-            if best is None or final < best[0]:
-                best = (final, last_good[1], last_good[2], losses)
+            else:
+                closure()  # the point of the last step is a candidate too
+            if best is None or run_best["value"] < best[0]:
+                best = (run_best["value"], run_best["x"], run_best["logits"], losses)
         bar.close()
         assert best is not None
-        _, images, best_logits, losses = best
+        value, images, best_logits, losses = best
         if labels is None:
             labels = best_logits.argmax(dim=1)
         return Reconstruction(
@@ -172,6 +210,7 @@ class DLG(Attack):
             label_source=source,
             losses=losses,
             seconds=time.perf_counter() - start,
+            objective=value,
         )
 
 
@@ -185,6 +224,10 @@ class IDLG(DLG):
 
 @register_attack("dlg-adaptive")
 class AdaptiveDLG(DLG):
-    """DLG whose euclidean distance counts only the coordinates that were sent."""
+    """DLG whose euclidean distance counts only the coordinates that were sent; boxed to
+    [0, 1], started from uniform noise, strong-Wolfe line search (module docstring)."""
 
     default_adaptive = True
+    default_boxed = True
+    default_init = "uniform"
+    default_line_search = "strong_wolfe"

@@ -11,7 +11,8 @@ that this *dummy gradient* matches the *shared gradient*. This module holds:
   With a mask only the sent coordinates enter (the adaptive attacker). Optionally a DGP band
   penalty on the unsent coordinates (the DGP-aware attacker; see :meth:`band_penalty`).
 * :func:`dummy_gradients` — the differentiable dummy gradient.
-* :func:`total_variation` — the anisotropic TV prior of Inverting Gradients.
+* :func:`total_variation` — the anisotropic TV prior of Inverting Gradients (this package's
+  form and breaching's exact form).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "GradientObjective",
     "dummy_gradients",
     "total_variation",
+    "TV_KINDS",
     "soft_cross_entropy",
     "resolve_masks",
     "resolve_labels",
@@ -59,15 +61,42 @@ def dummy_gradients(
     return out
 
 
-def total_variation(x: Tensor) -> Tensor:
-    """Anisotropic total variation of ``x [B, C, H, W]``: ``mean|dx| + mean|dy|`` (the prior
-    of Inverting Gradients, Geiping et al. 2020)."""
-    tv = x.new_zeros(())
-    if x.shape[-1] > 1:
-        tv = tv + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-    if x.shape[-2] > 1:
-        tv = tv + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
-    return tv
+TV_KINDS = ("mean", "breaching")
+
+
+def total_variation(x: Tensor, kind: str = "mean") -> Tensor:
+    """Anisotropic total variation of ``x [..., C, H, W]`` (the image prior of Inverting
+    Gradients, Geiping et al. 2020), in one of two forms:
+
+    * ``"mean"`` (this package's default): ``mean|dx| + mean|dy|``, each mean over the
+      differences that exist inside the image (``H x (W-1)`` horizontal and ``(H-1) x W``
+      vertical ones per channel); the border is not penalised.
+    * ``"breaching"``: exactly breaching's ``TotalVariation`` regulariser (scale 1, inner and
+      outer exponent 1, ``eps = 1e-8``, no colour term): the differences come from a 3x3
+      convolution with zero padding, so the last column's horizontal difference is
+      ``0 - x[..., W-1]`` and the last row's vertical one ``0 - x[H-1, ...]`` (the border is
+      penalised against black), and the result is
+      ``mean over every pixel of (|dx| + eps) + (|dy| + eps)``: one mean over
+      ``B x C x H x W`` of the per-pixel sum, where ``"mean"`` adds two separate means.
+
+    For a smooth image the two differ mostly by the border term; for ``H = W = 32`` the
+    interior part of ``"breaching"`` is about ``31/32`` of ``"mean"``.
+    """
+    if kind == "mean":
+        tv = x.new_zeros(())
+        if x.shape[-1] > 1:
+            tv = tv + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+        if x.shape[-2] > 1:
+            tv = tv + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+        return tv
+    if kind == "breaching":
+        eps = 1e-8
+        pad_w = torch.nn.functional.pad(x, (0, 1))  # zero column on the right
+        pad_h = torch.nn.functional.pad(x, (0, 0, 0, 1))  # zero row at the bottom
+        dx = pad_w[..., :, 1:] - x
+        dy = pad_h[..., 1:, :] - x
+        return ((dx.abs() + eps) + (dy.abs() + eps)).mean()
+    raise ValueError(f"tv must be one of {list(TV_KINDS)}, got {kind!r}")
 
 
 class GradientObjective:

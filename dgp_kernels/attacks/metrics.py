@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["mse", "psnr", "ssim", "floor_psnr", "label_accuracy", "match_order", "lpips_distance"]
+__all__ = ["mse", "psnr", "ssim", "floor_psnr", "gray_floor_psnr", "label_accuracy", "match_order", "lpips_distance"]
 
 
 def _check_pair(x: Tensor, y: Tensor) -> None:
@@ -101,6 +101,15 @@ def floor_psnr(target: Tensor, data_range: float = 1.0) -> Tensor:
     _check_pair(target, target)
     flat = target.double().mean(dim=(2, 3), keepdim=True).expand_as(target)
     return psnr(flat, target, data_range)
+
+
+def gray_floor_psnr(target: Tensor, data_range: float = 1.0) -> Tensor:
+    """PSNR of a flat mid-gray image (every pixel ``data_range / 2``) against each target:
+    float64 ``[B]``. What an attacker that knows nothing about the image scores; lower than
+    :func:`floor_psnr` for most photos (the mean colour is information)."""
+    _check_pair(target, target)
+    gray = torch.full_like(target, 0.5 * data_range, dtype=torch.float64)
+    return psnr(gray, target, data_range)
 
 
 def label_accuracy(pred: Tensor, true: Tensor, *, ordered: bool = True) -> float:

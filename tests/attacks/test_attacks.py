@@ -4,6 +4,8 @@ coordinates, the DGP band penalty, and exact Robbing-the-Fed recovery."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -320,3 +322,207 @@ def test_attack_runs_on_cuda(tiny_lenet):
     rec = get_attack("ig", iterations=50, tv_weight=1e-4)(grads, ThreatModel(model, SHAPE, 4, labels=y))
     assert rec.images.is_cuda
     assert _leak(rec.images, x) > 3
+
+
+# --------------------------------------------------------------------------------------
+# Lowest-objective iterate, boxed adaptive DLG, TV forms
+# --------------------------------------------------------------------------------------
+def _objective_at(attack_name, images, grads, threat, **kw):
+    from dgp_kernels.attacks.matching import GradientObjective, dummy_gradients, resolve_masks, total_variation
+
+    adaptive = attack_name.endswith("adaptive")
+    kind = "euclidean" if attack_name.startswith("dlg") else "cosine"
+    obj = GradientObjective(grads, kind, resolve_masks(grads, threat.sent_mask, adaptive))
+    params = list(threat.model.parameters())
+    with torch.enable_grad():
+        x = images.detach().clone().requires_grad_(True)
+        val = obj(dummy_gradients(threat.model, params, x, threat.labels, threat.loss_fn))
+        if kw.get("tv_weight"):
+            val = val + kw["tv_weight"] * total_variation(x, kw.get("tv", "mean"))
+    return float(val)
+
+
+def test_dlg_returns_the_lowest_objective_point_not_the_last(tiny_lenet, monkeypatch):
+    """L-BFGS without a line search at lr 5 is not monotone: the last evaluated point is
+    worse than the best one. The attack must return the best one (and report its value)."""
+    from dgp_kernels.attacks import dlg as dlg_mod
+
+    x, y, grads = _case(tiny_lenet)
+    seen = []
+    real = dlg_mod.GradientObjective.__call__
+
+    def spy(self, dummy):
+        out = real(self, dummy)
+        seen.append(float(out.detach()))
+        return out
+
+    monkeypatch.setattr(dlg_mod.GradientObjective, "__call__", spy)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    rec = get_attack("dlg", iterations=6, lr=5.0, max_iter=5, boxed=True, init="uniform")(grads, threat)
+    monkeypatch.undo()
+    assert min(seen) < seen[-1]  # precondition: the last point is not the best
+    assert rec.objective == pytest.approx(min(seen), rel=1e-6)
+    assert _objective_at("dlg", rec.images, grads, threat) == pytest.approx(min(seen), rel=1e-4)
+
+
+def test_ig_returns_the_lowest_objective_iterate_not_the_last(tiny_lenet):
+    """Signed Adam at lr 3 bounces pixels between the box edges, so the last iterate is
+    worse than an earlier one; the attack returns the best iterate (objective recomputed
+    there)."""
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    kw = dict(iterations=8, lr=3.0, tv_weight=0.2, log_every=1)
+    rec = get_attack("ig", **kw)(grads, threat)
+    assert len(rec.losses) == 8
+    assert min(rec.losses[1:]) < rec.losses[-1]  # precondition: not monotone
+    got = _objective_at("ig", rec.images, grads, threat, tv_weight=0.2)
+    assert got == pytest.approx(rec.objective, rel=1e-4)
+    assert got <= min(rec.losses) * (1 + 1e-5)
+    # and through the grid entry point: one reconstruction per setting, settings recorded
+    recs = get_attack("ig", **kw).run_grid(grads, threat, [{"lr": 3.0}, {"lr": 0.1, "restart": 1}])
+    assert [r.setting for r in recs] == [{"lr": 3.0}, {"lr": 0.1, "restart": 1}]
+    assert recs[0].objective == pytest.approx(rec.objective, rel=1e-5)
+
+
+def test_dlg_adaptive_is_boxed_and_starts_inside_the_box(tiny_lenet, monkeypatch):
+    """Every image the boxed adaptive DLG evaluates lies in [0, 1] (the unboxed attacker
+    starts from normal noise and wanders outside), it uses the strong-Wolfe line search and
+    the returned images are the evaluated point (no clipping changes them afterwards)."""
+    from dgp_kernels.attacks import dlg as dlg_mod
+
+    x, y, grads = _case(tiny_lenet)
+    mask = _random_mask(grads, 0.3, 2)
+    sent = [torch.where(m, g, torch.zeros_like(g)) for g, m in zip(grads, mask)]
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y, sent_mask=mask)
+    evaluated = []
+    real = dlg_mod.dummy_gradients
+
+    def spy(model, params, images, target, loss_fn):
+        evaluated.append(images.detach().clone())
+        return real(model, params, images, target, loss_fn)
+
+    monkeypatch.setattr(dlg_mod, "dummy_gradients", spy)
+    attack = get_attack("dlg-adaptive", iterations=4, max_iter=5)
+    assert attack.boxed and attack.line_search == "strong_wolfe" and attack.init == "uniform"
+    rec = attack(sent, threat)
+    assert len(evaluated) > 4
+    assert all(float(e.min()) >= 0 and float(e.max()) <= 1 for e in evaluated)
+    monkeypatch.undo()
+    assert _objective_at("dlg-adaptive", rec.images, sent, threat) == pytest.approx(rec.objective, rel=1e-4)
+    # the plain attacker stays unboxed (DLG's setting)
+    plain = get_attack("dlg")
+    assert not plain.boxed and plain.line_search is None and plain.init == "randn"
+
+
+def test_total_variation_forms_hand_computed():
+    from dgp_kernels.attacks.matching import total_variation
+
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]], dtype=torch.float64)
+    # mean form: horizontal |1-0|, |4-2| -> 1.5; vertical |2-0|, |4-1| -> 2.5
+    assert float(total_variation(x)) == pytest.approx(4.0, abs=1e-12)
+    assert float(total_variation(x, "mean")) == pytest.approx(4.0, abs=1e-12)
+    # breaching: zero padding right/bottom, per pixel |dx| + |dy| (+ 2 eps), one mean:
+    # (1+2) + (1+3) + (2+2) + (4+4) = 19 over 4 pixels
+    assert float(total_variation(x, "breaching")) == pytest.approx(19 / 4 + 2e-8, abs=1e-12)
+    with pytest.raises(ValueError, match="tv must be one of"):
+        total_variation(x, "iso")
+
+
+def test_breaching_tv_matches_its_convolution_form():
+    """breaching computes TV with a grouped 3x3 convolution, padding 1, kernels
+    [[0,0,0],[0,-1,1],[0,0,0]] and its transpose, then mean((|dx|+eps) + (|dy|+eps))."""
+    from dgp_kernels.attacks.matching import total_variation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 5, 7, generator=g, dtype=torch.float64)
+    k = torch.tensor([[0, 0, 0], [0, -1, 1], [0, 0, 0]], dtype=torch.float64).view(1, 1, 3, 3)
+    w = torch.cat([torch.cat((k.transpose(2, 3), k), 0)] * 3, 0)
+    d = torch.nn.functional.conv2d(x, w, padding=1, groups=3)
+    sq = d.abs() + 1e-8
+    expected = (sq[:, 0::2] + sq[:, 1::2]).mean()
+    assert float(total_variation(x, "breaching")) == pytest.approx(float(expected), rel=1e-12)
+    assert float(total_variation(x, "mean")) != pytest.approx(float(expected), rel=1e-3)
+
+
+def test_ig_breaching_tv_option_runs(tiny_lenet):
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    rec = get_attack("ig", iterations=20, tv="breaching", tv_weight=0.01)(grads, threat)
+    assert math.isfinite(rec.objective)
+    assert _objective_at("ig", rec.images, grads, threat, tv_weight=0.01, tv="breaching") == pytest.approx(
+        rec.objective, rel=1e-4)
+    with pytest.raises(ValueError, match="tv must be one of"):
+        get_attack("ig", tv="l2")
+
+
+def test_ig_grid_on_a_batch_norm_model_runs_row_by_row():
+    """ResNet-18 in training mode updates batch-norm statistics, which the vectorised path
+    cannot do: the settings run one after the other."""
+    from dgp_kernels.attacks.inverting import _has_running_stats
+    from dgp_kernels.cases.models import resnet18_cifar
+
+    torch.manual_seed(0)
+    model = resnet18_cifar(num_classes=4)
+    assert _has_running_stats(model)
+    x = smooth_images(1, 1, size=16)
+    y = torch.tensor([1])
+    grads = compute_gradients(model, x, y)
+    threat = ThreatModel(model, (3, 16, 16), 4, labels=y)
+    settings = [{"tv_weight": 1e-4}, {"tv_weight": 0.2, "restart": 1}]
+    recs = get_attack("ig", iterations=1).run_grid(grads, threat, settings)
+    assert [r.setting for r in recs] == settings
+    for r in recs:
+        assert r.images.shape == (1, 3, 16, 16) and math.isfinite(r.objective)
+
+
+# --------------------------------------------------------------------------------------
+# Multi-round attacker (error feedback)
+# --------------------------------------------------------------------------------------
+def test_error_feedback_sends_more_coordinates_over_rounds(tiny_lenet):
+    from dgp_kernels.attacks.multiround import accumulate, multi_round_uploads
+
+    x, y, grads = _case(tiny_lenet)
+    ef = multi_round_uploads(grads, "dgp:top=0.05,keep=0.2", 4, model=tiny_lenet)
+    no_ef = multi_round_uploads(grads, "dgp:top=0.05,keep=0.2", 4, error_feedback=False, model=tiny_lenet)
+    assert len(ef) == 4 and ef[0].sent_fraction == pytest.approx(0.2, abs=0.03)
+    # without error feedback every round is the same upload
+    for u in no_ef[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(u.shared_grads, no_ef[0].shared_grads))
+    acc_no = accumulate(no_ef)
+    assert acc_no.sent_fraction == pytest.approx(no_ef[0].sent_fraction)
+    # with it, later rounds send coordinates the first one withheld
+    acc = accumulate(ef)
+    assert acc.sent_fraction > ef[0].sent_fraction + 0.05
+    assert acc.upload_bytes == sum(u.upload_bytes for u in ef)
+    for i in range(len(grads)):
+        assert torch.allclose(acc.shared_grads[i], sum(u.shared_grads[i] for u in ef) / 4)
+    # the first round with error feedback is the single-round operator
+    assert all(torch.equal(a, b) for a, b in zip(ef[0].shared_grads, no_ef[0].shared_grads))
+    with pytest.raises(ValueError, match="rounds"):
+        multi_round_uploads(grads, "dgp", 0)
+
+
+def test_attack_rounds_scores_single_and_accumulated(tiny_lenet):
+    from dgp_kernels.attacks.multiround import attack_rounds
+
+    x, y, _ = _case(tiny_lenet)
+    out = attack_rounds(tiny_lenet, x, y, "dgp", 3, params={"iterations": 5},
+                        settings=[{"tv_weight": 1e-4}, {"tv_weight": 0.2}])
+    assert out["rounds"] == 3 and out["defense"] == "dgp:top=0.05,keep=0.2"
+    for case in ("single", "accumulated"):
+        assert math.isfinite(out[case]["psnr"]) and out[case]["setting"] in ({"tv_weight": 1e-4}, {"tv_weight": 0.2})
+    assert out["accumulated"]["sent_fraction"] > out["single"]["sent_fraction"]
+
+
+def test_ig_uniform_start_and_per_row_inits(tiny_lenet):
+    """Rows of one grid may start from normal or uniform noise; a row equals the same
+    setting run alone."""
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    attack = get_attack("ig", iterations=4)
+    both = attack.run_grid(grads, threat, [{"init": "randn"}, {"init": "uniform", "restart": 1}])
+    alone = get_attack("ig", iterations=4, init="uniform").run_grid(grads, threat, [{"restart": 1}])
+    assert torch.allclose(both[1].images, alone[0].images, atol=1e-6)
+    assert not torch.allclose(both[0].images, both[1].images)
+    with pytest.raises(ValueError, match="init"):
+        get_attack("ig", init="zeros")

@@ -29,7 +29,8 @@ def test_help_lists_the_options(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--out", "--defenses", "--attacks", "--images", "--dataset", "--data-root",
-                 "--iterations", "--quick", "--full", "--device", "--seed", "--no-utility", "--threads"):
+                 "--iterations", "--quick", "--full", "--device", "--seed", "--no-utility", "--threads",
+                 "--workers", "--suite", "--no-tuning"):
         assert flag in text, flag
     assert "dgp:top=0.05,keep=0.2" in text
 

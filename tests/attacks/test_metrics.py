@@ -114,3 +114,13 @@ def test_bad_data_range_and_labels():
         M.label_accuracy(torch.tensor([1, 2]), torch.tensor([1]))
     with pytest.raises(ValueError, match="integer"):
         M.label_accuracy(torch.tensor([1.0]), torch.tensor([1]))
+
+
+def test_gray_floor_is_the_psnr_of_mid_gray():
+    from dgp_kernels.attacks import metrics as M
+
+    black = torch.zeros(1, 3, 4, 4)
+    assert float(M.gray_floor_psnr(black)[0]) == pytest.approx(10 * math.log10(1 / 0.25), abs=1e-9)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    # the mean colour is information: its floor is never below the gray one
+    assert bool((M.floor_psnr(x) >= M.gray_floor_psnr(x) - 1e-9).all())

@@ -9,11 +9,13 @@ import os
 import pytest
 import torch
 
-from dgp_kernels.attacks import available_attacks, metrics
+from dgp_kernels.attacks import available_attacks, compute_gradients, metrics
 from dgp_kernels.cases.targets import load_photos
 from dgp_kernels.attacks.report import format_summary, summary_rows, write_report
 from dgp_kernels.attacks.runner import (
     DEFAULT_DEFENSES,
+    QUICK_GRIDS,
+    TUNING_GRIDS,
     EvalConfig,
     attack_params,
     default_config,
@@ -116,7 +118,10 @@ def test_json_csv_report_and_pngs(tiny_result, tmp_path):
     assert len(rows) == len(tiny_result.attacks)
     assert {"defense", "attack", "psnr", "floor", "leakage", "ssim", "upload_bytes", "idlg_label_acc"} <= set(rows[0])
     md = open(paths.report).read()
-    assert "## Summary: the best attack per defense" in md
+    assert "## Summary: the reported leakage per defense" in md
+    assert "DESIGN" not in md and "§" not in md  # the report stands alone
+    assert "n = 2 images, 1 seed" in md  # sample size next to the numbers
+    assert "## Per image" in md and "not run" in md
     assert "iDLG label acc" in md and "not measured" in md
     for d, atks in tiny_result.config.grid:
         assert f"`{d}`" in md
@@ -178,27 +183,153 @@ def test_default_config_grid():
     cfg = default_config(device="cpu")
     labels = [d for d, _ in cfg.grid]
     assert labels == [d for d in DEFAULT_DEFENSES]
+    assert cfg.images == 4 and cfg.tuning_name == "tuned"
     grid = dict(cfg.grid)
-    everything = set(available_attacks())
-    # the DGP defaults and top-k at the same density get every attack
-    assert set(grid["dgp:top=0.05,keep=0.2"]) == everything
-    assert set(grid["topk:keep=0.2"]) == everything
-    # dense defenses: the adaptive attacks equal the plain ones there, so they are not rerun
-    assert not {"dlg-adaptive", "ig-adaptive", "ig-dgp-aware"} & set(grid["dp:sigma=0.01"])
+    # every attack that can be the strongest runs: dlg/ig undefended, the adaptive variants
+    # under the DGP defaults and top-k at the same density, ig under noise
+    assert set(grid["none"]) == {"dlg", "ig", "rtf"}
+    assert set(grid["dgp:top=0.05,keep=0.2"]) == {"dlg-adaptive", "ig-adaptive", "ig-dgp-aware", "rtf"}
+    assert set(grid["topk:keep=0.2"]) == {"dlg-adaptive", "ig-adaptive", "ig-dgp-aware", "rtf"}
+    assert set(grid["dp:sigma=0.01"]) == {"ig", "rtf"}
     assert cfg.attack_params["dlg"] == attack_params("dlg")
+    # the same tuning grid for every defense, the documented one
+    assert cfg.tuning["ig-adaptive"] == TUNING_GRIDS["ig-adaptive"]
+    assert {s["tv_weight"] for s in cfg.tuning["ig"]} == {1e-4, 0.005, 0.2}
+    assert len({s["lr"] for s in cfg.tuning["ig"]}) == 2 and len({s["restart"] for s in cfg.tuning["ig"]}) == 2
+    assert len(cfg.tuning["ig"]) == 12
     quick = default_config(quick=True, device="cpu", iteration_scale=2.0)
-    assert quick.images == 1 and len(quick.grid) < len(cfg.grid)
+    assert quick.images == 1 and len(quick.grid) < len(cfg.grid) and quick.tuning_name == "quick"
+    assert quick.tuning["ig"] == QUICK_GRIDS["ig"] and len(quick.tuning["ig"]) < len(cfg.tuning["ig"])
     assert quick.attack_params["ig"]["iterations"] == attack_params("ig", scale=0.5)["iterations"]
+    untuned = default_config(tuning=False, device="cpu")
+    assert untuned.tuning == {} and untuned.tuning_name == "none" and untuned.settings("ig") == [{}]
     full = default_config(full=True, device="cpu")
     assert full.attack_params["ig"]["iterations"] == 24000
+    unknown = default_config(known_labels=False, device="cpu")
+    assert "idlg" in dict(unknown.grid)["none"] and "dlg" not in dict(unknown.grid)["none"]
     picked = default_config(defenses=["none", "randk:keep=0.1"], attacks=["dlg", "ig-adaptive"], device="cpu")
     assert picked.grid == [("none", ["dlg", "ig-adaptive"]), ("randk:keep=0.1", ["dlg", "ig-adaptive"])]
+    assert default_config(workers=1, device="cpu").workers == 1
+    assert default_config(device="cpu").workers == 1
+    assert 1 <= default_config(workers=0, device="cpu").workers <= 4
     with pytest.raises(ValueError, match="same defense twice"):
         default_config(defenses=["dgp", "dgp:top=0.05"], device="cpu")
     with pytest.raises(ValueError, match="unknown attack"):
         default_config(attacks=["dlg", "xyz"], device="cpu")
     with pytest.raises(ValueError, match="scale"):
         default_config(iteration_scale=0.0, device="cpu")
+    with pytest.raises(ValueError, match="workers"):
+        default_config(workers=-1, device="cpu")
+
+
+# --------------------------------------------------------------------------------------
+# Tuning protocol, parallel workers, FedAvg updates
+# --------------------------------------------------------------------------------------
+TINY_GRID = {"ig": [{"tv_weight": 1e-4}, {"tv_weight": 0.2, "restart": 1}],
+             "ig-adaptive": [{"tv_weight": 1e-4}, {"tv_weight": 0.2, "lr": 0.03}],
+             "dlg": [{"init": "uniform", "line_search": "strong_wolfe"}, {"restart": 1}]}
+
+
+@pytest.fixture(scope="module")
+def tuned_result():
+    cfg = _tiny_config(grid=[("none", ["dlg", "ig"]), ("dgp", ["ig-adaptive", "rtf"])], tuning=TINY_GRID,
+                       tuning_name="tuned")
+    return run_evaluation(cfg, progress=False)
+
+
+def test_tuned_rows_are_the_best_setting_per_image(tuned_result):
+    r = tuned_result
+    by_cell = {}
+    for t in r.tuning_rows:
+        by_cell.setdefault((t["defense"], t["attack"], t["image"]), []).append(t)
+    for rec in r.attacks:
+        rows = by_cell[(rec.defense, rec.attack, rec.image)]
+        assert len(rows) == rec.settings_tried == len(r.config.settings(rec.attack))
+        best = max(rows, key=lambda t: t["psnr"])
+        assert rec.psnr == best["psnr"] and rec.setting == best["setting"]
+        # the attacker's own choice (lowest objective) is never better than the best
+        assert rec.leakage_by_objective <= rec.leakage + 1e-9
+        # the stored reconstruction is the best setting's
+        img = r.reconstructions[(rec.defense, rec.attack)][rec.image : rec.image + 1]
+        assert rec.psnr == pytest.approx(min(100.0, float(metrics.psnr(img, r.targets.images[rec.image : rec.image + 1]))),
+                                         abs=1e-5)
+    # the rows name the settings of the grid
+    assert {rec.setting for rec in r.attacks if rec.attack == "ig"} <= {"tv_weight=0.0001", "tv_weight=0.2 restart=1"}
+    assert {rec.setting for rec in r.attacks if rec.attack == "rtf"} == {"default"}
+
+
+def test_tuned_attacker_is_never_weaker_than_one_fixed_setting(tuned_result):
+    """The reported leakage is the best over settings, so it is at least every single
+    setting's leakage, image by image; the defense's best is the best over attacks too."""
+    r = tuned_result
+    for t in r.tuning_rows:
+        rec = next(x for x in r.attacks if (x.defense, x.attack, x.image) == (t["defense"], t["attack"], t["image"]))
+        assert rec.leakage >= t["leakage"] - 1e-9
+    for d, atks in r.config.grid:
+        assert r.mean(d, r.best_attack(d), "leakage") == max(r.mean(d, a, "leakage") for a in atks)
+
+
+def test_two_worker_processes_give_the_same_records():
+    cfg1 = _tiny_config(grid=[("none", ["ig"]), ("dgp", ["ig-adaptive"])], tuning=TINY_GRID, images=2)
+    cfg2 = _tiny_config(grid=[("none", ["ig"]), ("dgp", ["ig-adaptive"])], tuning=TINY_GRID, images=2, workers=2)
+    a = run_evaluation(cfg1, progress=False)
+    b = run_evaluation(cfg2, progress=False)
+    assert b.machine["workers"] == 2 and a.machine["workers"] == 1
+    key = lambda x: (x.defense, x.attack, x.image)
+    for x, y in zip(sorted(a.attacks, key=key), sorted(b.attacks, key=key)):
+        assert (x.psnr, x.setting, x.leakage_by_objective) == (y.psnr, y.setting, y.leakage_by_objective)
+    for k in a.reconstructions:
+        assert torch.equal(a.reconstructions[k], b.reconstructions[k])
+
+
+def test_fedavg_update_is_the_mean_gradient_along_the_local_steps():
+    torch.manual_seed(0)
+    from dgp_kernels.attacks.runner import client_update
+    from dgp_kernels.cases.models import lenet_sigmoid
+
+    model = lenet_sigmoid(num_classes=4, channels=3, image_size=8)
+    x = load_photos(1, size=8).images
+    y = torch.tensor([1])
+    before = [p.detach().clone() for p in model.parameters()]
+    one = client_update(model, x, y, steps=1)
+    three = client_update(model, x, y, steps=3, lr=0.1)
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # model untouched
+    # by hand: three SGD steps on a copy
+    import copy
+
+    m = copy.deepcopy(model)
+    grads = []
+    for _ in range(3):
+        g = compute_gradients(m, x, y)
+        grads.append(g)
+        with torch.no_grad():
+            for p, gi in zip(m.parameters(), g):
+                p.sub_(0.1 * gi)
+    for i, u in enumerate(three):
+        mean_g = sum(g[i] for g in grads) / 3
+        assert torch.allclose(u, mean_g, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(one, grads[0]))
+    assert not torch.allclose(three[0], one[0])
+    cfg = _tiny_config(grid=[("none", ["ig"])], images=1, local_steps=3, local_lr=0.1)
+    r = run_evaluation(cfg, progress=False)
+    assert len(r.attacks) == 1 and math.isfinite(r.attacks[0].psnr)
+    with pytest.raises(ValueError, match="local_lr"):
+        _tiny_config(local_lr=0.0).validate()
+
+
+@pytest.mark.parametrize(
+    "tuning, match",
+    [
+        ({"ig": [{"momentum": 0.9}]}, "cannot tune 'momentum'"),
+        ({"ig": []}, "non-empty"),
+        ({"nope": [{}]}, "unknown attack"),
+        ({"ig": [{"tv_weight": -1.0}]}, "tv_weight"),
+        ({"ig": [{"restart": -1}]}, "restart"),
+    ],
+)
+def test_bad_tuning_grids(tuning, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _tiny_config(tuning=tuning).validate()
 
 
 @pytest.mark.slow
@@ -234,9 +365,60 @@ def test_attack_failure_names_attack_and_defense(monkeypatch):
         def prepare_model(self, model, image_shape, num_classes):
             return model
 
-        def __call__(self, shared_grads, threat, *, seed=0, progress=False):
+        def run_grid(self, shared_grads, threat, settings, *, seed=0, progress=False):
             raise ValueError("boom")
 
     monkeypatch.setattr(runner_mod, "get_attack", lambda name, **p: Broken() if name == "ig" else real(name, **p))
     with pytest.raises(ValueError, match="attack 'ig' on defense 'dgp:top=0.05,keep=0.2' \\(batch 0\\): boom"):
         run_evaluation(_tiny_config(grid=[("dgp", ["ig"])], images=1), progress=False)
+
+
+def test_suite_variants_on_tiny_settings(tmp_path):
+    """--suite: batches, a batch-norm model, FedAvg updates, unknown labels, each on the
+    primary defenses with the base grid and tuning; suite.md sums them up."""
+    from dgp_kernels.attacks.report import write_suite_report
+    from dgp_kernels.attacks.runner import run_suite, suite_configs
+
+    base = _tiny_config(grid=[("none", ["dlg", "ig"]), ("dgp", ["ig-adaptive"]), ("dp:sigma=0.01", ["ig"])],
+                        tuning={"ig": [{"tv_weight": 1e-4}, {"tv_weight": 0.2}]}, images=1, image_size=16,
+                        attack_params={"dlg": {"iterations": 1, "max_iter": 2}, "ig": {"iterations": 2},
+                                       "ig-adaptive": {"iterations": 2}, "idlg": {"iterations": 1, "max_iter": 2}})
+    assert [n for n, _ in suite_configs(base)] == ["batch4", "batch8", "resnet18", "fedavg", "unknown-labels"]
+    assert dict(suite_configs(base))["resnet18"].model == "resnet18_cifar"
+    # tiny: batches of 2, the small ConvNet in place of ResNet-18 (its batch-norm path is
+    # tested in test_attacks), 2 local steps
+    configs = suite_configs(base, batch_sizes=(2,), bn_model="convnet_small", local_steps=2)
+    names = [n for n, _ in configs]
+    assert names == ["batch2", "convnet_small", "fedavg", "unknown-labels"]
+    cfg = dict(configs)
+    assert [d for d, _ in cfg["batch2"].grid] == ["none", "dgp:top=0.05,keep=0.2"]  # primary defenses only
+    assert cfg["batch2"].batch_size == 2 and cfg["batch2"].images == 2
+    assert cfg["convnet_small"].model == "convnet_small"
+    assert cfg["fedavg"].local_steps == 2
+    assert not cfg["unknown-labels"].known_labels and "idlg" in dict(cfg["unknown-labels"].grid)["none"]
+    assert all(c.tuning["ig"] == base.tuning["ig"] for c in cfg.values())
+    results = run_suite(configs, progress=False)
+    for name, r in results:
+        assert {x.defense for x in r.attacks} == {"none", "dgp:top=0.05,keep=0.2"}
+        assert all(math.isfinite(x.psnr) for x in r.attacks)
+    r_unknown = dict(results)["unknown-labels"]
+    assert {x.label_source for x in r_unknown.attacks} <= {"inferred", "optimised"}
+    path = write_suite_report(results, str(tmp_path), figures=False)
+    md = open(path).read()
+    for name in names:
+        assert f"| {name} |" in md
+        assert os.path.exists(tmp_path / f"suite-{name}" / "report.md")
+
+
+def test_headline_states_what_dgp_stops_with_the_runs_numbers(tmp_path):
+    cfg = _tiny_config(grid=[("none", ["dlg", "ig", "rtf"]), ("dgp", ["dlg-adaptive", "ig-adaptive", "rtf"]),
+                             ("topk:keep=0.2", ["ig-adaptive", "rtf"])], images=2)
+    r = run_evaluation(cfg, progress=False)
+    md = open(write_report(r, str(tmp_path), figures=True).report).read()
+    head = md.split("## In plain words", 1)[1].split("## Summary", 1)[0]
+    assert "pixel-exact reconstruction" in head and "coarse reconstruction" in head
+    assert "Top-k at the same density" in head and "malicious server" in head
+    dlg_none = r.best_rows("none", attacks=["dlg"])
+    mean_psnr = sum(x.psnr for x in dlg_none) / len(dlg_none)
+    assert f"{mean_psnr:.1f} dB" in head
+    assert "n = 2 images, 1 seed" in head
