@@ -233,8 +233,8 @@ class EFGapStudy:
 
     def markdown(self) -> str:
         """Accuracy table, per-seed accuracies, the last round's error-feedback metrics, a
-        milestone table of the DGP runs, and the bar check (within 1 point of ``none`` at
-        <= 25 % of its upload)."""
+        milestone table of the DGP runs, and the paired difference of each run against the
+        baseline with its upload share."""
         m = self.multi
         out = ["### Final accuracy over seeds", "", m.markdown(), ""]
         # last 10 rounds
@@ -272,21 +272,20 @@ class EFGapStudy:
         counts = [sum(collapse_round(r) is not None for r in m.runs[lab]) for lab in m.labels]
         out.append("| collapsed | " + " | ".join(f"{c}/{len(m.seeds)}" for c in counts) + " |")
         out.append("")
-        # bar check
-        out += ["### Bar: within 1 point of none at <= 25 % of its upload", "",
-                "| run | seeds with Δ ≥ −1 point | mean Δ (points) | 95 % CI of Δ | median Δ | "
-                "upload / none | mean Δ ≥ −1 and upload ≤ 0.25 |",
-                "|---|---:|---:|---:|---:|---:|---|"]
+        # paired difference and upload share
+        out += [f"### Paired difference against {m.baseline}, and upload", "",
+                f"| run | seeds with Δ ≥ −1 point | mean Δ (points) | 95 % CI of Δ | median Δ | "
+                f"upload / {m.baseline} |",
+                "|---|---:|---:|---:|---:|---:|"]
         for row in m.summary():
             if row.diff_vs_baseline is None:
                 continue
             d = row.diff_vs_baseline
             ok = sum(1 for r in m.per_seed_rows()
                      if r["label"] == row.label and r["accuracy_minus_baseline"] >= -0.01 - 1e-12)
-            passes = d.mean >= -0.01 and row.upload_fraction.max <= 0.25
             ci = "n/a" if math.isnan(d.ci95_low) else f"[{100 * d.ci95_low:+.2f}, {100 * d.ci95_high:+.2f}]"
             out.append(f"| {row.label} | {ok}/{d.n} | {100 * d.mean:+.2f} | {ci} | {100 * d.median:+.2f} | "
-                       f"{row.upload_fraction.mean:.3f} | {'meets' if passes else 'misses'} |")
+                       f"{row.upload_fraction.mean:.3f} |")
         out.append("")
         # last round
         out += [f"### Error feedback after round {self.rounds} (mean over seeds [min, max]; each "

@@ -15,7 +15,6 @@ class with ``@register_compressor("name")``. See ``README.md`` beside this file.
 
 from __future__ import annotations
 
-import math
 import secrets
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
@@ -23,15 +22,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..checks import (
-    VALUE_DTYPES,
-    check_bool,
-    check_dtype,
-    check_float,
-    check_int,
-    check_seed,
-    dtype_name,
-)
+from ..checks import VALUE_DTYPES, check_dtype, dtype_name
 from ..codec.payload import PayloadError, SparsePayload
 from ..ops import SUPPORTED_DTYPES
 from ..registry import Registry

@@ -6,7 +6,7 @@ on the interpreter's order (e.g. that the program with the highest id finishes a
 last, or that block ``i`` has run before block ``i + 1`` reads its count) passes every
 other interpreter test and is wrong on a GPU. Here the interpreter's grid loop runs the
 programs in reverse and in shuffled orders, and every boundary path (fused tails and
-persistent passes included) must still match the reference bit for bit. What this cannot
+look-back write pass included) must still match the reference bit for bit. What this cannot
 show is the effect of *concurrent* programs (memory ordering between them): the GPU tests
 cover that.
 """
@@ -27,13 +27,16 @@ triton = pytest.importorskip(
 import triton.language as tl  # noqa: E402
 
 from dgp_kernels.ops import reference  # noqa: E402
-from dgp_kernels.kernels.triton import select as ts  # noqa: E402
+from dgp_kernels.kernels.triton import ops as T  # noqa: E402
+from dgp_kernels.kernels.triton.launch import CallInfo  # noqa: E402
+from dgp_kernels.kernels.triton.tuning import Tuning  # noqa: E402
 
 from .test_triton_select import (  # noqa: E402,F401  (forced_path is a fixture)
     _layers,
     _make,
     _residual_like,
     assert_same,
+    FORCED,
     forced_path,
 )
 
@@ -93,47 +96,41 @@ def test_fixture_reorders_the_programs(program_order):
 
 
 @pytest.mark.parametrize("case", ["randn", "tie_band"])
-def test_every_boundary_path_in_any_program_order(case, forced_path, program_order,
-                                                  monkeypatch):
+def test_every_boundary_path_in_any_program_order(case, forced_path, program_order):
     """One layer and a list of layers (empty, tiny, non-contiguous, tie-heavy members, one
-    of 40 blocks in 10 superblocks) with error feedback, on every boundary path, programs
-    in reverse / shuffled order."""
+    of 40 blocks) with error feedback, on every boundary path, programs in reverse /
+    shuffled order."""
     if case == "tie_band" and program_order == "shuffled":
         pytest.skip("one order is enough for the small tie case (CI time)")
-    monkeypatch.setattr(ts, "BLOCK", 512)  # many blocks and superblocks per layer
-    monkeypatch.setattr(ts, "SUPER", 4)
+    name, tuning = forced_path
+    tuning = tuning.replace(block=512, lookback=16)  # many blocks per layer
     g, top, keep = _make(case, torch.float32, "cpu")
     e = _residual_like(g, 91)
     e_ref = e.clone()
-    assert_same(ts.select_ef_triton(g, e, top, keep), reference.select_ef(g, e_ref, top, keep))
+    info = CallInfo()
+    assert_same(T.select_ef_triton(g, e, top, keep, tuning=tuning, info=info),
+                reference.select_ef(g, e_ref, top, keep))
     assert_same(e, e_ref)
+    if name in ("sampled", "sampled_blocks") and case == "randn":
+        # a wrong order would not change the bits (a layer whose checks fail is rerun on the
+        # exact path), but it would make the sample look like a miss
+        assert info.missed == [], "the sample of a tie-free layer should hold both boundaries"
     if case == "randn":
         gs = _layers(torch.float32, "cpu") + [_make("randn_2chunks", torch.float32, "cpu")[0][:20_000]]
         es = [_residual_like(x, 92 + i) for i, x in enumerate(gs)]
         es_ref = [x.clone() for x in es]
-        assert_same(ts.select_ef_multi_triton(gs, es, 0.05, 0.2),
+        assert_same(T.select_ef_multi_triton(gs, es, 0.05, 0.2, tuning=tuning),
                     reference.select_ef_multi(gs, es_ref, 0.05, 0.2))
         assert_same(es, es_ref)
-    path, outcomes = forced_path
-    if path == "sampled" and case == "randn":
-        # a wrong order would not change the bits (a layer whose checks fail is rerun on the
-        # exact path), but it would make the sample look like a miss
-        assert outcomes[0], "the sample of a tie-free layer should hold both boundaries"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
-def test_other_dtypes_in_any_program_order(dtype, program_order, monkeypatch):
-    """The sampled path with fused tails (the most order-sensitive launches) for the other
-    key widths."""
-    monkeypatch.setattr(ts, "FUSE_TAILS", True)
-    monkeypatch.setattr(ts, "SAMPLED_MIN_TOTAL", 0)
-    monkeypatch.setattr(ts, "SAMPLED_DTYPES", (dtype,))
-    monkeypatch.setattr(ts, "SAMPLE", 512)
-    monkeypatch.setattr(ts, "SAMPLE_SIGMAS", 3.0)
-    monkeypatch.setattr(ts, "SAMPLE_SLACK", 4)
+def test_other_dtypes_in_any_program_order(dtype, program_order):
+    """The sampled path (the most order-sensitive launches: fused tails, look-back) for the
+    other key widths."""
     gs = _layers(dtype, "cpu")
     es = [_residual_like(x, 93 + i) for i, x in enumerate(gs)]
     es_ref = [x.clone() for x in es]
-    assert_same(ts.select_ef_multi_triton(gs, es, 0.05, 0.2),
+    assert_same(T.select_ef_multi_triton(gs, es, 0.05, 0.2, tuning=FORCED["sampled"]),
                 reference.select_ef_multi(gs, es_ref, 0.05, 0.2))
     assert_same(es, es_ref)

@@ -72,7 +72,7 @@ def test_summary_and_files(study, tmp_path):
         sum(m["never_sent_fraction"][-1] for m in study.metrics["dgp"]) / 2)
     paths = write_ef_gap(study, str(tmp_path), runs=True, extra={"note": "test"})
     md = open(paths["md"]).read()
-    assert "Bar: within 1 point" in md and "| dgp top=0 |" in md and "no residual" in md
+    assert "Paired difference against none" in md and "| dgp top=0 |" in md and "no residual" in md
     d = json.loads(open(paths["json"]).read())
     assert d["seeds"] == [0, 1] and d["environment"] == {"note": "test"}
     assert len(d["per_seed"]) == 8 and len(d["curves"]["dgp"]["never_sent_fraction"]["mean"]) == ROUNDS

@@ -26,13 +26,13 @@ MAX_LAYER = (1 << 31) - (1 << 16)
 LANES = 8
 # A sampled key range spanning more first digits than this is too wide (the layer is rerun
 # on the exact path): it bounds the first refinement level's digit width.
-REL_BINS = 32
+REL_BINS = tl.constexpr(32)
 # Bits of the sampled path's first refinement level (its histogram has 2^RANGE_BITS bins;
 # Triton 3.6 lowers tl.histogram to warp ballots whose cost grows with the bin count:
 # three 2048/1024-bin levels over the 3.7M candidates of a 25M tensor took 1.67 ms on an
 # H200, 32 bins about 0.03 ms per level).
-RANGE_BITS = 8
-TAIL_BITS = 5  # digit bits of the refinement levels that one program runs (32 bins)
+RANGE_BITS = tl.constexpr(8)
+TAIL_BITS = tl.constexpr(5)  # digit bits of the refinement levels that one program runs (32 bins)
 
 # dtype -> (KIND, key bits, digit widths after the first over candidates, over the data):
 # each set of widths sums to key bits - FIRST_DIGIT_BITS. Over the data (the exact path's
@@ -57,8 +57,10 @@ INF_KEY = {  # key of +inf: a larger key is a NaN
 }
 # entries of one 16-byte vector of the data per KIND (float32, float64, float16, bfloat16)
 VEC = tl.constexpr((4, 2, 8, 8))
-# tl.histogram takes a mask in recent Triton (3.6 and 3.9 do); older 3.x needs a workaround
-HIST_MASK = tl.constexpr("mask" in inspect.signature(tl.histogram).parameters)
+if "mask" not in inspect.signature(tl.histogram).parameters:
+    # (3.6 and 3.9 have it; register() then leaves CUDA tensors to the reference)
+    raise ImportError(f"triton {triton.__version__}: tl.histogram takes no mask=; the Triton "
+                      "kernels of dgp_kernels need a newer triton")
 
 
 @triton.jit
@@ -153,15 +155,8 @@ def excl_cumsum(x2):
 
 @triton.jit
 def masked_histogram(d, m, NBINS: tl.constexpr, TILE_: tl.constexpr):
-    """Histogram of ``d`` over the lanes where ``m``: ``tl.histogram``'s own mask, or (older
-    Triton) masked lanes go to bin 0 and are taken back out."""
-    if HIST_MASK:
-        h = tl.histogram(d, NBINS, mask=m)
-    else:
-        h = tl.histogram(tl.where(m, d, 0), NBINS)
-        n_off = TILE_ - tl.sum(m.to(tl.int32), axis=0)
-        h = h - tl.where(tl.arange(0, NBINS) == 0, n_off, 0)
-    return h
+    """Histogram of ``d`` over the lanes where ``m``."""
+    return tl.histogram(d, NBINS, mask=m)
 
 
 @triton.jit

@@ -55,6 +55,10 @@ class CallInfo:
     launches: List[str] = field(default_factory=list)
     syncs: int = 0
     replayed: bool = False  # served by a CUDA graph replay
+    # dry run (``compile_check``): record ``(kernel, grid, args, constexprs)`` instead of
+    # launching; the host reads then see zeroed flags (one candidate per layer assumed)
+    dry_run: bool = False
+    records: List[tuple] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,9 @@ def _run(kernel, grid, info: Optional[CallInfo], *args, **consts) -> None:
     """Every Triton launch of the backend goes through here (``info`` counts them)."""
     if info is not None:
         info.launches.append(kernel.fn.__name__)
+        if info.dry_run:
+            info.records.append((kernel, grid, args, consts))
+            return
     kernel[grid](*args, **consts)
 
 
@@ -112,7 +119,7 @@ def launch_sampled(plan: Plan, ptrs: Tensor, S: int, cfg: Mode, tuning: Tuning,
     shift = key_bits - FIRST_DIGIT_BITS
     fine = tuning.fine_bits if tuning.fine_bits <= shift else 0
     nb1 = 1 << FIRST_DIGIT_BITS
-    nbins_a = 1 << RANGE_BITS
+    nbins_a = 1 << RANGE_BITS.value
     nblk = max(plan.n_blocks, 1)
     sizes64 = [4 * S, 3 * S + 1, S, S, S, 2 * S * LANES, 3 * nblk, 1]
     sizes32 = [S * nb1 + S * (nb1 << fine), 2 * S * nbins_a]
@@ -132,14 +139,14 @@ def launch_sampled(plan: Plan, ptrs: Tensor, S: int, cfg: Mode, tuning: Tuning,
          g_ptrs, e_ptrs, plan.seg_n, hist, tick[0], plan.rank0, plan.active, bnd,
          flags[2 * S:], S, SHIFT=shift, NBINS=nb1, SAMPLE_=tuning.sample,
          SPLIT=tuning.sample_split, TILE_=tuning.tile, SIGMAS=tuning.sample_sigmas,
-         SLACK=tuning.sample_slack, REL=REL_BINS, FINE=fine, **common)
+         SLACK=tuning.sample_slack, REL=REL_BINS.value, FINE=fine, **common)
     _run(gather_kernel, (plan.n_blocks,), info,
          g_ptrs, e_ptrs, plan.seg_n, plan.blk_seg, plan.blk_start, bnd, plan.cap_off, plan.cap,
          fill, cand_key, totals, flags, tick[1], plan.seg_nblk, plan.active, tail_n, S,
          SAMPLED=True, INF_KEY=INF_KEY[cfg.dtype], BLOCK_=tuning.block, LANES=LANES, **common)
     chunks = (fill, plan.cap_seg, plan.cap_start, plan.cap_nchk, plan.cap_off, cand_key)
     _run(refine_kernel, (plan.n_cap_chunks,), info,
-         g_ptrs, e_ptrs, *chunks, bnd, hist_a, tick[2], thr, S, FROM_CAND=True, W=RANGE_BITS,
+         g_ptrs, e_ptrs, *chunks, bnd, hist_a, tick[2], thr, S, FROM_CAND=True, W=RANGE_BITS.value,
          NBINS=nbins_a, TILE_=tuning.tile, CHUNK_=tuning.cand_chunk, FINAL=False, **common)
     _run(compact_kernel, (plan.n_cap_chunks,), info,
          *chunks, bnd, keys2, plan.off2, plan.cap2, fill2, tick[3], plan.active, flags,
@@ -187,6 +194,8 @@ def launch_exact(plan: Plan, ptrs: Tensor, S: int, cfg: Mode, tuning: Tuning,
     if plan.n_blocks == 0:
         return
     cand_ns = host[S:]
+    if info is not None and info.dry_run:
+        cand_ns = [1] * S
     n_cand = sum(cand_ns)
     if tuning.path == "candidates":
         use_cand = True

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .common import VEC, base, excl_cumsum, key_of, load_v, rows
 
-VALID = 1 << 62  # a published descriptor word (its counts below)
+VALID = tl.constexpr(1 << 62)  # a published descriptor word (its counts below)
 
 
 @triton.jit
