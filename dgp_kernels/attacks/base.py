@@ -25,10 +25,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from ..registry import Registry
 
 __all__ = [
     "ThreatModel",
@@ -217,30 +219,13 @@ class Attack(ABC):
         return f"{type(self).__name__}({params})"
 
 
-_REGISTRY: Dict[str, Type[Attack]] = {}
-A = TypeVar("A", bound=Type[Attack])
+#: The attacks by name.
+ATTACKS: Registry[Attack] = Registry("attack", Attack)
 
-
-def register_attack(name: str) -> Callable[[A], A]:
-    """Class decorator: register an :class:`Attack` subclass under ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"attack name must be a non-empty str, got {name!r}")
-
-    def deco(cls: A) -> A:
-        if not (isinstance(cls, type) and issubclass(cls, Attack)):
-            raise TypeError(f"@register_attack needs an Attack subclass, got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"attack name {name!r} is already registered to {_REGISTRY[name].__name__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def available_attacks() -> List[str]:
-    """Registered attack names, sorted."""
-    return sorted(_REGISTRY)
+#: Class decorator: register an :class:`Attack` subclass under ``name``.
+register_attack = ATTACKS.register
+#: Registered attack names, sorted.
+available_attacks = ATTACKS.names
 
 
 def get_attack(name: str, **params) -> Attack:
@@ -248,11 +233,7 @@ def get_attack(name: str, **params) -> Attack:
 
     Raises ``ValueError`` listing the known names when ``name`` is unknown, and the attack's
     own ``TypeError``/``ValueError`` for a bad or unknown parameter."""
-    if not isinstance(name, str):
-        raise TypeError(f"attack name must be a str, got {type(name).__name__}")
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attack {name!r}; known attacks: {', '.join(available_attacks())}")
-    cls = _REGISTRY[name]
+    cls = ATTACKS.get(name)
     try:
         return cls(**params)
     except TypeError as exc:

@@ -23,6 +23,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_choice, check_float, check_int  # noqa: F401  (check_choice: re-exported)
+from ..optional import progress_bar
 from ..ops import band_counts  # DGP's per-layer counts (docs/semantics.md): the attacker knows the rule
 
 __all__ = [
@@ -209,27 +211,12 @@ class GradientObjective:
 # --------------------------------------------------------------------------------------
 def check_count(value: object, name: str, min_value: int = 1) -> int:
     """An int ``>= min_value`` (``TypeError``/``ValueError`` naming ``name``)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < min_value:
-        raise ValueError(f"{name} must be >= {min_value}, got {value!r}")
-    return value
+    return check_int(value, name, min_value=min_value)
 
 
 def check_number(value: object, name: str, *, positive: bool = False) -> float:
     """A finite float ``>= 0`` (``> 0`` when ``positive``), naming ``name`` on error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
-    return v
-
-
-def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return check_float(value, name, min_value=0.0, min_inclusive=not positive)
 
 
 def resolve_masks(shared: Sequence[Tensor], sent_mask: Optional[Sequence[Tensor]], adaptive: bool) -> Optional[List[Tensor]]:
@@ -262,14 +249,7 @@ class Progress:
     """Optional progress bar (tqdm when installed, else nothing)."""
 
     def __init__(self, total: int, enabled: bool, desc: str) -> None:
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # tqdm comes with the eval extra; run silently without it
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, desc=desc, leave=False)
+        self.bar = progress_bar(total, desc, enabled=enabled, leave=False)
 
     def update(self, loss: Optional[float] = None) -> None:
         """One step done; ``loss`` (when given) is shown beside the bar."""

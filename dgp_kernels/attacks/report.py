@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from ..optional import pyplot
 from .runner import ACTIVE_ATTACKS, PSNR_CAP_DB, EvalResult, setting_label
 
 __all__ = ["ReportPaths", "format_summary", "summary_rows", "write_report", "write_suite_report"]
@@ -298,14 +299,7 @@ def _slug(text: str) -> str:
 
 
 def _import_pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError('the report figures need matplotlib: pip install "dgp_kernels[eval]"') from exc
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("the report figures")
 
 
 def _to_hwc(img):

@@ -47,6 +47,7 @@ from torch import Tensor
 from . import metrics
 from .base import ThreatModel, available_attacks, compute_gradients, get_attack, infer_labels_idlg
 from ..cases.targets import TargetSet, load_targets
+from ..optional import progress_bar
 from .defenses import DefendedGradient, DefenseSpec, apply_defense, parse_defense
 
 __all__ = [
@@ -730,13 +731,7 @@ def _build_model(cfg: EvalConfig, targets: TargetSet, seed: int, device: str) ->
 
 
 def _progress_bar(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress bars are a nicety: run without them
-        return None
-    return tqdm(total=total, desc=desc, unit="attack", dynamic_ncols=True)
+    return progress_bar(total, desc, unit="attack", enabled=enabled)
 
 
 def _finite(x: float, cap: float = PSNR_CAP_DB) -> float:
