@@ -54,9 +54,11 @@ try:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
     from flwr.serverapp.strategy import FedAvg
 except ImportError as _exc:  # pragma: no cover - exercised only without flwr
+    from ..optional import install_hint
+
     raise ImportError(
         "dgp_kernels.integrations.flower needs Flower (flwr >= 1.21, the Message API): "
-        'pip install "dgp_kernels[flower]"'
+        + install_hint("flower")
     ) from _exc
 
 from ..codec import decode_accumulate, encode
