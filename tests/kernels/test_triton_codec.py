@@ -317,7 +317,7 @@ def test_resnet18_device_payload_size_from_the_shapes():
     assert total / (4 * sum(numels)) <= 0.232
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda  # (not collected without a GPU)
 def test_cuda_tensors_take_the_device_codec_by_default():
     pays = _clients()
     dev = [torch.frombuffer(bytearray(p), dtype=torch.uint8).cuda() for p in pays]
