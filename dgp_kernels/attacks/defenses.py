@@ -270,6 +270,17 @@ def sent_mask_from_payload(payload: SparsePayload, like: Sequence[Tensor]) -> Li
     return masks
 
 
+def defense_compressor(spec: "DefenseSpec", *, error_feedback: bool, seed: int):
+    """The registered compressor of a parsed defense: error feedback on or off where the
+    compressor has it (dgp, topk, randk), ``seed`` where it is randomised (randk, dp, qsgd)."""
+    kwargs = spec.compressor_params()
+    if spec.name in ("dgp", "topk", "randk"):
+        kwargs["error_feedback"] = error_feedback
+    if spec.name in ("randk", "dp", "qsgd"):
+        kwargs["seed"] = int(seed)
+    return get_compressor(spec.name, **kwargs)
+
+
 def apply_defense(spec: object, grads: Sequence[Tensor], *, seed: int = 0,
                   model: Optional[nn.Module] = None) -> DefendedGradient:
     """Apply ``spec`` once (no error feedback) to one client's gradient.
@@ -286,12 +297,7 @@ def apply_defense(spec: object, grads: Sequence[Tensor], *, seed: int = 0,
     """
     spec = parse_defense(spec)
     grads = check_gradients(grads, model)
-    kwargs = spec.compressor_params()
-    if spec.name in ("dgp", "topk", "randk"):
-        kwargs["error_feedback"] = False
-    if spec.name in ("randk", "dp", "qsgd"):
-        kwargs["seed"] = int(seed)
-    comp = get_compressor(spec.name, **kwargs)
+    comp = defense_compressor(spec, error_feedback=False, seed=seed)
     detached = [g.detach() for g in grads]
     wire = encode(comp.compress(detached))
     payload = decode(wire, [g.numel() for g in detached])

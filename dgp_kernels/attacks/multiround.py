@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import metrics
 from .base import ThreatModel, compute_gradients, get_attack
-from .defenses import check_gradients, parse_defense, sent_mask_from_payload
+from .defenses import check_gradients, defense_compressor, parse_defense, sent_mask_from_payload
 
 __all__ = ["RoundUpload", "multi_round_uploads", "accumulate", "attack_rounds"]
 
@@ -59,20 +59,13 @@ def multi_round_uploads(grads: Sequence[Tensor], spec: object, rounds: int, *,
     compressor with ``error_feedback`` (its memory carries over between the rounds) and the
     wire codec. ``grads`` is not modified."""
     from ..codec import decode, encode
-    from ..compressor import get_compressor
-
     spec = parse_defense(spec)
     grads = check_gradients(grads, model)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     if not isinstance(error_feedback, bool):
         raise TypeError(f"error_feedback must be a bool, got {type(error_feedback).__name__}")
-    kwargs = spec.compressor_params()
-    if spec.name in ("dgp", "topk", "randk"):
-        kwargs["error_feedback"] = error_feedback
-    if spec.name in ("randk", "dp", "qsgd"):
-        kwargs["seed"] = int(seed)
-    comp = get_compressor(spec.name, **kwargs)
+    comp = defense_compressor(spec, error_feedback=error_feedback, seed=seed)
     detached = [g.detach() for g in grads]
     out: List[RoundUpload] = []
     for _ in range(rounds):

@@ -382,11 +382,7 @@ def encode(
     values: List[Tensor] = []
     numels: List[int] = []
     for i, layer in enumerate(payload.layers):
-        if not isinstance(layer, LayerPayload):
-            raise TypeError(f"payload.layers[{i}] must be a LayerPayload, got {type(layer).__name__}")
-        v = layer.values
-        if not isinstance(v, Tensor):
-            raise TypeError(f"payload.layers[{i}].values must be a tensor, got {type(v).__name__}")
+        v = _layer_values(layer, i)
         v = v.detach().reshape(-1).cpu()
         if value_dtype is not None:
             v = v.to(value_dtype)
@@ -422,16 +418,22 @@ def encode(
         _reraise(exc)
 
 
+def _layer_values(layer: object, i: int) -> Tensor:
+    """``layer.values`` of ``payload.layers[i]``, or a TypeError naming it."""
+    if not isinstance(layer, LayerPayload):
+        raise TypeError(f"payload.layers[{i}] must be a LayerPayload, got {type(layer).__name__}")
+    if not isinstance(layer.values, Tensor):
+        raise TypeError(f"payload.layers[{i}].values must be a tensor, got "
+                        f"{type(layer.values).__name__}")
+    return layer.values
+
+
 def _device_layers(payload: SparsePayload, value_dtype, device=None):
     """(indices, values in the wire dtype, numels, dtype ids, device) for the device
     encoder; tensors stay on (or move to) one device. Shape-level checks only."""
     idxs, vals, numels, vds = [], [], [], []
     for i, layer in enumerate(payload.layers):
-        if not isinstance(layer, LayerPayload):
-            raise TypeError(f"payload.layers[{i}] must be a LayerPayload, got {type(layer).__name__}")
-        v = layer.values
-        if not isinstance(v, Tensor):
-            raise TypeError(f"payload.layers[{i}].values must be a tensor, got {type(v).__name__}")
+        v = _layer_values(layer, i)
         if device is None:
             device = v.device
         v = v.detach().reshape(-1).to(device)
