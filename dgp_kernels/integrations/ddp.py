@@ -379,6 +379,14 @@ def _fail(what: str, bucket_index: int, rank: int, exc: BaseException) -> Runtim
     )
 
 
+def _wait(fut: torch.futures.Future, what: str, bucket_index: int, rank: int) -> None:
+    """Wait for a collective's future; its failure as :func:`_fail`'s error."""
+    try:
+        fut.wait()
+    except RuntimeError as exc:
+        raise _fail(what, bucket_index, rank, exc) from exc
+
+
 def dgp_hook(state: DGPHookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """DDP communication hook: DGP-compress, exchange, decode and average one bucket.
 
@@ -433,10 +441,7 @@ def _sparse_bucket(state, bucket, buf, grads, sizes, key, comp) -> torch.futures
     index = bucket.index()
 
     def finish(fut: torch.futures.Future) -> Tensor:
-        try:
-            fut.wait()
-        except RuntimeError as exc:
-            raise _fail("all-gather", index, rank, exc) from exc
+        _wait(fut, "all-gather", index, rank)
         host = gathered.cpu()
         payloads = [host[r * width: r * width + lens[r]] for r in range(world)]
         acc = torch.zeros(buf.numel(), dtype=torch.float32)
@@ -472,10 +477,7 @@ def _sparse_bucket_device(state, bucket, buf, grads, sizes, key, comp) -> torch.
     index, step = bucket.index(), state.step if not bucket.is_last() else state.step - 1
 
     def finish(fut: torch.futures.Future) -> Tensor:
-        try:
-            fut.wait()
-        except RuntimeError as exc:
-            raise _fail("all-gather", index, rank, exc) from exc
+        _wait(fut, "all-gather", index, rank)
         starts = torch.arange(world, dtype=torch.int64, device=dev) * n
         lens = torch.clamp(all_sizes, max=n)  # a peer's other size cannot reach past its slot
         acc = torch.zeros(buf.numel(), dtype=torch.float32, device=dev)
@@ -561,10 +563,7 @@ def _aligned_bucket(state, bucket, buf, grads, key, comp: ADGPCompressor) -> tor
     index = bucket.index()
 
     def finish(fut: torch.futures.Future) -> Tensor:
-        try:
-            fut.wait()
-        except RuntimeError as exc:
-            raise _fail("all-reduce", index, rank, exc) from exc
+        _wait(fut, "all-reduce", index, rank)
         out = torch.zeros(buf.numel(), dtype=torch.float32, device=dev)
         out[flat_idx] = values.to(torch.float32) / world
         return out.to(buf.dtype)
