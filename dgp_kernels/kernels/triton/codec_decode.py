@@ -47,6 +47,16 @@ MAX_PAYLOAD_C: tl.constexpr = tl.constexpr(MAX_PAYLOAD)
 
 
 @triton.jit
+def _client_layer(rec, starts, lens, c, layer, L):
+    """Client ``c``'s end of payload and its record of ``layer`` (coding, k, absolute offsets
+    of the index and value streams, value dtype id)."""
+    lim = tl.load(starts + c) + tl.load(lens + c)
+    r = c * (L * 5) + layer * 5
+    return (lim, tl.load(rec + r), tl.load(rec + r + 1), tl.load(rec + r + 2),
+            tl.load(rec + r + 3), tl.load(rec + r + 4))
+
+
+@triton.jit
 def _parse_kernel(buf, starts, lens, crcs, lay, rec, status, L, has_aligned: tl.constexpr,
                   check_ak: tl.constexpr, TILE: tl.constexpr):
     c = tl.program_id(0).to(tl.int64)
@@ -165,13 +175,7 @@ def _check_kernel(buf, starts, lens, lay, blk, rec, status, cnt, bad, L, NB,
     x0 = tl.load(blk + 2 * b + 1)
     st = tl.load(status + c)
     live = st == 0
-    lim = tl.load(starts + c) + tl.load(lens + c)
-    r = c * (L * 5) + layer * 5
-    coding = tl.load(rec + r)
-    k = tl.load(rec + r + 1)
-    iabs = tl.load(rec + r + 2)
-    vabs = tl.load(rec + r + 3)
-    vd = tl.load(rec + r + 4)
+    lim, coding, k, iabs, vabs, vd = _client_layer(rec, starts, lens, c, layer, L)
     numel = tl.load(lay + 6 * layer)
     x = x0 + tl.arange(0, BLOCK_).to(tl.int64)
     # bitmap: x < 8 * ceil(numel / 8) (padding bits included)
@@ -263,13 +267,7 @@ def _accumulate_kernel(buf, starts, lens, lay, blk, rec, status, cnt, cum, weigh
     xm = x < numel
     for c in range(C):
         live = ((flags & 4) == 0) & (tl.load(status + c) == 0)
-        lim = tl.load(starts + c) + tl.load(lens + c)
-        r = c * (L * 5) + layer * 5
-        coding = tl.load(rec + r)
-        k = tl.load(rec + r + 1)
-        iabs = tl.load(rec + r + 2)
-        vabs = tl.load(rec + r + 3)
-        vd = tl.load(rec + r + 4)
+        lim, coding, k, iabs, vabs, vd = _client_layer(rec, starts, lens, c, layer, L)
         aligned_l = (coding == 0) & (k != numel)  # implicit with k < numel: an aligned layer
         is_list = (coding == 4) | (coding == 5) | aligned_l
         wide = coding == 5
