@@ -397,9 +397,7 @@ def encode(
             if ix.numel() != v.numel():
                 raise PayloadError(
                     f"layer {i}: {ix.numel()} indices but {v.numel()} values")
-        n = _as_int(layer.numel)
-        if n is None or n < 0:
-            raise PayloadError(f"layer {i}: numel must be a non-negative int, got {layer.numel!r}")
+        n = _layer_numel(layer, i)
         indices.append(ix)
         values.append(v.contiguous())
         numels.append(int(n))
@@ -416,6 +414,14 @@ def encode(
         )
     except (ValueError, RuntimeError) as exc:
         _reraise(exc)
+
+
+def _layer_numel(layer: "LayerPayload", i: int) -> int:
+    """``layer.numel`` as a non-negative int, or a PayloadError naming the layer."""
+    n = _as_int(layer.numel)
+    if n is None or n < 0:
+        raise PayloadError(f"layer {i}: numel must be a non-negative int, got {layer.numel!r}")
+    return n
 
 
 def _layer_values(layer: object, i: int) -> Tensor:
@@ -449,9 +455,7 @@ def _device_layers(payload: SparsePayload, value_dtype, device=None):
             ix = ix.detach().reshape(-1).to(device=device, dtype=torch.int64)
             if ix.numel() != v.numel():
                 raise PayloadError(f"layer {i}: {ix.numel()} indices but {v.numel()} values")
-        n = _as_int(layer.numel)
-        if n is None or n < 0:
-            raise PayloadError(f"layer {i}: numel must be a non-negative int, got {layer.numel!r}")
+        n = _layer_numel(layer, i)
         idxs.append(ix)
         vals.append(v.contiguous())
         numels.append(int(n))
