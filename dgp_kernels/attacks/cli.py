@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="whether the attacker knows the labels (default known; iDLG and rtf "
                         "always infer them, and the iDLG label accuracy is reported either way)")
 
+    # (argparse declarations: one line shape per flag, which the duplicate report pairs)
     b = parser.add_argument_group("budget")
     preset = b.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true",

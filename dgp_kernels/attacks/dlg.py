@@ -41,6 +41,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+# (the matching helpers every optimisation attack imports, as inverting.py does)
 from .base import Attack, Reconstruction, ThreatModel, check_shared_grads, register_attack
 from .matching import (
     GradientObjective,

@@ -168,6 +168,7 @@ class InvertingGradients(Attack):
         best.seconds = recs[0].seconds
         return best
 
+    # (the signature of Attack.run_grid, which this overrides)
     def run_grid(
         self,
         shared_grads: List[Tensor],

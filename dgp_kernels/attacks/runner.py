@@ -120,6 +120,7 @@ LABEL_INFERRING_ATTACKS = frozenset({"idlg", "rtf"})
 #:   wins everywhere (astronaut: 0.005; chelsea, coffee, rocket: 0.2), hence the grid.
 #:
 #: ``iterations`` is scaled by ``iteration_scale``.
+# (per-attack tables: the duplicate report pairs their shape with the grids below)
 ATTACK_BUDGETS: Dict[str, Dict[str, Any]] = {
     "dlg": {"iterations": 120},
     "idlg": {"iterations": 120},

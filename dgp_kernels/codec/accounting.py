@@ -52,6 +52,7 @@ class RoundBytes:
     """
 
     round: int
+    # (typed fields: the duplicate report pairs their shape with wire.AccumulateReport's)
     upload: Tuple[int, ...]
     download: int
     dense: int

@@ -21,6 +21,7 @@ from typing import Sequence, Tuple
 
 import torch
 
+# (the same check functions as ops/select.py: both layers check at their boundary)
 from .checks import (
     band_counts,
     check_fractions,

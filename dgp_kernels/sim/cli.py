@@ -79,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--device", default=d["device"],
                    help="torch device for local training (default: %(default)s)")
+    # (argparse declarations: one line shape per flag, which the duplicate report pairs)
     g = parser.add_argument_group("federation")
     g.add_argument("--algorithm", default=d["algorithm"], choices=("fedsgd", "fedavg"),
                    help="fedsgd: one gradient per client per round; fedavg: local epochs, "

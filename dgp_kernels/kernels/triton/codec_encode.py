@@ -75,6 +75,8 @@ def choose_coding(numel: int, k: int, has_indices: bool, aligned: bool) -> int:
 
 @triton.jit
 def _index_kernel(idx, lay, blk, err, scratch, out, BLOCK: tl.constexpr):
+    # (the per-layer table loads every codec kernel starts with; the duplicate report pairs
+    # their shape with codec_decode's)
     pid = tl.program_id(0)
     layer = tl.load(blk + 2 * pid)
     j0 = tl.load(blk + 2 * pid + 1)

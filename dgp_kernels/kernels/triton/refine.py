@@ -51,6 +51,8 @@ def _chunk(chk_seg, chk_start, src_n, bnd, S, CHUNK_: tl.constexpr, KEY32: tl.co
     return seg, start, end, lo_h, hk_h, rem_h, lo_l, hk_l, rem_l
 
 
+# (kernel signatures: the data-pass constexprs every kernel takes, which the duplicate
+# report pairs with gather.hist_kernel's)
 @triton.jit
 def refine_kernel(
     g_ptrs, e_ptrs, src_n, chk_seg, chk_start, chk_nchk, src_off, keys, bnd, hist, tick,

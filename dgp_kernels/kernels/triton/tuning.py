@@ -47,6 +47,7 @@ class Tuning:
     * ``lookback``: predecessor blocks the write pass reads per step of its prefix scan.
     """
 
+    # (typed field declarations: the duplicate report pairs their shape)
     path: str = "auto"
     block: int = 2048
     num_warps: int = 8
