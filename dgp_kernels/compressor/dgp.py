@@ -12,19 +12,25 @@ tensor (same count rule, so at equal ``keep`` it sends exactly as many values pe
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import ops
 from ..codec.payload import LayerPayload, SparsePayload
-from ..checks import check_bool, check_fractions, dtype_name
-from ..ops import DEFAULT_KEEP, DEFAULT_TOP
+from ..checks import check_bool, check_choice, check_fractions, dtype_name
+from ..ops import DEFAULT_KEEP, DEFAULT_TOP, band_counts
 from .base import Compressor, cast_values, check_grad_list, check_no_nan, check_value_dtype
 from .base import register_compressor
 
-__all__ = ["DGPCompressor", "TopKCompressor"]
+__all__ = ["DGPCompressor", "TopKCompressor", "TOP_FEEDBACK_POLICIES", "clip_top_band"]
+
+#: Error-feedback policies of the top band (ranks ``[0, k_top)``), see :class:`DGPCompressor`.
+TOP_FEEDBACK_POLICIES = ("full", "clipped", "drop")
+
+# Mantissa digits (implicit bit included) and smallest subnormal of each float dtype.
+_MANT = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
 
 
 @register_compressor("dgp")
@@ -38,6 +44,28 @@ class DGPCompressor(Compressor):
             gradient; off gives the single-round operator the attack evaluation uses.
         value_dtype: payload value dtype, ``float32`` (default, exact for float32
             gradients), ``bfloat16`` or ``float16`` (lossy, smaller on the wire).
+        top_feedback: what error feedback keeps of the **top band** (the ``k_top`` entries
+            of largest ``|g + e|``, ranks ``[0, k_top)``, which are never sent):
+
+            * ``"full"`` (default, the authors' DGP): all of it, ``e <- v`` there. Such an
+              entry only grows, so it tends to stay in the top band for good.
+            * ``"clipped"``: ``e <- c`` with ``|c| <= B``, where ``B`` is the top boundary,
+              the magnitude of rank ``k_top`` (the largest entry outside the top band: the
+              largest value sent when the band is not empty; 0 when every entry is in the
+              top band), so the entry can re-enter the band. ``c = v`` when ``|v| <= B``
+              (ties at the boundary); otherwise ``c = sign(v) * B`` rounded towards zero
+              to a multiple of the spacing of floats at ``|v|`` (it equals ``B`` whenever
+              ``|v| <= 2B``, and is 0 when ``B`` is below that spacing), which makes
+              ``v - c`` exact. ``v - c`` is dropped.
+            * ``"drop"``: nothing, ``e <- 0`` there; all of ``v`` is dropped.
+
+            What is dropped is recorded (:attr:`last_dropped`, :attr:`dropped_l1`,
+            :attr:`dropped_entries`), and per entry ``e_new + dropped == v`` bitwise, so
+            ``decoded_payload + e_new + dropped == g + e_old`` keeps the exactness below.
+            ``±inf`` in the top band: ``"clipped"`` carries ``±B`` and drops ``±inf``
+            (``±B + ±inf == ±inf``); when ``B`` is itself inf, nothing is dropped. The
+            policy costs one more selection per layer (the top band's positions) and
+            has no effect without error feedback or with ``top = 0``.
 
     Per tensor ``i`` with residual ``e_i`` (dtype and shape of ``grads[i]``):
     ``v = g + e``; ``(idx, kept) = band(v)``; ``e <- v`` with ``idx`` zeroed; send
@@ -58,6 +86,15 @@ class DGPCompressor(Compressor):
     Layers are grouped by (dtype, device) and each group goes through one multi-tensor op
     call (one call in total for the usual single-dtype model); payload tensors stay on each
     gradient's device. A NaN in ``g + e`` raises ``ValueError`` and modifies nothing.
+
+    Attributes (statistics of the top-band policy; all zero/empty with ``"full"``):
+        last_dropped: per layer of the last round, ``(indices, dropped)`` — int64 flat
+            indices of the top band (ascending) and what was dropped there (the layer's
+            dtype, zeros where nothing was); ``None`` before the first round or when the
+            policy did not run.
+        dropped_l1: sum of ``|dropped|`` over all rounds so far (a Python float, in
+            float64; ``inf`` once an inf was dropped).
+        dropped_entries: number of entries with a non-zero drop over all rounds.
     """
 
     def __init__(
@@ -66,6 +103,7 @@ class DGPCompressor(Compressor):
         keep: float = DEFAULT_KEEP,
         error_feedback: bool = True,
         value_dtype: Union[str, torch.dtype] = torch.float32,
+        top_feedback: str = "full",
     ) -> None:
         super().__init__()
         check_fractions(top, keep)
@@ -73,6 +111,15 @@ class DGPCompressor(Compressor):
         self.keep = float(keep)
         self.error_feedback = check_bool(error_feedback, "error_feedback")
         self.value_dtype = check_value_dtype(value_dtype)
+        if not isinstance(top_feedback, str):
+            raise TypeError(
+                f"top_feedback must be a str (one of {', '.join(TOP_FEEDBACK_POLICIES)}), "
+                f"got {type(top_feedback).__name__} {top_feedback!r}"
+            )
+        self.top_feedback = check_choice(top_feedback, "top_feedback", TOP_FEEDBACK_POLICIES)
+        self.last_dropped: Optional[List[Tuple[Tensor, Tensor]]] = None
+        self.dropped_l1 = 0.0
+        self.dropped_entries = 0
 
     def params(self) -> Dict[str, Any]:
         return {
@@ -80,7 +127,40 @@ class DGPCompressor(Compressor):
             "keep": self.keep,
             "error_feedback": self.error_feedback,
             "value_dtype": dtype_name(self.value_dtype),
+            "top_feedback": self.top_feedback,
         }
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {"dropped_l1": self.dropped_l1, "dropped_entries": self.dropped_entries}
+
+    def _load_extra_state(self, state: Dict[str, Any]) -> None:
+        self.dropped_l1 = float(state.get("dropped_l1", 0.0))
+        self.dropped_entries = int(state.get("dropped_entries", 0))
+        self.last_dropped = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.last_dropped = None
+        self.dropped_l1 = 0.0
+        self.dropped_entries = 0
+
+    def _top_band_feedback(self, e: Tensor, idx: Tensor, val: Tensor) -> Tuple[Tensor, Tensor]:
+        """Apply the top-band policy to one layer's flat residual ``e`` (mutated) right
+        after ``select_ef`` (which left ``v`` everywhere except the sent ``idx``, where it
+        wrote 0; ``val`` are the sent values). Returns ``(top indices, dropped)``."""
+        v = e.clone()
+        v[idx] = val
+        top_idx = ops.select(v, 0.0, self.top)[0]  # ranks [0, k_top): same counts, same ties
+        t = v[top_idx]
+        if self.top_feedback == "drop":
+            e[top_idx] = 0
+            return top_idx, t
+        outside = v.abs()
+        outside[top_idx] = 0
+        bound = outside.max() if outside.numel() else outside.new_zeros(())
+        c, drop = clip_top_band(t, bound)
+        e[top_idx] = c
+        return top_idx, drop
 
     def compress(self, grads: Sequence[Tensor]) -> SparsePayload:
         grads = check_grad_list(grads)
@@ -104,17 +184,31 @@ class DGPCompressor(Compressor):
             else:
                 out = ops.select_multi(gs, self.top, self.keep)
             results.append((members, out))
+        policy = residuals is not None and self.top_feedback != "full" and self.top > 0
+        dropped: Dict[int, Tuple[Tensor, Tensor]] = {}
         for members, (idx, val, off) in results:
             sent, err = cast_values(val, self.value_dtype)
             bounds = off.tolist()
             for j, i in enumerate(members):
                 a, b = bounds[j], bounds[j + 1]
                 layer_idx = idx[a:b]
+                if policy and band_counts(grads[i].numel(), self.top, self.keep)[0]:
+                    top_idx, drop = self._top_band_feedback(
+                        residuals[i].view(-1), layer_idx, val[a:b])
+                    dropped[i] = (top_idx, drop)
+                    if drop.numel():
+                        self.dropped_l1 += float(drop.double().abs().sum())
+                        self.dropped_entries += int((drop != 0).sum())
                 if err is not None and residuals is not None and b > a:
                     # select_ef zeroed e at the sent positions, so e there is just the error.
                     residuals[i].view(-1)[layer_idx] = err[a:b]
                 selected.append((i, layer_idx, sent[a:b]))
         selected.sort(key=lambda t: t[0])
+        if policy:
+            self.last_dropped = [
+                dropped.get(i) or (g.new_zeros(0, dtype=torch.int64), g.new_zeros(0))
+                for i, g in enumerate(grads)
+            ]
         layers = tuple(
             LayerPayload(numel=grads[i].numel(), indices=ix, values=v) for i, ix, v in selected
         )
@@ -148,5 +242,35 @@ class TopKCompressor(DGPCompressor):
 
     def params(self) -> Dict[str, Any]:
         p = super().params()
-        del p["top"]
+        del p["top"], p["top_feedback"]
         return p
+
+
+def clip_top_band(t: Tensor, bound: Tensor) -> Tuple[Tensor, Tensor]:
+    """The ``"clipped"`` top-band policy on values ``t``: ``(carried, dropped)`` with
+    ``|carried| <= bound`` and ``carried + dropped == t`` bitwise (see :class:`DGPCompressor`).
+    ``dropped = t - carried`` (exact), and 0 where nothing is clipped (so ``inf`` within an
+    inf bound drops 0, not ``inf - inf``).
+
+    ``t``: 1-D float tensor (no NaN); ``bound``: 0-d tensor, ``>= 0`` (may be inf).
+    ``c = t`` where ``|t| <= bound``; ``c = sign(t) * bound`` where ``t`` is inf; otherwise
+    ``sign(t) * floor(bound / q) * q`` with ``q`` the spacing of floats at ``|t|``
+    (a power of two, at least the smallest subnormal). ``t`` is a multiple of ``q`` and
+    ``|t| <= 2**p * q`` (``p`` mantissa digits), so ``t - c``, a multiple of ``q`` no larger
+    than ``|t|`` in magnitude, is representable. Computed in float64, exact for every float
+    dtype: ``bound / q`` and ``* q`` only shift exponents.
+    """
+    if t.numel() == 0:
+        return t.clone(), t.clone()
+    a = t.double().abs()
+    b = bound.double()
+    p = _MANT[t.dtype]
+    tiny = float(torch.finfo(t.dtype).smallest_normal) * 2.0 ** (1 - p)  # smallest subnormal
+    exp = torch.frexp(a).exponent  # a in [2**(exp-1), 2**exp)
+    q = torch.ldexp(torch.ones_like(a), (exp - p).to(torch.float64)).clamp_min(tiny)
+    mag = torch.floor(b / q) * q
+    mag = torch.where(torch.isinf(a), b.expand_as(a), mag)
+    mag = torch.where(a <= b, a, mag)
+    clipped = a > b
+    c = torch.where(t < 0, -mag, mag).to(t.dtype).where(clipped, t)
+    return c, torch.where(clipped, t - c, torch.zeros_like(t))
