@@ -130,6 +130,13 @@ class DGPCompressor(Compressor):
             "top_feedback": self.top_feedback,
         }
 
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        # A state saved before top_feedback existed was saved by the authors' policy.
+        if isinstance(state, dict) and isinstance(state.get("params"), dict) \
+                and state.get("compressor") == "dgp" and "top_feedback" not in state["params"]:
+            state = dict(state, params=dict(state["params"], top_feedback="full"))
+        super().load_state_dict(state)
+
     def _extra_state(self) -> Dict[str, Any]:
         return {"dropped_l1": self.dropped_l1, "dropped_entries": self.dropped_entries}
 

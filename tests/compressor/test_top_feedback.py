@@ -166,6 +166,11 @@ def test_state_roundtrip_and_reset():
     assert a.dropped_l1 == b.dropped_l1
     with pytest.raises(ValueError, match="top_feedback"):
         get_compressor("dgp", top_feedback="drop").load_state_dict(sd)
+    # A state saved before the parameter existed loads into the default policy only.
+    old = dict(sd, params={k: v for k, v in sd["params"].items() if k != "top_feedback"})
+    get_compressor("dgp").load_state_dict(old)
+    with pytest.raises(ValueError, match="top_feedback"):
+        get_compressor("dgp", top_feedback="clipped").load_state_dict(old)
     a.reset()
     assert a.dropped_l1 == 0.0 and a.dropped_entries == 0 and a.last_dropped is None
 

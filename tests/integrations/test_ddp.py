@@ -202,6 +202,17 @@ def test_residuals_follow_parameters_across_bucket_layouts():
     assert len(state._compressors) == 2 and not state._orphans
 
 
+def test_top_feedback_param_reaches_the_compressor():
+    state = DGPHookState(compressor="dgp", params={"top_feedback": "clipped"})
+    g = torch.randn(200, generator=torch.Generator().manual_seed(0))
+    comp = state.compressor_for(((1, 200),), [g])
+    assert comp.top_feedback == "clipped"
+    comp.compress([g])
+    assert comp.dropped_entries > 0
+    with pytest.raises(ValueError, match="top_feedback"):
+        DGPHookState(compressor="dgp", params={"top_feedback": "half"})
+
+
 def test_bitmap_pack_roundtrip():
     g = torch.Generator().manual_seed(1)
     for n in (0, 1, 7, 8, 9, 100, 1001):

@@ -218,6 +218,20 @@ def test_mod_state_survives_in_the_context_record_dict():
         assert data == encode_update(base, _model_arrays(9), ref2)[0]
 
 
+def test_top_feedback_param_reaches_the_compressor():
+    mod = DGPMod("dgp", {"top_feedback": "drop"})
+    state, ref = RecordDict(), DGPCompressor(top_feedback="drop")
+    base = _model_arrays(0)
+    for rnd in range(2):  # the policy holds across rounds restored from the context
+        comp = fl._load_compressor(state, mod.compressor, mod.params)
+        assert comp.top_feedback == "drop"
+        data, _ = encode_update(base, _model_arrays(rnd + 5), comp)
+        fl._save_compressor(state, comp, ["w", "b"])
+        assert data == encode_update(base, _model_arrays(rnd + 5), ref)[0]
+    with pytest.raises(ValueError, match="top_feedback"):
+        DGPMod("dgp", {"top_feedback": "half"})
+
+
 def test_encode_update_checks_the_model():
     base = _model_arrays(0)
     with pytest.raises(ValueError, match="do not match"):
