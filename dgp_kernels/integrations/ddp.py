@@ -46,8 +46,9 @@ sends values at the same positions, so the values of all ranks can be summed by 
 ordinary all-reduce. The positions of each step are chosen by rank 0 (the broadcaster) as
 the DGP band of its own ``g + e`` per parameter and broadcast as a bitmap (``numel / 8``
 bytes per bucket); every rank then sends its ``g + e`` at those positions and keeps the
-rest in its residual. (Re-choosing from the broadcaster's fresh gradient every step is the
-variant that reaches every coordinate, see :mod:`dgp_kernels.compressor.adgp`.)
+rest in its residual. This is ADGP's default "fresh" rule (the broadcaster's own band every
+step, which reaches every coordinate); the "aggregate" option of
+:mod:`dgp_kernels.compressor.adgp` is not offered here.
 
 Devices: the bucket's device decides everything — compression runs there (C++ kernel on
 CPU, Triton on CUDA), the collectives use tensors on that device (gloo for CPU, NCCL for

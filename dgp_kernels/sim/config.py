@@ -36,7 +36,7 @@ DEFENSES = ("none", "dgp", "adgp", "topk", "randk", "dp", "qsgd")
 #: Extra ``adgp`` parameters that configure the server-side Broadcaster, not the client.
 ADGP_BROADCASTER_PARAMS = ("top", "keep", "positions")
 #: How the ADGP broadcaster picks positions after round 1.
-ADGP_POSITION_RULES = ("aggregate", "fresh")
+ADGP_POSITION_RULES = ("fresh", "aggregate")
 
 #: Ways a client can fail in a round (see :class:`Fault`).
 FAULT_KINDS = ("raise", "absent", "corrupt", "truncate", "nan_payload")
@@ -99,8 +99,9 @@ class SimConfig:
             too: its parameters move into ``defense_params``.
         defense_params: keyword arguments of that compressor (``{"top": 0.05}``); for
             ``adgp`` also ``top``/``keep`` (the broadcaster's band) and ``positions``
-            (``"aggregate"``: band of the previous aggregate, the default rule, see
-            :mod:`dgp_kernels.compressor.adgp`; ``"fresh"``: band of the broadcaster's own gradient each round).
+            (``"fresh"``, the default: band of the broadcaster's own gradient each round;
+            ``"aggregate"``: band of the previous round's aggregate, which leaves most
+            coordinates unsent, see :mod:`dgp_kernels.compressor.adgp`).
             Random compressors get ``seed + client`` per client (``seed`` defaults to a
             value derived from ``SimConfig.seed``).
         clients: number of clients N.
@@ -234,7 +235,7 @@ class SimConfig:
             raise TypeError(f"{n('diagnostics')} must be a bool, got {self.diagnostics!r}")
         spec = format_spec(self.defense, self.defense_params)
         if self.defense == "adgp":
-            rule = self.defense_params.get("positions", "aggregate")
+            rule = self.defense_params.get("positions", "fresh")
             if rule not in ADGP_POSITION_RULES:
                 raise ValueError(
                     f"{n('defense')} {spec!r}: positions must be one of "

@@ -273,7 +273,9 @@ def simulate(config: SimConfig, *, progress: bool = True,
         ``top_never_sent_fraction`` (of the entries held back at the top this round, the
         fraction this client has never sent) and ``top_repeat_fraction`` (the fraction
         that were also held back at the top in this client's previous round: near 1 means
-        the top band is occupied by the same parked coordinates round after round); and,
+        the top band is occupied by the same parked coordinates round after round),
+        ``top_dropped_l1`` (L1 of what the ``top_feedback`` policy dropped this round, 0
+        for the authors' ``"full"``); and,
         across clients, ``server_never_received_fraction`` (coordinates no client has
         ever sent) and ``top_held_by_all_fraction`` (coordinates every participant held
         back at the top this round).
@@ -340,7 +342,7 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
 
     adgp = config.defense == "adgp"
     broadcaster = Broadcaster(**broadcaster_params(config)) if adgp else None
-    position_rule = config.defense_params.get("positions", "aggregate") if adgp else None
+    position_rule = config.defense_params.get("positions", "fresh") if adgp else None
     # The broadcaster's own gradient: trusted client 0's data, from a separate batch stream
     # (so client 0's training batches are the same as in any other defense's run).
     bcast_client = _Client(cid=-1, indices=shards[0], gen=_seeded_gen(config.seed, 17),
@@ -598,14 +600,21 @@ def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,
     never = sum(int((~s).sum()) for s in cl.ever_sent)
     # DGP: after compress the residual holds v = g + e everywhere except the sent band, so
     # its k_top largest magnitudes per layer are exactly the entries held back at the top.
+    # A top_feedback policy other than "full" changes the residual there, but the compressor
+    # reports the band's positions (and what it dropped) itself.
     top = getattr(cl.compressor, "top", 0.0)
+    band = getattr(cl.compressor, "last_dropped", None)
+    dropped_l1 = sum(float(d.double().abs().sum()) for _, d in band) if band else 0.0
     top_n = top_never = top_again = 0
     if res is not None and top > 0:
         held = [torch.zeros(s.numel(), dtype=torch.bool) for s in cl.ever_sent]
         for i, (e, sent) in enumerate(zip(res, cl.ever_sent)):
             k_top = band_counts(e.numel(), top, getattr(cl.compressor, "keep", 0.0))[0]
             if k_top:
-                idx = e.detach().reshape(-1).abs().cpu().topk(k_top).indices
+                if band is not None:
+                    idx = band[i][0].cpu()
+                else:
+                    idx = e.detach().reshape(-1).abs().cpu().topk(k_top).indices
                 top_n += k_top
                 top_never += int((~sent[idx]).sum())
                 held[i][idx] = True
@@ -625,4 +634,5 @@ def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,
         "residual_max_abs": emax,
         "top_never_sent_fraction": top_never / top_n if top_n else 0.0,
         "top_repeat_fraction": top_again / top_n if top_n and had_previous else 0.0,
+        "top_dropped_l1": dropped_l1,
     }

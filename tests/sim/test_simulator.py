@@ -120,13 +120,42 @@ def test_adgp_download_charges_positions_and_aggregate(monkeypatch):
     assert res.rounds[0]["upload_bytes"] == 4 * agg  # uploads are values only too
 
 
+def test_adgp_default_positions_are_the_fresh_band(monkeypatch):
+    # The broadcaster re-chooses from its own gradient every round and never observes the
+    # aggregate; positions="aggregate" observes it from round 2 on.
+    calls = {"choose": 0, "observe": 0}
+    for name in calls:
+        real = getattr(simmod.Broadcaster, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(simmod.Broadcaster, name, spy)
+    default = run(defense="adgp", rounds=3)
+    assert calls == {"choose": 3, "observe": 0}
+    fresh = run(defense="adgp", defense_params={"positions": "fresh"}, rounds=3)
+    assert same_state(default.model_state, fresh.model_state)
+    calls.update(choose=0, observe=0)
+    run(defense="adgp", defense_params={"positions": "aggregate"}, rounds=3)
+    assert calls == {"choose": 1, "observe": 3}
+
+
+def test_dgp_top_feedback_reaches_the_clients_and_reports_drops():
+    full = run(defense="dgp", rounds=2, diagnostics=True)
+    clipped = run(defense="dgp", defense_params={"top_feedback": "clipped"}, rounds=2, diagnostics=True)
+    assert all(r["top_dropped_l1"] == 0 for r in full.rounds)
+    assert all(r["top_dropped_l1"] > 0 for r in clipped.rounds)
+    with pytest.raises(ValueError, match="top_feedback"):
+        SimConfig(defense="dgp", defense_params={"top_feedback": "half"}).validate()
+
+
 # --------------------------------------------------------------------------------------
 # Compression off == no compression, bitwise (the payload paths lose nothing)
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("defense,params", [
     ("dgp", dict(top=0.0, keep=1.0)),
     ("adgp", dict(top=0.0, keep=1.0)),
-    ("adgp", dict(top=0.0, keep=1.0, positions="fresh")),
+    ("adgp", dict(top=0.0, keep=1.0, positions="aggregate")),
     ("topk", dict(keep=1.0)),
 ])
 def test_full_band_equals_none(defense, params):
