@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and of SimConfig(defense=...)); NAME is none, dgp, adgp, topk, randk, dp or qsgd and\n"
         "the keys are that compressor's keyword arguments, e.g.\n"
         "  dgp:top=0.02,keep=0.1   dgp:error_feedback=false   dgp:value_dtype=bfloat16\n"
-        "  dp:clip=1,noise_multiplier=0.01   qsgd:levels=15   adgp:positions=fresh\n"
+        "  dgp:top_feedback=clipped   dp:clip=1,noise_multiplier=0.01   qsgd:levels=15\n"
+        "  adgp:positions=aggregate\n"
     )
     g = parser.add_argument_group("run")
     g.add_argument("--defenses", nargs="+", default=["none", "dgp"], metavar="SPEC",

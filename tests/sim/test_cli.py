@@ -65,6 +65,7 @@ def test_train_writes_results(tmp_path, capsys):
     (["--dataset", "cifar10"], "needs root="),
     (["--defenses", "dgp,dgp:top=0.1"], "twice"),
     (["--seeds", "0,0"], "--seeds"),
+    (["--defenses", "dgp:top_feedback=half"], "top_feedback must be one of full, clipped, drop"),
 ])
 def test_bad_options_exit_2(tmp_path, capsys, argv, match):
     out = tmp_path / "out"
@@ -74,6 +75,17 @@ def test_bad_options_exit_2(tmp_path, capsys, argv, match):
     assert match in err and "SimConfig" not in err, err
     if "--dataset" not in argv:  # bad options are found before the output folder is made
         assert not out.exists()
+
+
+def test_train_top_feedback_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--defenses", "dgp:top_feedback=clipped", "--model", "mlp",
+               "--clients", "2", "--rounds", "2", "--threads", "1", "--no-progress",
+               "--no-plots", "--diagnostics", "--out", str(out)])
+    assert rc == 0 and "top_feedback=clipped" in capsys.readouterr().out
+    res = json.loads((out / "dgp.json").read_text())
+    assert res["config"]["defense_params"] == {"top_feedback": "clipped"}
+    assert all(r["top_dropped_l1"] > 0 for r in res["rounds"])
 
 
 def test_unwritable_out_fails_before_running(tmp_path, capsys):
