@@ -10,7 +10,7 @@ Selection rule (ours; the paper does not fix one):
 * **Default, every round** ("fresh"): positions of layer ``i`` = the DGP band
   (:func:`dgp_kernels.select` with the same ``top``/``keep`` as the clients) of the
   broadcaster's own gradient ``i`` (:meth:`Broadcaster.choose`). The simulator, the DDP
-  hook (rank 0's ``g + e`` each step) and the examples use this rule.
+  hook (rank 0's ``g + e`` each step) and the typical round below use this rule.
 * **Option** ("aggregate"): round 1 as above, then the DGP band of the previous round's
   aggregated update (:meth:`Broadcaster.observe`), per layer. It saves the broadcaster a
   gradient per round but leaves most coordinates unsent (caveat below): on digits
