@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from typing import Dict, List, Optional
@@ -38,21 +37,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from dgp_kernels.machine import cpu_model
+
 DEFAULT_SIZES = [10, 100, 1_000, 2_000, 4_096, 5_000, 9_999, 10_000, 20_000, 32_768,
                  100_000, 1_000_000, 10_000_000, 100_000_000]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _header() -> Dict[str, object]:
@@ -60,7 +50,7 @@ def _header() -> Dict[str, object]:
 
     info = dgp_kernels.backend_info()
     return {
-        "cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
         "dgp_kernels": dgp_kernels.__version__, "backend": str(info),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "load_start": os.getloadavg()[0],

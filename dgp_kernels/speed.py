@@ -42,6 +42,7 @@ from typing import Callable, List, Optional, Sequence, TextIO
 import torch
 
 import dgp_kernels
+from dgp_kernels.machine import cpu_model
 from dgp_kernels.ops import DEFAULT_KEEP, DEFAULT_TOP
 from dgp_kernels.ops.baselines import authors_dgp, clone_all, single_topk
 from dgp_kernels.cases.models import MODELS, get_model
@@ -143,17 +144,6 @@ class _Method:
 # --------------------------------------------------------------------------------------
 # Inputs and machine description
 # --------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _backend_text() -> str:
     info = dgp_kernels.backend_info()
     text = f"cpu={info.cpu} (simd {info.cpu_simd}), cuda={info.cuda}"
@@ -176,7 +166,7 @@ def machine_header(config: BenchConfig) -> BenchHeader:
         usable = os.cpu_count() or 1
     return BenchHeader(
         platform=platform.platform(),
-        cpu_model=_cpu_model(),
+        cpu_model=cpu_model(),
         logical_cores=os.cpu_count() or 1,
         usable_cores=usable,
         python=platform.python_version(),

@@ -23,7 +23,7 @@ PKG = ROOT / "dgp_kernels"
 # Layers, bottom to top: a module may import its own layer and those below it. The
 # top-level modules not listed (cli.py, speed.py, benchmarks_gpu.py) are wiring: top layer.
 LAYERS = {
-    "checks": 0, "registry": 0, "optional": 0, "spec": 0, "native": 0,
+    "checks": 0, "registry": 0, "optional": 0, "spec": 0, "native": 0, "machine": 0,
     "ops": 1, "kernels": 1, "_backend": 1, "_C": 1, "": 1,  # "": the package itself
     "codec": 2,
     "compressor": 3,

@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..machine import cpu_model
 from . import metrics
 from .base import ThreatModel, available_attacks, compute_gradients, get_attack, infer_labels_idlg
 from ..cases.targets import TargetSet, load_targets
@@ -683,23 +684,11 @@ def _json_safe(x: Any) -> Any:
 # --------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine_info(device: str) -> Dict[str, Any]:
     info: Dict[str, Any] = {
         "host": platform.node(),
         "platform": platform.platform(),
-        "processor": _cpu_name(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
