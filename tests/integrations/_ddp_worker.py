@@ -113,24 +113,35 @@ def _train(rank: int, compressor: str, params: Dict, steps: int = STEPS, codec: 
     }
 
 
-def train_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """Train :class:`Net` with the DGP hook, then with the ADGP hook; save what happened."""
+def _run_rank(rank: int, out_dir: str, body) -> None:
+    """Run ``body()`` (which sets up the group and returns what this rank saves), save it,
+    wait for every rank before tearing the group down (nobody tears it down under
+    another), and on any failure leave the traceback in ``rank<r>.err``."""
     import torch.distributed as dist
 
     try:
-        _init(rank, world, port, 60.0)
-        result = {
-            "dgp": _train(rank, "dgp", {"top": 0.05, "keep": 0.2}),
-            "adgp": _train(rank, "adgp", {"top": 0.05, "keep": 0.2}),
-        }
+        result = body()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # every rank has saved: nobody tears the group down under another
+        dist.barrier()
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
     _exit_now()
+
+
+def train_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Train :class:`Net` with the DGP hook, then with the ADGP hook; save what happened."""
+
+    def body():
+        _init(rank, world, port, 60.0)
+        return {
+            "dgp": _train(rank, "dgp", {"top": 0.05, "keep": 0.2}),
+            "adgp": _train(rank, "adgp", {"top": 0.05, "keep": 0.2}),
+        }
+
+    _run_rank(rank, out_dir, body)
 
 
 DEVICE_STEPS = 3
@@ -140,22 +151,15 @@ def device_codec_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """The hook's device path on CPU tensors: the Triton codec forced (interpreter), both
     modes, a few steps, two buckets per step (the interpreter is slow)."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    import torch.distributed as dist
 
-    try:
+    def body():
         _init(rank, world, port, 120.0)
-        result = {
+        return {
             "dgp": _train(rank, "dgp", {"top": 0.05, "keep": 0.2}, DEVICE_STEPS, "triton", 0.001),
             "adgp": _train(rank, "adgp", {"top": 0.05, "keep": 0.2}, DEVICE_STEPS, "triton", 0.001),
         }
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    _exit_now()
+
+    _run_rank(rank, out_dir, body)
 
 
 def failure_worker(idx: int, ports: List[int], out_dir: str, timeout_s: float) -> None:
@@ -263,7 +267,7 @@ def nccl_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from dgp_kernels.integrations.ddp import DGPHookState, dgp_hook
 
-    try:
+    def body():
         torch.cuda.set_device(rank)
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
@@ -283,11 +287,6 @@ def nccl_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 losses.append(float(loss.detach()))
             out[mode] = {"losses": losses, "steps": [s.__dict__ for s in state.steps],
                          "grad_device": str(next(model.parameters()).grad.device)}
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    _exit_now()
+        return out
+
+    _run_rank(rank, out_dir, body)
