@@ -50,7 +50,8 @@ def _with_ties_and_infs(seed, dtype, inf=False):
 
 
 def test_default_is_full_and_matches_reference_bits():
-    c = get_compressor("dgp")
+    assert get_compressor("dgp").top_feedback == "full"
+    c = get_compressor("dgp", dense_below=0)  # the op's band on every layer, even the empty one
     assert c.top_feedback == "full" and c.params()["top_feedback"] == "full"
     res = [torch.zeros(s) for s in SHAPES]
     for r in range(4):
