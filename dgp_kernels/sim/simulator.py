@@ -344,9 +344,13 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
     broadcaster = Broadcaster(**broadcaster_params(config)) if adgp else None
     position_rule = config.defense_params.get("positions", "fresh") if adgp else None
     # The broadcaster's own gradient: trusted client 0's data, from a separate batch stream
-    # (so client 0's training batches are the same as in any other defense's run).
-    bcast_client = _Client(cid=-1, indices=shards[0], gen=_seeded_gen(config.seed, 17),
-                           compressor=get_compressor("none")) if adgp else None
+    # (so client 0's training batches are the same as in any other defense's run). Under
+    # the "fresh" rule it keeps its own ADGP residual e and ranks g + e, as rank 0 does in
+    # the DDP hook; under "gradient" it ranks g alone.
+    bcast_client = _Client(
+        cid=-1, indices=shards[0], gen=_seeded_gen(config.seed, 17),
+        compressor=get_compressor("adgp", **compressor_params(config, 0))
+        if position_rule == "fresh" else get_compressor("none")) if adgp else None
     positions: Optional[AlignedPositions] = None
 
     def local_gradient(cl: _Client, batch: Tensor) -> List[Tensor]:
@@ -398,12 +402,21 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
             # ---- ADGP: this round's positions ---------------------------------------
             if adgp:
                 assert broadcaster is not None and bcast_client is not None
-                if positions is None or position_rule == "fresh":
+                if positions is None or position_rule != "aggregate":
                     snap = _snapshot(model)
                     t_local = time.perf_counter()
-                    own = local_gradient(bcast_client, bcast_client.next_batch(config.batch_size))
+                    own = [g.detach().clone() for g in
+                           local_gradient(bcast_client, bcast_client.next_batch(config.batch_size))]
                     local_s += time.perf_counter() - t_local
-                    positions = broadcaster.choose([g.detach().clone() for g in own])
+                    bc = bcast_client.compressor
+                    if isinstance(bc, ADGPCompressor):  # "fresh": the band of its own g + e
+                        res = bc.memory.peek()
+                        ranked = own if res is None else [g + e for g, e in zip(own, res)]
+                        positions = broadcaster.choose(ranked)
+                        bc.set_positions(positions)
+                        bc.compress(own)  # its residual: what it did not send at them
+                    else:
+                        positions = broadcaster.choose(own)
                     _restore(model, snap)
                 download_per_client += positions_nbytes(positions)
                 for cl in clients:
