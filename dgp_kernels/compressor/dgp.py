@@ -27,7 +27,7 @@ from .base import register_compressor
 __all__ = ["DGPCompressor", "TopKCompressor", "TOP_FEEDBACK_POLICIES", "clip_top_band"]
 
 #: Error-feedback policies of the top band (ranks ``[0, k_top)``), see :class:`DGPCompressor`.
-TOP_FEEDBACK_POLICIES = ("full", "clipped", "drop")
+TOP_FEEDBACK_POLICIES = ("full", "clipped", "floor", "drop")
 
 # Mantissa digits (implicit bit included) and smallest subnormal of each float dtype.
 _MANT = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
@@ -170,9 +170,12 @@ class DGPCompressor(Compressor):
         if self.top_feedback == "drop":
             e[top_idx] = 0
             return top_idx, t
-        outside = v.abs()
-        outside[top_idx] = 0
-        bound = outside.max() if outside.numel() else outside.new_zeros(())
+        if self.top_feedback == "floor":  # the smallest magnitude sent (0 without a band)
+            bound = val.abs().min() if val.numel() else v.new_zeros(())
+        else:
+            outside = v.abs()
+            outside[top_idx] = 0
+            bound = outside.max() if outside.numel() else outside.new_zeros(())
         c, drop = clip_top_band(t, bound)
         e[top_idx] = c
         return top_idx, drop

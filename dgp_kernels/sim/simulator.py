@@ -58,6 +58,7 @@ from ..compressor import (
     decompress_aligned,
     get_compressor,
 )
+from .. import ops
 from ..ops import band_counts
 from ..optional import progress_bar
 from .config import Fault, SimConfig, broadcaster_params, compressor_params
@@ -619,6 +620,21 @@ def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,
     band = getattr(cl.compressor, "last_dropped", None)
     dropped_l1 = sum(float(d.double().abs().sum()) for _, d in band) if band else 0.0
     top_n = top_never = top_again = 0
+    fresh_n = fresh_sent = 0
+    if top > 0:  # this round's largest gradient entries that went out anyway
+        for i, (u, layer) in enumerate(zip(update, payload.layers)):
+            uf = u.detach().reshape(-1).cpu()
+            k_top = band_counts(uf.numel(), top, getattr(cl.compressor, "keep", 0.0))[0]
+            if not k_top:
+                continue
+            fresh = ops.select(uf, 0.0, top)[0]
+            sent_now = torch.zeros(uf.numel(), dtype=torch.bool)
+            if layer.indices is None:
+                sent_now[:] = True
+            else:
+                sent_now[layer.indices.cpu()] = True
+            fresh_n += k_top
+            fresh_sent += int(sent_now[fresh].sum())
     if res is not None and top > 0:
         held = [torch.zeros(s.numel(), dtype=torch.bool) for s in cl.ever_sent]
         for i, (e, sent) in enumerate(zip(res, cl.ever_sent)):
@@ -648,4 +664,5 @@ def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,
         "top_never_sent_fraction": top_never / top_n if top_n else 0.0,
         "top_repeat_fraction": top_again / top_n if top_n and had_previous else 0.0,
         "top_dropped_l1": dropped_l1,
+        "fresh_top_sent_fraction": fresh_sent / fresh_n if fresh_n else 0.0,
     }
