@@ -341,3 +341,15 @@ def test_fedavg_full_band_equals_none():
     adgp = run(defense="adgp", defense_params=dict(top=0.0, keep=1.0), **kw)
     for k, v in base.model_state.items():
         torch.testing.assert_close(adgp.model_state[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_fresh_top_sent_fraction_diagnostic():
+    # Of each round's k_top largest gradient entries per layer, the share sent that round:
+    # 0 when nothing but the gradient is ranked (round 1, or no error feedback), and in
+    # [0, 1] once residuals re-rank the entries.
+    ef = run(defense="dgp", rounds=4, diagnostics=True)
+    assert ef.rounds[0]["fresh_top_sent_fraction"] == 0.0
+    assert all(0.0 <= r["fresh_top_sent_fraction"] <= 1.0 for r in ef.rounds)
+    assert any(r["fresh_top_sent_fraction"] > 0.0 for r in ef.rounds[1:])
+    off = run(defense="dgp", defense_params={"error_feedback": False}, rounds=3, diagnostics=True)
+    assert all(r["fresh_top_sent_fraction"] == 0.0 for r in off.rounds)
