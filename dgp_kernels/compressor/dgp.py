@@ -57,15 +57,30 @@ class DGPCompressor(Compressor):
               to a multiple of the spacing of floats at ``|v|`` (it equals ``B`` whenever
               ``|v| <= 2B``, and is 0 when ``B`` is below that spacing), which makes
               ``v - c`` exact. ``v - c`` is dropped.
+            * ``"floor"``: as ``"clipped"`` with ``B`` the band's floor, the smallest
+              magnitude sent this round (rank ``k_top + k_keep - 1``; 0 when nothing is
+              sent), so a carried entry starts the next round below every value just sent
+              instead of on the top boundary, where any same-sign gradient pushes it back
+              into the top band.
             * ``"drop"``: nothing, ``e <- 0`` there; all of ``v`` is dropped.
 
             What is dropped is recorded (:attr:`last_dropped`, :attr:`dropped_l1`,
             :attr:`dropped_entries`), and per entry ``e_new + dropped == v`` bitwise, so
             ``decoded_payload + e_new + dropped == g + e_old`` keeps the exactness below.
-            ``±inf`` in the top band: ``"clipped"`` carries ``±B`` and drops ``±inf``
+            ``±inf`` in the top band: ``"clipped"``/``"floor"`` carry ``±B`` and drop ``±inf``
             (``±B + ±inf == ±inf``); when ``B`` is itself inf, nothing is dropped. The
             policy costs one more selection per layer (the top band's positions) and
             has no effect without error feedback or with ``top = 0``.
+        dense_below: tensors with fewer entries than this are sent dense (every value, no
+            positions; with error feedback their residual keeps only the value dtype's
+            rounding error). ``None`` (default) sends dense exactly the tensors whose band
+            is empty (``k_keep = 0``: fewer than 5 entries at ``keep = 0.2``), which would
+            otherwise never send anything and, with error feedback, only grow their
+            residual; every other tensor keeps the authors' band. ``0`` is the authors'
+            operator on every tensor. The authors' ring variant sent tensors under 1,000
+            entries dense; ``dense_below=1000`` costs +6.8 % upload on ``convnet_small``
+            and +0.3 % on the CIFAR ResNet-18 (``bench/studies/dense_below.py``) and sends
+            those tensors unpruned, so their largest entries are no longer withheld.
 
     Per tensor ``i`` with residual ``e_i`` (dtype and shape of ``grads[i]``):
     ``v = g + e``; ``(idx, kept) = band(v)``; ``e <- v`` with ``idx`` zeroed; send
