@@ -134,10 +134,12 @@ def qdisc_show() -> str:
     return _run(["tc", "-s", "qdisc", "show", "dev", "lo"]).strip()
 
 
-def measure_rate(nbytes: int, timeout: float = 60.0) -> float:
-    """Time one TCP transfer of ``nbytes`` over 127.0.0.1; bits per second (payload only)."""
+def measure_rate(nbytes: int, timeout: float = 60.0, port: int = 0, host: str = "127.0.0.1") -> float:
+    """Time one TCP transfer of ``nbytes`` to ``host:port`` on lo (port 0: any free port);
+    bits per second (payload only)."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.bind(("127.0.0.1", 0))
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
     srv.listen(1)
     port = srv.getsockname()[1]
     got = [0]
@@ -154,7 +156,7 @@ def measure_rate(nbytes: int, timeout: float = 60.0) -> float:
 
     t = threading.Thread(target=recv, daemon=True)
     t.start()
-    cli = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    cli = socket.create_connection((host, port), timeout=timeout)
     buf = b"\0" * (1 << 20)
     t0 = time.perf_counter()
     with cli:
@@ -226,6 +228,64 @@ class ShapedLink:
             subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True, timeout=30)
             if "tbf" in qdisc_show():
                 raise RuntimeError("could not remove the tbf qdisc from lo")
+
+
+class ShapedAddress:
+    """``with ShapedAddress("50mbit", "127.0.0.2") as link:`` — only IPv4 traffic to or from
+    one loopback address is limited (an ``htb`` class with ``u32`` filters on source and
+    destination address); the rest of lo (127.0.0.1) runs at loopback speed. For a
+    deployment whose local hops (a server process and its broker on one host) are not the
+    slow link: the remote side connects to the other address. ``link.sent_bytes()``: bytes
+    that went through the limited class so far (both directions)."""
+
+    def __init__(self, rate: str, ip: str = "127.0.0.2", probe_s: float = 0.4) -> None:
+        if not isinstance(ip, str) or not re.fullmatch(r"127\.\d+\.\d+\.\d+", ip) or ip == "127.0.0.1":
+            raise ValueError(f"ip must be a loopback address other than 127.0.0.1, got {ip!r}")
+        self.rate, self.bps, self.ip, self.probe_s = rate, parse_rate(rate), ip, probe_s
+        self.measured_bps: Optional[float] = None
+
+    def __enter__(self) -> "ShapedPort":
+        check_private_netns()
+        _run(["ip", "link", "set", "lo", "up"])
+        cmds = [
+            ["tc", "qdisc", "replace", "dev", "lo", "root", "handle", "1:", "htb", "default", "20", "r2q", "100000"],
+            ["tc", "class", "add", "dev", "lo", "parent", "1:", "classid", "1:10", "htb", "rate", f"{self.bps}bit",
+             "burst", str(BURST_BYTES), "cburst", str(BURST_BYTES)],
+            ["tc", "class", "add", "dev", "lo", "parent", "1:", "classid", "1:20", "htb", "rate", "100gbit"],
+            ["tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+             "match", "ip", "dst", f"{self.ip}/32", "flowid", "1:10"],
+            ["tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+             "match", "ip", "src", f"{self.ip}/32", "flowid", "1:10"],
+        ]
+        try:
+            for c in cmds:
+                _run(c)
+            nbytes = max(1 << 20, int(self.bps / 8 * self.probe_s))
+            self.measured_bps = measure_rate(nbytes, host=self.ip)
+            ratio = self.measured_bps / self.bps
+            if not 0.6 <= ratio <= 1.15:
+                raise RuntimeError(f"{self.ip} on lo is not shaped to {self.rate}: a {nbytes}-byte "
+                                   f"transfer ran at {self.measured_bps / 1e6:.1f} Mbit/s ({ratio:.2f}x)")
+            other = measure_rate(max(1 << 20, nbytes))
+            if other < 2 * self.bps:
+                raise RuntimeError(f"127.0.0.1 runs at {other / 1e6:.1f} Mbit/s: the filter shapes more than {self.ip}")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.base = self.sent_bytes()
+        return self
+
+    def sent_bytes(self) -> int:
+        show = _run(["tc", "-s", "class", "show", "dev", "lo", "classid", "1:10"])
+        m = re.search(r"Sent (\d+) bytes", show)
+        if not m:
+            raise RuntimeError(f"no htb class 1:10 on lo: {show!r}")
+        return int(m.group(1))
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True, timeout=30)
+        if "htb" in qdisc_show():
+            raise RuntimeError("could not remove the htb qdisc from lo")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
