@@ -18,15 +18,18 @@ gradients):
 2. **Encode** the :class:`~dgp_kernels.codec.SparsePayload` to the wire format v1
    (:func:`dgp_kernels.codec.encode`).
 3. **All-gather** the encoded bytes. Sparse payloads cannot be all-reduced (every rank sends
-   other positions), so each rank receives every rank's payload. We all-gather the payload
-   *sizes* first (one int64 per rank), then the payloads padded to the largest size in one
-   ``all_gather_single`` (formerly ``all_gather_into_tensor``) of uint8. Why not
-   ``all_gather_object``: it pickles, does the same two collectives (sizes, then padded
-   bytes) internally, copies through Python ``bytes`` and, on NCCL, needs the current CUDA
-   device set; the tensor route is the same traffic without the pickling and works with
-   gloo and NCCL alike. The padding is small: DGP sends a fixed number of values per layer
-   (the count depends on shapes only), so ranks' payloads differ only in their index
-   streams (a few percent).
+   other positions), so each rank receives every rank's payload: one
+   ``all_gather_single`` (formerly ``all_gather_into_tensor``) of uint8, started
+   asynchronously. For the compressors whose number of values per layer follows from the
+   shapes (``"dgp"``, ``"topk"``, ``"randk"``) every rank's slot has the same width, known
+   without communicating: an int64 length, then room for the largest payload those counts
+   can encode to (the encoder never picks an index coding longer than the bitmap; the bound
+   is computed once per bucket layout). Other compressors first all-gather the payload sizes
+   (one int64 per rank, a blocking exchange) and pad to the largest. Why not
+   ``all_gather_object``: it pickles, does the same two collectives internally, copies
+   through Python ``bytes`` and, on NCCL, needs the current CUDA device set. The padding is
+   small for DGP: it sends a fixed number of values per layer, so ranks' payloads differ
+   only in their index streams.
 4. **Decode and average** — :func:`dgp_kernels.codec.decode_accumulate` validates every
    rank's payload, sums them into a float32 buffer in rank order (deterministic: every rank
    computes bitwise the same sum, so the replicas stay in sync) and the hook divides by the
@@ -41,6 +44,15 @@ first time, the residuals of its parameters are moved over from the buckets that
 them before, so no owed error is lost. DGP's band is per parameter tensor, so the
 bucketing never changes what is sent.
 
+Overlap: the hook never waits for the link. DDP calls it when a bucket's gradients are
+ready, in bucket order on every rank; it compresses, starts the collective and returns its
+future at once, so the backward pass (and the compression of the next buckets) goes on
+while earlier buckets are on the wire, and decoding runs when each collective completes.
+On a slow link the step costs about ``forward + max(backward + codec, link time) +
+optimizer`` instead of their sum (the link cannot start before the first bucket is
+ready). ``tests/integrations/test_ddp_overlap.py`` checks it with a rank that starts its
+backward pass late.
+
 ``compressor="adgp"`` (aligned DGP, :mod:`dgp_kernels.compressor.adgp`) keeps DDP's all-reduce: every rank
 sends values at the same positions, so the values of all ranks can be summed by an
 ordinary all-reduce. The positions of each step are chosen by rank 0 (the broadcaster) as
@@ -48,7 +60,12 @@ the DGP band of its own ``g + e`` per parameter and broadcast as a bitmap (``num
 bytes per bucket); every rank then sends its ``g + e`` at those positions and keeps the
 rest in its residual. This is ADGP's default "fresh" rule (the broadcaster's own band every
 step, which reaches every coordinate); the "aggregate" option of
-:mod:`dgp_kernels.compressor.adgp` is not offered here.
+:mod:`dgp_kernels.compressor.adgp` is not offered here. The positions must arrive before a
+rank can compress, so the aligned exchange runs on one worker thread per hook state: the
+hook queues the bucket and returns a future; the worker handles the buckets in order
+(broadcast, compress, start the all-reduce without waiting, next bucket), so rank 0 picks
+and sends the positions of bucket ``i + 1`` while bucket ``i``'s values are on the wire,
+and every rank issues its collectives in the same order.
 
 Devices: the bucket's device decides everything — compression runs there (C++ kernel on
 CPU, Triton on CUDA), the collectives use tensors on that device (gloo for CPU, NCCL for
