@@ -94,6 +94,7 @@ group's ``timeout=`` (``init_process_group``) passes, so set one that bounds the
 # annotations as objects (dist.GradBucket, torch.futures.Future[torch.Tensor]).
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -590,21 +591,29 @@ class _BucketWorker:
 
     def __init__(self) -> None:
         self._q: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="dgp_hook-aligned", daemon=True)
+        # The thread holds only the queue, so the worker (and its hook state) can be
+        # collected; collecting it stops the thread.
+        self._thread = threading.Thread(target=_BucketWorker._loop, args=(self._q,),
+                                        name="dgp_hook-aligned", daemon=True)
         self._thread.start()
+        weakref.finalize(self, self._q.put, (None, None))
 
     def submit(self, job: Callable[[torch.futures.Future], None]) -> torch.futures.Future:
         fut: torch.futures.Future = torch.futures.Future()
         self._q.put((job, fut))
         return fut
 
-    def _loop(self) -> None:
+    @staticmethod
+    def _loop(q: "queue.SimpleQueue") -> None:
         while True:
-            job, fut = self._q.get()
+            job, fut = q.get()
+            if job is None:
+                return
             try:
                 job(fut)
             except BaseException as exc:  # the failure surfaces from loss.backward()
                 fut.set_exception(exc)
+            del job, fut
 
 
 def _aligned_bucket(state, bucket, buf, grads, key, comp: ADGPCompressor) -> torch.futures.Future[Tensor]:

@@ -52,3 +52,24 @@ def test_a_changed_value_count_is_an_error():
     _slot_width(state, key, get_compressor("topk", keep=0.1).compress([torch.randn(1000)]))
     with pytest.raises(RuntimeError, match="counts must follow from the shapes"):
         _slot_width(state, key, get_compressor("topk", keep=0.2).compress([torch.randn(1000)]))
+
+
+def test_the_aligned_worker_thread_ends_with_its_state():
+    import gc
+    import threading
+
+    from dgp_kernels.integrations.ddp import _BucketWorker
+
+    before = sum(t.name == "dgp_hook-aligned" for t in threading.enumerate())
+    w = _BucketWorker()
+    fut = w.submit(lambda f: f.set_result(torch.ones(2)))
+    assert torch.equal(fut.wait(), torch.ones(2))
+    bad = w.submit(lambda f: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        bad.wait()
+    thread = w._thread
+    del w, fut, bad
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert sum(t.name == "dgp_hook-aligned" for t in threading.enumerate()) == before
