@@ -29,6 +29,8 @@ Phases:
   method's own step time on the unshaped link (compute + codec + fast transfer);
   ``T_fwd + T_opt`` is the part of a step communication cannot overlap (the gradients
   exist only from the backward pass on), measured without DDP in the same processes.
+  ``hidden s`` measures the overlap: ``T_fast + bytes / rate - time``, what the step hides
+  of its compute-and-codec time plus its link time (0: fully serial).
 * **tta** — the small CNN on the 8x8 digits (``convnet_small``, one channel), each rank its
   own shard, batch ``--tta-batch`` per rank, SGD with momentum and a cosine schedule, at the
   ``--tta-rate`` link: training wall time (evaluation excluded) until the test accuracy
