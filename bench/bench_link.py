@@ -535,7 +535,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.quick:
         a.worlds, a.rates, a.steps, a.steps_fast, a.warmup, a.local_steps = "2", "fast,200mbit", 2, 2, 2, 2
-        a.tta_worlds, a.tta_steps, a.eval_every, a.cross_worlds = "2", 60, 20, "2,4"
+        a.tta_worlds, a.tta_steps, a.eval_every, a.cross_worlds = "2", 150, 25, "2,4"
         a.cross_steps = 3
     for r in a.rates.split(",") + [a.tta_rate, a.cross_rate]:
         if r != "fast":
