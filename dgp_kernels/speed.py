@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -330,6 +331,97 @@ def run(config: BenchConfig, progress: Optional[TextIO] = None) -> BenchReport:
             )
             cases.append(res)
     return BenchReport(header=header, cases=cases, load_end=_load())
+
+
+# --------------------------------------------------------------------------------------
+# Steady state: consecutive error-feedback steps with and without a BandHint
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SteadyStateResult:
+    threads: int
+    steps: int
+    skipped: int  # first steps left out of the statistics (the hint's margins adapt)
+    alpha: float  # step-to-step correlation of every gradient entry
+    plain_ms: List[float]  # per step, select_ef_multi without a hint
+    hint_ms: List[float]  # per step, select_ef_multi(hint=...)
+    copy_ms: List[float]  # per step, copy_ of the same tensors
+    hint_layers: int  # layer-steps served by the hinted brackets (C++ kernel), -1 if unknown
+    hint_misses: int  # layer-steps whose brackets missed (that layer took the unhinted path)
+
+    def stats(self, key: str) -> tuple:
+        v = getattr(self, key)[self.skipped:]
+        return statistics.median(v), min(v)
+
+
+def steady_state(gs0: List[torch.Tensor], steps: int = 50, threads: int = 1,
+                 alpha: float = 0.9, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP,
+                 skipped: int = 5, seed: int = 0) -> SteadyStateResult:
+    """``steps`` consecutive error-feedback steps of the layer list ``gs0``, as in training.
+
+    Step ``t`` selects ``g_t = alpha * g_{t-1} + sqrt(1 - alpha^2) * sigma * z`` (per layer
+    ``sigma`` = the std of ``gs0[i]``, ``z`` one of five fixed ``randn`` draws in turn, so
+    the gradients drift but keep their scale), made untimed before the step. Two residual
+    sets are carried, one by ``select_ef_multi(gs, res_a)`` and one by
+    ``select_ef_multi(gs, res_b, hint=h)`` with one :class:`~dgp_kernels.BandHint` for all
+    steps; both outputs are checked bit-equal every step (untimed). The two calls and a
+    ``copy_`` of the same tensors are timed per step in a rotating order.
+    """
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        sig = [float(g.float().std()) if g.numel() > 1 else 1.0 for g in gs0]
+        sig = [x if x > 0 else 1.0 for x in sig]
+        noise = [[(torch.randn(g.shape, generator=gen) * s).to(g.dtype) for g, s in zip(gs0, sig)]
+                 for _ in range(5)]
+        beta = math.sqrt(max(0.0, 1.0 - alpha * alpha))
+        gs = [g.clone() for g in gs0]
+        res_a = [torch.zeros_like(g) for g in gs]
+        res_b = [torch.zeros_like(g) for g in gs]
+        bufs = [torch.empty_like(g) for g in gs]
+        hint = dgp_kernels.BandHint()
+        _C = _cpp_module()
+        hits = misses = 0
+        times = {"plain": [], "hint": [], "copy": []}
+        outs = {}
+        calls = {
+            "plain": lambda: dgp_kernels.select_ef_multi(gs, res_a, top, keep),
+            "hint": lambda: dgp_kernels.select_ef_multi(gs, res_b, top, keep, hint=hint),
+            "copy": lambda: [b.copy_(g) for b, g in zip(bufs, gs)],
+        }
+        names = list(calls)
+        for t in range(steps):
+            for g, z in zip(gs, noise[t % 5]):
+                g.mul_(alpha).add_(z, alpha=beta)
+            for name in names[t % 3:] + names[:t % 3]:
+                if name == "hint" and _C is not None:
+                    _C.path_counts(True)
+                t0 = time.perf_counter()
+                outs[name] = calls[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                if name == "hint" and _C is not None:
+                    c = _C.path_counts(True)
+                    if t >= skipped:
+                        hits += c["hint"]
+                        misses += c["hint_miss"]
+            if not all(torch.equal(a, b) for a, b in zip(outs["plain"], outs["hint"])):
+                raise RuntimeError(f"steady state step {t}: the hinted call disagrees")
+        if not all(torch.equal(a, b) for a, b in zip(res_a, res_b)):
+            raise RuntimeError("steady state: the hinted residuals disagree")
+    finally:
+        torch.set_num_threads(prev)
+    return SteadyStateResult(threads=threads, steps=steps, skipped=skipped, alpha=alpha,
+                             plain_ms=times["plain"], hint_ms=times["hint"],
+                             copy_ms=times["copy"], hint_layers=hits if _C else -1,
+                             hint_misses=misses if _C else -1)
+
+
+def _cpp_module():
+    if dgp_kernels.backend_info().cpu != "cpp":
+        return None
+    from dgp_kernels import _C
+
+    return _C
 
 
 # --------------------------------------------------------------------------------------

@@ -819,6 +819,9 @@ bool hint_bracket(const int64_t* row, Bracket<typename KeyTraits<T>::K>& br, boo
 // After a layer's exact keys are known: next step's margin is twice this step's move plus a
 // floor of 2^-(kMant-9) relative (0.2%; one key unit for bfloat16), and decays by at most a
 // quarter per step, so one calm step after a jumpy one does not shrink the bracket to a miss.
+// (Real ResNet-18 gradients drifting as AR(1), correlation 0.9, steps 5-40: 13% of the hinted
+// layer-steps missed, half with a key outside its margin, half with a candidate buffer full;
+// three times the move and a 1/8 decay removed the first kind but tripled the second.)
 template <typename T>
 void hint_update(int64_t* row, typename KeyTraits<T>::K khi, typename KeyTraits<T>::K klo) {
   const uint64_t kmax = KeyTraits<T>::kMask;
