@@ -244,13 +244,17 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
     if (split_set[l] && L[l].n * 2 * threads > total) par_an.push_back(l);
     else seq_an.push_back(l);
   }
-  // Largest first: the last tasks handed out are the shortest, so threads finish together.
-  std::stable_sort(seq_an.begin(), seq_an.end(),
-                   [&](int64_t a, int64_t b) { return L[a].n > L[b].n; });
   const int64_t nw = static_cast<int64_t>(seq_an.size());
   int64_t whole_elems = 0;
   for (int64_t l : seq_an) whole_elems += L[l].n;
   const int whole_threads = (threads > 1 && nw > 1 && whole_elems >= kParMin) ? threads : 1;
+  // Several threads: largest first, so the last tasks handed out are the shortest and the
+  // threads finish together. One thread: list order, which the write pass reverses, so it
+  // starts on the layers still in L3 (ResNet-18 with the largest-first order at 1 thread:
+  // the counting sweep rose from 13% to 22% of the profile, the write fell from 23% to 17%).
+  if (whole_threads > 1)
+    std::stable_sort(seq_an.begin(), seq_an.end(),
+                     [&](int64_t a, int64_t b) { return L[a].n > L[b].n; });
   auto chunks_of = [&](int64_t l) {
     if (!split_set[l]) return 1;
     return (plans[l].cnt.n >= kSampleMin && sample_enabled()) ? sampled_chunks(L[l].n)

@@ -784,20 +784,28 @@ bool analyze_bracketed(Plan<typename KeyTraits<T>::K>& p, int C,
 // the result never depends on the hint: only the time does.
 //
 // Row layout (int64, kHintCols): {key bits of the dtype that wrote it (0: empty), khi, klo,
-// margin_hi, margin_lo}, keys and margins in key units (one unit = one ulp of |v|, about
-// 2^-kMant relative). Rows may hold anything: keys and margins are clamped to the key range,
-// a row written for another dtype counts as empty.
-constexpr int kHintCols = 5;
+// margin_hi, margin_lo, move_hi, move_lo}: last step's exact keys, the half-widths of the
+// brackets, and the keys' last signed moves. The brackets are centred on key + move (the
+// top boundary of a layer with error feedback drifts one way, as the dropped top entries
+// accumulate in the residual). Keys, margins and moves are in key units (one unit = one ulp
+// of |v|, about 2^-kMant relative). Rows may hold anything: every field is clamped to the
+// key range, a row written for another dtype counts as empty.
+constexpr int kHintCols = 7;
 
 template <typename T>
 bool hint_bracket(const int64_t* row, Bracket<typename KeyTraits<T>::K>& br, bool& merged) {
   using K = typename KeyTraits<T>::K;
   if (row[0] != KeyTraits<T>::kBits) return false;
-  const uint64_t kmax = KeyTraits<T>::kMask;
-  auto clamp = [&](int64_t v) { return v < 0 ? uint64_t(0) : std::min<uint64_t>(v, kmax); };
-  const uint64_t khi = clamp(row[1]), klo = clamp(row[2]), mh = clamp(row[3]), ml = clamp(row[4]);
-  const uint64_t a_hi = std::min(khi + mh, kmax), b_hi = khi > mh ? khi - mh : 0;
-  const uint64_t a_lo = std::min(klo + ml, kmax), b_lo = klo > ml ? klo - ml : 0;
+  const int64_t kmax = static_cast<int64_t>(KeyTraits<T>::kMask);
+  auto clamp = [&](int64_t v, int64_t lo) { return std::min(std::max(v, lo), kmax); };
+  // Centre = key + move, in [0, kmax] (all terms within [-kmax, kmax]: no overflow).
+  const int64_t chi = clamp(clamp(row[1], 0) + clamp(row[5], -kmax), 0);
+  const int64_t clo = clamp(clamp(row[2], 0) + clamp(row[6], -kmax), 0);
+  const int64_t mh = clamp(row[3], 0), ml = clamp(row[4], 0);
+  const uint64_t a_hi = static_cast<uint64_t>(std::min(chi + mh, kmax));
+  const uint64_t b_hi = static_cast<uint64_t>(std::max<int64_t>(chi - mh, 0));
+  const uint64_t a_lo = static_cast<uint64_t>(std::min(clo + ml, kmax));
+  const uint64_t b_lo = static_cast<uint64_t>(std::max<int64_t>(clo - ml, 0));
   // The count sweep needs a_hi >= b_hi > a_lo >= b_lo; otherwise one merged range
   // [min(b_lo, b_hi), max(a_hi, a_lo)] holds both ranks (as on the sampled path).
   merged = a_lo >= b_hi;
@@ -816,29 +824,43 @@ bool hint_bracket(const int64_t* row, Bracket<typename KeyTraits<T>::K>& br, boo
   return true;
 }
 
-// After a layer's exact keys are known: next step's margin is twice this step's move plus a
-// floor of 2^-(kMant-9) relative (0.2%; one key unit for bfloat16), and decays by at most a
-// quarter per step, so one calm step after a jumpy one does not shrink the bracket to a miss.
-// (Real ResNet-18 gradients drifting as AR(1), correlation 0.9, steps 5-40: 13% of the hinted
-// layer-steps missed, half with a key outside its margin, half with a candidate buffer full;
-// three times the move and a 1/8 decay removed the first kind but tripled the second.)
+// After a layer's exact keys are known: next step's move is this step's; its margin is twice
+// this step's prediction error (|move - predicted move|) plus a floor of 2^-(kMant-9) relative
+// (0.2%; one key unit for bfloat16), and decays by at most a quarter per step, so one calm
+// step after a jumpy one does not shrink the bracket into a miss. (Real ResNet-18 gradients
+// drifting as AR(1), correlation 0.9: without the move the top bracket missed on most
+// large layers, its key rising by about 1.3 margins a step.)
 template <typename T>
 void hint_update(int64_t* row, typename KeyTraits<T>::K khi, typename KeyTraits<T>::K klo) {
-  const uint64_t kmax = KeyTraits<T>::kMask;
-  const uint64_t floor = uint64_t(1) << std::max(0, KeyTraits<T>::kMant - 9);
-  uint64_t mh = floor, ml = floor;
+  const int64_t kmax = static_cast<int64_t>(KeyTraits<T>::kMask);
+  const int64_t floor = int64_t(1) << std::max(0, KeyTraits<T>::kMant - 9);
+  const int64_t hi = static_cast<int64_t>(khi), lo = static_cast<int64_t>(klo);
+  int64_t mh = floor, ml = floor, vh = 0, vl = 0;
   if (row[0] == KeyTraits<T>::kBits) {
-    auto clamp = [&](int64_t v) { return v < 0 ? uint64_t(0) : std::min<uint64_t>(v, kmax); };
-    auto dist = [](uint64_t a, uint64_t b) { return a > b ? a - b : b - a; };
-    const uint64_t dh = dist(khi, clamp(row[1])), dl = dist(klo, clamp(row[2]));
-    mh = std::max(std::min(2 * dh + floor, kmax), clamp(row[3]) / 4 * 3);
-    ml = std::max(std::min(2 * dl + floor, kmax), clamp(row[4]) / 4 * 3);
+    auto clamp = [&](int64_t v, int64_t lo_) { return std::min(std::max(v, lo_), kmax); };
+    vh = hi - clamp(row[1], 0);  // within [-kmax, kmax]
+    vl = lo - clamp(row[2], 0);
+    // Prediction errors, each within [0, 2 kmax]: no overflow in int64 for 63-bit keys
+    // only because 2 * kmax < 2^64; computed in uint64.
+    auto err = [&](int64_t v, int64_t pred) {
+      const int64_t p = clamp(pred, -kmax);
+      return v > p ? static_cast<uint64_t>(v) - static_cast<uint64_t>(p)
+                   : static_cast<uint64_t>(p) - static_cast<uint64_t>(v);
+    };
+    auto margin = [&](uint64_t e, int64_t old) {
+      const uint64_t m = std::min<uint64_t>(2 * std::min<uint64_t>(e, kmax) + floor, kmax);
+      return static_cast<int64_t>(std::max<uint64_t>(m, clamp(old, 0) / 4 * 3));
+    };
+    mh = margin(err(vh, row[5]), row[3]);
+    ml = margin(err(vl, row[6]), row[4]);
   }
   row[0] = KeyTraits<T>::kBits;
-  row[1] = static_cast<int64_t>(khi);
-  row[2] = static_cast<int64_t>(klo);
-  row[3] = static_cast<int64_t>(mh);
-  row[4] = static_cast<int64_t>(ml);
+  row[1] = hi;
+  row[2] = lo;
+  row[3] = mh;
+  row[4] = ml;
+  row[5] = vh;
+  row[6] = vl;
 }
 
 // What the write pass produces.

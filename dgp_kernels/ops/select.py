@@ -81,7 +81,7 @@ for _schema in (
 OP_NAMES = ("select", "select_ef", "prune", "prune_", "select_multi", "select_ef_multi",
             "select_ef_multi_hint")
 #: Columns of a hint row (csrc/cpu/select_core.h, kHintCols).
-HINT_COLS = 5
+HINT_COLS = 7
 
 
 # --------------------------------------------------------------------------------------
@@ -339,8 +339,8 @@ class BandHint:
     boundaries (the magnitudes at ranks ``k_top`` and ``k_top + k_keep - 1``) move little.
     Pass one ``BandHint`` per layer list, the same object every step
     (``select_ef_multi(gs, residuals, hint=h)``): after each call it holds, per layer, the
-    exact boundary keys and a margin around each (twice the last move, at least 0.2%
-    relative). While both boundaries of a layer stay inside their margins, the C++ CPU
+    exact boundary keys, their last moves and a margin around each (twice the last
+    prediction error, at least 0.2% relative). While both boundaries of a layer stay inside their margins, the C++ CPU
     kernel finds them with one counting sweep over ``g + residual`` (no sampling, no
     histograms) before the write sweep; when one leaves its margin (or a margin holds too
     many entries) that layer takes the unhinted path, which costs one extra sweep.
@@ -350,8 +350,9 @@ class BandHint:
     cheaper). Kernels other than the C++ CPU one (reference, Triton) ignore it and leave it
     unchanged. On a NaN the call raises and the hint, like the residuals, is unchanged.
 
-    ``state`` is ``None`` until first use, then an int64 CPU tensor ``[len(gs), 5]``
-    (rows: key width of the dtype, high key, low key, high margin, low margin; a row of
+    ``state`` is ``None`` until first use, then an int64 CPU tensor ``[len(gs), 7]``
+    (rows: key width of the dtype, high key, low key, high margin, low margin, last move
+    of the high key, of the low key; brackets are centred on key + last move; a row of
     zeros is empty). It is re-created empty when the number of layers changes; ``reset()``
     empties it (after a big jump, e.g. a learning-rate change, to skip the misses).
     """

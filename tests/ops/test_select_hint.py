@@ -61,13 +61,16 @@ def _forced(kind_of_bracket: str, state: torch.Tensor, dtype: torch.dtype) -> to
     s = state.clone()
     kmax = (1 << KEY_BITS[dtype]) - 1
     if kind_of_bracket == "hold":
-        pass
+        s[:, 5:] = 0  # centred on the exact keys
     elif kind_of_bracket == "exact_zero_margin":
         s[:, 3:] = 0
     elif kind_of_bracket == "narrow":  # one key unit off, no margin
         s[:, 1] += 1
         s[:, 2] -= 1
         s[:, 3:] = 0
+    elif kind_of_bracket == "moved_off":  # exact keys, but a predicted move past the margin
+        s[:, 5] = s[:, 3] + 1
+        s[:, 6] = -(s[:, 4] + 1)
     elif kind_of_bracket == "wide":  # every key is a candidate
         s[:, 1:3] = kmax // 2
         s[:, 3:] = kmax
@@ -79,7 +82,7 @@ def _forced(kind_of_bracket: str, state: torch.Tensor, dtype: torch.dtype) -> to
         s[:, 0] = KEY_BITS[dtype]
     elif kind_of_bracket == "random":
         gen = torch.Generator().manual_seed(7)
-        s[:, 1:] = torch.randint(-(1 << 62), 1 << 62, (s.shape[0], 4), generator=gen)
+        s[:, 1:] = torch.randint(-(1 << 62), 1 << 62, (s.shape[0], 6), generator=gen)
     elif kind_of_bracket == "other_dtype":
         s[:, 0] = 31 if KEY_BITS[dtype] != 31 else 15
     else:
@@ -87,8 +90,8 @@ def _forced(kind_of_bracket: str, state: torch.Tensor, dtype: torch.dtype) -> to
     return s
 
 
-BRACKETS = ("hold", "exact_zero_margin", "narrow", "wide", "swapped", "foreign", "random",
-            "other_dtype")
+BRACKETS = ("hold", "exact_zero_margin", "narrow", "moved_off", "wide", "swapped", "foreign",
+            "random", "other_dtype")
 
 
 @pytest.mark.parametrize("bracket", BRACKETS)
@@ -106,7 +109,7 @@ def test_forced_brackets_are_exact(dtype, bracket):
     big = 2  # layers 0 and 2 are above the direct path
     if bracket in ("hold", "exact_zero_margin"):
         assert counts["hint"] == big and counts["hint_miss"] == 0, counts
-    elif bracket in ("narrow", "wide", "swapped"):
+    elif bracket in ("narrow", "moved_off", "wide", "swapped"):
         assert counts["hint"] == 0 and counts["hint_miss"] == big, counts
     elif bracket == "other_dtype":
         assert counts["hint"] == 0 and counts["hint_miss"] == 0, counts
@@ -142,6 +145,7 @@ def test_ties_across_a_bracket_edge(dtype):
         h = dgp_kernels.BandHint()
         h.state = exact.clone()
         h.state[:, 3], h.state[:, 4] = margins
+        h.state[:, 5:] = 0
         _run(_clones(gs), _clones(es), h)
 
 
@@ -251,7 +255,7 @@ def test_select_ef_hint_matches_reference():
         got = dgp_kernels.select_ef(g, e, hint=h)
         assert_tree_same(got, want, f"select_ef(hint) step {step}")
         assert_tree_same(e, e_ref, f"residual step {step}")
-    assert h.state is not None and h.state.shape == (1, 5)
+    assert h.state is not None and h.state.shape == (1, 7)
 
 
 def test_hint_state_follows_the_layer_count():
@@ -259,9 +263,9 @@ def test_hint_state_follows_the_layer_count():
     assert repr(h) == "BandHint(empty)"
     gs, es = _layers("randn", torch.float32)
     _run(gs, es, h)
-    assert h.state.shape == (3, 5)
+    assert h.state.shape == (3, 7)
     _run(gs[:2], es[:2], h)  # another list: a fresh state
-    assert h.state.shape == (2, 5)
+    assert h.state.shape == (2, 7)
     h.reset()
     assert h.state is None
 
@@ -270,17 +274,17 @@ def test_bad_hints_raise_and_change_nothing():
     gs, es = _layers("randn", torch.float32)
     before = _clones(es)
     with pytest.raises(TypeError, match="hint must be a dgp_kernels.BandHint"):
-        dgp_kernels.select_ef_multi(gs, es, hint=torch.zeros(3, 5, dtype=torch.int64))
+        dgp_kernels.select_ef_multi(gs, es, hint=torch.zeros(3, 7, dtype=torch.int64))
     with pytest.raises(TypeError, match="hint must be a dgp_kernels.BandHint"):
         dgp_kernels.select_ef(gs[0], es[0], hint="yes")
     if _cpp_module() is not None:
         op = torch.ops.dgp.select_ef_multi_hint
         with pytest.raises(TypeError, match="hint must be an int64 tensor"):
-            op(gs, es, torch.zeros(3, 5), 0.05, 0.2)
-        with pytest.raises(ValueError, match=r"hint must be a contiguous CPU tensor of shape \[3, 5\]"):
-            op(gs, es, torch.zeros(2, 5, dtype=torch.int64), 0.05, 0.2)
+            op(gs, es, torch.zeros(3, 7), 0.05, 0.2)
+        with pytest.raises(ValueError, match=r"hint must be a contiguous CPU tensor of shape \[3, 7\]"):
+            op(gs, es, torch.zeros(2, 7, dtype=torch.int64), 0.05, 0.2)
         with pytest.raises(ValueError, match="not contiguous"):
-            op(gs, es, torch.zeros(5, 3, dtype=torch.int64).t(), 0.05, 0.2)
+            op(gs, es, torch.zeros(7, 3, dtype=torch.int64).t(), 0.05, 0.2)
     assert_tree_same(es, before, "residuals after bad hints")
 
 
