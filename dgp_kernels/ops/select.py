@@ -17,6 +17,11 @@ Semantics shared by all of them (docs/semantics.md):
   ``[k_top, k_top + k_keep)``, returned sorted by index;
 * NaN rule: a NaN anywhere (in ``g``, in the residual, or produced by ``g + residual``)
   raises ``ValueError`` naming the tensor, and nothing is modified.
+
+``select_ef_multi_hint`` is ``select_ef_multi`` plus a :class:`BandHint`'s state tensor
+(read and updated in place by the C++ CPU kernel; every other kernel leaves it unchanged):
+the same results, cheaper analysis when the layers' boundaries moved little since the
+state was written. Use it through ``select_ef_multi(..., hint=BandHint())``.
 """
 
 from __future__ import annotations
