@@ -50,6 +50,7 @@ core): the header records cores, threads per rank and the load average.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import os
@@ -250,7 +251,12 @@ def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
                     dist.barrier()
                     b0 = netns.lo_bytes()
                 dist.barrier()
+                if job.get("dump_after"):
+                    # a stalled step: every thread's Python stack to this rank's stderr
+                    faulthandler.dump_traceback_later(job["dump_after"], exit=False)
                 dt = _timed(one_step)
+                if job.get("dump_after"):
+                    faulthandler.cancel_dump_traceback_later()
                 if s >= warm:
                     times.append(dt)
             dist.barrier()
@@ -476,7 +482,7 @@ def run(a) -> Dict:
     res: Dict = {"env": env, "args": vars(a), "step": [], "tta": [], "cross": []}
     methods = [m for m in a.methods.split(",") if m]
     base = {"threads": a.threads, "batch": a.batch, "warmup": a.warmup, "rewarm": a.rewarm,
-            "local_steps": a.local_steps, "bucket_cap_mb": a.bucket_cap_mb}
+            "local_steps": a.local_steps, "bucket_cap_mb": a.bucket_cap_mb, "dump_after": a.dump_after}
     for model in [m for m in a.models.split(",") if m]:
         for world in [int(w) for w in a.worlds.split(",")]:
             print(f"# step: {model}, {world} ranks, rates {a.rates}", flush=True)
@@ -530,13 +536,15 @@ def main(argv=None) -> None:
     ap.add_argument("--cross-rate", default="50mbit")
     ap.add_argument("--cross-steps", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per spawned group")
+    ap.add_argument("--dump-after", type=float, default=None,
+                    help="print every thread's Python stack when a step runs longer than this (seconds)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     a = ap.parse_args(argv)
     if a.quick:
         a.worlds, a.rates, a.steps, a.steps_fast, a.warmup, a.local_steps = "2", "fast,200mbit", 2, 2, 2, 2
         a.tta_worlds, a.tta_steps, a.eval_every, a.cross_worlds = "2", 150, 25, "2,4"
-        a.cross_steps = 3
+        a.cross_steps, a.target = 3, 0.6
     for r in a.rates.split(",") + [a.tta_rate, a.cross_rate]:
         if r != "fast":
             netns.parse_rate(r)
