@@ -101,6 +101,9 @@ class DGPCompressor(Compressor):
     Layers are grouped by (dtype, device) and each group goes through one multi-tensor op
     call (one call in total for the usual single-dtype model); payload tensors stay on each
     gradient's device. A NaN in ``g + e`` raises ``ValueError`` and modifies nothing.
+    With error feedback each group carries a :class:`~dgp_kernels.ops.BandHint` from round
+    to round (the CPU kernel brackets the band boundaries with last round's keys; the
+    results are bit-identical without it); it is not part of the saved state.
 
     Attributes (statistics of the top-band policy; all zero/empty with ``"full"``):
         last_dropped: per layer of the last round, ``(indices, dropped)`` — int64 flat
@@ -137,6 +140,9 @@ class DGPCompressor(Compressor):
         self.last_dropped: Optional[List[Tuple[Tensor, Tensor]]] = None
         self.dropped_l1 = 0.0
         self.dropped_entries = 0
+        # One BandHint per (dtype, device) group: the CPU kernel brackets each layer's
+        # boundaries with last round's keys. Results never depend on it; not saved.
+        self._hints: Dict[Tuple[torch.dtype, torch.device], ops.BandHint] = {}
 
     def params(self) -> Dict[str, Any]:
         return {
@@ -167,10 +173,12 @@ class DGPCompressor(Compressor):
         self.dropped_l1 = float(state.get("dropped_l1", 0.0))
         self.dropped_entries = int(state.get("dropped_entries", 0))
         self.last_dropped = None
+        self._hints = {}
 
     def reset(self) -> None:
         super().reset()
         self.last_dropped = None
+        self._hints = {}
         self.dropped_l1 = 0.0
         self.dropped_entries = 0
 
@@ -219,10 +227,12 @@ class DGPCompressor(Compressor):
             check_no_nan(vs, "grads + residuals" if residuals is not None else "grads")
         selected: List[Tuple[int, Optional[Tensor], Tensor]] = []  # (layer, indices or None: dense, sent)
         results = []
-        for members in groups.values():
+        for key, members in groups.items():
             gs = [grads[i] for i in members]
             if residuals is not None:
-                out = ops.select_ef_multi(gs, [residuals[i] for i in members], self.top, self.keep)
+                hint = self._hints.setdefault(key, ops.BandHint())
+                out = ops.select_ef_multi(gs, [residuals[i] for i in members], self.top, self.keep,
+                                          hint=hint)
             else:
                 out = ops.select_multi(gs, self.top, self.keep)
             results.append((members, out))
