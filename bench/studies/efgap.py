@@ -402,27 +402,24 @@ def write_ef_gap(study: EFGapStudy, out_dir: str, *, runs: bool = False,
     return paths
 
 
-def plot_ef_gap(study: EFGapStudy, path: str) -> str:
-    """One PNG, four panels: accuracy (mean, min-max band over seeds) of every run; for the
-    DGP runs the never-sent fraction, the residual / gradient norm ratio (log) and the
-    largest residual entry vs round. Needs matplotlib."""
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
+def plot_accuracy_panel(ax, study: EFGapStudy, alpha: float = 0.15) -> Dict[str, str]:
+    """Accuracy (mean, min-max band over seeds) of every run of ``study`` on ``ax``;
+    returns each run's colour, so the other panels match it."""
     colors: Dict[str, str] = {}
-    ax = axes[0][0]
     for lab in study.multi.labels:
         xs, mean, lo, hi = seed_curves(study.multi.runs[lab], "test_accuracy")
         line, = ax.plot(xs, [100 * v for v in mean], label=lab, linewidth=1.3)
         colors[lab] = line.get_color()
         ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=line.get_color(),
-                        alpha=0.15, linewidth=0)
+                        alpha=alpha, linewidth=0)
     ax.set_ylim(0, 100)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy (mean, min-max over seeds)", fontsize=9)
-    ax.legend(fontsize=8)
-    panels = ((axes[0][1], "never_sent_fraction", 100.0, "coordinates never sent so far (%)", False),
-              (axes[1][0], "residual_over_grad", 1.0, "residual norm / gradient norm", True),
-              (axes[1][1], "residual_max_abs", 1.0, "largest |residual| entry", False))
+    return colors
+
+
+def plot_metric_panels(panels, study: EFGapStudy, colors: Dict[str, str], alpha: float = 0.15) -> None:
+    """One per-round metric per panel, ``(ax, key, scale, title, log y)``: mean over
+    clients, band over seeds; runs without a residual are left out of all but the
+    never-sent panel."""
     for ax, key, scale, title, logy in panels:
         for lab in study.metrics:
             mean, lo, hi = study.curve(lab, key)
@@ -431,19 +428,41 @@ def plot_ef_gap(study: EFGapStudy, path: str) -> str:
             xs = list(range(1, len(mean) + 1))
             ax.plot(xs, [scale * v for v in mean], label=lab, color=colors.get(lab), linewidth=1.3)
             ax.fill_between(xs, [scale * v for v in lo], [scale * v for v in hi],
-                            color=colors.get(lab), alpha=0.15, linewidth=0)
+                            color=colors.get(lab), alpha=alpha, linewidth=0)
         if logy:
             ax.set_yscale("log")
         ax.set_title(title + " (mean over clients; band: seeds)", fontsize=9)
-        ax.legend(fontsize=8)
-    for row in axes:
-        for ax in row:
-            ax.set_xlabel("round")
-            ax.grid(alpha=0.3)
-    cfg = study.multi.runs[study.multi.labels[0]][0].config
-    fig.suptitle(f"EF gap study: {cfg.algorithm} {cfg.dataset} {cfg.model}, {cfg.clients} clients, "
-                 f"seeds {study.multi.seeds}", fontsize=10)
+
+
+def save_figure(plt, fig, path: str, title: str) -> str:
+    """Label every panel's x axis as rounds, grid, legend where there are lines; title, save, close."""
+    for ax in fig.axes:
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_ef_gap(study: EFGapStudy, path: str) -> str:
+    """One PNG, four panels: accuracy (mean, min-max band over seeds) of every run; for the
+    DGP runs the never-sent fraction, the residual / gradient norm ratio (log) and the
+    largest residual entry vs round. Needs matplotlib."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
+    ax = axes[0][0]
+    colors = plot_accuracy_panel(ax, study)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy (mean, min-max over seeds)", fontsize=9)
+    plot_metric_panels(
+        ((axes[0][1], "never_sent_fraction", 100.0, "coordinates never sent so far (%)", False),
+         (axes[1][0], "residual_over_grad", 1.0, "residual norm / gradient norm", True),
+         (axes[1][1], "residual_max_abs", 1.0, "largest |residual| entry", False)),
+        study, colors)
+    cfg = study.multi.runs[study.multi.labels[0]][0].config
+    return save_figure(plt, fig, path, f"EF gap study: {cfg.algorithm} {cfg.dataset} {cfg.model}, "
+                       f"{cfg.clients} clients, seeds {study.multi.seeds}")

@@ -30,9 +30,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 from dgp_kernels.optional import pyplot
 from dgp_kernels.sim import MultiSeedResult, SimConfig, SimResult, simulate
 from dgp_kernels.sim.multiseed import describe, file_stem
-from dgp_kernels.sim.results import seed_curves
 
-from .efgap import EFGapStudy, collapse_round, ef_gap_metrics
+from .efgap import (EFGapStudy, collapse_round, ef_gap_metrics, plot_accuracy_panel,
+                    plot_metric_panels, save_figure)
 
 __all__ = ["EF_POLICY_VARIANTS", "run_policy_study", "load_policy_study", "policy_rows",
            "policy_markdown", "write_ef_policies", "plot_ef_policies"]
@@ -228,32 +228,14 @@ def plot_ef_policies(study: EFGapStudy, path: str) -> str:
     run (MB). Needs matplotlib."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), dpi=100)
-    colors: Dict[str, str] = {}
-    ax = axes[0][0]
-    for lab in study.multi.labels:
-        xs, mean, lo, hi = seed_curves(study.multi.runs[lab], "test_accuracy")
-        line, = ax.plot(xs, [100 * v for v in mean], label=lab, linewidth=1.3)
-        colors[lab] = line.get_color()
-        ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=line.get_color(),
-                        alpha=0.12, linewidth=0)
-    ax.set_ylim(0, 100)
-    ax.set_title("test accuracy % (mean, min-max over seeds)", fontsize=9)
-    panels = ((axes[0][1], "never_sent_fraction", 100.0, "coordinates never sent so far (%)", False),
-              (axes[0][2], "residual_over_grad", 1.0, "residual norm / gradient norm", True),
-              (axes[1][0], "residual_max_abs", 1.0, "largest |residual| entry", False),
-              (axes[1][1], "top_dropped_l1", 1.0, "L1 dropped by the policy per round", False))
-    for ax, key, scale, title, logy in panels:
-        for lab in study.metrics:
-            mean, lo, hi = study.curve(lab, key)
-            if key != "never_sent_fraction" and not any(v > 0 for v in mean):
-                continue
-            xs = list(range(1, len(mean) + 1))
-            ax.plot(xs, [scale * v for v in mean], label=lab, color=colors.get(lab), linewidth=1.3)
-            ax.fill_between(xs, [scale * v for v in lo], [scale * v for v in hi],
-                            color=colors.get(lab), alpha=0.12, linewidth=0)
-        if logy:
-            ax.set_yscale("log")
-        ax.set_title(title + " (mean over clients; band: seeds)", fontsize=9)
+    colors = plot_accuracy_panel(axes[0][0], study, alpha=0.12)
+    axes[0][0].set_title("test accuracy % (mean, min-max over seeds)", fontsize=9)
+    plot_metric_panels(
+        ((axes[0][1], "never_sent_fraction", 100.0, "coordinates never sent so far (%)", False),
+         (axes[0][2], "residual_over_grad", 1.0, "residual norm / gradient norm", True),
+         (axes[1][0], "residual_max_abs", 1.0, "largest |residual| entry", False),
+         (axes[1][1], "top_dropped_l1", 1.0, "L1 dropped by the policy per round", False)),
+        study, colors, alpha=0.12)
     ax = axes[1][2]
     for lab in study.multi.labels:
         runs = study.multi.runs[lab]
@@ -265,16 +247,6 @@ def plot_ef_policies(study: EFGapStudy, path: str) -> str:
         ax.plot(range(1, n + 1), cum, label=lab, color=colors.get(lab), linewidth=1.3)
     ax.set_yscale("log")
     ax.set_title("cumulative upload, all clients (MB, mean over seeds)", fontsize=9)
-    for row in axes:
-        for a in row:
-            a.set_xlabel("round")
-            a.grid(alpha=0.3)
-            if a.get_legend_handles_labels()[0]:
-                a.legend(fontsize=7)
     cfg = study.multi.runs[study.multi.labels[0]][0].config
-    fig.suptitle(f"top-band EF policies: {cfg.algorithm} {cfg.dataset} {cfg.model}, {cfg.clients} "
-                 f"clients, lr {cfg.lr}, {cfg.split}, seeds {study.multi.seeds}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, f"top-band EF policies: {cfg.algorithm} {cfg.dataset} {cfg.model}, "
+                       f"{cfg.clients} clients, lr {cfg.lr}, {cfg.split}, seeds {study.multi.seeds}")
