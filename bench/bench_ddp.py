@@ -57,6 +57,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(target, world: int, args: Dict, out: str, timeout_s: float, what: str = "benchmark") -> None:
+    """Start ``target(rank, world, port, args, out)`` in ``world`` spawned processes, wait at
+    most ``timeout_s`` in all, kill any rank still alive, and raise unless every rank exited 0."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:  # bounded: never leave a rank behind
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    codes = [p.exitcode for p in procs]
+    if codes != [0] * world:
+        raise RuntimeError(f"{what} ranks exited with {codes}")
+
+
 def _rank(rank: int, world: int, port: int, args: Dict, out: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(args["threads"])
@@ -129,29 +153,13 @@ def run(models: List[str], world: int = 2, steps: int = 8, warmup: int = 2, batc
         threads: int = 1, timeout_s: float = 1800.0) -> Dict:
     """Spawn the ranks, wait (bounded), and return ``{"env": ..., "rows": [...]}``: per model and
     mode the median/min step seconds of the slowest rank and the bytes per step."""
-    import torch.multiprocessing as mp
-
     env = _environment()
     env["loadavg_start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     env.update(world=str(world), threads_per_rank=str(threads), batch=str(batch), steps=str(steps),
                warmup=str(warmup))
     args = {"models": models, "steps": steps, "warmup": warmup, "batch": batch, "threads": threads}
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, args, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        codes = [p.exitcode for p in procs]
-        if codes != [0] * world:
-            raise RuntimeError(f"benchmark ranks exited with {codes}")
+        spawn_ranks(_rank, world, args, out, timeout_s)
         per_rank = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
     env["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rows = []

@@ -69,7 +69,7 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 import bench_link_netns as netns  # noqa: E402
-from bench_ddp import _environment, _free_port  # noqa: E402
+from bench_ddp import _environment, spawn_ranks  # noqa: E402
 
 METHODS = ("allreduce", "fp16", "powersgd", "dgp", "dgp_bf16", "adgp", "adgp_bf16")
 DGP_PARAMS = {"top": 0.05, "keep": 0.2}
@@ -340,26 +340,8 @@ def _tta(rank: int, world: int, job: Dict, info: Dict) -> Dict:
 # driver side
 # ---------------------------------------------------------------------------------------
 def _spawn(world: int, job: Dict, timeout_s: float) -> Dict:
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_rank_main, args=(r, world, port, job, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        try:
-            for p in procs:
-                p.join(max(0.0, deadline - time.monotonic()))
-        finally:
-            for p in procs:  # bounded: never leave a rank behind
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-        codes = [p.exitcode for p in procs]
-        if codes != [0] * world:
-            raise RuntimeError(f"ranks exited with {codes} (job {job['phase']}, world {world})")
+        spawn_ranks(_rank_main, world, job, out, timeout_s, what=f"job {job['phase']}, world {world}:")
         with open(os.path.join(out, "result.json")) as f:
             return json.load(f)
 
