@@ -614,3 +614,24 @@ def test_ig_vmap_rows_match_row_by_row(tiny_lenet, monkeypatch):
     for a, b in zip(loop, vec):
         assert torch.allclose(a.images, b.images, atol=1e-5)
         assert a.objective == pytest.approx(b.objective, rel=1e-4)
+
+
+def test_ig_pruning_with_a_rank_keeps_the_best_ranked_rows(tiny_lenet):
+    """With ``rank`` (the evaluator's oracle) the ``prune_keep`` best-scored rows run on,
+    whatever their TV weight; the rank sees the rows' best images so far, in [0, 1]."""
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    settings = [{"tv_weight": tv, "restart": r} for tv in (1e-4, 0.2) for r in (0, 1)]
+    seen = []
+
+    def rank(images):
+        seen.append(images.shape)
+        assert float(images.min()) >= 0 and float(images.max()) <= 1
+        return [0.0, 3.0, 2.0, 1.0]  # rows 1 and 2 (one of each TV weight) win
+
+    recs = get_attack("ig", iterations=6, log_every=1, prune_at=0.5, prune_keep=2).run_grid(
+        grads, threat, settings, rank=rank)
+    assert seen == [(4, 1, *SHAPE)]
+    assert [len(r.losses) for r in recs] == [3, 6, 6, 3]
+    with pytest.raises(ValueError, match="scores"):
+        get_attack("ig", iterations=4, prune_at=0.5).run_grid(grads, threat, settings, rank=lambda im: [1.0])
