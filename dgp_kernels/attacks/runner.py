@@ -128,7 +128,7 @@ LABEL_INFERRING_ATTACKS = frozenset({"idlg", "rtf"})
 #:
 #: ``iterations`` is scaled by ``iteration_scale``.
 # (per-attack tables: the duplicate report pairs their shape with the grids below)
-_IG_BUDGET: Dict[str, Any] = {"iterations": 3000, "tv_weight": 0.005, "prune_at": 1 / 6, "prune_keep": 3}
+_IG_BUDGET: Dict[str, Any] = {"iterations": 3000, "tv_weight": 0.005, "prune_at": 0.4, "prune_keep": 3}
 ATTACK_BUDGETS: Dict[str, Dict[str, Any]] = {
     "dlg": {"iterations": 200, "precision": "float64"},
     "idlg": {"iterations": 200, "precision": "float64"},
@@ -145,9 +145,9 @@ FULL_BUDGETS: Dict[str, Dict[str, Any]] = {
     "dlg": {"iterations": 300, "precision": "float64"},
     "idlg": {"iterations": 300, "precision": "float64"},
     "dlg-adaptive": {"iterations": 300},
-    "ig": {"iterations": 24000, "tv_weight": 0.005, "prune_at": 1 / 6, "prune_keep": 3},
-    "ig-adaptive": {"iterations": 24000, "tv_weight": 0.005, "prune_at": 1 / 6, "prune_keep": 3},
-    "ig-dgp-aware": {"iterations": 24000, "tv_weight": 0.005, "prune_at": 1 / 6, "prune_keep": 3},
+    "ig": {"iterations": 24000, "tv_weight": 0.005, "prune_at": 0.4, "prune_keep": 3},
+    "ig-adaptive": {"iterations": 24000, "tv_weight": 0.005, "prune_at": 0.4, "prune_keep": 3},
+    "ig-dgp-aware": {"iterations": 24000, "tv_weight": 0.005, "prune_at": 0.4, "prune_keep": 3},
     "rtf": {},
 }
 
