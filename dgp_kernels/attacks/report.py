@@ -479,7 +479,8 @@ def _tuning_lines(result: EvalResult) -> List[str]:
 def _budget_line(result: EvalResult) -> str:
     parts = []
     for a, p in sorted(result.config.attack_params.items()):
-        parts.append(f"{a} " + (", ".join(f"{k}={v}" for k, v in sorted(p.items())) or "analytic"))
+        parts.append(f"{a} " + (", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in sorted(p.items())) or "analytic"))
     return "; ".join(parts)
 
 

@@ -120,19 +120,19 @@ LABEL_INFERRING_ATTACKS = frozenset({"idlg", "rtf"})
 #:   and stalled (coffee: flat from step ~160 on). Coffee still improves after 120 steps (44.0
 #:   dB at 240), hence 200 steps. DLG's own setting (normal start, no line search) reached a
 #:   mean of 28.3 dB at 120 steps in float64 and never won: it is not in the grid.
-#: * Inverting Gradients: 3,000 Adam steps (the budget of the fixed-setting baselines in
-#:   the attacks README) with successive halving (``prune_at``): the 12 grid settings run
-#:   together for the first 40% of the steps (one ``vmap``-ed optimisation, past the first
-#:   learning-rate decay at 3/8), then the 3 with the highest PSNR against the true image
-#:   (an oracle, see ``EvalConfig.prune_by``) run on, one after the other; 12 rows cost ~38
-#:   ms per step and 3 rows ~14 ms (load ~5). Halving after 1/6 of the steps (500, before
-#:   the decay) kept the wrong settings: by objective per TV weight the adaptive attacker
-#:   reached 16.6 / 17.6 dB (DGP 5%/20% / top-k 20%), by PSNR 17.5 / 17.3, against 18.5 /
-#:   18.3 with all 12 settings run to 3,000 steps.
+#: * Inverting Gradients: 1,000 Adam steps, all 12 grid settings as one ``vmap``-ed
+#:   optimisation (12 rows cost ~38 ms per step, 1 row ~21 ms, at load ~5). Successive
+#:   halving (``prune_at``) to 3,000 steps was measured and is not the default: halved
+#:   after 40% of the steps by PSNR (3 settings run on), the default run gave IG 18.0 dB on
+#:   the undefended gradient and adaptive IG 17.5 / 17.3 dB on DGP 5%/20% / top-k 20%,
+#:   against 18.5 / 16.8 / 17.3 for all 12 settings at 1,000 steps, at 2.2x the CPU time
+#:   (1,407 s against 627 s for the whole default run); after 1/6 of the steps it did no
+#:   better (attacks README). All 12 settings to 3,000 steps reach 19.8 / 18.5 / 18.3 at
+#:   3x the cost.
 #:
 #: ``iterations`` is scaled by ``iteration_scale``.
 # (per-attack tables: the duplicate report pairs their shape with the grids below)
-_IG_BUDGET: Dict[str, Any] = {"iterations": 3000, "tv_weight": 0.005, "prune_at": 0.4, "prune_keep": 3}
+_IG_BUDGET: Dict[str, Any] = {"iterations": 1000, "tv_weight": 0.005}
 ATTACK_BUDGETS: Dict[str, Dict[str, Any]] = {
     "dlg": {"iterations": 200, "precision": "float64"},
     "idlg": {"iterations": 200, "precision": "float64"},
@@ -149,9 +149,9 @@ FULL_BUDGETS: Dict[str, Dict[str, Any]] = {
     "dlg": {"iterations": 300, "precision": "float64"},
     "idlg": {"iterations": 300, "precision": "float64"},
     "dlg-adaptive": {"iterations": 300},
-    "ig": {"iterations": 24000, "tv_weight": 0.005, "prune_at": 0.4, "prune_keep": 3},
-    "ig-adaptive": {"iterations": 24000, "tv_weight": 0.005, "prune_at": 0.4, "prune_keep": 3},
-    "ig-dgp-aware": {"iterations": 24000, "tv_weight": 0.005, "prune_at": 0.4, "prune_keep": 3},
+    "ig": {"iterations": 24000, "tv_weight": 0.005},
+    "ig-adaptive": {"iterations": 24000, "tv_weight": 0.005},
+    "ig-dgp-aware": {"iterations": 24000, "tv_weight": 0.005},
     "rtf": {},
 }
 
@@ -169,8 +169,7 @@ _DLG_GRID: List[Dict[str, Any]] = [
 #: is recorded, and so is the attacker's own pick by lowest objective. Inverting Gradients
 #: (all three variants): TV weight {1e-4, 0.005, 0.2} x Adam learning rate {0.1, 0.03} x 2
 #: random starts (one normal, breaching's; one uniform in [0, 1]) = 12 runs, vectorised into
-#: one optimisation and halved after 40% of the steps (``prune_at``; see
-#: :data:`ATTACK_BUDGETS`). Measured at 500 steps (LeNet, 32x32, TV 0.2,
+#: one optimisation. Measured at 500 steps (LeNet, 32x32, TV 0.2,
 #: lr 0.03): chelsea +1.0 dB from the uniform start vs -2.1 from the normal one, rocket -6.0
 #: vs -1.7: neither start wins everywhere. DLG/iDLG: the strong-Wolfe line search from a
 #: uniform start in float64 (see :data:`ATTACK_BUDGETS`). Boxed adaptive DLG: 2 random
