@@ -27,9 +27,10 @@ What differs from the papers:
   without a line search can jump to a worse point or diverge to NaN after reaching a good
   one. ``Reconstruction.objective`` is the distance at the returned point.
 * ``restarts`` (independent initialisations, the lowest objective wins), ``boxed``,
-  ``init`` and ``line_search`` are options the DLG paper does not have; with the defaults of
-  ``dlg``/``idlg`` (``restarts=1``, unboxed, normal init, no line search) the optimisation
-  is DLG's. The result is clipped to [0, 1] for scoring, as DLG's figures show it.
+  ``init``, ``line_search`` and ``precision`` are options the DLG paper does not have; with
+  the defaults of ``dlg``/``idlg`` (``restarts=1``, unboxed, normal init, no line search,
+  float32) the optimisation is DLG's apart from the L-BFGS stopping tests (next points).
+  The evaluator's budget runs the line search from a uniform start in float64. The result is clipped to [0, 1] for scoring, as DLG's figures show it.
 * ``tolerance`` stops a restart early once the distance falls below it (0 = never).
 * torch's L-BFGS stops a step early when the largest gradient entry is below
   ``tolerance_grad`` (1e-7) or the objective changes by less than ``tolerance_change``
