@@ -4,8 +4,9 @@
     python bench/bench_select_sizes.py --max-size 1e8 --threads 1,2 --json sweep.json
     python bench/bench_select_sizes.py --sizes 1000,4096,20000 --dtypes float32 --rounds 15
 
-For every size n (one tensor of ``randn`` entries), dtype and thread count, one process
-times, interleaved round-robin (the order rotates each round, so a noisy shared machine
+The sweep itself is :func:`dgp_kernels.speed.size_sweep` (also ``dgp bench --sweep``);
+this script adds the dtype ratios and a JSON file. For every size n (one tensor of ``randn``
+entries), dtype and thread count, one process times, interleaved round-robin (the order rotates each round, so a noisy shared machine
 slows every method alike), median over rounds of the per-call time:
 
 | key | what |
@@ -30,19 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 
 from dgp_kernels.machine import cpu_model
-
-DEFAULT_SIZES = [10, 100, 1_000, 2_000, 4_096, 5_000, 9_999, 10_000, 20_000, 32_768,
-                 100_000, 1_000_000, 10_000_000, 100_000_000]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+from dgp_kernels.speed import SWEEP_DTYPES, SWEEP_SIZES, size_sweep
 
 
 def _header() -> Dict[str, object]:
@@ -57,86 +51,6 @@ def _header() -> Dict[str, object]:
     }
 
 
-def _time_methods(methods, n: int, rounds: int, batch_us: float) -> Dict[str, tuple]:
-    """(median, min) per-call microseconds of each method, interleaved round-robin.
-
-    ``methods[name](reps)`` returns a callable that is called ``reps`` times in a row per
-    round (it may prepare per-call inputs first, untimed, e.g. fresh zeroed residuals)."""
-    names = list(methods)
-    reps = {}
-    for k in names:  # warm-up, and the batch size that makes one batch ~batch_us
-        f = methods[k](2)
-        f()
-        t0 = time.perf_counter()
-        f()
-        dt = max(time.perf_counter() - t0, 1e-7) * 1e6
-        reps[k] = max(1, min(2_000, int(batch_us / dt)))
-    times = {k: [] for k in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for k in order:
-            m = reps[k]
-            f = methods[k](m)
-            t0 = time.perf_counter()
-            for _ in range(m):
-                f()
-            times[k].append((time.perf_counter() - t0) * 1e6 / m)
-    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
-
-
-def sweep(sizes: List[int], dtypes: List[str], threads: List[int], rounds: int = 9,
-          batch_us: float = 2000.0, verbose: bool = True) -> Dict[str, object]:
-    import dgp_kernels
-
-    out: Dict[str, object] = {"header": _header(), "rows": []}
-    prev_threads = torch.get_num_threads()
-    try:
-        for t in threads:
-            torch.set_num_threads(t)
-            for dname in dtypes:
-                dtype = DTYPES[dname]
-                for n in sizes:
-                    gen = torch.Generator().manual_seed(n)
-                    g = torch.randn(n, generator=gen).to(dtype)
-                    buf = torch.empty_like(g)
-                    a = g.float().numpy()
-                    k = n // 5
-
-                    def select_ef(reps, g=g):
-                        # one zeroed residual per call: every call does the same work
-                        it = iter([torch.zeros_like(g) for _ in range(reps)])
-                        return lambda: dgp_kernels.select_ef(g, next(it))
-
-                    methods = {
-                        "select": lambda reps: (lambda: dgp_kernels.select(g)),
-                        "select_ef": select_ef,
-                        "topk": lambda reps: (lambda: torch.topk(g.abs(), k)),
-                        "partition": lambda reps: (lambda: np.partition(np.abs(a), n - k)),
-                        "copy": lambda reps: (lambda: buf.copy_(g)),
-                    }
-                    rr = rounds if n < 10_000_000 else max(3, rounds // 3)
-                    med = _time_methods(methods, n, rr, batch_us)
-                    row = {"threads": t, "dtype": dname, "n": n,
-                           **{f"{m}_us": v[0] for m, v in med.items()},
-                           **{f"{m}_min_us": v[1] for m, v in med.items()}}
-                    out["rows"].append(row)
-                    if verbose:
-                        print(_fmt_row(row), flush=True)
-    finally:
-        torch.set_num_threads(prev_threads)
-    out["header"]["load_end"] = os.getloadavg()[0]
-    return out
-
-
-def _fmt_row(r: Dict[str, object]) -> str:
-    return (f"t={r['threads']} {r['dtype']:8s} n={r['n']:>11,d}  select {r['select_us']:10.1f}  "
-            f"select_ef {r['select_ef_us']:10.1f}  topk {r['topk_us']:10.1f}  "
-            f"partition {r['partition_us']:10.1f}  copy {r['copy_us']:9.1f} us (medians)  "
-            f"ef/topk {r['select_ef_us'] / r['topk_us']:5.2f}  sel/topk {r['select_us'] / r['topk_us']:5.2f}  "
-            f"| mins: ef {r['select_ef_min_us']:.1f} sel {r['select_min_us']:.1f} topk {r['topk_min_us']:.1f} "
-            f"ef/topk {r['select_ef_min_us'] / r['topk_min_us']:5.2f} sel/topk {r['select_min_us'] / r['topk_min_us']:5.2f}")
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=None, help="comma-separated sizes (default 10 .. max-size)")
@@ -148,14 +62,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     sizes = ([int(float(s)) for s in args.sizes.split(",")] if args.sizes
-             else [s for s in DEFAULT_SIZES if s <= args.max_size])
+             else [s for s in SWEEP_SIZES if s <= args.max_size])
     dtypes = args.dtypes.split(",")
     for d in dtypes:
-        if d not in DTYPES:
-            raise ValueError(f"--dtypes: unknown dtype {d!r}; choose from {sorted(DTYPES)}")
+        if d not in SWEEP_DTYPES:
+            raise ValueError(f"--dtypes: unknown dtype {d!r}; choose from {sorted(SWEEP_DTYPES)}")
     threads = [int(t) for t in args.threads.split(",")]
-    res = sweep(sizes, dtypes, threads, args.rounds, args.batch_us)
+    res = {"header": _header()}
+    import sys
+
+    res["rows"] = size_sweep(sizes, dtypes, threads, args.rounds, args.batch_us,
+                             progress=sys.stdout)
     h = res["header"]
+    h["load_end"] = os.getloadavg()[0]
     print(f"# {h['cpu']}, {h['cores']} cores, torch {h['torch']}, {h['backend']}, "
           f"OMP_WAIT_POLICY={h['omp_wait_policy']}, load {h['load_start']:.2f} -> {h['load_end']:.2f}")
     by = {(r["threads"], r["dtype"], r["n"]): r for r in res["rows"]}

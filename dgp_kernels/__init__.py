@@ -7,6 +7,7 @@ available (C++ on CPU, Triton on CUDA, else the pure-torch reference).
 from . import ops
 from ._backend import INFO as _INFO, BackendInfo
 from .ops import (
+    BandHint,
     band_counts,
     prune,
     prune_,
@@ -27,6 +28,7 @@ def backend_info() -> BackendInfo:
 
 
 __all__ = [
+    "BandHint",
     "BackendInfo",
     "backend_info",
     "band_counts",

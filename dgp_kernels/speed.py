@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -48,6 +49,9 @@ from dgp_kernels.ops.baselines import authors_dgp, clone_all, single_topk
 from dgp_kernels.cases.models import MODELS, get_model
 
 __all__ = [
+    "SteadyStateResult",
+    "size_sweep",
+    "steady_state",
     "BenchConfig",
     "BenchHeader",
     "BenchReport",
@@ -66,6 +70,7 @@ __all__ = [
 DEFAULT_SIZE = 25_000_000
 DEFAULT_REPEATS = 10
 QUICK_REPEATS = 3
+DEFAULT_STEADY_STEPS = 50
 
 
 # --------------------------------------------------------------------------------------
@@ -83,6 +88,10 @@ class BenchConfig:
     top: float = DEFAULT_TOP
     keep: float = DEFAULT_KEEP
     seed: int = 0
+    steady_steps: int = DEFAULT_STEADY_STEPS  # EF steps of the model list, hint vs none; 0 skips
+    sweep: bool = False  # also the size sweep (slow: minutes up to 1e8 entries)
+    sweep_max: int = 100_000_000
+    sweep_dtypes: List[str] = field(default_factory=lambda: ["float32", "bfloat16"])
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,8 @@ class BenchReport:
     header: BenchHeader
     cases: List[CaseResult]
     load_end: float  # 1-minute load average when the run ended (-1 if unknown)
+    steady: List["SteadyStateResult"] = field(default_factory=list)
+    sweep: List[dict] = field(default_factory=list)  # size_sweep rows (with --sweep)
 
 
 @dataclass(frozen=True)
@@ -329,7 +340,229 @@ def run(config: BenchConfig, progress: Optional[TextIO] = None) -> BenchReport:
                 progress,
             )
             cases.append(res)
-    return BenchReport(header=header, cases=cases, load_end=_load())
+    steady = []
+    if config.steady_steps > 0:
+        for t in config.threads:
+            _say(f"[dgp bench] steady state: {config.steady_steps} EF steps of the "
+                 f"{config.model} list, with and without a BandHint; {t} thread(s) ...", progress)
+            st = steady_state(gs, config.steady_steps, t, top=config.top, keep=config.keep,
+                              seed=config.seed)
+            steady.append(st)
+            _say(f"[dgp bench]   {_steady_line(st)}", progress)
+    sweep = []
+    if config.sweep:
+        sizes = [n for n in SWEEP_SIZES if n <= config.sweep_max]
+        _say(f"[dgp bench] size sweep: {len(sizes)} sizes up to {config.sweep_max:,}, "
+             f"{', '.join(config.sweep_dtypes)}, threads {config.threads} ...", progress)
+        sweep = size_sweep(sizes, config.sweep_dtypes, config.threads, progress=progress)
+    return BenchReport(header=header, cases=cases, load_end=_load(), steady=steady, sweep=sweep)
+
+
+def _steady_line(st: "SteadyStateResult") -> str:
+    p, h, c = st.stats("plain_ms"), st.stats("hint_ms"), st.stats("copy_ms")
+    hits = (f"; hinted brackets held on {st.hint_layers} of "
+            f"{st.hint_layers + st.hint_misses} layer-steps" if st.hint_layers >= 0 else "")
+    return (f"{st.threads} thread(s), steps {st.skipped + 1}-{st.steps}, median (min) ms: "
+            f"no hint {_ms(p[0])} ({_ms(p[1])}), hint {_ms(h[0])} ({_ms(h[1])}), copy_ "
+            f"{_ms(c[0])} ({_ms(c[1])}); hint / copy_ {h[0] / c[0]:.2f}, no hint / copy_ "
+            f"{p[0] / c[0]:.2f}{hits}")
+
+
+# --------------------------------------------------------------------------------------
+# Size sweep: one tensor per size against torch.topk, np.partition and copy_
+# --------------------------------------------------------------------------------------
+SWEEP_SIZES = [10, 100, 1_000, 2_000, 4_096, 5_000, 9_999, 10_000, 20_000, 32_768,
+               100_000, 1_000_000, 10_000_000, 100_000_000]
+SWEEP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16, "float64": torch.float64}
+
+
+def _time_batched(methods, rounds: int, batch_us: float) -> dict:
+    """(median, min) per-call microseconds of each method, interleaved round-robin.
+
+    ``methods[name](reps)`` returns a callable that is called ``reps`` times in a row per
+    round (it may prepare per-call inputs first, untimed, e.g. fresh zeroed residuals);
+    ``reps`` makes one batch last about ``batch_us``."""
+    names = list(methods)
+    reps = {}
+    for k in names:  # warm-up, and the batch size
+        f = methods[k](2)
+        f()
+        t0 = time.perf_counter()
+        f()
+        dt = max(time.perf_counter() - t0, 1e-7) * 1e6
+        reps[k] = max(1, min(2_000, int(batch_us / dt)))
+    times = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for k in order:
+            m = reps[k]
+            f = methods[k](m)
+            t0 = time.perf_counter()
+            for _ in range(m):
+                f()
+            times[k].append((time.perf_counter() - t0) * 1e6 / m)
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+
+
+def size_sweep(sizes: Sequence[int], dtypes: Sequence[str], threads: Sequence[int],
+               rounds: int = 9, batch_us: float = 2000.0,
+               progress: Optional[TextIO] = None) -> List[dict]:
+    """One ``randn`` tensor per size, dtype and thread count; per-call microseconds
+    (median and minimum over ``rounds``, sizes of 10M and up ``max(3, rounds // 3)``) of
+
+    * ``select``: ``dgp_kernels.select(g)``; ``select_ef``: ``dgp_kernels.select_ef(g, e)``
+      (every call its own zeroed residual, made untimed);
+    * ``topk``: ``torch.topk(g.abs(), n // 5)``; ``partition``: ``np.partition(np.abs(a),
+      n - n // 5)`` on a float32 numpy copy; ``copy``: ``buf.copy_(g)``.
+
+    Small sizes repeat each call in a batch of about ``batch_us`` and divide. Returns one
+    dict per row (keys ``threads``, ``dtype``, ``n``, ``<method>_us``, ``<method>_min_us``).
+    """
+    import numpy as np
+
+    rows = []
+    prev_threads = torch.get_num_threads()
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            for dname in dtypes:
+                if dname not in SWEEP_DTYPES:
+                    raise ValueError(f"unknown dtype {dname!r}; choose from {sorted(SWEEP_DTYPES)}")
+                dtype = SWEEP_DTYPES[dname]
+                for n in sizes:
+                    gen = torch.Generator().manual_seed(n)
+                    g = torch.randn(n, generator=gen).to(dtype)
+                    buf = torch.empty_like(g)
+                    a = g.float().numpy()
+                    k = n // 5
+
+                    def select_ef(reps, g=g):
+                        it = iter([torch.zeros_like(g) for _ in range(reps)])
+                        return lambda: dgp_kernels.select_ef(g, next(it))
+
+                    methods = {
+                        "select": lambda reps, g=g: (lambda: dgp_kernels.select(g)),
+                        "select_ef": select_ef,
+                        "topk": lambda reps, g=g, k=k: (lambda: torch.topk(g.abs(), k)),
+                        "partition": lambda reps, a=a, n=n, k=k: (
+                            lambda: np.partition(np.abs(a), n - k)),
+                        "copy": lambda reps, g=g, buf=buf: (lambda: buf.copy_(g)),
+                    }
+                    rr = rounds if n < 10_000_000 else max(3, rounds // 3)
+                    med = _time_batched(methods, rr, batch_us)
+                    row = {"threads": t, "dtype": dname, "n": n,
+                           **{f"{m}_us": v[0] for m, v in med.items()},
+                           **{f"{m}_min_us": v[1] for m, v in med.items()}}
+                    rows.append(row)
+                    if progress is not None:
+                        _say(format_sweep_row(row), progress)
+                    del g, buf, a
+    finally:
+        torch.set_num_threads(prev_threads)
+    return rows
+
+
+def format_sweep_row(r: dict) -> str:
+    return (f"t={r['threads']} {r['dtype']:8s} n={r['n']:>11,d}  select {r['select_us']:10.1f}  "
+            f"select_ef {r['select_ef_us']:10.1f}  topk {r['topk_us']:10.1f}  "
+            f"partition {r['partition_us']:10.1f}  copy {r['copy_us']:9.1f} us (medians)  "
+            f"ef/topk {r['select_ef_us'] / r['topk_us']:5.2f}  "
+            f"sel/topk {r['select_us'] / r['topk_us']:5.2f}  | mins: ef "
+            f"{r['select_ef_min_us']:.1f} sel {r['select_min_us']:.1f} "
+            f"topk {r['topk_min_us']:.1f} ef/topk "
+            f"{r['select_ef_min_us'] / r['topk_min_us']:5.2f}")
+
+
+# --------------------------------------------------------------------------------------
+# Steady state: consecutive error-feedback steps with and without a BandHint
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SteadyStateResult:
+    threads: int
+    steps: int
+    skipped: int  # first steps left out of the statistics (the hint's margins adapt)
+    alpha: float  # step-to-step correlation of every gradient entry
+    plain_ms: List[float]  # per step, select_ef_multi without a hint
+    hint_ms: List[float]  # per step, select_ef_multi(hint=...)
+    copy_ms: List[float]  # per step, copy_ of the same tensors
+    hint_layers: int  # layer-steps served by the hinted brackets (C++ kernel), -1 if unknown
+    hint_misses: int  # layer-steps whose brackets missed (that layer took the unhinted path)
+
+    def stats(self, key: str) -> tuple:
+        v = getattr(self, key)[self.skipped:]
+        return statistics.median(v), min(v)
+
+
+def steady_state(gs0: List[torch.Tensor], steps: int = 50, threads: int = 1,
+                 alpha: float = 0.9, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP,
+                 skipped: int = 5, seed: int = 0) -> SteadyStateResult:
+    """``steps`` consecutive error-feedback steps of the layer list ``gs0``, as in training.
+
+    Step ``t`` selects ``g_t = alpha * g_{t-1} + sqrt(1 - alpha^2) * sigma * z`` (per layer
+    ``sigma`` = the std of ``gs0[i]``, ``z`` one of five fixed ``randn`` draws in turn, so
+    the gradients drift but keep their scale), made untimed before the step. Two residual
+    sets are carried, one by ``select_ef_multi(gs, res_a)`` and one by
+    ``select_ef_multi(gs, res_b, hint=h)`` with one :class:`~dgp_kernels.BandHint` for all
+    steps; both outputs are checked bit-equal every step (untimed). The two calls and a
+    ``copy_`` of the same tensors are timed per step in a rotating order.
+    """
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        sig = [float(g.float().std()) if g.numel() > 1 else 1.0 for g in gs0]
+        sig = [x if x > 0 else 1.0 for x in sig]
+        noise = [[(torch.randn(g.shape, generator=gen) * s).to(g.dtype) for g, s in zip(gs0, sig)]
+                 for _ in range(5)]
+        beta = math.sqrt(max(0.0, 1.0 - alpha * alpha))
+        gs = [g.clone() for g in gs0]
+        res_a = [torch.zeros_like(g) for g in gs]
+        res_b = [torch.zeros_like(g) for g in gs]
+        bufs = [torch.empty_like(g) for g in gs]
+        hint = dgp_kernels.BandHint()
+        _C = _cpp_module()
+        hits = misses = 0
+        times = {"plain": [], "hint": [], "copy": []}
+        outs = {}
+        calls = {
+            "plain": lambda: dgp_kernels.select_ef_multi(gs, res_a, top, keep),
+            "hint": lambda: dgp_kernels.select_ef_multi(gs, res_b, top, keep, hint=hint),
+            "copy": lambda: [b.copy_(g) for b, g in zip(bufs, gs)],
+        }
+        names = list(calls)
+        for t in range(steps):
+            for g, z in zip(gs, noise[t % 5]):
+                g.mul_(alpha).add_(z, alpha=beta)
+            for name in names[t % 3:] + names[:t % 3]:
+                if name == "hint" and _C is not None:
+                    _C.path_counts(True)
+                t0 = time.perf_counter()
+                outs[name] = calls[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                if name == "hint" and _C is not None:
+                    c = _C.path_counts(True)
+                    if t >= skipped:
+                        hits += c["hint"]
+                        misses += c["hint_miss"]
+            if not all(torch.equal(a, b) for a, b in zip(outs["plain"], outs["hint"])):
+                raise RuntimeError(f"steady state step {t}: the hinted call disagrees")
+        if not all(torch.equal(a, b) for a, b in zip(res_a, res_b)):
+            raise RuntimeError("steady state: the hinted residuals disagree")
+    finally:
+        torch.set_num_threads(prev)
+    return SteadyStateResult(threads=threads, steps=steps, skipped=skipped, alpha=alpha,
+                             plain_ms=times["plain"], hint_ms=times["hint"],
+                             copy_ms=times["copy"], hint_layers=hits if _C else -1,
+                             hint_misses=misses if _C else -1)
+
+
+def _cpp_module():
+    if dgp_kernels.backend_info().cpu != "cpp":
+        return None
+    from dgp_kernels import _C
+
+    return _C
 
 
 # --------------------------------------------------------------------------------------
@@ -349,7 +582,8 @@ def _header_pairs(report: BenchReport) -> List[tuple]:
     h = report.header
     omp = h.omp_wait_policy
     if omp == "unset":
-        omp = "unset (OpenMP default; PASSIVE avoids ~8 ms stalls per parallel region here)"
+        omp = ("unset (as users run it; the kernel's own thread pool does not read it, torch's "
+               "copy_/topk/clone do)")
     return [
         ("machine", f"{h.platform}; CPU {h.cpu_model}; {h.logical_cores} logical cores "
                     f"({h.usable_cores} usable)"),
@@ -402,7 +636,22 @@ def format_table(report: BenchReport) -> str:
                              f"{_ms(t.median_ms):>10}  {t.median_ms / clone:>8.2f}")
         for c in cases:
             lines.append(f"ratios, {c.threads} thread(s), medians: {_ratio_line(c)}")
+    lines += _steady_lines(report, "")
+    if report.sweep:
+        lines += ["", "size sweep (one randn tensor per size; per-call us)"]
+        lines += [format_sweep_row(r) for r in report.sweep]
     return "\n".join(lines) + "\n"
+
+
+def _steady_lines(report: BenchReport, bullet: str) -> List[str]:
+    if not report.steady:
+        return []
+    st = report.steady[0]
+    return (["", f"steady state: {st.steps} consecutive error-feedback steps of the model list, "
+                 f"gradients drifting (each entry AR(1), correlation {st.alpha:g}), "
+                 f"select_ef_multi without and with a BandHint (bit-equal every step), "
+                 f"first {st.skipped} steps left out"]
+            + [f"{bullet}{_steady_line(s)}" for s in report.steady])
 
 
 def format_markdown(report: BenchReport) -> str:
@@ -425,6 +674,14 @@ def format_markdown(report: BenchReport) -> str:
         lines.append("")
         for c in cases:
             lines.append(f"- {c.threads} thread(s), medians: {_ratio_line(c)}")
+    lines += _steady_lines(report, "- ")
+    if report.sweep:
+        lines += ["", "| threads | dtype | n | select_ef us | select us | topk us | np.partition us "
+                      "| copy_ us | select_ef / topk |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report.sweep:
+            lines.append(f"| {r['threads']} | {r['dtype']} | {r['n']:,} | {r['select_ef_us']:.1f} "
+                         f"| {r['select_us']:.1f} | {r['topk_us']:.1f} | {r['partition_us']:.1f} "
+                         f"| {r['copy_us']:.1f} | {r['select_ef_us'] / r['topk_us']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -459,6 +716,15 @@ def _int_at_least(lo: int):
     return parse
 
 
+def _dtype_list(text: str) -> List[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [v for v in values if v not in SWEEP_DTYPES]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(SWEEP_DTYPES)}, got {text!r}")
+    return values
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_thread_list, default=[1, 2], metavar="LIST",
                    help="comma-separated thread counts, each set with torch.set_num_threads "
@@ -484,6 +750,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run the GPU benchmark (dgp_kernels.benchmarks_gpu: Triton kernels "
                         "vs the authors' operator on 25M, ResNet-18 and ResNet-50 inputs): "
                         "auto = when a CUDA device is present (default: auto)")
+    p.add_argument("--steady-steps", type=_int_at_least(0), default=DEFAULT_STEADY_STEPS,
+                   metavar="S",
+                   help="consecutive error-feedback steps of the model list timed with and "
+                        f"without a BandHint, 0 to skip (default: {DEFAULT_STEADY_STEPS})")
+    p.add_argument("--sweep", action="store_true",
+                   help="also the size sweep: one tensor per size from 10 to --sweep-max "
+                        "entries, ours vs torch.topk, np.partition and copy_ (minutes)")
+    p.add_argument("--sweep-max", type=_int_at_least(10), default=100_000_000, metavar="N",
+                   help="largest size of the sweep (default: 100_000_000)")
+    p.add_argument("--sweep-dtypes", type=_dtype_list, default=["float32", "bfloat16"],
+                   metavar="LIST", help="dtypes of the sweep (default: float32,bfloat16)")
     p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
 
@@ -492,7 +769,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     repeats = args.repeats if args.repeats is not None else (
         QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     return BenchConfig(threads=list(args.threads), size=args.size, repeats=repeats,
-                       warmup=args.warmup, model=args.model, grads=args.grads, seed=args.seed)
+                       warmup=args.warmup, model=args.model, grads=args.grads, seed=args.seed,
+                       steady_steps=getattr(args, "steady_steps", DEFAULT_STEADY_STEPS),
+                       sweep=getattr(args, "sweep", False),
+                       sweep_max=getattr(args, "sweep_max", 100_000_000),
+                       sweep_dtypes=list(getattr(args, "sweep_dtypes", ["float32", "bfloat16"])))
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <omp.h>
+#include "thread_pool.h"
 
 #include <cstring>
 #include <optional>
@@ -28,8 +28,10 @@ namespace w = ::dgp::wire;
 
 constexpr const char* kPayloadError = "PayloadError: ";
 
-// Work below this many values is done on one thread: an OpenMP region can stall ~8 ms on
-// 2-vCPU machines with the default OMP_WAIT_POLICY, more than a small model's whole decode.
+// Work below this many payload bytes is done on one thread: a fork-join costs ~5-30 us
+// (more when another process holds a core), more than a small model's whole decode. Threads
+// come from the select kernels' pool (thread_pool.h), never an OpenMP region, whose idle
+// workers spin for milliseconds after it under the default OMP_WAIT_POLICY.
 constexpr int64_t kParallelMinValues = 1 << 18;
 
 uint8_t wire_dtype_of(const at::Tensor& v, int64_t layer) {
@@ -331,8 +333,8 @@ at::Tensor wire_accumulate(at::TensorList payloads, std::optional<at::ArrayRef<d
   int64_t total_bytes = 0;
   for (int64_t c = 0; c < C; ++c) total_bytes += payloads[c].numel();
   const int threads = total_bytes >= kParallelMinValues ? at::get_num_threads() : 1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t c = 0; c < C; ++c) {
+  ThreadPool& pool = ThreadPool::get();
+  pool.run(C, threads, [&](int64_t c) {
     try {
       const at::Tensor& p = payloads[c];
       parsed[static_cast<size_t>(c)] =
@@ -340,10 +342,10 @@ at::Tensor wire_accumulate(at::TensorList payloads, std::optional<at::ArrayRef<d
                    have_aligned ? aks.data() : nullptr, have_aligned ? L : -1, allow_nonfinite);
     } catch (const w::Error&) {
       st[c] = 1;
-    } catch (...) {  // e.g. std::bad_alloc: reject, never let an exception leave the region
+    } catch (...) {  // e.g. std::bad_alloc: reject, never let an exception leave the task
       st[c] = 2;
     }
-  }
+  });
   for (int64_t c = 0; c < C; ++c)
     TORCH_CHECK(st[c] != 2, "wire_accumulate: internal error while validating payload ", c);
   if (all_or_nothing)
@@ -354,8 +356,7 @@ at::Tensor wire_accumulate(at::TensorList payloads, std::optional<at::ArrayRef<d
   // receiving its clients' contributions in client order -> deterministic for any thread count.
   std::vector<float*> optr(static_cast<size_t>(L));
   for (int64_t l = 0; l < L; ++l) optr[static_cast<size_t>(l)] = out[l].numel() ? out[l].mutable_data_ptr<float>() : nullptr;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t l = 0; l < L; ++l) {
+  auto add_clients = [&](int64_t l) {
     const int64_t* apos = have_aligned && aligned_indices[l].numel() ? aligned_indices[l].const_data_ptr<int64_t>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       if (st[c] != 0) continue;
@@ -369,7 +370,16 @@ at::Tensor wire_accumulate(at::TensorList payloads, std::optional<at::ArrayRef<d
         add_layer_any<false>(d, E, static_cast<size_t>(l), P.aligned(), apos, 1.0f, optr[static_cast<size_t>(l)]);
       }
     }
-  }
+  };
+  std::atomic<bool> failed{false};
+  pool.run(L, threads, [&](int64_t l) {
+    try {
+      add_clients(l);
+    } catch (...) {  // validated payloads do not throw here; never let one leave the task
+      failed = true;
+    }
+  });
+  TORCH_CHECK(!failed.load(), "wire_accumulate: internal error while adding a validated payload");
   return status;
 }
 

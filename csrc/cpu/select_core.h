@@ -38,6 +38,7 @@ template <typename T>
 struct KeyTraits;
 template <>
 struct KeyTraits<float> {
+  static constexpr int kMant = 23;  // mantissa bits: one key step is 2^-kMant relative
   using K = uint32_t;
   static constexpr int kBits = 31;
   static constexpr K kMask = 0x7fffffffu;
@@ -45,6 +46,7 @@ struct KeyTraits<float> {
 };
 template <>
 struct KeyTraits<double> {
+  static constexpr int kMant = 52;  // mantissa bits: one key step is 2^-kMant relative
   using K = uint64_t;
   static constexpr int kBits = 63;
   static constexpr K kMask = 0x7fffffffffffffffull;
@@ -52,6 +54,7 @@ struct KeyTraits<double> {
 };
 template <>
 struct KeyTraits<c10::Half> {
+  static constexpr int kMant = 10;  // mantissa bits: one key step is 2^-kMant relative
   using K = uint16_t;
   static constexpr int kBits = 15;
   static constexpr K kMask = 0x7fff;
@@ -59,6 +62,7 @@ struct KeyTraits<c10::Half> {
 };
 template <>
 struct KeyTraits<c10::BFloat16> {
+  static constexpr int kMant = 7;  // mantissa bits: one key step is 2^-kMant relative
   using K = uint16_t;
   static constexpr int kBits = 15;
   static constexpr K kMask = 0x7fff;
@@ -582,6 +586,11 @@ inline int64_t sample_pos(int64_t j, int64_t stride) {
   return j * stride + static_cast<int64_t>(h % static_cast<uint64_t>(stride));
 }
 
+template <typename T, bool EF, typename Runner, typename CountFn>
+bool analyze_bracketed(Plan<typename KeyTraits<T>::K>& p, int C,
+                       const Bracket<typename KeyTraits<T>::K>& br, bool merged, double cap_fh,
+                       double cap_fl, Runner&& run, CountFn&& count);
+
 // Layers this large try the sampled path first.
 constexpr int64_t kSampleMin = int64_t(1) << 15;
 
@@ -653,14 +662,29 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
   const double frac_h = merged ? static_cast<double>(pl + dl - ph + dh) / m
                                : static_cast<double>(2 * dh) / m;
   const double frac_l = merged ? 0.0 : static_cast<double>(2 * dl) / m;
+  // 3x the expected candidate count: an overflow only means a fallback.
+  return analyze_bracketed<T, EF>(p, C, br, merged, 3.0 * frac_h, 3.0 * frac_l, run, count);
+}
 
+// Both boundary ranks from given brackets: ONE counting sweep counts, per chunk, the entries
+// above and between the brackets and copies the keys inside them into per-chunk candidate
+// buffers (`cap_h` / `cap_l`: their capacity as a fraction of the chunk); the exact keys are
+// selected among the candidates. `merged`: one bracket [b_lo, a_hi] holds both ranks (the
+// low range is empty). Returns false, having written nothing but `p.has_nan`, when a rank is
+// outside its bracket or a buffer overflows: the caller then takes another path.
+template <typename T, bool EF, typename Runner, typename CountFn>
+bool analyze_bracketed(Plan<typename KeyTraits<T>::K>& p, int C,
+                       const Bracket<typename KeyTraits<T>::K>& br, bool merged, double cap_fh,
+                       double cap_fl, Runner&& run, CountFn&& count) {
+  using K = typename KeyTraits<T>::K;
+  const int64_t n = p.cnt.n;
+  const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
   std::vector<ChunkCount<K>> cc(C);
   std::vector<int64_t> cap_h(C), cap_l(C), base_h(C + 1, 0), base_l(C + 1, 0);
   for (int c = 0; c < C; ++c) {
     const int64_t len = chunk_begin(n, c + 1, C) - chunk_begin(n, c, C);
-    // 3x the expected candidate count: an overflow only means a fallback.
-    cap_h[c] = std::min<int64_t>(len, static_cast<int64_t>(3.0 * frac_h * len) + 256);
-    cap_l[c] = merged ? 0 : std::min<int64_t>(len, static_cast<int64_t>(3.0 * frac_l * len) + 256);
+    cap_h[c] = std::min<int64_t>(len, static_cast<int64_t>(cap_fh * len) + 256);
+    cap_l[c] = merged ? 0 : std::min<int64_t>(len, static_cast<int64_t>(cap_fl * len) + 256);
     base_h[c + 1] = base_h[c] + cap_h[c] + kSimdSlack;
     base_l[c + 1] = base_l[c] + cap_l[c] + kSimdSlack;
   }
@@ -749,6 +773,94 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
   }
   finalize_plan(p, C, gt_hi, gt_lo, eq_hi, eq_lo);
   return true;
+}
+
+// ------------------------------------------------------------------ band hints
+// Steady state: with error feedback the same layer is selected every step and its two
+// boundary keys move little. A hint row per layer holds last step's exact keys and a margin
+// around each; when both ranks still fall inside [key - margin, key + margin], the bracketed
+// count sweep (analyze_bracketed) finds the exact keys without sampling or histograms. When a
+// rank falls outside (or a candidate buffer overflows) the caller takes the unhinted path, so
+// the result never depends on the hint: only the time does.
+//
+// Row layout (int64, kHintCols): {key bits of the dtype that wrote it (0: empty), khi, klo,
+// margin_hi, margin_lo, move_hi, move_lo}: last step's exact keys, the half-widths of the
+// brackets, and the keys' last signed moves. The brackets are centred on key + move (the
+// top boundary of a layer with error feedback drifts one way, as the dropped top entries
+// accumulate in the residual). Keys, margins and moves are in key units (one unit = one ulp
+// of |v|, about 2^-kMant relative). Rows may hold anything: every field is clamped to the
+// key range, a row written for another dtype counts as empty.
+constexpr int kHintCols = 7;
+
+template <typename T>
+bool hint_bracket(const int64_t* row, Bracket<typename KeyTraits<T>::K>& br, bool& merged) {
+  using K = typename KeyTraits<T>::K;
+  if (row[0] != KeyTraits<T>::kBits) return false;
+  const int64_t kmax = static_cast<int64_t>(KeyTraits<T>::kMask);
+  auto clamp = [&](int64_t v, int64_t lo) { return std::min(std::max(v, lo), kmax); };
+  // Centre = key + move, in [0, kmax] (all terms within [-kmax, kmax]: no overflow).
+  const int64_t chi = clamp(clamp(row[1], 0) + clamp(row[5], -kmax), 0);
+  const int64_t clo = clamp(clamp(row[2], 0) + clamp(row[6], -kmax), 0);
+  const int64_t mh = clamp(row[3], 0), ml = clamp(row[4], 0);
+  const uint64_t a_hi = static_cast<uint64_t>(std::min(chi + mh, kmax));
+  const uint64_t b_hi = static_cast<uint64_t>(std::max<int64_t>(chi - mh, 0));
+  const uint64_t a_lo = static_cast<uint64_t>(std::min(clo + ml, kmax));
+  const uint64_t b_lo = static_cast<uint64_t>(std::max<int64_t>(clo - ml, 0));
+  // The count sweep needs a_hi >= b_hi > a_lo >= b_lo; otherwise one merged range
+  // [min(b_lo, b_hi), max(a_hi, a_lo)] holds both ranks (as on the sampled path).
+  merged = a_lo >= b_hi;
+  if (merged) {
+    const uint64_t lo = std::min(b_lo, b_hi), hi = std::max(a_hi, a_lo);
+    br.a_hi = static_cast<K>(hi);
+    br.b_hi = static_cast<K>(lo);
+    br.a_lo = lo == 0 ? K(0) : static_cast<K>(lo - 1);
+    br.b_lo = static_cast<K>(br.a_lo + 1);
+  } else {
+    br.a_hi = static_cast<K>(a_hi);
+    br.b_hi = static_cast<K>(b_hi);
+    br.a_lo = static_cast<K>(a_lo);
+    br.b_lo = static_cast<K>(b_lo);
+  }
+  return true;
+}
+
+// After a layer's exact keys are known: next step's move is this step's; its margin is twice
+// this step's prediction error (|move - predicted move|) plus a floor of 2^-(kMant-9) relative
+// (0.2%; one key unit for bfloat16), and decays by at most a quarter per step, so one calm
+// step after a jumpy one does not shrink the bracket into a miss. (Real ResNet-18 gradients
+// drifting as AR(1), correlation 0.9: without the move the top bracket missed on most
+// large layers, its key rising by about 1.3 margins a step.)
+template <typename T>
+void hint_update(int64_t* row, typename KeyTraits<T>::K khi, typename KeyTraits<T>::K klo) {
+  const int64_t kmax = static_cast<int64_t>(KeyTraits<T>::kMask);
+  const int64_t floor = int64_t(1) << std::max(0, KeyTraits<T>::kMant - 9);
+  const int64_t hi = static_cast<int64_t>(khi), lo = static_cast<int64_t>(klo);
+  int64_t mh = floor, ml = floor, vh = 0, vl = 0;
+  if (row[0] == KeyTraits<T>::kBits) {
+    auto clamp = [&](int64_t v, int64_t lo_) { return std::min(std::max(v, lo_), kmax); };
+    vh = hi - clamp(row[1], 0);  // within [-kmax, kmax]
+    vl = lo - clamp(row[2], 0);
+    // Prediction errors, each within [0, 2 kmax]: no overflow in int64 for 63-bit keys
+    // only because 2 * kmax < 2^64; computed in uint64.
+    auto err = [&](int64_t v, int64_t pred) {
+      const int64_t p = clamp(pred, -kmax);
+      return v > p ? static_cast<uint64_t>(v) - static_cast<uint64_t>(p)
+                   : static_cast<uint64_t>(p) - static_cast<uint64_t>(v);
+    };
+    auto margin = [&](uint64_t e, int64_t old) {
+      const uint64_t m = std::min<uint64_t>(2 * std::min<uint64_t>(e, kmax) + floor, kmax);
+      return static_cast<int64_t>(std::max<uint64_t>(m, clamp(old, 0) / 4 * 3));
+    };
+    mh = margin(err(vh, row[5]), row[3]);
+    ml = margin(err(vl, row[6]), row[4]);
+  }
+  row[0] = KeyTraits<T>::kBits;
+  row[1] = hi;
+  row[2] = lo;
+  row[3] = mh;
+  row[4] = ml;
+  row[5] = vh;
+  row[6] = vl;
 }
 
 // What the write pass produces.

@@ -18,15 +18,18 @@ gradients):
 2. **Encode** the :class:`~dgp_kernels.codec.SparsePayload` to the wire format v1
    (:func:`dgp_kernels.codec.encode`).
 3. **All-gather** the encoded bytes. Sparse payloads cannot be all-reduced (every rank sends
-   other positions), so each rank receives every rank's payload. We all-gather the payload
-   *sizes* first (one int64 per rank), then the payloads padded to the largest size in one
-   ``all_gather_single`` (formerly ``all_gather_into_tensor``) of uint8. Why not
-   ``all_gather_object``: it pickles, does the same two collectives (sizes, then padded
-   bytes) internally, copies through Python ``bytes`` and, on NCCL, needs the current CUDA
-   device set; the tensor route is the same traffic without the pickling and works with
-   gloo and NCCL alike. The padding is small: DGP sends a fixed number of values per layer
-   (the count depends on shapes only), so ranks' payloads differ only in their index
-   streams (a few percent).
+   other positions), so each rank receives every rank's payload: one
+   ``all_gather_single`` (formerly ``all_gather_into_tensor``) of uint8, started
+   asynchronously. For the compressors whose number of values per layer follows from the
+   shapes (``"dgp"``, ``"topk"``, ``"randk"``) every rank's slot has the same width, known
+   without communicating: an int64 length, then room for the largest payload those counts
+   can encode to (the encoder never picks an index coding longer than the bitmap; the bound
+   is computed once per bucket layout). Other compressors first all-gather the payload sizes
+   (one int64 per rank, a blocking exchange) and pad to the largest. Why not
+   ``all_gather_object``: it pickles, does the same two collectives internally, copies
+   through Python ``bytes`` and, on NCCL, needs the current CUDA device set. The padding is
+   small for DGP: it sends a fixed number of values per layer, so ranks' payloads differ
+   only in their index streams.
 4. **Decode and average** — :func:`dgp_kernels.codec.decode_accumulate` validates every
    rank's payload, sums them into a float32 buffer in rank order (deterministic: every rank
    computes bitwise the same sum, so the replicas stay in sync) and the hook divides by the
@@ -41,6 +44,15 @@ first time, the residuals of its parameters are moved over from the buckets that
 them before, so no owed error is lost. DGP's band is per parameter tensor, so the
 bucketing never changes what is sent.
 
+Overlap: the hook never waits for the link. DDP calls it when a bucket's gradients are
+ready, in bucket order on every rank; it compresses, starts the collective and returns its
+future at once, so the backward pass (and the compression of the next buckets) goes on
+while earlier buckets are on the wire, and decoding runs when each collective completes.
+On a slow link the step costs about ``forward + max(backward + codec, link time) +
+optimizer`` instead of their sum (the link cannot start before the first bucket is
+ready). ``tests/integrations/test_ddp_overlap.py`` checks it with a rank that starts its
+backward pass late.
+
 ``compressor="adgp"`` (aligned DGP, :mod:`dgp_kernels.compressor.adgp`) keeps DDP's all-reduce: every rank
 sends values at the same positions, so the values of all ranks can be summed by an
 ordinary all-reduce. The positions of each step are chosen by rank 0 (the broadcaster) as
@@ -48,7 +60,12 @@ the DGP band of its own ``g + e`` per parameter and broadcast as a bitmap (``num
 bytes per bucket); every rank then sends its ``g + e`` at those positions and keeps the
 rest in its residual. This is ADGP's default "fresh" rule (the broadcaster's own band every
 step, which reaches every coordinate); the "aggregate" option of
-:mod:`dgp_kernels.compressor.adgp` is not offered here.
+:mod:`dgp_kernels.compressor.adgp` is not offered here. The positions must arrive before a
+rank can compress, so the aligned exchange runs on one worker thread per hook state: the
+hook queues the bucket and returns a future; the worker handles the buckets in order
+(broadcast, compress, start the all-reduce without waiting, next bucket), so rank 0 picks
+and sends the positions of bucket ``i + 1`` while bucket ``i``'s values are on the wire,
+and every rank issues its collectives in the same order.
 
 Devices: the bucket's device decides everything — compression runs there (C++ kernel on
 CPU, Triton on CUDA), the collectives use tensors on that device (gloo for CPU, NCCL for
@@ -75,6 +92,9 @@ group's ``timeout=`` (``init_process_group``) passes, so set one that bounds the
 
 # No `from __future__ import annotations`: DDP's register_comm_hook checks the hook's
 # annotations as objects (dist.GradBucket, torch.futures.Future[torch.Tensor]).
+import queue
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -223,6 +243,8 @@ class DGPHookState:
         self._orphans: Dict[ParamKey, Tensor] = {}  # residuals of dissolved bucket layouts
         self._cur = [0, 0, 0, 0, 0]  # buckets, numel, payload, collective, dense
         self._cur_layout: Dict[int, BucketKey] = {}
+        self._widths: Dict[Tuple[BucketKey, Optional[str]], Tuple[Tuple[int, ...], int]] = {}
+        self._worker: Optional[_BucketWorker] = None
 
     # ---- bookkeeping ------------------------------------------------------------------
     @property
@@ -418,6 +440,30 @@ def dgp_hook(state: DGPHookState, bucket: dist.GradBucket) -> torch.futures.Futu
     return _sparse_bucket(state, bucket, buf, grads, sizes, key, comp)
 
 
+# Compressors whose number of values per layer follows from the shapes alone: every rank's
+# payload fits a slot whose width the ranks agree on without communicating.
+_FIXED_K = ("dgp", "topk", "randk")
+
+
+def _slot_width(state: DGPHookState, key: BucketKey, payload: SparsePayload) -> int:
+    """Bytes of one rank's all-gather slot for a fixed-k compressor: an int64 length, then the
+    largest payload these layer counts can encode to. Every index coding the encoder picks is
+    at most the bitmap's ``ceil(numel / 8)`` bytes (it keeps the bitmap unless another coding
+    is strictly smaller; dense layers have implicit positions), so encoding this payload with
+    the bitmap forced on its sparse layers gives the bound. Cached per layout."""
+    ks = tuple(layer.k for layer in payload.layers)
+    cached = state._widths.get((key, state.value_dtype))
+    if cached is not None:
+        if cached[0] != ks:
+            raise RuntimeError(f"dgp_hook: compressor {state.compressor_name!r} sent {ks} values per layer, "
+                               f"{cached[0]} before; its counts must follow from the shapes")
+        return cached[1]
+    forced = ["bitmap" if layer.k < layer.numel else None for layer in payload.layers]
+    width = 8 + len(encode(payload, state.value_dtype, force_coding=forced))
+    state._widths[(key, state.value_dtype)] = (ks, width)
+    return width
+
+
 def _sparse_bucket(state, bucket, buf, grads, sizes, key, comp) -> torch.futures.Future[Tensor]:
     pg, world, rank = _group_info(state)
     dev = buf.device
@@ -425,26 +471,43 @@ def _sparse_bucket(state, bucket, buf, grads, sizes, key, comp) -> torch.futures
     data = encode(payload, state.value_dtype)
     n = len(data)
     mine = torch.frombuffer(bytearray(data), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+    fixed = state.compressor_name in _FIXED_K
     try:
-        size_t = torch.tensor([n], dtype=torch.int64, device=dev)
-        all_sizes = torch.empty(world, dtype=torch.int64, device=dev)
-        _all_gather_single(all_sizes, size_t, group=pg)
-        lens = [int(x) for x in all_sizes.tolist()]
-        width = max(lens)
-        slot = torch.zeros(width, dtype=torch.uint8, device=dev)
-        slot[:n] = mine.to(dev)
+        if fixed:
+            # One collective, started at once: slots of a width known from the shapes, each
+            # led by its payload's length. No size exchange, no host read, no wait here.
+            width = _slot_width(state, key, payload)
+            slot = torch.zeros(width, dtype=torch.uint8)
+            slot[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
+            slot[8:8 + n] = mine
+            lens: Optional[List[int]] = None
+        else:
+            size_t = torch.tensor([n], dtype=torch.int64, device=dev)
+            all_sizes = torch.empty(world, dtype=torch.int64, device=dev)
+            _all_gather_single(all_sizes, size_t, group=pg)
+            lens = [int(x) for x in all_sizes.tolist()]
+            width = max(lens)
+            slot = torch.zeros(width, dtype=torch.uint8)
+            slot[:n] = mine
         gathered = torch.empty(world * width, dtype=torch.uint8, device=dev)
-        work = _all_gather_single(gathered, slot, group=pg, async_op=True)
+        work = _all_gather_single(gathered, slot.to(dev), group=pg, async_op=True)
     except RuntimeError as exc:
         raise _fail("all-gather", bucket.index(), rank, exc) from exc
-    state._record(bucket.index(), key, buf.numel(), n, width + 8, buf.numel() * buf.element_size(),
-                  bucket.is_last())
+    state._record(bucket.index(), key, buf.numel(), n, width + (0 if fixed else 8),
+                  buf.numel() * buf.element_size(), bucket.is_last())
     index = bucket.index()
 
     def finish(fut: torch.futures.Future) -> Tensor:
         _wait(fut, "all-gather", index, rank)
         host = gathered.cpu()
-        payloads = [host[r * width: r * width + lens[r]] for r in range(world)]
+        if lens is None:
+            heads = host.view(world, width)[:, :8].contiguous().view(torch.int64).view(-1).tolist()
+            if any(not 0 <= h <= width - 8 for h in heads):
+                raise RuntimeError(f"dgp_hook: bucket {index}: a rank's payload length {heads} does not fit "
+                                   f"its {width - 8}-byte slot")
+            payloads = [host[r * width + 8: r * width + 8 + heads[r]] for r in range(world)]
+        else:
+            payloads = [host[r * width: r * width + lens[r]] for r in range(world)]
         acc = torch.zeros(buf.numel(), dtype=torch.float32)
         # strict: a payload a peer encoded but that does not decode is a bug, not an
         # attack (ranks trust each other); every rank would reject it alike, but dropping
@@ -518,7 +581,53 @@ def _unpack_bits(packed: Tensor, n: int) -> Tensor:
     return bits.reshape(-1)[:n].bool()
 
 
+class _BucketWorker:
+    """One thread per hook state that runs the aligned exchange of each bucket in the order
+    the buckets arrive (DDP hands them over in bucket order on every rank, so every rank
+    issues the same collectives in the same order). The hook only queues the bucket and
+    returns a future, so the backward pass goes on while the position broadcast waits on
+    the link, and the positions of bucket ``i + 1`` are chosen and sent while bucket ``i``'s
+    all-reduce is still on the wire."""
+
+    def __init__(self) -> None:
+        self._q: "queue.SimpleQueue" = queue.SimpleQueue()
+        # The thread holds only the queue, so the worker (and its hook state) can be
+        # collected; collecting it stops the thread.
+        self._thread = threading.Thread(target=_BucketWorker._loop, args=(self._q,),
+                                        name="dgp_hook-aligned", daemon=True)
+        self._thread.start()
+        weakref.finalize(self, self._q.put, (None, None))
+
+    def submit(self, job: Callable[[torch.futures.Future], None]) -> torch.futures.Future:
+        fut: torch.futures.Future = torch.futures.Future()
+        self._q.put((job, fut))
+        return fut
+
+    @staticmethod
+    def _loop(q: "queue.SimpleQueue") -> None:
+        while True:
+            job, fut = q.get()
+            if job is None:
+                return
+            try:
+                job(fut)
+            except BaseException as exc:  # the failure surfaces from loss.backward()
+                fut.set_exception(exc)
+            del job, fut
+
+
 def _aligned_bucket(state, bucket, buf, grads, key, comp: ADGPCompressor) -> torch.futures.Future[Tensor]:
+    if state._worker is None:
+        state._worker = _BucketWorker()
+    index, last = bucket.index(), bucket.is_last()
+    return state._worker.submit(lambda fut: _aligned_exchange(state, index, last, buf, grads, key, comp, fut))
+
+
+def _aligned_exchange(state, index: int, last: bool, buf: Tensor, grads, key, comp: ADGPCompressor,
+                      result: torch.futures.Future) -> None:
+    """The aligned exchange of one bucket, on the state's worker thread: positions (rank 0's
+    band, broadcast as a bitmap), values at those positions all-reduced without waiting;
+    ``result`` gets the averaged dense bucket when the all-reduce is done."""
     pg, world, rank = _group_info(state)
     dev = buf.device
     numels = [g.numel() for g in grads]
@@ -542,7 +651,7 @@ def _aligned_bucket(state, bucket, buf, grads, key, comp: ADGPCompressor) -> tor
     try:
         dist.broadcast(bitmap, src=src, group=pg)
     except RuntimeError as exc:
-        raise _fail("position broadcast", bucket.index(), rank, exc) from exc
+        raise _fail("position broadcast", index, rank, exc) from exc
     if rank != 0:
         # The band sizes follow from the shapes: nonzero with a static size and a split by
         # the known counts need no host sync (one pass, sorted).
@@ -558,10 +667,9 @@ def _aligned_bucket(state, bucket, buf, grads, key, comp: ADGPCompressor) -> tor
     try:
         work = dist.all_reduce(values, op=dist.ReduceOp.SUM, group=pg, async_op=True)
     except RuntimeError as exc:
-        raise _fail("all-reduce", bucket.index(), rank, exc) from exc
-    state._record(bucket.index(), key, buf.numel(), vbytes, vbytes + (bitmap.numel() if rank == 0 else 0),
-                  buf.numel() * buf.element_size(), bucket.is_last())
-    index = bucket.index()
+        raise _fail("all-reduce", index, rank, exc) from exc
+    state._record(index, key, buf.numel(), vbytes, vbytes + (bitmap.numel() if rank == 0 else 0),
+                  buf.numel() * buf.element_size(), last)
 
     def finish(fut: torch.futures.Future) -> Tensor:
         _wait(fut, "all-reduce", index, rank)
@@ -569,4 +677,10 @@ def _aligned_bucket(state, bucket, buf, grads, key, comp: ADGPCompressor) -> tor
         out[flat_idx] = values.to(torch.float32) / world
         return out.to(buf.dtype)
 
-    return work.get_future().then(finish)
+    def deliver(fut: torch.futures.Future) -> None:
+        try:
+            result.set_result(fut.value())
+        except BaseException as exc:
+            result.set_exception(exc)
+
+    work.get_future().then(finish).add_done_callback(deliver)

@@ -3,6 +3,7 @@
 from . import reference
 from .checks import DEFAULT_KEEP, DEFAULT_TOP, SUPPORTED_DTYPES, band_counts
 from .select import (
+    BandHint,
     prune,
     prune_,
     register_kernels,
@@ -15,6 +16,7 @@ from .select import (
 )
 
 __all__ = [
+    "BandHint",
     "DEFAULT_KEEP",
     "DEFAULT_TOP",
     "SUPPORTED_DTYPES",

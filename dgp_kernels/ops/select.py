@@ -17,11 +17,16 @@ Semantics shared by all of them (docs/semantics.md):
   ``[k_top, k_top + k_keep)``, returned sorted by index;
 * NaN rule: a NaN anywhere (in ``g``, in the residual, or produced by ``g + residual``)
   raises ``ValueError`` naming the tensor, and nothing is modified.
+
+``select_ef_multi_hint`` is ``select_ef_multi`` plus a :class:`BandHint`'s state tensor
+(read and updated in place by the C++ CPU kernel; every other kernel leaves it unchanged):
+the same results, cheaper analysis when the layers' boundaries moved little since the
+state was written. Use it through ``select_ef_multi(..., hint=BandHint())``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -46,6 +51,7 @@ __all__ = [
     "select_multi",
     "select_ef_multi",
     "band_counts",
+    "BandHint",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -70,10 +76,17 @@ for _schema in (
     f"select_multi(Tensor[] gs, {_BAND}) -> (Tensor indices, Tensor values, Tensor offsets)",
     f"select_ef_multi(Tensor[] gs, Tensor(a!)[] residuals, {_BAND}) "
     "-> (Tensor indices, Tensor values, Tensor offsets)",
+    # select_ef_multi with a BandHint's state (int64 [len(gs), HINT_COLS], read and updated
+    # in place by the CPU kernel; other kernels leave it unchanged). Same results always.
+    f"select_ef_multi_hint(Tensor[] gs, Tensor(a!)[] residuals, Tensor(b!) hint, {_BAND}) "
+    "-> (Tensor indices, Tensor values, Tensor offsets)",
 ):
     _lib.define(_schema, tags=_TAGS)
 
-OP_NAMES = ("select", "select_ef", "prune", "prune_", "select_multi", "select_ef_multi")
+OP_NAMES = ("select", "select_ef", "prune", "prune_", "select_multi", "select_ef_multi",
+            "select_ef_multi_hint")
+#: Columns of a hint row (csrc/cpu/select_core.h, kHintCols).
+HINT_COLS = 7
 
 
 # --------------------------------------------------------------------------------------
@@ -146,6 +159,14 @@ def _select_ef_multi_fake(
     return _multi_fake(gs, top, keep)
 
 
+@torch.library.register_fake("dgp::select_ef_multi_hint")
+def _select_ef_multi_hint_fake(
+    gs: List[Tensor], residuals: List[Tensor], hint: Tensor, top: float = DEFAULT_TOP,
+    keep: float = DEFAULT_KEEP
+):
+    return _multi_fake(gs, top, keep)
+
+
 # --------------------------------------------------------------------------------------
 # Reference kernels, registered for the dispatch keys no native backend covers.
 # --------------------------------------------------------------------------------------
@@ -173,6 +194,11 @@ def _ref_select_ef_multi(gs, residuals, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
     return reference.select_ef_multi(gs, residuals, top, keep)
 
 
+def _select_ef_multi_hint_composite(gs, residuals, hint, top=DEFAULT_TOP, keep=DEFAULT_KEEP):
+    # Kernels without hint support (reference, Triton): the plain op; the hint is unchanged.
+    return torch.ops.dgp.select_ef_multi(gs, residuals, top, keep)
+
+
 _REFERENCE_IMPLS = {
     "select": _ref_select,
     "select_ef": _ref_select_ef,
@@ -187,6 +213,8 @@ _REFERENCE_IMPLS = {
 # (returns empty outputs on CPU); any list with a tensor still reaches the device kernels.
 _lib.impl("select_multi", _ref_select_multi, "CompositeExplicitAutograd")
 _lib.impl("select_ef_multi", _ref_select_ef_multi, "CompositeExplicitAutograd")
+# The hinted op on every key without a kernel of its own (the C++ CPU kernel has one).
+_lib.impl("select_ef_multi_hint", _select_ef_multi_hint_composite, "CompositeExplicitAutograd")
 
 
 def register_kernels(impls: Dict[str, Callable[..., Any]], dispatch_key: str) -> None:
@@ -243,7 +271,8 @@ def select(g: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP) -> T
 
 
 def select_ef(
-    g: Tensor, residual: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+    g: Tensor, residual: Tensor, top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP,
+    hint: "Optional[BandHint]" = None,
 ) -> Tuple[Tensor, Tensor]:
     """Band selection with fused error feedback; mutates ``residual`` in place.
 
@@ -252,8 +281,17 @@ def select_ef(
     ``residual <- v`` with the kept positions zeroed, so ``dense(kept) + residual_new ==
     g + residual_old``. ``residual`` must match ``g`` in shape, dtype and device. No
     temporary of size ``n`` is allocated (for contiguous inputs). On a NaN in ``g + residual``
-    a ``ValueError`` is raised and ``residual`` is left unchanged.
+    a ``ValueError`` is raised and ``residual`` is left unchanged. ``hint``: an optional
+    :class:`BandHint` for this one layer, carried from step to step.
     """
+    if hint is not None:
+        check_fractions(top, keep)
+        check_grad(g, "g")
+        check_residual(g, residual, "residual")
+        _check_hint(hint)
+        idx, val, _ = torch.ops.dgp.select_ef_multi_hint([g], [residual], hint._for(1),
+                                                         float(top), float(keep))
+        return idx, val
     if (type(g) is Tensor and type(residual) is Tensor and type(top) is float
             and type(keep) is float and g.is_cpu and residual.is_cpu and _native_cpu()):
         return torch.ops.dgp.select_ef(g, residual, top, keep)
@@ -299,22 +337,83 @@ def select_multi(
     return torch.ops.dgp.select_multi(list(gs), float(top), float(keep))
 
 
+class BandHint:
+    """Opt-in state that makes repeated error-feedback selections of the same layers cheaper.
+
+    In a training loop the same layers are selected every step and their two band
+    boundaries (the magnitudes at ranks ``k_top`` and ``k_top + k_keep - 1``) move little.
+    Pass one ``BandHint`` per layer list, the same object every step
+    (``select_ef_multi(gs, residuals, hint=h)``): after each call it holds, per layer, the
+    exact boundary keys, their last moves and a margin around each (twice the last
+    prediction error, at least 0.2% relative). While both boundaries of a layer stay inside their margins, the C++ CPU
+    kernel finds them with one counting sweep over ``g + residual`` (no sampling, no
+    histograms) before the write sweep; when one leaves its margin (or a margin holds too
+    many entries) that layer takes the unhinted path, which costs one extra sweep.
+
+    Results are bit-identical with and without a hint, whatever it holds: it only
+    changes the time. Layers of up to 2^15 entries do not use it (their direct path is
+    cheaper). Kernels other than the C++ CPU one (reference, Triton) ignore it and leave it
+    unchanged. On a NaN the call raises and the hint, like the residuals, is unchanged.
+
+    ``state`` is ``None`` until first use, then an int64 CPU tensor ``[len(gs), 7]``
+    (rows: key width of the dtype, high key, low key, high margin, low margin, last move
+    of the high key, of the low key; brackets are centred on key + last move; a row of
+    zeros is empty). It is re-created empty when the number of layers changes; ``reset()``
+    empties it (after a big jump, e.g. a learning-rate change, to skip the misses).
+    """
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state: Optional[Tensor] = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def _for(self, n_layers: int) -> Tensor:
+        st = self.state
+        if (not isinstance(st, Tensor) or st.dtype != torch.int64 or st.device.type != "cpu"
+                or tuple(st.shape) != (n_layers, HINT_COLS) or not st.is_contiguous()):
+            st = torch.zeros((n_layers, HINT_COLS), dtype=torch.int64)
+            self.state = st
+        return st
+
+    def __repr__(self) -> str:
+        if self.state is None:
+            return "BandHint(empty)"
+        used = int((self.state[:, 0] != 0).sum())
+        return f"BandHint({used} of {self.state.shape[0]} layers)"
+
+
+def _check_hint(hint: object) -> None:
+    if not isinstance(hint, BandHint):
+        raise TypeError(f"hint must be a dgp_kernels.BandHint or None, got {type(hint).__name__}")
+
+
 def select_ef_multi(
     gs: Sequence[Tensor],
     residuals: Sequence[Tensor],
     top: float = DEFAULT_TOP,
     keep: float = DEFAULT_KEEP,
+    hint: Optional[BandHint] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`select_ef` for every layer of a model in one call.
 
     ``residuals[i]`` pairs with ``gs[i]`` (same shape, dtype, device) and is mutated in
     place. Returns ``(indices, values, offsets)`` as :func:`select_multi`. Every layer is
     checked for NaN before any residual is written, so on error nothing is modified.
+    ``hint``: an optional :class:`BandHint` carried from step to step (read and updated;
+    the results do not depend on it).
     """
     check_fractions(top, keep)
     check_grads(gs, "gs")
     check_residuals(gs, residuals)
-    return torch.ops.dgp.select_ef_multi(list(gs), list(residuals), float(top), float(keep))
+    if hint is None:
+        return torch.ops.dgp.select_ef_multi(list(gs), list(residuals), float(top), float(keep))
+    _check_hint(hint)
+    gs = list(gs)
+    return torch.ops.dgp.select_ef_multi_hint(gs, list(residuals), hint._for(len(gs)),
+                                              float(top), float(keep))
 
 
 def split_multi(

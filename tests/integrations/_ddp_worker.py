@@ -290,3 +290,74 @@ def nccl_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         return out
 
     _run_rank(rank, out_dir, body)
+
+
+OVERLAP_DELAY_S = 1.5
+OVERLAP_STEPS = 3  # step 0 builds the buckets, step 1 rebuilds them, step 2 is observed
+
+
+class Wide(nn.Module):
+    """Four 128x128 layers: one bucket per layer with ``bucket_cap_mb=0.04``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(128, 128, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def overlap_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Both hook modes; in the last step rank 1 starts its backward pass
+    ``OVERLAP_DELAY_S`` late, so no collective can complete before then. Rank 0 records
+    when each hook call began and returned and when each returned future completed."""
+
+    def body():
+        _init(rank, world, port, 120.0)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from dgp_kernels.integrations.ddp import DGPHookState, dgp_hook
+
+        out = {}
+        for mode in ("dgp", "adgp"):
+            torch.manual_seed(0)
+            model = DDP(Wide(), bucket_cap_mb=0.04)
+            state = DGPHookState(compressor=mode, params={"top": 0.05, "keep": 0.2})
+            events: List[Dict] = []
+
+            def timed(st, bucket, events=events):
+                ev = {"index": bucket.index(), "call": time.perf_counter()}
+                fut = dgp_hook(st, bucket)
+                ev["returned"] = time.perf_counter()
+                events.append(ev)
+
+                def done(f, ev=ev):
+                    ev["done"] = time.perf_counter()
+                    return f.value()
+
+                return fut.then(done)  # DDP waits for this one: "done" is set by then
+
+            model.register_comm_hook(state, timed)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            snaps = []
+            for step in range(OVERLAP_STEPS):
+                g = torch.Generator().manual_seed(100 * rank + step)
+                x = torch.randn(8, 128, generator=g)
+                opt.zero_grad()
+                loss = model(x).square().mean()
+                del events[:]
+                if step == OVERLAP_STEPS - 1 and rank == 1:
+                    time.sleep(OVERLAP_DELAY_S)
+                t0 = time.perf_counter()
+                loss.backward()
+                t_end = time.perf_counter()
+                opt.step()
+                snaps.append(flat_params(model.module))
+            out[mode] = {"events": [dict(e, call=e["call"] - t0, returned=e["returned"] - t0,
+                                         done=e["done"] - t0) for e in events],
+                         "backward_s": t_end - t0, "params": torch.stack(snaps)}
+        return out
+
+    _run_rank(rank, out_dir, body)
