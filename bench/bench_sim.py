@@ -6,6 +6,15 @@ Not part of `pytest`.
     OMP_NUM_THREADS=1 python bench/bench_sim.py --study ef-gap [--seeds 5] [--rounds 150]
                               [--clients 10] [--lr 0.1] [--threads 1] [--runs]
                               [--out bench/results/ef_gap]
+    OMP_NUM_THREADS=1 python bench/bench_sim.py --study ef-policies [--seeds 10] [--lr 0.05]
+                              [--rounds 150] [--split iid|dirichlet] [--alpha 0.3]
+                              [--out bench/results/ef_policies] [--table-only]
+
+``--study ef-policies`` runs ``bench/studies/efpolicy.py``: ``none``, ``dgp`` with every
+``top_feedback`` policy, ``dgp top=0`` and ``adgp`` on the same seeds, one JSON per run
+under ``--out``/runs as they finish (a run already there is not repeated, so the study
+resumes), then the table (``ef_policies.md``), ``ef_policies.json`` and ``ef_policies.png``
+from the seeds every variant completed; ``--table-only`` just re-tabulates.
 
 ``--study ef-gap`` runs ``bench/studies/efgap.py``'s ``ef_gap_study`` on the default simulator
 configuration (built-in digits, convnet_small, FedSGD, 10 clients, 150 rounds, one thread):
@@ -160,9 +169,36 @@ def study_ef_gap(args: argparse.Namespace) -> int:
     return 0
 
 
+def study_ef_policies(args: argparse.Namespace) -> int:
+    """``--study ef-policies``: see ``bench/studies/efpolicy.py``."""
+    from bench.studies.efpolicy import load_policy_study, run_policy_study, write_ef_policies
+    from dgp_kernels.sim.multiseed import parse_seeds
+
+    seeds = parse_seeds(args.seeds)
+    threads = int((args.threads or "1").split(",")[0])
+    base = SimConfig(rounds=args.rounds or 150, clients=args.clients, threads=threads,
+                     device=args.device, lr=args.lr, split=args.split, alpha=args.alpha)
+    out = args.out or os.path.join(HERE, "results", "ef_policies")
+    env = _environment(args.device)
+    env.update(threads=str(threads), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "(unset)"),
+               started_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+    t0 = time.perf_counter()
+    if not args.table_only:
+        run_policy_study(base, seeds, out, progress=not args.no_progress,
+                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    env["wall_s"] = f"{time.perf_counter() - t0:.1f}"
+    env["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    study = load_policy_study(out, seeds=seeds)
+    paths = write_ef_policies(study, out, extra=env)
+    print(open(paths["md"]).read())
+    print(f"environment: {json.dumps(env)}", file=sys.stderr)
+    print(f"written: {paths}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--study", choices=("ef-gap",), default=None,
+    ap.add_argument("--study", choices=("ef-gap", "ef-policies"), default=None,
                     help="run a study instead of the overhead benchmark (see the docstring)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="rounds per run (overhead: default 3, the first is warm-up; ef-gap: 150)")
@@ -177,10 +213,16 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", action="store_true", help="ef-gap: also write every run's JSON/CSV")
     ap.add_argument("--lr", type=float, default=SimConfig().lr,
                     help="ef-gap: the server learning rate of every run (default: SimConfig's 0.1)")
+    ap.add_argument("--split", default="iid", help="ef-policies: iid (default) or dirichlet")
+    ap.add_argument("--alpha", type=float, default=0.3, help="ef-policies: Dirichlet alpha (default 0.3)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="ef-policies: only tabulate the runs already under --out")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.study == "ef-gap":
         return study_ef_gap(args)
+    if args.study == "ef-policies":
+        return study_ef_policies(args)
     args.rounds = 3 if args.rounds is None else args.rounds
     args.threads = args.threads or "1,2"
     if args.rounds < 2:

@@ -55,7 +55,8 @@ EF_GAP_VARIANTS: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
 EF_GAP_METRICS = ("never_sent_fraction", "residual_norm", "grad_norm", "residual_over_grad",
                   "residual_max_abs", "residual_never_sent_share", "grad_never_sent_share",
                   "top_never_sent_fraction", "top_repeat_fraction",
-                  "server_never_received_fraction", "top_held_by_all_fraction")
+                  "server_never_received_fraction", "top_held_by_all_fraction",
+                  "top_dropped_l1", "fresh_top_sent_fraction")
 
 
 def ef_gap_metrics(result: SimResult) -> Dict[str, List[float]]:

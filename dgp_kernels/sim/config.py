@@ -36,7 +36,7 @@ DEFENSES = ("none", "dgp", "adgp", "topk", "randk", "dp", "qsgd")
 #: Extra ``adgp`` parameters that configure the server-side Broadcaster, not the client.
 ADGP_BROADCASTER_PARAMS = ("top", "keep", "positions")
 #: How the ADGP broadcaster picks positions after round 1.
-ADGP_POSITION_RULES = ("fresh", "aggregate")
+ADGP_POSITION_RULES = ("fresh", "gradient", "aggregate")
 
 #: Ways a client can fail in a round (see :class:`Fault`).
 FAULT_KINDS = ("raise", "absent", "corrupt", "truncate", "nan_payload")

@@ -58,6 +58,7 @@ from ..compressor import (
     decompress_aligned,
     get_compressor,
 )
+from .. import ops
 from ..ops import band_counts
 from ..optional import progress_bar
 from .config import Fault, SimConfig, broadcaster_params, compressor_params
@@ -344,9 +345,13 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
     broadcaster = Broadcaster(**broadcaster_params(config)) if adgp else None
     position_rule = config.defense_params.get("positions", "fresh") if adgp else None
     # The broadcaster's own gradient: trusted client 0's data, from a separate batch stream
-    # (so client 0's training batches are the same as in any other defense's run).
-    bcast_client = _Client(cid=-1, indices=shards[0], gen=_seeded_gen(config.seed, 17),
-                           compressor=get_compressor("none")) if adgp else None
+    # (so client 0's training batches are the same as in any other defense's run). Under
+    # the "fresh" rule it keeps its own ADGP residual e and ranks g + e, as rank 0 does in
+    # the DDP hook; under "gradient" it ranks g alone.
+    bcast_client = _Client(
+        cid=-1, indices=shards[0], gen=_seeded_gen(config.seed, 17),
+        compressor=get_compressor("adgp", **compressor_params(config, 0))
+        if position_rule == "fresh" else get_compressor("none")) if adgp else None
     positions: Optional[AlignedPositions] = None
 
     def local_gradient(cl: _Client, batch: Tensor) -> List[Tensor]:
@@ -398,12 +403,21 @@ def _simulate(config: SimConfig, progress: bool, fault_at: Dict[Tuple[int, int],
             # ---- ADGP: this round's positions ---------------------------------------
             if adgp:
                 assert broadcaster is not None and bcast_client is not None
-                if positions is None or position_rule == "fresh":
+                if positions is None or position_rule != "aggregate":
                     snap = _snapshot(model)
                     t_local = time.perf_counter()
-                    own = local_gradient(bcast_client, bcast_client.next_batch(config.batch_size))
+                    own = [g.detach().clone() for g in
+                           local_gradient(bcast_client, bcast_client.next_batch(config.batch_size))]
                     local_s += time.perf_counter() - t_local
-                    positions = broadcaster.choose([g.detach().clone() for g in own])
+                    bc = bcast_client.compressor
+                    if isinstance(bc, ADGPCompressor):  # "fresh": the band of its own g + e
+                        res = bc.memory.peek()
+                        ranked = own if res is None else [g + e for g, e in zip(own, res)]
+                        positions = broadcaster.choose(ranked)
+                        bc.set_positions(positions)
+                        bc.compress(own)  # its residual: what it did not send at them
+                    else:
+                        positions = broadcaster.choose(own)
                     _restore(model, snap)
                 download_per_client += positions_nbytes(positions)
                 for cl in clients:
@@ -606,6 +620,21 @@ def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,
     band = getattr(cl.compressor, "last_dropped", None)
     dropped_l1 = sum(float(d.double().abs().sum()) for _, d in band) if band else 0.0
     top_n = top_never = top_again = 0
+    fresh_n = fresh_sent = 0
+    if top > 0:  # this round's largest gradient entries that went out anyway
+        for i, (u, layer) in enumerate(zip(update, payload.layers)):
+            uf = u.detach().reshape(-1).cpu()
+            k_top = band_counts(uf.numel(), top, getattr(cl.compressor, "keep", 0.0))[0]
+            if not k_top:
+                continue
+            fresh = ops.select(uf, 0.0, top)[0]
+            sent_now = torch.zeros(uf.numel(), dtype=torch.bool)
+            if layer.indices is None:
+                sent_now[:] = True
+            else:
+                sent_now[layer.indices.cpu()] = True
+            fresh_n += k_top
+            fresh_sent += int(sent_now[fresh].sum())
     if res is not None and top > 0:
         held = [torch.zeros(s.numel(), dtype=torch.bool) for s in cl.ever_sent]
         for i, (e, sent) in enumerate(zip(res, cl.ever_sent)):
@@ -635,4 +664,5 @@ def _diagnose(cl: _Client, update: Sequence[Tensor], payload: SparsePayload,
         "top_never_sent_fraction": top_never / top_n if top_n else 0.0,
         "top_repeat_fraction": top_again / top_n if top_n and had_previous else 0.0,
         "top_dropped_l1": dropped_l1,
+        "fresh_top_sent_fraction": fresh_sent / fresh_n if fresh_n else 0.0,
     }

@@ -67,7 +67,8 @@ def test_error_feedback_float32_cumulative_mass():
 
 def test_payload_is_the_op_band():
     grads = make_grads(1)
-    p = DGPCompressor(error_feedback=False).compress(grads)
+    # dense_below=0: the op's band on every layer, the 1-entry one included (empty band).
+    p = DGPCompressor(error_feedback=False, dense_below=0).compress(grads)
     for g, layer in zip(grads, p.layers):
         idx, val = dgp_kernels.select(g, 0.05, 0.20)
         assert layer.numel == g.numel()
@@ -77,8 +78,8 @@ def test_payload_is_the_op_band():
 
 def test_error_feedback_off_keeps_no_memory_and_first_round_equal():
     grads = make_grads(2)
-    a = DGPCompressor(error_feedback=False)
-    b = DGPCompressor(error_feedback=True)
+    a = DGPCompressor(error_feedback=False, dense_below=0)
+    b = DGPCompressor(error_feedback=True, dense_below=0)
     pa, pb = a.compress(grads), b.compress(grads)
     assert not a.memory.initialized and b.memory.initialized
     for x, y in zip(pa.layers, pb.layers):  # zero residual: the same first payload
@@ -112,7 +113,7 @@ def test_float16_saturation_and_inf():
 def test_topk_sends_as_many_values_per_layer_as_dgp(keep):
     top = 0.05 if keep < 0.95 else 0.0
     grads = make_grads(4)
-    pd = DGPCompressor(top=top, keep=keep).compress(grads)
+    pd = DGPCompressor(top=top, keep=keep, dense_below=0).compress(grads)
     pt = TopKCompressor(keep=keep).compress(grads)
     for g, a, b in zip(grads, pd.layers, pt.layers):
         assert a.k == b.k == band_counts(g.numel(), top, keep)[1]
@@ -215,7 +216,7 @@ def test_empty_round_does_not_fix_the_layout():
 def test_float32_conservation_is_bitwise():
     """Sent values are bitwise ``v[idx]``; the residual is bitwise ``v`` elsewhere and +0.0
     at the sent positions (so even the sign of zero is accounted for)."""
-    c = DGPCompressor()
+    c = DGPCompressor(dense_below=0)
     for r in range(20):
         g = make_grads(200 + r)
         old = clone_all(c.memory.peek()) if c.memory.initialized else [torch.zeros_like(x) for x in g]

@@ -50,7 +50,8 @@ def _with_ties_and_infs(seed, dtype, inf=False):
 
 
 def test_default_is_full_and_matches_reference_bits():
-    c = get_compressor("dgp")
+    assert get_compressor("dgp").top_feedback == "full"
+    c = get_compressor("dgp", dense_below=0)  # the op's band on every layer, even the empty one
     assert c.top_feedback == "full" and c.params()["top_feedback"] == "full"
     res = [torch.zeros(s) for s in SHAPES]
     for r in range(4):
@@ -63,7 +64,7 @@ def test_default_is_full_and_matches_reference_bits():
     assert c.last_dropped is None and c.dropped_l1 == 0.0 and c.dropped_entries == 0
 
 
-@pytest.mark.parametrize("policy", ["clipped", "drop"])
+@pytest.mark.parametrize("policy", ["clipped", "floor", "drop"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inf", [False, True])
 def test_bookkeeping_is_bitwise(policy, dtype, inf):
@@ -95,6 +96,13 @@ def test_bookkeeping_is_bitwise(policy, dtype, inf):
                 assert torch.equal(dec + e1 + drop, v), (policy, dtype, i)
             if policy == "drop":
                 assert torch.equal(e1[idx], torch.zeros_like(e1[idx]))
+            elif policy == "floor":
+                layer = p.layers[i]
+                sent_idx = layer.indices if layer.indices is not None else torch.arange(g.numel())
+                floor = v[sent_idx].abs().min() if sent_idx.numel() else 0
+                assert bool((e1[idx].abs() <= floor).all())
+                inside = v[idx].abs() <= floor  # carried whole when already within the floor
+                assert torch.equal(e1[idx][inside], v[idx][inside])
             else:
                 outside = v.abs()
                 outside[idx] = 0
@@ -135,6 +143,29 @@ def test_clip_top_band_exact_over_exponents(dtype):
         # inf is clipped to ±B (dropping ±inf) unless B is inf.
         if b != float("inf"):
             assert torch.equal(c[torch.isinf(t)], torch.sign(t[torch.isinf(t)]) * bound)
+
+
+def test_floor_carries_the_smallest_sent_magnitude():
+    g = torch.zeros(100)
+    g[:30] = torch.arange(1.0, 31.0)
+    g[40] = -50.0
+    c = get_compressor("dgp", top_feedback="floor")
+    p = c.compress([g])
+    # k_top = 5: -50, 30, 29, 28, 27; the band (20 entries) is 26 down to 7.
+    assert float(p.layers[0].values.abs().min()) == 7.0
+    idx, drop = c.last_dropped[0]
+    assert idx.tolist() == [26, 27, 28, 29, 40]
+    e = c.memory.peek()[0]
+    assert e[idx].tolist() == [7.0, 7.0, 7.0, 7.0, -7.0]
+    assert drop.tolist() == [20.0, 21.0, 22.0, 23.0, -43.0]
+    # When fresh entries outrank them, the carried 7s are sent from the band next round.
+    g2 = torch.zeros(100)
+    g2[50:60] = 100.0
+    p2 = c.compress([g2])
+    assert set(idx.tolist()) <= set(p2.layers[0].indices.tolist())
+    clipped = get_compressor("dgp", top_feedback="clipped")
+    clipped.compress([g])
+    assert clipped.memory.peek()[0][idx].abs().tolist() == [26.0] * 5
 
 
 def test_inf_in_top_band_is_dropped_and_counted():

@@ -65,7 +65,8 @@ def test_train_writes_results(tmp_path, capsys):
     (["--dataset", "cifar10"], "needs root="),
     (["--defenses", "dgp,dgp:top=0.1"], "twice"),
     (["--seeds", "0,0"], "--seeds"),
-    (["--defenses", "dgp:top_feedback=half"], "top_feedback must be one of full, clipped, drop"),
+    (["--defenses", "dgp:top_feedback=half"], "top_feedback must be one of full, clipped, floor, drop"),
+    (["--defenses", "dgp:dense_below=-3"], "dense_below must be an int >= 0"),
 ])
 def test_bad_options_exit_2(tmp_path, capsys, argv, match):
     out = tmp_path / "out"
@@ -77,14 +78,15 @@ def test_bad_options_exit_2(tmp_path, capsys, argv, match):
         assert not out.exists()
 
 
-def test_train_top_feedback_from_the_command_line(tmp_path, capsys):
+@pytest.mark.parametrize("policy", ["clipped", "floor"])
+def test_train_top_feedback_from_the_command_line(tmp_path, capsys, policy):
     out = tmp_path / "run"
-    rc = main(["train", "--defenses", "dgp:top_feedback=clipped", "--model", "mlp",
+    rc = main(["train", "--defenses", f"dgp:top_feedback={policy}", "--model", "mlp",
                "--clients", "2", "--rounds", "2", "--threads", "1", "--no-progress",
                "--no-plots", "--diagnostics", "--out", str(out)])
-    assert rc == 0 and "top_feedback=clipped" in capsys.readouterr().out
+    assert rc == 0 and f"top_feedback={policy}" in capsys.readouterr().out
     res = json.loads((out / "dgp.json").read_text())
-    assert res["config"]["defense_params"] == {"top_feedback": "clipped"}
+    assert res["config"]["defense_params"] == {"top_feedback": policy}
     assert all(r["top_dropped_l1"] > 0 for r in res["rounds"])
 
 

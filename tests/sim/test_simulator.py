@@ -138,6 +138,38 @@ def test_adgp_default_positions_are_the_fresh_band(monkeypatch):
     calls.update(choose=0, observe=0)
     run(defense="adgp", defense_params={"positions": "aggregate"}, rounds=3)
     assert calls == {"choose": 1, "observe": 3}
+    calls.update(choose=0, observe=0)
+    gradient = run(defense="adgp", defense_params={"positions": "gradient"}, rounds=3)
+    assert calls == {"choose": 3, "observe": 0}
+    assert not same_state(default.model_state, gradient.model_state)
+
+
+def test_adgp_fresh_ranks_the_broadcasters_gradient_plus_its_residual(monkeypatch):
+    # "fresh": the broadcaster keeps an ADGP residual e at its own positions and ranks g + e
+    # (rank 0's rule in the DDP hook); "gradient": it ranks g alone.
+    from dgp_kernels.compressor.adgp import ADGPCompressor
+    ranked, positions, own = [], [], []
+    real_choose, real_compress = simmod.Broadcaster.choose, ADGPCompressor.compress
+
+    def choose(self, tensors):
+        ranked.append([t.clone() for t in tensors])
+        positions.append(real_choose(self, tensors))
+        return positions[-1]
+
+    def compress(self, grads):
+        if len(own) < len(positions):  # the first compress after choose: the broadcaster's
+            own.append([g.clone() for g in grads])
+        return real_compress(self, grads)
+    monkeypatch.setattr(simmod.Broadcaster, "choose", choose)
+    monkeypatch.setattr(ADGPCompressor, "compress", compress)
+    run(defense="adgp", rounds=4)
+    assert len(ranked) == len(own) == 4
+    assert all(torch.equal(a, b) for a, b in zip(ranked[0], own[0]))  # no residual yet
+    for r in range(1, 4):
+        for i, (v_prev, g, v) in enumerate(zip(ranked[r - 1], own[r], ranked[r])):
+            e = v_prev.reshape(-1).clone()
+            e[positions[r - 1].indices[i]] = 0  # what it kept: everything it did not send
+            assert torch.equal(v.reshape(-1), g.reshape(-1) + e), (r, i)
 
 
 def test_dgp_top_feedback_reaches_the_clients_and_reports_drops():
@@ -309,3 +341,15 @@ def test_fedavg_full_band_equals_none():
     adgp = run(defense="adgp", defense_params=dict(top=0.0, keep=1.0), **kw)
     for k, v in base.model_state.items():
         torch.testing.assert_close(adgp.model_state[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_fresh_top_sent_fraction_diagnostic():
+    # Of each round's k_top largest gradient entries per layer, the share sent that round:
+    # 0 when nothing but the gradient is ranked (round 1, or no error feedback), and in
+    # [0, 1] once residuals re-rank the entries.
+    ef = run(defense="dgp", rounds=4, diagnostics=True)
+    assert ef.rounds[0]["fresh_top_sent_fraction"] == 0.0
+    assert all(0.0 <= r["fresh_top_sent_fraction"] <= 1.0 for r in ef.rounds)
+    assert any(r["fresh_top_sent_fraction"] > 0.0 for r in ef.rounds[1:])
+    off = run(defense="dgp", defense_params={"error_feedback": False}, rounds=3, diagnostics=True)
+    assert all(r["fresh_top_sent_fraction"] == 0.0 for r in off.rounds)
