@@ -27,14 +27,28 @@ What differs from the papers:
   without a line search can jump to a worse point or diverge to NaN after reaching a good
   one. ``Reconstruction.objective`` is the distance at the returned point.
 * ``restarts`` (independent initialisations, the lowest objective wins), ``boxed``,
-  ``init`` and ``line_search`` are options the DLG paper does not have; with the defaults of
-  ``dlg``/``idlg`` (``restarts=1``, unboxed, normal init, no line search) the optimisation
-  is DLG's. The result is clipped to [0, 1] for scoring, as DLG's figures show it.
+  ``init``, ``line_search`` and ``precision`` are options the DLG paper does not have; with
+  the defaults of ``dlg``/``idlg`` (``restarts=1``, unboxed, normal init, no line search,
+  float32) the optimisation is DLG's apart from the L-BFGS stopping tests (next points).
+  The evaluator's budget runs the line search from a uniform start in float64. The result is clipped to [0, 1] for scoring, as DLG's figures show it.
 * ``tolerance`` stops a restart early once the distance falls below it (0 = never).
+* torch's L-BFGS stops a step early when the largest gradient entry is below
+  ``tolerance_grad`` (1e-7) or the objective changes by less than ``tolerance_change``
+  (1e-9). Those are absolute thresholds: DLG's distance on a 32x32 photo is ~1e-6 long
+  before the image is exact, and from there every step returns after one evaluation (the
+  objective stays flat for the rest of the budget). Both are 0 here (``lbfgs_tolerance``),
+  so every step runs its ``max_iter`` evaluations. Measured (sigmoid LeNet, coffee photo,
+  float64, 240 steps, line search from a uniform start): 34.8 dB PSNR with torch's
+  tolerances, flat from step ~160 on; 44.0 dB with 0 and still falling.
+* ``precision="float64"`` runs the attacker's arithmetic in float64 (the attacker may
+  compute in any precision; the shared float32 values are exact in float64). In float32
+  the distance's round-off caps how close DLG gets. Measured (same model, 120 steps, line
+  search, uniform start): chelsea 40.1 -> 45.3 dB, coffee 28.9 -> 31.0 dB.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import List, Optional
 
@@ -58,6 +72,7 @@ from .matching import (
 __all__ = ["DLG", "IDLG", "AdaptiveDLG"]
 
 _INITS = ("randn", "uniform")
+_PRECISIONS = ("float32", "float64")
 
 
 @register_attack("dlg")
@@ -81,6 +96,10 @@ class DLG(Attack):
         init: ``"randn"`` (standard normal, DLG) or ``"uniform"`` (uniform in [0, 1]; the
             default of ``dlg-adaptive``).
         tolerance: stop a restart once the distance falls below this (0 = never).
+        precision: ``"float32"`` (default) or ``"float64"``: the dtype the attacker computes
+            in (a float64 copy of the model and of the shared gradient).
+        lbfgs_tolerance: torch L-BFGS's ``tolerance_grad`` and ``tolerance_change`` (torch:
+            1e-7 and 1e-9; here 0 by default, see the module docstring).
         log_every: record the objective every this many steps in ``Reconstruction.losses``.
     """
 
@@ -90,7 +109,8 @@ class DLG(Attack):
     default_boxed = False
     default_init = "randn"
     default_line_search: Optional[str] = None
-    tunable = ("lr", "line_search", "max_iter", "iterations", "init", "boxed")
+    default_precision = "float32"
+    tunable = ("lr", "line_search", "max_iter", "iterations", "init", "boxed", "precision", "history_size")
 
     def __init__(
         self,
@@ -106,6 +126,8 @@ class DLG(Attack):
         init: Optional[str] = None,
         tolerance: float = 0.0,
         log_every: int = 1,
+        precision: Optional[str] = None,
+        lbfgs_tolerance: float = 0.0,
     ) -> None:
         self.iterations = check_count(iterations, "iterations")
         self.lr = check_number(lr, "lr", positive=True)
@@ -128,6 +150,9 @@ class DLG(Attack):
         self.init = check_choice(self.default_init if init is None else init, "init", _INITS)
         self.tolerance = check_number(tolerance, "tolerance")
         self.log_every = check_count(log_every, "log_every")
+        self.precision = check_choice(self.default_precision if precision is None else precision, "precision",
+                                      _PRECISIONS)
+        self.lbfgs_tolerance = check_number(lbfgs_tolerance, "lbfgs_tolerance")
 
     def __call__(
         self, shared_grads: List[Tensor], threat: ThreatModel, *, seed: int = 0, progress: bool = False
@@ -136,8 +161,15 @@ class DLG(Attack):
         shared = check_shared_grads(shared_grads, threat)
         device = shared[0].device
         labels, source = resolve_labels(shared, threat, self.labels)
-        objective = GradientObjective(shared, "euclidean", resolve_masks(shared, threat.sent_mask, self.adaptive))
         model = threat.model
+        dtype = shared[0].dtype if shared[0].is_floating_point() else torch.float32
+        if self.precision == "float64":
+            # The attacker's own arithmetic: a float64 copy of the model and of the shared
+            # gradient (the shared values are exactly representable; nothing is added).
+            dtype = torch.float64
+            model = copy.deepcopy(model).to(dtype)
+            shared = [s.to(dtype) for s in shared]
+        objective = GradientObjective(shared, "euclidean", resolve_masks(shared, threat.sent_mask, self.adaptive))
         params = list(model.parameters())
         shape = (threat.batch_size, *threat.image_shape)
         gen = torch.Generator(device=device).manual_seed(int(seed))
@@ -145,14 +177,14 @@ class DLG(Attack):
         bar = Progress(self.iterations * self.restarts, progress, self.name)
         for _ in range(self.restarts):
             if self.init == "uniform":
-                x = torch.rand(shape, generator=gen, device=device)
+                x = torch.rand(shape, generator=gen, device=device).to(dtype)
             else:
-                x = torch.randn(shape, generator=gen, device=device)
+                x = torch.randn(shape, generator=gen, device=device).to(dtype)
             x.requires_grad_(True)
             opt_params = [x]
             logits = None
             if labels is None:
-                logits = torch.randn(threat.batch_size, threat.num_classes, generator=gen, device=device)
+                logits = torch.randn(threat.batch_size, threat.num_classes, generator=gen, device=device).to(dtype)
                 logits.requires_grad_(True)
                 opt_params.append(logits)
             opt = torch.optim.LBFGS(
@@ -161,6 +193,11 @@ class DLG(Attack):
                 max_iter=self.max_iter,
                 history_size=self.history_size,
                 line_search_fn=self.line_search,
+                # torch's absolute stopping tests (gradient 1e-7, change 1e-9) end every
+                # step after one evaluation once the distance is ~1e-6, long before the
+                # image is exact: off, the step count is the budget (module docstring)
+                tolerance_grad=self.lbfgs_tolerance,
+                tolerance_change=self.lbfgs_tolerance,
             )
             # the lowest objective seen at any evaluation, and the point it was seen at
             run_best = {"value": float("inf"), "x": x.detach().clone(),

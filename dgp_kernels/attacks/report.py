@@ -456,6 +456,19 @@ def _tuning_lines(result: EvalResult) -> List[str]:
         "the same for every defense; per image the best setting by PSNR is reported and named:",
         "",
     ]
+    halving = sorted(a for a, p in cfg.attack_params.items() if float(p.get("prune_at", 0) or 0) > 0)
+    if halving:
+        how = ("by PSNR against the true image (an oracle, like the choice of the reported "
+               "setting: conservative for privacy)" if cfg.prune_by == "psnr"
+               else "by the attack's own objective (per TV weight)")
+        fracs = ", ".join(sorted({f"{float(cfg.attack_params[a]['prune_at']):.3g}" for a in halving}))
+        keeps = ", ".join(sorted({str(cfg.attack_params[a].get("prune_keep", 1)) for a in halving}))
+        out[-1:] = [
+            f"Successive halving ({', '.join(halving)}): every setting runs the first {fracs} of "
+            f"the steps; then only the {keeps} best settings, chosen {how}, run the rest; the "
+            "others report their best point up to then.",
+            "",
+        ]
     for a in sorted(cfg.tuning):
         settings = cfg.tuning[a]
         out.append(f"* {a} ({len(settings)} settings): " + "; ".join(setting_label(x) for x in settings))
@@ -466,7 +479,8 @@ def _tuning_lines(result: EvalResult) -> List[str]:
 def _budget_line(result: EvalResult) -> str:
     parts = []
     for a, p in sorted(result.config.attack_params.items()):
-        parts.append(f"{a} " + (", ".join(f"{k}={v}" for k, v in sorted(p.items())) or "analytic"))
+        parts.append(f"{a} " + (", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in sorted(p.items())) or "analytic"))
     return "; ".join(parts)
 
 
@@ -594,7 +608,9 @@ def write_report(result: EvalResult, directory: str, *, figures: bool = True,
         "`-adaptive`: the distance restricted to the sent coordinates (dlg-adaptive also boxed "
         "to [0, 1] with a line search); ig-dgp-aware: adaptive plus the band constraint on the "
         "unsent coordinates; rtf: Robbing the Fed (malicious imprint layer, analytic). Every "
-        "optimisation attack returns the lowest-objective point it visited.",
+        "optimisation attack returns the lowest-objective point it visited; dlg/idlg compute in "
+        "the precision of their `precision` budget entry (float64 by default: the attacker may "
+        "compute in any precision).",
         f"* PSNR on [0, 1] pixels, capped at {PSNR_CAP_DB:.0f} dB; SSIM: Gaussian 11x11, sigma 1.5 "
         "(Wang et al. 2004; see `dgp_kernels.attacks.metrics`).",
         "",

@@ -526,3 +526,112 @@ def test_ig_uniform_start_and_per_row_inits(tiny_lenet):
     assert not torch.allclose(both[0].images, both[1].images)
     with pytest.raises(ValueError, match="init"):
         get_attack("ig", init="zeros")
+
+
+# --------------------------------------------------------------------------------------
+# L-BFGS stopping tests, float64 attacker, successive halving of the IG grid
+# --------------------------------------------------------------------------------------
+def test_dlg_keeps_optimising_below_torch_lbfgs_tolerances(tiny_lenet):
+    """torch's L-BFGS stops each step after one evaluation once the objective changes by
+    less than 1e-9 (or its gradient is below 1e-7): DLG with those tolerances stalls near
+    1e-7 on the tiny case; with the default (0) it keeps going to round-off."""
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    kw = dict(iterations=10, init="uniform", line_search="strong_wolfe")
+    old = get_attack("dlg", lbfgs_tolerance=1e-7, **kw)(grads, threat)
+    new = get_attack("dlg", **kw)(grads, threat)
+    assert old.objective > 1e-8  # precondition: the old setting stalls
+    assert new.objective < 1e-9
+    assert _leak(new.images, x) > _leak(old.images, x) + 5
+    with pytest.raises(ValueError, match="lbfgs_tolerance"):
+        get_attack("dlg", lbfgs_tolerance=-1.0)
+
+
+def test_dlg_float64_computes_in_float64_and_leaves_the_model(tiny_lenet, monkeypatch):
+    from dgp_kernels.attacks import dlg as dlg_mod
+
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    seen = []
+    real = dlg_mod.dummy_gradients
+
+    def spy(model, params, images, target, loss_fn):
+        seen.append((images.dtype, params[0].dtype))
+        return real(model, params, images, target, loss_fn)
+
+    monkeypatch.setattr(dlg_mod, "dummy_gradients", spy)
+    before = [p.detach().clone() for p in tiny_lenet.parameters()]
+    rec = get_attack("dlg", iterations=3, precision="float64")(grads, threat)
+    assert seen and all(s == (torch.float64, torch.float64) for s in seen)
+    assert rec.images.dtype == torch.float32 and math.isfinite(rec.objective)
+    assert all(p.dtype == torch.float32 and torch.equal(p, b) for p, b in zip(tiny_lenet.parameters(), before))
+    seen.clear()
+    get_attack("dlg", iterations=1)(grads, threat)
+    assert seen and all(s == (torch.float32, torch.float32) for s in seen)
+    with pytest.raises(ValueError, match="precision"):
+        get_attack("dlg", precision="float16")
+
+
+def test_ig_pruning_keeps_the_lowest_objective_per_tv_weight(tiny_lenet):
+    """Successive halving: at ``prune_at`` each TV weight keeps its lowest-objective row
+    (the attacker's objective, never the true image); dropped rows return their best
+    iterate up to then, kept rows run on exactly as without pruning."""
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    settings = [{"tv_weight": tv, "lr": lr, "restart": r}
+                for tv in (1e-4, 0.2) for lr, r in ((0.1, 0), (0.03, 1), (0.3, 2))]
+    kw = dict(iterations=8, log_every=1)
+    full = get_attack("ig", **kw).run_grid(grads, threat, settings)
+    pruned = get_attack("ig", prune_at=0.5, **kw).run_grid(grads, threat, settings)
+    at_cut = [min(r.losses[:4]) for r in full]
+    for group in ((0, 1, 2), (3, 4, 5)):
+        winner = min(group, key=lambda j: at_cut[j])
+        for j in group:
+            if j == winner:
+                assert len(pruned[j].losses) == 8
+                assert torch.equal(pruned[j].images, full[j].images)
+                assert pruned[j].objective == full[j].objective
+            else:
+                assert len(pruned[j].losses) == 4
+                assert pruned[j].objective == pytest.approx(at_cut[j], rel=1e-6)
+    assert [r.setting for r in pruned] == settings
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="prune_at"):
+            get_attack("ig", prune_at=bad)
+
+
+def test_ig_vmap_rows_match_row_by_row(tiny_lenet, monkeypatch):
+    """Below ``VMAP_MIN_ROWS`` the rows run one after the other; forcing either path gives
+    the same reconstructions."""
+    from dgp_kernels.attacks import inverting
+
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    settings = [{"tv_weight": 0.2, "restart": 0}, {"tv_weight": 1e-4, "lr": 0.03, "restart": 1}]
+    loop = get_attack("ig", iterations=5).run_grid(grads, threat, settings)
+    monkeypatch.setattr(inverting, "VMAP_MIN_ROWS", 1)
+    vec = get_attack("ig", iterations=5).run_grid(grads, threat, settings)
+    for a, b in zip(loop, vec):
+        assert torch.allclose(a.images, b.images, atol=1e-5)
+        assert a.objective == pytest.approx(b.objective, rel=1e-4)
+
+
+def test_ig_pruning_with_a_rank_keeps_the_best_ranked_rows(tiny_lenet):
+    """With ``rank`` (the evaluator's oracle) the ``prune_keep`` best-scored rows run on,
+    whatever their TV weight; the rank sees the rows' best images so far, in [0, 1]."""
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    settings = [{"tv_weight": tv, "restart": r} for tv in (1e-4, 0.2) for r in (0, 1)]
+    seen = []
+
+    def rank(images):
+        seen.append(images.shape)
+        assert float(images.min()) >= 0 and float(images.max()) <= 1
+        return [0.0, 3.0, 2.0, 1.0]  # rows 1 and 2 (one of each TV weight) win
+
+    recs = get_attack("ig", iterations=6, log_every=1, prune_at=0.5, prune_keep=2).run_grid(
+        grads, threat, settings, rank=rank)
+    assert seen == [(4, 1, *SHAPE)]
+    assert [len(r.losses) for r in recs] == [3, 6, 6, 3]
+    with pytest.raises(ValueError, match="scores"):
+        get_attack("ig", iterations=4, prune_at=0.5).run_grid(grads, threat, settings, rank=lambda im: [1.0])

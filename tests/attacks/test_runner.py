@@ -2,6 +2,7 @@
 attack code runs; the records, JSON/CSV tables, markdown report and PNGs come out consistent."""
 
 import csv
+import functools
 import json
 import math
 import os
@@ -422,3 +423,41 @@ def test_headline_states_what_dgp_stops_with_the_runs_numbers(tmp_path):
     mean_psnr = sum(x.psnr for x in dlg_none) / len(dlg_none)
     assert f"{mean_psnr:.1f} dB" in head
     assert "n = 2 images, 1 seed" in head
+
+
+def test_successive_halving_is_ranked_by_psnr_and_the_report_says_so(tmp_path, monkeypatch):
+    """With ``prune_by="psnr"`` the runner hands IG a ranking that is the PSNR against the
+    true images (the oracle); with ``"objective"`` none (the attack's own choice); the
+    report states which."""
+    from dgp_kernels.attacks.inverting import InvertingGradients
+
+    ranks = []
+    real = InvertingGradients.run_grid
+
+    @functools.wraps(real)  # keeps the signature the runner inspects for ``rank``
+    def spy(self, *args, **kw):
+        ranks.append(kw.get("rank"))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(InvertingGradients, "run_grid", spy)
+    settings = [{"tv_weight": tv, "restart": r} for tv in (1e-4, 0.2) for r in (0, 1)]
+    budget = {"ig": {"iterations": 6, "prune_at": 0.5, "prune_keep": 1}}
+    for how in ("psnr", "objective"):
+        ranks.clear()
+        cfg = EvalConfig(grid=[("none", ["ig"])], images=1, image_size=8, attack_params=budget,
+                         tuning={"ig": settings}, utility=False, device="cpu", prune_by=how)
+        result = run_evaluation(cfg, progress=False)
+        assert len(result.tuning_rows) == 4
+        text = open(write_report(result, str(tmp_path / how), figures=False).report).read()
+        assert "Successive halving (ig)" in text
+        assert ("oracle" in text) == (how == "psnr")
+        if how == "objective":
+            assert ranks == [None]
+        else:
+            (rank,) = ranks
+            x = result.targets.images[:1]
+            scores = rank(torch.stack([x, torch.zeros_like(x)]))
+            assert scores[0] == pytest.approx(100.0)
+            assert scores[1] == pytest.approx(float(metrics.psnr(torch.zeros_like(x), x)[0]))
+    with pytest.raises(ValueError, match="prune_by"):
+        EvalConfig(grid=[("none", ["ig"])], prune_by="nope").validate()
