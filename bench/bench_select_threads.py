@@ -3,6 +3,7 @@ environment this process was started with (``OMP_WAIT_POLICY`` set or not).
 
     python bench/bench_select_threads.py --threads 2 --repeats 15
     python bench/bench_select_threads.py --compare --threads 2 --busy   # driver, see below
+    python bench/bench_select_threads.py --threads 2 --settle-ms 20     # after torch's workers sleep
 
 One process times, interleaved round-robin, ``select_ef_multi`` over the whole list and one
 ``select_ef`` call per tensor (residuals zeroed before each repeat, untimed), plus ``copy_``
@@ -85,6 +86,8 @@ def child(args) -> None:
             if not args.no_torch_ops:
                 for e in res:
                     e.zero_()
+            if args.settle_ms:
+                time.sleep(args.settle_ms / 1e3)
             t0 = time.perf_counter()
             methods[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
@@ -132,6 +135,10 @@ def main() -> None:
     ap.add_argument("--no-torch-ops", action="store_true",
                     help="time only our calls: no copy_ row, residuals not re-zeroed (torch's "
                          "own parallel ops leave OpenMP workers spinning after them)")
+    ap.add_argument("--settle-ms", type=float, default=0.0,
+                    help="sleep this long after the untimed zeroing, before each timed call: "
+                         "long enough (20 ms here) and torch's OpenMP workers have stopped "
+                         "spinning, so the difference to 0 is what their spinning costs the call")
     args = ap.parse_args()
     compare(args) if args.compare else child(args)
 
