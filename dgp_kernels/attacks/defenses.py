@@ -14,7 +14,11 @@ name       parameters (defaults)              meaning
 =========  =================================  ================================================
 none       value_dtype (float32)              the gradient as is
 dgp        top (0.05), keep (0.2),            dual gradient pruning: drop the ``top`` largest
-           value_dtype (float32)              magnitudes, send the next ``keep`` fraction
+           value_dtype (float32),             magnitudes, send the next ``keep`` fraction;
+           top_feedback (full)                ``top_feedback`` (full, clipped, floor, drop) is
+                                              what error feedback keeps of the top band, so
+                                              it matters only with error feedback (the
+                                              multi-round attacker), never in one round
 topk       keep (0.2), value_dtype            classic pruning: send the ``keep`` largest
 randk      keep (0.2), value_dtype            a random ``keep`` fraction
 dp         sigma | noise_multiplier, clip     Gaussian noise of std ``sigma`` on every entry;
@@ -62,7 +66,7 @@ _NO_CLIP = 1e30
 #: Per defense name: accepted spec parameters and their types.
 DEFENSE_PARAMS: Dict[str, Dict[str, type]] = {
     "none": {"value_dtype": str},
-    "dgp": {"top": float, "keep": float, "value_dtype": str},
+    "dgp": {"top": float, "keep": float, "value_dtype": str, "top_feedback": str},
     "topk": {"keep": float, "value_dtype": str},
     "randk": {"keep": float, "value_dtype": str},
     "dp": {"sigma": float, "noise_multiplier": float, "clip": float},

@@ -176,3 +176,27 @@ def test_defense_spec_is_hashable_and_printable():
     s = parse_defense("dgp")
     assert {s: 1}[DefenseSpec("dgp", s.params)] == 1
     assert str(s) == "dgp:top=0.05,keep=0.2"
+
+
+def test_dgp_top_feedback_spec_single_round_unchanged_multi_round_differs():
+    """top_feedback parses into the dgp spec (default label unchanged), changes nothing in
+    one round (no error feedback), and with error feedback over rounds 'drop' sends top-band
+    entries that 'full' never sends."""
+    from dgp_kernels.attacks.multiround import multi_round_uploads
+
+    assert parse_defense("dgp").label == "dgp:top=0.05,keep=0.2"
+    spec = parse_defense("dgp:top_feedback=drop")
+    assert spec.label == "dgp:top=0.05,keep=0.2,top_feedback=drop"
+    with pytest.raises(ValueError, match="top_feedback"):
+        parse_defense("dgp:top_feedback=bogus")
+    torch.manual_seed(0)
+    grads = [torch.randn(40, 30), torch.randn(30)]
+    one = [apply_defense(s, grads).shared_grads for s in ("dgp", "dgp:top_feedback=drop")]
+    for a, b in zip(*one):
+        assert torch.equal(a, b)
+    full = multi_round_uploads(grads, "dgp", 4)
+    drop = multi_round_uploads(grads, "dgp:top_feedback=drop", 4)
+    k_top = band_counts(1200, 0.05, 0.2)[0]
+    top = grads[0].abs().flatten().topk(k_top).indices
+    sent_top = lambda ups: int(torch.stack([u.sent_mask[0].flatten()[top] for u in ups]).any(0).sum())
+    assert sent_top(full) == 0 and sent_top(drop) > 0
