@@ -127,7 +127,8 @@ LABEL_INFERRING_ATTACKS = frozenset({"idlg", "rtf"})
 #:   defense). Mean PSNR over the 4 default photos, adaptive IG on DGP 5%/20% / top-k 20%:
 #:   breaching's step schedule (x0.1 at 3/8, 5/8, 7/8) 16.8 / 17.3 dB at 1,000 steps, 17.9 /
 #:   18.0 at 2,000, 18.5 / 18.3 at 3,000; cosine decay 15.9 / 16.8 at 1,000; the geometric
-#:   decay 17.2 / 17.6 at 1,000 and 18.4 / 18.2 at 2,000. Plain IG on the undefended
+#:   decay 17.2 / 17.6 at 1,000 and 18.4 / 18.2 at 2,000 (at 1,000 with 4 starts per
+#:   setting instead of 2: 17.2 / 17.8). Plain IG on the undefended
 #:   gradient at 1,000 steps: 18.5 (step), 19.0 (geometric). Successive halving
 #:   (``prune_at``) was measured and is not the default: halved after 40% of 3,000 steps by
 #:   PSNR (3 settings run on) it gave 18.0 undefended and 17.5 / 17.3 adaptive at 2.2x the
