@@ -11,6 +11,7 @@ from .select import (
     select,
     select_ef,
     select_ef_multi,
+    select_ef_multi_into,
     select_multi,
     split_multi,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "select",
     "select_ef",
     "select_ef_multi",
+    "select_ef_multi_into",
     "select_multi",
     "split_multi",
 ]
