@@ -22,6 +22,12 @@ Semantics shared by all of them (docs/semantics.md):
 (read and updated in place by the C++ CPU kernel; every other kernel leaves it unchanged):
 the same results, cheaper analysis when the layers' boundaries moved little since the
 state was written. Use it through ``select_ef_multi(..., hint=BandHint())``.
+
+``select_ef_multi_into`` is ``select_ef_multi_hint`` with the new residuals written to
+separate, caller-owned buffers (``residuals`` are only read), which lets the CPU kernel
+read ``g`` and ``e`` once for layers whose hint holds. Use it through
+``select_ef_multi_into(gs, residuals, residuals_out, hint=...)``; every other kernel copies
+and runs the in-place op.
 """
 
 from __future__ import annotations
