@@ -510,9 +510,10 @@ int one_sweep_layer(const LayerIO<T>& io, Plan<typename KeyTraits<T>::K>& p, int
 
 // The one-sweep path doubles the hint's margins: there a wide bracket costs only fix-up work
 // (a whole layer's buffers never overflow), a miss a second and third sweep. ResNet-18
-// gradients drifting as AR(1) (0.9), 40 steps, 1 thread: 54 of 595 layer-steps missed with
-// the hint's margins, 2 with twice them, 0 with four times (no faster: more fix-up work).
-constexpr int kIntoWiden = 1;
+// gradients drifting as AR(1) (0.9), 60 steps, 1 thread: 85 of 935 layer-steps missed with
+// the hint's margins, 18 with 1.5x, 4 with 2x, 0 with 3x (minimum times equal within 1%:
+// wider windows cost gather and selection work what they save in misses).
+constexpr int kIntoMarginScale8 = 16;  // margins x 16/8
 
 // select_ef_multi_into: error feedback with the new residual written to L[l].eo (e is read
 // only). Layers whose hint row brackets both ranks take the one-sweep path; every other
@@ -535,7 +536,7 @@ int64_t run_layers_into(const std::vector<LayerIO<T>>& L, double top, double kee
     if (L[l].n <= kDirectMax || plans[l].cnt.k_keep == 0) continue;
     bool m = false;
     SweepBounds<K>& sb = sbs[l];
-    if (!hint_bracket<T>(hint + l * kHintCols, sb.br, m, &sb.p_hi, &sb.p_lo, kIntoWiden))
+    if (!hint_bracket<T>(hint + l * kHintCols, sb.br, m, &sb.p_hi, &sb.p_lo, kIntoMarginScale8))
       continue;
     sb.merged = m;
     sb.in_lo = m ? sb.br.b_hi : sb.br.b_lo;

@@ -800,7 +800,7 @@ constexpr int kHintCols = 7;
 template <typename T>
 bool hint_bracket(const int64_t* row, Bracket<typename KeyTraits<T>::K>& br, bool& merged,
                   typename KeyTraits<T>::K* centre_hi = nullptr,
-                  typename KeyTraits<T>::K* centre_lo = nullptr, int widen = 0) {
+                  typename KeyTraits<T>::K* centre_lo = nullptr, int scale8 = 8) {
   using K = typename KeyTraits<T>::K;
   if (row[0] != KeyTraits<T>::kBits) return false;
   const int64_t kmax = static_cast<int64_t>(KeyTraits<T>::kMask);
@@ -808,11 +808,12 @@ bool hint_bracket(const int64_t* row, Bracket<typename KeyTraits<T>::K>& br, boo
   // Centre = key + move, in [0, kmax] (all terms within [-kmax, kmax]: no overflow).
   const int64_t chi = clamp(clamp(row[1], 0) + clamp(row[5], -kmax), 0);
   const int64_t clo = clamp(clamp(row[2], 0) + clamp(row[6], -kmax), 0);
-  // `widen`: margins times 2^widen (the one-sweep path, where a wide bracket is cheap).
-  const int64_t mh = clamp(clamp(row[3], 0) >> (KeyTraits<T>::kBits - widen) > 0
-                               ? kmax : clamp(row[3], 0) << widen, 0);
-  const int64_t ml = clamp(clamp(row[4], 0) >> (KeyTraits<T>::kBits - widen) > 0
-                               ? kmax : clamp(row[4], 0) << widen, 0);
+  // `scale8`: margins times scale8 / 8 (the one-sweep path, where a wide bracket is cheap).
+  auto scaled = [&](int64_t m) {
+    const __int128 x = static_cast<__int128>(clamp(m, 0)) * scale8 / 8;
+    return static_cast<int64_t>(std::min<__int128>(x, kmax));
+  };
+  const int64_t mh = scaled(row[3]), ml = scaled(row[4]);
   if (centre_hi != nullptr) *centre_hi = static_cast<K>(chi);
   if (centre_lo != nullptr) *centre_lo = static_cast<K>(clo);
   const uint64_t a_hi = static_cast<uint64_t>(std::min(chi + mh, kmax));
