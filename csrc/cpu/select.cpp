@@ -300,9 +300,10 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
 
 // ------------------------------------------------------------------ out-of-place residuals
 // A growable per-thread scratch (never shrunk; only the used prefix is touched): the
-// one-sweep path's in-range buffers. Kept across calls so a training loop does not
-// page-fault a fresh multi-MiB buffer every step, and reused layer after layer so it stays
-// in cache between a layer's sweep and its fix-up.
+// one-sweep path's in-range buffers (room for 4 + sizeof(T) bytes per entry of the largest
+// hinted layer, of which about a quarter is written at the defaults) and window keys. Kept
+// across calls so a training loop does not page-fault a fresh multi-MiB buffer every step,
+// and reused layer after layer so it stays in cache between a layer's sweep and its fix-up.
 struct Scratch {
   std::unique_ptr<char[]> p;
   size_t cap = 0;
