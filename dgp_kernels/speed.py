@@ -680,7 +680,8 @@ def _steady_lines(report: BenchReport, bullet: str) -> List[str]:
     st = report.steady[0]
     return (["", f"steady state: {st.steps} consecutive error-feedback steps of the model list, "
                  f"gradients drifting (each entry AR(1), correlation {st.alpha:g}), "
-                 f"select_ef_multi without and with a BandHint (bit-equal every step), "
+                 f"select_ef_multi without and with a BandHint and select_ef_multi_into "
+                 f"with one (two residual buffers swapped each step; all bit-equal every step), "
                  f"first {st.skipped} steps left out"]
             + [f"{bullet}{_steady_line(s)}" for s in report.steady])
 
