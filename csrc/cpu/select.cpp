@@ -517,7 +517,8 @@ int one_sweep_layer(const LayerIO<T>& io, Plan<typename KeyTraits<T>::K>& p, int
 constexpr int kIntoMarginScale8 = 16;  // margins x 16/8
 
 // select_ef_multi_into: error feedback with the new residual written to L[l].eo (e is read
-// only). Layers whose hint row brackets both ranks take the one-sweep path; every other
+// only). Layers whose hint row brackets both ranks take the one-sweep path (float32 with
+// AVX-512: one_sweep_vectorized); every other
 // layer (small ones, misses, no hint row) copies e into eo and takes run_layers's in-place
 // path on eo. Returns the index of the first layer holding a NaN (eo unspecified, hint
 // unchanged), or -1 on success (hint rows updated as run_layers does).
@@ -532,9 +533,14 @@ int64_t run_layers_into(const std::vector<LayerIO<T>>& L, double top, double kee
   std::vector<int64_t> one, split;
   int64_t total = 0;
   for (int64_t l = 0; l < nl; ++l) total += L[l].n;
+#if DGP_X86
+  const bool vectorized = one_sweep_vectorized<T>(simd_current());
+#else
+  const bool vectorized = false;
+#endif
   for (int64_t l = 0; l < nl; ++l) {
     plans[l].cnt = band_counts(L[l].n, top, keep);
-    if (L[l].n <= kDirectMax || plans[l].cnt.k_keep == 0) continue;
+    if (!vectorized || L[l].n <= kDirectMax || plans[l].cnt.k_keep == 0) continue;
     bool m = false;
     SweepBounds<K>& sb = sbs[l];
     if (!hint_bracket<T>(hint + l * kHintCols, sb.br, m, &sb.p_hi, &sb.p_lo, kIntoMarginScale8))
@@ -1017,6 +1023,21 @@ static PyObject* py_set_prefetch(PyObject*, PyObject* arg) {
   return PyLong_FromLong(old);
 }
 
+static PyObject* py_one_sweep(PyObject*, PyObject* arg) {
+  const char* s = PyUnicode_AsUTF8AndSize(arg, nullptr);
+  if (!s) return nullptr;
+  const std::string dt(s);
+  bool v = false;
+#if DGP_X86
+  const dgp::Simd lvl = dgp::simd_current();
+  if (dt == "float32") v = dgp::one_sweep_vectorized<float>(lvl);
+  else if (dt == "float64") v = dgp::one_sweep_vectorized<double>(lvl);
+  else if (dt == "float16") v = dgp::one_sweep_vectorized<c10::Half>(lvl);
+  else if (dt == "bfloat16") v = dgp::one_sweep_vectorized<c10::BFloat16>(lvl);
+#endif
+  return PyBool_FromLong(v);
+}
+
 static PyObject* py_path_counts(PyObject*, PyObject* arg) {
   const int reset = PyObject_IsTrue(arg);
   if (reset < 0) return nullptr;
@@ -1039,6 +1060,9 @@ static PyMethodDef kMethods[] = {
     {"set_prefetch", py_set_prefetch, METH_O,
      "Software prefetch distance of the float32 SIMD sweeps in 64-byte lines (0 = off); "
      "returns the previous value. A tuning knob: results never depend on it."},
+    {"one_sweep", py_one_sweep, METH_O,
+     "Whether select_ef_multi_into reads g and e once for hinted layers of this dtype name "
+     "('float32', ...) at the current SIMD level."},
     {"simd_level", py_simd_level, METH_NOARGS, "Compaction path in use: scalar, avx2 or avx512."},
     {"simd_best", py_simd_best, METH_NOARGS, "Best compaction path this CPU supports."},
     {"set_simd_level", py_set_simd_level, METH_O,

@@ -103,8 +103,9 @@ class DGPCompressor(Compressor):
     gradient's device. A NaN in ``g + e`` raises ``ValueError`` and modifies nothing.
     With error feedback each group carries a :class:`~dgp_kernels.ops.BandHint` from round
     to round (the CPU kernel brackets the band boundaries with last round's keys; the
-    results are bit-identical without it); it is not part of the saved state. CPU groups
-    also keep a second residual buffer per tensor (one more residual's worth of memory):
+    results are bit-identical without it); it is not part of the saved state. Groups where
+    :func:`~dgp_kernels.ops.one_sweep_available` (float32 on CPUs with AVX-512) also keep a
+    second residual buffer per tensor (one more residual's worth of memory):
     :func:`~dgp_kernels.ops.select_ef_multi_into` writes the new residuals there, reading
     ``g`` and ``e`` once for layers whose hint holds, and the two buffers then swap storages.
 
@@ -146,9 +147,10 @@ class DGPCompressor(Compressor):
         # One BandHint per (dtype, device) group: the CPU kernel brackets each layer's
         # boundaries with last round's keys. Results never depend on it; not saved.
         self._hints: Dict[Tuple[torch.dtype, torch.device], ops.BandHint] = {}
-        # CPU groups: a second residual buffer per layer. select_ef_multi_into writes the new
-        # residuals there (one sweep over g and e for hinted layers) and the buffers swap
-        # storages on success, so the memory's tensors hold the new residuals. Not saved.
+        # Groups with the one-sweep path: a second residual buffer per layer.
+        # select_ef_multi_into writes the new residuals there (one sweep over g and e for
+        # hinted layers) and the buffers swap storages on success, so the memory's tensors
+        # hold the new residuals. Not saved.
         self._spares: Dict[Tuple[torch.dtype, torch.device], List[Tensor]] = {}
 
     def params(self) -> Dict[str, Any]:
@@ -258,7 +260,7 @@ class DGPCompressor(Compressor):
             if residuals is not None:
                 hint = self._hints.setdefault(key, ops.BandHint())
                 res = [residuals[i] for i in members]
-                if key[1].type == "cpu":
+                if ops.one_sweep_available(key[0], key[1]):
                     out = self._select_into(key, gs, res, hint)
                 else:
                     out = ops.select_ef_multi(gs, res, self.top, self.keep, hint=hint)

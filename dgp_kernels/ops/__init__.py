@@ -12,6 +12,7 @@ from .select import (
     select_ef,
     select_ef_multi,
     select_ef_multi_into,
+    one_sweep_available,
     select_multi,
     split_multi,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "select_ef",
     "select_ef_multi",
     "select_ef_multi_into",
+    "one_sweep_available",
     "select_multi",
     "split_multi",
 ]

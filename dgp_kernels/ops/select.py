@@ -32,7 +32,7 @@ and runs the in-place op.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -57,6 +57,7 @@ __all__ = [
     "select_multi",
     "select_ef_multi",
     "select_ef_multi_into",
+    "one_sweep_available",
     "band_counts",
     "BandHint",
 ]
@@ -469,7 +470,8 @@ def select_ef_multi_into(
     it counts. For a layer whose :class:`BandHint` brackets still hold, it reads ``g`` and
     ``e`` once, writing ``residuals_out`` and gathering the entries inside the brackets, and
     then fixes up only those (in-place error feedback needs a counting sweep before it may
-    write). Other layers, misses and other kernels copy ``residuals`` into
+    write; float32 on CPUs with AVX-512, see :func:`one_sweep_available`). Other layers,
+    misses, other dtypes and CPUs, and other kernels copy ``residuals`` into
     ``residuals_out`` and run the in-place path there.
 
     On a NaN (same rule and message as ``select_ef_multi``): ``ValueError``; ``residuals``
@@ -492,6 +494,18 @@ def select_ef_multi_into(
         state = hint._for(len(gs))
     return torch.ops.dgp.select_ef_multi_into(gs, residuals, residuals_out, state, float(top),
                                               float(keep))
+
+
+def one_sweep_available(dtype: torch.dtype, device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether :func:`select_ef_multi_into` reads ``g`` and ``e`` once for hinted layers of
+    this dtype and device here: the C++ CPU kernel on a CPU with AVX-512, float32 layers.
+    Elsewhere it is correct but copies each residual and runs the in-place path, so
+    :func:`select_ef_multi` with a hint is the faster call there."""
+    if torch.device(device).type != "cpu" or not _native_cpu():
+        return False
+    from .. import _C
+
+    return bool(_C.one_sweep(str(dtype).replace("torch.", "")))
 
 
 def split_multi(

@@ -252,7 +252,8 @@ def test_band_hint_carried_between_rounds_changes_no_bit():
 
 
 def test_cpu_double_buffer_matches_in_place_op_over_drifting_rounds():
-    """CPU groups go through select_ef_multi_into with a spare buffer per tensor; every
+    """float32 CPU groups go through select_ef_multi_into with a spare buffer per tensor
+    (where the one-sweep kernels exist); every
     round's payload and residuals equal the in-place op without a hint run alongside, the
     memory keeps its tensor objects, and a NaN round changes nothing."""
     torch.manual_seed(1)
@@ -275,9 +276,12 @@ def test_cpu_double_buffer_matches_in_place_op_over_drifting_rounds():
         if objs is None:
             objs = [id(e) for e in comp.memory.peek()]
         assert [id(e) for e in comp.memory.peek()] == objs
-    (spare,) = comp._spares.values()
-    ptrs = {e.data_ptr() for e in comp.memory.peek()}
-    assert not ptrs & {s.data_ptr() for s in spare}
+    if dgp_kernels.ops.one_sweep_available(torch.float32):
+        (spare,) = comp._spares.values()
+        ptrs = {e.data_ptr() for e in comp.memory.peek()}
+        assert not ptrs & {s.data_ptr() for s in spare}
+    else:  # no one-sweep kernels here: the group runs the in-place op, no spare buffers
+        assert comp._spares == {}
     before = [e.clone() for e in comp.memory.peek()]
     bad = [g.clone() for g in grads]
     bad[1][3] = float("nan")

@@ -1,5 +1,9 @@
 """``select_ef_multi_into``: error feedback with the new residuals in separate buffers.
 
+The one-sweep path (C++ kernel, float32, AVX-512: ``one_sweep_available``) is what most of
+these tests force; other dtypes and forced lower SIMD levels take the copy-and-in-place
+path, checked as exact here too.
+
 Whatever the hint holds, indices, values and ``residuals_out`` are bit-identical to the
 reference's ``select_ef_multi`` (whose mutated residuals are the expected
 ``residuals_out``), and ``residuals`` are never written. The C++ kernel's one-sweep path
@@ -75,6 +79,11 @@ def test_forced_brackets_are_exact(dtype, bracket):
     counts = _run_into(gs, es, h)
     if counts is None:
         return
+    if not dgp_kernels.ops.one_sweep_available(dtype):
+        # No vector one-sweep kernels for this dtype / CPU: every layer copies and runs the
+        # in-place path (without trying the brackets).
+        assert counts["hint"] == 0 and counts["hint_miss"] == 0, counts
+        return
     big = 2  # layers 0 and 2 are above the direct path
     if bracket in ("hold", "exact_zero_margin"):
         assert counts["hint"] == big and counts["hint_miss"] == 0, counts
@@ -108,6 +117,8 @@ def test_drifting_steps_every_simd_level(dtype, simd):
     h = dgp_kernels.BandHint()
     held = 0
     with (cpp_mode(simd=simd) if simd else _null()):
+        # (The one-sweep path runs at the best level only; forced lower levels check that
+        # every layer takes the copy-and-in-place path exactly.)
         for step in range(8):
             gs = [(0.9 * g.double() + 0.3 * torch.randn(g.shape, generator=gen, dtype=torch.float64))
                   .to(dtype) for g in gs]
@@ -121,7 +132,8 @@ def test_drifting_steps_every_simd_level(dtype, simd):
             assert_tree_same(got, want, f"step {step}")
             assert_tree_same(spare, e_ref, f"step {step} residuals_out")
             es, spare = spare, es
-    if _cpp_module() is not None:
+    if _cpp_module() is not None and simd == _cpp_module().simd_best() and \
+            dgp_kernels.ops.one_sweep_available(dtype):
         assert held >= 4, held
 
 
@@ -236,3 +248,14 @@ def test_non_contiguous_inputs(dtype):
     h = dgp_kernels.BandHint()
     for _ in range(3):  # first call fills the hint, later ones take the one-sweep path
         _run_into(gs, es, h)
+
+
+def test_one_sweep_available():
+    _C = _cpp_module()
+    for dt in DTYPES:
+        want = _C is not None and dt == torch.float32 and _C.simd_level() == "avx512"
+        assert dgp_kernels.ops.one_sweep_available(dt) is want
+        assert dgp_kernels.ops.one_sweep_available(dt, "meta") is False
+    if _C is not None and _C.simd_best() == "avx512":
+        with cpp_mode(simd="avx2"):
+            assert dgp_kernels.ops.one_sweep_available(torch.float32) is False
