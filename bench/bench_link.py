@@ -187,6 +187,25 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
+def sched_ns() -> List[int]:
+    """``[on-CPU ns, runqueue-wait ns]`` summed over this process's threads so far
+    (``/proc/<pid>/task/*/schedstat``; threads that ended are not counted). Runqueue wait is
+    time a thread was ready to run but had no core: it tells a step slowed by other
+    processes (or by this run's own ranks sharing the cores) from one that waited on the
+    link or on a peer (asleep, neither on a CPU nor queued)."""
+    tot = [0, 0]
+    base = "/proc/self/task"
+    for t in os.listdir(base):
+        try:
+            with open(f"{base}/{t}/schedstat") as f:
+                a = f.read().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        tot[0] += int(a[0])
+        tot[1] += int(a[1])
+    return tot
+
+
 def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
     import torch
     import torch.distributed as dist
@@ -244,7 +263,7 @@ def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
             warm = job["warmup"] if not warm_done else job["rewarm"]
             warm_done = True
             steps = job["steps_fast"] if rate == "fast" else job["steps"]
-            times = []
+            times, cpu, runq = [], [], []
             b0 = netns.lo_bytes()
             for s in range(warm + steps):
                 if s == warm:
@@ -254,20 +273,29 @@ def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
                 if job.get("dump_after"):
                     # a stalled step: every thread's Python stack to this rank's stderr
                     faulthandler.dump_traceback_later(job["dump_after"], exit=False)
+                c0 = sched_ns()
                 dt = _timed(one_step)
+                c1 = sched_ns()
                 if job.get("dump_after"):
                     faulthandler.cancel_dump_traceback_later()
                 if s >= warm:
                     times.append(dt)
+                    cpu.append((c1[0] - c0[0]) / 1e9)
+                    runq.append((c1[1] - c0[1]) / 1e9)
             dist.barrier()
             lo = netns.lo_bytes() - b0
             # barriers: a few hundred bytes each; counted with the steps (negligible)
             all_times = [None] * world
-            dist.all_gather_object(all_times, times)
-            slowest = [max(t[i] for t in all_times) for i in range(steps)]
+            dist.all_gather_object(all_times, (times, cpu, runq))
+            slowest = [max(t[0][i] for t in all_times) for i in range(steps)]
+            # per step, the CPU time and runqueue wait of the rank that was slowest in it
+            who = [max(range(world), key=lambda r: all_times[r][0][i]) for i in range(steps)]
+            cpu_s = [all_times[who[i]][1][i] for i in range(steps)]
+            runq_s = [all_times[who[i]][2][i] for i in range(steps)]
             st = [s.__dict__ for s in state.steps[-steps:]] if state is not None else None
             row = {"method": method, "rate": rate, "median_s": statistics.median(slowest), "min_s": min(slowest),
-                   "times": slowest, "lo_bytes_per_step": lo / steps,
+                   "times": slowest, "cpu_s": statistics.median(cpu_s), "runq_s": statistics.median(runq_s),
+                   "cpu_times": cpu_s, "runq_times": runq_s, "lo_bytes_per_step": lo / steps,
                    "model_bytes_per_step": model_bytes(method, world, numels, shapes, st),
                    "payload_bytes": st[-1]["payload_bytes"] if st else None,
                    "dense_bytes": 4 * sum(numels), "probe_bps": info.get("probe_bps"),
@@ -351,14 +379,20 @@ def _rate_bps(rate: str) -> Optional[float]:
 
 
 def add_floors(res: Dict) -> None:
-    """Per row: the floor ``max(T_fast, T_fwd + T_opt + lo_bytes / rate)`` and the ratio."""
+    """Per row: the floor ``max(T_fast, T_fwd + T_opt + link_s)`` and the ratio.
+
+    ``T_fast`` is the method's *fastest* step on the unshaped link (its compute + codec
+    without a link to wait on; the minimum, because a floor must not carry the stalls a
+    median can pick up on a shared machine). ``link_s`` is the step's bytes through lo less
+    one tbf burst (a full bucket passes at once after an idle spell) at the nominal rate."""
+    burst = netns.BURST_BYTES
     for blk in res["step"]:
-        fast = {r["method"]: r["median_s"] for r in blk["rows"] if r["rate"] == "fast"}
+        fast = {r["method"]: r.get("min_s", r["median_s"]) for r in blk["rows"] if r["rate"] == "fast"}
         exposed = blk["local"]["fwd"] + blk["local"]["opt"]
         plain = {r["rate"]: r["median_s"] for r in blk["rows"] if r["method"] == "allreduce"}
         for r in blk["rows"]:
             bps = _rate_bps(r["rate"])
-            link_s = 8 * r["lo_bytes_per_step"] / bps if bps else 0.0
+            link_s = 8 * max(0.0, r["lo_bytes_per_step"] - burst) / bps if bps else 0.0
             t_fast = fast.get(r["method"], 0.0)
             r["link_s"] = link_s
             r["floor_s"] = max(t_fast, exposed + link_s)
@@ -405,13 +439,15 @@ def print_report(res: Dict) -> None:
         print(f"\n## {blk['model']}, {blk['world']} ranks: compute without DDP fwd {loc['fwd']:.3f} s, "
               f"bwd {loc['bwd']:.3f} s, opt {loc['opt']:.3f} s (slowest rank)")
         print(f"{'method':<11}{'rate':>9}{'probe':>8}{'median s':>10}{'vs plain':>9}{'lo MB/step':>11}"
-              f"{'model MB':>9}{'link s':>8}{'floor s':>8}{'/floor':>7}{'hidden s':>9}{'drops':>6}  load")
+              f"{'model MB':>9}{'link s':>8}{'floor s':>8}{'/floor':>7}{'hidden s':>9}{'cpu s':>7}{'runq s':>7}"
+              f"{'drops':>6}  load")
         for r in blk["rows"]:
             probe = f"{r['probe_bps'] / 1e6:.0f}M" if r.get("probe_bps") else "-"
             drops = r.get("qdisc", {}).get("dropped", "-")
             print(f"{r['method']:<11}{r['rate']:>9}{probe:>8}{r['median_s']:>10.3f}{r['vs_plain']:>9.3f}"
                   f"{r['lo_bytes_per_step'] / 1e6:>11.2f}{r['model_bytes_per_step'] / 1e6:>9.2f}"
-                  f"{r['link_s']:>8.3f}{r['floor_s']:>8.3f}{r['vs_floor']:>7.2f}{r['hidden_s']:>9.3f}{drops!s:>6}  "
+                  f"{r['link_s']:>8.3f}{r['floor_s']:>8.3f}{r['vs_floor']:>7.2f}{r['hidden_s']:>9.3f}"
+                  f"{r.get('cpu_s', float('nan')):>7.2f}{r.get('runq_s', float('nan')):>7.2f}{drops!s:>6}  "
                   f"{r['load'][0]:.2f}")
     for blk in res.get("tta", []):
         print(f"\n## time to accuracy: {blk['model']}, {blk['world']} ranks at {blk['rate']}")
