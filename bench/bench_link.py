@@ -25,12 +25,18 @@ Phases:
   ``--batch`` per rank: median over steps of the slowest rank's step time, per link rate
   (``fast`` = unshaped lo) and world size. Beside each time: the bytes that crossed lo per
   step (measured) and what the traffic model predicts, the **floor**
-  ``max(T_fast, T_fwd + T_opt + bytes / rate)`` and ``time / floor``. ``T_fast`` is the
-  method's own step time on the unshaped link (compute + codec + fast transfer);
-  ``T_fwd + T_opt`` is the part of a step communication cannot overlap (the gradients
-  exist only from the backward pass on), measured without DDP in the same processes.
-  ``hidden s`` measures the overlap: ``T_fast + bytes / rate - time``, what the step hides
-  of its compute-and-codec time plus its link time (0: fully serial).
+  ``max(T_fast, T_fwd + T_opt + link_s)`` and ``time / floor``. ``T_fast`` is the method's
+  fastest step on the unshaped link (compute + codec + fast transfer); ``T_fwd + T_opt``
+  is the part of a step communication cannot overlap (the gradients exist only from the
+  backward pass on), measured without DDP in the same processes; ``link_s`` is the bytes
+  through lo (less one tbf burst) at the link rate. PowerSGD runs in one bucket, so none of
+  its traffic overlaps compute: its floor is ``T_fast + link_s``. ``hidden s`` measures
+  the overlap: ``T_fast + link_s - time``, what the step hides of its compute-and-codec
+  time plus its link time (0: fully serial). ``cpu s`` and ``runq s``: the on-CPU time and
+  the runqueue wait (ready to run, no core free) of all threads of the rank that was
+  slowest in the step (``/proc/<pid>/task/*/schedstat``), medians over steps. The rest of
+  a step is sleep: waiting on the link or on a peer. A step slowed by other processes
+  shows a long runqueue wait; one slowed by a protocol wait does not.
 * **tta** — the small CNN on the 8x8 digits (``convnet_small``, one channel), each rank its
   own shard, batch ``--tta-batch`` per rank, SGD with momentum and a cosine schedule, at the
   ``--tta-rate`` link: training wall time (evaluation excluded) until the test accuracy
@@ -378,13 +384,20 @@ def _rate_bps(rate: str) -> Optional[float]:
     return None if rate == "fast" else float(netns.parse_rate(rate))
 
 
-def add_floors(res: Dict) -> None:
-    """Per row: the floor ``max(T_fast, T_fwd + T_opt + link_s)`` and the ratio.
+# Methods the benchmark runs in a single DDP bucket: their communication starts only after
+# the whole backward pass, so nothing of it overlaps compute.
+ONE_BUCKET = ("powersgd",)
 
-    ``T_fast`` is the method's *fastest* step on the unshaped link (its compute + codec
-    without a link to wait on; the minimum, because a floor must not carry the stalls a
-    median can pick up on a shared machine). ``link_s`` is the step's bytes through lo less
-    one tbf burst (a full bucket passes at once after an idle spell) at the nominal rate."""
+
+def add_floors(res: Dict) -> None:
+    """Per row: the floor and the ratio ``time / floor``.
+
+    Floor ``max(T_fast, T_fwd + T_opt + link_s)``; for a method run in one bucket
+    (``ONE_BUCKET``) ``T_fast + link_s``. ``T_fast`` is the method's *fastest* step on the
+    unshaped link (its compute + codec without a link to wait on; the minimum, because a
+    floor must not carry the stalls a median can pick up on a shared machine). ``link_s``
+    is the step's bytes through lo less one tbf burst (a full bucket of tokens passes at
+    once after an idle spell) at the nominal rate."""
     burst = netns.BURST_BYTES
     for blk in res["step"]:
         fast = {r["method"]: r.get("min_s", r["median_s"]) for r in blk["rows"] if r["rate"] == "fast"}
@@ -395,7 +408,10 @@ def add_floors(res: Dict) -> None:
             link_s = 8 * max(0.0, r["lo_bytes_per_step"] - burst) / bps if bps else 0.0
             t_fast = fast.get(r["method"], 0.0)
             r["link_s"] = link_s
-            r["floor_s"] = max(t_fast, exposed + link_s)
+            if r["method"] in ONE_BUCKET:
+                r["floor_s"] = t_fast + link_s
+            else:
+                r["floor_s"] = max(t_fast, exposed + link_s)
             r["vs_floor"] = r["median_s"] / r["floor_s"] if r["floor_s"] else float("nan")
             # overlap: what the step hides of (its fast-link time + its link time)
             r["hidden_s"] = t_fast + link_s - r["median_s"] if r["rate"] != "fast" else 0.0
@@ -526,6 +542,29 @@ def run(a) -> Dict:
     return res
 
 
+def merge_results(paths: List[str]) -> Dict:
+    """Saved result files as one: the first file's environment and arguments, every file's
+    blocks (each block keeps its own rows, loads and per-step times), floors recomputed."""
+    res: Optional[Dict] = None
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        if res is None:
+            res = r
+            res["sources"] = [{"path": os.path.basename(path), "env": r["env"]}]
+            continue
+        res["sources"].append({"path": os.path.basename(path), "env": r["env"]})
+        for k in ("step", "tta", "cross"):
+            res[k] = res.get(k, []) + r.get(k, [])
+        res["crossover"] = res.get("crossover") or r.get("crossover")
+    if res is None:
+        raise ValueError("--from-json needs at least one file")
+    add_floors(res)
+    for blk in res.get("cross", []):
+        add_floors({"step": [blk]})
+    return res
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small run (2-3 minutes)")
@@ -558,7 +597,20 @@ def main(argv=None) -> None:
                     help="print every thread's Python stack when a step runs longer than this (seconds)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--from-json", nargs="+", default=None, metavar="PATH",
+                    help="no run: merge saved result files (their step, tta and crossover blocks), "
+                         "recompute the floors, print the report, write --json / --plot")
     a = ap.parse_args(argv)
+    if a.from_json:
+        res = merge_results(a.from_json)
+        print_report(res)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        if a.plot:
+            plot(res, a.plot)
+            print(f"# plot: {a.plot}")
+        return
     if a.quick:
         a.worlds, a.rates, a.steps, a.steps_fast, a.warmup, a.local_steps = "2", "fast,200mbit", 2, 2, 2, 2
         a.tta_worlds, a.tta_steps, a.eval_every, a.cross_worlds = "2", 150, 25, "2,4"
