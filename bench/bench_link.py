@@ -28,7 +28,8 @@ Phases:
   ``max(T_fast, T_fwd + T_opt + link_s)`` and ``time / floor``. ``T_fast`` is the method's
   fastest step on the unshaped link (compute + codec + fast transfer); ``T_fwd + T_opt``
   is the part of a step communication cannot overlap (the gradients exist only from the
-  backward pass on), measured without DDP in the same processes; ``link_s`` is the bytes
+  backward pass on), measured in the same steps (per step the smallest forward and the
+  smallest optimizer time over ranks; median over steps); ``link_s`` is the bytes
   through lo (less what tbf lets pass at once after idle spells) at the link rate. PowerSGD runs in one bucket, so none of
   its traffic overlaps compute: its floor is ``T_fast + link_s``. ``hidden s`` measures
   the overlap: ``T_fast + link_s - time``, what the step hides of its compute-and-codec
@@ -187,12 +188,6 @@ def _rank_main(rank: int, world: int, port: int, job: Dict, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def sched_ns() -> List[int]:
     """``[on-CPU ns, runqueue-wait ns]`` summed over this process's threads so far
     (``/proc/<pid>/task/*/schedstat``; threads that ended are not counted). Runqueue wait is
@@ -259,9 +254,15 @@ def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
         opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
 
         def one_step():
+            """One step; its forward and optimizer times (what no link time can overlap)."""
+            t0 = time.perf_counter()
             opt.zero_grad()
-            loss_fn(ddp(x), y).backward()
+            loss = loss_fn(ddp(x), y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
             opt.step()
+            return t1 - t0, time.perf_counter() - t2
 
         warm_done = False
         for rate in job["rates"]:
@@ -269,7 +270,7 @@ def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
             warm = job["warmup"] if not warm_done else job["rewarm"]
             warm_done = True
             steps = job["steps_fast"] if rate == "fast" else job["steps"]
-            times, cpu, runq = [], [], []
+            times, cpu, runq, exposed = [], [], [], []
             b0 = netns.lo_bytes()
             for s in range(warm + steps):
                 if s == warm:
@@ -280,7 +281,9 @@ def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
                     # a stalled step: every thread's Python stack to this rank's stderr
                     faulthandler.dump_traceback_later(job["dump_after"], exit=False)
                 c0 = sched_ns()
-                dt = _timed(one_step)
+                t0 = time.perf_counter()
+                fwd_opt = one_step()
+                dt = time.perf_counter() - t0
                 c1 = sched_ns()
                 if job.get("dump_after"):
                     faulthandler.cancel_dump_traceback_later()
@@ -288,20 +291,27 @@ def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
                     times.append(dt)
                     cpu.append((c1[0] - c0[0]) / 1e9)
                     runq.append((c1[1] - c0[1]) / 1e9)
+                    exposed.append(fwd_opt)
             dist.barrier()
             lo = netns.lo_bytes() - b0
             # barriers: a few hundred bytes each; counted with the steps (negligible)
             all_times = [None] * world
-            dist.all_gather_object(all_times, (times, cpu, runq))
+            dist.all_gather_object(all_times, (times, cpu, runq, exposed))
             slowest = [max(t[0][i] for t in all_times) for i in range(steps)]
             # per step, the CPU time and runqueue wait of the rank that was slowest in it
             who = [max(range(world), key=lambda r: all_times[r][0][i]) for i in range(steps)]
             cpu_s = [all_times[who[i]][1][i] for i in range(steps)]
             runq_s = [all_times[who[i]][2][i] for i in range(steps)]
+            # the step's traffic starts after the first rank's forward pass and every rank
+            # runs its optimizer after the traffic: per step the smallest forward plus the
+            # smallest optimizer time over ranks, measured in the step itself
+            fwd_opt_s = [min(t[3][i][0] for t in all_times) + min(t[3][i][1] for t in all_times)
+                         for i in range(steps)]
             st = [s.__dict__ for s in state.steps[-steps:]] if state is not None else None
             row = {"method": method, "rate": rate, "median_s": statistics.median(slowest), "min_s": min(slowest),
                    "times": slowest, "cpu_s": statistics.median(cpu_s), "runq_s": statistics.median(runq_s),
-                   "cpu_times": cpu_s, "runq_times": runq_s, "lo_bytes_per_step": lo / steps,
+                   "cpu_times": cpu_s, "runq_times": runq_s, "fwd_opt_s": statistics.median(fwd_opt_s),
+                   "fwd_opt_times": fwd_opt_s, "lo_bytes_per_step": lo / steps,
                    "model_bytes_per_step": model_bytes(method, world, numels, shapes, st),
                    "payload_bytes": st[-1]["payload_bytes"] if st else None,
                    "dense_bytes": 4 * sum(numels), "probe_bps": info.get("probe_bps"),
@@ -394,7 +404,8 @@ ONE_BUCKET = {"powersgd": 3}
 def add_floors(res: Dict) -> None:
     """Per row: the floor and the ratio ``time / floor``.
 
-    Floor ``max(T_fast, T_fwd + T_opt + link_s)``; for a method run in one bucket
+    Floor ``max(T_fast, T_fwd + T_opt + link_s)`` (``T_fwd + T_opt`` from the row's own
+    steps; files without them: the block's compute without DDP); for a method run in one bucket
     (``ONE_BUCKET``) ``T_fast + link_s``. ``T_fast`` is the method's *fastest* step on the
     unshaped link (its compute + codec without a link to wait on; the minimum, because a
     floor must not carry the stalls a median can pick up on a shared machine). ``link_s``
@@ -404,9 +415,10 @@ def add_floors(res: Dict) -> None:
     burst = netns.BURST_BYTES
     for blk in res["step"]:
         fast = {r["method"]: r.get("min_s", r["median_s"]) for r in blk["rows"] if r["rate"] == "fast"}
-        exposed = blk["local"]["fwd"] + blk["local"]["opt"]
+        local = blk["local"]["fwd"] + blk["local"]["opt"]
         plain = {r["rate"]: r["median_s"] for r in blk["rows"] if r["method"] == "allreduce"}
         for r in blk["rows"]:
+            exposed = r.get("fwd_opt_s", local)
             bps = _rate_bps(r["rate"])
             bursts = ONE_BUCKET.get(r["method"], 1) * burst
             link_s = 8 * max(0.0, r["lo_bytes_per_step"] - bursts) / bps if bps else 0.0
@@ -459,14 +471,14 @@ def print_report(res: Dict) -> None:
         print(f"\n## {blk['model']}, {blk['world']} ranks: compute without DDP fwd {loc['fwd']:.3f} s, "
               f"bwd {loc['bwd']:.3f} s, opt {loc['opt']:.3f} s (slowest rank)")
         print(f"{'method':<11}{'rate':>9}{'probe':>8}{'median s':>10}{'vs plain':>9}{'lo MB/step':>11}"
-              f"{'model MB':>9}{'link s':>8}{'floor s':>8}{'/floor':>7}{'hidden s':>9}{'cpu s':>7}{'runq s':>7}"
+              f"{'model MB':>9}{'fwd+opt':>8}{'link s':>8}{'floor s':>8}{'/floor':>7}{'hidden s':>9}{'cpu s':>7}{'runq s':>7}"
               f"{'drops':>6}  load")
         for r in blk["rows"]:
             probe = f"{r['probe_bps'] / 1e6:.0f}M" if r.get("probe_bps") else "-"
             drops = r.get("qdisc", {}).get("dropped", "-")
             print(f"{r['method']:<11}{r['rate']:>9}{probe:>8}{r['median_s']:>10.3f}{r['vs_plain']:>9.3f}"
                   f"{r['lo_bytes_per_step'] / 1e6:>11.2f}{r['model_bytes_per_step'] / 1e6:>9.2f}"
-                  f"{r['link_s']:>8.3f}{r['floor_s']:>8.3f}{r['vs_floor']:>7.2f}{r['hidden_s']:>9.3f}"
+                  f"{r.get('fwd_opt_s', float('nan')):>8.3f}{r['link_s']:>8.3f}{r['floor_s']:>8.3f}{r['vs_floor']:>7.2f}{r['hidden_s']:>9.3f}"
                   f"{r.get('cpu_s', float('nan')):>7.2f}{r.get('runq_s', float('nan')):>7.2f}{drops!s:>6}  "
                   f"{r['load'][0]:.2f}")
     for blk in res.get("tta", []):
