@@ -54,6 +54,7 @@ def test_same_config_same_bits(kw):
     # sampled clients, non-IID split, a schedule step inside the prefix
     dict(defense="none", participation=0.5, split="dirichlet", alpha=0.3, clients=6,
          lr_steps=[[2, 0.05]]),
+    dict(defense="randk", algorithm="fedavg"),
 ])
 def test_prefix_of_a_longer_run_is_the_shorter_run(kw):
     short, long = run(rounds=3, **kw), run(rounds=6, **kw)
