@@ -23,7 +23,8 @@ rounds with error feedback through the codec, adaptive Inverting Gradients over 
 ``--out`` as it finishes and a line already there is not run again (resumable); the table
 (leakage in dB above the mean-colour floor, round 1 alone and the ``R`` rounds accumulated)
 is printed from the file. Per photo it also records whether a policy's ``R`` uploads are
-bitwise those of ``full`` (then the attack on them is the same computation).
+bitwise those of ``full``; then the attack on them is the same seeded computation and
+``full``'s result is recorded for it (``reused_full_attack``) instead of running it again.
 
     python bench/studies/efprivacy.py --attack [--photos 4] [--attack-rounds 5]
         [--iterations 1000] [--policies full,clipped,floor,drop] [--out efprivacy_attack.jsonl]
@@ -118,12 +119,12 @@ def attack_policies(policies: Sequence[str], photos: int, rounds: int, iteration
     from dgp_kernels.cases.models import get_model
     from dgp_kernels.cases.targets import load_targets
 
-    done = set()
+    done: Dict[Any, Dict[str, Any]] = {}
     if os.path.exists(out):
         with open(out) as f:
             for line in f:
                 d = json.loads(line)
-                done.add((d["photo"], d["policy"]))
+                done[(d["photo"], d["policy"])] = d
     t = load_targets("photos", photos)
     for i, name in enumerate(t.names):
         x, y = t.images[i: i + 1], t.labels[i: i + 1]
@@ -136,10 +137,18 @@ def attack_policies(policies: Sequence[str], photos: int, rounds: int, iteration
                 continue
             spec = f"dgp:top={top},keep={keep},top_feedback={pol}"
             same = _same_uploads(multi_round_uploads(grads, spec, rounds, model=model), ref)
-            res = attack_rounds(model, x, y, spec, rounds, params={"iterations": iterations},
-                                settings=ATTACK_SETTINGS)
-            row = dict(res, photo=name, policy=pol, uploads_same_as_full=same,
+            if same and pol != "full" and (name, "full") in done:
+                # Bitwise the same R uploads and model as "full": the attack (seeded) is the
+                # same computation, so its result is full's.
+                res = dict(done[(name, "full")], defense=spec, seconds=0.0)
+                reused = True
+            else:
+                res = attack_rounds(model, x, y, spec, rounds, params={"iterations": iterations},
+                                    settings=ATTACK_SETTINGS)
+                reused = False
+            row = dict(res, photo=name, policy=pol, uploads_same_as_full=same, reused_full_attack=reused,
                        loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
+            done[(name, pol)] = row
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{name} {pol}: single {row['single']['leakage']:.2f} dB, accumulated "
