@@ -25,12 +25,19 @@ Phases:
   ``--batch`` per rank: median over steps of the slowest rank's step time, per link rate
   (``fast`` = unshaped lo) and world size. Beside each time: the bytes that crossed lo per
   step (measured) and what the traffic model predicts, the **floor**
-  ``max(T_fast, T_fwd + T_opt + bytes / rate)`` and ``time / floor``. ``T_fast`` is the
-  method's own step time on the unshaped link (compute + codec + fast transfer);
-  ``T_fwd + T_opt`` is the part of a step communication cannot overlap (the gradients
-  exist only from the backward pass on), measured without DDP in the same processes.
-  ``hidden s`` measures the overlap: ``T_fast + bytes / rate - time``, what the step hides
-  of its compute-and-codec time plus its link time (0: fully serial).
+  ``max(T_fast, T_fwd + T_opt + link_s)`` and ``time / floor``. ``T_fast`` is the method's
+  fastest step on the unshaped link (compute + codec + fast transfer); ``T_fwd + T_opt``
+  is the part of a step communication cannot overlap (the gradients exist only from the
+  backward pass on), measured in the same steps (per step the smallest forward and the
+  smallest optimizer time over ranks; median over steps); ``link_s`` is the bytes
+  through lo (less what tbf lets pass at once after idle spells) at the link rate. PowerSGD runs in one bucket, so none of
+  its traffic overlaps compute: its floor is ``T_fast + link_s``. ``hidden s`` measures
+  the overlap: ``T_fast + link_s - time``, what the step hides of its compute-and-codec
+  time plus its link time (0: fully serial). ``cpu s`` and ``runq s``: the on-CPU time and
+  the runqueue wait (ready to run, no core free) of all threads of the rank that was
+  slowest in the step (``/proc/<pid>/task/*/schedstat``), medians over steps. The rest of
+  a step is sleep: waiting on the link or on a peer. A step slowed by other processes
+  shows a long runqueue wait; one slowed by a protocol wait does not.
 * **tta** — the small CNN on the 8x8 digits (``convnet_small``, one channel), each rank its
   own shard, batch ``--tta-batch`` per rank, SGD with momentum and a cosine schedule, at the
   ``--tta-rate`` link: training wall time (evaluation excluded) until the test accuracy
@@ -181,10 +188,23 @@ def _rank_main(rank: int, world: int, port: int, job: Dict, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _timed(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def sched_ns() -> List[int]:
+    """``[on-CPU ns, runqueue-wait ns]`` summed over this process's threads so far
+    (``/proc/<pid>/task/*/schedstat``; threads that ended are not counted). Runqueue wait is
+    time a thread was ready to run but had no core: it tells a step slowed by other
+    processes (or by this run's own ranks sharing the cores) from one that waited on the
+    link or on a peer (asleep, neither on a CPU nor queued)."""
+    tot = [0, 0]
+    base = "/proc/self/task"
+    for t in os.listdir(base):
+        try:
+            with open(f"{base}/{t}/schedstat") as f:
+                a = f.read().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        tot[0] += int(a[0])
+        tot[1] += int(a[1])
+    return tot
 
 
 def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
@@ -234,9 +254,15 @@ def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
         opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
 
         def one_step():
+            """One step; its forward and optimizer times (what no link time can overlap)."""
+            t0 = time.perf_counter()
             opt.zero_grad()
-            loss_fn(ddp(x), y).backward()
+            loss = loss_fn(ddp(x), y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
             opt.step()
+            return t1 - t0, time.perf_counter() - t2
 
         warm_done = False
         for rate in job["rates"]:
@@ -244,7 +270,7 @@ def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
             warm = job["warmup"] if not warm_done else job["rewarm"]
             warm_done = True
             steps = job["steps_fast"] if rate == "fast" else job["steps"]
-            times = []
+            times, cpu, runq, exposed = [], [], [], []
             b0 = netns.lo_bytes()
             for s in range(warm + steps):
                 if s == warm:
@@ -254,20 +280,38 @@ def _steps(rank: int, world: int, job: Dict, info: Dict) -> Dict:
                 if job.get("dump_after"):
                     # a stalled step: every thread's Python stack to this rank's stderr
                     faulthandler.dump_traceback_later(job["dump_after"], exit=False)
-                dt = _timed(one_step)
+                c0 = sched_ns()
+                t0 = time.perf_counter()
+                fwd_opt = one_step()
+                dt = time.perf_counter() - t0
+                c1 = sched_ns()
                 if job.get("dump_after"):
                     faulthandler.cancel_dump_traceback_later()
                 if s >= warm:
                     times.append(dt)
+                    cpu.append((c1[0] - c0[0]) / 1e9)
+                    runq.append((c1[1] - c0[1]) / 1e9)
+                    exposed.append(fwd_opt)
             dist.barrier()
             lo = netns.lo_bytes() - b0
             # barriers: a few hundred bytes each; counted with the steps (negligible)
             all_times = [None] * world
-            dist.all_gather_object(all_times, times)
-            slowest = [max(t[i] for t in all_times) for i in range(steps)]
+            dist.all_gather_object(all_times, (times, cpu, runq, exposed))
+            slowest = [max(t[0][i] for t in all_times) for i in range(steps)]
+            # per step, the CPU time and runqueue wait of the rank that was slowest in it
+            who = [max(range(world), key=lambda r: all_times[r][0][i]) for i in range(steps)]
+            cpu_s = [all_times[who[i]][1][i] for i in range(steps)]
+            runq_s = [all_times[who[i]][2][i] for i in range(steps)]
+            # the step's traffic starts after the first rank's forward pass and every rank
+            # runs its optimizer after the traffic: per step the smallest forward plus the
+            # smallest optimizer time over ranks, measured in the step itself
+            fwd_opt_s = [min(t[3][i][0] for t in all_times) + min(t[3][i][1] for t in all_times)
+                         for i in range(steps)]
             st = [s.__dict__ for s in state.steps[-steps:]] if state is not None else None
             row = {"method": method, "rate": rate, "median_s": statistics.median(slowest), "min_s": min(slowest),
-                   "times": slowest, "lo_bytes_per_step": lo / steps,
+                   "times": slowest, "cpu_s": statistics.median(cpu_s), "runq_s": statistics.median(runq_s),
+                   "cpu_times": cpu_s, "runq_times": runq_s, "fwd_opt_s": statistics.median(fwd_opt_s),
+                   "fwd_opt_times": fwd_opt_s, "lo_bytes_per_step": lo / steps,
                    "model_bytes_per_step": model_bytes(method, world, numels, shapes, st),
                    "payload_bytes": st[-1]["payload_bytes"] if st else None,
                    "dense_bytes": 4 * sum(numels), "probe_bps": info.get("probe_bps"),
@@ -350,18 +394,40 @@ def _rate_bps(rate: str) -> Optional[float]:
     return None if rate == "fast" else float(netns.parse_rate(rate))
 
 
+# Methods the benchmark runs in a single DDP bucket: their communication starts only after
+# the whole backward pass, so nothing of it overlaps compute. The value: how many
+# collectives of a step start after an idle spell of the link (PowerSGD: the uncompressed
+# tensors, then P, then Q, each after compute), so each can take a full tbf burst at once.
+ONE_BUCKET = {"powersgd": 3}
+
+
 def add_floors(res: Dict) -> None:
-    """Per row: the floor ``max(T_fast, T_fwd + T_opt + lo_bytes / rate)`` and the ratio."""
+    """Per row: the floor and the ratio ``time / floor``.
+
+    Floor ``max(T_fast, T_fwd + T_opt + link_s)`` (``T_fwd + T_opt`` from the row's own
+    steps; files without them: the block's compute without DDP); for a method run in one bucket
+    (``ONE_BUCKET``) ``T_fast + link_s``. ``T_fast`` is the method's *fastest* step on the
+    unshaped link (its compute + codec without a link to wait on; the minimum, because a
+    floor must not carry the stalls a median can pick up on a shared machine). ``link_s``
+    is the step's bytes through lo at the nominal rate, less one tbf burst (a full bucket of
+    tokens passes at once after an idle spell) per collective that follows one (one per
+    step; ``ONE_BUCKET`` gives PowerSGD's three)."""
+    burst = netns.BURST_BYTES
     for blk in res["step"]:
-        fast = {r["method"]: r["median_s"] for r in blk["rows"] if r["rate"] == "fast"}
-        exposed = blk["local"]["fwd"] + blk["local"]["opt"]
+        fast = {r["method"]: r.get("min_s", r["median_s"]) for r in blk["rows"] if r["rate"] == "fast"}
+        local = blk["local"]["fwd"] + blk["local"]["opt"]
         plain = {r["rate"]: r["median_s"] for r in blk["rows"] if r["method"] == "allreduce"}
         for r in blk["rows"]:
+            exposed = r.get("fwd_opt_s", local)
             bps = _rate_bps(r["rate"])
-            link_s = 8 * r["lo_bytes_per_step"] / bps if bps else 0.0
+            bursts = ONE_BUCKET.get(r["method"], 1) * burst
+            link_s = 8 * max(0.0, r["lo_bytes_per_step"] - bursts) / bps if bps else 0.0
             t_fast = fast.get(r["method"], 0.0)
             r["link_s"] = link_s
-            r["floor_s"] = max(t_fast, exposed + link_s)
+            if r["method"] in ONE_BUCKET:
+                r["floor_s"] = t_fast + link_s
+            else:
+                r["floor_s"] = max(t_fast, exposed + link_s)
             r["vs_floor"] = r["median_s"] / r["floor_s"] if r["floor_s"] else float("nan")
             # overlap: what the step hides of (its fast-link time + its link time)
             r["hidden_s"] = t_fast + link_s - r["median_s"] if r["rate"] != "fast" else 0.0
@@ -405,13 +471,15 @@ def print_report(res: Dict) -> None:
         print(f"\n## {blk['model']}, {blk['world']} ranks: compute without DDP fwd {loc['fwd']:.3f} s, "
               f"bwd {loc['bwd']:.3f} s, opt {loc['opt']:.3f} s (slowest rank)")
         print(f"{'method':<11}{'rate':>9}{'probe':>8}{'median s':>10}{'vs plain':>9}{'lo MB/step':>11}"
-              f"{'model MB':>9}{'link s':>8}{'floor s':>8}{'/floor':>7}{'hidden s':>9}{'drops':>6}  load")
+              f"{'model MB':>9}{'fwd+opt':>8}{'link s':>8}{'floor s':>8}{'/floor':>7}{'hidden s':>9}{'cpu s':>7}{'runq s':>7}"
+              f"{'drops':>6}  load")
         for r in blk["rows"]:
             probe = f"{r['probe_bps'] / 1e6:.0f}M" if r.get("probe_bps") else "-"
             drops = r.get("qdisc", {}).get("dropped", "-")
             print(f"{r['method']:<11}{r['rate']:>9}{probe:>8}{r['median_s']:>10.3f}{r['vs_plain']:>9.3f}"
                   f"{r['lo_bytes_per_step'] / 1e6:>11.2f}{r['model_bytes_per_step'] / 1e6:>9.2f}"
-                  f"{r['link_s']:>8.3f}{r['floor_s']:>8.3f}{r['vs_floor']:>7.2f}{r['hidden_s']:>9.3f}{drops!s:>6}  "
+                  f"{r.get('fwd_opt_s', float('nan')):>8.3f}{r['link_s']:>8.3f}{r['floor_s']:>8.3f}{r['vs_floor']:>7.2f}{r['hidden_s']:>9.3f}"
+                  f"{r.get('cpu_s', float('nan')):>7.2f}{r.get('runq_s', float('nan')):>7.2f}{drops!s:>6}  "
                   f"{r['load'][0]:.2f}")
     for blk in res.get("tta", []):
         print(f"\n## time to accuracy: {blk['model']}, {blk['world']} ranks at {blk['rate']}")
@@ -490,6 +558,29 @@ def run(a) -> Dict:
     return res
 
 
+def merge_results(paths: List[str]) -> Dict:
+    """Saved result files as one: the first file's environment and arguments, every file's
+    blocks (each block keeps its own rows, loads and per-step times), floors recomputed."""
+    res: Optional[Dict] = None
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        if res is None:
+            res = r
+            res["sources"] = [{"path": os.path.basename(path), "env": r["env"]}]
+            continue
+        res["sources"].append({"path": os.path.basename(path), "env": r["env"]})
+        for k in ("step", "tta", "cross"):
+            res[k] = res.get(k, []) + r.get(k, [])
+        res["crossover"] = res.get("crossover") or r.get("crossover")
+    if res is None:
+        raise ValueError("--from-json needs at least one file")
+    add_floors(res)
+    for blk in res.get("cross", []):
+        add_floors({"step": [blk]})
+    return res
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small run (2-3 minutes)")
@@ -522,7 +613,20 @@ def main(argv=None) -> None:
                     help="print every thread's Python stack when a step runs longer than this (seconds)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--from-json", nargs="+", default=None, metavar="PATH",
+                    help="no run: merge saved result files (their step, tta and crossover blocks), "
+                         "recompute the floors, print the report, write --json / --plot")
     a = ap.parse_args(argv)
+    if a.from_json:
+        res = merge_results(a.from_json)
+        print_report(res)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        if a.plot:
+            plot(res, a.plot)
+            print(f"# plot: {a.plot}")
+        return
     if a.quick:
         a.worlds, a.rates, a.steps, a.steps_fast, a.warmup, a.local_steps = "2", "fast,200mbit", 2, 2, 2, 2
         a.tta_worlds, a.tta_steps, a.eval_every, a.cross_worlds = "2", 150, 25, "2,4"

@@ -13,7 +13,8 @@ idle workers keep spinning after them unless ``OMP_WAIT_POLICY=PASSIVE`` is set,
 whatever runs next, ours included.
 
 ``--compare`` is the driver: it starts this script as child processes, alternately without
-``OMP_WAIT_POLICY`` and with ``OMP_WAIT_POLICY=PASSIVE`` (``--pairs`` times each), optionally
+``OMP_WAIT_POLICY`` and with ``OMP_WAIT_POLICY=PASSIVE`` (``--pairs`` times each; with
+``--spincount N`` also with ``GOMP_SPINCOUNT=N`` and no wait policy), optionally
 with one busy-looping process on the machine (``--busy``, killed at the end), and prints the
 per-environment medians and their ratio.
 """
@@ -99,14 +100,20 @@ def compare(args) -> None:
     if args.busy:
         busy = subprocess.Popen([sys.executable, "-c", "while 1: pass"])
     try:
-        runs = {"default": [], "PASSIVE": []}
+        envs = ["default", "PASSIVE"]
+        if args.spincount is not None:
+            envs.append(f"GOMP_SPINCOUNT={args.spincount}")
+        runs = {k: [] for k in envs}
         for p in range(args.pairs):
-            order = ["default", "PASSIVE"] if p % 2 == 0 else ["PASSIVE", "default"]
+            order = envs[p % len(envs):] + envs[:p % len(envs)]
             for envname in order:
                 env = dict(os.environ)
                 env.pop("OMP_WAIT_POLICY", None)
+                env.pop("GOMP_SPINCOUNT", None)
                 if envname == "PASSIVE":
                     env["OMP_WAIT_POLICY"] = "PASSIVE"
+                elif envname.startswith("GOMP_SPINCOUNT="):
+                    env["GOMP_SPINCOUNT"] = str(args.spincount)
                 out = subprocess.run(
                     [sys.executable, __file__, "--threads", str(args.threads),
                      "--repeats", str(args.repeats)]
@@ -122,7 +129,11 @@ def compare(args) -> None:
     for k in runs["default"][0]:
         d = statistics.median(r[k] for r in runs["default"])
         p = statistics.median(r[k] for r in runs["PASSIVE"])
-        print(f"{k:10s} default {d:8.2f} ms  PASSIVE {p:8.2f} ms  default/PASSIVE {d / p:5.2f}")
+        line = f"{k:10s} default {d:8.2f} ms  PASSIVE {p:8.2f} ms  default/PASSIVE {d / p:5.2f}"
+        if args.spincount is not None:
+            sc = statistics.median(r[k] for r in runs[envs[2]])
+            line += f"  {envs[2]} {sc:8.2f} ms  /PASSIVE {sc / p:5.2f}"
+        print(line)
 
 
 def main() -> None:
@@ -132,6 +143,9 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true")
     ap.add_argument("--busy", action="store_true")
     ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--spincount", type=int, default=None,
+                    help="--compare also runs children with GOMP_SPINCOUNT set to this (how long "
+                         "torch's idle OpenMP workers spin before sleeping; 0: sleep at once)")
     ap.add_argument("--no-torch-ops", action="store_true",
                     help="time only our calls: no copy_ row, residuals not re-zeroed (torch's "
                          "own parallel ops leave OpenMP workers spinning after them)")

@@ -14,6 +14,7 @@ from .ops import (
     select,
     select_ef,
     select_ef_multi,
+    select_ef_multi_into,
     select_multi,
     split_multi,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "select",
     "select_ef",
     "select_ef_multi",
+    "select_ef_multi_into",
     "select_multi",
     "split_multi",
 ]

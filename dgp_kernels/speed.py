@@ -362,10 +362,19 @@ def _steady_line(st: "SteadyStateResult") -> str:
     p, h, c = st.stats("plain_ms"), st.stats("hint_ms"), st.stats("copy_ms")
     hits = (f"; hinted brackets held on {st.hint_layers} of "
             f"{st.hint_layers + st.hint_misses} layer-steps" if st.hint_layers >= 0 else "")
+    into = ""
+    if st.into_ms:
+        o = st.stats("into_ms")
+        into = (f", into (out of place, hint) {_ms(o[0])} ({_ms(o[1])})")
+        into_ratio = f", into / copy_ {o[0] / c[0]:.2f}"
+        if st.into_layers >= 0:
+            hits += (f" (into: {st.into_layers} of {st.into_layers + st.into_misses})")
+    else:
+        into_ratio = ""
     return (f"{st.threads} thread(s), steps {st.skipped + 1}-{st.steps}, median (min) ms: "
-            f"no hint {_ms(p[0])} ({_ms(p[1])}), hint {_ms(h[0])} ({_ms(h[1])}), copy_ "
-            f"{_ms(c[0])} ({_ms(c[1])}); hint / copy_ {h[0] / c[0]:.2f}, no hint / copy_ "
-            f"{p[0] / c[0]:.2f}{hits}")
+            f"no hint {_ms(p[0])} ({_ms(p[1])}), hint {_ms(h[0])} ({_ms(h[1])}){into}, copy_ "
+            f"{_ms(c[0])} ({_ms(c[1])}); hint / copy_ {h[0] / c[0]:.2f}{into_ratio}, "
+            f"no hint / copy_ {p[0] / c[0]:.2f}{hits}")
 
 
 # --------------------------------------------------------------------------------------
@@ -488,6 +497,9 @@ class SteadyStateResult:
     copy_ms: List[float]  # per step, copy_ of the same tensors
     hint_layers: int  # layer-steps served by the hinted brackets (C++ kernel), -1 if unknown
     hint_misses: int  # layer-steps whose brackets missed (that layer took the unhinted path)
+    into_ms: List[float] = field(default_factory=list)  # per step, select_ef_multi_into(hint=...)
+    into_layers: int = -1  # as hint_layers, for the out-of-place calls
+    into_misses: int = -1
 
     def stats(self, key: str) -> tuple:
         v = getattr(self, key)[self.skipped:]
@@ -504,8 +516,10 @@ def steady_state(gs0: List[torch.Tensor], steps: int = 50, threads: int = 1,
     the gradients drift but keep their scale), made untimed before the step. Two residual
     sets are carried, one by ``select_ef_multi(gs, res_a)`` and one by
     ``select_ef_multi(gs, res_b, hint=h)`` with one :class:`~dgp_kernels.BandHint` for all
-    steps; both outputs are checked bit-equal every step (untimed). The two calls and a
-    ``copy_`` of the same tensors are timed per step in a rotating order.
+    steps, and a third by ``select_ef_multi_into(gs, res_c, spare, hint=h2)`` (out of place,
+    the two buffers swapped after each step, as the dgp compressor does); all outputs and
+    residuals are checked bit-equal every step (untimed). The three calls and a ``copy_`` of
+    the same tensors are timed per step in a rotating order.
     """
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -519,42 +533,59 @@ def steady_state(gs0: List[torch.Tensor], steps: int = 50, threads: int = 1,
         gs = [g.clone() for g in gs0]
         res_a = [torch.zeros_like(g) for g in gs]
         res_b = [torch.zeros_like(g) for g in gs]
+        res_c = [torch.zeros_like(g) for g in gs]
+        spare = [torch.empty_like(g) for g in gs]
         bufs = [torch.empty_like(g) for g in gs]
-        hint = dgp_kernels.BandHint()
+        hint, hint_c = dgp_kernels.BandHint(), dgp_kernels.BandHint()
         _C = _cpp_module()
-        hits = misses = 0
-        times = {"plain": [], "hint": [], "copy": []}
+        hits = {"hint": 0, "into": 0}
+        misses = {"hint": 0, "into": 0}
+        times = {"plain": [], "hint": [], "into": [], "copy": []}
         outs = {}
+
+        def into():
+            nonlocal res_c, spare
+            out = dgp_kernels.select_ef_multi_into(gs, res_c, spare, top, keep, hint=hint_c)
+            res_c, spare = spare, res_c
+            return out
+
         calls = {
             "plain": lambda: dgp_kernels.select_ef_multi(gs, res_a, top, keep),
             "hint": lambda: dgp_kernels.select_ef_multi(gs, res_b, top, keep, hint=hint),
+            "into": into,
             "copy": lambda: [b.copy_(g) for b, g in zip(bufs, gs)],
         }
         names = list(calls)
         for t in range(steps):
             for g, z in zip(gs, noise[t % 5]):
                 g.mul_(alpha).add_(z, alpha=beta)
-            for name in names[t % 3:] + names[:t % 3]:
-                if name == "hint" and _C is not None:
+            r = t % len(names)
+            for name in names[r:] + names[:r]:
+                if name in hits and _C is not None:
                     _C.path_counts(True)
                 t0 = time.perf_counter()
                 outs[name] = calls[name]()
                 times[name].append((time.perf_counter() - t0) * 1e3)
-                if name == "hint" and _C is not None:
+                if name in hits and _C is not None:
                     c = _C.path_counts(True)
                     if t >= skipped:
-                        hits += c["hint"]
-                        misses += c["hint_miss"]
-            if not all(torch.equal(a, b) for a, b in zip(outs["plain"], outs["hint"])):
-                raise RuntimeError(f"steady state step {t}: the hinted call disagrees")
-        if not all(torch.equal(a, b) for a, b in zip(res_a, res_b)):
-            raise RuntimeError("steady state: the hinted residuals disagree")
+                        hits[name] += c["hint"]
+                        misses[name] += c["hint_miss"]
+            for name in ("hint", "into"):
+                if not all(torch.equal(a, b) for a, b in zip(outs["plain"], outs[name])):
+                    raise RuntimeError(f"steady state step {t}: the {name} call disagrees")
+        for name, res in (("hint", res_b), ("into", res_c)):
+            if not all(torch.equal(a, b) for a, b in zip(res_a, res)):
+                raise RuntimeError(f"steady state: the {name} residuals disagree")
     finally:
         torch.set_num_threads(prev)
+    known = _C is not None
     return SteadyStateResult(threads=threads, steps=steps, skipped=skipped, alpha=alpha,
                              plain_ms=times["plain"], hint_ms=times["hint"],
-                             copy_ms=times["copy"], hint_layers=hits if _C else -1,
-                             hint_misses=misses if _C else -1)
+                             copy_ms=times["copy"], hint_layers=hits["hint"] if known else -1,
+                             hint_misses=misses["hint"] if known else -1,
+                             into_ms=times["into"], into_layers=hits["into"] if known else -1,
+                             into_misses=misses["into"] if known else -1)
 
 
 def _cpp_module():
@@ -649,7 +680,8 @@ def _steady_lines(report: BenchReport, bullet: str) -> List[str]:
     st = report.steady[0]
     return (["", f"steady state: {st.steps} consecutive error-feedback steps of the model list, "
                  f"gradients drifting (each entry AR(1), correlation {st.alpha:g}), "
-                 f"select_ef_multi without and with a BandHint (bit-equal every step), "
+                 f"select_ef_multi without and with a BandHint and select_ef_multi_into "
+                 f"with one (two residual buffers swapped each step; all bit-equal every step), "
                  f"first {st.skipped} steps left out"]
             + [f"{bullet}{_steady_line(s)}" for s in report.steady])
 

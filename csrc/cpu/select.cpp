@@ -12,7 +12,10 @@
 #include <torch/library.h>
 
 
+#include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <memory>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -56,6 +59,7 @@ struct LayerIO {
   int64_t n = 0;
   int64_t* idx = nullptr;  // sparse outputs: this layer's slice
   T* val = nullptr;
+  T* eo = nullptr;  // new residual (select_ef_multi_into), or nullptr: in place on e
 };
 
 // Layers at least this large are split into chunks worked on by several threads; smaller
@@ -91,14 +95,16 @@ static std::atomic<bool> g_sample_enabled{true};
 
 // How layers were analysed since the last reset: direct, radix, sampled, sampled->radix
 // fallbacks, hinted brackets that held, hinted brackets that missed (the layer then took
-// another path). Exposed to Python (tests assert each path is really taken).
-static std::atomic<int64_t> g_path_count[6];
+// another path), and of those that held on the one-sweep path, the ones resolved from the
+// in-range entries after a window miss. Exposed to Python (tests assert each path is really
+// taken).
+static std::atomic<int64_t> g_path_count[7];
 static bool sample_enabled() { return g_sample_enabled.load(std::memory_order_relaxed); }
 
 template <typename T, bool EF>
 auto count_fn(const LayerIO<T>& io) {
   using K = typename KeyTraits<T>::K;
-  return [&io](int64_t lo, int64_t hi, const Bracket<K>& br, K* ch, int64_t cap_h, K* cl,
+  return [&io](int, int64_t lo, int64_t hi, const Bracket<K>& br, K* ch, int64_t cap_h, K* cl,
                int64_t cap_l, ChunkCount<K>& out) {
 #if DGP_X86
     if (count_simd<T, EF>(simd_current(), io.g, io.e, lo, hi, br, ch, cap_h, cl, cap_l, out))
@@ -289,6 +295,346 @@ int64_t run_layers(const std::vector<LayerIO<T>>& L, double top, double keep, in
   });
   TORCH_INTERNAL_ASSERT(consistent.load(), "dgp: a compaction chunk wrote a different number "
                         "of entries than planned (please report this input)");
+  return -1;
+}
+
+// ------------------------------------------------------------------ out-of-place residuals
+// A growable per-thread scratch (never shrunk; only the used prefix is touched): the
+// one-sweep path's in-range buffers (room for 4 + sizeof(T) bytes per entry of the largest
+// hinted layer, of which about a quarter is written at the defaults) and window keys. Kept
+// across calls so a training loop does not page-fault a fresh multi-MiB buffer every step,
+// and reused layer after layer so it stays in cache between a layer's sweep and its fix-up.
+struct Scratch {
+  std::unique_ptr<char[]> p;
+  size_t cap = 0;
+  char* get(size_t bytes) {
+    if (bytes > cap) {
+      p.reset(new char[bytes]);
+      cap = bytes;
+    }
+    return p.get();
+  }
+};
+inline Scratch& thread_scratch(int which) {
+  static thread_local Scratch s[2];  // in-range buffers, window keys
+  return s[which];
+}
+
+// After the sweep, with both ranks inside the in-range entries but not both inside their
+// windows (a boundary moved past its window into the mid range or the other window): the
+// exact keys and per-chunk tie counts from all in-range keys.
+template <typename T>
+void in_range_plan(Plan<typename KeyTraits<T>::K>& p, int C, const std::vector<InRange<T>>& tr,
+                   const std::vector<SweepCount<typename KeyTraits<T>::K>>& cc, int64_t above,
+                   int64_t nin) {
+  using K = typename KeyTraits<T>::K;
+  const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
+  std::vector<K> keys;
+  keys.reserve(static_cast<size_t>(nin));
+  for (int c = 0; c < C; ++c)
+    for (int64_t j = 0; j < tr[c].n; ++j) keys.push_back(key_of(tr[c].val[j]));
+  const int64_t rr[2] = {r_hi - above, r_lo - above};
+  K kk[2];
+  select_desc_ranks(keys.data(), nin, rr, rr[0] == rr[1] ? 1 : 2, kk);
+  if (rr[0] == rr[1]) kk[1] = kk[0];
+  p.khi = kk[0];
+  p.klo = kk[1];
+  std::vector<int64_t> gt_hi(C), gt_lo(C), eq_hi(C), eq_lo(C);
+  for (int c = 0; c < C; ++c) {
+    int64_t g_h = 0, e_h = 0, g_l = 0, e_l = 0;
+    for (int64_t j = 0; j < tr[c].n; ++j) {
+      const K k = key_of(tr[c].val[j]);
+      g_h += k > p.khi;
+      e_h += k == p.khi;
+      g_l += k > p.klo;
+      e_l += k == p.klo;
+    }
+    gt_hi[c] = cc[c].above + g_h;
+    eq_hi[c] = e_h;
+    gt_lo[c] = cc[c].above + g_l;
+    eq_lo[c] = e_l;
+  }
+  finalize_plan(p, C, gt_hi, gt_lo, eq_hi, eq_lo);
+}
+
+// One layer on the one-sweep path with C chunks (`run`: how chunk tasks execute). Returns
+// 1 when done (outputs written), 3 when a fix-up chunk wrote a different number of
+// entries than planned (an internal invariant: nothing may throw inside a pool task), 2 on
+// a NaN, 0 when a rank lies outside [b_lo, a_hi] or a buffer filled (eo is then partly
+// written; e, idx and val are not).
+template <typename T, typename Runner>
+int one_sweep_layer(const LayerIO<T>& io, Plan<typename KeyTraits<T>::K>& p, int C,
+                    const SweepBounds<typename KeyTraits<T>::K>& sb, Scratch& sc, Scratch& sw,
+                    Runner&& run) {
+  using K = typename KeyTraits<T>::K;
+  const int64_t n = io.n;
+  // In-range capacity per chunk. A whole layer gets room for every entry (only the used
+  // prefix is touched), so it never overflows: a wide bracket costs fix-up work, never a
+  // second sweep. A split layer's chunks get their share of k_keep (1/4 more: chunks differ)
+  // plus half the chunk.
+  std::vector<int64_t> base_t(C + 1, 0);
+  std::vector<InRange<T>> tr(C);
+  for (int c = 0; c < C; ++c) {
+    const int64_t len = chunk_begin(n, c + 1, C) - chunk_begin(n, c, C);
+    const double share = 1.25 * static_cast<double>(p.cnt.k_keep) * len / n;
+    tr[c].cap = C == 1 ? len : std::min<int64_t>(len, static_cast<int64_t>(share) + len / 2 + 256);
+    base_t[c + 1] = base_t[c] + ((tr[c].cap + kSimdSlack + 15) / 16) * 16;
+  }
+  const size_t st = static_cast<size_t>(base_t[C]);
+  char* mem = sc.get(st * (sizeof(int32_t) + sizeof(T)) + 2 * 64);
+  auto align64 = [](void* q) {
+    return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(q) + 63) & ~uintptr_t(63));
+  };
+  int32_t* tidx = reinterpret_cast<int32_t*>(align64(mem));
+  T* tval = reinterpret_cast<T*>(align64(tidx + st));
+  for (int c = 0; c < C; ++c) {
+    tr[c].idx = tidx + base_t[c];
+    tr[c].val = tval + base_t[c];
+  }
+  std::vector<SweepCount<K>> cc(C);
+  run([&](int c) {
+    const int64_t lo = chunk_begin(n, c, C), hi = chunk_begin(n, c + 1, C);
+#if DGP_X86
+    if (sweep_simd<T>(simd_current(), io.g, io.e, io.eo, lo, hi, sb, tr[c], cc[c])) return;
+#endif
+    sweep_chunk_scalar<T>(io.g, io.e, io.eo, lo, lo, hi, sb, tr[c], cc[c]);
+  });
+  for (int c = 0; c < C; ++c)
+    if (cc[c].overflow) return 0;  // (a NaN after the overflow is found by the other path)
+  int64_t above = 0, nin = 0;
+  for (int c = 0; c < C; ++c) {
+    if (cc[c].kmax > KeyTraits<T>::kInf) {
+      p.has_nan = true;
+      return 2;
+    }
+    above += cc[c].above;
+    nin += tr[c].n;
+  }
+  const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
+  if (!(above <= r_hi && r_lo < above + nin)) return 0;
+  // Window keys per chunk: a pass over the cache-resident in-range buffers, into a second
+  // region of the scratch (each chunk's windows hold at most its in-range count).
+  std::vector<int64_t> bw(C + 1, 0);
+  for (int c = 0; c < C; ++c) bw[c + 1] = bw[c] + ((tr[c].n + kSimdSlack + 15) / 16) * 16;
+  K* const wh0 = reinterpret_cast<K*>(
+      align64(sw.get(static_cast<size_t>(2 * bw[C]) * sizeof(K) + 64)));
+  K* const wl0 = wh0 + bw[C];
+  std::vector<int64_t> ch(C, 0), cl(C, 0);
+  run([&](int c) {
+#if DGP_X86
+    if (gather_windows_simd<T>(simd_current(), tr[c], sb, wh0 + bw[c], ch[c], wl0 + bw[c], cl[c]))
+      return;
+#endif
+    gather_windows_scalar<T>(tr[c], 0, sb, wh0 + bw[c], ch[c], wl0 + bw[c], cl[c]);
+  });
+  int64_t nh = 0, nl = 0;
+  for (int c = 0; c < C; ++c) {
+    nh += ch[c];
+    nl += cl[c];
+  }
+  const bool windows = above <= r_hi && r_hi < above + nh &&
+                       (sb.merged ? r_lo < above + nh : above + nin - nl <= r_lo);
+  if (windows) {
+    // The exact keys and per-chunk tie counts from the window keys, as analyze_bracketed.
+    const std::vector<int64_t>& bh = bw;
+    const std::vector<int64_t>& bl = bw;
+    auto gather = [&](const K* src, const std::vector<int64_t>& b,
+                      const std::vector<int64_t>& cnt, int64_t total) {
+      std::vector<K> v;
+      v.reserve(static_cast<size_t>(total));
+      for (int c = 0; c < C; ++c) v.insert(v.end(), src + b[c], src + b[c] + cnt[c]);
+      return v;
+    };
+    std::vector<K> all_h = gather(wh0, bh, ch, nh);
+    const int64_t rh = r_hi - above;
+    if (sb.merged) {
+      const int64_t rr[2] = {rh, r_lo - above};
+      K kk[2];
+      select_desc_ranks(all_h.data(), nh, rr, rr[0] == rr[1] ? 1 : 2, kk);
+      if (rr[0] == rr[1]) kk[1] = kk[0];
+      p.khi = kk[0];
+      p.klo = kk[1];
+    } else {
+      select_desc_ranks(all_h.data(), nh, &rh, 1, &p.khi);
+      std::vector<K> all_l = gather(wl0, bl, cl, nl);
+      const int64_t rl = r_lo - (above + nin - nl);
+      select_desc_ranks(all_l.data(), nl, &rl, 1, &p.klo);
+    }
+    std::vector<int64_t> gt_hi(C), gt_lo(C), eq_hi(C), eq_lo(C);
+    for (int c = 0; c < C; ++c) {
+      const K* h = wh0 + bh[c];
+      const K* l = wl0 + bl[c];
+      int64_t g_h = 0, e_h = 0, g_l = 0, e_l = 0;
+      for (int64_t j = 0; j < ch[c]; ++j) {
+        g_h += h[j] > p.khi;
+        e_h += h[j] == p.khi;
+        g_l += h[j] > p.klo;
+        e_l += h[j] == p.klo;
+      }
+      gt_hi[c] = cc[c].above + g_h;
+      eq_hi[c] = e_h;
+      if (sb.merged) {
+        gt_lo[c] = cc[c].above + g_l;
+        eq_lo[c] = e_l;
+      } else {
+        g_l = e_l = 0;
+        for (int64_t j = 0; j < cl[c]; ++j) {
+          g_l += l[j] > p.klo;
+          e_l += l[j] == p.klo;
+        }
+        gt_lo[c] = cc[c].above + tr[c].n - cl[c] + g_l;
+        eq_lo[c] = e_l;
+      }
+    }
+    finalize_plan(p, C, gt_hi, gt_lo, eq_hi, eq_lo);
+  } else {
+    in_range_plan<T>(p, C, tr, cc, above, nin);
+    g_path_count[6]++;
+  }
+  std::atomic<bool> consistent{true};
+  const Classifier<K> cls{p.khi, p.klo, p.s_hi, p.t_lo, p.khi == p.klo};
+  run([&](int c) {
+    int64_t o_hi = p.ord_hi[c], o_lo = p.ord_lo[c], pos = p.out_off[c];
+    const int64_t end = p.out_off[c + 1], base = chunk_begin(n, c, C);
+    bool done = false;
+#if DGP_X86
+    done = fixup_simd<T>(simd_current(), tr[c], base, sb, cls, o_hi, o_lo, pos, end, io.idx,
+                         io.val, io.eo);
+#endif
+    if (!done)
+      fixup_chunk_scalar<T>(tr[c], 0, base, sb, cls, o_hi, o_lo, pos, end, io.idx, io.val,
+                            io.eo);
+    if (pos != end) consistent = false;
+  });
+  return consistent.load() ? 1 : 3;
+}
+
+// The one-sweep path doubles the hint's margins: there a wide bracket costs only fix-up work
+// (a whole layer's buffers never overflow), a miss a second and third sweep. ResNet-18
+// gradients drifting as AR(1) (0.9), 60 steps, 1 thread: 85 of 935 layer-steps missed with
+// the hint's margins, 18 with 1.5x, 4 with 2x, 0 with 3x (minimum times equal within 1%:
+// wider windows cost gather and selection work what they save in misses).
+constexpr int kIntoMarginScale8 = 16;  // margins x 16/8
+
+// select_ef_multi_into: error feedback with the new residual written to L[l].eo (e is read
+// only). Layers whose hint row brackets both ranks take the one-sweep path (float32 with
+// AVX-512: one_sweep_vectorized); every other
+// layer (small ones, misses, no hint row) copies e into eo and takes run_layers's in-place
+// path on eo. Returns the index of the first layer holding a NaN (eo unspecified, hint
+// unchanged), or -1 on success (hint rows updated as run_layers does).
+template <typename T>
+int64_t run_layers_into(const std::vector<LayerIO<T>>& L, double top, double keep, int threads,
+                        int64_t* hint) {
+  using K = typename KeyTraits<T>::K;
+  const int64_t nl = static_cast<int64_t>(L.size());
+  std::vector<Plan<K>> plans(nl);
+  std::vector<SweepBounds<K>> sbs(nl);
+  std::vector<uint8_t> state(nl, 0);  // 0 other path, 1 done, 2 NaN, 3 inconsistent
+  std::vector<int64_t> one, split;
+  int64_t total = 0;
+  for (int64_t l = 0; l < nl; ++l) total += L[l].n;
+#if DGP_X86
+  const bool vectorized = one_sweep_vectorized<T>(simd_current());
+#else
+  const bool vectorized = false;
+#endif
+  for (int64_t l = 0; l < nl; ++l) {
+    plans[l].cnt = band_counts(L[l].n, top, keep);
+    if (!vectorized || L[l].n <= kDirectMax || plans[l].cnt.k_keep == 0) continue;
+    bool m = false;
+    SweepBounds<K>& sb = sbs[l];
+    if (!hint_bracket<T>(hint + l * kHintCols, sb.br, m, &sb.p_hi, &sb.p_lo, kIntoMarginScale8))
+      continue;
+    sb.merged = m;
+    sb.in_lo = m ? sb.br.b_hi : sb.br.b_lo;
+    // Split across threads only a layer too big to balance whole (as run_layers does).
+    if (threads > 1 && L[l].n >= kParMin && L[l].n * 2 * threads > total) split.push_back(l);
+    else one.push_back(l);
+  }
+  ThreadPool& pool = ThreadPool::get();
+  int64_t one_elems = 0;
+  for (int64_t l : one) one_elems += L[l].n;
+  const int one_threads =
+      (threads > 1 && one.size() > 1 && one_elems >= kParMin) ? threads : 1;
+  if (one_threads > 1)
+    std::stable_sort(one.begin(), one.end(),
+                     [&](int64_t a, int64_t b) { return L[a].n > L[b].n; });
+  pool.run(static_cast<int64_t>(one.size()), one_threads, [&](int64_t j) {
+    const int64_t l = one[j];
+    int C = 1;
+    while (L[l].n / C >= kMaxChunk) C *= 2;
+    state[l] = static_cast<uint8_t>(
+        one_sweep_layer<T>(L[l], plans[l], C, sbs[l], thread_scratch(0), thread_scratch(1),
+                           [&](auto&& f) {
+                             for (int c = 0; c < C; ++c) f(c);
+                           }));
+  });
+  for (int64_t l : split) {
+    int64_t C = std::max<int64_t>(threads, std::min<int64_t>(L[l].n / kChunkTarget, 64));
+    while (L[l].n / C >= kMaxChunk) C *= 2;
+    const int Ci = static_cast<int>(C);
+    state[l] = static_cast<uint8_t>(one_sweep_layer<T>(
+        L[l], plans[l], Ci, sbs[l], thread_scratch(0), thread_scratch(1), [&](auto&& f) {
+          pool.run(Ci, threads, [&](int64_t c) { f(static_cast<int>(c)); });
+        }));
+  }
+  for (int64_t l = 0; l < nl; ++l)
+    TORCH_INTERNAL_ASSERT(state[l] != 3, "dgp: a fix-up chunk wrote a different number of "
+                          "entries than planned (please report this input)");
+  for (int64_t l : one) g_path_count[state[l] == 0 ? 5 : 4]++;
+  for (int64_t l : split) g_path_count[state[l] == 0 ? 5 : 4]++;
+
+  // The rest: e copied into eo, then the in-place path on eo (empty hint rows: no second
+  // try of a bracket that just missed).
+  std::vector<int64_t> rest;
+  int64_t first_nan = -1;
+  for (int64_t l = 0; l < nl; ++l) {
+    if (state[l] == 2 && first_nan < 0) first_nan = l;
+    if (state[l] == 0 && L[l].n > 0) rest.push_back(l);
+  }
+  if (first_nan >= 0) {
+    // Name the first NaN layer in list order, as the in-place path does.
+    for (int64_t l : rest) {
+      if (l > first_nan) break;
+      Plan<K> q;
+      q.cnt = plans[l].cnt;
+      scan_nan<T, true>(L[l].g, L[l].e, q);
+      if (q.has_nan) return l;
+    }
+    return first_nan;
+  }
+  std::vector<int64_t> rows(rest.size() * kHintCols, 0);
+  if (!rest.empty()) {
+    int64_t rest_elems = 0;
+    for (int64_t l : rest) rest_elems += L[l].n;
+    pool.run(static_cast<int64_t>(rest.size()),
+             (threads > 1 && rest.size() > 1 && rest_elems >= kParMin) ? threads : 1,
+             [&](int64_t j) {
+               const LayerIO<T>& io = L[rest[j]];
+               std::memcpy(io.eo, io.e, static_cast<size_t>(io.n) * sizeof(T));
+             });
+    std::vector<LayerIO<T>> R;
+    R.reserve(rest.size());
+    for (int64_t l : rest) {
+      LayerIO<T> io = L[l];
+      io.e = io.eo;
+      io.eo = nullptr;
+      R.push_back(io);
+    }
+    const int64_t bad = run_layers<T, true, Sink::kSparse>(R, top, keep, threads, rows.data());
+    if (bad >= 0) return rest[bad];
+  }
+  for (int64_t l = 0; l < nl; ++l) {
+    if (state[l] == 1) hint_update<T>(hint + l * kHintCols, plans[l].khi, plans[l].klo);
+  }
+  for (size_t j = 0; j < rest.size(); ++j) {
+    int64_t* row = hint + rest[j] * kHintCols;
+    const int64_t* got = rows.data() + j * kHintCols;
+    if (got[0] == 0) std::fill(row, row + kHintCols, int64_t(0));
+    else hint_update<T>(row, static_cast<K>(got[1]), static_cast<K>(got[2]));
+  }
+  for (int64_t l = 0; l < nl; ++l)
+    if (L[l].n == 0) std::fill(hint + l * kHintCols, hint + (l + 1) * kHintCols, int64_t(0));
   return -1;
 }
 
@@ -494,6 +840,105 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_impl(at::TensorList 
   return {idx, val, offsets};
 }
 
+// Whether any residuals_out[i] shares memory with another tensor of the call.
+static void check_into_disjoint(at::TensorList gs, at::TensorList res, at::TensorList outs) {
+  struct Span {
+    uintptr_t a, b;
+    int kind;  // 0 gs, 1 residuals, 2 residuals_out
+    size_t i;
+  };
+  std::vector<Span> v;
+  auto add = [&](at::TensorList ts, int kind) {
+    for (size_t i = 0; i < ts.size(); ++i) {
+      if (ts[i].numel() == 0) continue;
+      const uintptr_t a = reinterpret_cast<uintptr_t>(ts[i].data_ptr());
+      // Extent: from the first element to one past the last one reachable (strides >= 0).
+      int64_t last = 0;
+      for (int64_t d = 0; d < ts[i].dim(); ++d) last += (ts[i].size(d) - 1) * ts[i].stride(d);
+      v.push_back({a, a + static_cast<uintptr_t>((last + 1) * ts[i].element_size()), kind, i});
+    }
+  };
+  add(gs, 0);
+  add(res, 1);
+  add(outs, 2);
+  std::sort(v.begin(), v.end(), [](const Span& x, const Span& y) { return x.a < y.a; });
+  static const char* names[] = {"gs", "residuals", "residuals_out"};
+  // Sweep: the span reaching furthest so far against the next one.
+  for (size_t j = 1, far = 0; j < v.size(); ++j) {
+    if (v[j].a < v[far].b && (v[j].kind == 2 || v[far].kind == 2)) {
+      const Span& x = v[j].kind == 2 ? v[j] : v[far];
+      const Span& y = v[j].kind == 2 ? v[far] : v[j];
+      TORCH_CHECK_VALUE(false, "residuals_out[", x.i, "] overlaps ", names[y.kind], "[", y.i,
+                        "] in memory; residuals_out must be separate buffers (the new residuals "
+                        "are written there while gs and residuals are read)");
+    }
+    if (v[j].b > v[far].b) far = j;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_ef_multi_into_cpu(
+    at::TensorList gs, at::TensorList residuals, at::TensorList residuals_out,
+    const at::Tensor& hint, double top, double keep) {
+  check_fractions(top, keep);
+  check_list(gs, "gs");
+  TORCH_CHECK_VALUE(residuals.size() == gs.size(), "residuals has ", residuals.size(),
+                    " tensors but gs has ", gs.size(),
+                    "; they must pair up one residual per gradient");
+  TORCH_CHECK_VALUE(residuals_out.size() == gs.size(), "residuals_out has ",
+                    residuals_out.size(), " tensors but gs has ", gs.size(),
+                    "; they must pair up one output residual per gradient");
+  for (size_t i = 0; i < gs.size(); ++i) {
+    check_residual(gs[i], residuals[i], "residuals[" + std::to_string(i) + "]");
+    check_residual(gs[i], residuals_out[i], "residuals_out[" + std::to_string(i) + "]");
+    TORCH_CHECK_VALUE(residuals_out[i].is_contiguous(), "residuals_out[", i,
+                      "] must be contiguous (it is written in place), got strides ",
+                      residuals_out[i].strides());
+  }
+  check_into_disjoint(gs, residuals, residuals_out);
+  const int64_t nl = static_cast<int64_t>(gs.size());
+  TORCH_CHECK_TYPE(hint.scalar_type() == at::kLong, "hint must be an int64 tensor, got ",
+                   hint.scalar_type());
+  TORCH_CHECK_VALUE(hint.device().is_cpu() && hint.is_contiguous() && hint.dim() == 2 &&
+                        hint.size(0) == nl && hint.size(1) == kHintCols,
+                    "hint must be a contiguous CPU tensor of shape [", nl, ", ", kHintCols,
+                    "] (one row per tensor of gs), got shape ", hint.sizes(), " on ",
+                    hint.device(), hint.is_contiguous() ? "" : " (not contiguous)");
+  at::Tensor offsets = at::empty({nl + 1}, at::TensorOptions().dtype(at::kLong));
+  int64_t* off = offsets.data_ptr<int64_t>();
+  off[0] = 0;
+  for (int64_t l = 0; l < nl; ++l)
+    off[l + 1] = off[l] + band_counts(gs[l].numel(), top, keep).k_keep;
+  const auto vopts = nl ? gs[0].options() : at::TensorOptions().dtype(at::kFloat);
+  at::Tensor idx = at::empty({off[nl]}, vopts.dtype(at::kLong));
+  at::Tensor val = at::empty({off[nl]}, vopts);
+  if (nl == 0) return {idx, val, offsets};
+  std::vector<at::Tensor> gcs(nl), ecs(nl);
+  for (int64_t l = 0; l < nl; ++l) {
+    gcs[l] = gs[l].contiguous();
+    ecs[l] = residuals[l].contiguous();
+  }
+  int64_t bad = -1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gs[0].scalar_type(), "dgp_into", [&] {
+    std::vector<LayerIO<scalar_t>> L(nl);
+    int64_t* ip = idx.data_ptr<int64_t>();
+    scalar_t* vp = val.data_ptr<scalar_t>();
+    for (int64_t l = 0; l < nl; ++l) {
+      L[l] = io_of<scalar_t>(gcs[l]);
+      L[l].e = ecs[l].data_ptr<scalar_t>();
+      L[l].eo = residuals_out[l].data_ptr<scalar_t>();
+      L[l].idx = ip + off[l];
+      L[l].val = vp + off[l];
+    }
+    bad = run_layers_into<scalar_t>(L, top, keep, at::get_num_threads(),
+                                    hint.data_ptr<int64_t>());
+  });
+  if (bad >= 0) {
+    const std::string i = std::to_string(bad);
+    TORCH_CHECK_VALUE(false, nan_message("gs[" + i + "]", true, "residuals[" + i + "]"));
+  }
+  return {idx, val, offsets};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_multi_cpu(at::TensorList gs, double top,
                                                                 double keep) {
   return multi_impl(gs, nullptr, top, keep);
@@ -521,6 +966,7 @@ TORCH_LIBRARY_IMPL(dgp, CPU, m) {
   m.impl("select_multi", &dgp::select_multi_cpu);
   m.impl("select_ef_multi", &dgp::select_ef_multi_cpu);
   m.impl("select_ef_multi_hint", &dgp::select_ef_multi_hint_cpu);
+  m.impl("select_ef_multi_into", &dgp::select_ef_multi_into_cpu);
 }
 
 // ------------------------------------------------------------------ Python module
@@ -577,14 +1023,30 @@ static PyObject* py_set_prefetch(PyObject*, PyObject* arg) {
   return PyLong_FromLong(old);
 }
 
+static PyObject* py_one_sweep(PyObject*, PyObject* arg) {
+  const char* s = PyUnicode_AsUTF8AndSize(arg, nullptr);
+  if (!s) return nullptr;
+  const std::string dt(s);
+  bool v = false;
+#if DGP_X86
+  const dgp::Simd lvl = dgp::simd_current();
+  if (dt == "float32") v = dgp::one_sweep_vectorized<float>(lvl);
+  else if (dt == "float64") v = dgp::one_sweep_vectorized<double>(lvl);
+  else if (dt == "float16") v = dgp::one_sweep_vectorized<c10::Half>(lvl);
+  else if (dt == "bfloat16") v = dgp::one_sweep_vectorized<c10::BFloat16>(lvl);
+#endif
+  return PyBool_FromLong(v);
+}
+
 static PyObject* py_path_counts(PyObject*, PyObject* arg) {
   const int reset = PyObject_IsTrue(arg);
   if (reset < 0) return nullptr;
   PyObject* d = Py_BuildValue(
-      "{s:L,s:L,s:L,s:L,s:L,s:L}", "direct", (long long)dgp::g_path_count[0].load(), "radix",
+      "{s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "direct", (long long)dgp::g_path_count[0].load(), "radix",
       (long long)dgp::g_path_count[1].load(), "sampled", (long long)dgp::g_path_count[2].load(),
       "sampled_fallback", (long long)dgp::g_path_count[3].load(), "hint",
-      (long long)dgp::g_path_count[4].load(), "hint_miss", (long long)dgp::g_path_count[5].load());
+      (long long)dgp::g_path_count[4].load(), "hint_miss", (long long)dgp::g_path_count[5].load(),
+      "hint_in_range", (long long)dgp::g_path_count[6].load());
   if (reset)
     for (auto& c : dgp::g_path_count) c.store(0);
   return d;
@@ -598,6 +1060,9 @@ static PyMethodDef kMethods[] = {
     {"set_prefetch", py_set_prefetch, METH_O,
      "Software prefetch distance of the float32 SIMD sweeps in 64-byte lines (0 = off); "
      "returns the previous value. A tuning knob: results never depend on it."},
+    {"one_sweep", py_one_sweep, METH_O,
+     "Whether select_ef_multi_into reads g and e once for hinted layers of this dtype name "
+     "('float32', ...) at the current SIMD level."},
     {"simd_level", py_simd_level, METH_NOARGS, "Compaction path in use: scalar, avx2 or avx512."},
     {"simd_best", py_simd_best, METH_NOARGS, "Best compaction path this CPU supports."},
     {"set_simd_level", py_set_simd_level, METH_O,

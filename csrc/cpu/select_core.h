@@ -589,7 +589,8 @@ inline int64_t sample_pos(int64_t j, int64_t stride) {
 template <typename T, bool EF, typename Runner, typename CountFn>
 bool analyze_bracketed(Plan<typename KeyTraits<T>::K>& p, int C,
                        const Bracket<typename KeyTraits<T>::K>& br, bool merged, double cap_fh,
-                       double cap_fl, Runner&& run, CountFn&& count);
+                       double cap_fl, Runner&& run, CountFn&& count,
+                       std::vector<ChunkCount<typename KeyTraits<T>::K>>* miss_cc = nullptr);
 
 // Layers this large try the sampled path first.
 constexpr int64_t kSampleMin = int64_t(1) << 15;
@@ -675,7 +676,8 @@ bool analyze_sampled(const T* g, const T* e, Plan<typename KeyTraits<T>::K>& p, 
 template <typename T, bool EF, typename Runner, typename CountFn>
 bool analyze_bracketed(Plan<typename KeyTraits<T>::K>& p, int C,
                        const Bracket<typename KeyTraits<T>::K>& br, bool merged, double cap_fh,
-                       double cap_fl, Runner&& run, CountFn&& count) {
+                       double cap_fl, Runner&& run, CountFn&& count,
+                       std::vector<ChunkCount<typename KeyTraits<T>::K>>* miss_cc) {
   using K = typename KeyTraits<T>::K;
   const int64_t n = p.cnt.n;
   const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
@@ -692,7 +694,7 @@ bool analyze_bracketed(Plan<typename KeyTraits<T>::K>& p, int C,
   std::unique_ptr<K[]> cand_h(new K[static_cast<size_t>(base_h[C])]);
   std::unique_ptr<K[]> cand_l(new K[static_cast<size_t>(base_l[C])]);
   run([&](int c) {
-    count(chunk_begin(n, c, C), chunk_begin(n, c + 1, C), br, cand_h.get() + base_h[c],
+    count(c, chunk_begin(n, c, C), chunk_begin(n, c + 1, C), br, cand_h.get() + base_h[c],
           cap_h[c], cand_l.get() + base_l[c], cap_l[c], cc[c]);
   });
   int64_t above = 0, nh = 0, mid = 0, nl = 0;
@@ -707,11 +709,14 @@ bool analyze_bracketed(Plan<typename KeyTraits<T>::K>& p, int C,
     mid += cc[c].mid;
     nl += cc[c].nl;
   }
-  // Both ranks must fall inside their brackets.
-  if (!(above <= r_hi && r_hi < above + nh)) return false;
+  // Both ranks must fall inside their brackets (on a miss, `miss_cc` receives the chunk
+  // counts: the one-sweep path may still find both ranks among its in-range entries).
   const int64_t before_lo = merged ? above : above + nh + mid;
   const int64_t n_lo = merged ? nh : nl;
-  if (!(before_lo <= r_lo && r_lo < before_lo + n_lo)) return false;
+  if (!(above <= r_hi && r_hi < above + nh) || !(before_lo <= r_lo && r_lo < before_lo + n_lo)) {
+    if (miss_cc != nullptr) *miss_cc = std::move(cc);
+    return false;
+  }
 
   // Exact keys: a radix descent over the gathered candidates (order inside chunks is irrelevant
   // to the per-chunk counts taken afterwards).
@@ -793,7 +798,9 @@ bool analyze_bracketed(Plan<typename KeyTraits<T>::K>& p, int C,
 constexpr int kHintCols = 7;
 
 template <typename T>
-bool hint_bracket(const int64_t* row, Bracket<typename KeyTraits<T>::K>& br, bool& merged) {
+bool hint_bracket(const int64_t* row, Bracket<typename KeyTraits<T>::K>& br, bool& merged,
+                  typename KeyTraits<T>::K* centre_hi = nullptr,
+                  typename KeyTraits<T>::K* centre_lo = nullptr, int scale8 = 8) {
   using K = typename KeyTraits<T>::K;
   if (row[0] != KeyTraits<T>::kBits) return false;
   const int64_t kmax = static_cast<int64_t>(KeyTraits<T>::kMask);
@@ -801,7 +808,14 @@ bool hint_bracket(const int64_t* row, Bracket<typename KeyTraits<T>::K>& br, boo
   // Centre = key + move, in [0, kmax] (all terms within [-kmax, kmax]: no overflow).
   const int64_t chi = clamp(clamp(row[1], 0) + clamp(row[5], -kmax), 0);
   const int64_t clo = clamp(clamp(row[2], 0) + clamp(row[6], -kmax), 0);
-  const int64_t mh = clamp(row[3], 0), ml = clamp(row[4], 0);
+  // `scale8`: margins times scale8 / 8 (the one-sweep path, where a wide bracket is cheap).
+  auto scaled = [&](int64_t m) {
+    const __int128 x = static_cast<__int128>(clamp(m, 0)) * scale8 / 8;
+    return static_cast<int64_t>(std::min<__int128>(x, kmax));
+  };
+  const int64_t mh = scaled(row[3]), ml = scaled(row[4]);
+  if (centre_hi != nullptr) *centre_hi = static_cast<K>(chi);
+  if (centre_lo != nullptr) *centre_lo = static_cast<K>(clo);
   const uint64_t a_hi = static_cast<uint64_t>(std::min(chi + mh, kmax));
   const uint64_t b_hi = static_cast<uint64_t>(std::max<int64_t>(chi - mh, 0));
   const uint64_t a_lo = static_cast<uint64_t>(std::min(clo + ml, kmax));
@@ -915,6 +929,129 @@ void write_scalar(const T* g, T* e, T* dense, int64_t lo, int64_t hi,
     } else {  // in place on g (const_cast by the caller's contract)
       if (!kept) const_cast<T*>(g)[i] = T(0);
     }
+  }
+  pos_io = pos;
+}
+
+// ------------------------------------------------------------------ one-sweep hinted path
+// Out-of-place error feedback (select_ef_multi_into): the new residual goes to a second
+// buffer `eo`, so the old residual `e` stays intact whatever happens and the step may write
+// while it counts. With hinted brackets, ONE sweep over g and e
+//   - counts the keys above a_hi (the dropped top);
+//   - appends every in-range entry (chunk offset and value, in index order) to a per-chunk
+//     in-range buffer (~k_keep plus the windows; cache-resident for one layer);
+//   - writes eo with a *tentative* decision: 0 where the key is strictly between the
+//     predicted keys (the bracket centres p_lo < k < p_hi), else v.
+// A pass over the in-range buffer gathers the keys of the hi window [b_hi, a_hi] and the lo
+// window [b_lo, a_lo]. The exact keys then come from the window keys (or, when a boundary moved past its window
+// but stayed in range, from all in-range keys), and a fix-up pass over the in-range buffer
+// only applies the tie rule, writes indices/values at their planned slots and rewrites eo
+// where the tentative decision was wrong (entries between a predicted and the true key:
+// few, however wide the brackets). A NaN, a rank outside [b_lo, a_hi] or a full buffer
+// leaves eo half-written and the caller redoes the layer from e, which is never written.
+
+// Sweep bounds: the bracket plus the predicted keys (tentative keep: p_lo < k < p_hi).
+template <typename K>
+struct SweepBounds {
+  Bracket<K> br;
+  K p_hi, p_lo;
+  K in_lo;  // lowest in-range key: b_lo, or b_hi for a merged bracket (its b_lo is a_lo + 1)
+  bool merged;
+};
+
+// One chunk's in-range buffer: entries with key in [in_lo, a_hi], in index order. `idx` holds
+// offsets from the chunk start (chunks are < 2^31 entries); both arrays have kSimdSlack
+// slots past `cap` so SIMD sweeps may store whole vectors.
+template <typename T>
+struct InRange {
+  int32_t* idx = nullptr;
+  T* val = nullptr;
+  int64_t cap = 0;
+  int64_t n = 0;
+};
+
+template <typename K>
+struct SweepCount {
+  int64_t above = 0;  // keys > a_hi
+  K kmax = 0;
+  bool overflow = false;
+};
+
+template <typename K>
+inline bool tentative_keep(K k, const SweepBounds<K>& sb) {
+  return (k > sb.p_lo) & (k < sb.p_hi);
+}
+
+// Scalar sweep of entries [from, hi) of the chunk that starts at `base` (the SIMD sweeps
+// finish their tail here). Accumulates into `out` and `t`.
+template <typename T>
+void sweep_chunk_scalar(const T* g, const T* e, T* eo, int64_t base, int64_t from, int64_t hi,
+                        const SweepBounds<typename KeyTraits<T>::K>& sb, InRange<T>& t,
+                        SweepCount<typename KeyTraits<T>::K>& out) {
+  using K = typename KeyTraits<T>::K;
+  const Bracket<K>& br = sb.br;
+  K kmax = out.kmax;
+  int64_t above = out.above, nt = t.n;
+  for (int64_t i = from; i < hi; ++i) {
+    const T v = load_v<T, true>(g, e, i);
+    const K k = key_of(v);
+    kmax = std::max(kmax, k);
+    const bool c_above = k > br.a_hi;
+    const bool c_in = !c_above & (k >= sb.in_lo);
+    above += c_above;
+    eo[i] = (c_in & tentative_keep(k, sb)) ? T(0) : v;
+    t.idx[nt] = static_cast<int32_t>(i - base);  // branch-free append
+    t.val[nt] = v;
+    nt += c_in;
+    if (nt > t.cap) { out.overflow = true; break; }
+  }
+  out.kmax = kmax;
+  out.above = above;
+  t.n = nt;
+}
+
+// Keys of the in-range entries [from, t.n) in the hi window (>= b_hi) to wh and, unless
+// merged, in the lo window (<= a_lo) to wl; returns via nh/nl (accumulated).
+template <typename T>
+void gather_windows_scalar(const InRange<T>& t, int64_t from,
+                           const SweepBounds<typename KeyTraits<T>::K>& sb,
+                           typename KeyTraits<T>::K* wh, int64_t& nh,
+                           typename KeyTraits<T>::K* wl, int64_t& nl) {
+  for (int64_t j = from; j < t.n; ++j) {
+    const auto k = key_of(t.val[j]);
+    wh[nh] = k;
+    nh += k >= sb.br.b_hi;
+    wl[nl] = k;
+    nl += (k <= sb.br.a_lo) & !sb.merged;
+  }
+}
+
+// Fix-up of one chunk after the exact keys are known: the in-range entries [from, t.n) in
+// index order through the classifier (tie ordinals advance as in the write pass), kept ones
+// appended at `pos`, and eo rewritten where the sweep's tentative decision was wrong.
+template <typename T>
+void fixup_chunk_scalar(const InRange<T>& t, int64_t from, int64_t base,
+                        const SweepBounds<typename KeyTraits<T>::K>& sb,
+                        const Classifier<typename KeyTraits<T>::K>& cls, int64_t& o_hi,
+                        int64_t& o_lo, int64_t& pos_io, int64_t out_end, int64_t* idx, T* val,
+                        T* eo) {
+  int64_t pos = pos_io;
+  for (int64_t j = from; j < t.n; ++j) {
+    const T v = t.val[j];
+    const auto k = key_of(v);
+    const int64_t i = base + t.idx[j];
+    bool kept;
+    if (__builtin_expect((k == cls.khi) | (k == cls.klo), 0)) {
+      kept = cls(k, o_hi, o_lo);
+    } else {
+      kept = (k > cls.klo) & (k < cls.khi);
+    }
+    if (pos < out_end) {
+      idx[pos] = i;
+      val[pos] = v;
+    }
+    pos += kept;
+    if (__builtin_expect(kept != tentative_keep(k, sb), 0)) eo[i] = kept ? T(0) : v;
   }
   pos_io = pos;
 }

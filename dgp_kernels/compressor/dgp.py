@@ -103,7 +103,11 @@ class DGPCompressor(Compressor):
     gradient's device. A NaN in ``g + e`` raises ``ValueError`` and modifies nothing.
     With error feedback each group carries a :class:`~dgp_kernels.ops.BandHint` from round
     to round (the CPU kernel brackets the band boundaries with last round's keys; the
-    results are bit-identical without it); it is not part of the saved state.
+    results are bit-identical without it); it is not part of the saved state. Groups where
+    :func:`~dgp_kernels.ops.one_sweep_available` (float32 on CPUs with AVX-512) also keep a
+    second residual buffer per tensor (one more residual's worth of memory):
+    :func:`~dgp_kernels.ops.select_ef_multi_into` writes the new residuals there, reading
+    ``g`` and ``e`` once for layers whose hint holds, and the two buffers then swap storages.
 
     Attributes (statistics of the top-band policy; all zero/empty with ``"full"``):
         last_dropped: per layer of the last round, ``(indices, dropped)`` — int64 flat
@@ -143,6 +147,11 @@ class DGPCompressor(Compressor):
         # One BandHint per (dtype, device) group: the CPU kernel brackets each layer's
         # boundaries with last round's keys. Results never depend on it; not saved.
         self._hints: Dict[Tuple[torch.dtype, torch.device], ops.BandHint] = {}
+        # Groups with the one-sweep path: a second residual buffer per layer.
+        # select_ef_multi_into writes the new residuals there (one sweep over g and e for
+        # hinted layers) and the buffers swap storages on success, so the memory's tensors
+        # hold the new residuals. Not saved.
+        self._spares: Dict[Tuple[torch.dtype, torch.device], List[Tensor]] = {}
 
     def params(self) -> Dict[str, Any]:
         return {
@@ -174,11 +183,13 @@ class DGPCompressor(Compressor):
         self.dropped_entries = int(state.get("dropped_entries", 0))
         self.last_dropped = None
         self._hints = {}
+        self._spares = {}
 
     def reset(self) -> None:
         super().reset()
         self.last_dropped = None
         self._hints = {}
+        self._spares = {}
         self.dropped_l1 = 0.0
         self.dropped_entries = 0
 
@@ -202,6 +213,23 @@ class DGPCompressor(Compressor):
         c, drop = clip_top_band(t, bound)
         e[top_idx] = c
         return top_idx, drop
+
+    def _select_into(self, key, gs: List[Tensor], res: List[Tensor], hint) -> Tuple[Tensor, Tensor, Tensor]:
+        """``select_ef_multi`` for one CPU group, out of place: the new residuals go to the
+        group's spare buffers, which then swap storages with ``res`` (so ``res`` hold the new
+        residuals and the spares the old ones). On an error nothing is swapped."""
+        spare = self._spares.get(key)
+        if spare is None or len(spare) != len(res) or any(
+                s.shape != e.shape or s.dtype != e.dtype for s, e in zip(spare, res)):
+            spare = [torch.empty_like(e, memory_format=torch.contiguous_format) for e in res]
+            self._spares[key] = spare
+        out = ops.select_ef_multi_into(gs, res, spare, self.top, self.keep, hint=hint)
+        with torch.no_grad():
+            for e, s in zip(res, spare):
+                e_storage, e_off, e_stride = e.untyped_storage(), e.storage_offset(), e.stride()
+                e.set_(s.untyped_storage(), s.storage_offset(), s.shape, s.stride())
+                s.set_(e_storage, e_off, e.shape, e_stride)
+        return out
 
     def is_dense(self, numel: int) -> bool:
         """Whether a tensor of ``numel`` entries is sent dense (see ``dense_below``)."""
@@ -231,8 +259,11 @@ class DGPCompressor(Compressor):
             gs = [grads[i] for i in members]
             if residuals is not None:
                 hint = self._hints.setdefault(key, ops.BandHint())
-                out = ops.select_ef_multi(gs, [residuals[i] for i in members], self.top, self.keep,
-                                          hint=hint)
+                res = [residuals[i] for i in members]
+                if ops.one_sweep_available(key[0], key[1]):
+                    out = self._select_into(key, gs, res, hint)
+                else:
+                    out = ops.select_ef_multi(gs, res, self.top, self.keep, hint=hint)
             else:
                 out = ops.select_multi(gs, self.top, self.keep)
             results.append((members, out))

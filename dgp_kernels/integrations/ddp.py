@@ -65,7 +65,11 @@ rank can compress, so the aligned exchange runs on one worker thread per hook st
 hook queues the bucket and returns a future; the worker handles the buckets in order
 (broadcast, compress, start the all-reduce without waiting, next bucket), so rank 0 picks
 and sends the positions of bucket ``i + 1`` while bucket ``i``'s values are on the wire,
-and every rank issues its collectives in the same order.
+and every rank issues its collectives in the same order. Every collective of the exchange
+starts on that one thread (none from a completion callback, which would run on the
+backend's threads and race with the next bucket for the order gloo pairs collectives by),
+and the thread sleeps while it waits; DDP's own collectives on the main thread (buffer
+broadcasts) come between backward passes, when the worker is idle.
 
 Devices: the bucket's device decides everything — compression runs there (C++ kernel on
 CPU, Triton on CUDA), the collectives use tensors on that device (gloo for CPU, NCCL for

@@ -11,6 +11,8 @@ from .select import (
     select,
     select_ef,
     select_ef_multi,
+    select_ef_multi_into,
+    one_sweep_available,
     select_multi,
     split_multi,
 )
@@ -29,6 +31,8 @@ __all__ = [
     "select",
     "select_ef",
     "select_ef_multi",
+    "select_ef_multi_into",
+    "one_sweep_available",
     "select_multi",
     "split_multi",
 ]

@@ -22,11 +22,17 @@ Semantics shared by all of them (docs/semantics.md):
 (read and updated in place by the C++ CPU kernel; every other kernel leaves it unchanged):
 the same results, cheaper analysis when the layers' boundaries moved little since the
 state was written. Use it through ``select_ef_multi(..., hint=BandHint())``.
+
+``select_ef_multi_into`` is ``select_ef_multi_hint`` with the new residuals written to
+separate, caller-owned buffers (``residuals`` are only read), which lets the CPU kernel
+read ``g`` and ``e`` once for layers whose hint holds. Use it through
+``select_ef_multi_into(gs, residuals, residuals_out, hint=...)``; every other kernel copies
+and runs the in-place op.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -50,6 +56,8 @@ __all__ = [
     "prune_",
     "select_multi",
     "select_ef_multi",
+    "select_ef_multi_into",
+    "one_sweep_available",
     "band_counts",
     "BandHint",
 ]
@@ -80,11 +88,15 @@ for _schema in (
     # in place by the CPU kernel; other kernels leave it unchanged). Same results always.
     f"select_ef_multi_hint(Tensor[] gs, Tensor(a!)[] residuals, Tensor(b!) hint, {_BAND}) "
     "-> (Tensor indices, Tensor values, Tensor offsets)",
+    # select_ef_multi_hint with the new residuals written to residuals_out (residuals are
+    # only read): what lets the CPU kernel write while it counts (one sweep per step).
+    f"select_ef_multi_into(Tensor[] gs, Tensor[] residuals, Tensor(a!)[] residuals_out, "
+    f"Tensor(b!) hint, {_BAND}) -> (Tensor indices, Tensor values, Tensor offsets)",
 ):
     _lib.define(_schema, tags=_TAGS)
 
 OP_NAMES = ("select", "select_ef", "prune", "prune_", "select_multi", "select_ef_multi",
-            "select_ef_multi_hint")
+            "select_ef_multi_hint", "select_ef_multi_into")
 #: Columns of a hint row (csrc/cpu/select_core.h, kHintCols).
 HINT_COLS = 7
 
@@ -167,6 +179,14 @@ def _select_ef_multi_hint_fake(
     return _multi_fake(gs, top, keep)
 
 
+@torch.library.register_fake("dgp::select_ef_multi_into")
+def _select_ef_multi_into_fake(
+    gs: List[Tensor], residuals: List[Tensor], residuals_out: List[Tensor], hint: Tensor,
+    top: float = DEFAULT_TOP, keep: float = DEFAULT_KEEP
+):
+    return _multi_fake(gs, top, keep)
+
+
 # --------------------------------------------------------------------------------------
 # Reference kernels, registered for the dispatch keys no native backend covers.
 # --------------------------------------------------------------------------------------
@@ -199,6 +219,16 @@ def _select_ef_multi_hint_composite(gs, residuals, hint, top=DEFAULT_TOP, keep=D
     return torch.ops.dgp.select_ef_multi(gs, residuals, top, keep)
 
 
+def _select_ef_multi_into_composite(gs, residuals, residuals_out, hint, top=DEFAULT_TOP,
+                                    keep=DEFAULT_KEEP):
+    # Kernels without an out-of-place path (reference, Triton): copy, then the in-place op
+    # on the copies (on a NaN residuals_out then holds the copies: its contents are
+    # unspecified after an error either way). The hint is unchanged.
+    for e_out, e in zip(residuals_out, residuals):
+        e_out.copy_(e)
+    return torch.ops.dgp.select_ef_multi(gs, residuals_out, top, keep)
+
+
 _REFERENCE_IMPLS = {
     "select": _ref_select,
     "select_ef": _ref_select_ef,
@@ -215,6 +245,7 @@ _lib.impl("select_multi", _ref_select_multi, "CompositeExplicitAutograd")
 _lib.impl("select_ef_multi", _ref_select_ef_multi, "CompositeExplicitAutograd")
 # The hinted op on every key without a kernel of its own (the C++ CPU kernel has one).
 _lib.impl("select_ef_multi_hint", _select_ef_multi_hint_composite, "CompositeExplicitAutograd")
+_lib.impl("select_ef_multi_into", _select_ef_multi_into_composite, "CompositeExplicitAutograd")
 
 
 def register_kernels(impls: Dict[str, Callable[..., Any]], dispatch_key: str) -> None:
@@ -414,6 +445,67 @@ def select_ef_multi(
     gs = list(gs)
     return torch.ops.dgp.select_ef_multi_hint(gs, list(residuals), hint._for(len(gs)),
                                               float(top), float(keep))
+
+
+def select_ef_multi_into(
+    gs: Sequence[Tensor],
+    residuals: Sequence[Tensor],
+    residuals_out: Sequence[Tensor],
+    top: float = DEFAULT_TOP,
+    keep: float = DEFAULT_KEEP,
+    hint: Optional[BandHint] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`select_ef_multi` with the new residuals written to ``residuals_out``.
+
+    One error-feedback step per layer, out of place: with ``v = gs[i] + residuals[i]``,
+    ``residuals_out[i]`` receives ``v`` with the sent positions zeroed, exactly what
+    ``select_ef_multi`` leaves in ``residuals[i]``; ``residuals`` are only read. Returns
+    ``(indices, values, offsets)`` as :func:`select_multi`, bit-identical to
+    ``select_ef_multi``. ``residuals_out[i]``: contiguous, same shape, dtype and device as
+    ``gs[i]``, sharing no memory with any tensor of ``gs``, ``residuals`` or another
+    ``residuals_out``; its contents on entry are ignored. A training loop keeps two residual
+    buffers per layer and swaps them after each successful call.
+
+    Why: with the old residual intact whatever happens, the C++ CPU kernel may write while
+    it counts. For a layer whose :class:`BandHint` brackets still hold, it reads ``g`` and
+    ``e`` once, writing ``residuals_out`` and gathering the entries inside the brackets, and
+    then fixes up only those (in-place error feedback needs a counting sweep before it may
+    write; float32 on CPUs with AVX-512, see :func:`one_sweep_available`). Other layers,
+    misses, other dtypes and CPUs, and other kernels copy ``residuals`` into
+    ``residuals_out`` and run the in-place path there.
+
+    On a NaN (same rule and message as ``select_ef_multi``): ``ValueError``; ``residuals``
+    and ``hint`` are unchanged, ``residuals_out`` holds unspecified values.
+    ``hint``: as in :func:`select_ef_multi` (without one, every layer takes the copy path).
+    """
+    check_fractions(top, keep)
+    check_grads(gs, "gs")
+    check_residuals(gs, residuals)
+    gs, residuals, residuals_out = list(gs), list(residuals), list(residuals_out)
+    if len(residuals_out) != len(gs):
+        raise ValueError(f"residuals_out has {len(residuals_out)} tensors but gs has {len(gs)}; "
+                         "they must pair up one output residual per gradient")
+    for i, (g, e) in enumerate(zip(gs, residuals_out)):
+        check_residual(g, e, f"residuals_out[{i}]")
+    if hint is None:
+        state = torch.zeros((len(gs), HINT_COLS), dtype=torch.int64)
+    else:
+        _check_hint(hint)
+        state = hint._for(len(gs))
+    return torch.ops.dgp.select_ef_multi_into(gs, residuals, residuals_out, state, float(top),
+                                              float(keep))
+
+
+def one_sweep_available(dtype: torch.dtype, device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether :func:`select_ef_multi_into` reads ``g`` and ``e`` once for hinted layers of
+    this dtype and device here: the C++ CPU kernel on a CPU with AVX-512, float32 layers.
+    Elsewhere it is correct but copies each residual and runs the in-place path, so
+    :func:`select_ef_multi` with a hint is the faster call there."""
+    if torch.device(device).type != "cpu" or not _native_cpu():
+        return False
+    from .. import _C
+
+    return bool(_C.one_sweep(str(dtype).replace("torch.", "")))
 
 
 def split_multi(

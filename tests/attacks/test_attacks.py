@@ -635,3 +635,25 @@ def test_ig_pruning_with_a_rank_keeps_the_best_ranked_rows(tiny_lenet):
     assert [len(r.losses) for r in recs] == [3, 6, 6, 3]
     with pytest.raises(ValueError, match="scores"):
         get_attack("ig", iterations=4, prune_at=0.5).run_grid(grads, threat, settings, rank=lambda im: [1.0])
+
+
+def test_ig_learning_rate_schedules(tiny_lenet):
+    """``step`` is breaching's x0.1 at 3/8, 5/8 and 7/8 of the steps; ``exp`` decays
+    geometrically from 1 toward 1e-3; ``cosine`` from 1 toward 0; the schedule changes the
+    run; an unknown one is refused."""
+    from dgp_kernels.attacks.inverting import lr_factor
+
+    n = 80
+    assert [lr_factor("step", i, n) for i in (0, 29, 30, 49, 50, 69, 70, 79)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert [lr_factor("exp", i, n) for i in (0, 40)] == pytest.approx([1.0, 10 ** -1.5])
+    assert lr_factor("exp", n - 1, n) == pytest.approx(10 ** (-3 * 79 / 80))
+    assert [lr_factor("cosine", i, n) for i in (0, 40)] == pytest.approx([1.0, 0.5])
+    x, y, grads = _case(tiny_lenet)
+    threat = ThreatModel(tiny_lenet, SHAPE, 4, labels=y)
+    runs = {s: get_attack("ig", iterations=8, schedule=s)(grads, threat, seed=3) for s in ("step", "exp")}
+    again = get_attack("ig", iterations=8, schedule="exp")(grads, threat, seed=3)
+    assert torch.equal(runs["exp"].images, again.images)
+    assert not torch.allclose(runs["step"].images, runs["exp"].images)
+    with pytest.raises(ValueError, match="schedule"):
+        get_attack("ig", schedule="linear")

@@ -249,3 +249,43 @@ def test_band_hint_carried_between_rounds_changes_no_bit():
     assert hint.state is not None and int((hint.state[:, 0] != 0).sum()) >= 2
     hinted.reset()
     assert hinted._hints == {}
+
+
+def test_cpu_double_buffer_matches_in_place_op_over_drifting_rounds():
+    """float32 CPU groups go through select_ef_multi_into with a spare buffer per tensor
+    (where the one-sweep kernels exist); every
+    round's payload and residuals equal the in-place op without a hint run alongside, the
+    memory keeps its tensor objects, and a NaN round changes nothing."""
+    torch.manual_seed(1)
+    shapes = [(300, 200), (50_000,), (7,), (64, 3, 3, 3)]
+    base = [torch.randn(s) for s in shapes]
+    comp = DGPCompressor()
+    e_ref = [torch.zeros(s) for s in shapes]
+    objs = None
+    for step in range(8):
+        grads = [0.9 * b + 0.3 * torch.randn_like(b) for b in base]
+        base = grads
+        payload = comp.compress(grads)
+        idx, val, off = dgp_kernels.ops.select_ef_multi(grads, e_ref, comp.top, comp.keep)
+        bounds = off.tolist()
+        for j, layer in enumerate(payload.layers):
+            a, b = bounds[j], bounds[j + 1]
+            assert torch.equal(layer.indices, idx[a:b]) and _bits(layer.values).equal(_bits(val[a:b]))
+        for e1, e2 in zip(comp.memory.peek(), e_ref):
+            assert _bits(e1).equal(_bits(e2))
+        if objs is None:
+            objs = [id(e) for e in comp.memory.peek()]
+        assert [id(e) for e in comp.memory.peek()] == objs
+    if dgp_kernels.ops.one_sweep_available(torch.float32):
+        (spare,) = comp._spares.values()
+        ptrs = {e.data_ptr() for e in comp.memory.peek()}
+        assert not ptrs & {s.data_ptr() for s in spare}
+    else:  # no one-sweep kernels here: the group runs the in-place op, no spare buffers
+        assert comp._spares == {}
+    before = [e.clone() for e in comp.memory.peek()]
+    bad = [g.clone() for g in grads]
+    bad[1][3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        comp.compress(bad)
+    for e1, e2 in zip(comp.memory.peek(), before):
+        assert _bits(e1).equal(_bits(e2))

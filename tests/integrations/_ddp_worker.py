@@ -361,3 +361,102 @@ def overlap_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         return out
 
     _run_rank(rank, out_dir, body)
+
+
+THREADS_STEPS = 5
+THREADS_DELAY_S = 1.0
+
+
+class WideBN(nn.Module):
+    """:class:`Wide` with a BatchNorm after each layer: DDP broadcasts its running statistics
+    from rank 0 at the start of every forward pass, on the main thread, so the main thread's
+    collectives and the aligned hook's worker-thread collectives share one process group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(128, 128, bias=False) for _ in range(4))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(128) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, norm in zip(self.layers, self.norms):
+            x = torch.tanh(norm(layer(x)))
+        return x
+
+
+def _thread_busy_ns(native_id: int) -> int:
+    """Nanoseconds a thread of this process spent on a CPU or ready to run and queued for
+    one (schedstat fields 1 and 2): a thread that spins accumulates them at wall-clock rate
+    however busy the machine is; a thread asleep on a lock or a socket does not."""
+    with open(f"/proc/self/task/{native_id}/schedstat") as f:
+        a = f.read().split()
+    return int(a[0]) + int(a[1])
+
+
+def threads_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """The aligned hook with bfloat16 values in a ``world``-rank group, several buckets and
+    DDP's buffer broadcasts: every collective the hook issues is logged (op, size, dtype,
+    issuing thread). In the last step the last rank starts its backward pass
+    ``THREADS_DELAY_S`` late. Every other rank's hook worker then waits for that peer in
+    the first bucket's collectives; a sampler thread records how long the worker was
+    running or runnable in the middle of the wait, from 0.4 to 0.8 of the delay after the
+    backward pass began (asleep: about 0)."""
+
+    def body():
+        import threading
+
+        import torch.distributed as dist
+
+        _init(rank, world, port, 60.0)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from dgp_kernels.integrations.ddp import DGPHookState, dgp_hook
+
+        log: List = []
+        lock = threading.Lock()
+
+        def logged(name, fn):
+            def call(tensor, *a, **k):
+                with lock:
+                    log.append((name, int(tensor.numel()), str(tensor.dtype), threading.current_thread().name))
+                return fn(tensor, *a, **k)
+            return call
+
+        dist.broadcast = logged("broadcast", dist.broadcast)
+        dist.all_reduce = logged("all_reduce", dist.all_reduce)
+        torch.manual_seed(0)
+        model = DDP(WideBN(), bucket_cap_mb=0.04)
+        state = DGPHookState(compressor="adgp", params={"top": 0.05, "keep": 0.2, "value_dtype": "bfloat16"})
+        model.register_comm_hook(state, dgp_hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        snaps = []
+        for step in range(THREADS_STEPS):
+            g = torch.Generator().manual_seed(100 * rank + step)
+            x = torch.randn(8, 128, generator=g)
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            last = step == THREADS_STEPS - 1
+            if last and rank == world - 1:
+                time.sleep(THREADS_DELAY_S)
+            busy: List[float] = []
+            if last:
+                worker = next(t for t in threading.enumerate() if t.name == "dgp_hook-aligned")
+
+                def sample(t0):
+                    time.sleep(max(0.0, t0 + 0.4 * THREADS_DELAY_S - time.perf_counter()))
+                    b0 = _thread_busy_ns(worker.native_id)
+                    time.sleep(max(0.0, t0 + 0.8 * THREADS_DELAY_S - time.perf_counter()))
+                    busy.append((_thread_busy_ns(worker.native_id) - b0) / 1e9)
+
+                sampler = threading.Thread(target=sample, args=(time.perf_counter(),))
+                sampler.start()
+            t0 = time.perf_counter()
+            loss.backward()
+            wall = time.perf_counter() - t0
+            if last:
+                sampler.join()
+            opt.step()
+            snaps.append(flat_params(model.module))
+        return {"log": log, "params": torch.stack(snaps), "backward_s": wall, "worker_busy_s": busy[0],
+                "buckets": state.steps[-1].buckets}
+
+    _run_rank(rank, out_dir, body)
