@@ -18,8 +18,9 @@ one built-in digits image, and ``convnet_small`` on a batch of 8.
 (:func:`~dgp_kernels.attacks.multiround.attack_rounds`) per policy and photo: the attack
 evaluation's default case (sigmoid LeNet, 32x32 photos astronaut, chelsea, coffee, rocket,
 label known, photo ``i`` alone with its model seeded ``i`` as in ``dgp evaluate``), ``R``
-rounds with error feedback through the codec, adaptive Inverting Gradients over TV
-{0.005, 0.2} x 2 starts (best by PSNR). One JSON line per (photo, policy) is appended to
+rounds with error feedback through the codec, adaptive Inverting Gradients (``--iterations``
+steps, the attack class's default ``schedule="step"``) over TV {0.005, 0.2} x 2 starts (best
+by PSNR). One JSON line per (photo, policy) is appended to
 ``--out`` as it finishes and a line already there is not run again (resumable); the table
 (leakage in dB above the mean-colour floor, round 1 alone and the ``R`` rounds accumulated)
 is printed from the file. Per photo it also records whether a policy's ``R`` uploads are
