@@ -9,12 +9,19 @@ Not part of `pytest`.
     OMP_NUM_THREADS=1 python bench/bench_sim.py --study ef-policies [--seeds 10] [--lr 0.05]
                               [--rounds 150] [--split iid|dirichlet] [--alpha 0.3]
                               [--out bench/results/ef_policies] [--table-only]
+                              [--at-rounds 150,300]
+    python bench/bench_sim.py --study ef-matrix --cells DIR,DIR,... [--at-rounds 150,300]
+                              [--out bench/results/ef_matrix]
 
 ``--study ef-policies`` runs ``bench/studies/efpolicy.py``: ``none``, ``dgp`` with every
 ``top_feedback`` policy, ``dgp top=0`` and ``adgp`` on the same seeds, one JSON per run
 under ``--out``/runs as they finish (a run already there is not repeated, so the study
 resumes), then the table (``ef_policies.md``), ``ef_policies.json`` and ``ef_policies.png``
-from the seeds every variant completed; ``--table-only`` just re-tabulates.
+from the seeds every variant completed; ``--table-only`` just re-tabulates. ``--at-rounds
+150`` also tabulates the same runs cut after round 150 into ``--out``/r150 (a run's first
+150 rounds are exactly the 150-round run: nothing in a round depends on the total, tested),
+so one 300-round study gives both. ``--study ef-matrix`` puts several such folders (cells:
+split x lr, at each ``--at-rounds``) side by side in ``ef_matrix.md/.json/.png``.
 
 ``--study ef-gap`` runs ``bench/studies/efgap.py``'s ``ef_gap_study`` on the default simulator
 configuration (built-in digits, convnet_small, FedSGD, 10 clients, 150 rounds, one thread):
@@ -191,14 +198,55 @@ def study_ef_policies(args: argparse.Namespace) -> int:
     study = load_policy_study(out, seeds=seeds)
     paths = write_ef_policies(study, out, extra=env)
     print(open(paths["md"]).read())
+    # The same runs cut at fewer rounds (exactly the shorter study's runs) -> <out>/r<n>/.
+    for n in _at_rounds(args.at_rounds):
+        if n < study.rounds:
+            sub = os.path.join(out, f"r{n}")
+            write_ef_policies(load_policy_study(out, seeds=seeds, rounds=n), sub,
+                              extra=dict(env, cut_at_round=str(n)))
+            print(f"written: {sub} (the runs cut after round {n})", file=sys.stderr)
     print(f"environment: {json.dumps(env)}", file=sys.stderr)
+    print(f"written: {paths}", file=sys.stderr)
+    return 0
+
+
+def _at_rounds(text) -> List[int]:
+    if not text:
+        return []
+    try:
+        vals = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--at-rounds {text!r} must be a comma list of round counts (150,300)") from None
+    if not vals or any(v < 1 for v in vals):
+        raise SystemExit(f"--at-rounds {text!r} must be a comma list of round counts >= 1")
+    return vals
+
+
+def study_ef_matrix(args: argparse.Namespace) -> int:
+    """``--study ef-matrix``: the policy study's cells side by side (``ef_matrix.md/.json/.png``)."""
+    from bench.studies.efpolicy import load_policy_study, write_policy_matrix
+
+    if not args.cells:
+        raise SystemExit("--study ef-matrix needs --cells DIR,DIR,... (ef-policies output folders)")
+    dirs = [d for d in args.cells.split(",") if d]
+    cells = []
+    for n in _at_rounds(args.at_rounds) or [None]:
+        for d in dirs:
+            full = load_policy_study(d)
+            if n is None or n <= full.rounds:
+                cells.append(full if n in (None, full.rounds) else load_policy_study(d, rounds=n))
+    out = args.out or os.path.join(HERE, "results", "ef_matrix")
+    env = _environment(args.device)
+    env["cells"] = ",".join(dirs)
+    paths = write_policy_matrix(cells, out, extra=env)
+    print(open(paths["md"]).read())
     print(f"written: {paths}", file=sys.stderr)
     return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--study", choices=("ef-gap", "ef-policies"), default=None,
+    ap.add_argument("--study", choices=("ef-gap", "ef-policies", "ef-matrix"), default=None,
                     help="run a study instead of the overhead benchmark (see the docstring)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="rounds per run (overhead: default 3, the first is warm-up; ef-gap: 150)")
@@ -217,12 +265,19 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=0.3, help="ef-policies: Dirichlet alpha (default 0.3)")
     ap.add_argument("--table-only", action="store_true",
                     help="ef-policies: only tabulate the runs already under --out")
+    ap.add_argument("--at-rounds", default=None,
+                    help="ef-policies, ef-matrix: also tabulate the runs cut after these rounds "
+                         "(150,300; a prefix of a run is exactly the shorter run)")
+    ap.add_argument("--cells", default=None,
+                    help="ef-matrix: comma list of ef-policies output folders")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.study == "ef-gap":
         return study_ef_gap(args)
     if args.study == "ef-policies":
         return study_ef_policies(args)
+    if args.study == "ef-matrix":
+        return study_ef_matrix(args)
     args.rounds = 3 if args.rounds is None else args.rounds
     args.threads = args.threads or "1,2"
     if args.rounds < 2:

@@ -35,7 +35,8 @@ from .efgap import (EFGapStudy, collapse_round, ef_gap_metrics, plot_accuracy_pa
                     plot_metric_panels, save_figure)
 
 __all__ = ["EF_POLICY_VARIANTS", "run_policy_study", "load_policy_study", "policy_rows",
-           "policy_markdown", "write_ef_policies", "plot_ef_policies"]
+           "policy_markdown", "write_ef_policies", "plot_ef_policies", "cell_name", "policy_matrix",
+           "policy_matrix_markdown", "plot_policy_matrix", "write_policy_matrix"]
 
 #: (label, defense, defense_params) of the study's runs, in order; ``none`` is the baseline
 #: and ``dgp full`` the reference of the "against DGP" columns.
@@ -90,9 +91,12 @@ def run_policy_study(base: SimConfig, seeds: Iterable[int], out_dir: str, *,
 
 
 def load_policy_study(out_dir: str, variants: Sequence[Tuple[str, str, Dict[str, Any]]]
-                      = EF_POLICY_VARIANTS, seeds: Optional[Iterable[int]] = None) -> EFGapStudy:
+                      = EF_POLICY_VARIANTS, seeds: Optional[Iterable[int]] = None,
+                      rounds: Optional[int] = None) -> EFGapStudy:
     """The study from the runs under ``out_dir/runs``: the seeds (of ``seeds``, default
-    all found) for which every variant has a run, in ascending order."""
+    all found) for which every variant has a run, in ascending order. With ``rounds``,
+    every run is cut after that many rounds (:meth:`SimResult.prefix`: exactly the runs a
+    ``rounds``-round study gives, so one 300-round study also gives the 150-round table)."""
     labels = [v[0] for v in variants]
     found = None
     for lab in labels:
@@ -110,7 +114,8 @@ def load_policy_study(out_dir: str, variants: Sequence[Tuple[str, str, Dict[str,
         raise ValueError(f"no seed has a run of every variant under {out_dir}/runs")
     multi = MultiSeedResult(labels=labels, seeds=complete, baseline=labels[0])
     for lab in labels:
-        multi.runs[lab] = [SimResult.from_json(_run_path(out_dir, lab, s)) for s in complete]
+        runs = [SimResult.from_json(_run_path(out_dir, lab, s)) for s in complete]
+        multi.runs[lab] = runs if rounds is None else [r.prefix(rounds) for r in runs]
     metrics = {lab: [ef_gap_metrics(r) for r in multi.runs[lab]]
                for lab in labels if multi.runs[lab][0].config.diagnostics}
     return EFGapStudy(multi=multi, metrics=metrics)
@@ -250,3 +255,119 @@ def plot_ef_policies(study: EFGapStudy, path: str) -> str:
     cfg = study.multi.runs[study.multi.labels[0]][0].config
     return save_figure(plt, fig, path, f"top-band EF policies: {cfg.algorithm} {cfg.dataset} {cfg.model}, "
                        f"{cfg.clients} clients, lr {cfg.lr}, {cfg.split}, seeds {study.multi.seeds}")
+
+
+# --------------------------------------------------------------------------------------
+# The matrix: every cell (split x lr x rounds) of the study side by side
+# --------------------------------------------------------------------------------------
+def cell_name(study: EFGapStudy) -> str:
+    """``"IID, lr 0.05, 150 rounds"`` / ``"Dirichlet(0.3), ..."`` from the runs' config."""
+    cfg = study.multi.runs[study.multi.labels[0]][0].config
+    split = "IID" if cfg.split == "iid" else f"Dirichlet({cfg.alpha:g})"
+    return f"{split}, lr {cfg.lr:g}, {cfg.rounds} rounds"
+
+
+#: (key in a :func:`policy_rows` row, title, format) of the matrix's tables.
+_MATRIX_TABLES = (
+    ("accuracy", "Final accuracy % (mean ± std over seeds)", "acc"),
+    ("diff_vs_baseline", "Δ vs none, points (paired mean [95 % t-interval])", "ci"),
+    ("diff_vs_reference", f"Δ vs {REFERENCE} (the authors' DGP), points (paired mean [95 % t-interval])", "ci"),
+    ("never_sent_fraction", "Coordinates never sent after the last round, % (mean over seeds and clients)", "pct"),
+    ("residual_max_abs", "Largest |residual| entry after the last round (mean over seeds)", "num"),
+    ("upload_vs_baseline", "Upload / none (mean over seeds)", "ratio"),
+    ("collapsed", "Seeds that collapsed (fell to ≤ 15 % after reaching ≥ 40 %)", "count"),
+)
+
+
+def policy_matrix(cells: Sequence[EFGapStudy]) -> List[Dict[str, Any]]:
+    """One entry per cell: its name, seeds and :func:`policy_rows` (by label)."""
+    out = []
+    for st in cells:
+        out.append({"cell": cell_name(st), "seeds": list(st.multi.seeds),
+                    "rows": {r["label"]: r for r in policy_rows(st)}})
+    return out
+
+
+def policy_matrix_markdown(cells: Sequence[EFGapStudy]) -> str:
+    """The matrix as markdown: one table per quantity (:data:`_MATRIX_TABLES`), a row per
+    cell (with its seed count), a column per variant."""
+    mat = policy_matrix(cells)
+    labels: List[str] = []
+    for c in mat:
+        labels += [lab for lab in c["rows"] if lab not in labels]
+    out: List[str] = []
+    for key, title, fmt in _MATRIX_TABLES:
+        out += [f"### {title}", "", "| cell | seeds | " + " | ".join(labels) + " |",
+                "|---|---:|" + "---:|" * len(labels)]
+        for c in mat:
+            vals = []
+            for lab in labels:
+                r = c["rows"].get(lab)
+                v = None if r is None else r.get(key)
+                if v is None:
+                    vals.append("")
+                elif fmt == "acc":
+                    std = "n/a" if math.isnan(v["std"]) else f"{100 * v['std']:.2f}"
+                    vals.append(f"{100 * v['mean']:.2f} ± {std}")
+                elif fmt == "ci":
+                    vals.append(_ci(v))
+                elif fmt == "pct":
+                    vals.append(f"{100 * v['mean']:.1f}")
+                elif fmt == "num":
+                    vals.append(f"{v['mean']:.2f}")
+                elif fmt == "ratio":
+                    vals.append(f"{v['mean']:.4f}")
+                else:
+                    vals.append(f"{v}/{len(c['seeds'])}")
+            out.append(f"| {c['cell']} | {len(c['seeds'])} | " + " | ".join(vals) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_policy_matrix(cells: Sequence[EFGapStudy], path: str) -> str:
+    """One PNG, a panel per cell: final accuracy per variant (bar: mean over seeds, dots:
+    the seeds). Needs matplotlib."""
+    plt = pyplot()
+    n = len(cells)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), dpi=100, squeeze=False)
+    for i, st in enumerate(cells):
+        ax = axes[i // cols][i % cols]
+        labels = st.multi.labels
+        for j, lab in enumerate(labels):
+            accs = [100 * r.final_accuracy for r in st.multi.runs[lab]]
+            ax.bar(j, math.fsum(accs) / len(accs), color=f"C{j}", alpha=0.6)
+            ax.plot([j] * len(accs), accs, "k.", markersize=3)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3, axis="y")
+        ax.set_title(f"{cell_name(st)} ({len(st.multi.seeds)} seeds)", fontsize=8)
+    for k in range(n, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    axes[0][0].set_ylabel("final test accuracy % (bar: mean, dots: seeds)")
+    fig.suptitle("top-band EF policies: every cell of the study", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_policy_matrix(cells: Sequence[EFGapStudy], out_dir: str, *,
+                        extra: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """Write ``ef_matrix.md``, ``ef_matrix.json`` (:func:`policy_matrix`, ``extra``) and
+    ``ef_matrix.png`` to ``out_dir``. Returns ``name -> path``."""
+    if not cells:
+        raise ValueError("cells must hold at least one study")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"ef_matrix.{k}") for k in ("md", "json", "png")}
+    with open(paths["md"], "w") as f:
+        f.write(policy_matrix_markdown(cells) + "\n")
+    d: Dict[str, Any] = {"cells": policy_matrix(cells)}
+    if extra:
+        d["environment"] = extra
+    with open(paths["json"], "w") as f:
+        json.dump(d, f, separators=(",", ":"), default=lambda x: None)
+    plot_policy_matrix(cells, paths["png"])
+    return paths

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor
@@ -77,6 +77,26 @@ class SimResult:
     @property
     def num_dropped(self) -> int:
         return sum(len(r["dropped"]) for r in self.rounds)
+
+    def prefix(self, rounds: int) -> "SimResult":
+        """The run cut after its first ``rounds`` rounds: the result the same config with
+        ``rounds=rounds`` gives, without running it. Nothing in a round depends on the
+        total number of rounds (the learning rate schedule is by round index, sampling and
+        batches are seeded streams consumed in order), so a longer run's first ``rounds``
+        rows are exactly the shorter run's rows (tested bitwise, timings aside). Needs an
+        evaluation in round ``rounds - 1`` (``eval_every`` dividing ``rounds``), which the
+        shorter run would have made. The model state is not kept (it is the final one).
+        """
+        if isinstance(rounds, bool) or not isinstance(rounds, int):
+            raise TypeError(f"rounds must be an int, got {type(rounds).__name__}")
+        if not 1 <= rounds <= len(self.rounds):
+            raise ValueError(f"rounds must be in [1, {len(self.rounds)}] (the rounds this run has), got {rounds}")
+        if self.rounds[rounds - 1].get("test_accuracy") is None:
+            raise ValueError(f"rounds={rounds}: round {rounds - 1} was not evaluated in this run "
+                             f"(eval_every={self.config.eval_every} does not divide {rounds})")
+        return SimResult(config=replace(self.config, rounds=rounds),
+                         rounds=[dict(r) for r in self.rounds[:rounds]],
+                         dense_bytes=self.dense_bytes, num_params=self.num_params)
 
     def to_dict(self) -> Dict[str, Any]:
         return {

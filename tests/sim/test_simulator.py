@@ -48,6 +48,31 @@ def test_same_config_same_bits(kw):
     assert not same_state(a.model_state, c.model_state)
 
 
+@pytest.mark.parametrize("kw", [
+    dict(defense="dgp", defense_params={"top_feedback": "drop"}, diagnostics=True),
+    dict(defense="adgp", diagnostics=True),
+    # sampled clients, non-IID split, a schedule step inside the prefix
+    dict(defense="none", participation=0.5, split="dirichlet", alpha=0.3, clients=6,
+         lr_steps=[[2, 0.05]]),
+    dict(defense="randk", algorithm="fedavg"),
+])
+def test_prefix_of_a_longer_run_is_the_shorter_run(kw):
+    short, long = run(rounds=3, **kw), run(rounds=6, **kw)
+    cut = long.prefix(3)
+    assert strip_times(cut.rounds) == strip_times(short.rounds)
+    assert cut.config == short.config and cut.final_accuracy == short.final_accuracy
+    assert cut.total_upload_bytes == short.total_upload_bytes and cut.model_state is None
+    assert strip_times(long.prefix(6).rounds) == strip_times(long.rounds)
+    with pytest.raises(ValueError, match="rounds must be in"):
+        long.prefix(7)
+    with pytest.raises(TypeError, match="rounds must be an int"):
+        long.prefix(2.0)
+    sparse = run(defense="none", rounds=4, eval_every=2)
+    assert sparse.prefix(2).final_accuracy == sparse.rounds[1]["test_accuracy"]
+    with pytest.raises(ValueError, match="not evaluated"):
+        sparse.prefix(3)
+
+
 def test_simulate_leaves_global_rng_and_threads_alone():
     torch.manual_seed(123)
     before = torch.get_rng_state()

@@ -61,3 +61,30 @@ def test_files(out):
         assert os.path.getsize(p) > 0
     d = json.load(open(paths["json"]))
     assert d["environment"] == {"machine": "test"} and len(d["policies"]) == len(EF_POLICY_VARIANTS)
+
+
+def test_cut_study_and_matrix(out, tmp_path):
+    from bench.studies.efpolicy import cell_name, policy_matrix, policy_matrix_markdown, write_policy_matrix
+    full = load_policy_study(out)
+    cut = load_policy_study(out, rounds=2)
+    assert cut.rounds == 2 and full.rounds == 4
+    for lab in full.multi.labels:
+        for a, b in zip(full.multi.runs[lab], cut.multi.runs[lab]):
+            assert b.rounds == a.rounds[:2] and b.config.rounds == 2
+            assert b.final_accuracy == a.rounds[1]["test_accuracy"]
+    assert [r["per_seed"] for r in policy_rows(cut)] == [
+        [run.rounds[1]["test_accuracy"] for run in full.multi.runs[lab]] for lab in full.multi.labels]
+    with pytest.raises(ValueError, match="rounds must be in"):
+        load_policy_study(out, rounds=5)
+    assert cell_name(full) == "IID, lr 0.1, 4 rounds" and cell_name(cut) == "IID, lr 0.1, 2 rounds"
+    mat = policy_matrix([cut, full])
+    assert [c["cell"] for c in mat] == [cell_name(cut), cell_name(full)]
+    assert mat[1]["rows"]["dgp drop"] == {r["label"]: r for r in policy_rows(full)}["dgp drop"]
+    md = policy_matrix_markdown([cut, full])
+    acc = mat[0]["rows"]["dgp full"]["accuracy"]
+    assert f"| {cell_name(cut)} | 2 | " in md and f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}" in md
+    paths = write_policy_matrix([cut, full], str(tmp_path), extra={"machine": "test"})
+    for p in paths.values():
+        assert os.path.getsize(p) > 0
+    with pytest.raises(ValueError, match="at least one"):
+        write_policy_matrix([], str(tmp_path))
