@@ -274,14 +274,14 @@ def _headline(result: EvalResult) -> List[str]:
 
 
 def format_summary(result: EvalResult) -> str:
-    """A short plain-text table for the terminal: per defense, upload share, the best attack
-    and its PSNR/floor/leakage/SSIM, the best passive attack's leakage, iDLG label accuracy
+    """A short plain-text table for the terminal: per defense, upload share, the attack that
+    was best on most images, the per-image best PSNR/floor/leakage/SSIM over all attacks, the best passive attack's leakage, iDLG label accuracy
     and test accuracy (``–`` when not measured)."""
     rows = summary_rows(result)
     w = max([len("defense")] + [len(r["defense"]) for r in rows])
-    aw = max([len("best attack")] + [len(str(r["best_attack"])) for r in rows])
+    aw = max([len("most often best")] + [len(str(r["best_attack"])) for r in rows])
     pw = max([len("best passive")] + [len(str(r["best_passive"])) for r in rows])
-    head = (f"{'defense':<{w}}  {'upload':>6}  {'best attack':<{aw}}  {'PSNR':>6}  {'floor':>6}  "
+    head = (f"{'defense':<{w}}  {'upload':>6}  {'most often best':<{aw}}  {'PSNR':>6}  {'floor':>6}  "
             f"{'leak':>6}  {'SSIM':>6}  {'best passive':<{pw}}  {'leak':>6}  {'iDLG lbl':>8}  {'test acc':>8}")
     out = [head, "-" * len(head)]
     for r in rows:

@@ -49,7 +49,7 @@ def test_evaluate_end_to_end(tmp_path, capsys, tiny_budgets):
     assert rc == 0
     text = capsys.readouterr().out
     assert f"report: {out / 'report.md'}" in text
-    assert "best attack" in text and "dgp:top=0.05,keep=0.2" in text
+    assert "most often best" in text and "dgp:top=0.05,keep=0.2" in text
     data = json.loads((out / "results.json").read_text())
     assert {(r["defense"], r["attack"]) for r in data["attacks"]} == {
         (d, a) for d in ("none", "dgp:top=0.05,keep=0.2") for a in ("dlg", "ig-adaptive", "rtf")}
