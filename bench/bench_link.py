@@ -581,6 +581,17 @@ def merge_results(paths: List[str]) -> Dict:
     return res
 
 
+def _report(res: dict, a: argparse.Namespace) -> None:
+    """Print the report and write --json / --plot."""
+    print_report(res)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if a.plot:
+        plot(res, a.plot)
+        print(f"# plot: {a.plot}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small run (2-3 minutes)")
@@ -618,14 +629,7 @@ def main(argv=None) -> None:
                          "recompute the floors, print the report, write --json / --plot")
     a = ap.parse_args(argv)
     if a.from_json:
-        res = merge_results(a.from_json)
-        print_report(res)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(res, f, indent=1)
-        if a.plot:
-            plot(res, a.plot)
-            print(f"# plot: {a.plot}")
+        _report(merge_results(a.from_json), a)
         return
     if a.quick:
         a.worlds, a.rates, a.steps, a.steps_fast, a.warmup, a.local_steps = "2", "fast,200mbit", 2, 2, 2, 2
@@ -639,14 +643,7 @@ def main(argv=None) -> None:
     netns.reexec_in_netns([os.path.abspath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
     netns.check_private_netns()
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    res = run(a)
-    print_report(res)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
-    if a.plot:
-        plot(res, a.plot)
-        print(f"# plot: {a.plot}")
+    _report(run(a), a)
 
 
 if __name__ == "__main__":

@@ -775,6 +775,20 @@ void prune_inplace_cpu(const at::Tensor& g, double top, double keep) {
   if (!gc.is_same(g)) g.copy_(gc);
 }
 
+// The outputs of a multi-tensor call: every layer's kept count laid out by offsets, and
+// empty index and value tensors of the total length.
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> band_outputs(at::TensorList gs, double top,
+                                                                   double keep) {
+  const int64_t nl = static_cast<int64_t>(gs.size());
+  at::Tensor offsets = at::empty({nl + 1}, at::TensorOptions().dtype(at::kLong));
+  int64_t* off = offsets.data_ptr<int64_t>();
+  off[0] = 0;
+  for (int64_t l = 0; l < nl; ++l)
+    off[l + 1] = off[l] + band_counts(gs[l].numel(), top, keep).k_keep;
+  const auto vopts = nl ? gs[0].options() : at::TensorOptions().dtype(at::kFloat);
+  return {at::empty({off[nl]}, vopts.dtype(at::kLong)), at::empty({off[nl]}, vopts), offsets};
+}
+
 static std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_impl(at::TensorList gs,
                                                                  const at::TensorList* res,
                                                                  double top, double keep,
@@ -799,14 +813,9 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_impl(at::TensorList 
                       "] (one row per tensor of gs), got shape ", hint->sizes(), " on ",
                       hint->device(), hint->is_contiguous() ? "" : " (not contiguous)");
   }
-  at::Tensor offsets = at::empty({nl + 1}, at::TensorOptions().dtype(at::kLong));
-  int64_t* off = offsets.data_ptr<int64_t>();
-  off[0] = 0;
-  for (int64_t l = 0; l < nl; ++l)
-    off[l + 1] = off[l] + band_counts(gs[l].numel(), top, keep).k_keep;
-  const auto vopts = nl ? gs[0].options() : at::TensorOptions().dtype(at::kFloat);
-  at::Tensor idx = at::empty({off[nl]}, vopts.dtype(at::kLong));
-  at::Tensor val = at::empty({off[nl]}, vopts);
+  at::Tensor idx, val, offsets;
+  std::tie(idx, val, offsets) = band_outputs(gs, top, keep);
+  const int64_t* off = offsets.data_ptr<int64_t>();
   if (nl == 0) return {idx, val, offsets};
 
   std::vector<at::Tensor> gcs(nl), ecs(nl);
@@ -903,14 +912,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_ef_multi_into_cpu(
                     "hint must be a contiguous CPU tensor of shape [", nl, ", ", kHintCols,
                     "] (one row per tensor of gs), got shape ", hint.sizes(), " on ",
                     hint.device(), hint.is_contiguous() ? "" : " (not contiguous)");
-  at::Tensor offsets = at::empty({nl + 1}, at::TensorOptions().dtype(at::kLong));
-  int64_t* off = offsets.data_ptr<int64_t>();
-  off[0] = 0;
-  for (int64_t l = 0; l < nl; ++l)
-    off[l + 1] = off[l] + band_counts(gs[l].numel(), top, keep).k_keep;
-  const auto vopts = nl ? gs[0].options() : at::TensorOptions().dtype(at::kFloat);
-  at::Tensor idx = at::empty({off[nl]}, vopts.dtype(at::kLong));
-  at::Tensor val = at::empty({off[nl]}, vopts);
+  at::Tensor idx, val, offsets;
+  std::tie(idx, val, offsets) = band_outputs(gs, top, keep);
+  const int64_t* off = offsets.data_ptr<int64_t>();
   if (nl == 0) return {idx, val, offsets};
   std::vector<at::Tensor> gcs(nl), ecs(nl);
   for (int64_t l = 0; l < nl; ++l) {
