@@ -387,9 +387,15 @@ int one_sweep_layer(const LayerIO<T>& io, Plan<typename KeyTraits<T>::K>& p, int
   };
   int32_t* tidx = reinterpret_cast<int32_t*>(align64(mem));
   T* tval = reinterpret_cast<T*>(align64(tidx + st));
+  // Window keys: a second region, each chunk's in-range slots twice (the sweep appends both
+  // windows' keys to the first half; the hi ones are then compacted there, the lo ones moved
+  // to the second half).
+  K* const wh0 = reinterpret_cast<K*>(align64(sw.get(2 * st * sizeof(K) + 64)));
+  K* const wl0 = wh0 + st;
   for (int c = 0; c < C; ++c) {
     tr[c].idx = tidx + base_t[c];
     tr[c].val = tval + base_t[c];
+    tr[c].w = wh0 + base_t[c];
   }
   std::vector<SweepCount<K>> cc(C);
   run([&](int c) {
@@ -412,32 +418,29 @@ int one_sweep_layer(const LayerIO<T>& io, Plan<typename KeyTraits<T>::K>& p, int
   }
   const int64_t r_hi = p.cnt.k_top, r_lo = p.cnt.k_top + p.cnt.k_keep - 1;
   if (!(above <= r_hi && r_lo < above + nin)) return 0;
-  // Window keys per chunk: a pass over the cache-resident in-range buffers, into a second
-  // region of the scratch (each chunk's windows hold at most its in-range count).
-  std::vector<int64_t> bw(C + 1, 0);
-  for (int c = 0; c < C; ++c) bw[c + 1] = bw[c] + ((tr[c].n + kSimdSlack + 15) / 16) * 16;
-  K* const wh0 = reinterpret_cast<K*>(
-      align64(sw.get(static_cast<size_t>(2 * bw[C]) * sizeof(K) + 64)));
-  K* const wl0 = wh0 + bw[C];
-  std::vector<int64_t> ch(C, 0), cl(C, 0);
-  run([&](int c) {
-#if DGP_X86
-    if (gather_windows_simd<T>(simd_current(), tr[c], sb, wh0 + bw[c], ch[c], wl0 + bw[c], cl[c]))
-      return;
-#endif
-    gather_windows_scalar<T>(tr[c], 0, sb, wh0 + bw[c], ch[c], wl0 + bw[c], cl[c]);
-  });
+  std::vector<int64_t> ch(C, 0), cl(C, 0);  // window counts per chunk
   int64_t nh = 0, nl = 0;
   for (int c = 0; c < C; ++c) {
-    nh += ch[c];
-    nl += cl[c];
+    K* const h = wh0 + base_t[c];
+    K* const l = wl0 + base_t[c];
+    int64_t a = 0, b = 0;
+    for (int64_t j = 0; j < tr[c].nw; ++j) {  // branch-free split (a <= j: in place)
+      const K k = h[j];
+      const bool is_hi = k >= sb.br.b_hi;
+      h[a] = k;
+      l[b] = k;
+      a += is_hi;
+      b += !is_hi;
+    }
+    nh += ch[c] = a;
+    nl += cl[c] = b;
   }
   const bool windows = above <= r_hi && r_hi < above + nh &&
                        (sb.merged ? r_lo < above + nh : above + nin - nl <= r_lo);
   if (windows) {
     // The exact keys and per-chunk tie counts from the window keys, as analyze_bracketed.
-    const std::vector<int64_t>& bh = bw;
-    const std::vector<int64_t>& bl = bw;
+    const std::vector<int64_t>& bh = base_t;
+    const std::vector<int64_t>& bl = base_t;
     auto gather = [&](const K* src, const std::vector<int64_t>& b,
                       const std::vector<int64_t>& cnt, int64_t total) {
       std::vector<K> v;

@@ -941,9 +941,10 @@ void write_scalar(const T* g, T* e, T* dense, int64_t lo, int64_t hi,
 //   - appends every in-range entry (chunk offset and value, in index order) to a per-chunk
 //     in-range buffer (~k_keep plus the windows; cache-resident for one layer);
 //   - writes eo with a *tentative* decision: 0 where the key is strictly between the
-//     predicted keys (the bracket centres p_lo < k < p_hi), else v.
-// A pass over the in-range buffer gathers the keys of the hi window [b_hi, a_hi] and the lo
-// window [b_lo, a_lo]. The exact keys then come from the window keys (or, when a boundary moved past its window
+//     predicted keys (the bracket centres p_lo < k < p_hi), else v;
+//   - appends the keys of the hi window [b_hi, a_hi] and the lo window [b_lo, a_lo] to one
+//     more per-chunk buffer (split by value afterwards: the windows do not overlap).
+// The exact keys then come from the window keys (or, when a boundary moved past its window
 // but stayed in range, from all in-range keys), and a fix-up pass over the in-range buffer
 // only applies the tie rule, writes indices/values at their planned slots and rewrites eo
 // where the tentative decision was wrong (entries between a predicted and the true key:
@@ -968,6 +969,10 @@ struct InRange {
   T* val = nullptr;
   int64_t cap = 0;
   int64_t n = 0;
+  // Keys of the in-range entries in the hi window [b_hi, a_hi] or, unless merged, the lo
+  // window [b_lo, a_lo], in index order, appended by the same sweep (the slots of `idx`).
+  typename KeyTraits<T>::K* w = nullptr;
+  int64_t nw = 0;
 };
 
 template <typename K>
@@ -991,7 +996,7 @@ void sweep_chunk_scalar(const T* g, const T* e, T* eo, int64_t base, int64_t fro
   using K = typename KeyTraits<T>::K;
   const Bracket<K>& br = sb.br;
   K kmax = out.kmax;
-  int64_t above = out.above, nt = t.n;
+  int64_t above = out.above, nt = t.n, nw = t.nw;
   for (int64_t i = from; i < hi; ++i) {
     const T v = load_v<T, true>(g, e, i);
     const K k = key_of(v);
@@ -1000,30 +1005,17 @@ void sweep_chunk_scalar(const T* g, const T* e, T* eo, int64_t base, int64_t fro
     const bool c_in = !c_above & (k >= sb.in_lo);
     above += c_above;
     eo[i] = (c_in & tentative_keep(k, sb)) ? T(0) : v;
-    t.idx[nt] = static_cast<int32_t>(i - base);  // branch-free append
+    t.idx[nt] = static_cast<int32_t>(i - base);  // branch-free appends
     t.val[nt] = v;
+    t.w[nw] = k;
     nt += c_in;
+    nw += c_in & ((k >= br.b_hi) | ((k <= br.a_lo) & !sb.merged));
     if (nt > t.cap) { out.overflow = true; break; }
   }
   out.kmax = kmax;
   out.above = above;
   t.n = nt;
-}
-
-// Keys of the in-range entries [from, t.n) in the hi window (>= b_hi) to wh and, unless
-// merged, in the lo window (<= a_lo) to wl; returns via nh/nl (accumulated).
-template <typename T>
-void gather_windows_scalar(const InRange<T>& t, int64_t from,
-                           const SweepBounds<typename KeyTraits<T>::K>& sb,
-                           typename KeyTraits<T>::K* wh, int64_t& nh,
-                           typename KeyTraits<T>::K* wl, int64_t& nl) {
-  for (int64_t j = from; j < t.n; ++j) {
-    const auto k = key_of(t.val[j]);
-    wh[nh] = k;
-    nh += k >= sb.br.b_hi;
-    wl[nl] = k;
-    nl += (k <= sb.br.a_lo) & !sb.merged;
-  }
+  t.nw = nw;
 }
 
 // Fix-up of one chunk after the exact keys are known: the in-range entries [from, t.n) in

@@ -212,8 +212,9 @@ inline const Avx2Lut& avx2_lut() {
 }
 
 // The one-sweep hinted path's sweep (sweep_chunk_scalar's vector form). Per 16 entries:
-// the eo store (v, or 0 on tentatively kept lanes) and the in-range append (value and chunk
-// offset, compressed in registers and stored whole); the above count stays in vector lanes.
+// the eo store (v, or 0 on tentatively kept lanes), the in-range append (value and chunk
+// offset) and the window-key append, compressed in registers and stored whole; the above
+// count stays in vector lanes.
 // (Measured on the ResNet-18 list, 1 thread: non-temporal eo stores, software prefetch,
 // and 256-bit or table-driven compresses were all slower or no faster.)
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) inline void sweep_f32_avx512(
@@ -223,6 +224,9 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) inline void
   const __m512i kmask = _mm512_set1_epi32(0x7fffffff);
   const __m512i a_hi = _mm512_set1_epi32(static_cast<int>(sb.br.a_hi));
   const __m512i in_lo = _mm512_set1_epi32(static_cast<int>(sb.in_lo));
+  const __m512i b_hi = _mm512_set1_epi32(static_cast<int>(sb.br.b_hi));
+  const __m512i a_lo = _mm512_set1_epi32(static_cast<int>(sb.br.a_lo));
+  const __mmask16 lo_on = sb.merged ? 0 : 0xffff;
   const bool t_any = static_cast<int64_t>(sb.p_hi) > static_cast<int64_t>(sb.p_lo) + 1;
   const __m512i t_lo = _mm512_set1_epi32(t_any ? static_cast<int>(sb.p_lo + 1) : 0);
   const __m512i t_w = _mm512_set1_epi32(t_any ? static_cast<int>(sb.p_hi - sb.p_lo - 1) : 0);
@@ -232,9 +236,10 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) inline void
   __m512i v_above = _mm512_setzero_si512();
   __m512i off = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(i - base)));
   const __m512i sixteen = _mm512_set1_epi32(16);
-  int64_t nt = t.n;
+  int64_t nt = t.n, nw = t.nw;
   int32_t* tidx = t.idx;
   float* tval = t.val;
+  uint32_t* w = t.w;
   const int64_t cap_t = t.cap;
   for (; i + 16 <= hi; i += 16) {
     const __m512 v = _mm512_add_ps(_mm512_loadu_ps(g + i), _mm512_loadu_ps(e + i));
@@ -249,38 +254,19 @@ __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) inline void
     _mm512_storeu_ps(tval + nt, _mm512_maskz_compress_ps(m_in, v));
     _mm512_storeu_si512(tidx + nt, _mm512_maskz_compress_epi32(m_in, off));
     nt += __builtin_popcount(m_in);
+    const __mmask16 m_h = _mm512_mask_cmpge_epu32_mask(m_in, k, b_hi);
+    const __mmask16 m_l = _mm512_mask_cmple_epu32_mask(m_in & lo_on, k, a_lo);
+    const __mmask16 m_w = m_h | m_l;
+    _mm512_storeu_si512(w + nw, _mm512_maskz_compress_epi32(m_w, k));
+    nw += __builtin_popcount(m_w);
     off = _mm512_add_epi32(off, sixteen);
     if (nt > cap_t) { out.overflow = true; break; }
   }
   out.above += _mm512_reduce_add_epi32(v_above);
   out.kmax = std::max(out.kmax, static_cast<uint32_t>(_mm512_reduce_max_epu32(kmax)));
   t.n = nt;
+  t.nw = nw;
   if (!out.overflow) sweep_chunk_scalar<float>(g, e, eo, base, i, hi, sb, t, out);
-}
-
-// gather_windows_scalar's vector form.
-__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) inline void
-gather_windows_f32_avx512(const InRange<float>& t, const SweepBounds<uint32_t>& sb, uint32_t* wh,
-                          int64_t& nh, uint32_t* wl, int64_t& nl) {
-  const __m512i kmask = _mm512_set1_epi32(0x7fffffff);
-  const __m512i b_hi = _mm512_set1_epi32(static_cast<int>(sb.br.b_hi));
-  const __m512i a_lo = _mm512_set1_epi32(static_cast<int>(sb.br.a_lo));
-  const __mmask16 lo_on = sb.merged ? 0 : 0xffff;
-  int64_t j = 0;
-  for (; j + 16 <= t.n; j += 16) {
-    const __m512i k = _mm512_and_si512(_mm512_loadu_si512(t.val + j), kmask);
-    const __mmask16 m_h = _mm512_cmpge_epu32_mask(k, b_hi);
-    const __mmask16 m_l = _mm512_mask_cmple_epu32_mask(lo_on, k, a_lo);
-    if (m_h) {
-      _mm512_storeu_si512(wh + nh, _mm512_maskz_compress_epi32(m_h, k));
-      nh += __builtin_popcount(m_h);
-    }
-    if (m_l) {
-      _mm512_storeu_si512(wl + nl, _mm512_maskz_compress_epi32(m_l, k));
-      nl += __builtin_popcount(m_l);
-    }
-  }
-  gather_windows_scalar<float>(t, j, sb, wh, nh, wl, nl);
 }
 
 // The fix-up (fixup_chunk_scalar's vector form) over 16 in-range entries at a time: kept
@@ -1095,20 +1081,6 @@ inline bool sweep_simd(Simd s, const T* g, const T* e, T* eo, int64_t base, int6
   if constexpr (std::is_same_v<T, float>) {
     if (s == Simd::kAvx512) {
       sweep_f32_avx512(g, e, eo, base, hi, sb, t, out);
-      return true;
-    }
-  }
-  return false;
-}
-
-template <typename T>
-inline bool gather_windows_simd(Simd s, const InRange<T>& t,
-                                const SweepBounds<typename KeyTraits<T>::K>& sb,
-                                typename KeyTraits<T>::K* wh, int64_t& nh,
-                                typename KeyTraits<T>::K* wl, int64_t& nl) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (s == Simd::kAvx512) {
-      gather_windows_f32_avx512(t, sb, wh, nh, wl, nl);
       return true;
     }
   }
