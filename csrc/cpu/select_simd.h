@@ -215,8 +215,9 @@ inline const Avx2Lut& avx2_lut() {
 // the eo store (v, or 0 on tentatively kept lanes), the in-range append (value and chunk
 // offset) and the window-key append, compressed in registers and stored whole; the above
 // count stays in vector lanes.
-// (Measured on the ResNet-18 list, 1 thread: non-temporal eo stores, software prefetch,
-// and 256-bit or table-driven compresses were all slower or no faster.)
+// (Measured on the ResNet-18 list, 1 thread: non-temporal eo stores, also with the
+// in-range appends staged in L1 and streamed out a line at a time, software prefetch, and
+// 256-bit or table-driven compresses were all slower or no faster.)
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) inline void sweep_f32_avx512(
     const float* g, const float* e, float* eo, int64_t base, int64_t hi,
     const SweepBounds<uint32_t>& sb, InRange<float>& t, SweepCount<uint32_t>& out) {
