@@ -1,7 +1,7 @@
 """``select_ef_multi_into``: error feedback with the new residuals in separate buffers.
 
-The one-sweep path (C++ kernel, float32, AVX-512: ``one_sweep_available``) is what most of
-these tests force; other dtypes and forced lower SIMD levels take the copy-and-in-place
+The one-sweep path (C++ kernel, float32 / bfloat16 / float16, AVX-512: ``one_sweep_available``)
+is what most of these tests force; float64 and forced lower SIMD levels take the copy-and-in-place
 path, checked as exact here too.
 
 Whatever the hint holds, indices, values and ``residuals_out`` are bit-identical to the
@@ -253,9 +253,10 @@ def test_non_contiguous_inputs(dtype):
 def test_one_sweep_available():
     _C = _cpp_module()
     for dt in DTYPES:
-        want = _C is not None and dt == torch.float32 and _C.simd_level() == "avx512"
+        want = _C is not None and dt != torch.float64 and _C.simd_level() == "avx512"
         assert dgp_kernels.ops.one_sweep_available(dt) is want
         assert dgp_kernels.ops.one_sweep_available(dt, "meta") is False
     if _C is not None and _C.simd_best() == "avx512":
         with cpp_mode(simd="avx2"):
-            assert dgp_kernels.ops.one_sweep_available(torch.float32) is False
+            for dt in DTYPES:
+                assert dgp_kernels.ops.one_sweep_available(dt) is False
