@@ -183,9 +183,15 @@ def _adversarial_case(dtype, kind):
         _run_into(gs, es, h)
 
 
+@pytest.mark.parametrize("simd", _vector_levels())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_no_hint_and_split_chunks(dtype):
+def test_no_hint_and_split_chunks(dtype, simd):
     """No hint (copy path); and two threads, where a big layer is split into chunks."""
+    with (cpp_mode(simd=simd) if simd else _null()):
+        _split_chunks_case(dtype)
+
+
+def _split_chunks_case(dtype):
     gs, es = _layers("wide", dtype, seed=4)
     _run_into(gs, es, None)
     big = [make_values("randn", 300_000, dtype, seed=5)]
@@ -200,9 +206,15 @@ def test_no_hint_and_split_chunks(dtype):
         torch.set_num_threads(prev)
 
 
+@pytest.mark.parametrize("simd", _vector_levels())
 @pytest.mark.parametrize("where", ["g_first", "g_last", "e_big", "e_small", "sum_inf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nan_raises_residuals_and_hint_unchanged(dtype, where):
+def test_nan_raises_residuals_and_hint_unchanged(dtype, where, simd):
+    with (cpp_mode(simd=simd) if simd else _null()):
+        _nan_case(dtype, where)
+
+
+def _nan_case(dtype, where):
     gs, es = _layers("randn", dtype, seed=7)
     h = dgp_kernels.BandHint()
     h.state = _forced("hold", _exact_state(gs, es), dtype)
