@@ -1110,25 +1110,52 @@ __attribute__((target(DGP_AVX512))) inline void fixup_avx512(
   fixup_chunk_scalar<T>(t, j, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
 }
 
-// The same two passes for float32 with AVX2, 8 entries per step: compaction through the
-// permutation table (avx2_lut) instead of vpcompress; keys < 2^31, so signed compares
-// against bounds clamped to 0x7fffffff order them as the unsigned ones do (a clamped
-// bound differs only for the all-ones NaN key, and any NaN fails the layer anyway).
-__attribute__((target("avx2,popcnt"))) inline void sweep_f32_avx2(
-    const float* g, const float* e, float* eo, int64_t base, int64_t hi,
-    const SweepBounds<uint32_t>& sb, InRange<float>& t, SweepCount<uint32_t>& out) {
+// The same two passes with AVX2, 8 entries per step (float32, and the 16-bit formats
+// widened as load16_avx2 does): compaction through the permutation table (avx2_lut)
+// instead of vpcompress; keys < 2^31, so signed compares against bounds clamped to
+// 0x7fffffff order them as the unsigned ones do (a clamped bound differs only for the
+// all-ones NaN key, and any NaN fails the layer anyway).
+template <typename T>
+__attribute__((target("avx2,popcnt,f16c"))) inline __m256i v_lanes_avx2(const T* g, const T* e,
+                                                                         int64_t i) {
+  if constexpr (std::is_same_v<T, float>)
+    return _mm256_castps_si256(_mm256_add_ps(_mm256_loadu_ps(g + i), _mm256_loadu_ps(e + i)));
+  else
+    return load16_avx2<T, true>(g, e, i);
+}
+template <typename T>
+__attribute__((target("avx2"))) inline __m256i load_lanes_avx2(const T* p) {
+  if constexpr (sizeof(T) == 4)
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  else
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <typename T>
+__attribute__((target("avx2"))) inline void store_lanes_avx2(T* p, __m256i x) {
+  if constexpr (sizeof(T) == 4)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x);
+  else
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow16_avx2(x));
+}
+inline int clamp_key31(uint32_t b) { return static_cast<int>(b > 0x7fffffffu ? 0x7fffffffu : b); }
+
+template <typename T>
+__attribute__((target("avx2,popcnt,f16c"))) inline void sweep_avx2(
+    const T* g, const T* e, T* eo, int64_t base, int64_t hi,
+    const SweepBounds<typename KeyTraits<T>::K>& sb, InRange<T>& t,
+    SweepCount<typename KeyTraits<T>::K>& out) {
+  using K = typename KeyTraits<T>::K;
   const Avx2Lut& lut = avx2_lut();
-  auto clamp = [](uint32_t b) { return static_cast<int>(b > 0x7fffffffu ? 0x7fffffffu : b); };
   int64_t i = base;
-  const __m256i kmask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i kmask = _mm256_set1_epi32(sizeof(T) == 4 ? 0x7fffffff : 0x7fff);
   const __m256i ones = _mm256_set1_epi32(-1);
-  const __m256i a_hi = _mm256_set1_epi32(clamp(sb.br.a_hi));
-  const __m256i in_lo = _mm256_set1_epi32(clamp(sb.in_lo));
-  const __m256i b_hi = _mm256_set1_epi32(clamp(sb.br.b_hi));
-  const __m256i a_lo = _mm256_set1_epi32(clamp(sb.br.a_lo));
+  const __m256i a_hi = _mm256_set1_epi32(clamp_key31(sb.br.a_hi));
+  const __m256i in_lo = _mm256_set1_epi32(clamp_key31(sb.in_lo));
+  const __m256i b_hi = _mm256_set1_epi32(clamp_key31(sb.br.b_hi));
+  const __m256i a_lo = _mm256_set1_epi32(clamp_key31(sb.br.a_lo));
   const __m256i lo_on = _mm256_set1_epi32(sb.merged ? 0 : -1);
-  const __m256i p_hi = _mm256_set1_epi32(clamp(sb.p_hi));
-  const __m256i p_lo = _mm256_set1_epi32(clamp(sb.p_lo));
+  const __m256i p_hi = _mm256_set1_epi32(clamp_key31(sb.p_hi));
+  const __m256i p_lo = _mm256_set1_epi32(clamp_key31(sb.p_lo));
   __m256i kmax = _mm256_setzero_si256();
   __m256i v_above = _mm256_setzero_si256();
   __m256i off = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -1137,25 +1164,25 @@ __attribute__((target("avx2,popcnt"))) inline void sweep_f32_avx2(
   int64_t nt = t.n, nw = t.nw;
   const int64_t cap_t = t.cap;
   for (; i + 8 <= hi; i += 8) {
-    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(g + i), _mm256_loadu_ps(e + i));
-    const __m256i k = _mm256_and_si256(_mm256_castps_si256(v), kmask);
+    const __m256i v = v_lanes_avx2<T>(g, e, i);
+    const __m256i k = _mm256_and_si256(v, kmask);
     kmax = _mm256_max_epi32(kmax, k);
     const __m256i gt_ahi = _mm256_cmpgt_epi32(k, a_hi);
     const __m256i in_v = _mm256_andnot_si256(gt_ahi, _mm256_xor_si256(_mm256_cmpgt_epi32(in_lo, k), ones));
     const __m256i tent = _mm256_and_si256(
         in_v, _mm256_and_si256(_mm256_cmpgt_epi32(k, p_lo), _mm256_cmpgt_epi32(p_hi, k)));
-    _mm256_storeu_ps(eo + i, _mm256_andnot_ps(_mm256_castsi256_ps(tent), v));
+    store_lanes_avx2<T>(eo + i, _mm256_andnot_si256(tent, v));
     v_above = _mm256_sub_epi32(v_above, gt_ahi);
     const int m_in = _mm256_movemask_ps(_mm256_castsi256_ps(in_v));
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_in]));
-    _mm256_storeu_ps(t.val + nt, _mm256_permutevar8x32_ps(v, perm));
+    store_lanes_avx2<T>(t.val + nt, _mm256_permutevar8x32_epi32(v, perm));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.idx + nt), _mm256_permutevar8x32_epi32(off, perm));
     nt += __builtin_popcount(m_in);
     const __m256i h_v = _mm256_andnot_si256(_mm256_cmpgt_epi32(b_hi, k), in_v);
     const __m256i l_v = _mm256_andnot_si256(_mm256_cmpgt_epi32(k, a_lo), _mm256_and_si256(in_v, lo_on));
     const int m_w = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(h_v, l_v)));
     const __m256i perm_w = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_w]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.w + nw), _mm256_permutevar8x32_epi32(k, perm_w));
+    store_lanes_avx2<K>(t.w + nw, _mm256_permutevar8x32_epi32(k, perm_w));
     nw += __builtin_popcount(m_w);
     off = _mm256_add_epi32(off, eight);
     if (nt > cap_t) { out.overflow = true; break; }
@@ -1168,29 +1195,29 @@ __attribute__((target("avx2,popcnt"))) inline void sweep_f32_avx2(
   uint32_t kmx = out.kmax;
   for (uint32_t x : lanes) kmx = x > kmx ? x : kmx;
   out.above += above;
-  out.kmax = kmx;
+  out.kmax = static_cast<K>(kmx);
   t.n = nt;
   t.nw = nw;
-  if (!out.overflow) sweep_chunk_scalar<float>(g, e, eo, base, i, hi, sb, t, out);
+  if (!out.overflow) sweep_chunk_scalar<T>(g, e, eo, base, i, hi, sb, t, out);
 }
 
-__attribute__((target("avx2,popcnt"))) inline void fixup_f32_avx2(
-    const InRange<float>& t, int64_t base, const SweepBounds<uint32_t>& sb,
-    const Classifier<uint32_t>& cls, int64_t& o_hi, int64_t& o_lo, int64_t& pos,
-    int64_t out_end, int64_t* idx, float* val, float* eo) {
+template <typename T>
+__attribute__((target("avx2,popcnt,f16c"))) inline void fixup_avx2(
+    const InRange<T>& t, int64_t base, const SweepBounds<typename KeyTraits<T>::K>& sb,
+    const Classifier<typename KeyTraits<T>::K>& cls, int64_t& o_hi, int64_t& o_lo,
+    int64_t& pos, int64_t out_end, int64_t* idx, T* val, T* eo) {
   const Avx2Lut& lut = avx2_lut();
-  auto clamp = [](uint32_t b) { return static_cast<int>(b > 0x7fffffffu ? 0x7fffffffu : b); };
-  const __m256i kmask = _mm256_set1_epi32(0x7fffffff);
-  const __m256i vkhi = _mm256_set1_epi32(clamp(cls.khi));
-  const __m256i vklo = _mm256_set1_epi32(clamp(cls.klo));
-  const __m256i p_hi = _mm256_set1_epi32(clamp(sb.p_hi));
-  const __m256i p_lo = _mm256_set1_epi32(clamp(sb.p_lo));
+  const __m256i kmask = _mm256_set1_epi32(sizeof(T) == 4 ? 0x7fffffff : 0x7fff);
+  const __m256i vkhi = _mm256_set1_epi32(clamp_key31(cls.khi));
+  const __m256i vklo = _mm256_set1_epi32(clamp_key31(cls.klo));
+  const __m256i p_hi = _mm256_set1_epi32(clamp_key31(sb.p_hi));
+  const __m256i p_lo = _mm256_set1_epi32(clamp_key31(sb.p_lo));
   const __m256i vbase = _mm256_set1_epi64x(base);
   int64_t j = 0;
   for (; j + 8 <= t.n; j += 8) {
-    const __m256 v = _mm256_loadu_ps(t.val + j);
+    const __m256i v = load_lanes_avx2<T>(t.val + j);
     const __m256i off = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.idx + j));
-    const __m256i k = _mm256_and_si256(_mm256_castps_si256(v), kmask);
+    const __m256i k = _mm256_and_si256(v, kmask);
     const int tie_hi = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vkhi)));
     const int tie_lo = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vklo)));
     int in = _mm256_movemask_ps(_mm256_castsi256_ps(
@@ -1198,53 +1225,52 @@ __attribute__((target("avx2,popcnt"))) inline void fixup_f32_avx2(
     if (tie_hi | tie_lo) in |= static_cast<int>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
     const int tent = _mm256_movemask_ps(_mm256_castsi256_ps(
         _mm256_and_si256(_mm256_cmpgt_epi32(k, p_lo), _mm256_cmpgt_epi32(p_hi, k))));
+    alignas(32) int32_t o[8];
+    alignas(32) uint32_t x[8];
     if (__builtin_expect((in ^ tent) != 0, 0)) {
-      alignas(32) int32_t o[8];
-      alignas(32) float x[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(o), off);
-      _mm256_store_ps(x, v);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(x), v);
       for (uint32_t m = static_cast<uint32_t>(in ^ tent); m; m &= m - 1) {
         const int l = __builtin_ctz(m);
-        eo[base + o[l]] = (in >> l) & 1 ? 0.0f : x[l];
+        eo[base + o[l]] = (in >> l) & 1 ? T(0) : from_bits<T>(x[l]);
       }
     }
     const int cnt = __builtin_popcount(in);
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[in]));
-    const __m256 cv = _mm256_permutevar8x32_ps(v, perm);
+    const __m256i cv = _mm256_permutevar8x32_epi32(v, perm);
     const __m256i co = _mm256_permutevar8x32_epi32(off, perm);
     const __m256i i0 = _mm256_add_epi64(vbase, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(co)));
     const __m256i i1 = _mm256_add_epi64(vbase, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(co, 1)));
     if (pos + 8 <= out_end) {
-      _mm256_storeu_ps(val + pos, cv);
+      store_lanes_avx2<T>(val + pos, cv);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos), i0);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos + 4), i1);
     } else {
-      alignas(32) float xv[8];
       alignas(32) int64_t xi[8];
-      _mm256_store_ps(xv, cv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(x), cv);
       _mm256_store_si256(reinterpret_cast<__m256i*>(xi), i0);
       _mm256_store_si256(reinterpret_cast<__m256i*>(xi + 4), i1);
       for (int l = 0; l < cnt && pos + l < out_end; ++l) {
-        val[pos + l] = xv[l];
+        val[pos + l] = from_bits<T>(x[l]);
         idx[pos + l] = xi[l];
       }
     }
     pos += cnt;
   }
-  fixup_chunk_scalar<float>(t, j, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
+  fixup_chunk_scalar<T>(t, j, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
 }
 
 // The one-sweep hinted path's kernels by dtype and SIMD level (false: no vector kernel;
 // the caller runs the scalar pass).
 // Whether the one-sweep path has vector kernels for (T, level): float32, bfloat16 and
-// float16 with AVX-512, float32 with AVX2. Elsewhere select_ef_multi_into copies e and runs
-// the in-place path (its scalar sweep measured 4-11x slower than the in-place SIMD passes:
-// 1M entries, fp64 6.0 vs 1.6 ms).
+// float16 with AVX-512 or AVX2. Elsewhere (float64, scalar CPUs) select_ef_multi_into
+// copies e and runs the in-place path (its scalar sweep measured 4-11x slower than the
+// in-place SIMD passes: 1M entries, fp64 6.0 vs 1.6 ms).
 template <typename T>
 inline constexpr bool kOneSweepType = std::is_same_v<T, float> || Is16<T>::value;
 template <typename T>
 inline bool one_sweep_vectorized(Simd s) {
-  return (kOneSweepType<T> && s == Simd::kAvx512) || (std::is_same_v<T, float> && s == Simd::kAvx2);
+  return kOneSweepType<T> && (s == Simd::kAvx512 || s == Simd::kAvx2);
 }
 
 template <typename T>
@@ -1256,10 +1282,8 @@ inline bool sweep_simd(Simd s, const T* g, const T* e, T* eo, int64_t base, int6
       sweep_avx512<T>(g, e, eo, base, hi, sb, t, out);
       return true;
     }
-  }
-  if constexpr (std::is_same_v<T, float>) {
     if (s == Simd::kAvx2) {
-      sweep_f32_avx2(g, e, eo, base, hi, sb, t, out);
+      sweep_avx2<T>(g, e, eo, base, hi, sb, t, out);
       return true;
     }
   }
@@ -1276,10 +1300,8 @@ inline bool fixup_simd(Simd s, const InRange<T>& t, int64_t base,
       fixup_avx512<T>(t, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
       return true;
     }
-  }
-  if constexpr (std::is_same_v<T, float>) {
     if (s == Simd::kAvx2) {
-      fixup_f32_avx2(t, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
+      fixup_avx2<T>(t, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
       return true;
     }
   }
