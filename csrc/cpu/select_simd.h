@@ -993,6 +993,20 @@ inline T from_bits(uint32_t b) {
   return v;
 }
 
+// The end of every one-sweep vector kernel: its lane totals into `out` and `t`, then the
+// scalar sweep for the entries past the last whole vector.
+template <typename T>
+inline void finish_sweep(const T* g, const T* e, T* eo, int64_t base, int64_t i, int64_t hi,
+                         const SweepBounds<typename KeyTraits<T>::K>& sb, InRange<T>& t,
+                         SweepCount<typename KeyTraits<T>::K>& out, int64_t above,
+                         typename KeyTraits<T>::K kmax, int64_t nt, int64_t nw) {
+  out.above += above;
+  out.kmax = std::max(out.kmax, kmax);
+  t.n = nt;
+  t.nw = nw;
+  if (!out.overflow) sweep_chunk_scalar<T>(g, e, eo, base, i, hi, sb, t, out);
+}
+
 // Per 16 entries: the eo store (v, or 0 on tentatively kept lanes), the in-range append
 // (value and chunk offset) and the window-key append, compressed in registers and stored
 // whole; the above count stays in vector lanes. (Measured on the ResNet-18 list, float32,
@@ -1047,11 +1061,8 @@ __attribute__((target(DGP_AVX512))) inline void sweep_avx512(
     off = _mm512_add_epi32(off, sixteen);
     if (nt > cap_t) { out.overflow = true; break; }
   }
-  out.above += _mm512_reduce_add_epi32(v_above);
-  out.kmax = std::max(out.kmax, static_cast<K>(_mm512_reduce_max_epu32(kmax)));
-  t.n = nt;
-  t.nw = nw;
-  if (!out.overflow) sweep_chunk_scalar<T>(g, e, eo, base, i, hi, sb, t, out);
+  finish_sweep<T>(g, e, eo, base, i, hi, sb, t, out, _mm512_reduce_add_epi32(v_above),
+                  static_cast<K>(_mm512_reduce_max_epu32(kmax)), nt, nw);
 }
 
 // The fix-up over 16 in-range entries at a time: kept lanes compressed to (index, value)
@@ -1110,6 +1121,104 @@ __attribute__((target(DGP_AVX512))) inline void fixup_avx512(
   fixup_chunk_scalar<T>(t, j, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
 }
 
+// Chunk offsets from, from + 1, ..., from + 7 (the 8-entry one-sweep kernels).
+__attribute__((target("avx2"))) inline __m256i offsets8(int64_t from) {
+  return _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                          _mm256_set1_epi32(static_cast<int>(from)));
+}
+
+// The same two passes for float64 with AVX-512, 8 entries per step (64-bit keys; chunk
+// offsets in a 256-bit register).
+__attribute__((target(DGP_AVX512))) inline void sweep_f64_avx512(
+    const double* g, const double* e, double* eo, int64_t base, int64_t hi,
+    const SweepBounds<uint64_t>& sb, InRange<double>& t, SweepCount<uint64_t>& out) {
+  int64_t i = base;
+  const __m512i kmask = _mm512_set1_epi64(0x7fffffffffffffffll);
+  const __m512i a_hi = _mm512_set1_epi64(static_cast<int64_t>(sb.br.a_hi));
+  const __m512i in_lo = _mm512_set1_epi64(static_cast<int64_t>(sb.in_lo));
+  const __m512i b_hi = _mm512_set1_epi64(static_cast<int64_t>(sb.br.b_hi));
+  const __m512i a_lo = _mm512_set1_epi64(static_cast<int64_t>(sb.br.a_lo));
+  const __mmask8 lo_on = sb.merged ? 0 : 0xff;
+  const bool t_any = sb.p_hi > sb.p_lo && sb.p_hi - sb.p_lo > 1;
+  const __m512i t_lo = _mm512_set1_epi64(t_any ? static_cast<int64_t>(sb.p_lo + 1) : 0);
+  const __m512i t_w = _mm512_set1_epi64(t_any ? static_cast<int64_t>(sb.p_hi - sb.p_lo - 1) : 0);
+  const __m512i one = _mm512_set1_epi64(1);
+  __m512i kmax = _mm512_setzero_si512();
+  __m512i v_above = _mm512_setzero_si512();
+  __m256i off = offsets8(i - base);
+  const __m256i eight = _mm256_set1_epi32(8);
+  int64_t nt = t.n, nw = t.nw;
+  const int64_t cap_t = t.cap;
+  for (; i + 8 <= hi; i += 8) {
+    const __m512i v = _mm512_castpd_si512(_mm512_add_pd(_mm512_loadu_pd(g + i), _mm512_loadu_pd(e + i)));
+    const __m512i k = _mm512_and_si512(v, kmask);
+    kmax = _mm512_max_epu64(kmax, k);
+    const __mmask8 m_above = _mm512_cmpgt_epu64_mask(k, a_hi);
+    const __mmask8 m_in = _mm512_mask_cmpge_epu64_mask(static_cast<__mmask8>(~m_above), k, in_lo);
+    const __mmask8 m_t = _mm512_mask_cmplt_epu64_mask(m_in, _mm512_sub_epi64(k, t_lo), t_w);
+    _mm512_storeu_si512(eo + i, _mm512_maskz_mov_epi64(static_cast<__mmask8>(~m_t), v));
+    v_above = _mm512_mask_add_epi64(v_above, m_above, v_above, one);
+    _mm512_storeu_si512(t.val + nt, _mm512_maskz_compress_epi64(m_in, v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.idx + nt), _mm256_maskz_compress_epi32(m_in, off));
+    nt += __builtin_popcount(m_in);
+    const __mmask8 m_h = _mm512_mask_cmpge_epu64_mask(m_in, k, b_hi);
+    const __mmask8 m_l = _mm512_mask_cmple_epu64_mask(m_in & lo_on, k, a_lo);
+    const __mmask8 m_w = m_h | m_l;
+    _mm512_storeu_si512(t.w + nw, _mm512_maskz_compress_epi64(m_w, k));
+    nw += __builtin_popcount(m_w);
+    off = _mm256_add_epi32(off, eight);
+    if (nt > cap_t) { out.overflow = true; break; }
+  }
+  finish_sweep<double>(g, e, eo, base, i, hi, sb, t, out, _mm512_reduce_add_epi64(v_above),
+                       static_cast<uint64_t>(_mm512_reduce_max_epu64(kmax)), nt, nw);
+}
+
+__attribute__((target(DGP_AVX512))) inline void fixup_f64_avx512(
+    const InRange<double>& t, int64_t base, const SweepBounds<uint64_t>& sb,
+    const Classifier<uint64_t>& cls, int64_t& o_hi, int64_t& o_lo, int64_t& pos,
+    int64_t out_end, int64_t* idx, double* val, double* eo) {
+  const __m512i kmask = _mm512_set1_epi64(0x7fffffffffffffffll);
+  const __m512i vkhi = _mm512_set1_epi64(static_cast<int64_t>(cls.khi));
+  const __m512i vklo = _mm512_set1_epi64(static_cast<int64_t>(cls.klo));
+  const __m512i p_hi = _mm512_set1_epi64(static_cast<int64_t>(sb.p_hi));
+  const __m512i p_lo = _mm512_set1_epi64(static_cast<int64_t>(sb.p_lo));
+  const __m512i vbase = _mm512_set1_epi64(base);
+  int64_t j = 0;
+  for (; j + 8 <= t.n; j += 8) {
+    const __m512i v = _mm512_loadu_si512(t.val + j);
+    const __m256i off = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.idx + j));
+    const __m512i k = _mm512_and_si512(v, kmask);
+    const __mmask8 tie_hi = _mm512_cmpeq_epu64_mask(k, vkhi);
+    const __mmask8 tie_lo = _mm512_cmpeq_epu64_mask(k, vklo);
+    __mmask8 in = _mm512_mask_cmplt_epu64_mask(_mm512_cmpgt_epu64_mask(k, vklo), k, vkhi);
+    if (tie_hi | tie_lo) in |= static_cast<__mmask8>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+    const __mmask8 tent = _mm512_mask_cmplt_epu64_mask(_mm512_cmpgt_epu64_mask(k, p_lo), k, p_hi);
+    if (__builtin_expect(static_cast<__mmask8>(in ^ tent) != 0, 0)) {
+      alignas(32) int32_t o[8];
+      alignas(64) double x[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(o), off);
+      _mm512_store_si512(x, v);
+      for (uint32_t m = static_cast<__mmask8>(in ^ tent); m; m &= m - 1) {
+        const int l = __builtin_ctz(m);
+        eo[base + o[l]] = (in >> l) & 1 ? 0.0 : x[l];
+      }
+    }
+    const int cnt = __builtin_popcount(in);
+    const __m512i cv = _mm512_maskz_compress_epi64(in, v);
+    const __m512i ci = _mm512_add_epi64(vbase, _mm512_cvtepi32_epi64(_mm256_maskz_compress_epi32(in, off)));
+    if (pos + 8 <= out_end) {
+      _mm512_storeu_si512(val + pos, cv);
+      _mm512_storeu_si512(idx + pos, ci);
+    } else {
+      const __mmask8 m = static_cast<__mmask8>((1u << cnt) - 1);
+      _mm512_mask_storeu_epi64(val + pos, m, cv);
+      _mm512_mask_storeu_epi64(idx + pos, m, ci);
+    }
+    pos += cnt;
+  }
+  fixup_chunk_scalar<double>(t, j, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
+}
+
 // The same two passes with AVX2, 8 entries per step (float32, and the 16-bit formats
 // widened as load16_avx2 does): compaction through the permutation table (avx2_lut)
 // instead of vpcompress; keys < 2^31, so signed compares against bounds clamped to
@@ -1158,8 +1267,7 @@ __attribute__((target("avx2,popcnt,f16c"))) inline void sweep_avx2(
   const __m256i p_lo = _mm256_set1_epi32(clamp_key31(sb.p_lo));
   __m256i kmax = _mm256_setzero_si256();
   __m256i v_above = _mm256_setzero_si256();
-  __m256i off = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                 _mm256_set1_epi32(static_cast<int>(i - base)));
+  __m256i off = offsets8(i - base);
   const __m256i eight = _mm256_set1_epi32(8);
   int64_t nt = t.n, nw = t.nw;
   const int64_t cap_t = t.cap;
@@ -1192,13 +1300,9 @@ __attribute__((target("avx2,popcnt,f16c"))) inline void sweep_avx2(
   int64_t above = 0;
   for (uint32_t x : lanes) above += x;
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), kmax);
-  uint32_t kmx = out.kmax;
+  uint32_t kmx = 0;
   for (uint32_t x : lanes) kmx = x > kmx ? x : kmx;
-  out.above += above;
-  out.kmax = static_cast<K>(kmx);
-  t.n = nt;
-  t.nw = nw;
-  if (!out.overflow) sweep_chunk_scalar<T>(g, e, eo, base, i, hi, sb, t, out);
+  finish_sweep<T>(g, e, eo, base, i, hi, sb, t, out, above, static_cast<K>(kmx), nt, nw);
 }
 
 template <typename T>
@@ -1263,14 +1367,15 @@ __attribute__((target("avx2,popcnt,f16c"))) inline void fixup_avx2(
 // The one-sweep hinted path's kernels by dtype and SIMD level (false: no vector kernel;
 // the caller runs the scalar pass).
 // Whether the one-sweep path has vector kernels for (T, level): float32, bfloat16 and
-// float16 with AVX-512 or AVX2. Elsewhere (float64, scalar CPUs) select_ef_multi_into
-// copies e and runs the in-place path (its scalar sweep measured 4-11x slower than the
-// in-place SIMD passes: 1M entries, fp64 6.0 vs 1.6 ms).
+// float16 with AVX-512 or AVX2, float64 with AVX-512. Elsewhere (float64 with AVX2, scalar
+// CPUs) select_ef_multi_into copies e and runs the in-place path (its scalar sweep
+// measured 4-11x slower than the in-place SIMD passes: 1M entries, fp64 6.0 vs 1.6 ms).
 template <typename T>
 inline constexpr bool kOneSweepType = std::is_same_v<T, float> || Is16<T>::value;
 template <typename T>
 inline bool one_sweep_vectorized(Simd s) {
-  return kOneSweepType<T> && (s == Simd::kAvx512 || s == Simd::kAvx2);
+  return (kOneSweepType<T> && (s == Simd::kAvx512 || s == Simd::kAvx2)) ||
+         (std::is_same_v<T, double> && s == Simd::kAvx512);
 }
 
 template <typename T>
@@ -1284,6 +1389,11 @@ inline bool sweep_simd(Simd s, const T* g, const T* e, T* eo, int64_t base, int6
     }
     if (s == Simd::kAvx2) {
       sweep_avx2<T>(g, e, eo, base, hi, sb, t, out);
+      return true;
+    }
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (s == Simd::kAvx512) {
+      sweep_f64_avx512(g, e, eo, base, hi, sb, t, out);
       return true;
     }
   }
@@ -1302,6 +1412,11 @@ inline bool fixup_simd(Simd s, const InRange<T>& t, int64_t base,
     }
     if (s == Simd::kAvx2) {
       fixup_avx2<T>(t, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
+      return true;
+    }
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (s == Simd::kAvx512) {
+      fixup_f64_avx512(t, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
       return true;
     }
   }
