@@ -19,10 +19,10 @@ dgp        top (0.05), keep (0.2),            dual gradient pruning: drop the ``
                                               what error feedback keeps of the top band, so
                                               it matters only with error feedback (the
                                               multi-round attacker), never in one round
-adgp       top (0.05), keep (0.2),            aligned DGP: the victim's values at the positions
-           value_dtype (float32)              a broadcaster chose as the DGP band of *its own*
-                                              gradient (``broadcaster_grads``, see below);
-                                              values only on the wire
+adgp       top (0.05), keep (0.2),            aligned DGP: the victim's values at the
+           value_dtype (float32)              positions a broadcaster chose as the DGP band
+                                              of *its own* gradient (``broadcaster_grads``,
+                                              see below); values only on the wire
 topk       keep (0.2), value_dtype            classic pruning: send the ``keep`` largest
 randk      keep (0.2), value_dtype            a random ``keep`` fraction
 dp         sigma | noise_multiplier, clip     Gaussian noise of std ``sigma`` on every entry;
@@ -54,7 +54,12 @@ adgp, whose sent set is the broadcaster's band; giving the attacker that prior w
 the reconstruction toward a false constraint. Mask-using attacks (``dlg-adaptive``,
 ``ig-adaptive``) see the same threat model as under dgp. ``apply_defense`` needs the
 broadcaster's gradient (``broadcaster_grads``, one tensor per parameter, shaped like the
-victim's); the evaluator uses another client's (:mod:`dgp_kernels.attacks.runner`).
+victim's). In the evaluator (:mod:`dgp_kernels.attacks.runner`) the broadcaster is another
+client: its update on the same served model from the *next* batch of the run's targets,
+``(b + 1) mod n_batches``, or, when the run has a single batch, from a fixed batch of
+seeded uniform-noise images with random labels; never the victim's own images (with those
+the positions are the victim's own band and adgp sends exactly what dgp sends, except that
+a tensor with an empty band, which dgp sends dense, is not sent).
 """
 
 from __future__ import annotations
