@@ -211,121 +211,6 @@ inline const Avx2Lut& avx2_lut() {
   return lut;
 }
 
-// The one-sweep hinted path's sweep (sweep_chunk_scalar's vector form). Per 16 entries:
-// the eo store (v, or 0 on tentatively kept lanes), the in-range append (value and chunk
-// offset) and the window-key append, compressed in registers and stored whole; the above
-// count stays in vector lanes.
-// (Measured on the ResNet-18 list, 1 thread: non-temporal eo stores, also with the
-// in-range appends staged in L1 and streamed out a line at a time, software prefetch, and
-// 256-bit or table-driven compresses were all slower or no faster.)
-__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) inline void sweep_f32_avx512(
-    const float* g, const float* e, float* eo, int64_t base, int64_t hi,
-    const SweepBounds<uint32_t>& sb, InRange<float>& t, SweepCount<uint32_t>& out) {
-  int64_t i = base;
-  const __m512i kmask = _mm512_set1_epi32(0x7fffffff);
-  const __m512i a_hi = _mm512_set1_epi32(static_cast<int>(sb.br.a_hi));
-  const __m512i in_lo = _mm512_set1_epi32(static_cast<int>(sb.in_lo));
-  const __m512i b_hi = _mm512_set1_epi32(static_cast<int>(sb.br.b_hi));
-  const __m512i a_lo = _mm512_set1_epi32(static_cast<int>(sb.br.a_lo));
-  const __mmask16 lo_on = sb.merged ? 0 : 0xffff;
-  const bool t_any = static_cast<int64_t>(sb.p_hi) > static_cast<int64_t>(sb.p_lo) + 1;
-  const __m512i t_lo = _mm512_set1_epi32(t_any ? static_cast<int>(sb.p_lo + 1) : 0);
-  const __m512i t_w = _mm512_set1_epi32(t_any ? static_cast<int>(sb.p_hi - sb.p_lo - 1) : 0);
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i one = _mm512_set1_epi32(1);
-  __m512i kmax = _mm512_setzero_si512();
-  __m512i v_above = _mm512_setzero_si512();
-  __m512i off = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(i - base)));
-  const __m512i sixteen = _mm512_set1_epi32(16);
-  int64_t nt = t.n, nw = t.nw;
-  int32_t* tidx = t.idx;
-  float* tval = t.val;
-  uint32_t* w = t.w;
-  const int64_t cap_t = t.cap;
-  for (; i + 16 <= hi; i += 16) {
-    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(g + i), _mm512_loadu_ps(e + i));
-    const __m512i k = _mm512_and_si512(_mm512_castps_si512(v), kmask);
-    kmax = _mm512_max_epu32(kmax, k);
-    const __mmask16 m_above = _mm512_cmpgt_epu32_mask(k, a_hi);
-    const __mmask16 m_in = _mm512_mask_cmpge_epu32_mask(static_cast<__mmask16>(~m_above), k, in_lo);
-    // p_lo < k < p_hi as one unsigned range test: k - (p_lo + 1) < p_hi - p_lo - 1.
-    const __mmask16 m_t = _mm512_mask_cmplt_epu32_mask(m_in, _mm512_sub_epi32(k, t_lo), t_w);
-    _mm512_storeu_ps(eo + i, _mm512_maskz_mov_ps(static_cast<__mmask16>(~m_t), v));
-    v_above = _mm512_mask_add_epi32(v_above, m_above, v_above, one);
-    _mm512_storeu_ps(tval + nt, _mm512_maskz_compress_ps(m_in, v));
-    _mm512_storeu_si512(tidx + nt, _mm512_maskz_compress_epi32(m_in, off));
-    nt += __builtin_popcount(m_in);
-    const __mmask16 m_h = _mm512_mask_cmpge_epu32_mask(m_in, k, b_hi);
-    const __mmask16 m_l = _mm512_mask_cmple_epu32_mask(m_in & lo_on, k, a_lo);
-    const __mmask16 m_w = m_h | m_l;
-    _mm512_storeu_si512(w + nw, _mm512_maskz_compress_epi32(m_w, k));
-    nw += __builtin_popcount(m_w);
-    off = _mm512_add_epi32(off, sixteen);
-    if (nt > cap_t) { out.overflow = true; break; }
-  }
-  out.above += _mm512_reduce_add_epi32(v_above);
-  out.kmax = std::max(out.kmax, static_cast<uint32_t>(_mm512_reduce_max_epu32(kmax)));
-  t.n = nt;
-  t.nw = nw;
-  if (!out.overflow) sweep_chunk_scalar<float>(g, e, eo, base, i, hi, sb, t, out);
-}
-
-// The fix-up (fixup_chunk_scalar's vector form) over 16 in-range entries at a time: kept
-// lanes compressed to (index, value) and stored whole or masked near the slice end; tie
-// lanes through tie_keep_bits; lanes whose tentative eo was wrong rewritten one by one.
-__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,popcnt"))) inline void fixup_f32_avx512(
-    const InRange<float>& t, int64_t base, const SweepBounds<uint32_t>& sb,
-    const Classifier<uint32_t>& cls, int64_t& o_hi, int64_t& o_lo, int64_t& pos,
-    int64_t out_end, int64_t* idx, float* val, float* eo) {
-  const __m512i kmask = _mm512_set1_epi32(0x7fffffff);
-  const __m512i vkhi = _mm512_set1_epi32(static_cast<int>(cls.khi));
-  const __m512i vklo = _mm512_set1_epi32(static_cast<int>(cls.klo));
-  const __m512i p_hi = _mm512_set1_epi32(static_cast<int>(sb.p_hi));
-  const __m512i p_lo = _mm512_set1_epi32(static_cast<int>(sb.p_lo));
-  const __m512i vbase = _mm512_set1_epi64(base);
-  int64_t j = 0;
-  for (; j + 16 <= t.n; j += 16) {
-    const __m512 v = _mm512_loadu_ps(t.val + j);
-    const __m512i off = _mm512_loadu_si512(t.idx + j);
-    const __m512i k = _mm512_and_si512(_mm512_castps_si512(v), kmask);
-    const __mmask16 tie_hi = _mm512_cmpeq_epu32_mask(k, vkhi);
-    const __mmask16 tie_lo = _mm512_cmpeq_epu32_mask(k, vklo);
-    __mmask16 in = _mm512_mask_cmplt_epu32_mask(_mm512_cmpgt_epu32_mask(k, vklo), k, vkhi);
-    if (tie_hi | tie_lo)
-      in |= static_cast<__mmask16>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
-    const __mmask16 tent = _mm512_mask_cmplt_epu32_mask(_mm512_cmpgt_epu32_mask(k, p_lo), k, p_hi);
-    if (__builtin_expect(static_cast<__mmask16>(in ^ tent) != 0, 0)) {
-      alignas(64) int32_t o[16];
-      alignas(64) float x[16];
-      _mm512_store_si512(o, off);
-      _mm512_store_ps(x, v);
-      for (uint32_t m = static_cast<__mmask16>(in ^ tent); m; m &= m - 1) {
-        const int l = __builtin_ctz(m);
-        eo[base + o[l]] = (in >> l) & 1 ? 0.0f : x[l];
-      }
-    }
-    const int cnt = __builtin_popcount(in);
-    const __m512 cv = _mm512_maskz_compress_ps(in, v);
-    const __m512i co = _mm512_maskz_compress_epi32(in, off);
-    const __m512i i0 = _mm512_add_epi64(vbase, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(co)));
-    const __m512i i1 =
-        _mm512_add_epi64(vbase, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(co, 1)));
-    if (pos + 16 <= out_end) {
-      _mm512_storeu_ps(val + pos, cv);
-      _mm512_storeu_si512(idx + pos, i0);
-      _mm512_storeu_si512(idx + pos + 8, i1);
-    } else {
-      const int c1 = cnt > 8 ? cnt - 8 : 0;
-      _mm512_mask_storeu_ps(val + pos, static_cast<__mmask16>((1u << cnt) - 1), cv);
-      _mm512_mask_storeu_epi64(idx + pos, static_cast<__mmask8>((1u << std::min(cnt, 8)) - 1), i0);
-      _mm512_mask_storeu_epi64(idx + pos + 8, static_cast<__mmask8>((1u << c1) - 1), i1);
-    }
-    pos += cnt;
-  }
-  fixup_chunk_scalar<float>(t, j, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
-}
-
-
 template <bool EF>
 __attribute__((target("avx2,popcnt"))) void write_f32_avx2(
     const float* g, float* e, int64_t lo, int64_t hi, const Classifier<uint32_t>& cls,
@@ -1064,24 +949,341 @@ inline bool write_simd(Simd s, const T* g, T* e, int64_t lo, int64_t hi,
   return false;
 }
 
+// ------------------------------------------------------------------ one-sweep hinted path
+// The sweep (sweep_chunk_scalar's vector form) and the fix-up (fixup_chunk_scalar's) for
+// float32 and the 16-bit formats, 16 entries per step with v's raw bits in 32-bit lanes
+// (16-bit formats widened and rounded as load16_avx512 does, stored narrowed).
+template <typename T>
+__attribute__((target(DGP_AVX512))) inline __m512i v_lanes(const T* g, const T* e, int64_t i) {
+  if constexpr (std::is_same_v<T, float>)
+    return _mm512_castps_si512(_mm512_add_ps(_mm512_loadu_ps(g + i), _mm512_loadu_ps(e + i)));
+  else
+    return load16_avx512<T, true>(g, e, i);
+}
+template <typename T>
+__attribute__((target(DGP_AVX512))) inline __m512i load_lanes(const T* p) {
+  if constexpr (sizeof(T) == 4)
+    return _mm512_loadu_si512(p);
+  else
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <typename T>
+__attribute__((target(DGP_AVX512))) inline void store_lanes(T* p, __m512i x) {
+  if constexpr (sizeof(T) == 4)
+    _mm512_storeu_si512(p, x);
+  else
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(x));
+}
+template <typename T>
+__attribute__((target(DGP_AVX512))) inline void store_lanes_masked(T* p, __mmask16 m, __m512i x) {
+  if constexpr (sizeof(T) == 4)
+    _mm512_mask_storeu_epi32(p, m, x);
+  else
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(x));
+}
+template <typename T>
+inline T from_bits(uint32_t b) {
+  T v;
+  if constexpr (sizeof(T) == 4) {
+    std::memcpy(&v, &b, 4);
+  } else {
+    const uint16_t h = static_cast<uint16_t>(b);
+    std::memcpy(&v, &h, 2);
+  }
+  return v;
+}
+
+// Per 16 entries: the eo store (v, or 0 on tentatively kept lanes), the in-range append
+// (value and chunk offset) and the window-key append, compressed in registers and stored
+// whole; the above count stays in vector lanes. (Measured on the ResNet-18 list, float32,
+// 1 thread: non-temporal eo stores, also with the in-range appends staged in L1 and
+// streamed out a line at a time, software prefetch, and 256-bit or table-driven compresses
+// were all slower or no faster.)
+template <typename T>
+__attribute__((target(DGP_AVX512))) inline void sweep_avx512(
+    const T* g, const T* e, T* eo, int64_t base, int64_t hi,
+    const SweepBounds<typename KeyTraits<T>::K>& sb, InRange<T>& t,
+    SweepCount<typename KeyTraits<T>::K>& out) {
+  using K = typename KeyTraits<T>::K;
+  int64_t i = base;
+  const __m512i kmask = _mm512_set1_epi32(sizeof(T) == 4 ? 0x7fffffff : 0x7fff);
+  const __m512i a_hi = _mm512_set1_epi32(static_cast<int>(sb.br.a_hi));
+  const __m512i in_lo = _mm512_set1_epi32(static_cast<int>(sb.in_lo));
+  const __m512i b_hi = _mm512_set1_epi32(static_cast<int>(sb.br.b_hi));
+  const __m512i a_lo = _mm512_set1_epi32(static_cast<int>(sb.br.a_lo));
+  const __mmask16 lo_on = sb.merged ? 0 : 0xffff;
+  const bool t_any = static_cast<int64_t>(sb.p_hi) > static_cast<int64_t>(sb.p_lo) + 1;
+  const __m512i t_lo = _mm512_set1_epi32(t_any ? static_cast<int>(sb.p_lo + 1) : 0);
+  const __m512i t_w = _mm512_set1_epi32(t_any ? static_cast<int>(sb.p_hi - sb.p_lo - 1) : 0);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i kmax = _mm512_setzero_si512();
+  __m512i v_above = _mm512_setzero_si512();
+  __m512i off = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(i - base)));
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  int64_t nt = t.n, nw = t.nw;
+  int32_t* tidx = t.idx;
+  T* tval = t.val;
+  K* w = t.w;
+  const int64_t cap_t = t.cap;
+  for (; i + 16 <= hi; i += 16) {
+    const __m512i v = v_lanes<T>(g, e, i);
+    const __m512i k = _mm512_and_si512(v, kmask);
+    kmax = _mm512_max_epu32(kmax, k);
+    const __mmask16 m_above = _mm512_cmpgt_epu32_mask(k, a_hi);
+    const __mmask16 m_in = _mm512_mask_cmpge_epu32_mask(static_cast<__mmask16>(~m_above), k, in_lo);
+    // p_lo < k < p_hi as one unsigned range test: k - (p_lo + 1) < p_hi - p_lo - 1.
+    const __mmask16 m_t = _mm512_mask_cmplt_epu32_mask(m_in, _mm512_sub_epi32(k, t_lo), t_w);
+    store_lanes<T>(eo + i, _mm512_maskz_mov_epi32(static_cast<__mmask16>(~m_t), v));
+    v_above = _mm512_mask_add_epi32(v_above, m_above, v_above, one);
+    store_lanes<T>(tval + nt, _mm512_maskz_compress_epi32(m_in, v));
+    _mm512_storeu_si512(tidx + nt, _mm512_maskz_compress_epi32(m_in, off));
+    nt += __builtin_popcount(m_in);
+    const __mmask16 m_h = _mm512_mask_cmpge_epu32_mask(m_in, k, b_hi);
+    const __mmask16 m_l = _mm512_mask_cmple_epu32_mask(m_in & lo_on, k, a_lo);
+    const __mmask16 m_w = m_h | m_l;
+    store_lanes<K>(w + nw, _mm512_maskz_compress_epi32(m_w, k));
+    nw += __builtin_popcount(m_w);
+    off = _mm512_add_epi32(off, sixteen);
+    if (nt > cap_t) { out.overflow = true; break; }
+  }
+  out.above += _mm512_reduce_add_epi32(v_above);
+  out.kmax = std::max(out.kmax, static_cast<K>(_mm512_reduce_max_epu32(kmax)));
+  t.n = nt;
+  t.nw = nw;
+  if (!out.overflow) sweep_chunk_scalar<T>(g, e, eo, base, i, hi, sb, t, out);
+}
+
+// The fix-up over 16 in-range entries at a time: kept lanes compressed to (index, value)
+// and stored whole or masked near the slice end; tie lanes through tie_keep_bits; lanes
+// whose tentative eo was wrong rewritten one by one.
+template <typename T>
+__attribute__((target(DGP_AVX512))) inline void fixup_avx512(
+    const InRange<T>& t, int64_t base, const SweepBounds<typename KeyTraits<T>::K>& sb,
+    const Classifier<typename KeyTraits<T>::K>& cls, int64_t& o_hi, int64_t& o_lo,
+    int64_t& pos, int64_t out_end, int64_t* idx, T* val, T* eo) {
+  const __m512i kmask = _mm512_set1_epi32(sizeof(T) == 4 ? 0x7fffffff : 0x7fff);
+  const __m512i vkhi = _mm512_set1_epi32(static_cast<int>(cls.khi));
+  const __m512i vklo = _mm512_set1_epi32(static_cast<int>(cls.klo));
+  const __m512i p_hi = _mm512_set1_epi32(static_cast<int>(sb.p_hi));
+  const __m512i p_lo = _mm512_set1_epi32(static_cast<int>(sb.p_lo));
+  const __m512i vbase = _mm512_set1_epi64(base);
+  int64_t j = 0;
+  for (; j + 16 <= t.n; j += 16) {
+    const __m512i v = load_lanes<T>(t.val + j);
+    const __m512i off = _mm512_loadu_si512(t.idx + j);
+    const __m512i k = _mm512_and_si512(v, kmask);
+    const __mmask16 tie_hi = _mm512_cmpeq_epu32_mask(k, vkhi);
+    const __mmask16 tie_lo = _mm512_cmpeq_epu32_mask(k, vklo);
+    __mmask16 in = _mm512_mask_cmplt_epu32_mask(_mm512_cmpgt_epu32_mask(k, vklo), k, vkhi);
+    if (tie_hi | tie_lo)
+      in |= static_cast<__mmask16>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+    const __mmask16 tent = _mm512_mask_cmplt_epu32_mask(_mm512_cmpgt_epu32_mask(k, p_lo), k, p_hi);
+    if (__builtin_expect(static_cast<__mmask16>(in ^ tent) != 0, 0)) {
+      alignas(64) int32_t o[16];
+      alignas(64) uint32_t x[16];
+      _mm512_store_si512(o, off);
+      _mm512_store_si512(x, v);
+      for (uint32_t m = static_cast<__mmask16>(in ^ tent); m; m &= m - 1) {
+        const int l = __builtin_ctz(m);
+        eo[base + o[l]] = (in >> l) & 1 ? T(0) : from_bits<T>(x[l]);
+      }
+    }
+    const int cnt = __builtin_popcount(in);
+    const __m512i cv = _mm512_maskz_compress_epi32(in, v);
+    const __m512i co = _mm512_maskz_compress_epi32(in, off);
+    const __m512i i0 = _mm512_add_epi64(vbase, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(co)));
+    const __m512i i1 =
+        _mm512_add_epi64(vbase, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(co, 1)));
+    if (pos + 16 <= out_end) {
+      store_lanes<T>(val + pos, cv);
+      _mm512_storeu_si512(idx + pos, i0);
+      _mm512_storeu_si512(idx + pos + 8, i1);
+    } else {
+      const int c1 = cnt > 8 ? cnt - 8 : 0;
+      store_lanes_masked<T>(val + pos, static_cast<__mmask16>((1u << cnt) - 1), cv);
+      _mm512_mask_storeu_epi64(idx + pos, static_cast<__mmask8>((1u << std::min(cnt, 8)) - 1), i0);
+      _mm512_mask_storeu_epi64(idx + pos + 8, static_cast<__mmask8>((1u << c1) - 1), i1);
+    }
+    pos += cnt;
+  }
+  fixup_chunk_scalar<T>(t, j, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
+}
+
+// The same two passes with AVX2, 8 entries per step (float32, and the 16-bit formats
+// widened as load16_avx2 does): compaction through the permutation table (avx2_lut)
+// instead of vpcompress; keys < 2^31, so signed compares against bounds clamped to
+// 0x7fffffff order them as the unsigned ones do (a clamped bound differs only for the
+// all-ones NaN key, and any NaN fails the layer anyway).
+template <typename T>
+__attribute__((target("avx2,popcnt,f16c"))) inline __m256i v_lanes_avx2(const T* g, const T* e,
+                                                                         int64_t i) {
+  if constexpr (std::is_same_v<T, float>)
+    return _mm256_castps_si256(_mm256_add_ps(_mm256_loadu_ps(g + i), _mm256_loadu_ps(e + i)));
+  else
+    return load16_avx2<T, true>(g, e, i);
+}
+template <typename T>
+__attribute__((target("avx2"))) inline __m256i load_lanes_avx2(const T* p) {
+  if constexpr (sizeof(T) == 4)
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  else
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <typename T>
+__attribute__((target("avx2"))) inline void store_lanes_avx2(T* p, __m256i x) {
+  if constexpr (sizeof(T) == 4)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x);
+  else
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow16_avx2(x));
+}
+inline int clamp_key31(uint32_t b) { return static_cast<int>(b > 0x7fffffffu ? 0x7fffffffu : b); }
+
+template <typename T>
+__attribute__((target("avx2,popcnt,f16c"))) inline void sweep_avx2(
+    const T* g, const T* e, T* eo, int64_t base, int64_t hi,
+    const SweepBounds<typename KeyTraits<T>::K>& sb, InRange<T>& t,
+    SweepCount<typename KeyTraits<T>::K>& out) {
+  using K = typename KeyTraits<T>::K;
+  const Avx2Lut& lut = avx2_lut();
+  int64_t i = base;
+  const __m256i kmask = _mm256_set1_epi32(sizeof(T) == 4 ? 0x7fffffff : 0x7fff);
+  const __m256i ones = _mm256_set1_epi32(-1);
+  const __m256i a_hi = _mm256_set1_epi32(clamp_key31(sb.br.a_hi));
+  const __m256i in_lo = _mm256_set1_epi32(clamp_key31(sb.in_lo));
+  const __m256i b_hi = _mm256_set1_epi32(clamp_key31(sb.br.b_hi));
+  const __m256i a_lo = _mm256_set1_epi32(clamp_key31(sb.br.a_lo));
+  const __m256i lo_on = _mm256_set1_epi32(sb.merged ? 0 : -1);
+  const __m256i p_hi = _mm256_set1_epi32(clamp_key31(sb.p_hi));
+  const __m256i p_lo = _mm256_set1_epi32(clamp_key31(sb.p_lo));
+  __m256i kmax = _mm256_setzero_si256();
+  __m256i v_above = _mm256_setzero_si256();
+  __m256i off = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                 _mm256_set1_epi32(static_cast<int>(i - base)));
+  const __m256i eight = _mm256_set1_epi32(8);
+  int64_t nt = t.n, nw = t.nw;
+  const int64_t cap_t = t.cap;
+  for (; i + 8 <= hi; i += 8) {
+    const __m256i v = v_lanes_avx2<T>(g, e, i);
+    const __m256i k = _mm256_and_si256(v, kmask);
+    kmax = _mm256_max_epi32(kmax, k);
+    const __m256i gt_ahi = _mm256_cmpgt_epi32(k, a_hi);
+    const __m256i in_v = _mm256_andnot_si256(gt_ahi, _mm256_xor_si256(_mm256_cmpgt_epi32(in_lo, k), ones));
+    const __m256i tent = _mm256_and_si256(
+        in_v, _mm256_and_si256(_mm256_cmpgt_epi32(k, p_lo), _mm256_cmpgt_epi32(p_hi, k)));
+    store_lanes_avx2<T>(eo + i, _mm256_andnot_si256(tent, v));
+    v_above = _mm256_sub_epi32(v_above, gt_ahi);
+    const int m_in = _mm256_movemask_ps(_mm256_castsi256_ps(in_v));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_in]));
+    store_lanes_avx2<T>(t.val + nt, _mm256_permutevar8x32_epi32(v, perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.idx + nt), _mm256_permutevar8x32_epi32(off, perm));
+    nt += __builtin_popcount(m_in);
+    const __m256i h_v = _mm256_andnot_si256(_mm256_cmpgt_epi32(b_hi, k), in_v);
+    const __m256i l_v = _mm256_andnot_si256(_mm256_cmpgt_epi32(k, a_lo), _mm256_and_si256(in_v, lo_on));
+    const int m_w = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(h_v, l_v)));
+    const __m256i perm_w = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_w]));
+    store_lanes_avx2<K>(t.w + nw, _mm256_permutevar8x32_epi32(k, perm_w));
+    nw += __builtin_popcount(m_w);
+    off = _mm256_add_epi32(off, eight);
+    if (nt > cap_t) { out.overflow = true; break; }
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v_above);
+  int64_t above = 0;
+  for (uint32_t x : lanes) above += x;
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), kmax);
+  uint32_t kmx = out.kmax;
+  for (uint32_t x : lanes) kmx = x > kmx ? x : kmx;
+  out.above += above;
+  out.kmax = static_cast<K>(kmx);
+  t.n = nt;
+  t.nw = nw;
+  if (!out.overflow) sweep_chunk_scalar<T>(g, e, eo, base, i, hi, sb, t, out);
+}
+
+template <typename T>
+__attribute__((target("avx2,popcnt,f16c"))) inline void fixup_avx2(
+    const InRange<T>& t, int64_t base, const SweepBounds<typename KeyTraits<T>::K>& sb,
+    const Classifier<typename KeyTraits<T>::K>& cls, int64_t& o_hi, int64_t& o_lo,
+    int64_t& pos, int64_t out_end, int64_t* idx, T* val, T* eo) {
+  const Avx2Lut& lut = avx2_lut();
+  const __m256i kmask = _mm256_set1_epi32(sizeof(T) == 4 ? 0x7fffffff : 0x7fff);
+  const __m256i vkhi = _mm256_set1_epi32(clamp_key31(cls.khi));
+  const __m256i vklo = _mm256_set1_epi32(clamp_key31(cls.klo));
+  const __m256i p_hi = _mm256_set1_epi32(clamp_key31(sb.p_hi));
+  const __m256i p_lo = _mm256_set1_epi32(clamp_key31(sb.p_lo));
+  const __m256i vbase = _mm256_set1_epi64x(base);
+  int64_t j = 0;
+  for (; j + 8 <= t.n; j += 8) {
+    const __m256i v = load_lanes_avx2<T>(t.val + j);
+    const __m256i off = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.idx + j));
+    const __m256i k = _mm256_and_si256(v, kmask);
+    const int tie_hi = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vkhi)));
+    const int tie_lo = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vklo)));
+    int in = _mm256_movemask_ps(_mm256_castsi256_ps(
+        _mm256_and_si256(_mm256_cmpgt_epi32(k, vklo), _mm256_cmpgt_epi32(vkhi, k))));
+    if (tie_hi | tie_lo) in |= static_cast<int>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+    const int tent = _mm256_movemask_ps(_mm256_castsi256_ps(
+        _mm256_and_si256(_mm256_cmpgt_epi32(k, p_lo), _mm256_cmpgt_epi32(p_hi, k))));
+    alignas(32) int32_t o[8];
+    alignas(32) uint32_t x[8];
+    if (__builtin_expect((in ^ tent) != 0, 0)) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(o), off);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(x), v);
+      for (uint32_t m = static_cast<uint32_t>(in ^ tent); m; m &= m - 1) {
+        const int l = __builtin_ctz(m);
+        eo[base + o[l]] = (in >> l) & 1 ? T(0) : from_bits<T>(x[l]);
+      }
+    }
+    const int cnt = __builtin_popcount(in);
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[in]));
+    const __m256i cv = _mm256_permutevar8x32_epi32(v, perm);
+    const __m256i co = _mm256_permutevar8x32_epi32(off, perm);
+    const __m256i i0 = _mm256_add_epi64(vbase, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(co)));
+    const __m256i i1 = _mm256_add_epi64(vbase, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(co, 1)));
+    if (pos + 8 <= out_end) {
+      store_lanes_avx2<T>(val + pos, cv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos), i0);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos + 4), i1);
+    } else {
+      alignas(32) int64_t xi[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(x), cv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(xi), i0);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(xi + 4), i1);
+      for (int l = 0; l < cnt && pos + l < out_end; ++l) {
+        val[pos + l] = from_bits<T>(x[l]);
+        idx[pos + l] = xi[l];
+      }
+    }
+    pos += cnt;
+  }
+  fixup_chunk_scalar<T>(t, j, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
+}
+
 // The one-sweep hinted path's kernels by dtype and SIMD level (false: no vector kernel;
 // the caller runs the scalar pass).
-// Whether the one-sweep path has vector kernels for (T, level). Only float32 with AVX-512
-// has them; elsewhere select_ef_multi_into copies e and runs the in-place path (its scalar
-// sweep measured 4-11x slower than the in-place SIMD passes: 1M entries, bf16 7.0 vs 1.2 ms,
-// fp16 12.9 vs 1.1 ms, fp64 6.0 vs 1.6 ms, float32 with AVX2 5.8 vs 1.1 ms).
+// Whether the one-sweep path has vector kernels for (T, level): float32, bfloat16 and
+// float16 with AVX-512 or AVX2. Elsewhere (float64, scalar CPUs) select_ef_multi_into
+// copies e and runs the in-place path (its scalar sweep measured 4-11x slower than the
+// in-place SIMD passes: 1M entries, fp64 6.0 vs 1.6 ms).
+template <typename T>
+inline constexpr bool kOneSweepType = std::is_same_v<T, float> || Is16<T>::value;
 template <typename T>
 inline bool one_sweep_vectorized(Simd s) {
-  return std::is_same_v<T, float> && s == Simd::kAvx512;
+  return kOneSweepType<T> && (s == Simd::kAvx512 || s == Simd::kAvx2);
 }
 
 template <typename T>
 inline bool sweep_simd(Simd s, const T* g, const T* e, T* eo, int64_t base, int64_t hi,
                        const SweepBounds<typename KeyTraits<T>::K>& sb, InRange<T>& t,
                        SweepCount<typename KeyTraits<T>::K>& out) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (kOneSweepType<T>) {
     if (s == Simd::kAvx512) {
-      sweep_f32_avx512(g, e, eo, base, hi, sb, t, out);
+      sweep_avx512<T>(g, e, eo, base, hi, sb, t, out);
+      return true;
+    }
+    if (s == Simd::kAvx2) {
+      sweep_avx2<T>(g, e, eo, base, hi, sb, t, out);
       return true;
     }
   }
@@ -1093,9 +1295,13 @@ inline bool fixup_simd(Simd s, const InRange<T>& t, int64_t base,
                        const SweepBounds<typename KeyTraits<T>::K>& sb,
                        const Classifier<typename KeyTraits<T>::K>& cls, int64_t& o_hi,
                        int64_t& o_lo, int64_t& pos, int64_t out_end, int64_t* idx, T* val, T* eo) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (kOneSweepType<T>) {
     if (s == Simd::kAvx512) {
-      fixup_f32_avx512(t, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
+      fixup_avx512<T>(t, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
+      return true;
+    }
+    if (s == Simd::kAvx2) {
+      fixup_avx2<T>(t, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
       return true;
     }
   }

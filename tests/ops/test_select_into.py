@@ -1,7 +1,8 @@
 """``select_ef_multi_into``: error feedback with the new residuals in separate buffers.
 
-The one-sweep path (C++ kernel, float32, AVX-512: ``one_sweep_available``) is what most of
-these tests force; other dtypes and forced lower SIMD levels take the copy-and-in-place
+The one-sweep path (C++ kernel: float32 / bfloat16 / float16 with AVX-512 or AVX2;
+``one_sweep_available``) is what most of these tests force, at each of those levels; float64
+and the scalar level take the copy-and-in-place
 path, checked as exact here too.
 
 Whatever the hint holds, indices, values and ``residuals_out`` are bit-identical to the
@@ -62,9 +63,19 @@ def _simd_levels():
     return levels[: levels.index(_C.simd_best()) + 1]
 
 
+def _vector_levels():
+    return [lv for lv in _simd_levels() if lv in ("avx2", "avx512")] or [None]
+
+
+@pytest.mark.parametrize("simd", _vector_levels())
 @pytest.mark.parametrize("bracket", BRACKETS + ("in_range",))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forced_brackets_are_exact(dtype, bracket):
+def test_forced_brackets_are_exact(dtype, bracket, simd):
+    with (cpp_mode(simd=simd) if simd else _null()):
+        _forced_brackets_case(dtype, bracket)
+
+
+def _forced_brackets_case(dtype, bracket):
     gs, es = _layers("randn", dtype)
     h = dgp_kernels.BandHint()
     state = _exact_state(gs, es)
@@ -117,8 +128,8 @@ def test_drifting_steps_every_simd_level(dtype, simd):
     h = dgp_kernels.BandHint()
     held = 0
     with (cpp_mode(simd=simd) if simd else _null()):
-        # (The one-sweep path runs at the best level only; forced lower levels check that
-        # every layer takes the copy-and-in-place path exactly.)
+        # (Levels without one-sweep kernels for the dtype check that every layer takes the
+        # copy-and-in-place path exactly.)
         for step in range(8):
             gs = [(0.9 * g.double() + 0.3 * torch.randn(g.shape, generator=gen, dtype=torch.float64))
                   .to(dtype) for g in gs]
@@ -132,9 +143,11 @@ def test_drifting_steps_every_simd_level(dtype, simd):
             assert_tree_same(got, want, f"step {step}")
             assert_tree_same(spare, e_ref, f"step {step} residuals_out")
             es, spare = spare, es
-    if _cpp_module() is not None and simd == _cpp_module().simd_best() and \
-            dgp_kernels.ops.one_sweep_available(dtype):
-        assert held >= 4, held
+    if _cpp_module() is not None and simd is not None:
+        with cpp_mode(simd=simd):
+            available = dgp_kernels.ops.one_sweep_available(dtype)
+        if available:
+            assert held >= 4, held
 
 
 class _null:
@@ -145,11 +158,18 @@ class _null:
         return False
 
 
+@pytest.mark.parametrize("simd", _vector_levels())
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_adversarial_inputs_with_held_brackets(dtype, kind):
+def test_adversarial_inputs_with_held_brackets(dtype, kind, simd):
     """The suite's adversarial inputs (ties across a bracket, many zeros, +-inf, subnormals,
-    few distinct values) with brackets from the exact keys: exact whichever path serves."""
+    few distinct values) with brackets from the exact keys: exact whichever path serves, at
+    every vector level that has one-sweep kernels."""
+    with (cpp_mode(simd=simd) if simd else _null()):
+        _adversarial_case(dtype, kind)
+
+
+def _adversarial_case(dtype, kind):
     gs, es = _layers(kind, dtype, seed=3)
     h = dgp_kernels.BandHint()
     h.state = _forced("hold", _exact_state(gs, es), dtype)
@@ -163,9 +183,15 @@ def test_adversarial_inputs_with_held_brackets(dtype, kind):
         _run_into(gs, es, h)
 
 
+@pytest.mark.parametrize("simd", _vector_levels())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_no_hint_and_split_chunks(dtype):
+def test_no_hint_and_split_chunks(dtype, simd):
     """No hint (copy path); and two threads, where a big layer is split into chunks."""
+    with (cpp_mode(simd=simd) if simd else _null()):
+        _split_chunks_case(dtype)
+
+
+def _split_chunks_case(dtype):
     gs, es = _layers("wide", dtype, seed=4)
     _run_into(gs, es, None)
     big = [make_values("randn", 300_000, dtype, seed=5)]
@@ -180,9 +206,15 @@ def test_no_hint_and_split_chunks(dtype):
         torch.set_num_threads(prev)
 
 
+@pytest.mark.parametrize("simd", _vector_levels())
 @pytest.mark.parametrize("where", ["g_first", "g_last", "e_big", "e_small", "sum_inf"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nan_raises_residuals_and_hint_unchanged(dtype, where):
+def test_nan_raises_residuals_and_hint_unchanged(dtype, where, simd):
+    with (cpp_mode(simd=simd) if simd else _null()):
+        _nan_case(dtype, where)
+
+
+def _nan_case(dtype, where):
     gs, es = _layers("randn", dtype, seed=7)
     h = dgp_kernels.BandHint()
     h.state = _forced("hold", _exact_state(gs, es), dtype)
@@ -253,9 +285,13 @@ def test_non_contiguous_inputs(dtype):
 def test_one_sweep_available():
     _C = _cpp_module()
     for dt in DTYPES:
-        want = _C is not None and dt == torch.float32 and _C.simd_level() == "avx512"
+        want = _C is not None and dt != torch.float64 and _C.simd_level() in ("avx2", "avx512")
         assert dgp_kernels.ops.one_sweep_available(dt) is want
         assert dgp_kernels.ops.one_sweep_available(dt, "meta") is False
-    if _C is not None and _C.simd_best() == "avx512":
+    if _C is not None and _C.simd_best() in ("avx2", "avx512"):
         with cpp_mode(simd="avx2"):
-            assert dgp_kernels.ops.one_sweep_available(torch.float32) is False
+            for dt in DTYPES:
+                assert dgp_kernels.ops.one_sweep_available(dt) is (dt != torch.float64)
+        with cpp_mode(simd="scalar"):
+            for dt in DTYPES:
+                assert dgp_kernels.ops.one_sweep_available(dt) is False
