@@ -19,6 +19,10 @@ dgp        top (0.05), keep (0.2),            dual gradient pruning: drop the ``
                                               what error feedback keeps of the top band, so
                                               it matters only with error feedback (the
                                               multi-round attacker), never in one round
+adgp       top (0.05), keep (0.2),            aligned DGP: the victim's values at the
+           value_dtype (float32)              positions a broadcaster chose as the DGP band
+                                              of *its own* gradient (``broadcaster_grads``,
+                                              see below); values only on the wire
 topk       keep (0.2), value_dtype            classic pruning: send the ``keep`` largest
 randk      keep (0.2), value_dtype            a random ``keep`` fraction
 dp         sigma | noise_multiplier, clip     Gaussian noise of std ``sigma`` on every entry;
@@ -32,6 +36,30 @@ qsgd       levels (127)                       QSGD stochastic quantisation
 ``value_dtype`` is ``float32``, ``bfloat16`` or ``float16``. Randomised defenses (randk, dp,
 qsgd) are seeded by the caller's ``seed``. Unknown names or parameters, bad values and
 malformed specs raise ``ValueError`` naming the spec and what is allowed.
+
+**adgp** (:mod:`dgp_kernels.compressor.adgp`): in aligned DGP every client of a round sends
+values at the same positions per layer, which a trusted :class:`~dgp_kernels.compressor.Broadcaster`
+picks as the DGP band of its own gradient (the default "fresh" rule; in one round its
+residual is zero). Its single-round operator here: positions =
+``Broadcaster(top, keep).choose(broadcaster_grads)``, and the victim's gradient is sent at
+those positions through :class:`~dgp_kernels.compressor.ADGPCompressor` (no error feedback)
+and the codec (an aligned payload: values only; ``upload_bytes`` is its encoded length). So
+the victim's largest entries are withheld only where they fall in the broadcaster's top
+band; its other large entries may be sent. The positions are broadcast, so the server knows
+them: the attacker gets the victim's dense gradient at the positions and ``sent_mask`` = the
+positions. ``band`` is ``None``: the DGP-aware attack's prior (every unsent coordinate of
+the *victim's* gradient lies outside the band of its sent magnitudes, ``k_top`` of them
+above it) holds for dgp, where the sent set is the victim's own magnitude band, but not for
+adgp, whose sent set is the broadcaster's band; giving the attacker that prior would push
+the reconstruction toward a false constraint. Mask-using attacks (``dlg-adaptive``,
+``ig-adaptive``) see the same threat model as under dgp. ``apply_defense`` needs the
+broadcaster's gradient (``broadcaster_grads``, one tensor per parameter, shaped like the
+victim's). In the evaluator (:mod:`dgp_kernels.attacks.runner`) the broadcaster is another
+client: its update on the same served model from the *next* batch of the run's targets,
+``(b + 1) mod n_batches``, or, when the run has a single batch, from a fixed batch of
+seeded uniform-noise images with random labels; never the victim's own images (with those
+the positions are the victim's own band and adgp sends exactly what dgp sends, except that
+a tensor with an empty band, which dgp sends dense, is not sent).
 """
 
 from __future__ import annotations
@@ -45,7 +73,7 @@ from torch import Tensor, nn
 
 from ..codec import decode, encode
 from ..codec.payload import SparsePayload
-from ..compressor import get_compressor
+from ..compressor import ADGPCompressor, AlignedPositions, Broadcaster, get_compressor
 from ..ops import DEFAULT_KEEP, DEFAULT_TOP
 from ..spec import parse_spec
 
@@ -67,6 +95,7 @@ _NO_CLIP = 1e30
 DEFENSE_PARAMS: Dict[str, Dict[str, type]] = {
     "none": {"value_dtype": str},
     "dgp": {"top": float, "keep": float, "value_dtype": str, "top_feedback": str},
+    "adgp": {"top": float, "keep": float, "value_dtype": str},
     "topk": {"keep": float, "value_dtype": str},
     "randk": {"keep": float, "value_dtype": str},
     "dp": {"sigma": float, "noise_multiplier": float, "clip": float},
@@ -76,6 +105,7 @@ DEFENSE_PARAMS: Dict[str, Dict[str, type]] = {
 # Parameters filled in when a spec leaves them out (so labels show the operating point).
 _SPEC_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "dgp": {"top": DEFAULT_TOP, "keep": DEFAULT_KEEP},
+    "adgp": {"top": DEFAULT_TOP, "keep": DEFAULT_KEEP},
     "topk": {"keep": DEFAULT_KEEP},
     "randk": {"keep": DEFAULT_KEEP},
     "qsgd": {"levels": 127},
@@ -110,7 +140,9 @@ class DefenseSpec:
 
     @property
     def band(self) -> Optional[Tuple[float, float]]:
-        """``(top, keep)`` of the band rule for ``dgp`` and ``topk`` (top 0), else ``None``."""
+        """``(top, keep)`` of the band rule for ``dgp`` and ``topk`` (top 0), else ``None``
+        (``adgp`` too: its sent set is the broadcaster's band, not the victim's; see the
+        module docstring)."""
         p = dict(self.params)
         if self.name == "dgp":
             return (float(p["top"]), float(p["keep"]))
@@ -127,7 +159,9 @@ class DefenseSpec:
     def compressor_params(self) -> Dict[str, Any]:
         """Keyword arguments for ``get_compressor(self.name, ...)`` (no seed, the compressor's
         own error-feedback default: on for dgp, off for topk/randk). The simulator trains
-        with these; :func:`apply_defense` adds ``error_feedback=False`` and the seed."""
+        with these; :func:`apply_defense` adds ``error_feedback=False`` and the seed. For
+        ``adgp`` they are the simulator's defense parameters: ``top``/``keep`` configure the
+        broadcaster, ``value_dtype`` the client's :class:`ADGPCompressor`."""
         p = dict(self.params)
         if self.name != "dp":
             return p
@@ -166,10 +200,9 @@ def parse_defense(spec: object) -> DefenseSpec:
         return spec
     name, raw = parse_spec(spec)  # the syntax shared with dgp train and SimConfig
     if name not in DEFENSE_PARAMS:
-        hint = " (adgp is a training-time protocol; its single-round operator is dgp)" if name == "adgp" else ""
         raise ValueError(
             f"unknown defense {name!r} in spec {spec!r}; known defenses: "
-            f"{', '.join(DEFENSE_PARAMS)}{hint}"
+            f"{', '.join(DEFENSE_PARAMS)}"
         )
     allowed = DEFENSE_PARAMS[name]
     given: Dict[str, Any] = {}
@@ -193,7 +226,11 @@ def parse_defense(spec: object) -> DefenseSpec:
     params = tuple((k, merged[k]) for k in order if k in merged)
     out = DefenseSpec(name=name, params=params)
     try:
-        get_compressor(name, **out.compressor_params())
+        if name == "adgp":
+            Broadcaster(top=merged["top"], keep=merged["keep"])
+            get_compressor(name, **{k: v for k, v in merged.items() if k == "value_dtype"})
+        else:
+            get_compressor(name, **out.compressor_params())
     except (TypeError, ValueError) as exc:
         raise ValueError(f"defense {spec!r}: {exc}") from None
     return out
@@ -212,7 +249,10 @@ class DefendedGradient:
         band: ``(top, keep)`` for dgp/topk (what a band-aware attacker may know), else None.
         upload_bytes: length of the encoded payload (header, layer table and checksum included).
         dense_bytes: bytes of the same gradient as dense float32 (``4 * numel``).
-        payload: the decoded :class:`SparsePayload` (values and indices as on the wire).
+        payload: the decoded :class:`SparsePayload` (values and indices as on the wire;
+            for adgp values only, ``aligned=True``).
+        positions: for adgp the broadcaster's :class:`~dgp_kernels.compressor.AlignedPositions`
+            (the sent coordinates per layer), else None.
     """
 
     spec: DefenseSpec
@@ -222,6 +262,7 @@ class DefendedGradient:
     upload_bytes: int
     dense_bytes: int
     payload: SparsePayload
+    positions: Optional[AlignedPositions] = None
 
     @property
     def sent_fraction(self) -> float:
@@ -276,7 +317,14 @@ def sent_mask_from_payload(payload: SparsePayload, like: Sequence[Tensor]) -> Li
 
 def defense_compressor(spec: "DefenseSpec", *, error_feedback: bool, seed: int):
     """The registered compressor of a parsed defense: error feedback on or off where the
-    compressor has it (dgp, topk, randk), ``seed`` where it is randomised (randk, dp, qsgd)."""
+    compressor has it (dgp, topk, randk), ``seed`` where it is randomised (randk, dp, qsgd).
+    ``adgp`` has no compressor of its own here: its positions come from a broadcaster
+    (:func:`apply_defense` with ``broadcaster_grads``), so it raises ``ValueError``."""
+    if spec.name == "adgp":
+        raise ValueError(
+            f"defense {spec.label!r}: adgp sends at a broadcaster's positions; apply it with "
+            "apply_defense(..., broadcaster_grads=...)"
+        )
     kwargs = spec.compressor_params()
     if spec.name in ("dgp", "topk", "randk"):
         kwargs["error_feedback"] = error_feedback
@@ -286,7 +334,8 @@ def defense_compressor(spec: "DefenseSpec", *, error_feedback: bool, seed: int):
 
 
 def apply_defense(spec: object, grads: Sequence[Tensor], *, seed: int = 0,
-                  model: Optional[nn.Module] = None) -> DefendedGradient:
+                  model: Optional[nn.Module] = None,
+                  broadcaster_grads: Optional[Sequence[Tensor]] = None) -> DefendedGradient:
     """Apply ``spec`` once (no error feedback) to one client's gradient.
 
     Args:
@@ -294,6 +343,10 @@ def apply_defense(spec: object, grads: Sequence[Tensor], *, seed: int = 0,
         grads: one float tensor per model parameter (any float dtype, any device); not modified.
         seed: seed of the randomised defenses (randk, dp, qsgd).
         model: when given, ``grads`` must match its trainable parameters (``ValueError`` otherwise).
+        broadcaster_grads: for ``adgp`` only, and required there: the broadcaster's own
+            gradient, one tensor per parameter shaped like ``grads``, whose DGP band per
+            layer gives the positions (see the module docstring); not modified. Passing it
+            with another defense raises ``ValueError``.
 
     Returns:
         a :class:`DefendedGradient`: the dense float32 gradient decoded from the real encoded
@@ -301,20 +354,51 @@ def apply_defense(spec: object, grads: Sequence[Tensor], *, seed: int = 0,
     """
     spec = parse_defense(spec)
     grads = check_gradients(grads, model)
-    comp = defense_compressor(spec, error_feedback=False, seed=seed)
     detached = [g.detach() for g in grads]
-    wire = encode(comp.compress(detached))
-    payload = decode(wire, [g.numel() for g in detached])
-    dense = comp.decompress(payload, [g.shape for g in detached])
     device = detached[0].device if detached else torch.device("cpu")
+    numels = [g.numel() for g in detached]
+    positions: Optional[AlignedPositions] = None
+    if spec.name == "adgp":
+        if broadcaster_grads is None:
+            raise ValueError(
+                f"defense {spec.label!r} needs broadcaster_grads (the broadcaster's own gradient, "
+                "whose DGP band gives the positions every client sends)"
+            )
+        bgrads = check_gradients(broadcaster_grads, model, name="broadcaster_grads")
+        if len(bgrads) != len(detached):
+            raise ValueError(f"broadcaster_grads has {len(bgrads)} tensors but grads has {len(detached)}")
+        for i, (b, g) in enumerate(zip(bgrads, detached)):
+            if b.shape != g.shape:
+                raise ValueError(
+                    f"broadcaster_grads[{i}] has shape {tuple(b.shape)} but grads[{i}] has {tuple(g.shape)}"
+                )
+        p = dict(spec.params)
+        positions = Broadcaster(top=p["top"], keep=p["keep"]).choose([b.detach() for b in bgrads])
+        comp = ADGPCompressor(error_feedback=False, value_dtype=p.get("value_dtype", torch.float32))
+        comp.set_positions(positions)
+    elif broadcaster_grads is not None:
+        raise ValueError(f"broadcaster_grads is only for adgp, not for defense {spec.label!r}")
+    else:
+        comp = defense_compressor(spec, error_feedback=False, seed=seed)
+    wire = encode(comp.compress(detached))
+    payload = decode(wire, numels)
+    dense = comp.decompress(payload, [g.shape for g in detached])
     shared = [d.to(device) for d in dense]
-    masks = sent_mask_from_payload(payload, shared)
+    if positions is None:
+        masks = sent_mask_from_payload(payload, shared)
+    else:
+        masks = []
+        for idx, t in zip(positions.indices, shared):
+            m = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+            m[idx.to(t.device)] = True
+            masks.append(m.view(t.shape))
     return DefendedGradient(
         spec=spec,
         shared_grads=shared,
         sent_mask=masks,
         band=spec.band,
         upload_bytes=len(wire),
-        dense_bytes=4 * sum(g.numel() for g in detached),
+        dense_bytes=4 * sum(numels),
         payload=payload,
+        positions=positions,
     )

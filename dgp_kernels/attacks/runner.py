@@ -10,7 +10,13 @@ figures) the runner
 2. computes the client's gradient on it (:func:`~dgp_kernels.attacks.base.compute_gradients`);
 3. applies each defense once, without error feedback, through the compressors and the wire
    codec (:func:`~dgp_kernels.attacks.defenses.apply_defense`), which gives the dense
-   gradient the server rebuilds, the sent mask, the band and the real upload size;
+   gradient the server rebuilds, the sent mask, the band and the real upload size. ADGP
+   (``adgp``) sends at positions a broadcaster picks from *its own* gradient; here the
+   broadcaster is another client: its update (:func:`client_update`, on a copy of the same
+   served model) on the *next* batch of the run's targets, ``(b + 1) mod n_batches``; when
+   the run has a single batch, on a fixed batch of the same size of uniform-noise images in
+   [0, 1) with random labels, drawn from a generator seeded with ``seed`` (never the
+   victim's own images, which would make the positions the victim's own DGP band);
 4. runs each attack with the :class:`~dgp_kernels.attacks.base.ThreatModel` a server has:
    the model, the image shape, the class count, the sent mask (a sparse payload carries its
    indices, so every attacker may use it; the adaptive ones do), the band rule for DGP/top-k
@@ -384,6 +390,8 @@ def applicable_attacks(spec: DefenseSpec, attacks: Sequence[str]) -> List[str]:
 #: Defenses that get every applicable attack by default: the undefended gradient, DGP at its
 #: defaults and classic top-k pruning at the same density (the paper's comparison).
 PRIMARY_DEFENSES: Tuple[str, ...] = ("none", "dgp:top=0.05,keep=0.2", "topk:keep=0.2")
+#: ADGP at DGP's defaults: attacked like the primary defenses (not part of the suite).
+_ADGP_DEFAULT = "adgp:top=0.05,keep=0.2"
 
 
 def default_attacks(spec: DefenseSpec, attacks: Sequence[str]) -> List[str]:
@@ -394,7 +402,8 @@ def default_attacks(spec: DefenseSpec, attacks: Sequence[str]) -> List[str]:
 
     * the undefended gradient: dlg, ig, rtf;
     * the DGP defaults and top-k 20% (:data:`PRIMARY_DEFENSES`): dlg-adaptive, ig-adaptive,
-      ig-dgp-aware, rtf;
+      ig-dgp-aware, rtf; ADGP at the DGP defaults the same except ig-dgp-aware (it has no
+      band, see :mod:`.defenses`);
     * other sparsifying defenses: ig-adaptive, ig-dgp-aware where there is a band, rtf;
     * other dense defenses: ig, rtf.
 
@@ -403,7 +412,7 @@ def default_attacks(spec: DefenseSpec, attacks: Sequence[str]) -> List[str]:
     chosen = applicable_attacks(spec, attacks)
     if spec.density >= 1.0:
         keep = {"dlg", "ig", "rtf"} if spec.name == "none" else {"ig", "rtf"}
-    elif spec.label in PRIMARY_DEFENSES:
+    elif spec.label in PRIMARY_DEFENSES or spec.label == _ADGP_DEFAULT:
         keep = {"dlg-adaptive", "ig-adaptive", "ig-dgp-aware", "rtf"}
     else:
         keep = {"ig-adaptive", "rtf"}
@@ -799,6 +808,24 @@ def _batch_job(cfg: EvalConfig, device: str, targets: TargetSet, b_i: int, idx: 
     return _run_batch(cfg, device, targets, b_i, idx, None)
 
 
+def _broadcaster_batch(cfg: EvalConfig, targets: TargetSet, b_i: int, idx: List[int],
+                       device: str) -> Tuple[Tensor, Tensor]:
+    """The images and labels of ADGP's broadcaster for victim batch ``b_i``: the next batch
+    of the run, ``(b_i + 1) mod n_batches`` (batches as :func:`_run` forms them); with a
+    single batch, ``len(idx)`` uniform-noise images in [0, 1) and uniform random labels
+    from a generator seeded with ``cfg.seed`` (never the victim's own images)."""
+    n = len(targets)
+    starts = list(range(0, n, cfg.batch_size))
+    if len(starts) > 1:
+        s = starts[(b_i + 1) % len(starts)]
+        other = list(range(s, min(s + cfg.batch_size, n)))
+        return targets.images[other].to(device), targets.labels[other].to(device)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    xb = torch.rand((len(idx), *targets.image_shape), generator=gen, dtype=targets.images.dtype)
+    yb = torch.randint(0, targets.num_classes, (len(idx),), generator=gen, dtype=targets.labels.dtype)
+    return xb.to(device), yb.to(device)
+
+
 def _run_batch(cfg: EvalConfig, device: str, targets: TargetSet, b_i: int, idx: List[int], bar) -> Dict[str, Any]:
     """Every (defense, attack) of the grid, every tuning setting, on batch ``b_i``."""
     specs = [parse_defense(d) for d, _ in cfg.grid]
@@ -825,12 +852,22 @@ def _run_batch(cfg: EvalConfig, device: str, targets: TargetSet, b_i: int, idx: 
             grads[id(m)] = client_update(m, x, y, steps=cfg.local_steps, lr=cfg.local_lr)
     honest = grads.get(id(base_model)) or client_update(base_model, x, y, steps=cfg.local_steps, lr=cfg.local_lr)
     defended_cache: Dict[Tuple[str, int], DefendedGradient] = {}
+    broadcaster: Dict[int, List[Tensor]] = {}  # ADGP's broadcaster update per served model
+
+    def broadcaster_grads(m: torch.nn.Module) -> List[Tensor]:
+        if id(m) not in broadcaster:
+            xb, yb = _broadcaster_batch(cfg, targets, b_i, idx, device)
+            # on a copy, so that the served model (batch-norm statistics) stays as it was
+            broadcaster[id(m)] = client_update(copy.deepcopy(m), xb, yb, steps=cfg.local_steps,
+                                               lr=cfg.local_lr)
+        return broadcaster[id(m)]
 
     def defended(spec: DefenseSpec, m: torch.nn.Module) -> DefendedGradient:
         key = (spec.label, id(m))
         if key not in defended_cache:
             g = honest if m is base_model else grads[id(m)]
-            defended_cache[key] = apply_defense(spec, g, seed=cfg.seed + b_i, model=m)
+            extra = {"broadcaster_grads": broadcaster_grads(m)} if spec.name == "adgp" else {}
+            defended_cache[key] = apply_defense(spec, g, seed=cfg.seed + b_i, model=m, **extra)
         return defended_cache[key]
 
     for spec, atks in grid:

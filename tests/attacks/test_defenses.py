@@ -63,7 +63,7 @@ def test_spec_band_density_and_compressor_params():
     "spec, exc, match",
     [
         ("foo", ValueError, "unknown defense 'foo'.*known defenses: none, dgp"),
-        ("adgp", ValueError, "training-time protocol"),
+        ("adgp:top_feedback=full", ValueError, "adgp has no parameter .top_feedback."),
         ("dgp:top=2", ValueError, "top must be in"),
         ("dgp:top=0.9,keep=0.2", ValueError, "top \\+ keep must be <= 1"),
         ("dgp:keep", ValueError, "param=value"),
