@@ -81,6 +81,11 @@ class DGPCompressor(Compressor):
             entries dense; ``dense_below=1000`` costs +6.8 % upload on ``convnet_small``
             and +0.3 % on the CIFAR ResNet-18 (``bench/studies/dense_below.py``) and sends
             those tensors unpruned, so their largest entries are no longer withheld.
+        spare_residuals: with error feedback, keep a second residual buffer per tensor in
+            groups where :func:`~dgp_kernels.ops.one_sweep_available` (default ``True``,
+            below); ``False`` keeps one buffer and the in-place hinted op, for when memory
+            is tighter than time. Payloads and residuals are bit-identical either way; a
+            speed and memory setting, so it is not part of :meth:`params` or the state.
 
     Per tensor ``i`` with residual ``e_i`` (dtype and shape of ``grads[i]``):
     ``v = g + e``; ``(idx, kept) = band(v)``; ``e <- v`` with ``idx`` zeroed; send
@@ -128,6 +133,7 @@ class DGPCompressor(Compressor):
         value_dtype: Union[str, torch.dtype] = torch.float32,
         top_feedback: str = "full",
         dense_below: Optional[int] = None,
+        spare_residuals: bool = True,
     ) -> None:
         super().__init__()
         check_fractions(top, keep)
@@ -142,6 +148,7 @@ class DGPCompressor(Compressor):
             )
         self.top_feedback = check_choice(top_feedback, "top_feedback", TOP_FEEDBACK_POLICIES)
         self.dense_below = None if dense_below is None else check_int(dense_below, "dense_below", min_value=0)
+        self.spare_residuals = check_bool(spare_residuals, "spare_residuals")
         self.last_dropped: Optional[List[Tuple[Tensor, Tensor]]] = None
         self.dropped_l1 = 0.0
         self.dropped_entries = 0
@@ -261,7 +268,7 @@ class DGPCompressor(Compressor):
             if residuals is not None:
                 hint = self._hints.setdefault(key, ops.BandHint())
                 res = [residuals[i] for i in members]
-                if ops.one_sweep_available(key[0], key[1]):
+                if self.spare_residuals and ops.one_sweep_available(key[0], key[1]):
                     out = self._select_into(key, gs, res, hint)
                 else:
                     out = ops.select_ef_multi(gs, res, self.top, self.keep, hint=hint)

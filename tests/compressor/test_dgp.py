@@ -251,15 +251,16 @@ def test_band_hint_carried_between_rounds_changes_no_bit():
     assert hinted._hints == {}
 
 
-def test_cpu_double_buffer_matches_in_place_op_over_drifting_rounds():
+@pytest.mark.parametrize("spare", [True, False])
+def test_cpu_double_buffer_matches_in_place_op_over_drifting_rounds(spare):
     """float32 CPU groups go through select_ef_multi_into with a spare buffer per tensor
-    (where the one-sweep kernels exist); every
+    (where the one-sweep kernels exist, unless ``spare_residuals=False``); every
     round's payload and residuals equal the in-place op without a hint run alongside, the
     memory keeps its tensor objects, and a NaN round changes nothing."""
     torch.manual_seed(1)
     shapes = [(300, 200), (50_000,), (7,), (64, 3, 3, 3)]
     base = [torch.randn(s) for s in shapes]
-    comp = DGPCompressor()
+    comp = DGPCompressor(spare_residuals=spare)
     e_ref = [torch.zeros(s) for s in shapes]
     objs = None
     for step in range(8):
@@ -276,11 +277,11 @@ def test_cpu_double_buffer_matches_in_place_op_over_drifting_rounds():
         if objs is None:
             objs = [id(e) for e in comp.memory.peek()]
         assert [id(e) for e in comp.memory.peek()] == objs
-    if dgp_kernels.ops.one_sweep_available(torch.float32):
-        (spare,) = comp._spares.values()
+    if spare and dgp_kernels.ops.one_sweep_available(torch.float32):
+        (spares,) = comp._spares.values()
         ptrs = {e.data_ptr() for e in comp.memory.peek()}
-        assert not ptrs & {s.data_ptr() for s in spare}
-    else:  # no one-sweep kernels here: the group runs the in-place op, no spare buffers
+        assert not ptrs & {s.data_ptr() for s in spares}
+    else:  # no one-sweep kernels here, or turned off: the in-place op, no spare buffers
         assert comp._spares == {}
     before = [e.clone() for e in comp.memory.peek()]
     bad = [g.clone() for g in grads]
@@ -289,3 +290,28 @@ def test_cpu_double_buffer_matches_in_place_op_over_drifting_rounds():
         comp.compress(bad)
     for e1, e2 in zip(comp.memory.peek(), before):
         assert _bits(e1).equal(_bits(e2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_groups_same_bits_with_and_without_spares(dtype):
+    """16-bit groups double-buffer too where the one-sweep kernels exist: payloads and
+    residuals equal a compressor with ``spare_residuals=False`` round after round."""
+    torch.manual_seed(2)
+    shapes = [(300, 200), (50_000,), (5,)]
+    base = [torch.randn(s) for s in shapes]
+    a, b = DGPCompressor(), DGPCompressor(spare_residuals=False)
+    for step in range(5):
+        base = [0.9 * x + 0.3 * torch.randn_like(x) for x in base]
+        grads = [x.to(dtype) for x in base]
+        p1, p2 = a.compress(grads), b.compress(grads)
+        for l1, l2 in zip(p1.layers, p2.layers):
+            assert (l1.indices is None) == (l2.indices is None)
+            if l1.indices is not None:
+                assert torch.equal(l1.indices, l2.indices)
+            assert _bits(l1.values).equal(_bits(l2.values))
+        for e1, e2 in zip(a.memory.peek(), b.memory.peek()):
+            assert _bits(e1).equal(_bits(e2))
+    assert b._spares == {}
+    assert (len(a._spares) == 1) == dgp_kernels.ops.one_sweep_available(dtype)
+    with pytest.raises(TypeError, match="spare_residuals"):
+        DGPCompressor(spare_residuals="no")
