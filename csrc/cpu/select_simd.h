@@ -1364,18 +1364,134 @@ __attribute__((target("avx2,popcnt,f16c"))) inline void fixup_avx2(
   fixup_chunk_scalar<T>(t, j, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
 }
 
+// float64 with AVX2, 4 entries per step: 64-bit keys (< 2^63, signed compares against
+// clamped bounds as above), chunk offsets carried in 64-bit lanes so one permutation
+// (avx2_lut4) compacts values, keys and offsets alike.
+inline int64_t clamp_key63(uint64_t b) {
+  return static_cast<int64_t>(b > 0x7fffffffffffffffull ? 0x7fffffffffffffffull : b);
+}
+// The low 32 bits of each 64-bit lane, packed into 128 bits.
+__attribute__((target("avx2"))) inline __m128i narrow64_avx2(__m256i x) {
+  return _mm256_castsi256_si128(
+      _mm256_permutevar8x32_epi32(x, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
+}
+
+__attribute__((target("avx2,popcnt"))) inline void sweep_f64_avx2(
+    const double* g, const double* e, double* eo, int64_t base, int64_t hi,
+    const SweepBounds<uint64_t>& sb, InRange<double>& t, SweepCount<uint64_t>& out) {
+  const Avx2Lut4& lut = avx2_lut4();
+  int64_t i = base;
+  const __m256i kmask = _mm256_set1_epi64x(0x7fffffffffffffffll);
+  const __m256i ones = _mm256_set1_epi64x(-1);
+  const __m256i a_hi = _mm256_set1_epi64x(clamp_key63(sb.br.a_hi));
+  const __m256i in_lo = _mm256_set1_epi64x(clamp_key63(sb.in_lo));
+  const __m256i b_hi = _mm256_set1_epi64x(clamp_key63(sb.br.b_hi));
+  const __m256i a_lo = _mm256_set1_epi64x(clamp_key63(sb.br.a_lo));
+  const __m256i lo_on = _mm256_set1_epi64x(sb.merged ? 0 : -1);
+  const __m256i p_hi = _mm256_set1_epi64x(clamp_key63(sb.p_hi));
+  const __m256i p_lo = _mm256_set1_epi64x(clamp_key63(sb.p_lo));
+  __m256i kmax = _mm256_setzero_si256();
+  __m256i v_above = _mm256_setzero_si256();
+  __m256i off = _mm256_add_epi64(_mm256_setr_epi64x(0, 1, 2, 3), _mm256_set1_epi64x(i - base));
+  const __m256i four = _mm256_set1_epi64x(4);
+  int64_t nt = t.n, nw = t.nw;
+  const int64_t cap_t = t.cap;
+  for (; i + 4 <= hi; i += 4) {
+    const __m256i v = _mm256_castpd_si256(_mm256_add_pd(_mm256_loadu_pd(g + i), _mm256_loadu_pd(e + i)));
+    const __m256i k = _mm256_and_si256(v, kmask);
+    kmax = _mm256_blendv_epi8(kmax, k, _mm256_cmpgt_epi64(k, kmax));
+    const __m256i gt_ahi = _mm256_cmpgt_epi64(k, a_hi);
+    const __m256i in_v = _mm256_andnot_si256(gt_ahi, _mm256_xor_si256(_mm256_cmpgt_epi64(in_lo, k), ones));
+    const __m256i tent = _mm256_and_si256(
+        in_v, _mm256_and_si256(_mm256_cmpgt_epi64(k, p_lo), _mm256_cmpgt_epi64(p_hi, k)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(eo + i), _mm256_andnot_si256(tent, v));
+    v_above = _mm256_sub_epi64(v_above, gt_ahi);
+    const int m_in = _mm256_movemask_pd(_mm256_castsi256_pd(in_v));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_in]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.val + nt), _mm256_permutevar8x32_epi32(v, perm));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(t.idx + nt),
+                     narrow64_avx2(_mm256_permutevar8x32_epi32(off, perm)));
+    nt += __builtin_popcount(m_in);
+    const __m256i h_v = _mm256_andnot_si256(_mm256_cmpgt_epi64(b_hi, k), in_v);
+    const __m256i l_v = _mm256_andnot_si256(_mm256_cmpgt_epi64(k, a_lo), _mm256_and_si256(in_v, lo_on));
+    const int m_w = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_or_si256(h_v, l_v)));
+    const __m256i perm_w = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_w]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.w + nw), _mm256_permutevar8x32_epi32(k, perm_w));
+    nw += __builtin_popcount(m_w);
+    off = _mm256_add_epi64(off, four);
+    if (nt > cap_t) { out.overflow = true; break; }
+  }
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v_above);
+  const int64_t above = static_cast<int64_t>(lanes[0] + lanes[1] + lanes[2] + lanes[3]);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), kmax);
+  const uint64_t kmx = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+  finish_sweep<double>(g, e, eo, base, i, hi, sb, t, out, above, kmx, nt, nw);
+}
+
+__attribute__((target("avx2,popcnt"))) inline void fixup_f64_avx2(
+    const InRange<double>& t, int64_t base, const SweepBounds<uint64_t>& sb,
+    const Classifier<uint64_t>& cls, int64_t& o_hi, int64_t& o_lo, int64_t& pos,
+    int64_t out_end, int64_t* idx, double* val, double* eo) {
+  const Avx2Lut4& lut = avx2_lut4();
+  const __m256i kmask = _mm256_set1_epi64x(0x7fffffffffffffffll);
+  const __m256i vkhi = _mm256_set1_epi64x(clamp_key63(cls.khi));
+  const __m256i vklo = _mm256_set1_epi64x(clamp_key63(cls.klo));
+  const __m256i p_hi = _mm256_set1_epi64x(clamp_key63(sb.p_hi));
+  const __m256i p_lo = _mm256_set1_epi64x(clamp_key63(sb.p_lo));
+  const __m256i vbase = _mm256_set1_epi64x(base);
+  int64_t j = 0;
+  for (; j + 4 <= t.n; j += 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.val + j));
+    const __m256i off = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.idx + j)));
+    const __m256i k = _mm256_and_si256(v, kmask);
+    const int tie_hi = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(k, vkhi)));
+    const int tie_lo = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(k, vklo)));
+    int in = _mm256_movemask_pd(_mm256_castsi256_pd(
+        _mm256_and_si256(_mm256_cmpgt_epi64(k, vklo), _mm256_cmpgt_epi64(vkhi, k))));
+    if (tie_hi | tie_lo) in |= static_cast<int>(tie_keep_bits(cls, tie_hi, tie_lo, o_hi, o_lo));
+    const int tent = _mm256_movemask_pd(_mm256_castsi256_pd(
+        _mm256_and_si256(_mm256_cmpgt_epi64(k, p_lo), _mm256_cmpgt_epi64(p_hi, k))));
+    if (__builtin_expect((in ^ tent) != 0, 0)) {
+      for (uint32_t m = static_cast<uint32_t>(in ^ tent); m; m &= m - 1) {
+        const int l = __builtin_ctz(m);
+        eo[base + t.idx[j + l]] = (in >> l) & 1 ? 0.0 : t.val[j + l];
+      }
+    }
+    const int cnt = __builtin_popcount(in);
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[in]));
+    const __m256i cv = _mm256_permutevar8x32_epi32(v, perm);
+    const __m256i ci = _mm256_add_epi64(vbase, _mm256_permutevar8x32_epi32(off, perm));
+    if (pos + 4 <= out_end) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(val + pos), cv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + pos), ci);
+    } else {
+      alignas(32) double xv[4];
+      alignas(32) int64_t xi[4];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(xv), cv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(xi), ci);
+      for (int l = 0; l < cnt && pos + l < out_end; ++l) {
+        val[pos + l] = xv[l];
+        idx[pos + l] = xi[l];
+      }
+    }
+    pos += cnt;
+  }
+  fixup_chunk_scalar<double>(t, j, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
+}
+
 // The one-sweep hinted path's kernels by dtype and SIMD level (false: no vector kernel;
 // the caller runs the scalar pass).
-// Whether the one-sweep path has vector kernels for (T, level): float32, bfloat16 and
-// float16 with AVX-512 or AVX2, float64 with AVX-512. Elsewhere (float64 with AVX2, scalar
-// CPUs) select_ef_multi_into copies e and runs the in-place path (its scalar sweep
-// measured 4-11x slower than the in-place SIMD passes: 1M entries, fp64 6.0 vs 1.6 ms).
+// Whether the one-sweep path has vector kernels for (T, level): every float dtype with
+// AVX-512 or AVX2. On scalar CPUs select_ef_multi_into copies e and runs the in-place path
+// (the scalar sweep measured 4-11x slower than the in-place SIMD passes: 1M entries, fp64
+// 6.0 vs 1.6 ms).
 template <typename T>
 inline constexpr bool kOneSweepType = std::is_same_v<T, float> || Is16<T>::value;
 template <typename T>
 inline bool one_sweep_vectorized(Simd s) {
-  return (kOneSweepType<T> && (s == Simd::kAvx512 || s == Simd::kAvx2)) ||
-         (std::is_same_v<T, double> && s == Simd::kAvx512);
+  return (kOneSweepType<T> || std::is_same_v<T, double>) &&
+         (s == Simd::kAvx512 || s == Simd::kAvx2);
 }
 
 template <typename T>
@@ -1394,6 +1510,10 @@ inline bool sweep_simd(Simd s, const T* g, const T* e, T* eo, int64_t base, int6
   } else if constexpr (std::is_same_v<T, double>) {
     if (s == Simd::kAvx512) {
       sweep_f64_avx512(g, e, eo, base, hi, sb, t, out);
+      return true;
+    }
+    if (s == Simd::kAvx2) {
+      sweep_f64_avx2(g, e, eo, base, hi, sb, t, out);
       return true;
     }
   }
@@ -1417,6 +1537,10 @@ inline bool fixup_simd(Simd s, const InRange<T>& t, int64_t base,
   } else if constexpr (std::is_same_v<T, double>) {
     if (s == Simd::kAvx512) {
       fixup_f64_avx512(t, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
+      return true;
+    }
+    if (s == Simd::kAvx2) {
+      fixup_f64_avx2(t, base, sb, cls, o_hi, o_lo, pos, out_end, idx, val, eo);
       return true;
     }
   }

@@ -109,8 +109,8 @@ class DGPCompressor(Compressor):
     With error feedback each group carries a :class:`~dgp_kernels.ops.BandHint` from round
     to round (the CPU kernel brackets the band boundaries with last round's keys; the
     results are bit-identical without it); it is not part of the saved state. Groups where
-    :func:`~dgp_kernels.ops.one_sweep_available` (every float dtype on CPUs with AVX-512, all
-    but float64 with AVX2) also keep a second residual buffer per tensor (one more residual's worth of
+    :func:`~dgp_kernels.ops.one_sweep_available` (every float dtype on CPUs with AVX2 or
+    AVX-512) also keep a second residual buffer per tensor (one more residual's worth of
     memory):
     :func:`~dgp_kernels.ops.select_ef_multi_into` writes the new residuals there, reading
     ``g`` and ``e`` once for layers whose hint holds, and the two buffers then swap storages.

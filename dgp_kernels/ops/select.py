@@ -470,9 +470,8 @@ def select_ef_multi_into(
     it counts. For a layer whose :class:`BandHint` brackets still hold, it reads ``g`` and
     ``e`` once, writing ``residuals_out`` and gathering the entries inside the brackets, and
     then fixes up only those (in-place error feedback needs a counting sweep before it may
-    write; every float dtype on CPUs with AVX-512, all but float64 with AVX2, see
-    :func:`one_sweep_available`). Other layers,
-    misses, other dtypes and CPUs, and other kernels copy ``residuals`` into
+    write; every float dtype on CPUs with AVX2 or AVX-512, see :func:`one_sweep_available`).
+    Other layers, misses, CPUs without AVX2 and other kernels copy ``residuals`` into
     ``residuals_out`` and run the in-place path there.
 
     On a NaN (same rule and message as ``select_ef_multi``): ``ValueError``; ``residuals``
@@ -499,8 +498,8 @@ def select_ef_multi_into(
 
 def one_sweep_available(dtype: torch.dtype, device: Union[str, torch.device] = "cpu") -> bool:
     """Whether :func:`select_ef_multi_into` reads ``g`` and ``e`` once for hinted layers of
-    this dtype and device here: the C++ CPU kernel on a CPU with AVX-512 (every float dtype)
-    or AVX2 (float32, bfloat16, float16).
+    this dtype and device here: the C++ CPU kernel on a CPU with AVX2 or AVX-512 (every
+    float dtype).
     Elsewhere it is correct but copies each residual and runs the in-place path, so
     :func:`select_ef_multi` with a hint is the faster call there."""
     if torch.device(device).type != "cpu" or not _native_cpu():

@@ -1,8 +1,8 @@
 """``select_ef_multi_into``: error feedback with the new residuals in separate buffers.
 
-The one-sweep path (C++ kernel: every dtype with AVX-512, float32 / bfloat16 / float16 with
-AVX2; ``one_sweep_available``) is what most of these tests force, at each of those levels;
-float64 with AVX2 and the scalar level take the copy-and-in-place
+The one-sweep path (C++ kernel: every dtype with AVX-512 or AVX2; ``one_sweep_available``)
+is what most of these tests force, at each of those levels; the scalar level takes the
+copy-and-in-place
 path, checked as exact here too.
 
 Whatever the hint holds, indices, values and ``residuals_out`` are bit-identical to the
@@ -285,14 +285,13 @@ def test_non_contiguous_inputs(dtype):
 def test_one_sweep_available():
     _C = _cpp_module()
     for dt in DTYPES:
-        want = _C is not None and (_C.simd_level() == "avx512" or
-                                   (dt != torch.float64 and _C.simd_level() == "avx2"))
+        want = _C is not None and _C.simd_level() in ("avx2", "avx512")
         assert dgp_kernels.ops.one_sweep_available(dt) is want
         assert dgp_kernels.ops.one_sweep_available(dt, "meta") is False
     if _C is not None and _C.simd_best() in ("avx2", "avx512"):
         with cpp_mode(simd="avx2"):
             for dt in DTYPES:
-                assert dgp_kernels.ops.one_sweep_available(dt) is (dt != torch.float64)
+                assert dgp_kernels.ops.one_sweep_available(dt) is True
         with cpp_mode(simd="scalar"):
             for dt in DTYPES:
                 assert dgp_kernels.ops.one_sweep_available(dt) is False
