@@ -213,16 +213,24 @@ def write_ef_policies(study: EFGapStudy, out_dir: str, *, extra: Optional[Dict[s
                       digits: int = 5) -> Dict[str, str]:
     """Write ``ef_policies.md``, ``ef_policies.json`` (the rows of :func:`policy_rows`, the
     gap study's dict, ``extra``) and ``ef_policies.png``. Returns ``name -> path``."""
+    return _write_md_json_png(out_dir, "ef_policies", policy_markdown(study),
+                              {"policies": policy_rows(study), "study": study.to_dict(digits)},
+                              extra, lambda path: plot_ef_policies(study, path))
+
+
+def _write_md_json_png(out_dir: str, stem: str, markdown: str, d: Dict[str, Any],
+                       extra: Optional[Dict[str, Any]], plot) -> Dict[str, str]:
+    """``<stem>.md`` (the markdown), ``<stem>.json`` (``d``, plus ``environment`` when
+    ``extra`` is given) and ``<stem>.png`` (``plot(path)``) in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f"ef_policies.{k}") for k in ("md", "json", "png")}
+    paths = {k: os.path.join(out_dir, f"{stem}.{k}") for k in ("md", "json", "png")}
     with open(paths["md"], "w") as f:
-        f.write(policy_markdown(study) + "\n")
-    d = {"policies": policy_rows(study), "study": study.to_dict(digits)}
+        f.write(markdown + "\n")
     if extra:
         d["environment"] = extra
     with open(paths["json"], "w") as f:
         json.dump(d, f, separators=(",", ":"), default=lambda x: None)
-    plot_ef_policies(study, paths["png"])
+    plot(paths["png"])
     return paths
 
 
@@ -360,14 +368,6 @@ def write_policy_matrix(cells: Sequence[EFGapStudy], out_dir: str, *,
     ``ef_matrix.png`` to ``out_dir``. Returns ``name -> path``."""
     if not cells:
         raise ValueError("cells must hold at least one study")
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f"ef_matrix.{k}") for k in ("md", "json", "png")}
-    with open(paths["md"], "w") as f:
-        f.write(policy_matrix_markdown(cells) + "\n")
-    d: Dict[str, Any] = {"cells": policy_matrix(cells)}
-    if extra:
-        d["environment"] = extra
-    with open(paths["json"], "w") as f:
-        json.dump(d, f, separators=(",", ":"), default=lambda x: None)
-    plot_policy_matrix(cells, paths["png"])
-    return paths
+    return _write_md_json_png(out_dir, "ef_matrix", policy_matrix_markdown(cells),
+                              {"cells": policy_matrix(cells)}, extra,
+                              lambda path: plot_policy_matrix(cells, path))
