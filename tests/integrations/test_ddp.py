@@ -42,6 +42,13 @@ def _run(target, world, args, timeout_s):
     return [p.exitcode for p in procs]
 
 
+def _run_ok(target, world, out, timeout_s):
+    """``_run`` with ``(out,)``; every rank must exit 0; each rank's ``rank<r>.pt``."""
+    codes = _run(target, world, (out,), timeout_s)
+    assert codes == [0] * world, f"ranks exited with {codes}:\n{_errors(out)}"
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
 def _errors(out_dir):
     return "\n".join(open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err"))
 
@@ -49,9 +56,7 @@ def _errors(out_dir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
-    codes = _run(w.train_worker, WORLD, (out,), JOIN_TIMEOUT_S)
-    assert codes == [0] * WORLD, f"ranks exited with {codes}:\n{_errors(out)}"
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return _run_ok(w.train_worker, WORLD, out, JOIN_TIMEOUT_S)
 
 
 @pytest.mark.slow
@@ -153,9 +158,7 @@ def test_device_codec_path_with_gloo_matches_the_host_path_bitwise(tmp_path):
     pytest.importorskip("triton")
     world = 2
     out = str(tmp_path)
-    codes = _run(w.device_codec_worker, world, (out,), 400.0)
-    assert codes == [0] * world, f"ranks exited with {codes}:\n{_errors(out)}"
-    res = [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    res = _run_ok(w.device_codec_worker, world, out, 400.0)
     sim = w.simulate(world, "dgp", {"top": 0.05, "keep": 0.2}, steps=w.DEVICE_STEPS)
     for r in range(world):
         # encode, all-gathers and decode-accumulate with the Triton codec: bitwise the

@@ -5,13 +5,12 @@ one worker thread (never two threads racing on the process group, which is what 
 torch's multi-bucket PowerSGD hook on gloo), the replicas stay bitwise equal, and no thread
 spins while a collective waits for a late peer."""
 
-import os
 
 import pytest
 import torch
 
 from . import _ddp_worker as w
-from .test_ddp import _errors, _run
+from .test_ddp import _run_ok
 
 WORLD = 4
 JOIN_TIMEOUT_S = 150.0
@@ -20,9 +19,7 @@ JOIN_TIMEOUT_S = 150.0
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("threads"))
-    codes = _run(w.threads_worker, WORLD, (out,), JOIN_TIMEOUT_S)
-    assert codes == [0] * WORLD, f"ranks exited with {codes}:\n{_errors(out)}"
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return _run_ok(w.threads_worker, WORLD, out, JOIN_TIMEOUT_S)
 
 
 @pytest.mark.slow
