@@ -778,6 +778,38 @@ def test_float32_count_sweeps_overflow_and_fill_their_slots(simd, kind):
     assert counts.get(path, 0) == 1, counts
 
 
+@pytest.mark.parametrize("ef", [False, True])
+def test_float32_prefetching_sweeps_are_exact(ef):
+    """With software prefetch on (``_C.set_prefetch``), the float32 AVX-512 counting and
+    write sweeps run their prefetching instantiation: bit-exact with the reference, error
+    feedback included, on the sampled path and on a layer split into chunks."""
+    _C = _cpp_module()
+    if _C is None or not hasattr(_C, "set_prefetch"):
+        pytest.skip("needs the C++ kernel")
+    if _C.simd_best() != "avx512":
+        pytest.skip("this CPU has no avx512")
+    gen = torch.Generator().manual_seed(11)
+    gs = [torch.randn(n, generator=gen) for n in (70001, 1 << 18)]
+    gs.append(_slot_overflow_input("toptie"))
+    res = [torch.randn(g.shape, generator=gen) * 0.1 for g in gs]
+    res_ref = [r.clone() for r in res]
+    want = ref.select_ef_multi(gs, res_ref, 0.05, 0.2) if ef else ref.select_multi(gs, 0.05, 0.2)
+    old = _C.set_prefetch(8)
+    try:
+        with cpp_mode(simd="avx512"):
+            _C.path_counts(True)
+            if ef:
+                got = torch.ops.dgp.select_ef_multi(gs, res, 0.05, 0.2)
+            else:
+                got = torch.ops.dgp.select_multi(gs, 0.05, 0.2)
+            counts = _C.path_counts(True)
+    finally:
+        _C.set_prefetch(old)
+    assert_tree_same(got, want, f"prefetch ef={ef}")
+    assert_tree_same(res, res_ref, "residuals")
+    assert counts.get("sampled", 0) + counts.get("sampled_fallback", 0) == 3, counts
+
+
 # --------------------------------------------------------------------------------------
 # Hypothesis: generated cases through the op path.
 # --------------------------------------------------------------------------------------
