@@ -273,13 +273,12 @@ __attribute__((target("avx2"))) inline void store_lanes_avx2(T* p, __m256i x) {
 // (the all-ones "no bound") is clamped to 0x7fffffff, which keeps each compare's outcome.
 inline int clamp_key31(uint32_t b) { return static_cast<int>(b > 0x7fffffffu ? 0x7fffffffu : b); }
 
-// The largest of 8 unsigned 32-bit lanes.
-__attribute__((target("avx2"))) inline uint32_t reduce_max_avx2(__m256i x) {
+// The largest (Max) or the smallest of 8 unsigned 32-bit lanes.
+template <bool Max>
+__attribute__((target("avx2"))) inline uint32_t reduce_avx2(__m256i x) {
   alignas(32) uint32_t lanes[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), x);
-  uint32_t m = 0;
-  for (uint32_t l : lanes) m = l > m ? l : m;
-  return m;
+  return Max ? *std::max_element(lanes, lanes + 8) : *std::min_element(lanes, lanes + 8);
 }
 
 // ------------------------------------------------------------------ in-place path, 32-bit lanes
@@ -289,6 +288,23 @@ __attribute__((target("avx2"))) inline uint32_t reduce_max_avx2(__m256i x) {
 // Counting sweep, 16 entries per step: five unsigned compares and two register compresses;
 // candidates are stored as whole vectors into buffers that have kSimdSlack slots of slack.
 static_assert(kSimdSlack >= 16, "a whole-vector candidate store must fit in the slack");
+
+// The end of every counting sweep: its totals into `out`, then the scalar sweep for the
+// entries past the last whole vector (none after an overflow: the caller falls back).
+template <typename T, bool EF>
+inline void finish_count(const T* g, const T* e, int64_t i, int64_t hi,
+                         const Bracket<typename KeyTraits<T>::K>& br, typename KeyTraits<T>::K* ch,
+                         int64_t cap_h, typename KeyTraits<T>::K* cl, int64_t cap_l,
+                         ChunkCount<typename KeyTraits<T>::K>& out, typename KeyTraits<T>::K kmax,
+                         int64_t above, int64_t mid, int64_t nh, int64_t nl) {
+  out.kmax = kmax;
+  out.above = above;
+  out.mid = mid;
+  out.nh = nh;
+  out.nl = nl;
+  if (!out.overflow) count_chunk_scalar<T, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+}
+
 template <typename T, bool EF, bool PF>
 __attribute__((target(DGP_AVX512))) void count_avx512(
     const T* g, const T* e, int64_t lo, int64_t hi, const Bracket<typename KeyTraits<T>::K>& br,
@@ -338,12 +354,10 @@ __attribute__((target(DGP_AVX512))) void count_avx512(
     nl += __builtin_popcount(m_l);
     if (nh > cap_h || nl > cap_l) { out.overflow = true; break; }
   }
-  out.kmax = static_cast<K>(_mm512_reduce_max_epu32(kmax));
-  out.above = above + _mm512_reduce_add_epi32(v_above);
-  out.mid = mid + _mm512_reduce_add_epi32(v_mid);
-  out.nh = nh;
-  out.nl = nl;
-  if (!out.overflow) count_chunk_scalar<T, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+  finish_count<T, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out,
+                      static_cast<K>(_mm512_reduce_max_epu32(kmax)),
+                      above + _mm512_reduce_add_epi32(v_above), mid + _mm512_reduce_add_epi32(v_mid),
+                      nh, nl);
 }
 
 // Write pass, 16 entries per step: kept lanes compressed in registers to (index, value) and
@@ -443,12 +457,8 @@ __attribute__((target(DGP_AVX2))) void count_avx2(
     append_avx2<K>(lut, k, m_l, cl, nl);
     if (nh > cap_h || nl > cap_l) { out.overflow = true; break; }
   }
-  out.kmax = static_cast<K>(reduce_max_avx2(kmax));
-  out.above = above;
-  out.mid = mid;
-  out.nh = nh;
-  out.nl = nl;
-  if (!out.overflow) count_chunk_scalar<T, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+  finish_count<T, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out,
+                      static_cast<K>(reduce_avx2<true>(kmax)), above, mid, nh, nl);
 }
 
 // Write pass for AVX2-only CPUs, 8 entries per step.
@@ -539,12 +549,8 @@ __attribute__((target(DGP_AVX512))) void count_f64_avx512(
     nl += __builtin_popcount(m_l);
     if (nh > cap_h || nl > cap_l) { out.overflow = true; break; }
   }
-  out.kmax = _mm512_reduce_max_epu64(kmax);
-  out.above = above;
-  out.mid = mid;
-  out.nh = nh;
-  out.nl = nl;
-  if (!out.overflow) count_chunk_scalar<double, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+  finish_count<double, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out,
+                           _mm512_reduce_max_epu64(kmax), above, mid, nh, nl);
 }
 
 template <bool EF>
@@ -643,12 +649,7 @@ __attribute__((target("avx2,popcnt"))) void count_f64_avx2(
     nl += __builtin_popcount(m_l);
     if (nh > cap_h || nl > cap_l) { out.overflow = true; break; }
   }
-  out.kmax = kmx;
-  out.above = above;
-  out.mid = mid;
-  out.nh = nh;
-  out.nl = nl;
-  if (!out.overflow) count_chunk_scalar<double, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out);
+  finish_count<double, EF>(g, e, i, hi, br, ch, cap_h, cl, cap_l, out, kmx, above, mid, nh, nl);
 }
 
 template <bool EF>
@@ -700,6 +701,24 @@ __attribute__((target("avx2,popcnt"))) void write_f64_avx2(
 // Keys of v = g (+ e) for the direct path of small layers, with their min and max (the NaN
 // check). Vector kernels where the scalar loop is slow: every dtype on AVX-512, the 16-bit
 // formats on AVX2 (their scalar conversions cost ~5 ns an entry with error feedback).
+
+// The scalar end of the key sweeps (the entries past the last whole vector) and their
+// results, the running minimum and maximum `mn`, `mx` included.
+template <typename T, bool EF>
+inline void finish_keys(const T* g, const T* e, int64_t i, int64_t n,
+                        typename KeyTraits<T>::K* keys, typename KeyTraits<T>::K mn,
+                        typename KeyTraits<T>::K mx, typename KeyTraits<T>::K& kmin,
+                        typename KeyTraits<T>::K& kmax) {
+  for (; i < n; ++i) {
+    const typename KeyTraits<T>::K k = key_of(load_v<T, EF>(g, e, i));
+    mn = std::min(mn, k);
+    mx = std::max(mx, k);
+    keys[i] = k;
+  }
+  kmin = mn;
+  kmax = mx;
+}
+
 template <typename T, bool EF>
 __attribute__((target(DGP_AVX512))) void keys_avx512(const T* g, const T* e, int64_t n,
                                                      typename KeyTraits<T>::K* keys,
@@ -732,45 +751,24 @@ __attribute__((target(DGP_AVX512))) void keys_avx512(const T* g, const T* e, int
     mn = std::min<K>(mn, static_cast<K>(_mm512_reduce_min_epu32(vmn)));
     mx = std::max<K>(mx, static_cast<K>(_mm512_reduce_max_epu32(vmx)));
   }
-  for (; i < n; ++i) {
-    const K k = key_of(load_v<T, EF>(g, e, i));
-    mn = std::min(mn, k);
-    mx = std::max(mx, k);
-    keys[i] = k;
-  }
-  kmin = mn;
-  kmax = mx;
+  finish_keys<T, EF>(g, e, i, n, keys, mn, mx, kmin, kmax);
 }
 
+// The 16-bit formats only (see above).
 template <typename T, bool EF>
-__attribute__((target("avx2,popcnt,f16c,sse4.1"))) void keys_h16_avx2(const T* g, const T* e,
-                                                                      int64_t n, uint16_t* keys,
-                                                                      uint16_t& kmin,
-                                                                      uint16_t& kmax) {
+__attribute__((target(DGP_AVX2))) void keys_h16_avx2(const T* g, const T* e, int64_t n,
+                                                     uint16_t* keys, uint16_t& kmin,
+                                                     uint16_t& kmax) {
   int64_t i = 0;
-  uint16_t mn = kmin, mx = kmax;
   __m256i vmn = _mm256_set1_epi32(0xffff), vmx = _mm256_setzero_si256();
   for (; i + 8 <= n; i += 8) {
-    const __m256i k = _mm256_and_si256(load16_avx2<T, EF>(g, e, i), _mm256_set1_epi32(0x7fff));
+    const __m256i k = _mm256_and_si256(v_lanes_avx2<T, EF>(g, e, i), _mm256_set1_epi32(0x7fff));
     vmn = _mm256_min_epi32(vmn, k);
     vmx = _mm256_max_epi32(vmx, k);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(keys + i), narrow16_avx2(k));
+    store_lanes_avx2<uint16_t>(keys + i, k);
   }
-  alignas(32) int32_t a[8], b[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(a), vmn);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(b), vmx);
-  for (int j = 0; j < 8; ++j) {
-    mn = std::min<uint16_t>(mn, static_cast<uint16_t>(a[j]));
-    mx = std::max<uint16_t>(mx, static_cast<uint16_t>(b[j]));
-  }
-  for (; i < n; ++i) {
-    const uint16_t k = key_of(load_v<T, EF>(g, e, i));
-    mn = std::min(mn, k);
-    mx = std::max(mx, k);
-    keys[i] = k;
-  }
-  kmin = mn;
-  kmax = mx;
+  finish_keys<T, EF>(g, e, i, n, keys, std::min<uint16_t>(kmin, reduce_avx2<false>(vmn)),
+                     std::max<uint16_t>(kmax, reduce_avx2<true>(vmx)), kmin, kmax);
 }
 
 template <typename T, bool EF>
