@@ -1,4 +1,6 @@
-// SIMD write passes (ordered compaction) for float32, chosen at run time.
+// SIMD key, counting and write sweeps (ordered compaction) for every float dtype, chosen at
+// run time. float32, bfloat16 and float16 share one template per SIMD level (v's bits in
+// 32-bit lanes; see "value lanes" below); float64 has its own kernels (64-bit lanes).
 //
 // Built with per-function target attributes (never -march=native), so one binary runs on
 // any x86-64 and uses AVX-512 or AVX2 only where the CPU has it. Every vector is compacted
