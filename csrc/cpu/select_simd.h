@@ -155,10 +155,10 @@ __attribute__((target(DGP_AVX512))) inline __m512i load16_avx512(const T* g, con
 // v = g (+ e with EF) at i in 16 lanes of 32 bits.
 template <typename T, bool EF = true>
 __attribute__((target(DGP_AVX512))) inline __m512i v_lanes(const T* g, const T* e, int64_t i) {
-  if constexpr (std::is_same_v<T, float>) {
-    __m512 v = _mm512_loadu_ps(g + i);
-    if constexpr (EF) v = _mm512_add_ps(v, _mm512_loadu_ps(e + i));
-    return _mm512_castps_si512(v);
+  if constexpr (std::is_same_v<T, float> && EF) {
+    return _mm512_castps_si512(_mm512_add_ps(_mm512_loadu_ps(g + i), _mm512_loadu_ps(e + i)));
+  } else if constexpr (std::is_same_v<T, float>) {
+    return _mm512_castps_si512(_mm512_loadu_ps(g + i));
   } else {
     return load16_avx512<T, EF>(g, e, i);
   }
@@ -249,10 +249,10 @@ __attribute__((target("avx2"))) inline __m128i narrow16_avx2(__m256i x) {
 // The AVX2 forms of the lane helpers above (8 lanes).
 template <typename T, bool EF = true>
 __attribute__((target(DGP_AVX2))) inline __m256i v_lanes_avx2(const T* g, const T* e, int64_t i) {
-  if constexpr (std::is_same_v<T, float>) {
-    __m256 v = _mm256_loadu_ps(g + i);
-    if constexpr (EF) v = _mm256_add_ps(v, _mm256_loadu_ps(e + i));
-    return _mm256_castps_si256(v);
+  if constexpr (std::is_same_v<T, float> && EF) {
+    return _mm256_castps_si256(_mm256_add_ps(_mm256_loadu_ps(g + i), _mm256_loadu_ps(e + i)));
+  } else if constexpr (std::is_same_v<T, float>) {
+    return _mm256_castps_si256(_mm256_loadu_ps(g + i));
   } else {
     return load16_avx2<T, EF>(g, e, i);
   }
