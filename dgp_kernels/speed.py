@@ -392,6 +392,7 @@ def plot_steady(report: "BenchReport", path: str) -> None:
     the first steps (residuals building up, the hint's brackets still wide) against the
     settled ones, and every call against the ``copy_`` of the same tensors."""
     plt = optional.pyplot("dgp bench --plot")
+    from matplotlib import ticker
     rows = report.steady
     fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 3.8), squeeze=False,
                              sharey=True)
@@ -408,6 +409,9 @@ def plot_steady(report: "BenchReport", path: str) -> None:
         ax.set_title(f"{st.threads} thread(s)")
         ax.set_xlabel("error-feedback step (shaded: left out of the medians)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("ms per call")
     axes[0][-1].legend(fontsize=8)
