@@ -43,6 +43,7 @@ from typing import Callable, List, Optional, Sequence, TextIO
 import torch
 
 import dgp_kernels
+from dgp_kernels import optional
 from dgp_kernels.machine import cpu_model
 from dgp_kernels.ops import DEFAULT_KEEP, DEFAULT_TOP
 from dgp_kernels.ops.baselines import authors_dgp, clone_all, single_topk
@@ -363,10 +364,19 @@ def _steady_line(st: "SteadyStateResult") -> str:
     hits = (f"; hinted brackets held on {st.hint_layers} of "
             f"{st.hint_layers + st.hint_misses} layer-steps" if st.hint_layers >= 0 else "")
     into = ""
+    # The second half alone: after the residuals have built up and the hint's margins shrunk.
+    late = st.settled
+    hc = st.stats("hint_ms", late)[0] / st.stats("copy_ms", late)[0]
+    settled = f"; steps {late + 1}-{st.steps} alone: hint / copy_ {hc:.2f}"
+    if late == st.skipped:
+        settled = ""
     if st.into_ms:
         o = st.stats("into_ms")
         into = (f", into (out of place, hint) {_ms(o[0])} ({_ms(o[1])})")
         into_ratio = f", into / copy_ {o[0] / c[0]:.2f}"
+        if settled:
+            settled += (f", into / copy_ "
+                        f"{st.stats('into_ms', late)[0] / st.stats('copy_ms', late)[0]:.2f}")
         if st.into_layers >= 0:
             hits += (f" (into: {st.into_layers} of {st.into_layers + st.into_misses})")
     else:
@@ -374,7 +384,43 @@ def _steady_line(st: "SteadyStateResult") -> str:
     return (f"{st.threads} thread(s), steps {st.skipped + 1}-{st.steps}, median (min) ms: "
             f"no hint {_ms(p[0])} ({_ms(p[1])}), hint {_ms(h[0])} ({_ms(h[1])}){into}, copy_ "
             f"{_ms(c[0])} ({_ms(c[1])}); hint / copy_ {h[0] / c[0]:.2f}{into_ratio}, "
-            f"no hint / copy_ {p[0] / c[0]:.2f}{hits}")
+            f"no hint / copy_ {p[0] / c[0]:.2f}{settled}{hits}")
+
+
+def plot_steady(report: "BenchReport", path: str) -> None:
+    """Per-step milliseconds of the steady-state rows, one panel per thread count, as a PNG:
+    the first steps (residuals building up, the hint's brackets still wide) against the
+    settled ones, and every call against the ``copy_`` of the same tensors."""
+    plt = optional.pyplot("dgp bench --plot")
+    from matplotlib import ticker
+    rows = report.steady
+    fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 3.8), squeeze=False,
+                             sharey=True)
+    labels = (("plain_ms", "select_ef_multi"), ("hint_ms", "select_ef_multi, hint"),
+              ("into_ms", "select_ef_multi_into, hint"), ("copy_ms", "copy_"))
+    for ax, st in zip(axes[0], rows):
+        steps = range(1, st.steps + 1)
+        for key, label in labels:
+            v = getattr(st, key)
+            if v:
+                ax.plot(steps, v, label=label, lw=1.2,
+                        ls="--" if key == "copy_ms" else "-")
+        ax.axvspan(0.5, st.skipped + 0.5, color="0.9", lw=0)
+        ax.set_title(f"{st.threads} thread(s)")
+        ax.set_xlabel("error-feedback step (shaded: left out of the medians)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("ms per call")
+    axes[0][-1].legend(fontsize=8)
+    h = report.header
+    fig.suptitle(f"steady state, {h.torch_version}, {h.cpu_model}, "
+                 f"load {h.load_start:.2f}-{report.load_end:.2f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------
@@ -501,9 +547,17 @@ class SteadyStateResult:
     into_layers: int = -1  # as hint_layers, for the out-of-place calls
     into_misses: int = -1
 
-    def stats(self, key: str) -> tuple:
-        v = getattr(self, key)[self.skipped:]
+    def stats(self, key: str, first: Optional[int] = None) -> tuple:
+        """Median and minimum of ``key`` over the steps from ``first`` (default: after the
+        skipped ones)."""
+        v = getattr(self, key)[self.skipped if first is None else first:]
         return statistics.median(v), min(v)
+
+    @property
+    def settled(self) -> int:
+        """First step of the second half: the residuals have built up and the hint's
+        margins have shrunk by then (they start wide and narrow by at most a quarter a step)."""
+        return max(self.skipped, self.steps // 2)
 
 
 def steady_state(gs0: List[torch.Tensor], steps: int = 50, threads: int = 1,
@@ -511,9 +565,10 @@ def steady_state(gs0: List[torch.Tensor], steps: int = 50, threads: int = 1,
                  skipped: int = 5, seed: int = 0) -> SteadyStateResult:
     """``steps`` consecutive error-feedback steps of the layer list ``gs0``, as in training.
 
-    Step ``t`` selects ``g_t = alpha * g_{t-1} + sqrt(1 - alpha^2) * sigma * z`` (per layer
-    ``sigma`` = the std of ``gs0[i]``, ``z`` one of five fixed ``randn`` draws in turn, so
-    the gradients drift but keep their scale), made untimed before the step. Two residual
+    Step ``t`` selects ``g_t = alpha * g_{t-1} + sqrt(1 - alpha^2) * sigma * z_t`` (per layer
+    ``sigma`` = the std of ``gs0[i]``, ``z_t`` a fresh ``randn`` draw every step from a
+    generator seeded with ``seed``, so the gradients drift but keep their scale), made
+    untimed before the step. Two residual
     sets are carried, one by ``select_ef_multi(gs, res_a)`` and one by
     ``select_ef_multi(gs, res_b, hint=h)`` with one :class:`~dgp_kernels.BandHint` for all
     steps, and a third by ``select_ef_multi_into(gs, res_c, spare, hint=h2)`` (out of place,
@@ -527,8 +582,6 @@ def steady_state(gs0: List[torch.Tensor], steps: int = 50, threads: int = 1,
         gen = torch.Generator().manual_seed(seed)
         sig = [float(g.float().std()) if g.numel() > 1 else 1.0 for g in gs0]
         sig = [x if x > 0 else 1.0 for x in sig]
-        noise = [[(torch.randn(g.shape, generator=gen) * s).to(g.dtype) for g, s in zip(gs0, sig)]
-                 for _ in range(5)]
         beta = math.sqrt(max(0.0, 1.0 - alpha * alpha))
         gs = [g.clone() for g in gs0]
         res_a = [torch.zeros_like(g) for g in gs]
@@ -557,7 +610,8 @@ def steady_state(gs0: List[torch.Tensor], steps: int = 50, threads: int = 1,
         }
         names = list(calls)
         for t in range(steps):
-            for g, z in zip(gs, noise[t % 5]):
+            for g, s in zip(gs, sig):
+                z = (torch.randn(g.shape, generator=gen) * s).to(g.dtype)
                 g.mul_(alpha).add_(z, alpha=beta)
             r = t % len(names)
             for name in names[r:] + names[:r]:
@@ -795,6 +849,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="LIST", help="dtypes of the sweep (default: float32,bfloat16)")
     p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown")
+    p.add_argument("--plot", metavar="PATH",
+                   help="also draw the steady-state steps (ms per call and step, per thread "
+                        "count) as a PNG (needs matplotlib: the eval extra)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -810,11 +867,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def run_from_args(args: argparse.Namespace) -> int:
     # Check output paths before a run that may take minutes, not after it.
-    for opt in ("json", "markdown"):
-        path = getattr(args, opt)
+    for opt in ("json", "markdown", "plot"):
+        path = getattr(args, opt, None)
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             print(f"dgp bench: error: --{opt} {path!r}: directory "
                   f"{os.path.dirname(os.path.abspath(path))!r} does not exist", file=sys.stderr)
+            return 2
+    if getattr(args, "plot", None):
+        try:  # before the run, not after it
+            optional.pyplot("dgp bench --plot")
+        except ImportError as exc:
+            print(f"dgp bench: error: {exc}", file=sys.stderr)
             return 2
     gpu = getattr(args, "gpu", "auto")
     if gpu == "on" and not torch.cuda.is_available():
@@ -835,6 +898,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(format_markdown(report))
+    plot = getattr(args, "plot", None)
+    if plot:
+        if report.steady:
+            plot_steady(report, plot)
+        else:
+            print("dgp bench: --plot: no steady-state rows to draw (--steady-steps 0)",
+                  file=sys.stderr)
     return 0
 
 

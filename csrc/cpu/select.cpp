@@ -435,8 +435,7 @@ int one_sweep_layer(const LayerIO<T>& io, Plan<typename KeyTraits<T>::K>& p, int
     nh += ch[c] = a;
     nl += cl[c] = b;
   }
-  const bool windows = above <= r_hi && r_hi < above + nh &&
-                       (sb.merged ? r_lo < above + nh : above + nin - nl <= r_lo);
+  const bool windows = above <= r_hi && r_hi < above + nh && above + nin - nl <= r_lo;
   if (windows) {
     // The exact keys and per-chunk tie counts from the window keys, as analyze_bracketed.
     const std::vector<int64_t>& bh = base_t;
@@ -450,19 +449,10 @@ int one_sweep_layer(const LayerIO<T>& io, Plan<typename KeyTraits<T>::K>& p, int
     };
     std::vector<K> all_h = gather(wh0, bh, ch, nh);
     const int64_t rh = r_hi - above;
-    if (sb.merged) {
-      const int64_t rr[2] = {rh, r_lo - above};
-      K kk[2];
-      select_desc_ranks(all_h.data(), nh, rr, rr[0] == rr[1] ? 1 : 2, kk);
-      if (rr[0] == rr[1]) kk[1] = kk[0];
-      p.khi = kk[0];
-      p.klo = kk[1];
-    } else {
-      select_desc_ranks(all_h.data(), nh, &rh, 1, &p.khi);
-      std::vector<K> all_l = gather(wl0, bl, cl, nl);
-      const int64_t rl = r_lo - (above + nin - nl);
-      select_desc_ranks(all_l.data(), nl, &rl, 1, &p.klo);
-    }
+    select_desc_ranks(all_h.data(), nh, &rh, 1, &p.khi);
+    std::vector<K> all_l = gather(wl0, bl, cl, nl);
+    const int64_t rl = r_lo - (above + nin - nl);
+    select_desc_ranks(all_l.data(), nl, &rl, 1, &p.klo);
     std::vector<int64_t> gt_hi(C), gt_lo(C), eq_hi(C), eq_lo(C);
     for (int c = 0; c < C; ++c) {
       const K* h = wh0 + bh[c];
@@ -471,23 +461,15 @@ int one_sweep_layer(const LayerIO<T>& io, Plan<typename KeyTraits<T>::K>& p, int
       for (int64_t j = 0; j < ch[c]; ++j) {
         g_h += h[j] > p.khi;
         e_h += h[j] == p.khi;
-        g_l += h[j] > p.klo;
-        e_l += h[j] == p.klo;
+      }
+      for (int64_t j = 0; j < cl[c]; ++j) {
+        g_l += l[j] > p.klo;
+        e_l += l[j] == p.klo;
       }
       gt_hi[c] = cc[c].above + g_h;
       eq_hi[c] = e_h;
-      if (sb.merged) {
-        gt_lo[c] = cc[c].above + g_l;
-        eq_lo[c] = e_l;
-      } else {
-        g_l = e_l = 0;
-        for (int64_t j = 0; j < cl[c]; ++j) {
-          g_l += l[j] > p.klo;
-          e_l += l[j] == p.klo;
-        }
-        gt_lo[c] = cc[c].above + tr[c].n - cl[c] + g_l;
-        eq_lo[c] = e_l;
-      }
+      gt_lo[c] = cc[c].above + tr[c].n - cl[c] + g_l;
+      eq_lo[c] = e_l;
     }
     finalize_plan(p, C, gt_hi, gt_lo, eq_hi, eq_lo);
   } else {
@@ -548,8 +530,12 @@ int64_t run_layers_into(const std::vector<LayerIO<T>>& L, double top, double kee
     SweepBounds<K>& sb = sbs[l];
     if (!hint_bracket<T>(hint + l * kHintCols, sb.br, m, &sb.p_hi, &sb.p_lo, kIntoMarginScale8))
       continue;
-    sb.merged = m;
-    sb.in_lo = m ? sb.br.b_hi : sb.br.b_lo;
+    // Merged brackets (margins wider than the band's own key span, as while the residuals
+    // build up in the first steps of error feedback) make the whole band one window: the
+    // one sweep would append and select most of the layer. Such layers take the copy and
+    // in-place path instead (ResNet-18 list, 1 thread: steps 3-8 of drifting gradients
+    // 28-66 ms -> 15-18 ms; later steps unchanged).
+    if (m) continue;
     // Split across threads only a layer too big to balance whole (as run_layers does).
     if (threads > 1 && L[l].n >= kParMin && L[l].n * 2 * threads > total) split.push_back(l);
     else one.push_back(l);

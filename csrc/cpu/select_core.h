@@ -936,7 +936,8 @@ void write_scalar(const T* g, T* e, T* dense, int64_t lo, int64_t hi,
 // ------------------------------------------------------------------ one-sweep hinted path
 // Out-of-place error feedback (select_ef_multi_into): the new residual goes to a second
 // buffer `eo`, so the old residual `e` stays intact whatever happens and the step may write
-// while it counts. With hinted brackets, ONE sweep over g and e
+// while it counts. With hinted brackets (two separate ones: a merged bracket's window would
+// hold the whole band), ONE sweep over g and e
 //   - counts the keys above a_hi (the dropped top);
 //   - appends every in-range entry (chunk offset and value, in index order) to a per-chunk
 //     in-range buffer (~k_keep plus the windows; cache-resident for one layer);
@@ -956,11 +957,9 @@ template <typename K>
 struct SweepBounds {
   Bracket<K> br;
   K p_hi, p_lo;
-  K in_lo;  // lowest in-range key: b_lo, or b_hi for a merged bracket (its b_lo is a_lo + 1)
-  bool merged;
 };
 
-// One chunk's in-range buffer: entries with key in [in_lo, a_hi], in index order. `idx` holds
+// One chunk's in-range buffer: entries with key in [b_lo, a_hi], in index order. `idx` holds
 // offsets from the chunk start (chunks are < 2^31 entries); both arrays have kSimdSlack
 // slots past `cap` so SIMD sweeps may store whole vectors.
 template <typename T>
@@ -969,8 +968,8 @@ struct InRange {
   T* val = nullptr;
   int64_t cap = 0;
   int64_t n = 0;
-  // Keys of the in-range entries in the hi window [b_hi, a_hi] or, unless merged, the lo
-  // window [b_lo, a_lo], in index order, appended by the same sweep (the slots of `idx`).
+  // Keys of the in-range entries in the hi window [b_hi, a_hi] or the lo window
+  // [b_lo, a_lo], in index order, appended by the same sweep (the slots of `idx`).
   typename KeyTraits<T>::K* w = nullptr;
   int64_t nw = 0;
 };
@@ -1002,14 +1001,14 @@ void sweep_chunk_scalar(const T* g, const T* e, T* eo, int64_t base, int64_t fro
     const K k = key_of(v);
     kmax = std::max(kmax, k);
     const bool c_above = k > br.a_hi;
-    const bool c_in = !c_above & (k >= sb.in_lo);
+    const bool c_in = !c_above & (k >= br.b_lo);
     above += c_above;
     eo[i] = (c_in & tentative_keep(k, sb)) ? T(0) : v;
     t.idx[nt] = static_cast<int32_t>(i - base);  // branch-free appends
     t.val[nt] = v;
     t.w[nw] = k;
     nt += c_in;
-    nw += c_in & ((k >= br.b_hi) | ((k <= br.a_lo) & !sb.merged));
+    nw += c_in & ((k >= br.b_hi) | (k <= br.a_lo));
     if (nt > t.cap) { out.overflow = true; break; }
   }
   out.kmax = kmax;

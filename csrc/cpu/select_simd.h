@@ -884,10 +884,9 @@ __attribute__((target(DGP_AVX512))) inline void sweep_avx512(
   int64_t i = base;
   const __m512i kmask = _mm512_set1_epi32(sizeof(T) == 4 ? 0x7fffffff : 0x7fff);
   const __m512i a_hi = _mm512_set1_epi32(static_cast<int>(sb.br.a_hi));
-  const __m512i in_lo = _mm512_set1_epi32(static_cast<int>(sb.in_lo));
+  const __m512i in_lo = _mm512_set1_epi32(static_cast<int>(sb.br.b_lo));
   const __m512i b_hi = _mm512_set1_epi32(static_cast<int>(sb.br.b_hi));
   const __m512i a_lo = _mm512_set1_epi32(static_cast<int>(sb.br.a_lo));
-  const __mmask16 lo_on = sb.merged ? 0 : 0xffff;
   const bool t_any = static_cast<int64_t>(sb.p_hi) > static_cast<int64_t>(sb.p_lo) + 1;
   const __m512i t_lo = _mm512_set1_epi32(t_any ? static_cast<int>(sb.p_lo + 1) : 0);
   const __m512i t_w = _mm512_set1_epi32(t_any ? static_cast<int>(sb.p_hi - sb.p_lo - 1) : 0);
@@ -916,7 +915,7 @@ __attribute__((target(DGP_AVX512))) inline void sweep_avx512(
     _mm512_storeu_si512(tidx + nt, _mm512_maskz_compress_epi32(m_in, off));
     nt += __builtin_popcount(m_in);
     const __mmask16 m_h = _mm512_mask_cmpge_epu32_mask(m_in, k, b_hi);
-    const __mmask16 m_l = _mm512_mask_cmple_epu32_mask(m_in & lo_on, k, a_lo);
+    const __mmask16 m_l = _mm512_mask_cmple_epu32_mask(m_in, k, a_lo);
     const __mmask16 m_w = m_h | m_l;
     store_lanes<K>(w + nw, _mm512_maskz_compress_epi32(m_w, k));
     nw += __builtin_popcount(m_w);
@@ -997,10 +996,9 @@ __attribute__((target(DGP_AVX512))) inline void sweep_f64_avx512(
   int64_t i = base;
   const __m512i kmask = _mm512_set1_epi64(0x7fffffffffffffffll);
   const __m512i a_hi = _mm512_set1_epi64(static_cast<int64_t>(sb.br.a_hi));
-  const __m512i in_lo = _mm512_set1_epi64(static_cast<int64_t>(sb.in_lo));
+  const __m512i in_lo = _mm512_set1_epi64(static_cast<int64_t>(sb.br.b_lo));
   const __m512i b_hi = _mm512_set1_epi64(static_cast<int64_t>(sb.br.b_hi));
   const __m512i a_lo = _mm512_set1_epi64(static_cast<int64_t>(sb.br.a_lo));
-  const __mmask8 lo_on = sb.merged ? 0 : 0xff;
   const bool t_any = sb.p_hi > sb.p_lo && sb.p_hi - sb.p_lo > 1;
   const __m512i t_lo = _mm512_set1_epi64(t_any ? static_cast<int64_t>(sb.p_lo + 1) : 0);
   const __m512i t_w = _mm512_set1_epi64(t_any ? static_cast<int64_t>(sb.p_hi - sb.p_lo - 1) : 0);
@@ -1024,7 +1022,7 @@ __attribute__((target(DGP_AVX512))) inline void sweep_f64_avx512(
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.idx + nt), _mm256_maskz_compress_epi32(m_in, off));
     nt += __builtin_popcount(m_in);
     const __mmask8 m_h = _mm512_mask_cmpge_epu64_mask(m_in, k, b_hi);
-    const __mmask8 m_l = _mm512_mask_cmple_epu64_mask(m_in & lo_on, k, a_lo);
+    const __mmask8 m_l = _mm512_mask_cmple_epu64_mask(m_in, k, a_lo);
     const __mmask8 m_w = m_h | m_l;
     _mm512_storeu_si512(t.w + nw, _mm512_maskz_compress_epi64(m_w, k));
     nw += __builtin_popcount(m_w);
@@ -1097,10 +1095,9 @@ __attribute__((target("avx2,popcnt,f16c"))) inline void sweep_avx2(
   const __m256i kmask = _mm256_set1_epi32(sizeof(T) == 4 ? 0x7fffffff : 0x7fff);
   const __m256i ones = _mm256_set1_epi32(-1);
   const __m256i a_hi = _mm256_set1_epi32(clamp_key31(sb.br.a_hi));
-  const __m256i in_lo = _mm256_set1_epi32(clamp_key31(sb.in_lo));
+  const __m256i in_lo = _mm256_set1_epi32(clamp_key31(sb.br.b_lo));
   const __m256i b_hi = _mm256_set1_epi32(clamp_key31(sb.br.b_hi));
   const __m256i a_lo = _mm256_set1_epi32(clamp_key31(sb.br.a_lo));
-  const __m256i lo_on = _mm256_set1_epi32(sb.merged ? 0 : -1);
   const __m256i p_hi = _mm256_set1_epi32(clamp_key31(sb.p_hi));
   const __m256i p_lo = _mm256_set1_epi32(clamp_key31(sb.p_lo));
   __m256i kmax = _mm256_setzero_si256();
@@ -1125,7 +1122,7 @@ __attribute__((target("avx2,popcnt,f16c"))) inline void sweep_avx2(
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.idx + nt), _mm256_permutevar8x32_epi32(off, perm));
     nt += __builtin_popcount(m_in);
     const __m256i h_v = _mm256_andnot_si256(_mm256_cmpgt_epi32(b_hi, k), in_v);
-    const __m256i l_v = _mm256_andnot_si256(_mm256_cmpgt_epi32(k, a_lo), _mm256_and_si256(in_v, lo_on));
+    const __m256i l_v = _mm256_andnot_si256(_mm256_cmpgt_epi32(k, a_lo), in_v);
     const int m_w = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(h_v, l_v)));
     const __m256i perm_w = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_w]));
     store_lanes_avx2<K>(t.w + nw, _mm256_permutevar8x32_epi32(k, perm_w));
@@ -1222,10 +1219,9 @@ __attribute__((target("avx2,popcnt"))) inline void sweep_f64_avx2(
   const __m256i kmask = _mm256_set1_epi64x(0x7fffffffffffffffll);
   const __m256i ones = _mm256_set1_epi64x(-1);
   const __m256i a_hi = _mm256_set1_epi64x(clamp_key63(sb.br.a_hi));
-  const __m256i in_lo = _mm256_set1_epi64x(clamp_key63(sb.in_lo));
+  const __m256i in_lo = _mm256_set1_epi64x(clamp_key63(sb.br.b_lo));
   const __m256i b_hi = _mm256_set1_epi64x(clamp_key63(sb.br.b_hi));
   const __m256i a_lo = _mm256_set1_epi64x(clamp_key63(sb.br.a_lo));
-  const __m256i lo_on = _mm256_set1_epi64x(sb.merged ? 0 : -1);
   const __m256i p_hi = _mm256_set1_epi64x(clamp_key63(sb.p_hi));
   const __m256i p_lo = _mm256_set1_epi64x(clamp_key63(sb.p_lo));
   __m256i kmax = _mm256_setzero_si256();
@@ -1251,7 +1247,7 @@ __attribute__((target("avx2,popcnt"))) inline void sweep_f64_avx2(
                      narrow64_avx2(_mm256_permutevar8x32_epi32(off, perm)));
     nt += __builtin_popcount(m_in);
     const __m256i h_v = _mm256_andnot_si256(_mm256_cmpgt_epi64(b_hi, k), in_v);
-    const __m256i l_v = _mm256_andnot_si256(_mm256_cmpgt_epi64(k, a_lo), _mm256_and_si256(in_v, lo_on));
+    const __m256i l_v = _mm256_andnot_si256(_mm256_cmpgt_epi64(k, a_lo), in_v);
     const int m_w = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_or_si256(h_v, l_v)));
     const __m256i perm_w = _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.perm[m_w]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.w + nw), _mm256_permutevar8x32_epi32(k, perm_w));

@@ -3,6 +3,8 @@ run, check what they time, and report every method. Timings are never asserted."
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import dgp_kernels
@@ -51,6 +53,35 @@ def test_dgp_bench_with_sweep_and_steady_state(capsys, tmp_path):
     assert "size sweep" in out and "n=        100" in out
     text = md.read_text()
     assert "| 1 | float32 | 100 |" in text and "hint / copy_" in text
+
+
+def test_steady_state_settled_half_and_plot(capsys, tmp_path):
+    png = tmp_path / "steady.png"
+    assert main(["bench", "--repeats", "1", "--warmup", "0", "--size", "0", "--threads", "1",
+                 "--model", "lenet_sigmoid", "--grads", "random", "--steady-steps", "12",
+                 "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "steps 7-12 alone: hint / copy_" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+
+
+def test_steady_state_settled_half_statistics():
+    st = speed.SteadyStateResult(threads=1, steps=50, skipped=5, alpha=0.9, plain_ms=[1.0] * 50,
+                                 hint_ms=list(range(50)), copy_ms=[1.0] * 50, hint_layers=-1,
+                                 hint_misses=-1)
+    assert st.stats("hint_ms") == (27.0, 5)  # steps 6-50
+    assert st.settled == 25 and st.stats("hint_ms", st.settled) == (37.0, 25)  # steps 26-50
+    short = dataclasses.replace(st, steps=8, skipped=5)
+    assert short.settled == 5  # never before the skipped steps
+
+
+def test_dgp_bench_plot_needs_steady_rows(capsys, tmp_path):
+    png = tmp_path / "none.png"
+    assert main(["bench", "--repeats", "1", "--warmup", "0", "--size", "0", "--threads", "1",
+                 "--model", "lenet_sigmoid", "--grads", "random", "--steady-steps", "0",
+                 "--plot", str(png)]) == 0
+    assert "no steady-state rows" in capsys.readouterr().err and not png.exists()
+    assert main(["bench", "--plot", str(tmp_path / "nodir" / "x.png")]) == 2
 
 
 def test_dgp_bench_steady_state_off_and_bad_sweep_dtype(capsys):
