@@ -364,19 +364,19 @@ def _steady_line(st: "SteadyStateResult") -> str:
     hits = (f"; hinted brackets held on {st.hint_layers} of "
             f"{st.hint_layers + st.hint_misses} layer-steps" if st.hint_layers >= 0 else "")
     into = ""
-    # The second half alone: after the residuals have built up and the hint's margins shrunk.
+    # The second half alone (after the residuals have built up and the hint's margins
+    # shrunk), when it differs from the steps already summarised.
     late = st.settled
-    hc = st.stats("hint_ms", late)[0] / st.stats("copy_ms", late)[0]
-    settled = f"; steps {late + 1}-{st.steps} alone: hint / copy_ {hc:.2f}"
-    if late == st.skipped:
-        settled = ""
+    settled = ""
+    if late > st.skipped:
+        keys = ("hint", "into") if st.into_ms else ("hint",)
+        settled = f"; steps {late + 1}-{st.steps} alone: " + ", ".join(
+            f"{k} / copy_ {st.stats(k + '_ms', late)[0] / st.stats('copy_ms', late)[0]:.2f}"
+            for k in keys)
     if st.into_ms:
         o = st.stats("into_ms")
         into = (f", into (out of place, hint) {_ms(o[0])} ({_ms(o[1])})")
         into_ratio = f", into / copy_ {o[0] / c[0]:.2f}"
-        if settled:
-            settled += (f", into / copy_ "
-                        f"{st.stats('into_ms', late)[0] / st.stats('copy_ms', late)[0]:.2f}")
         if st.into_layers >= 0:
             hits += (f" (into: {st.into_layers} of {st.into_layers + st.into_misses})")
     else:
@@ -568,7 +568,7 @@ def steady_state(gs0: List[torch.Tensor], steps: int = 50, threads: int = 1,
     Step ``t`` selects ``g_t = alpha * g_{t-1} + sqrt(1 - alpha^2) * sigma * z_t`` (per layer
     ``sigma`` = the std of ``gs0[i]``, ``z_t`` a fresh ``randn`` draw every step from a
     generator seeded with ``seed``, so the gradients drift but keep their scale), made
-    untimed before the step. Two residual
+    untimed before the step. Three residual
     sets are carried, one by ``select_ef_multi(gs, res_a)`` and one by
     ``select_ef_multi(gs, res_b, hint=h)`` with one :class:`~dgp_kernels.BandHint` for all
     steps, and a third by ``select_ef_multi_into(gs, res_c, spare, hint=h2)`` (out of place,

@@ -534,7 +534,7 @@ int64_t run_layers_into(const std::vector<LayerIO<T>>& L, double top, double kee
     // build up in the first steps of error feedback) make the whole band one window: the
     // one sweep would append and select most of the layer. Such layers take the copy and
     // in-place path instead (ResNet-18 list, 1 thread: steps 3-8 of drifting gradients
-    // 28-66 ms -> 15-18 ms; later steps unchanged).
+    // 25-59 ms -> 15-22 ms; later steps unchanged).
     if (m) continue;
     // Split across threads only a layer too big to balance whole (as run_layers does).
     if (threads > 1 && L[l].n >= kParMin && L[l].n * 2 * threads > total) split.push_back(l);
